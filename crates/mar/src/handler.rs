@@ -1,0 +1,636 @@
+//! Handler manifests: a handler described as data, stage by stage.
+//!
+//! A manifest says how a request is decoded (`input`), which transforms run on each example
+//! (`preprocess`), how the batch is fed to the model and which of its outputs is used (`model`),
+//! which tensor operations follow (`postprocess`), and how each example's result is written
+//! (`output`). Every stage is a one-key object naming the operation, so a manifest reads like the
+//! pipeline it describes. See `docs/handlers.md` for the schema with examples.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MarError, Result};
+
+/// Schema version written in and required of every manifest.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A whole handler manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerManifest {
+    /// Must be [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// Short name, shown in logs and describe output.
+    pub name: String,
+    /// What the handler is for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// How a request's payload becomes one example.
+    pub input: Input,
+    /// Per-example transforms, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preprocess: Vec<Preprocess>,
+    /// How examples are batched into the model and which output is kept.
+    pub model: ModelCall,
+    /// Tensor operations on the selected output, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub postprocess: Vec<Postprocess>,
+    /// How each example's result is written as JSON.
+    pub output: Output,
+}
+
+/// Element types a tensor input may declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// 32-bit float.
+    Float32,
+    /// 64-bit float.
+    Float64,
+    /// 16-bit float.
+    Float16,
+    /// bfloat16.
+    Bfloat16,
+    /// 64-bit signed integer.
+    Int64,
+    /// 32-bit signed integer.
+    Int32,
+    /// 16-bit signed integer.
+    Int16,
+    /// 8-bit signed integer.
+    Int8,
+    /// 8-bit unsigned integer.
+    Uint8,
+    /// Boolean, one byte each.
+    Bool,
+}
+
+impl DType {
+    /// Bytes per element in the raw little-endian input format.
+    pub fn size(self) -> usize {
+        match self {
+            DType::Float64 | DType::Int64 => 8,
+            DType::Float32 | DType::Int32 => 4,
+            DType::Float16 | DType::Bfloat16 | DType::Int16 => 2,
+            DType::Int8 | DType::Uint8 | DType::Bool => 1,
+        }
+    }
+}
+
+/// The input decoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Input {
+    /// Numbers: JSON (`{"data": ...}`, a bare nested list, `{"instances": [...]}`) or raw
+    /// little-endian bytes.
+    Tensor {
+        /// Element type the model expects.
+        dtype: DType,
+        /// Shape of one example; `-1` accepts any size on that axis; absent accepts any shape.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shape: Option<Vec<i64>>,
+    },
+    /// An encoded image (JPEG, PNG, WebP, BMP, GIF), raw or base64, decoded to 8-bit RGB.
+    Image {
+        /// Images with more pixels than this are refused before decoding.
+        #[serde(default = "default_max_pixels")]
+        max_pixels: u64,
+    },
+    /// UTF-8 text, tokenized with a Hugging Face `tokenizer.json` from the archive.
+    Text {
+        /// The tokenizer file inside the archive.
+        tokenizer: String,
+        /// Longer inputs are truncated to this many tokens.
+        max_length: u32,
+    },
+}
+
+/// PIL's default decompression-bomb threshold, which TorchServe inherits.
+fn default_max_pixels() -> u64 {
+    89_478_485
+}
+
+/// A size given as one number (the shorter side, or a square) or as `[height, width]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    /// One number.
+    Scalar(u32),
+    /// `[height, width]`.
+    Pair([u32; 2]),
+}
+
+/// Resampling filters for `resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    /// Nearest neighbour.
+    Nearest,
+    /// Bilinear (torchvision's default).
+    Bilinear,
+    /// Bicubic.
+    Bicubic,
+}
+
+/// A per-example transform.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Preprocess {
+    /// Resizes an image: a scalar size sets the shorter side keeping the aspect ratio,
+    /// `[h, w]` sets both.
+    Resize {
+        /// Target size.
+        size: Size,
+        /// Filter.
+        #[serde(default = "default_interpolation")]
+        interpolation: Interpolation,
+        /// Low-pass filter when shrinking, as torchvision does on PIL images.
+        #[serde(default = "default_true")]
+        antialias: bool,
+    },
+    /// Cuts the central `size` region out of an image.
+    CenterCrop {
+        /// Crop size.
+        size: Size,
+    },
+    /// Turns 8-bit HWC pixels into a float CHW tensor in [0, 1].
+    ToTensor {},
+    /// Subtracts `mean` and divides by `std`, per channel.
+    Normalize {
+        /// Per-channel mean.
+        mean: Vec<f64>,
+        /// Per-channel standard deviation.
+        std: Vec<f64>,
+    },
+}
+
+fn default_interpolation() -> Interpolation {
+    Interpolation::Bilinear
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// How the batch is passed to `forward`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Feed {
+    /// Examples stacked into one tensor: `forward(batch)`.
+    Stacked,
+    /// A list of per-example tensors: `forward([x1, x2, ...])`, as torchvision detectors take.
+    List,
+    /// Token ids and attention mask, padded to the longest example: `forward(ids, mask)`.
+    Tokens,
+}
+
+/// Which part of the model's output feeds postprocessing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Select {
+    /// Element `n` of a tuple or list output.
+    Index(usize),
+    /// Entry `key` of a dict output.
+    Key(String),
+}
+
+/// The model call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelCall {
+    /// How examples are fed.
+    pub feed: Feed,
+    /// Which output to keep; absent keeps the whole output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Select>,
+}
+
+/// A tensor operation after the forward pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Postprocess {
+    /// Softmax over `dim` of the batched output.
+    Softmax {
+        /// Axis of the batched tensor (1 = classes of a `[N, C, ...]` output).
+        dim: i64,
+    },
+    /// Sigmoid, element-wise.
+    Sigmoid {},
+    /// Mean of token embeddings under the attention mask (`text` input only).
+    MeanPool {},
+    /// Divides each example's vector by its L2 norm.
+    L2Normalize {},
+}
+
+/// How one example's result is written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Output {
+    /// The example's tensor as a nested JSON list.
+    Tensor {},
+    /// `{"label": score, ...}` in descending score order.
+    Classes {
+        /// Keep the best `top_k`; absent keeps every class.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        top_k: Option<u32>,
+        /// Label file in the archive, in any form TorchServe's `index_to_name.json` takes;
+        /// without it, labels are class indices.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        labels: Option<String>,
+    },
+    /// Per pixel `[class, score]` from a `[N, C, H, W]` score map.
+    Segmentation {},
+    /// `[{"<label>": [x1, y1, x2, y2], "score": s}, ...]` from a detector's boxes, labels, scores.
+    Detections {
+        /// Detections scoring below this are dropped.
+        threshold: f64,
+        /// Label file, as for `classes`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        labels: Option<String>,
+    },
+    /// `{"embedding": [...]}`.
+    Embedding {},
+}
+
+/// Names of the handlers built into tchserve, each a manifest in `handlers/`.
+pub const BUILTIN_HANDLERS: [(&str, &str); 6] = [
+    ("tensor", include_str!("../../../handlers/tensor.json")),
+    (
+        "image_classifier",
+        include_str!("../../../handlers/image_classifier.json"),
+    ),
+    (
+        "image_segmenter",
+        include_str!("../../../handlers/image_segmenter.json"),
+    ),
+    (
+        "object_detector",
+        include_str!("../../../handlers/object_detector.json"),
+    ),
+    (
+        "text_classifier",
+        include_str!("../../../handlers/text_classifier.json"),
+    ),
+    (
+        "text_embedding",
+        include_str!("../../../handlers/text_embedding.json"),
+    ),
+];
+
+/// TorchServe's name for its generic handler, served here by the `tensor` handler.
+pub const BASE_HANDLER_ALIAS: &str = "base_handler";
+
+/// Handler names TorchServe treats as built in (the archiver does not pack a file for them).
+pub const TORCHSERVE_BUILTIN_NAMES: [&str; 8] = [
+    "base_handler",
+    "text_classifier",
+    "image_classifier",
+    "object_detector",
+    "image_segmenter",
+    "dali_image_classifier",
+    "vllm_handler",
+    "trt_llm_handler",
+];
+
+/// Whether `name` is a handler the archiver should not pack a file for.
+pub fn is_builtin_name(name: &str) -> bool {
+    TORCHSERVE_BUILTIN_NAMES.contains(&name) || BUILTIN_HANDLERS.iter().any(|(n, _)| *n == name)
+}
+
+/// The built-in manifest called `name` (or TorchServe's alias for one), parsed.
+pub fn builtin(name: &str) -> Option<HandlerManifest> {
+    let name = if name == BASE_HANDLER_ALIAS {
+        "tensor"
+    } else {
+        name
+    };
+    let (_, text) = BUILTIN_HANDLERS.iter().find(|(n, _)| *n == name)?;
+    Some(
+        HandlerManifest::parse(&format!("handlers/{name}.json"), text.as_bytes())
+            .unwrap_or_else(|e| panic!("built-in handler {name} is invalid: {e}")),
+    )
+}
+
+impl HandlerManifest {
+    /// Parses and validates a manifest; errors name `file`, the stage and the field.
+    pub fn parse(file: &str, bytes: &[u8]) -> Result<Self> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let manifest: HandlerManifest = serde_path_to_error::deserialize(de).map_err(|e| {
+            let at = e.path().to_string();
+            MarError::Handler {
+                file: file.into(),
+                at: if at == "." { "(top level)".into() } else { at },
+                reason: e.into_inner().to_string(),
+            }
+        })?;
+        manifest
+            .validate()
+            .map_err(|(at, reason)| MarError::Handler {
+                file: file.into(),
+                at,
+                reason,
+            })?;
+        Ok(manifest)
+    }
+
+    /// Files inside the archive that this manifest refers to.
+    pub fn referenced_files(&self) -> Vec<&str> {
+        let mut files = Vec::new();
+        if let Input::Text { tokenizer, .. } = &self.input {
+            files.push(tokenizer.as_str());
+        }
+        match &self.output {
+            Output::Classes {
+                labels: Some(l), ..
+            }
+            | Output::Detections {
+                labels: Some(l), ..
+            } => files.push(l.as_str()),
+            _ => {}
+        }
+        files
+    }
+
+    /// Checks what the types alone cannot: values in range and stages that fit together.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |at: &str, reason: &str| Err((at.to_string(), reason.to_string()));
+        if self.schema != SCHEMA_VERSION {
+            return fail(
+                "schema",
+                &format!(
+                    "unsupported schema version {} (this tchserve reads {SCHEMA_VERSION})",
+                    self.schema
+                ),
+            );
+        }
+        if self.name.trim().is_empty() {
+            return fail("name", "must not be empty");
+        }
+        match &self.input {
+            Input::Tensor {
+                shape: Some(shape), ..
+            } => {
+                if let Some(i) = shape.iter().position(|&d| d == 0 || d < -1) {
+                    return fail(
+                        &format!("input.tensor.shape[{i}]"),
+                        "each axis must be positive or -1 (any size)",
+                    );
+                }
+            }
+            Input::Tensor { .. } => {}
+            Input::Image { max_pixels } if *max_pixels == 0 => {
+                return fail("input.image.max_pixels", "must be positive");
+            }
+            Input::Image { .. } => {}
+            Input::Text {
+                tokenizer,
+                max_length,
+            } => {
+                check_file_name("input.text.tokenizer", tokenizer)?;
+                if *max_length == 0 {
+                    return fail("input.text.max_length", "must be positive");
+                }
+            }
+        }
+        let is_image = matches!(self.input, Input::Image { .. });
+        let mut to_tensor_seen = false;
+        let mut fixed_size = false;
+        for (i, stage) in self.preprocess.iter().enumerate() {
+            let at = |field: &str| format!("preprocess[{i}].{field}");
+            if !is_image {
+                return fail(
+                    &format!("preprocess[{i}]"),
+                    "preprocess stages apply to `image` input only",
+                );
+            }
+            match stage {
+                Preprocess::Resize { size, .. } | Preprocess::CenterCrop { size } => {
+                    let op = if matches!(stage, Preprocess::Resize { .. }) {
+                        "resize"
+                    } else {
+                        "center_crop"
+                    };
+                    if to_tensor_seen {
+                        return fail(&at(op), "must come before to_tensor");
+                    }
+                    if matches!(size, Size::Scalar(0))
+                        || matches!(size, Size::Pair([0, _] | [_, 0]))
+                    {
+                        return fail(&at(&format!("{op}.size")), "must be positive");
+                    }
+                    fixed_size |= op == "center_crop" || matches!(size, Size::Pair(_));
+                }
+                Preprocess::ToTensor {} => {
+                    if to_tensor_seen {
+                        return fail(&at("to_tensor"), "appears twice");
+                    }
+                    to_tensor_seen = true;
+                }
+                Preprocess::Normalize { mean, std } => {
+                    if !to_tensor_seen {
+                        return fail(&at("normalize"), "must come after to_tensor");
+                    }
+                    if mean.is_empty() || mean.len() != std.len() {
+                        return fail(
+                            &at("normalize"),
+                            "mean and std need one value per channel, as many of each",
+                        );
+                    }
+                    if let Some(j) = std.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+                        return fail(
+                            &at(&format!("normalize.std[{j}]")),
+                            "must be a positive number",
+                        );
+                    }
+                }
+            }
+        }
+        if is_image && !to_tensor_seen {
+            return fail(
+                "preprocess",
+                "an image pipeline must end in to_tensor (optionally followed by normalize)",
+            );
+        }
+        match (&self.input, self.model.feed) {
+            (Input::Text { .. }, Feed::Tokens) => {}
+            (Input::Text { .. }, _) => {
+                return fail("model.feed", "`text` input is fed as `tokens`");
+            }
+            (_, Feed::Tokens) => return fail("model.feed", "`tokens` needs `text` input"),
+            (Input::Image { .. }, Feed::Stacked) if !fixed_size => {
+                return fail(
+                    "model.feed",
+                    "stacking images needs a fixed size: add center_crop or resize to [h, w], or feed a list",
+                );
+            }
+            _ => {}
+        }
+        if let Some(Select::Key(k)) = &self.model.output
+            && k.is_empty()
+        {
+            return fail("model.output.key", "must not be empty");
+        }
+        for (i, stage) in self.postprocess.iter().enumerate() {
+            if matches!(stage, Postprocess::MeanPool {}) && self.model.feed != Feed::Tokens {
+                return fail(
+                    &format!("postprocess[{i}].mean_pool"),
+                    "needs `text` input (it pools under the attention mask)",
+                );
+            }
+            if matches!(self.output, Output::Detections { .. }) {
+                return fail(
+                    &format!("postprocess[{i}]"),
+                    "detections are formatted from the model's output as is; remove postprocess stages",
+                );
+            }
+        }
+        match &self.output {
+            Output::Classes { top_k, labels } => {
+                if *top_k == Some(0) {
+                    return fail("output.classes.top_k", "must be positive");
+                }
+                if let Some(l) = labels {
+                    check_file_name("output.classes.labels", l)?;
+                }
+            }
+            Output::Detections { threshold, labels } => {
+                if !threshold.is_finite() {
+                    return fail("output.detections.threshold", "must be a number");
+                }
+                if self.model.feed != Feed::List {
+                    return fail(
+                        "output.detections",
+                        "detectors take a list of images: set model.feed to `list`",
+                    );
+                }
+                if let Some(l) = labels {
+                    check_file_name("output.detections.labels", l)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A file named by a manifest must be a plain relative path inside the archive.
+fn check_file_name(at: &str, name: &str) -> Result<(), (String, String)> {
+    match crate::archive::entry_name::normalize(name.as_bytes()) {
+        Ok(_) => Ok(()),
+        Err(why) => Err((
+            at.to_string(),
+            format!("`{name}` is not a file inside the archive: {why}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        HandlerManifest::parse("h.json", text.as_bytes())
+            .unwrap_err()
+            .to_string()
+    }
+
+    const CLASSIFIER: &str = r#"{"schema": 1, "name": "c",
+        "input": {"image": {}},
+        "preprocess": [{"resize": {"size": 256}}, {"center_crop": {"size": 224}}, {"to_tensor": {}},
+                       {"normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}}],
+        "model": {"feed": "stacked"},
+        "postprocess": [{"softmax": {"dim": 1}}],
+        "output": {"classes": {"top_k": 5, "labels": "index_to_name.json"}}}"#;
+
+    #[test]
+    fn every_builtin_parses() {
+        for (name, _) in BUILTIN_HANDLERS {
+            let m = builtin(name).unwrap();
+            assert_eq!(m.name, name);
+        }
+        assert_eq!(builtin("base_handler").unwrap().name, "tensor");
+        assert!(builtin("nope").is_none());
+    }
+
+    #[test]
+    fn parses_a_full_manifest() {
+        let m = HandlerManifest::parse("h.json", CLASSIFIER.as_bytes()).unwrap();
+        assert_eq!(m.preprocess.len(), 4);
+        assert_eq!(
+            m.preprocess[0],
+            Preprocess::Resize {
+                size: Size::Scalar(256),
+                interpolation: Interpolation::Bilinear,
+                antialias: true
+            }
+        );
+        assert_eq!(m.referenced_files(), vec!["index_to_name.json"]);
+    }
+
+    #[test]
+    fn type_errors_name_stage_and_field() {
+        let e = err(&CLASSIFIER.replace(
+            r#"{"center_crop": {"size": 224}}"#,
+            r#"{"center_crop": {"size": "big"}}"#,
+        ));
+        assert!(
+            e.starts_with("handler manifest h.json: preprocess[1].center_crop.size:"),
+            "{e}"
+        );
+        let e =
+            err(&CLASSIFIER.replace(r#""resize": {"size": 256}"#, r#""resize": {"sise": 256}"#));
+        assert!(
+            e.contains("preprocess[0].resize") && e.contains("unknown field `sise`"),
+            "{e}"
+        );
+        let e = err(&CLASSIFIER.replace(r#"{"to_tensor": {}}"#, r#"{"to_tensr": {}}"#));
+        assert!(
+            e.contains("preprocess[2]") && e.contains("unknown variant `to_tensr`"),
+            "{e}"
+        );
+        let e = err(&CLASSIFIER.replace(r#""feed": "stacked""#, r#""feed": 3"#));
+        assert!(e.contains("model.feed"), "{e}");
+        let e = err(
+            r#"{"schema": 1, "name": "x", "model": {"feed": "stacked"}, "output": {"tensor": {}}}"#,
+        );
+        assert!(e.contains("missing field `input`"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_stage_and_field() {
+        let cases = [
+            (
+                r#"{"normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}}"#,
+                r#"{"normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.0, 0.2]}}"#,
+                "preprocess[3].normalize.std[1]",
+            ),
+            (
+                r#"{"center_crop": {"size": 224}}"#,
+                r#"{"center_crop": {"size": [0, 3]}}"#,
+                "preprocess[1].center_crop.size",
+            ),
+            (r#""top_k": 5"#, r#""top_k": 0"#, "output.classes.top_k"),
+            (
+                r#""labels": "index_to_name.json""#,
+                r#""labels": "../x.json""#,
+                "output.classes.labels",
+            ),
+            (r#""schema": 1"#, r#""schema": 2"#, "schema"),
+        ];
+        for (from, to, at) in cases {
+            let e = err(&CLASSIFIER.replace(from, to));
+            assert!(e.contains(&format!(": {at}: ")), "{at}: {e}");
+        }
+        let no_fixed_size = CLASSIFIER.replace(r#"{"center_crop": {"size": 224}}, "#, "");
+        assert!(err(&no_fixed_size).contains("model.feed: stacking images needs a fixed size"));
+        let reordered = CLASSIFIER.replace(
+            r#"{"to_tensor": {}},
+                       {"normalize""#,
+            r#"{"normalize""#,
+        );
+        assert!(
+            err(&reordered).contains("must come after to_tensor"),
+            "{}",
+            err(&reordered)
+        );
+    }
+}

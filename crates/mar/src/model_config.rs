@@ -1,0 +1,201 @@
+//! `model-config.yaml`: per-model serving settings in TorchServe's keys.
+
+use serde_json::Value as Json;
+use serde_yaml_ng::Value;
+
+/// The keys TorchServe's frontend reads from a model's YAML config, plus the free-form rest.
+///
+/// As in TorchServe, a key with a value of the wrong type is ignored with a warning rather than
+/// failing the model; the warnings are kept in [`ModelConfig::warnings`] for the caller to log.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelConfig {
+    /// `minWorkers`.
+    pub min_workers: Option<i64>,
+    /// `maxWorkers`.
+    pub max_workers: Option<i64>,
+    /// `batchSize`.
+    pub batch_size: Option<i64>,
+    /// `maxBatchDelay`, milliseconds.
+    pub max_batch_delay: Option<i64>,
+    /// `responseTimeout`, seconds.
+    pub response_timeout: Option<i64>,
+    /// `startupTimeout`, seconds.
+    pub startup_timeout: Option<i64>,
+    /// `deviceType`: `cpu` or `gpu`.
+    pub device_type: Option<String>,
+    /// `deviceIds`: GPUs to assign round-robin.
+    pub device_ids: Option<Vec<i64>>,
+    /// `jobQueueSize`.
+    pub job_queue_size: Option<i64>,
+    /// `maxRetryTimeoutInSec`.
+    pub max_retry_timeout_sec: Option<i64>,
+    /// `clientTimeoutInMills`.
+    pub client_timeout_ms: Option<i64>,
+    /// `useJobTicket`.
+    pub use_job_ticket: Option<bool>,
+    /// `parallelType`, read for describe output only.
+    pub parallel_type: Option<String>,
+    /// `handler:`, the handler's own settings, free-form.
+    pub handler: Option<Json>,
+    /// Every other top-level key, untouched.
+    pub extra: serde_json::Map<String, Json>,
+    /// One line per key that was ignored because of its type.
+    pub warnings: Vec<String>,
+}
+
+impl ModelConfig {
+    /// Parses YAML text. Only invalid YAML or a top level that is not a mapping is an error.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let value: Value =
+            serde_yaml_ng::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
+        let map = match value {
+            Value::Mapping(m) => m,
+            Value::Null => return Ok(ModelConfig::default()),
+            _ => return Err("the top level must be a mapping of keys to values".into()),
+        };
+        let mut cfg = ModelConfig::default();
+        for (key, value) in map {
+            let Some(key) = key.as_str().map(str::to_owned) else {
+                cfg.warnings
+                    .push(format!("ignoring non-string key {key:?}"));
+                continue;
+            };
+            let ints = [
+                ("minWorkers", &mut cfg.min_workers),
+                ("maxWorkers", &mut cfg.max_workers),
+                ("batchSize", &mut cfg.batch_size),
+                ("maxBatchDelay", &mut cfg.max_batch_delay),
+                ("responseTimeout", &mut cfg.response_timeout),
+                ("startupTimeout", &mut cfg.startup_timeout),
+                ("jobQueueSize", &mut cfg.job_queue_size),
+                ("maxRetryTimeoutInSec", &mut cfg.max_retry_timeout_sec),
+                ("clientTimeoutInMills", &mut cfg.client_timeout_ms),
+            ];
+            if let Some((_, slot)) = ints.into_iter().find(|(k, _)| *k == key) {
+                match value.as_i64() {
+                    Some(v) => *slot = Some(v),
+                    None => cfg.warnings.push(wrong_type(&key, "an integer", &value)),
+                }
+                continue;
+            }
+            match key.as_str() {
+                "deviceType" | "parallelType" => match value.as_str() {
+                    Some(s) if key == "deviceType" => cfg.device_type = Some(s.to_owned()),
+                    Some(s) => cfg.parallel_type = Some(s.to_owned()),
+                    None => cfg.warnings.push(wrong_type(&key, "a string", &value)),
+                },
+                "deviceIds" => match value
+                    .as_sequence()
+                    .map(|s| s.iter().map(Value::as_i64).collect())
+                {
+                    Some(Some(ids)) => cfg.device_ids = Some(ids),
+                    _ => cfg
+                        .warnings
+                        .push(wrong_type(&key, "a list of integers", &value)),
+                },
+                "useJobTicket" => match value.as_bool() {
+                    Some(b) => cfg.use_job_ticket = Some(b),
+                    None => cfg.warnings.push(wrong_type(&key, "a boolean", &value)),
+                },
+                "handler" => cfg.handler = Some(to_json(&value)),
+                _ => {
+                    cfg.extra.insert(key, to_json(&value));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+fn wrong_type(key: &str, expected: &str, got: &Value) -> String {
+    format!(
+        "ignoring `{key}`: expected {expected}, found {}",
+        to_json(got)
+    )
+}
+
+/// YAML to JSON, so the handler section can be handed to code that speaks JSON only.
+fn to_json(v: &Value) -> Json {
+    match v {
+        Value::Null => Json::Null,
+        Value::Bool(b) => Json::Bool(*b),
+        Value::Number(n) => n
+            .as_i64()
+            .map(Json::from)
+            .or_else(|| n.as_u64().map(Json::from))
+            .or_else(|| {
+                n.as_f64()
+                    .and_then(serde_json::Number::from_f64)
+                    .map(Json::Number)
+            })
+            .unwrap_or(Json::Null),
+        Value::String(s) => Json::String(s.clone()),
+        Value::Sequence(s) => Json::Array(s.iter().map(to_json).collect()),
+        Value::Mapping(m) => Json::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Value::String(s) => s.clone(),
+                        other => serde_yaml_ng::to_string(other)
+                            .unwrap_or_default()
+                            .trim()
+                            .to_owned(),
+                    };
+                    (key, to_json(v))
+                })
+                .collect(),
+        ),
+        Value::Tagged(t) => to_json(&t.value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_torchserve_keys() {
+        let cfg = ModelConfig::parse(
+            "minWorkers: 1\nmaxWorkers: 4\nbatchSize: 8\nmaxBatchDelay: 50\nresponseTimeout: 30\n\
+             deviceType: gpu\ndeviceIds: [0, 1]\njobQueueSize: 200\nuseJobTicket: true\n\
+             handler:\n  topk: 3\n  labels: names.json\npt2: {compile: true}\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.min_workers, Some(1));
+        assert_eq!(cfg.max_workers, Some(4));
+        assert_eq!(cfg.batch_size, Some(8));
+        assert_eq!(cfg.max_batch_delay, Some(50));
+        assert_eq!(cfg.response_timeout, Some(30));
+        assert_eq!(cfg.device_type.as_deref(), Some("gpu"));
+        assert_eq!(cfg.device_ids, Some(vec![0, 1]));
+        assert_eq!(cfg.job_queue_size, Some(200));
+        assert_eq!(cfg.use_job_ticket, Some(true));
+        assert_eq!(
+            cfg.handler,
+            Some(serde_json::json!({"topk": 3, "labels": "names.json"}))
+        );
+        assert_eq!(cfg.extra["pt2"], serde_json::json!({"compile": true}));
+        assert!(cfg.warnings.is_empty());
+    }
+
+    #[test]
+    fn wrong_types_are_ignored_with_a_warning() {
+        let cfg = ModelConfig::parse("batchSize: eight\ndeviceIds: [a]\nminWorkers: 2\n").unwrap();
+        assert_eq!(cfg.batch_size, None);
+        assert_eq!(cfg.device_ids, None);
+        assert_eq!(cfg.min_workers, Some(2));
+        assert_eq!(cfg.warnings.len(), 2);
+        assert!(cfg.warnings[0].contains("batchSize"));
+    }
+
+    #[test]
+    fn rejects_non_mappings_and_bad_yaml() {
+        assert!(ModelConfig::parse("- 1\n- 2\n").is_err());
+        assert!(
+            ModelConfig::parse("a: [1, 2\n")
+                .unwrap_err()
+                .starts_with("invalid YAML")
+        );
+        assert_eq!(ModelConfig::parse("").unwrap(), ModelConfig::default());
+    }
+}

@@ -1,0 +1,148 @@
+//! Device choice, and loading libtorch's CUDA half only where a GPU exists.
+//!
+//! The binaries do not link `libtorch_cuda.so`: on a CPU-only machine it costs most of a second
+//! and hundreds of MB at start-up for nothing. Instead it is opened at run time, before the first
+//! CUDA query, when an NVIDIA driver is present and the configuration allows GPUs.
+
+use std::ffi::{CStr, CString};
+use std::sync::OnceLock;
+
+/// Which devices the process may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DevicePolicy {
+    /// GPUs when present, else the CPU (TorchServe's default).
+    #[default]
+    Auto,
+    /// The CPU only; CUDA is never loaded.
+    CpuOnly,
+}
+
+/// What the process found when it looked for GPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaStatus {
+    /// Number of usable CUDA devices (0 on CPU-only machines).
+    pub devices: usize,
+    /// Why there are none, when there are none.
+    pub reason: Option<String>,
+}
+
+static CUDA: OnceLock<CudaStatus> = OnceLock::new();
+
+/// Looks for GPUs once per process; later calls return the first answer.
+pub fn cuda(policy: DevicePolicy) -> &'static CudaStatus {
+    CUDA.get_or_init(|| probe(policy))
+}
+
+fn probe(policy: DevicePolicy) -> CudaStatus {
+    let none = |reason: String| CudaStatus {
+        devices: 0,
+        reason: Some(reason),
+    };
+    if policy == DevicePolicy::CpuOnly {
+        return none("GPUs disabled by configuration".into());
+    }
+    // The driver library is tiny to open; its absence means no GPU and no reason to pay for
+    // libtorch_cuda.
+    if let Err(e) = dlopen("libcuda.so.1", libc::RTLD_LAZY | libc::RTLD_LOCAL) {
+        return none(format!("no NVIDIA driver ({e})"));
+    }
+    // RTLD_GLOBAL so libtorch's CUDA hooks, registered by its static initialisers, are visible.
+    if let Err(e) = dlopen("libtorch_cuda.so", libc::RTLD_NOW | libc::RTLD_GLOBAL) {
+        return none(format!("libtorch_cuda.so could not be loaded: {e}"));
+    }
+    let devices = if tch::Cuda::is_available() {
+        usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+    } else {
+        0
+    };
+    if devices == 0 {
+        return none("the NVIDIA driver reports no usable device".into());
+    }
+    CudaStatus {
+        devices,
+        reason: None,
+    }
+}
+
+fn dlopen(name: &str, flags: libc::c_int) -> Result<(), String> {
+    let c_name = CString::new(name).map_err(|e| e.to_string())?;
+    // SAFETY: c_name is a valid NUL-terminated string; the handle is deliberately kept open for
+    // the life of the process, so the library's code stays mapped.
+    let handle = unsafe { libc::dlopen(c_name.as_ptr(), flags) };
+    if handle.is_null() {
+        // SAFETY: dlerror returns NULL or a valid C string owned by the C library.
+        let msg = unsafe {
+            let e = libc::dlerror();
+            if e.is_null() {
+                "unknown error".to_string()
+            } else {
+                CStr::from_ptr(e).to_string_lossy().into_owned()
+            }
+        };
+        return Err(msg);
+    }
+    Ok(())
+}
+
+/// Picks the device for a worker: GPU `ids[n % len]` (or GPU `n % count`) when GPUs are usable,
+/// else the CPU.
+pub fn device_for_worker(status: &CudaStatus, ids: Option<&[usize]>, n: usize) -> tch::Device {
+    if status.devices == 0 {
+        return tch::Device::Cpu;
+    }
+    match ids.filter(|ids| !ids.is_empty()) {
+        Some(ids) => tch::Device::Cuda(ids[n % ids.len()]),
+        None => tch::Device::Cuda(n % status.devices),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_only_never_loads_cuda() {
+        let status = probe(DevicePolicy::CpuOnly);
+        assert_eq!(status.devices, 0);
+        assert_eq!(device_for_worker(&status, Some(&[1]), 3), tch::Device::Cpu);
+    }
+
+    #[test]
+    fn round_robin_over_gpus() {
+        let status = CudaStatus {
+            devices: 2,
+            reason: None,
+        };
+        let picks: Vec<_> = (0..4)
+            .map(|n| device_for_worker(&status, None, n))
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                tch::Device::Cuda(0),
+                tch::Device::Cuda(1),
+                tch::Device::Cuda(0),
+                tch::Device::Cuda(1)
+            ]
+        );
+        assert_eq!(
+            device_for_worker(&status, Some(&[1]), 0),
+            tch::Device::Cuda(1)
+        );
+    }
+
+    #[test]
+    fn auto_matches_the_machine() {
+        let status = cuda(DevicePolicy::Auto);
+        if std::path::Path::new("/proc/driver/nvidia").exists() {
+            assert!(
+                status.devices > 0,
+                "GPU machine but CUDA not usable: {:?}",
+                status.reason
+            );
+        } else {
+            assert_eq!(status.devices, 0);
+            assert!(status.reason.is_some());
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Errors of the runtime crate.
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The archive itself is unusable.
+    #[error(transparent)]
+    Archive(#[from] tchserve_mar::MarError),
+    /// The archive's handler cannot run in tchserve.
+    #[error("{0}")]
+    UnsupportedHandler(String),
+    /// The archive has no TorchScript file tchserve can load.
+    #[error("{0}")]
+    NoModel(String),
+    /// libtorch refused the model.
+    #[error("loading {file}: {source}")]
+    Torch {
+        /// The serialized file.
+        file: String,
+        /// libtorch's error.
+        source: tch::TchError,
+    },
+}

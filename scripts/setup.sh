@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what building and testing tchserve need, skipping whatever is already in place:
+# a C++ compiler, a Python virtual environment in .venv with scripts/requirements.txt, and
+# the .libtorch link that .cargo/config.toml points the build at.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+REQUIREMENTS=scripts/requirements.txt
+
+say() { printf 'setup: %s\n' "$*"; }
+
+apt_install() {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing Debian packages: $*"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
+    else
+        say "missing: $* (install them with your package manager)"; exit 1
+    fi
+}
+
+command -v cargo >/dev/null || { say "cargo not found: install Rust 1.89 or newer (https://rustup.rs)"; exit 1; }
+command -v c++ >/dev/null || apt_install g++
+command -v "$PYTHON" >/dev/null || apt_install python3 python3-venv
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    "$PYTHON" -m venv "$VENV" 2>/dev/null || { apt_install python3-venv && "$PYTHON" -m venv "$VENV"; }
+fi
+
+want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
+if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+    say "installing Python packages (PyTorch is about 5 GB with its CUDA libraries; a few minutes)"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
+    echo "$want" > "$VENV/.requirements.sha256"
+fi
+
+torch_dir=$("$VENV/bin/python" -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("torch").origin))')
+if [ "$(readlink .libtorch 2>/dev/null)" != "$torch_dir" ]; then
+    ln -sfn "$torch_dir" .libtorch
+    say "libtorch: $torch_dir"
+fi
