@@ -1,4 +1,4 @@
-# make run   install what is missing, build, archive the examples, serve them
+# make run   install what is missing, build, archive the examples, serve them (Ctrl-C stops)
 # make test  install what is missing, build, run every test
 # make lint  formatting and clippy
 SHELL := /bin/bash
@@ -22,7 +22,7 @@ model-store/%.mar: examples/%/* $(BIN)/tch-model-archiver
 archives: build $(ARCHIVES)
 
 run: archives
-	$(BIN)/tchserve --check --model-store model-store --models all
+	$(BIN)/tchserve --foreground --model-store model-store --models all --ncs
 
 test: archives
 	$(CARGO) test --release --workspace

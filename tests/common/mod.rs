@@ -60,3 +60,6 @@ pub fn files_below(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+pub mod http;
+pub mod server;

@@ -1,8 +1,15 @@
-//! The libtorch side of tchserve: devices, model loading and handler execution.
+//! The libtorch side of tchserve: devices, model loading, handler stages, batching and worker
+//! pools. Model code runs only on the worker threads of [`pool::Pool`]; callers hand it
+//! [`job::Job`]s and await each job's reply channel.
 
+pub mod batch;
 pub mod device;
 mod error;
+pub mod handler;
+pub mod job;
 pub mod model;
+pub mod pool;
+mod worker;
 
 pub use device::{CudaStatus, DevicePolicy};
 pub use error::RuntimeError;

@@ -1,141 +1,163 @@
-//! `tchserve`: the model server's command line.
+//! `tchserve`: TorchServe's command line for the tchserve model server.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use tchserve_mar::{Archive, ModelStore};
-use tchserve_runtime::{DevicePolicy, device, model};
+use tchserve_cli::{control, startup_check};
+use tchserve_server::{Config, Options};
 
-/// Serves TorchScript models from TorchServe-style model archives.
+/// Serves TorchScript models from TorchServe model archives.
 #[derive(Debug, Parser)]
-#[command(name = "tchserve", version)]
-struct Args {
-    /// Open every selected archive, resolve its handler and load its TorchScript module,
-    /// then report and exit (non-zero when any fails).
+#[command(
+    name = "tchserve",
+    version,
+    about,
+    after_help = "Examples:\n  tchserve --start --model-store model-store --models all\n  tchserve --foreground --model-store model-store --models digits=digits.mar\n  tchserve --stop"
+)]
+pub struct Args {
+    /// Start the server in the background; returns once it answers /ping.
+    #[arg(long, conflicts_with_all = ["stop", "status", "check"])]
+    start: bool,
+    /// Stop the running server gracefully and wait for it to exit.
+    #[arg(long, conflicts_with_all = ["status", "check"])]
+    stop: bool,
+    /// Run the server in this terminal (Ctrl-C or SIGTERM stops it gracefully).
+    #[arg(long)]
+    foreground: bool,
+    /// Say whether a server is running.
+    #[arg(long)]
+    status: bool,
+    /// Load every selected archive once through libtorch, report, and exit.
     #[arg(long)]
     check: bool,
-
-    /// Folder holding the model archives.
+    /// Folder holding the model archives (overrides model_store).
     #[arg(long, value_name = "MODEL_STORE")]
     model_store: Option<PathBuf>,
-
-    /// Models to use: `all`, or archives as `name=file` or `file`, relative to the model store
-    /// or absolute; separated by spaces or commas.
+    /// Models to load at start-up: `all`, or `name=archive` / `archive`, separated by spaces or
+    /// commas (overrides load_models).
     #[arg(long, value_name = "MODEL_PATH", num_args = 1..)]
     models: Vec<String>,
+    /// A config.properties file (TS_CONFIG_FILE takes precedence; default ./config.properties).
+    #[arg(long, value_name = "TS_CONFIG")]
+    ts_config: Option<PathBuf>,
+    /// Neither restore nor write snapshots of the registered models.
+    #[arg(long = "no-config-snapshots", visible_alias = "ncs")]
+    no_config_snapshots: bool,
+    /// Turn token authorization off (tchserve does not check tokens yet, so this changes nothing).
+    #[arg(long = "disable-token-auth", visible_alias = "dt")]
+    disable_token_auth: bool,
+    /// Allow registering and unregistering models through the management API.
+    #[arg(long)]
+    enable_model_api: bool,
+    /// Folder for logs, the PID file and snapshots (default: LOG_LOCATION or ./logs).
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if !args.check {
-        eprintln!("tchserve: nothing to do; try --check (see --help)");
+    let result = if args.check {
+        startup_check::run(args.model_store.as_deref(), &args.models)
+    } else if args.stop {
+        control::stop(&log_dir(&args)).map(|()| true)
+    } else if args.status {
+        control::status(&log_dir(&args))
+    } else if args.start && !args.foreground {
+        load_config(&args)
+            .and_then(|cfg| control::start(&log_dir(&args), &cfg))
+            .map(|()| true)
+    } else if args.foreground || args.start {
+        foreground(&args).map(|()| true)
+    } else {
+        eprintln!(
+            "tchserve: nothing to do; use --start, --foreground, --stop, --status or --check (see --help)"
+        );
         return ExitCode::from(2);
-    }
-    match check(&args) {
+    };
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("tchserve: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// Archives named by `--models`, as (name given, path).
-fn selected(args: &Args) -> anyhow::Result<Vec<(Option<String>, PathBuf)>> {
-    let store = args
-        .model_store
-        .as_ref()
-        .map(ModelStore::open)
-        .transpose()?;
-    let mut out = Vec::new();
-    for item in args
-        .models
-        .iter()
-        .flat_map(|m| m.split(','))
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
+fn log_dir(args: &Args) -> PathBuf {
+    args.log_dir
+        .clone()
+        .or_else(|| std::env::var_os("LOG_LOCATION").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("logs"))
+}
+
+/// The configuration, located and overridden as TorchServe does: TS_CONFIG_FILE, else
+/// --ts-config, else ./config.properties, else defaults; then the command-line flags.
+fn load_config(args: &Args) -> anyhow::Result<Config> {
+    let env = |k: &str| std::env::var(k).ok();
+    let file = std::env::var_os("TS_CONFIG_FILE")
+        .map(PathBuf::from)
+        .or_else(|| args.ts_config.clone())
+        .or_else(|| {
+            Path::new("config.properties")
+                .exists()
+                .then(|| PathBuf::from("config.properties"))
+        });
+    let mut cfg = match &file {
+        Some(f) => Config::from_file(f, &env)?,
+        None => Config::from_properties(&Default::default(), &env)?,
+    };
+    if let Some(store) = &args.model_store {
+        cfg.model_store = Some(store.clone());
+    }
+    if !args.models.is_empty() {
+        cfg.load_models = args
+            .models
+            .iter()
+            .flat_map(|m| tchserve_server::config::split_list(m))
+            .collect();
+    }
+    if args.enable_model_api {
+        cfg.enable_model_api = true;
+    }
+    if args.disable_token_auth {
+        cfg.disable_token_authorization = true;
+    }
+    if let Some(store) = &cfg.model_store
+        && !store.is_dir()
     {
-        if item.eq_ignore_ascii_case("all") {
-            let store = store.as_ref().context("--models all needs --model-store")?;
-            out.extend(store.all()?.into_iter().map(|p| (None, p)));
-            continue;
-        }
-        let (name, url) = match item.split_once('=') {
-            Some((n, u)) => (Some(n.to_string()), u),
-            None => (None, item),
-        };
-        let path = match &store {
-            Some(store) => store.resolve(url)?,
-            None if Path::new(url).exists() => PathBuf::from(url),
-            None => bail!("Model not found at: {url} (and no --model-store given)"),
-        };
-        out.push((name, path));
+        bail!("--model-store {}: not a directory", store.display());
     }
-    if out.is_empty() {
-        bail!("no models selected: give --models all or --models name=archive.mar");
-    }
-    Ok(out)
+    Ok(cfg)
 }
 
-fn check(args: &Args) -> anyhow::Result<bool> {
-    let cuda = device::cuda(DevicePolicy::Auto);
-    let dev = device::device_for_worker(cuda, None, 0);
-    println!(
-        "device: {dev:?}{}",
-        cuda.reason
-            .as_deref()
-            .map(|r| format!(" ({r})"))
-            .unwrap_or_default()
-    );
-    let scratch = std::env::temp_dir().join(format!("tchserve-check-{}", std::process::id()));
-    let mut all_ok = true;
-    for (name, path) in selected(args)? {
-        let started = Instant::now();
-        match check_one(&path, &scratch, dev) {
-            Ok((model_name, version, handler)) => println!(
-                "ok    {} {version}  handler={handler}  {}  {} ms",
-                name.unwrap_or(model_name),
-                path.display(),
-                started.elapsed().as_millis()
-            ),
-            Err(e) => {
-                all_ok = false;
-                println!("FAIL  {}: {e:#}", path.display());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all(&scratch);
-    Ok(all_ok)
-}
-
-fn check_one(
-    path: &Path,
-    scratch: &Path,
-    dev: tch::Device,
-) -> anyhow::Result<(String, String, String)> {
-    let archive = Archive::open(path)?;
-    let handler = model::resolve_handler(&archive, None)?;
-    let file = model::serialized_file(&archive)?;
-    if let Some(cfg) = archive.model_config()? {
-        for w in cfg.warnings {
-            println!("warn  {}: {w}", path.display());
-        }
-    }
-    let dest = scratch.join(uuid_like(path));
-    let dir = archive.unpack(&dest)?;
-    model::load_module(&dir, &file, dev)?;
-    Ok((
-        archive.model_name(),
-        archive.manifest().model.version().to_string(),
-        handler.name,
-    ))
-}
-
-/// A scratch folder name unique per archive within one run.
-fn uuid_like(path: &Path) -> String {
-    path.to_string_lossy().replace(['/', '.'], "_")
+fn foreground(args: &Args) -> anyhow::Result<()> {
+    let config = load_config(args)?;
+    let dir = log_dir(args);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let _pid = control::PidFile::create(&dir)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let started = Instant::now();
+    runtime.block_on(tchserve_server::run(
+        Options {
+            config,
+            snapshots: !args.no_config_snapshots,
+            log_dir: dir,
+        },
+        control::shutdown_signal(),
+    ))?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    tracing::debug!(uptime_s = started.elapsed().as_secs(), "exit");
+    Ok(())
 }

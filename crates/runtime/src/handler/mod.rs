@@ -1,0 +1,314 @@
+//! Handler manifests turned into running stages.
+//!
+//! A [`Pipeline`] is built once per worker from the archive's handler manifest. Per request it
+//! decodes the payload ([`Pipeline::decode`]); per batch it runs the model and the postprocess
+//! operations on all requests at once and writes each request's answer
+//! ([`Pipeline::run_batch`]).
+
+mod output;
+mod tensor_input;
+
+use std::path::Path;
+
+use tch::{CModule, Device, IValue, Kind, Tensor};
+use tchserve_mar::handler::{Feed, HandlerManifest, Input, Output, Postprocess, Select};
+
+pub use tensor_input::{Decoded, Wrap};
+
+use crate::error::RuntimeError;
+use crate::job::{Payload, PredictError};
+use output::{Values, write_nested, write_str};
+
+/// A handler ready to run.
+#[derive(Debug)]
+pub struct Pipeline {
+    name: String,
+    input: Input,
+    select: Option<Select>,
+    post: Vec<Postprocess>,
+    output: Output,
+    labels: Option<Vec<String>>,
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
+    PredictError::ModelFailed(format!("{what}: {e}"))
+}
+
+impl Pipeline {
+    /// Builds the stages of `manifest` for a model unpacked in `model_dir`.
+    pub fn new(manifest: &HandlerManifest, model_dir: &Path) -> Result<Self, RuntimeError> {
+        let unsupported = |what: &str| {
+            Err(RuntimeError::UnsupportedHandler(format!(
+                "handler {}: {what} is not supported by this version of tchserve yet",
+                manifest.name
+            )))
+        };
+        match &manifest.input {
+            Input::Tensor { .. } => {}
+            Input::Image { .. } => return unsupported("`image` input"),
+            Input::Text { .. } => return unsupported("`text` input"),
+        }
+        if manifest.model.feed != Feed::Stacked {
+            return unsupported("a model feed other than `stacked`");
+        }
+        match &manifest.output {
+            Output::Tensor {} | Output::Classes { .. } => {}
+            Output::Segmentation {} => return unsupported("`segmentation` output"),
+            Output::Detections { .. } => return unsupported("`detections` output"),
+            Output::Embedding {} => return unsupported("`embedding` output"),
+        }
+        let labels = match &manifest.output {
+            Output::Classes {
+                labels: Some(file), ..
+            } => load_labels(&model_dir.join(file))?,
+            _ => None,
+        };
+        Ok(Pipeline {
+            name: manifest.name.clone(),
+            input: manifest.input.clone(),
+            select: manifest.model.output.clone(),
+            post: manifest.postprocess.clone(),
+            output: manifest.output.clone(),
+            labels,
+        })
+    }
+
+    /// The handler's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Turns one request into model input. Errors here are the client's (400).
+    pub fn decode(&self, payload: &Payload) -> Result<Decoded, PredictError> {
+        match &self.input {
+            Input::Tensor { dtype, shape } => {
+                tensor_input::decode(payload, *dtype, shape.as_deref())
+            }
+            _ => Err(PredictError::ModelFailed(
+                "input decoder not available".into(),
+            )),
+        }
+    }
+
+    /// A zero input of `batch` examples for warming the model up, when the shape is fixed.
+    pub fn warmup_input(&self, batch: usize) -> Option<Tensor> {
+        match &self.input {
+            Input::Tensor {
+                dtype,
+                shape: Some(shape),
+            } if shape.iter().all(|d| *d > 0) => {
+                let dims: Vec<i64> = std::iter::once(batch as i64)
+                    .chain(shape.iter().copied())
+                    .collect();
+                Some(Tensor::zeros(
+                    &dims,
+                    (tensor_input::kind_of(*dtype), Device::Cpu),
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs the model on a batch of decoded requests and writes one answer per request.
+    pub fn run_batch(
+        &self,
+        module: &CModule,
+        device: Device,
+        inputs: &[&Decoded],
+    ) -> Result<Vec<Vec<u8>>, PredictError> {
+        let _guard = tch::no_grad_guard();
+        let batch = if inputs.len() == 1 {
+            inputs[0].tensor.shallow_clone()
+        } else {
+            let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
+            Tensor::f_cat(&parts, 0)
+                .map_err(|e| PredictError::BadInput(format!("cannot batch inputs: {e}")))?
+        };
+        let batch = batch
+            .f_to_device(device)
+            .map_err(|e| failed("moving input to the device", e))?;
+        let out = self.forward(module, batch)?;
+        let out = self.postprocess(out)?;
+        let total: usize = inputs.iter().map(|d| d.examples).sum();
+        let dims = out.size();
+        if dims.first().copied() != Some(total as i64) {
+            return Err(PredictError::ModelFailed(format!(
+                "the model returned shape {dims:?} for a batch of {total}: its first axis must be the batch"
+            )));
+        }
+        let values = Values::of(&out)?;
+        let row_dims = &dims[1..];
+        let row_len: usize = row_dims.iter().map(|&d| d as usize).product();
+        let mut answers = Vec::with_capacity(inputs.len());
+        let mut row = 0;
+        for d in inputs {
+            let mut body = String::new();
+            let rows = row..row + d.examples;
+            row += d.examples;
+            match d.wrap {
+                Wrap::Single => self.write_row(&mut body, &values, row_dims, rows.start * row_len),
+                Wrap::List | Wrap::Predictions => {
+                    if d.wrap == Wrap::Predictions {
+                        body.push_str("{\"predictions\":");
+                    }
+                    body.push('[');
+                    for (i, r) in rows.enumerate() {
+                        if i > 0 {
+                            body.push(',');
+                        }
+                        self.write_row(&mut body, &values, row_dims, r * row_len);
+                    }
+                    body.push(']');
+                    if d.wrap == Wrap::Predictions {
+                        body.push('}');
+                    }
+                }
+            }
+            answers.push(body.into_bytes());
+        }
+        Ok(answers)
+    }
+
+    fn forward(&self, module: &CModule, batch: Tensor) -> Result<Tensor, PredictError> {
+        let out = module
+            .forward_is(&[IValue::Tensor(batch)])
+            .map_err(|e| failed("the model failed", e))?;
+        let out = match &self.select {
+            None => out,
+            Some(sel) => select(out, sel)?,
+        };
+        match out {
+            IValue::Tensor(t) => Ok(t),
+            other => Err(PredictError::ModelFailed(format!(
+                "the model returned {} where a tensor was expected; set model.output in the handler manifest",
+                ivalue_kind(&other)
+            ))),
+        }
+    }
+
+    fn postprocess(&self, mut t: Tensor) -> Result<Tensor, PredictError> {
+        for op in &self.post {
+            t = match op {
+                Postprocess::Softmax { dim } => t.f_softmax(*dim, Kind::Float),
+                Postprocess::Sigmoid {} => t.f_sigmoid(),
+                Postprocess::L2Normalize {} => t
+                    .f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)
+                    .and_then(|n| t.f_div(&n.clamp_min(1e-12))),
+                Postprocess::MeanPool {} => {
+                    return Err(PredictError::ModelFailed(
+                        "mean_pool needs text input".into(),
+                    ));
+                }
+            }
+            .map_err(|e| failed("postprocessing", e))?;
+        }
+        Ok(t)
+    }
+
+    fn write_row(&self, out: &mut String, values: &Values, dims: &[i64], offset: usize) {
+        match &self.output {
+            Output::Classes { top_k, .. } => {
+                let n: usize = dims.iter().map(|&d| d as usize).product();
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| {
+                    values
+                        .get_f64(offset + b)
+                        .total_cmp(&values.get_f64(offset + a))
+                });
+                order.truncate(top_k.map_or(n, |k| k as usize));
+                out.push('{');
+                for (i, class) in order.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    match self.labels.as_ref().and_then(|l| l.get(class)) {
+                        Some(label) => write_str(out, label),
+                        None => write_str(out, &class.to_string()),
+                    }
+                    out.push(':');
+                    values.write(out, offset + class);
+                }
+                out.push('}');
+            }
+            _ => write_nested(out, values, dims, offset),
+        }
+    }
+}
+
+fn select(out: IValue, sel: &Select) -> Result<IValue, PredictError> {
+    match (out, sel) {
+        (IValue::Tuple(mut items) | IValue::GenericList(mut items), Select::Index(i))
+            if *i < items.len() =>
+        {
+            Ok(items.swap_remove(*i))
+        }
+        (IValue::TensorList(mut items), Select::Index(i)) if *i < items.len() => {
+            Ok(IValue::Tensor(items.swap_remove(*i)))
+        }
+        (IValue::GenericDict(items), Select::Key(k)) => items
+            .into_iter()
+            .find(|(key, _)| matches!(key, IValue::String(s) if s == k))
+            .map(|(_, v)| v)
+            .ok_or_else(|| {
+                PredictError::ModelFailed(format!("the model's output has no key {k:?}"))
+            }),
+        (other, sel) => Err(PredictError::ModelFailed(format!(
+            "cannot take {sel:?} of the model's output ({})",
+            ivalue_kind(&other)
+        ))),
+    }
+}
+
+fn ivalue_kind(v: &IValue) -> &'static str {
+    match v {
+        IValue::Tensor(_) => "a tensor",
+        IValue::Tuple(_) => "a tuple",
+        IValue::GenericList(_) | IValue::TensorList(_) => "a list",
+        IValue::GenericDict(_) => "a dict",
+        _ => "a non-tensor value",
+    }
+}
+
+/// Reads labels in any form TorchServe's `index_to_name.json` takes; a missing file means
+/// class indices are used as labels, as in TorchServe.
+fn load_labels(path: &Path) -> Result<Option<Vec<String>>, RuntimeError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        tracing::warn!(file = %path.display(), "label file not found; classes are reported by index");
+        return Ok(None);
+    };
+    let bad = |why: &str| RuntimeError::NoModel(format!("{}: {why}", path.display()));
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
+    let label_of = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(a) => a.last().and_then(|l| l.as_str()).map(str::to_owned),
+        _ => None,
+    };
+    let obj = value
+        .as_object()
+        .ok_or_else(|| bad("expected a JSON object"))?;
+    if let Some(names) = obj.get("object_type_names").and_then(|v| v.as_array()) {
+        return Ok(Some(
+            names
+                .iter()
+                .map(|n| label_of(n).unwrap_or_default())
+                .collect(),
+        ));
+    }
+    let mut labels = Vec::new();
+    for (k, v) in obj {
+        let i: usize = k
+            .parse()
+            .map_err(|_| bad(&format!("key {k:?} is not a class index")))?;
+        if labels.len() <= i {
+            labels.resize(i + 1, String::new());
+        }
+        labels[i] =
+            label_of(v).ok_or_else(|| bad(&format!("label of class {k} is not a string")))?;
+    }
+    for (i, l) in labels.iter_mut().enumerate() {
+        if l.is_empty() {
+            *l = i.to_string();
+        }
+    }
+    Ok(Some(labels))
+}

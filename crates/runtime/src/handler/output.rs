@@ -1,0 +1,107 @@
+//! Writing results as JSON: compact, with floats in their shortest exact form.
+
+use std::fmt::Write as _;
+
+use tch::{Kind, Tensor};
+
+use crate::job::PredictError;
+
+/// A tensor's values, flattened, in a form that prints without losing precision.
+pub enum Values {
+    /// 32-bit (or narrower) floats, printed as f32 so 0.1 stays `0.1`.
+    F32(Vec<f32>),
+    /// 64-bit floats.
+    F64(Vec<f64>),
+    /// Integers.
+    I64(Vec<i64>),
+    /// Booleans.
+    Bool(Vec<bool>),
+}
+
+fn failed(e: tch::TchError) -> PredictError {
+    PredictError::ModelFailed(format!("reading the model output: {e}"))
+}
+
+impl Values {
+    /// Copies a tensor's values to the host.
+    pub fn of(t: &Tensor) -> Result<Self, PredictError> {
+        let flat = t
+            .f_to_device(tch::Device::Cpu)
+            .and_then(|t| t.f_contiguous())
+            .and_then(|t| t.f_flatten(0, -1))
+            .map_err(failed)?;
+        let n = flat.numel();
+        Ok(match t.kind() {
+            Kind::Double => {
+                let mut v = vec![0f64; n];
+                flat.f_copy_data(&mut v, n).map_err(failed)?;
+                Values::F64(v)
+            }
+            Kind::Float | Kind::Half | Kind::BFloat16 => {
+                let f = flat.f_to_kind(Kind::Float).map_err(failed)?;
+                let mut v = vec![0f32; n];
+                f.f_copy_data(&mut v, n).map_err(failed)?;
+                Values::F32(v)
+            }
+            Kind::Bool => {
+                let f = flat.f_to_kind(Kind::Uint8).map_err(failed)?;
+                let mut v = vec![0u8; n];
+                f.f_copy_data(&mut v, n).map_err(failed)?;
+                Values::Bool(v.into_iter().map(|b| b != 0).collect())
+            }
+            _ => {
+                let f = flat.f_to_kind(Kind::Int64).map_err(failed)?;
+                let mut v = vec![0i64; n];
+                f.f_copy_data(&mut v, n).map_err(failed)?;
+                Values::I64(v)
+            }
+        })
+    }
+
+    /// Value `i` as an f64, for ranking.
+    pub fn get_f64(&self, i: usize) -> f64 {
+        match self {
+            Values::F32(v) => f64::from(v[i]),
+            Values::F64(v) => v[i],
+            Values::I64(v) => v[i] as f64,
+            Values::Bool(v) => f64::from(u8::from(v[i])),
+        }
+    }
+
+    /// Writes value `i` as a JSON number (`null` for NaN and infinities, which JSON cannot hold).
+    pub fn write(&self, out: &mut String, i: usize) {
+        let _ = match self {
+            // Integral floats keep a `.0`, so clients see floats as PyTorch's tolist() gives them.
+            Values::F32(v) if v[i].is_finite() && v[i].fract() == 0.0 => write!(out, "{:.1}", v[i]),
+            Values::F64(v) if v[i].is_finite() && v[i].fract() == 0.0 => write!(out, "{:.1}", v[i]),
+            Values::F32(v) if v[i].is_finite() => write!(out, "{}", v[i]),
+            Values::F64(v) if v[i].is_finite() => write!(out, "{}", v[i]),
+            Values::F32(_) | Values::F64(_) => write!(out, "null"),
+            Values::I64(v) => write!(out, "{}", v[i]),
+            Values::Bool(v) => write!(out, "{}", v[i]),
+        };
+    }
+}
+
+/// Writes `values[offset..]` shaped as `dims` as nested JSON lists.
+pub fn write_nested(out: &mut String, values: &Values, dims: &[i64], offset: usize) {
+    match dims.split_first() {
+        None => values.write(out, offset),
+        Some((&n, rest)) => {
+            let stride: usize = rest.iter().map(|&d| d as usize).product();
+            out.push('[');
+            for i in 0..n as usize {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_nested(out, values, rest, offset + i * stride);
+            }
+            out.push(']');
+        }
+    }
+}
+
+/// Writes a JSON string.
+pub fn write_str(out: &mut String, s: &str) {
+    out.push_str(&serde_json::Value::String(s.to_owned()).to_string());
+}

@@ -1,0 +1,113 @@
+//! A prediction request as it travels from an HTTP route to a worker and back.
+
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+/// One named part of a request: the raw body, or a multipart / form field.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// Field name (`body` for a raw request body, as TorchServe names it).
+    pub name: String,
+    /// The part's content type, when known.
+    pub content_type: Option<String>,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// The request payload handed to a handler.
+#[derive(Debug, Clone, Default)]
+pub struct Payload {
+    /// Body and fields, in request order.
+    pub parts: Vec<Part>,
+    /// `X-Tensor-Dtype` header, for raw tensor bodies.
+    pub dtype: Option<String>,
+    /// `X-Tensor-Shape` header, for raw tensor bodies.
+    pub shape: Option<String>,
+}
+
+impl Payload {
+    /// The part a handler reads: `data` if present, else `body`, else the first part
+    /// (TorchServe's handlers read `data` or `body`).
+    pub fn main_part(&self) -> Option<&Part> {
+        self.parts
+            .iter()
+            .find(|p| p.name == "data")
+            .or_else(|| self.parts.iter().find(|p| p.name == "body"))
+            .or_else(|| self.parts.first())
+    }
+}
+
+/// A successful prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// The response body.
+    pub body: Vec<u8>,
+    /// Its content type.
+    pub content_type: &'static str,
+}
+
+/// Why a prediction failed, by who is at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PredictError {
+    /// The request cannot be turned into model input (the client's fault: 400).
+    #[error("{0}")]
+    BadInput(String),
+    /// The model or handler failed on valid input (500).
+    #[error("{0}")]
+    ModelFailed(String),
+    /// The worker died while serving the request (500).
+    #[error("Worker died.")]
+    WorkerDied,
+    /// The request waited past its response timeout.
+    #[error("Prediction timed out after {0} s")]
+    Timeout(u64),
+}
+
+/// Per-request timings, reported with the reply for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Microseconds spent queued before a worker took the request.
+    pub queue_us: u64,
+    /// Microseconds the worker spent on the batch holding the request.
+    pub handler_us: u64,
+    /// Number of requests in that batch.
+    pub batch_size: usize,
+}
+
+/// What a worker sends back.
+pub type Reply = (Result<Prediction, PredictError>, Timings);
+
+/// A queued request.
+#[derive(Debug)]
+pub struct Job {
+    /// Request id (for logs).
+    pub id: String,
+    /// The payload.
+    pub payload: Payload,
+    /// Where the answer goes; closed when the client has gone.
+    pub reply: oneshot::Sender<Reply>,
+    /// When it was queued.
+    pub enqueued: Instant,
+}
+
+impl Job {
+    /// A new job and the receiver its answer arrives on.
+    pub fn new(id: String, payload: Payload) -> (Self, oneshot::Receiver<Reply>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Job {
+                id,
+                payload,
+                reply: tx,
+                enqueued: Instant::now(),
+            },
+            rx,
+        )
+    }
+
+    /// Whether anyone still waits for the answer.
+    pub fn is_wanted(&self) -> bool {
+        !self.reply.is_closed()
+    }
+}

@@ -1,0 +1,191 @@
+//! The worker thread: load, warm up, then serve batches until stopped; reload after a crash.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use tch::CModule;
+
+use crate::batch::Next;
+use crate::handler::{Decoded, Pipeline};
+use crate::job::{Job, PredictError, Prediction, Timings};
+use crate::model::load_module;
+use crate::pool::{ModelSpec, PoolConfig, Shared, ThreadBudget, WorkerState};
+
+/// How often an idle worker looks at its stop flag.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Forwards run on a fixed-shape model before it counts as ready.
+const WARMUP_FORWARDS: usize = 3;
+/// Seconds to wait before reloading after the n-th consecutive failure (TorchServe's schedule).
+const BACKOFF_S: [u64; 8] = [0, 1, 1, 2, 3, 5, 8, 13];
+
+pub(crate) struct Context {
+    pub id: usize,
+    pub device: tch::Device,
+    pub spec: Arc<ModelSpec>,
+    pub config: PoolConfig,
+    pub queue: Receiver<Job>,
+    pub stop: Arc<AtomicBool>,
+    pub shared: Arc<Shared>,
+    pub budget: Arc<ThreadBudget>,
+}
+
+enum Ended {
+    Stopped,
+    Crashed(String),
+}
+
+/// The thread's body.
+pub(crate) fn run(ctx: Context) {
+    let name = format!("{}:{}", ctx.config.model_name, ctx.config.version);
+    ctx.budget.join();
+    let mut failures = 0usize;
+    while !ctx.stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let loaded = catch_unwind(AssertUnwindSafe(|| load(&ctx)));
+        let (module, pipeline) = match loaded {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                fail(&ctx, &name, &mut failures, format!("loading failed: {e}"));
+                continue;
+            }
+            Err(_) => {
+                fail(&ctx, &name, &mut failures, "loading panicked".into());
+                continue;
+            }
+        };
+        tracing::info!(worker = ctx.id, model = %name, device = ?ctx.device, load_ms = started.elapsed().as_millis() as u64, "worker ready");
+        ctx.shared.set(ctx.id, WorkerState::Ready);
+        failures = 0;
+        match serve(&ctx, &module, &pipeline) {
+            Ended::Stopped => break,
+            Ended::Crashed(why) => fail(&ctx, &name, &mut failures, why),
+        }
+    }
+    ctx.budget.leave();
+    tracing::info!(worker = ctx.id, model = %name, "worker stopped");
+}
+
+fn fail(ctx: &Context, name: &str, failures: &mut usize, why: String) {
+    tracing::error!(worker = ctx.id, model = %name, "{why}; restarting");
+    ctx.shared.set(ctx.id, WorkerState::Failed(why));
+    let wait = Duration::from_secs(BACKOFF_S[(*failures).min(BACKOFF_S.len() - 1)]);
+    *failures += 1;
+    let until = Instant::now() + wait;
+    while Instant::now() < until && !ctx.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(IDLE_POLL);
+    }
+}
+
+fn load(ctx: &Context) -> Result<(CModule, Pipeline), crate::RuntimeError> {
+    tch::set_num_threads(ctx.budget.per_worker() as i32);
+    let module = load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)?;
+    let pipeline = Pipeline::new(&ctx.spec.handler, &ctx.spec.model_dir)?;
+    // TorchScript specialises its graph over the first calls; pay that before serving.
+    let _guard = tch::no_grad_guard();
+    for batch in [1, ctx.config.batcher.batch_size] {
+        if let Some(input) = pipeline.warmup_input(batch) {
+            let input = input.to_device(ctx.device);
+            for _ in 0..WARMUP_FORWARDS {
+                let input = tch::IValue::Tensor(input.shallow_clone());
+                module
+                    .forward_is(&[input])
+                    .map_err(|source| crate::RuntimeError::Torch {
+                        file: format!("{} (warm-up forward)", ctx.spec.serialized_file),
+                        source,
+                    })?;
+            }
+        }
+    }
+    Ok((module, pipeline))
+}
+
+fn serve(ctx: &Context, module: &CModule, pipeline: &Pipeline) -> Ended {
+    let mut threads = ctx.budget.per_worker();
+    loop {
+        if ctx.stop.load(Ordering::Relaxed) {
+            return Ended::Stopped;
+        }
+        let jobs = match ctx.config.batcher.next_batch(&ctx.queue, IDLE_POLL) {
+            Next::Batch(jobs) => jobs,
+            Next::Idle => continue,
+            Next::Closed => return Ended::Stopped,
+        };
+        let budget = ctx.budget.per_worker();
+        if budget != threads {
+            threads = budget;
+            tch::set_num_threads(threads as i32);
+        }
+        // A panic drops the batch's reply channels, so each waiting client learns the worker died.
+        if catch_unwind(AssertUnwindSafe(|| process(ctx, module, pipeline, jobs))).is_err() {
+            return Ended::Crashed("the handler panicked".into());
+        }
+    }
+}
+
+/// Serves one batch: decode each request (bad ones fail alone), run the model once for all,
+/// and answer each request on its own channel.
+fn process(ctx: &Context, module: &CModule, pipeline: &Pipeline, jobs: Vec<Job>) {
+    let started = Instant::now();
+    // Metrics report the batch as gathered, even when a failure makes it run request by request.
+    let gathered = jobs.len();
+    let timeout = ctx.config.response_timeout;
+    let mut live: Vec<(Job, Decoded)> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if job.enqueued.elapsed() > timeout {
+            let _ = job.reply.send((
+                Err(PredictError::Timeout(timeout.as_secs())),
+                Timings::default(),
+            ));
+            continue;
+        }
+        match pipeline.decode(&job.payload) {
+            Ok(d) => live.push((job, d)),
+            Err(e) => answer(job, Err(e), started, gathered),
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    let inputs: Vec<&Decoded> = live.iter().map(|(_, d)| d).collect();
+    match pipeline.run_batch(module, ctx.device, &inputs) {
+        Ok(bodies) => {
+            for ((job, _), body) in live.into_iter().zip(bodies) {
+                answer(job, Ok(body), started, gathered);
+            }
+        }
+        // One request the model cannot take must not fail the others: retry each alone.
+        Err(_) if live.len() > 1 => {
+            for (job, d) in live {
+                let result = pipeline
+                    .run_batch(module, ctx.device, &[&d])
+                    .map(|mut b| b.remove(0));
+                answer(job, result, started, gathered);
+            }
+        }
+        Err(e) => {
+            for (job, _) in live {
+                answer(job, Err(e.clone()), started, gathered);
+            }
+        }
+    }
+}
+
+fn timings(job: &Job, started: Instant, batch_size: usize) -> Timings {
+    Timings {
+        queue_us: started.saturating_duration_since(job.enqueued).as_micros() as u64,
+        handler_us: started.elapsed().as_micros() as u64,
+        batch_size,
+    }
+}
+
+fn answer(job: Job, result: Result<Vec<u8>, PredictError>, started: Instant, batch_size: usize) {
+    let t = timings(&job, started, batch_size);
+    let reply = result.map(|body| Prediction {
+        body,
+        content_type: "application/json",
+    });
+    let _ = job.reply.send((reply, t));
+}

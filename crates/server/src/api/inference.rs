@@ -1,0 +1,254 @@
+//! The inference listener: `/ping`, `/predictions/{model}[/{version}]`, API description.
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use tchserve_runtime::job::{Job, Part, Payload};
+
+use super::{AppState, common_headers, not_allowed, not_found, openapi, status_message};
+use crate::error::{ApiError, json_response};
+
+/// The inference listener's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", any(root))
+        .route("/ping", any(ping))
+        .route("/api-description", get(description))
+        .route("/predictions/{model}", any(predict_default))
+        .route("/predictions/{model}/{version}", any(predict_version))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            common_headers,
+        ))
+        .with_state(state)
+}
+
+fn doc() -> serde_json::Value {
+    openapi(
+        "inference",
+        &[
+            ("/", &["OPTIONS"], "This API description."),
+            (
+                "/ping",
+                &["GET"],
+                "Health: Healthy when every model's default version has its minimum workers ready.",
+            ),
+            (
+                "/predictions/{model_name}",
+                &["POST"],
+                "Prediction from the model's default version.",
+            ),
+            (
+                "/predictions/{model_name}/{model_version}",
+                &["POST"],
+                "Prediction from one version.",
+            ),
+            ("/api-description", &["GET"], "This API description."),
+        ],
+    )
+}
+
+async fn root(method: Method) -> Response {
+    if method == Method::OPTIONS {
+        json_response(StatusCode::OK, &doc())
+    } else {
+        not_allowed().await.into_response()
+    }
+}
+
+async fn description() -> Response {
+    json_response(StatusCode::OK, &doc())
+}
+
+async fn ping(State(st): State<AppState>) -> Response {
+    let healthy = st.registry.snapshot_entries().values().all(|entry| {
+        entry
+            .versions
+            .get(&entry.default)
+            .is_none_or(|m| m.pool.ready_count() >= m.min_max().0)
+    });
+    if healthy {
+        status_message(StatusCode::OK, "Healthy")
+    } else {
+        status_message(StatusCode::INTERNAL_SERVER_ERROR, "Unhealthy")
+    }
+}
+
+async fn predict_default(
+    State(st): State<AppState>,
+    Path(model): Path<String>,
+    req: Request,
+) -> Response {
+    predict(st, model, None, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn predict_version(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    predict(st, model, Some(version), req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn predict(
+    st: AppState,
+    name: String,
+    version: Option<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    if req.method() == Method::OPTIONS {
+        return Ok(json_response(StatusCode::OK, &doc()));
+    }
+    let mv = st.registry.get(&name, version.as_deref())?;
+    let version_label = version.as_deref().unwrap_or("default");
+    let labels = [name.as_str(), version_label, st.metrics.hostname()];
+    st.metrics.requests_total.with_label_values(&labels).inc();
+    let no_worker = || {
+        let who = match &version {
+            Some(v) => format!("Model \"{name}\" Version {v}"),
+            None => format!("Model \"{name}\""),
+        };
+        ApiError::unavailable(format!(
+            "{who} has no worker to serve inference request. Please use scale workers API to add workers."
+        ))
+    };
+    if mv.pool.worker_count() == 0 {
+        return Err(no_worker());
+    }
+    let payload = read_payload(req, st.config.max_request_size).await?;
+    let (job, rx) = Job::new(uuid::Uuid::new_v4().to_string(), payload);
+    if mv.pool.submit(job).is_err() {
+        return Err(ApiError::unavailable(format!(
+            "Model \"{name}\" has too many requests waiting (job queue of {} is full); try again later",
+            mv.job_queue_size
+        )));
+    }
+    let timeout = Duration::from_secs(mv.response_timeout_s);
+    let (result, timings) = match tokio::time::timeout(timeout, rx).await {
+        Err(_) => {
+            return Err(ApiError::timeout(format!(
+                "Prediction timed out after {} s",
+                mv.response_timeout_s
+            )));
+        }
+        Ok(Err(_)) => return Err(ApiError::internal("Worker died.")),
+        Ok(Ok(reply)) => reply,
+    };
+    let mlabels = [name.as_str(), mv.version.as_str()];
+    st.metrics
+        .queue_latency_us
+        .with_label_values(&labels)
+        .inc_by(timings.queue_us);
+    st.metrics
+        .queue_seconds
+        .with_label_values(&mlabels)
+        .observe(timings.queue_us as f64 / 1e6);
+    st.metrics
+        .handler_seconds
+        .with_label_values(&mlabels)
+        .observe(timings.handler_us as f64 / 1e6);
+    if timings.batch_size > 0 {
+        st.metrics
+            .batch_size
+            .with_label_values(&mlabels)
+            .observe(timings.batch_size as f64);
+    }
+    let prediction = result?;
+    if prediction.body.len() > st.config.max_response_size {
+        return Err(ApiError::internal(format!(
+            "the response of {} bytes exceeds max_response_size ({})",
+            prediction.body.len(),
+            st.config.max_response_size
+        )));
+    }
+    st.metrics
+        .latency_us
+        .with_label_values(&labels)
+        .inc_by(started.elapsed().as_micros() as u64);
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, prediction.content_type)],
+        prediction.body,
+    )
+        .into_response())
+}
+
+fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// The request as handler input: multipart and form fields by name, any other body as `body`.
+async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
+    let headers = req.headers().clone();
+    let content_type = header_str(&headers, "content-type");
+    let mut payload = Payload {
+        parts: Vec::new(),
+        dtype: header_str(&headers, "x-tensor-dtype"),
+        shape: header_str(&headers, "x-tensor-shape"),
+    };
+    let ct = content_type.as_deref().unwrap_or("").to_ascii_lowercase();
+    if ct.starts_with("multipart/form-data") {
+        let mut form = Multipart::from_request(req, &())
+            .await
+            .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
+        while let Some(field) = form
+            .next_field()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?
+        {
+            let name = field.name().unwrap_or("body").to_string();
+            let content_type = field.content_type().map(str::to_owned);
+            let data = field
+                .bytes()
+                .await
+                .map_err(|e| ApiError::bad_request(format!("reading field {name}: {e}")))?;
+            payload.parts.push(Part {
+                name,
+                content_type,
+                data: data.to_vec(),
+            });
+        }
+        return Ok(payload);
+    }
+    let body = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            kind: "RequestTooLargeException",
+            message: format!("the request body exceeds max_request_size ({limit} bytes)"),
+        })?;
+    // `curl -d '[1, 2]'` sends JSON labelled as a form; a body that starts like JSON is JSON.
+    let json_like = matches!(
+        body.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'[' | b'{')
+    );
+    if ct.starts_with("application/x-www-form-urlencoded") && !json_like {
+        let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
+            .map_err(|e| ApiError::bad_request(format!("malformed form body: {e}")))?;
+        payload.parts = fields
+            .into_iter()
+            .map(|(name, value)| Part {
+                name,
+                content_type: None,
+                data: value.into_bytes(),
+            })
+            .collect();
+    } else {
+        payload.parts.push(Part {
+            name: "body".into(),
+            content_type,
+            data: body.to_vec(),
+        });
+    }
+    Ok(payload)
+}

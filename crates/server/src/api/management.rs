@@ -1,0 +1,398 @@
+//! The management listener: register, list, describe, scale, set-default, unregister.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, put};
+use serde_json::{Value, json};
+use tchserve_runtime::pool::WorkerState;
+
+use super::{AppState, common_headers, not_allowed, not_found, openapi, status_message};
+use crate::error::{ApiError, json_response};
+use crate::registry::{ModelVersion, RegisterParams, ScaleOutcome};
+
+type Params = Query<HashMap<String, String>>;
+
+/// The management listener's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", any(root))
+        .route("/api-description", get(description))
+        .route("/models", get(list).post(register).fallback(not_allowed))
+        .route(
+            "/models/{model}",
+            get(describe)
+                .put(scale)
+                .delete(unregister)
+                .fallback(not_allowed),
+        )
+        .route(
+            "/models/{model}/{version}",
+            get(describe_version)
+                .put(scale_version)
+                .delete(unregister_version)
+                .fallback(not_allowed),
+        )
+        .route(
+            "/models/{model}/{version}/set-default",
+            put(set_default).fallback(not_allowed),
+        )
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            common_headers,
+        ))
+        .with_state(state)
+}
+
+fn doc() -> Value {
+    openapi(
+        "management",
+        &[
+            ("/", &["OPTIONS"], "This API description."),
+            (
+                "/models",
+                &["GET", "POST"],
+                "List models (limit, next_page_token); register a model (url, model_name, handler, runtime, batch_size, max_batch_delay, initial_workers, synchronous, response_timeout, startup_timeout).",
+            ),
+            (
+                "/models/{model_name}",
+                &["GET", "PUT", "DELETE"],
+                "Describe, scale (min_worker, max_worker, synchronous) or unregister the default version.",
+            ),
+            (
+                "/models/{model_name}/{model_version}",
+                &["GET", "PUT", "DELETE"],
+                "Describe, scale or unregister one version; GET .../all describes every version.",
+            ),
+            (
+                "/models/{model_name}/{model_version}/set-default",
+                &["PUT"],
+                "Make a version the default.",
+            ),
+            ("/api-description", &["GET"], "This API description."),
+        ],
+    )
+}
+
+async fn root(method: Method) -> Response {
+    if method == Method::OPTIONS {
+        json_response(StatusCode::OK, &doc())
+    } else {
+        not_allowed().await.into_response()
+    }
+}
+
+async fn description() -> Response {
+    json_response(StatusCode::OK, &doc())
+}
+
+fn int(params: &HashMap<String, String>, key: &str) -> Option<i64> {
+    params.get(key).and_then(|v| v.trim().parse().ok())
+}
+
+async fn list(State(st): State<AppState>, Query(q): Params) -> Response {
+    let limit = int(&q, "limit")
+        .filter(|l| (0..=100).contains(l))
+        .unwrap_or(100) as usize;
+    let start = int(&q, "next_page_token").unwrap_or(0).max(0) as usize;
+    let entries = st.registry.snapshot_entries();
+    let all: Vec<Value> = entries
+        .iter()
+        .filter_map(|(name, e)| {
+            e.versions
+                .get(&e.default)
+                .map(|m| json!({"modelName": name, "modelUrl": m.url}))
+        })
+        .collect();
+    let page: Vec<Value> = all.iter().skip(start).take(limit).cloned().collect();
+    let mut body = serde_json::Map::new();
+    if start + limit < all.len() {
+        body.insert("nextPageToken".into(), json!((start + limit).to_string()));
+    }
+    body.insert("models".into(), Value::Array(page));
+    json_response(StatusCode::OK, &Value::Object(body))
+}
+
+async fn register(State(st): State<AppState>, Query(q): Params, req: Request) -> Response {
+    if !st.config.enable_model_api {
+        return ApiError::method_not_allowed().into_response();
+    }
+    let is_json = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let params: HashMap<String, String> = if is_json {
+        let body = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
+            Ok(b) => b,
+            Err(e) => {
+                return ApiError::bad_request(format!("reading the body: {e}")).into_response();
+            }
+        };
+        match serde_json::from_slice::<serde_json::Map<String, Value>>(&body) {
+            Ok(m) => m
+                .into_iter()
+                .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                .collect(),
+            Err(e) => {
+                return ApiError::bad_request(format!("the body is not a JSON object: {e}"))
+                    .into_response();
+            }
+        }
+    } else {
+        q
+    };
+    let Some(url) = params.get("url").cloned() else {
+        return ApiError::bad_request("Parameter url is required.").into_response();
+    };
+    let p = RegisterParams {
+        url,
+        model_name: params.get("model_name").cloned(),
+        handler: params.get("handler").cloned().filter(|h| !h.is_empty()),
+        runtime: params.get("runtime").cloned(),
+        batch_size: int(&params, "batch_size"),
+        max_batch_delay: int(&params, "max_batch_delay"),
+        initial_workers: int(&params, "initial_workers"),
+        max_workers: None,
+        response_timeout: int(&params, "response_timeout"),
+        startup_timeout: int(&params, "startup_timeout"),
+        // TorchServe's rule: anything but "true" means false; absent means true.
+        synchronous: params
+            .get("synchronous")
+            .is_none_or(|s| s.eq_ignore_ascii_case("true")),
+        loaded_at_startup: false,
+        make_default: false,
+    };
+    let registry = Arc::clone(&st.registry);
+    let sync = p.synchronous;
+    let result = tokio::task::spawn_blocking(move || registry.register(&p)).await;
+    let reg = match result {
+        Ok(Ok(reg)) => reg,
+        Ok(Err(e)) => return e.into_response(),
+        Err(e) => return ApiError::internal(format!("registration failed: {e}")).into_response(),
+    };
+    st.save_snapshot();
+    let (m, v) = (&reg.model.name, &reg.model.version);
+    tracing::info!(model = %m, version = %v, workers = reg.workers, "model registered");
+    if reg.workers == 0 {
+        status_message(
+            StatusCode::OK,
+            format!(
+                "Model \"{m}\" Version: {v} registered with 0 initial workers. Use scale workers API to add workers for the model."
+            ),
+        )
+    } else if sync {
+        status_message(
+            StatusCode::OK,
+            format!(
+                "Model \"{m}\" Version: {v} registered with {} initial workers",
+                reg.workers
+            ),
+        )
+    } else {
+        status_message(StatusCode::ACCEPTED, "Processing worker updates...")
+    }
+}
+
+fn describe_one(m: &ModelVersion) -> Value {
+    let (min, max) = m.min_max();
+    let rss = crate::metrics::process_rss();
+    let workers: Vec<Value> = m
+        .pool
+        .workers()
+        .into_iter()
+        .map(|w| {
+            let status = match w.state {
+                WorkerState::Ready => "READY",
+                WorkerState::Starting => "STARTING",
+                WorkerState::Failed(_) => "FAILED",
+                WorkerState::Stopped => "UNLOADING",
+            };
+            let started = chrono::DateTime::<chrono::Utc>::from(w.started);
+            let mut o = json!({
+                "id": w.id.to_string(),
+                "startTime": started.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+                "status": status,
+                "memoryUsage": rss,
+                "pid": std::process::id(),
+                "gpu": w.device != tch::Device::Cpu,
+                "gpuUsage": "N/A",
+            });
+            if let WorkerState::Failed(why) = &w.state {
+                o["error"] = json!(why);
+            }
+            o
+        })
+        .collect();
+    json!({
+        "modelName": m.name,
+        "modelVersion": m.version,
+        "modelUrl": m.url,
+        "runtime": m.runtime.as_str(),
+        "handler": m.handler,
+        "minWorkers": min,
+        "maxWorkers": max,
+        "batchSize": m.batch_size,
+        "maxBatchDelay": m.max_batch_delay_ms,
+        "responseTimeout": m.response_timeout_s,
+        "startupTimeout": m.startup_timeout_s,
+        "maxRetryTimeoutInSec": 300,
+        "clientTimeoutInMills": 0,
+        "parallelType": "",
+        "parallelLevel": 0,
+        "deviceType": m.device_type,
+        "continuousBatching": false,
+        "useJobTicket": false,
+        "useVenv": false,
+        "stateful": false,
+        "sequenceMaxIdleMSec": 0,
+        "sequenceTimeoutMSec": 0,
+        "maxNumSequence": 0,
+        "maxSequenceJobQueueSize": 0,
+        "loadedAtStartup": m.loaded_at_startup,
+        "workers": workers,
+        "jobQueueStatus": {"remainingCapacity": m.pool.remaining_capacity(), "pendingRequests": m.pool.queue_len()},
+    })
+}
+
+fn describe_response(st: &AppState, name: &str, version: Option<&str>) -> Response {
+    match st.registry.describe(name, version) {
+        Ok(models) => json_response(
+            StatusCode::OK,
+            &Value::Array(models.iter().map(|m| describe_one(m)).collect()),
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn describe(State(st): State<AppState>, Path(model): Path<String>) -> Response {
+    describe_response(&st, &model, None)
+}
+
+async fn describe_version(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Response {
+    describe_response(&st, &model, Some(&version))
+}
+
+async fn scale(
+    State(st): State<AppState>,
+    Path(model): Path<String>,
+    Query(q): Params,
+) -> Response {
+    let version = q.get("model_version").cloned();
+    scale_inner(st, model, version, false, q).await
+}
+
+async fn scale_version(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    Query(q): Params,
+) -> Response {
+    scale_inner(st, model, Some(version), true, q).await
+}
+
+async fn scale_inner(
+    st: AppState,
+    model: String,
+    version: Option<String>,
+    version_in_path: bool,
+    q: HashMap<String, String>,
+) -> Response {
+    let min = int(&q, "min_worker").unwrap_or(1);
+    let max = int(&q, "max_worker").unwrap_or(min);
+    if min < 0 || max < 0 {
+        return ApiError::bad_request("min_worker and max_worker must not be negative.")
+            .into_response();
+    }
+    if max < min {
+        return ApiError::bad_request("max_worker cannot be less than min_worker.").into_response();
+    }
+    let sync = q
+        .get("synchronous")
+        .is_some_and(|s| s.eq_ignore_ascii_case("true"));
+    let registry = Arc::clone(&st.registry);
+    let v = version.clone();
+    let (min, max) = (min as usize, max as usize);
+    let result =
+        tokio::task::spawn_blocking(move || registry.scale(&model, v.as_deref(), min, max, sync))
+            .await;
+    let (mv, outcome) = match result {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return e.into_response(),
+        Err(e) => return ApiError::internal(format!("scaling failed: {e}")).into_response(),
+    };
+    st.save_snapshot();
+    if !sync {
+        return status_message(StatusCode::ACCEPTED, "Processing worker updates...");
+    }
+    match outcome {
+        ScaleOutcome::Done => {
+            let mut msg = format!("Workers scaled to {min} for model: {}", mv.name);
+            if version_in_path {
+                msg.push_str(&format!(", version: {}", mv.version));
+            }
+            status_message(StatusCode::OK, msg)
+        }
+        ScaleOutcome::InProgress => status_message(
+            StatusCode::PARTIAL_CONTENT,
+            "Workers scaling in progress...",
+        ),
+        ScaleOutcome::Failed => ApiError::internal(format!(
+            "Failed to start workers for model {} version: {}",
+            mv.name, mv.version
+        ))
+        .into_response(),
+    }
+}
+
+async fn set_default(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Response {
+    match st.registry.set_default(&model, &version) {
+        Ok(()) => {
+            st.save_snapshot();
+            status_message(
+                StatusCode::OK,
+                format!(
+                    "Default version successfully updated for model \"{model}\" to \"{version}\""
+                ),
+            )
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn unregister(State(st): State<AppState>, Path(model): Path<String>) -> Response {
+    unregister_inner(st, model, None).await
+}
+
+async fn unregister_version(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Response {
+    unregister_inner(st, model, Some(version)).await
+}
+
+async fn unregister_inner(st: AppState, model: String, version: Option<String>) -> Response {
+    if !st.config.enable_model_api {
+        return ApiError::method_not_allowed().into_response();
+    }
+    let removed = match st.registry.unregister(&model, version.as_deref()) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    st.save_snapshot();
+    // Queued requests are still answered; the workers then stop and the scratch files go.
+    let drain = std::time::Duration::from_secs(removed.response_timeout_s);
+    let _ = tokio::task::spawn_blocking(move || removed.pool.shutdown(drain)).await;
+    tracing::info!(model = %model, "model unregistered");
+    status_message(StatusCode::OK, format!("Model \"{model}\" unregistered"))
+}

@@ -1,0 +1,55 @@
+//! The metrics listener: `GET /metrics` in Prometheus text format.
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use super::{AppState, not_found};
+
+/// The metrics listener's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn metrics(State(st): State<AppState>, RawQuery(q): RawQuery) -> Response {
+    for entry in st.registry.snapshot_entries().values() {
+        for m in entry.versions.values() {
+            let l = [m.name.as_str(), m.version.as_str()];
+            st.metrics
+                .queue_depth
+                .with_label_values(&l)
+                .set(m.pool.queue_len() as i64);
+            let ready = m.pool.ready_count() as i64;
+            st.metrics
+                .workers
+                .with_label_values(&[l[0], l[1], "ready"])
+                .set(ready);
+            st.metrics
+                .workers
+                .with_label_values(&[l[0], l[1], "not_ready"])
+                .set(m.pool.worker_count() as i64 - ready);
+        }
+    }
+    // `?name[]=a&name[]=b` keeps only those metrics, as TorchServe's endpoint does.
+    let names: Vec<String> =
+        serde_urlencoded::from_str::<Vec<(String, String)>>(q.as_deref().unwrap_or(""))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| k == "name[]" || k == "name")
+            .map(|(_, v)| v)
+            .collect();
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(&names),
+    )
+        .into_response()
+}

@@ -1,0 +1,106 @@
+//! The three HTTP listeners' routes.
+
+pub mod inference;
+pub mod management;
+pub mod metrics;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::error::{ApiError, json_response};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// What every route can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Registered models.
+    pub registry: Arc<Registry>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Settings.
+    pub config: Arc<Config>,
+    /// Where snapshots go; `None` with `--ncs`.
+    pub snapshot_dir: Option<PathBuf>,
+}
+
+impl AppState {
+    /// Records the registry after a management change.
+    pub fn save_snapshot(&self) {
+        let Some(dir) = &self.snapshot_dir else {
+            return;
+        };
+        let value = crate::snapshot::to_json(&self.registry.snapshot_entries());
+        if let Err(e) = crate::snapshot::write(dir, &value) {
+            tracing::error!("writing the snapshot to {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Adds TorchServe's response headers, counts the status, and writes the access log line.
+pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let started = std::time::Instant::now();
+    let mut resp = next.run(req).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert("x-request-id", v);
+    }
+    h.insert(
+        "cache-control",
+        HeaderValue::from_static("no-cache; no-store, must-revalidate, private"),
+    );
+    h.insert("pragma", HeaderValue::from_static("no-cache"));
+    h.insert(
+        "expires",
+        HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 UTC"),
+    );
+    let status = resp.status().as_u16();
+    st.metrics.count_status(status);
+    tracing::info!(target: "access", %method, %path, status, us = started.elapsed().as_micros() as u64, "request");
+    resp
+}
+
+/// `{"status": "..."}` with a status code.
+pub fn status_message(code: StatusCode, message: impl Into<String>) -> Response {
+    json_response(code, &json!({"status": message.into()}))
+}
+
+/// 404 for unknown paths.
+pub async fn not_found() -> ApiError {
+    ApiError::resource_not_found()
+}
+
+/// 405 for known paths with the wrong method.
+pub async fn not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
+
+/// An OpenAPI 3.0.1 document listing `paths` as (path, methods, summary).
+pub fn openapi(title_suffix: &str, paths: &[(&str, &[&str], &str)]) -> Value {
+    let mut p = serde_json::Map::new();
+    for (path, methods, summary) in paths {
+        let mut ops = serde_json::Map::new();
+        for m in *methods {
+            ops.insert(
+                m.to_ascii_lowercase(),
+                json!({"summary": summary, "responses": {"200": {"description": "OK"}}}),
+            );
+        }
+        p.insert((*path).to_string(), Value::Object(ops));
+    }
+    json!({
+        "openapi": "3.0.1",
+        "info": {"title": format!("tchserve {title_suffix} API"), "version": env!("CARGO_PKG_VERSION")},
+        "paths": p,
+    })
+}

@@ -1,0 +1,468 @@
+//! Server configuration: TorchServe's `config.properties` keys, environment overrides, defaults.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// TCP host and port.
+    Tcp(String, u16),
+    /// A Unix domain socket path.
+    Unix(PathBuf),
+}
+
+impl Address {
+    /// Parses `http://host:port`, `https://...` (refused: TLS is not supported yet) or `unix:/path`.
+    pub fn parse(key: &str, s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Value {
+            key: key.into(),
+            value: s.into(),
+            reason: why.into(),
+        };
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(bad("a unix socket path must be absolute"));
+            }
+            return Ok(Address::Unix(path.into()));
+        }
+        if s.starts_with("https://") {
+            return Err(bad(
+                "https listeners are not supported yet; terminate TLS in front of tchserve",
+            ));
+        }
+        let rest = s
+            .strip_prefix("http://")
+            .ok_or_else(|| bad("expected http://host:port or unix:/path"))?;
+        let rest = rest.trim_end_matches('/');
+        // An IPv6 host is bracketed: http://[::1]:8080.
+        let (host, port) = match rest.strip_prefix('[') {
+            Some(v6) => {
+                let (h, after) = v6
+                    .split_once(']')
+                    .ok_or_else(|| bad("unclosed [ in the host"))?;
+                (h, after.strip_prefix(':'))
+            }
+            None => match rest.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            },
+        };
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| bad("the port is not a number"))?,
+            None => 80,
+        };
+        let host = host.to_string();
+        Ok(Address::Tcp(host, port))
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Tcp(h, p) if h.contains(':') => write!(f, "http://[{h}]:{p}"),
+            Address::Tcp(h, p) => write!(f, "http://{h}:{p}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A key has a value that cannot be used.
+    #[error("config key {key}: bad value {value:?}: {reason}")]
+    Value {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Why it is wrong.
+        reason: String,
+    },
+}
+
+/// Per-model settings from the `models` key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDefaults {
+    /// minWorkers.
+    pub min_workers: Option<i64>,
+    /// maxWorkers.
+    pub max_workers: Option<i64>,
+    /// batchSize.
+    pub batch_size: Option<i64>,
+    /// maxBatchDelay (ms).
+    pub max_batch_delay: Option<i64>,
+    /// responseTimeout (s).
+    pub response_timeout: Option<i64>,
+    /// startupTimeout (s).
+    pub startup_timeout: Option<i64>,
+    /// defaultVersion.
+    pub default_version: Option<bool>,
+    /// marName.
+    pub mar_name: Option<String>,
+}
+
+/// The server's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Inference listener.
+    pub inference_address: Address,
+    /// Management listener.
+    pub management_address: Address,
+    /// Metrics listener.
+    pub metrics_address: Address,
+    /// The model store.
+    pub model_store: Option<PathBuf>,
+    /// Models to load at start-up (`load_models` / `--models`).
+    pub load_models: Vec<String>,
+    /// `models`: per model, per version settings.
+    pub models: BTreeMap<String, BTreeMap<String, ModelDefaults>>,
+    /// `default_workers_per_model`; `None` when unset.
+    pub default_workers_per_model: Option<usize>,
+    /// `job_queue_size`.
+    pub job_queue_size: usize,
+    /// `max_request_size` in bytes.
+    pub max_request_size: usize,
+    /// `max_response_size` in bytes.
+    pub max_response_size: usize,
+    /// `default_response_timeout`.
+    pub default_response_timeout: Duration,
+    /// `default_startup_timeout`.
+    pub default_startup_timeout: Duration,
+    /// `enable_model_api`.
+    pub enable_model_api: bool,
+    /// `metrics_mode` (`prometheus`, `log` or `legacy`); metrics are served in every mode.
+    pub metrics_mode: String,
+    /// `cpu_threads`: intra-op threads shared by all workers (tchserve's own key).
+    pub cpu_threads: usize,
+    /// `disable_token_authorization`.
+    pub disable_token_authorization: bool,
+    /// Keys that were present but are not used by tchserve.
+    pub ignored_keys: Vec<String>,
+}
+
+/// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
+const ENV_KEYS: [&str; 16] = [
+    "inference_address",
+    "management_address",
+    "metrics_address",
+    "model_store",
+    "load_models",
+    "models",
+    "default_workers_per_model",
+    "job_queue_size",
+    "max_request_size",
+    "max_response_size",
+    "default_response_timeout",
+    "default_startup_timeout",
+    "enable_model_api",
+    "metrics_mode",
+    "cpu_threads",
+    "disable_token_authorization",
+];
+
+/// Keys TorchServe knows that tchserve reads but does not act on, which are not worth a warning.
+const QUIET_KEYS: [&str; 6] = [
+    "enable_envvars_config",
+    "number_of_netty_threads",
+    "netty_client_threads",
+    "async_logging",
+    "vmargs",
+    "model_snapshot",
+];
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            inference_address: Address::Tcp("127.0.0.1".into(), 8080),
+            management_address: Address::Tcp("127.0.0.1".into(), 8081),
+            metrics_address: Address::Tcp("127.0.0.1".into(), 8082),
+            model_store: None,
+            load_models: Vec::new(),
+            models: BTreeMap::new(),
+            default_workers_per_model: None,
+            job_queue_size: 100,
+            max_request_size: 6_553_500,
+            max_response_size: 6_553_500,
+            default_response_timeout: Duration::from_secs(120),
+            default_startup_timeout: Duration::from_secs(120),
+            enable_model_api: false,
+            metrics_mode: "prometheus".into(),
+            cpu_threads: std::thread::available_parallelism().map_or(1, usize::from),
+            disable_token_authorization: false,
+            ignored_keys: Vec::new(),
+        }
+    }
+}
+
+/// Parses Java `.properties` text: `key=value` or `key: value`, `#`/`!` comments, `\` line
+/// continuations and escapes.
+pub fn parse_properties(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut logical = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if logical.is_empty()
+            && (trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with('!'))
+        {
+            continue;
+        }
+        let continued = trimmed.chars().rev().take_while(|&c| c == '\\').count() % 2 == 1;
+        logical.push_str(if continued {
+            &trimmed[..trimmed.len() - 1]
+        } else {
+            trimmed
+        });
+        if continued {
+            continue;
+        }
+        let line = std::mem::take(&mut logical);
+        let split = line.find(['=', ':']).unwrap_or(line.len());
+        let key = unescape(line[..split].trim());
+        let value = unescape(line.get(split + 1..).unwrap_or("").trim_start());
+        out.insert(key, value);
+    }
+    out
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
+}
+
+impl Config {
+    /// Builds the configuration from properties (already read) and the environment.
+    pub fn from_properties(
+        props: &BTreeMap<String, String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut props = props.clone();
+        let envvars = props
+            .get("enable_envvars_config")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        if envvars {
+            for key in ENV_KEYS {
+                if let Some(v) = env(&format!("TS_{}", key.to_ascii_uppercase())) {
+                    props.insert(key.to_string(), v);
+                }
+            }
+        }
+        let mut cfg = Config::default();
+        for (key, raw) in &props {
+            let value = substitute_env(key, raw, env)?;
+            let value = value.trim();
+            let bad = |reason: &str| ConfigError::Value {
+                key: key.clone(),
+                value: value.to_string(),
+                reason: reason.into(),
+            };
+            let int = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| bad("expected a non-negative integer"))
+            };
+            let boolean = || match value.to_ascii_lowercase().as_str() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => Err(bad("expected true or false")),
+            };
+            match key.as_str() {
+                "inference_address" => cfg.inference_address = Address::parse(key, value)?,
+                "management_address" => cfg.management_address = Address::parse(key, value)?,
+                "metrics_address" => cfg.metrics_address = Address::parse(key, value)?,
+                "model_store" => cfg.model_store = Some(PathBuf::from(value)),
+                "load_models" => cfg.load_models = split_list(value),
+                "models" => {
+                    cfg.models = serde_json::from_str(value)
+                        .map_err(|e| bad(&format!("not valid models JSON: {e}")))?;
+                }
+                "default_workers_per_model" => {
+                    cfg.default_workers_per_model = Some(int()? as usize).filter(|n| *n > 0);
+                }
+                "job_queue_size" => cfg.job_queue_size = (int()? as usize).max(1),
+                "max_request_size" => cfg.max_request_size = int()? as usize,
+                "max_response_size" => cfg.max_response_size = int()? as usize,
+                "default_response_timeout" => {
+                    cfg.default_response_timeout = Duration::from_secs(int()?)
+                }
+                "default_startup_timeout" => {
+                    cfg.default_startup_timeout = Duration::from_secs(int()?)
+                }
+                "enable_model_api" => cfg.enable_model_api = boolean()?,
+                "disable_token_authorization" => cfg.disable_token_authorization = boolean()?,
+                "metrics_mode" => match value {
+                    "prometheus" | "log" | "legacy" => cfg.metrics_mode = value.to_string(),
+                    _ => return Err(bad("expected prometheus, log or legacy")),
+                },
+                "cpu_threads" => cfg.cpu_threads = (int()? as usize).max(1),
+                k if QUIET_KEYS.contains(&k) => {}
+                _ => cfg.ignored_keys.push(key.clone()),
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Reads a `config.properties` file.
+    pub fn from_file(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_properties(&parse_properties(&text), env)
+    }
+
+    /// Workers for a model loaded at start-up when nothing else says: the configured default,
+    /// else the number of GPUs, else 1 (workers share the CPU thread budget, so more CPU
+    /// workers add queueing parallelism but not compute).
+    pub fn startup_workers(&self, gpus: usize) -> usize {
+        self.default_workers_per_model
+            .unwrap_or(if gpus > 0 { gpus } else { 1 })
+    }
+}
+
+/// Replaces `$$NAME$$` with the environment variable NAME, as TorchServe does.
+fn substitute_env(
+    key: &str,
+    value: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("$$") {
+        let Some(len) = rest[start + 2..].find("$$") else {
+            break;
+        };
+        let name = &rest[start + 2..start + 2 + len];
+        let v = env(name).ok_or_else(|| ConfigError::Value {
+            key: key.into(),
+            value: value.into(),
+            reason: format!("environment variable {name} is not set"),
+        })?;
+        out.push_str(&rest[..start]);
+        out.push_str(&v);
+        rest = &rest[start + 4 + len..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Splits a comma list, dropping blanks.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn parses_properties_syntax() {
+        let p =
+            parse_properties("# c\n! c\na=1\nb : two words\nc=x\\\n  y\nd=tab\\tend\n  e = 5 \n");
+        assert_eq!(p["a"], "1");
+        assert_eq!(p["b"], "two words");
+        assert_eq!(p["c"], "xy");
+        assert_eq!(p["d"], "tab\tend");
+        assert_eq!(p["e"], "5 ");
+    }
+
+    #[test]
+    fn reads_torchserve_keys() {
+        let text = "inference_address=http://0.0.0.0:9080\nmanagement_address=unix:/tmp/m.sock\n\
+                    model_store=/s\nload_models=a.mar, b=b.mar\njob_queue_size=7\nenable_model_api=true\n\
+                    default_response_timeout=9\nmodels={\"a\": {\"1.0\": {\"batchSize\": 4, \"maxBatchDelay\": 20}}}\n\
+                    number_of_netty_threads=4\nsomething_new=1\n";
+        let cfg = Config::from_properties(&parse_properties(text), &no_env).unwrap();
+        assert_eq!(cfg.inference_address, Address::Tcp("0.0.0.0".into(), 9080));
+        assert_eq!(cfg.management_address, Address::Unix("/tmp/m.sock".into()));
+        assert_eq!(cfg.metrics_address, Address::Tcp("127.0.0.1".into(), 8082));
+        assert_eq!(cfg.load_models, ["a.mar", "b=b.mar"]);
+        assert_eq!(cfg.job_queue_size, 7);
+        assert!(cfg.enable_model_api);
+        assert_eq!(cfg.default_response_timeout, Duration::from_secs(9));
+        assert_eq!(cfg.models["a"]["1.0"].batch_size, Some(4));
+        assert_eq!(cfg.ignored_keys, ["something_new"]);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::from_properties(&parse_properties("job_queue_size=lots\n"), &no_env)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("config key job_queue_size: bad value \"lots\""),
+            "{e}"
+        );
+        let e = Config::from_properties(&parse_properties("inference_address=ftp://x\n"), &no_env)
+            .unwrap_err();
+        assert!(e.to_string().contains("inference_address"), "{e}");
+        let e = Config::from_properties(&parse_properties("model_store=$$NOPE$$\n"), &no_env)
+            .unwrap_err();
+        assert!(e.to_string().contains("NOPE is not set"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_only_when_enabled() {
+        let env = |k: &str| (k == "TS_JOB_QUEUE_SIZE").then(|| "42".to_string());
+        let off = Config::from_properties(&parse_properties("job_queue_size=5\n"), &env).unwrap();
+        assert_eq!(off.job_queue_size, 5);
+        let on = Config::from_properties(
+            &parse_properties("job_queue_size=5\nenable_envvars_config=true\n"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(on.job_queue_size, 42);
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            Address::parse("k", "http://[::1]:8080").unwrap(),
+            Address::Tcp("::1".into(), 8080)
+        );
+        assert_eq!(
+            Address::parse("k", "http://localhost:1")
+                .unwrap()
+                .to_string(),
+            "http://localhost:1"
+        );
+        assert!(Address::parse("k", "unix:relative").is_err());
+        assert!(Address::parse("k", "https://x:1").is_err());
+    }
+}

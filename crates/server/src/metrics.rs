@@ -1,0 +1,191 @@
+//! Prometheus metrics: TorchServe's names, plus histograms of queue time, handler time and
+//! batch size, queue depth and workers per model, and the process's CPU and memory.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the server exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `ts_inference_requests_total{model_name, model_version, hostname}`.
+    pub requests_total: IntCounterVec,
+    /// `ts_inference_latency_microseconds`: cumulative end-to-end latency.
+    pub latency_us: IntCounterVec,
+    /// `ts_queue_latency_microseconds`: cumulative time queued.
+    pub queue_latency_us: IntCounterVec,
+    /// `Requests2XX`, `Requests4XX`, `Requests5XX` by `Level` and `Hostname`.
+    status: [IntCounterVec; 3],
+    /// Seconds queued, per model.
+    pub queue_seconds: HistogramVec,
+    /// Seconds the worker spent on the request's batch, per model.
+    pub handler_seconds: HistogramVec,
+    /// Requests per batch, per model.
+    pub batch_size: HistogramVec,
+    /// Requests waiting, per model.
+    pub queue_depth: IntGaugeVec,
+    /// Workers, per model and state.
+    pub workers: IntGaugeVec,
+    hostname: String,
+}
+
+const MODEL_LABELS: [&str; 3] = ["model_name", "model_version", "hostname"];
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets),
+                &["model_name", "model_version"],
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let time_buckets =
+            prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("valid buckets");
+        let m = Metrics {
+            requests_total: counter(
+                "ts_inference_requests_total",
+                "Inference requests received.",
+                &MODEL_LABELS,
+            ),
+            latency_us: counter(
+                "ts_inference_latency_microseconds",
+                "Cumulative end-to-end inference latency in microseconds.",
+                &MODEL_LABELS,
+            ),
+            queue_latency_us: counter(
+                "ts_queue_latency_microseconds",
+                "Cumulative time inference requests spent queued, in microseconds.",
+                &MODEL_LABELS,
+            ),
+            status: [
+                counter(
+                    "Requests2XX",
+                    "Responses with a 2xx status.",
+                    &["Level", "Hostname"],
+                ),
+                counter(
+                    "Requests4XX",
+                    "Responses with a 4xx status.",
+                    &["Level", "Hostname"],
+                ),
+                counter(
+                    "Requests5XX",
+                    "Responses with any other status.",
+                    &["Level", "Hostname"],
+                ),
+            ],
+            queue_seconds: histogram(
+                "tchserve_queue_seconds",
+                "Time a request waited for a worker.",
+                time_buckets.clone(),
+            ),
+            handler_seconds: histogram(
+                "tchserve_handler_seconds",
+                "Time a worker spent on the batch holding a request.",
+                time_buckets,
+            ),
+            batch_size: histogram(
+                "tchserve_batch_size",
+                "Requests per batch gathered by a worker.",
+                vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0],
+            ),
+            queue_depth: gauge(
+                "tchserve_queue_depth",
+                "Requests waiting for a worker.",
+                &["model_name", "model_version"],
+            ),
+            workers: gauge(
+                "tchserve_workers",
+                "Workers by state.",
+                &["model_name", "model_version", "state"],
+            ),
+            hostname: hostname(),
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    /// The hostname label value.
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    /// Counts a response by status class.
+    pub fn count_status(&self, status: u16) {
+        let class = match status {
+            200..=299 => 0,
+            400..=499 => 1,
+            _ => 2,
+        };
+        self.status[class]
+            .with_label_values(&["Host", &self.hostname])
+            .inc();
+    }
+
+    /// The text exposition of every metric, optionally only those whose names are listed.
+    pub fn render(&self, names: &[String]) -> String {
+        let families: Vec<_> = self
+            .registry
+            .gather()
+            .into_iter()
+            .filter(|f| names.is_empty() || names.iter().any(|n| n == f.name()))
+            .collect();
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&families, &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Resident memory of this process in bytes (Linux), for describe output.
+pub fn process_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        // SAFETY: sysconf has no preconditions.
+        .map_or(0, |pages| {
+            pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64
+        })
+}

@@ -1,0 +1,258 @@
+//! Starting and stopping the server: start-up models or snapshot, three listeners, graceful stop.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::serve::ListenerExt;
+use tchserve_mar::ModelStore;
+use tchserve_runtime::{DevicePolicy, device};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AppState};
+use crate::config::{Address, Config};
+use crate::metrics::Metrics;
+use crate::registry::{RegisterParams, Registry};
+use crate::snapshot;
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Settings.
+    pub config: Config,
+    /// Write and restore snapshots (off with `--ncs`).
+    pub snapshots: bool,
+    /// Folder for logs and snapshots.
+    pub log_dir: PathBuf,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The model store is unusable.
+    #[error("{0}")]
+    Store(String),
+    /// A listener could not bind.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A listener failed while serving.
+    #[error("listener failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the server until `shutdown` completes, then stops gracefully: listeners stop accepting,
+/// in-flight requests finish, queued jobs are answered, workers exit.
+pub async fn run(
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let started = Instant::now();
+    let config = Arc::new(opts.config);
+    for key in &config.ignored_keys {
+        tracing::warn!("config key {key} is not used by tchserve");
+    }
+    let cuda = tokio::task::spawn_blocking(|| device::cuda(DevicePolicy::Auto))
+        .await
+        .map_err(|e| ServerError::Store(e.to_string()))?;
+    match &cuda.reason {
+        None => tracing::info!(gpus = cuda.devices, "CUDA available"),
+        Some(why) => tracing::info!("serving on CPU: {why}"),
+    }
+    let store = match &config.model_store {
+        Some(dir) => Some(ModelStore::open(dir).map_err(|e| ServerError::Store(e.to_string()))?),
+        None => None,
+    };
+    let scratch = std::env::temp_dir().join(format!("tchserve-{}", std::process::id()));
+    let registry = Arc::new(Registry::new(
+        Arc::clone(&config),
+        store.clone(),
+        scratch.clone(),
+        cuda,
+    ));
+    let state = AppState {
+        registry: Arc::clone(&registry),
+        metrics: Metrics::new(),
+        config: Arc::clone(&config),
+        snapshot_dir: opts.snapshots.then(|| opts.log_dir.join("config")),
+    };
+
+    let restored = match &state.snapshot_dir {
+        Some(dir) => match snapshot::read(dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("ignoring an unreadable snapshot: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let from_snapshot = restored.is_some();
+    let registrations = match &restored {
+        Some(s) => {
+            tracing::info!(
+                "restoring models from the snapshot (load_models and --models are ignored)"
+            );
+            snapshot::registrations(s)
+        }
+        None => startup_models(&config, store.as_ref()),
+    };
+    // Versions of one model are registered in order so the default ends up right; models load
+    // in parallel.
+    let mut by_model: std::collections::BTreeMap<String, Vec<RegisterParams>> = Default::default();
+    for p in registrations {
+        by_model
+            .entry(p.model_name.clone().unwrap_or_else(|| p.url.clone()))
+            .or_default()
+            .push(p);
+    }
+    let loads: Vec<_> = by_model
+        .into_values()
+        .map(|regs| {
+            let registry = Arc::clone(&registry);
+            tokio::task::spawn_blocking(move || {
+                for p in regs {
+                    match registry.register(&p) {
+                        Ok(r) => tracing::info!(model = %r.model.name, version = %r.model.version, workers = r.workers, "model loaded"),
+                        Err(e) => tracing::error!(url = %p.url, "cannot load model: {}", e.message),
+                    }
+                }
+            })
+        })
+        .collect();
+    for l in loads {
+        let _ = l.await;
+    }
+    if !from_snapshot {
+        state.save_snapshot();
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = Vec::new();
+    for (address, router) in [
+        (
+            &config.inference_address,
+            api::inference::router(state.clone()),
+        ),
+        (
+            &config.management_address,
+            api::management::router(state.clone()),
+        ),
+        (&config.metrics_address, api::metrics::router(state.clone())),
+    ] {
+        servers.push(listen(address, router, stop_rx.clone()).await?);
+    }
+    tracing::info!(
+        inference = %config.inference_address,
+        management = %config.management_address,
+        metrics = %config.metrics_address,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "tchserve is serving"
+    );
+
+    shutdown.await;
+    tracing::info!("stopping: no new connections; finishing requests in flight");
+    let _ = stop_tx.send(true);
+    let mut result = Ok(());
+    for s in servers {
+        if let Ok(Err(e)) = s.await {
+            result = Err(ServerError::Serve(e));
+        }
+    }
+    let models = registry.drain();
+    let _ = tokio::task::spawn_blocking(move || {
+        for m in models {
+            m.pool.shutdown(Duration::from_secs(5));
+        }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    tracing::info!("stopped");
+    result
+}
+
+/// Registrations for `load_models` / `--models`.
+fn startup_models(config: &Config, store: Option<&ModelStore>) -> Vec<RegisterParams> {
+    let mut out = Vec::new();
+    for item in &config.load_models {
+        if item.eq_ignore_ascii_case("all") {
+            match store {
+                Some(store) => match store.all() {
+                    Ok(paths) => out.extend(paths.into_iter().filter_map(|p| {
+                        p.file_name()
+                            .map(|n| startup(None, n.to_string_lossy().into_owned()))
+                    })),
+                    Err(e) => tracing::error!("listing the model store: {e}"),
+                },
+                None => tracing::error!("load_models=all needs a model store"),
+            }
+            continue;
+        }
+        match item.split_once('=') {
+            Some((name, url)) => out.push(startup(Some(name.to_string()), url.to_string())),
+            None => out.push(startup(None, item.clone())),
+        }
+    }
+    out
+}
+
+fn startup(model_name: Option<String>, url: String) -> RegisterParams {
+    RegisterParams {
+        url,
+        model_name,
+        synchronous: true,
+        loaded_at_startup: true,
+        ..RegisterParams::default()
+    }
+}
+
+async fn listen(
+    address: &Address,
+    router: Router,
+    mut stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<std::io::Result<()>>, ServerError> {
+    let bind_err = |source| ServerError::Bind {
+        address: address.to_string(),
+        source,
+    };
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    Ok(match address {
+        Address::Tcp(host, port) => {
+            let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
+                .await
+                .map_err(bind_err)?;
+            // Small JSON replies must not wait on Nagle's algorithm.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            })
+        }
+        Address::Unix(path) => {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(path);
+            }
+            let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            })
+        }
+    })
+}

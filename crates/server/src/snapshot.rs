@@ -1,0 +1,145 @@
+//! Snapshots: the registered models, written after every management change and restored at
+//! start-up, so nothing registered is lost across a restart.
+//!
+//! The file holds TorchServe's `model_snapshot` JSON. It is written to a temporary file,
+//! synced, and renamed over the old one, so a crash at any moment leaves the last good snapshot.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value, json};
+
+use crate::registry::{ModelEntry, RegisterParams};
+
+/// File name of the snapshot inside the snapshot folder.
+pub const FILE_NAME: &str = "snapshot.json";
+
+/// The snapshot JSON of the given models.
+pub fn to_json(models: &std::collections::BTreeMap<String, ModelEntry>) -> Value {
+    let mut out = Map::new();
+    let mut count = 0;
+    for (name, entry) in models {
+        let mut versions = Map::new();
+        for (v, m) in &entry.versions {
+            let (min, max) = m.min_max();
+            versions.insert(
+                v.clone(),
+                json!({
+                    "defaultVersion": *v == entry.default,
+                    "marName": m.url,
+                    "minWorkers": min,
+                    "maxWorkers": max,
+                    "batchSize": m.batch_size,
+                    "maxBatchDelay": m.max_batch_delay_ms,
+                    "responseTimeout": m.response_timeout_s,
+                    "startupTimeout": m.startup_timeout_s,
+                    "runtimeType": m.runtime.as_str(),
+                }),
+            );
+            count += 1;
+        }
+        out.insert(name.clone(), Value::Object(versions));
+    }
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    json!({"name": FILE_NAME, "modelCount": count, "created": created, "models": out})
+}
+
+/// Writes `value` to `dir/snapshot.json` atomically.
+pub fn write(dir: &Path, value: &Value) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let final_path = dir.join(FILE_NAME);
+    let tmp = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+    let mut f = File::create(&tmp)?;
+    f.write_all(
+        serde_json::to_string_pretty(value)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, &final_path)?;
+    // The rename itself is durable only once the folder is synced.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads the snapshot in `dir`, if there is one.
+pub fn read(dir: &Path) -> Result<Option<Value>, String> {
+    let path: PathBuf = dir.join(FILE_NAME);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The registrations a snapshot asks for; default versions come last so they win.
+pub fn registrations(snapshot: &Value) -> Vec<RegisterParams> {
+    let mut out = Vec::new();
+    let Some(models) = snapshot.get("models").and_then(Value::as_object) else {
+        return out;
+    };
+    for (name, versions) in models {
+        let Some(versions) = versions.as_object() else {
+            continue;
+        };
+        for v in versions.values() {
+            let int = |k: &str| v.get(k).and_then(Value::as_i64);
+            out.push(RegisterParams {
+                url: v
+                    .get("marName")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                model_name: Some(name.clone()),
+                runtime: v
+                    .get("runtimeType")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                batch_size: int("batchSize"),
+                max_batch_delay: int("maxBatchDelay"),
+                initial_workers: int("minWorkers"),
+                max_workers: int("maxWorkers"),
+                response_timeout: int("responseTimeout"),
+                startup_timeout: int("startupTimeout"),
+                synchronous: true,
+                loaded_at_startup: true,
+                make_default: v
+                    .get("defaultVersion")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+                handler: None,
+            });
+        }
+    }
+    out.sort_by_key(|p| p.make_default);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), None);
+        let v = json!({"models": {"a": {"1.0": {"marName": "a.mar", "minWorkers": 2, "defaultVersion": true}, "2.0": {"marName": "a2.mar", "defaultVersion": false}}}});
+        write(dir.path(), &v).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Some(v.clone()));
+        let regs = registrations(&v);
+        assert_eq!(regs.len(), 2);
+        assert_eq!(regs[1].url, "a.mar");
+        assert!(regs[1].make_default && !regs[0].make_default);
+        assert_eq!(regs[1].initial_workers, Some(2));
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

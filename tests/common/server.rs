@@ -1,0 +1,212 @@
+//! Running the real `tchserve` binary for tests: fixtures, archives, config, start and stop.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::http::{Resp, request};
+use super::{repo_root, run_ok, venv_bin};
+
+/// Models made by `tests/fixtures/make_models.py`, built once per test binary.
+pub fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = repo_root().join("target/test-fixtures");
+        if !dir.join("slow.pt").exists() {
+            let tmp = repo_root().join(format!("target/test-fixtures.{}", std::process::id()));
+            run_ok(
+                Command::new(venv_bin("python"))
+                    .arg(repo_root().join("tests/fixtures/make_models.py"))
+                    .arg(&tmp),
+            );
+            // Another test binary may have won the race; either copy is complete.
+            if fs::rename(&tmp, &dir).is_err() {
+                let _ = fs::remove_dir_all(&tmp);
+            }
+        }
+        dir
+    })
+}
+
+/// The digits example's build output (made by `make test` through examples/digits/build.sh).
+pub fn digits_build() -> PathBuf {
+    let dir = repo_root().join("build/examples/digits");
+    assert!(
+        dir.join("digits.pt").exists(),
+        "{} is missing: run `make test`",
+        dir.display()
+    );
+    dir
+}
+
+/// Archives `serialized` with our archiver into `store` as `<name>.mar` (or `file_name`).
+pub fn archive(
+    store: &Path,
+    name: &str,
+    version: &str,
+    serialized: &Path,
+    handler: &Path,
+    extra: &[&str],
+) -> String {
+    let out = tempfile::tempdir().unwrap();
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_tch-model-archiver"))
+            .args(["--model-name", name, "--version", version, "--handler"])
+            .arg(handler)
+            .arg("--serialized-file")
+            .arg(serialized)
+            .arg("--export-path")
+            .arg(out.path())
+            .args(extra),
+    );
+    let file = format!("{name}-{version}.mar");
+    fs::rename(out.path().join(format!("{name}.mar")), store.join(&file)).unwrap();
+    file
+}
+
+pub fn fixture_handler(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(name)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `tchserve --foreground`, stopped (SIGTERM) when dropped.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+    pub inference: String,
+    pub management: String,
+    pub metrics: String,
+    extra_config: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// A server home with an empty model store; call `start` to run it.
+    pub fn new(extra_config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        fs::create_dir(&store).unwrap();
+        let (i, m, x) = (free_port(), free_port(), free_port());
+        Server {
+            store,
+            inference: format!("127.0.0.1:{i}"),
+            management: format!("127.0.0.1:{m}"),
+            metrics: format!("127.0.0.1:{x}"),
+            extra_config: extra_config.to_string(),
+            args: Vec::new(),
+            dir,
+            child: None,
+        }
+    }
+
+    pub fn config_text(&self) -> String {
+        let url = |a: &str| {
+            if a.starts_with("unix:") {
+                a.to_string()
+            } else {
+                format!("http://{a}")
+            }
+        };
+        format!(
+            "inference_address={}\nmanagement_address={}\nmetrics_address={}\nmodel_store={}\n{}\n",
+            url(&self.inference),
+            url(&self.management),
+            url(&self.metrics),
+            self.store.display(),
+            self.extra_config
+        )
+    }
+
+    pub fn command(&self) -> Command {
+        fs::write(
+            self.dir.path().join("config.properties"),
+            self.config_text(),
+        )
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tchserve"));
+        cmd.current_dir(self.dir.path())
+            .env_remove("TS_CONFIG_FILE")
+            .env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Starts in the foreground (as a child) with extra arguments and waits for /ping.
+    pub fn start(&mut self, args: &[&str]) -> &mut Self {
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        let log = fs::File::create(self.dir.path().join("server.log")).unwrap();
+        let child = self
+            .command()
+            .arg("--foreground")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+        self
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("tchserve exited ({status}):\n{}", self.log());
+            }
+            if std::net::TcpStream::connect(&self.inference).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tchserve did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a graceful exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    pub fn infer(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        request(&self.inference, method, path, headers, body)
+    }
+
+    pub fn manage(&self, method: &str, path: &str) -> Resp {
+        request(&self.management, method, path, &[], b"")
+    }
+
+    pub fn metrics_text(&self) -> String {
+        request(&self.metrics, "GET", "/metrics", &[], b"").text()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

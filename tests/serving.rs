@@ -1,0 +1,896 @@
+//! The server end to end: the real `tchserve` binary, real TorchScript models, HTTP over
+//! loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::http::{Resp, post_json, request};
+use common::run;
+use common::server::{Server, archive, digits_build, fixture_handler, fixtures};
+use serde_json::{Value, json};
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn register(s: &Server, query: &str) -> Resp {
+    s.manage("POST", &format!("/models?{query}"))
+}
+
+fn assert_error(r: &Resp, status: u16, kind: &str, message_part: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["code"], status, "{j}");
+    assert_eq!(j["type"], kind, "{j}");
+    assert!(j["message"].as_str().unwrap().contains(message_part), "{j}");
+}
+
+/// A server with model `scale` v1.0 (x*2) and v2.0 (x*3) archived in its store.
+fn scale_server(extra_config: &str) -> (Server, String, String) {
+    let s = Server::new(extra_config);
+    let h = fixture_handler("vec4.json");
+    let v1 = archive(
+        &s.store,
+        "scale",
+        "1.0",
+        &fixtures().join("scale2.pt"),
+        &h,
+        &[],
+    );
+    let v2 = archive(
+        &s.store,
+        "scale",
+        "2.0",
+        &fixtures().join("scale3.pt"),
+        &h,
+        &[],
+    );
+    (s, v1, v2)
+}
+
+#[test]
+fn start_status_stop_through_the_cli() {
+    let s = Server::new("");
+    let h = fixture_handler("vec4.json");
+    let mar = archive(
+        &s.store,
+        "scale",
+        "1.0",
+        &fixtures().join("scale2.pt"),
+        &h,
+        &[],
+    );
+    let out = run(s
+        .command()
+        .args(["--start", "--ts-config", "config.properties", "--models"])
+        .arg(format!("scale={mar}")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tchserve is running"));
+    // --start returned only once the server answers.
+    assert_eq!(
+        s.infer("GET", "/ping", &[], b"").json(),
+        json!({"status": "Healthy"})
+    );
+    let r = post_json(&s.inference, "/predictions/scale", "[1, 2, 3, 4]");
+    assert_eq!(floats(&r.json()), [2.0, 4.0, 6.0, 8.0]);
+
+    let again = run(s
+        .command()
+        .args(["--start", "--ts-config", "config.properties"]));
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+    let status = run(s.command().arg("--status"));
+    assert!(
+        status.status.success() && String::from_utf8_lossy(&status.stdout).contains("is running")
+    );
+
+    let stop = run(s.command().arg("--stop"));
+    assert!(stop.status.success());
+    assert!(String::from_utf8_lossy(&stop.stdout).contains("tchserve has stopped"));
+    assert!(!s.dir.path().join("logs/tchserve.pid").exists());
+    assert!(
+        std::net::TcpStream::connect(&s.inference).is_err(),
+        "still listening after --stop"
+    );
+    let status = run(s.command().arg("--status"));
+    assert!(!status.status.success());
+    assert!(s.dir.path().join("logs/tchserve.log").exists());
+}
+
+#[test]
+fn register_version_rollback_scale_unregister() {
+    let (mut s, v1, v2) = scale_server("enable_model_api=true");
+    s.start(&[]);
+    let r = register(&s, &format!("url={v1}&initial_workers=1"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["status"],
+        "Model \"scale\" Version: 1.0 registered with 1 initial workers"
+    );
+    let r = register(&s, &format!("url={v2}&initial_workers=1&synchronous=true"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_error(
+        &register(&s, &format!("url={v2}")),
+        409,
+        "ConflictStatusException",
+        "Model version 2.0 is already registered for model scale",
+    );
+
+    let x = "[1, 2, 3, 4]";
+    assert_eq!(
+        floats(&post_json(&s.inference, "/predictions/scale", x).json()),
+        [2.0, 4.0, 6.0, 8.0]
+    );
+    assert_eq!(
+        floats(&post_json(&s.inference, "/predictions/scale/2.0", x).json()),
+        [3.0, 6.0, 9.0, 12.0]
+    );
+
+    let all = s.manage("GET", "/models/scale/all").json();
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    let d = &s.manage("GET", "/models/scale").json()[0];
+    assert_eq!(
+        (
+            d["modelName"].as_str(),
+            d["modelVersion"].as_str(),
+            d["modelUrl"].as_str()
+        ),
+        (Some("scale"), Some("1.0"), Some(v1.as_str()))
+    );
+    assert_eq!(d["workers"][0]["status"], "READY");
+    assert_eq!(d["jobQueueStatus"]["remainingCapacity"], 100);
+
+    let r = s.manage("PUT", "/models/scale/2.0/set-default");
+    assert_eq!(
+        r.json()["status"],
+        "Default version successfully updated for model \"scale\" to \"2.0\""
+    );
+    assert_eq!(
+        floats(&post_json(&s.inference, "/predictions/scale", x).json()),
+        [3.0, 6.0, 9.0, 12.0]
+    );
+    // Rollback.
+    assert_eq!(s.manage("PUT", "/models/scale/1.0/set-default").status, 200);
+    assert_eq!(
+        floats(&post_json(&s.inference, "/predictions/scale", x).json()),
+        [2.0, 4.0, 6.0, 8.0]
+    );
+    assert_error(
+        &s.manage("PUT", "/models/scale/7.0/set-default"),
+        404,
+        "ModelVersionNotFoundException",
+        "7.0",
+    );
+    assert_error(
+        &s.manage("DELETE", "/models/scale/1.0"),
+        403,
+        "InvalidModelVersionException",
+        "Cannot remove default version for model scale",
+    );
+
+    let r = s.manage("PUT", "/models/scale?min_worker=2&synchronous=true");
+    assert_eq!(r.json()["status"], "Workers scaled to 2 for model: scale");
+    let workers = &s.manage("GET", "/models/scale").json()[0]["workers"];
+    assert_eq!(workers.as_array().unwrap().len(), 2);
+    assert!(
+        workers
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["status"] == "READY"),
+        "{workers}"
+    );
+    let r = s.manage("PUT", "/models/scale/2.0?min_worker=1&synchronous=true");
+    assert_eq!(
+        r.json()["status"],
+        "Workers scaled to 1 for model: scale, version: 2.0"
+    );
+    assert_eq!(s.manage("PUT", "/models/scale?min_worker=1").status, 202);
+    assert_error(
+        &s.manage("PUT", "/models/scale?min_worker=3&max_worker=1"),
+        400,
+        "BadRequestException",
+        "max_worker cannot be less than min_worker.",
+    );
+    assert_error(
+        &s.manage("PUT", "/models/nope?min_worker=1"),
+        404,
+        "ModelNotFoundException",
+        "Model not found: nope",
+    );
+
+    let list = s.manage("GET", "/models?limit=1").json();
+    assert_eq!(
+        list,
+        json!({"models": [{"modelName": "scale", "modelUrl": v1}]})
+    );
+
+    let r = s.manage("DELETE", "/models/scale/2.0");
+    assert_eq!(r.json()["status"], "Model \"scale\" unregistered");
+    let r = s.manage("DELETE", "/models/scale");
+    assert_eq!(r.status, 200);
+    assert_error(
+        &post_json(&s.inference, "/predictions/scale", x),
+        404,
+        "ModelNotFoundException",
+        "Model not found: scale",
+    );
+    assert_eq!(s.manage("GET", "/models").json(), json!({"models": []}));
+}
+
+#[test]
+fn registration_errors_and_zero_workers() {
+    let (mut s, v1, _) = scale_server("enable_model_api=true");
+    std::fs::write(s.store.join("handler.py"), "def handle(d, c): return d\n").unwrap();
+    let py = archive(
+        &s.store,
+        "py",
+        "1.0",
+        &fixtures().join("scale2.pt"),
+        &s.store.join("handler.py"),
+        &[],
+    );
+    s.start(&[]);
+    assert_error(
+        &s.manage("POST", "/models"),
+        400,
+        "BadRequestException",
+        "Parameter url is required.",
+    );
+    assert_error(
+        &register(&s, "url=../x.mar"),
+        404,
+        "ModelNotFoundException",
+        "Relative path is not allowed in url: ../x.mar",
+    );
+    assert_error(
+        &register(&s, "url=missing.mar"),
+        404,
+        "ModelNotFoundException",
+        "Model not found at: missing.mar",
+    );
+    assert_error(
+        &register(&s, &format!("url={v1}&runtime=python4")),
+        400,
+        "BadRequestException",
+        "Invalid RuntimeType value: python4",
+    );
+    assert_error(
+        &register(&s, &format!("url={py}")),
+        400,
+        "InvalidModelException",
+        "Python code",
+    );
+
+    let r = register(&s, &format!("url={v1}&model_name=idle"));
+    assert_eq!(
+        r.json()["status"],
+        "Model \"idle\" Version: 1.0 registered with 0 initial workers. Use scale workers API to add workers for the model."
+    );
+    assert_error(
+        &post_json(&s.inference, "/predictions/idle", "[1,2,3,4]"),
+        503,
+        "ServiceUnavailableException",
+        "has no worker",
+    );
+    let r = register(
+        &s,
+        &format!("url={v1}&model_name=later&initial_workers=1&synchronous=false"),
+    );
+    assert_eq!(r.status, 202);
+    assert_eq!(r.json()["status"], "Processing worker updates...");
+}
+
+#[test]
+fn model_api_is_off_by_default() {
+    let (mut s, v1, _) = scale_server("");
+    s.start(&["--models", &format!("scale={v1}")]);
+    assert_error(
+        &register(&s, &format!("url={v1}")),
+        405,
+        "MethodNotAllowedException",
+        "not allowed",
+    );
+    assert_error(
+        &s.manage("DELETE", "/models/scale"),
+        405,
+        "MethodNotAllowedException",
+        "not allowed",
+    );
+    assert_eq!(
+        s.manage("PUT", "/models/scale?min_worker=1&synchronous=true")
+            .status,
+        200
+    );
+    // --enable-model-api turns it on.
+    s.stop();
+    let mut s2 = Server::new("");
+    std::fs::copy(s.store.join(&v1), s2.store.join(&v1)).unwrap();
+    s2.start(&["--enable-model-api"]);
+    assert_eq!(register(&s2, &format!("url={v1}")).status, 200);
+}
+
+#[test]
+fn bad_inputs_and_model_failures_keep_the_server_serving() {
+    let mut s = Server::new("enable_model_api=true");
+    let picky = archive(
+        &s.store,
+        "picky",
+        "1.0",
+        &fixtures().join("picky.pt"),
+        &fixture_handler("vec4.json"),
+        &[],
+    );
+    s.start(&["--models", &format!("picky={picky}")]);
+    let ok = |s: &Server| {
+        assert_eq!(
+            floats(&post_json(&s.inference, "/predictions/picky", "[0, 1, 2, 3]").json()),
+            [1.0, 2.0, 3.0, 4.0]
+        )
+    };
+    ok(&s);
+    assert_error(
+        &post_json(&s.inference, "/predictions/picky", "[1, 2, 3]"),
+        400,
+        "InvalidInputException",
+        "input shape [3] does not match the model's per-example shape [4]",
+    );
+    ok(&s);
+    assert_error(
+        &post_json(&s.inference, "/predictions/picky", "{\"data\": [1, 2,"),
+        400,
+        "InvalidInputException",
+        "not valid JSON",
+    );
+    assert_error(
+        &post_json(&s.inference, "/predictions/picky", "[[1, 2], [3]]"),
+        400,
+        "InvalidInputException",
+        "ragged",
+    );
+    assert_error(
+        &post_json(&s.inference, "/predictions/picky", "[\"a\", 1, 2, 3]"),
+        400,
+        "InvalidInputException",
+        "expected numbers",
+    );
+    ok(&s);
+    assert_error(
+        &post_json(&s.inference, "/predictions/picky", "[-1, 1, 2, 3]"),
+        500,
+        "InternalServerException",
+        "negative inputs are not allowed",
+    );
+    ok(&s);
+    // Raw little-endian bytes, with and without a shape header.
+    let raw: Vec<u8> = [0f32, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+        .iter()
+        .flat_map(|f| f.to_le_bytes())
+        .collect();
+    let r = s.infer(
+        "POST",
+        "/predictions/picky",
+        &[("Content-Type", "application/octet-stream")],
+        &raw,
+    );
+    assert_eq!(
+        r.json(),
+        json!([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    );
+    let r = s.infer(
+        "POST",
+        "/predictions/picky",
+        &[
+            ("Content-Type", "application/octet-stream"),
+            ("X-Tensor-Shape", "2,4"),
+        ],
+        &raw,
+    );
+    assert_eq!(
+        r.json(),
+        json!([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    );
+    assert_error(
+        &s.infer(
+            "POST",
+            "/predictions/picky",
+            &[("Content-Type", "application/octet-stream")],
+            &raw[..6],
+        ),
+        400,
+        "InvalidInputException",
+        "6 bytes",
+    );
+    // The request forms TorchServe clients use.
+    let r = post_json(
+        &s.inference,
+        "/predictions/picky",
+        "{\"instances\": [[0, 0, 0, 0], [1, 1, 1, 1]]}",
+    );
+    assert_eq!(
+        r.json(),
+        json!({"predictions": [[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]]})
+    );
+    let r = post_json(
+        &s.inference,
+        "/predictions/picky",
+        "{\"data\": [0, 0, 0, 1]}",
+    );
+    assert_eq!(r.json(), json!([1.0, 1.0, 1.0, 2.0]));
+    let boundary = "XyZ";
+    let form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"data\"\r\nContent-Type: application/json\r\n\r\n[4, 3, 2, 1]\r\n--{boundary}--\r\n"
+    );
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let r = s.infer(
+        "POST",
+        "/predictions/picky",
+        &[("Content-Type", &ct)],
+        form.as_bytes(),
+    );
+    assert_eq!(r.json(), json!([5.0, 4.0, 3.0, 2.0]), "{}", r.text());
+    // Unknown names.
+    assert_error(
+        &post_json(&s.inference, "/predictions/nope", "[1]"),
+        404,
+        "ModelNotFoundException",
+        "Model not found: nope",
+    );
+    assert_error(
+        &post_json(&s.inference, "/predictions/picky/3.0", "[1]"),
+        404,
+        "ModelVersionNotFoundException",
+        "Model version: 3.0 does not exist for model: picky",
+    );
+    assert_error(
+        &s.infer("GET", "/nowhere", &[], b""),
+        404,
+        "ResourceNotFoundException",
+        "Requested resource is not found",
+    );
+    assert_error(
+        &s.infer("GET", "/", &[], b""),
+        405,
+        "MethodNotAllowedException",
+        "not allowed",
+    );
+    let doc = s.infer("OPTIONS", "/", &[], b"").json();
+    assert_eq!(doc["openapi"], "3.0.1");
+    assert!(
+        doc["paths"]["/predictions/{model_name}"].is_object(),
+        "{doc}"
+    );
+    assert_eq!(s.infer("GET", "/api-description", &[], b"").json(), doc);
+    ok(&s);
+}
+
+#[test]
+fn one_bad_request_never_fails_its_batch_mates() {
+    let mut s = Server::new("enable_model_api=true");
+    let picky = archive(
+        &s.store,
+        "picky",
+        "1.0",
+        &fixtures().join("picky.pt"),
+        &fixture_handler("vec4.json"),
+        &[],
+    );
+    s.start(&[]);
+    let r = register(
+        &s,
+        &format!("url={picky}&initial_workers=1&batch_size=8&max_batch_delay=500"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let bodies: Vec<String> = (0..8)
+        .map(|i| match i {
+            3 => "[-1, 0, 0, 0]".to_string(),
+            5 => "[1, 2]".to_string(),
+            _ => format!("[{i}, {}, 0.5, -0.0]", i * 10),
+        })
+        .collect();
+    let batched: Vec<Resp> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|b| scope.spawn(|| post_json(&s.inference, "/predictions/picky", b)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, r) in batched.iter().enumerate() {
+        match i {
+            3 => assert_error(
+                r,
+                500,
+                "InternalServerException",
+                "negative inputs are not allowed",
+            ),
+            5 => assert_eq!(r.status, 400, "{}", r.text()),
+            _ => {
+                assert_eq!(r.status, 200, "request {i}: {}", r.text());
+                // Identical to the same request served alone.
+                let alone = post_json(&s.inference, "/predictions/picky", &bodies[i]);
+                assert_eq!(r.body, alone.body, "request {i}");
+            }
+        }
+    }
+    let metrics = s.metrics_text();
+    let count = metric(
+        &metrics,
+        "tchserve_batch_size_count{model_name=\"picky\",model_version=\"1.0\"}",
+    );
+    let sum = metric(
+        &metrics,
+        "tchserve_batch_size_sum{model_name=\"picky\",model_version=\"1.0\"}",
+    );
+    assert!(
+        sum / count > 1.0,
+        "no batching happened: {count} batches for {sum} requests"
+    );
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
+        .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+}
+
+#[test]
+fn a_full_queue_answers_503_at_once() {
+    let mut s = Server::new("enable_model_api=true\njob_queue_size=2");
+    let slow = archive(
+        &s.store,
+        "slow",
+        "1.0",
+        &fixtures().join("slow.pt"),
+        &fixture_handler("vec2.json"),
+        &[],
+    );
+    s.start(&[]);
+    assert_eq!(
+        register(&s, &format!("url={slow}&initial_workers=1")).status,
+        200
+    );
+    let results: Vec<(u16, Duration)> = std::thread::scope(|scope| {
+        let first =
+            scope.spawn(|| post_json(&s.inference, "/predictions/slow", "[30000, 0]").status);
+        std::thread::sleep(Duration::from_millis(300));
+        let rest: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    let t = Instant::now();
+                    (
+                        post_json(&s.inference, "/predictions/slow", "[1, 0]").status,
+                        t.elapsed(),
+                    )
+                })
+            })
+            .collect();
+        let mut out: Vec<(u16, Duration)> = rest.into_iter().map(|h| h.join().unwrap()).collect();
+        out.push((first.join().unwrap(), Duration::ZERO));
+        out
+    });
+    let rejected: Vec<_> = results.iter().filter(|(st, _)| *st == 503).collect();
+    assert!(rejected.len() >= 5, "{results:?}");
+    assert!(
+        rejected.iter().all(|(_, t)| *t < Duration::from_secs(1)),
+        "503 was not immediate: {results:?}"
+    );
+    assert!(
+        results.iter().all(|(st, _)| *st == 200 || *st == 503),
+        "{results:?}"
+    );
+    let r = post_json(&s.inference, "/predictions/slow", "[1, 5]");
+    assert_eq!(floats(&r.json()), [1.0, 5.0]);
+}
+
+#[test]
+fn response_timeout_answers_the_client_and_frees_the_worker() {
+    let mut s = Server::new("enable_model_api=true");
+    let slow = archive(
+        &s.store,
+        "slow",
+        "1.0",
+        &fixtures().join("slow.pt"),
+        &fixture_handler("vec2.json"),
+        &[],
+    );
+    s.start(&[]);
+    assert_eq!(
+        register(
+            &s,
+            &format!("url={slow}&initial_workers=1&response_timeout=1")
+        )
+        .status,
+        200
+    );
+    let t = Instant::now();
+    assert_error(
+        &post_json(&s.inference, "/predictions/slow", "[40000, 0]"),
+        504,
+        "RequestTimeoutException",
+        "timed out after 1 s",
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // The worker finishes that forward (about 4 s) and serves again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = post_json(&s.inference, "/predictions/slow", "[1, 2]");
+        if r.status == 200 {
+            assert_eq!(floats(&r.json()), [1.0, 2.0]);
+            break;
+        }
+        assert_eq!(r.status, 504, "{}", r.text());
+        assert!(Instant::now() < deadline, "the worker never came back");
+    }
+}
+
+#[test]
+fn snapshot_restores_registrations_after_restart() {
+    let (mut s, v1, v2) = scale_server("enable_model_api=true");
+    s.start(&[]);
+    assert_eq!(
+        register(
+            &s,
+            &format!("url={v1}&initial_workers=1&batch_size=4&max_batch_delay=7")
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        register(&s, &format!("url={v2}&initial_workers=1")).status,
+        200
+    );
+    assert_eq!(s.manage("PUT", "/models/scale/2.0/set-default").status, 200);
+    assert_eq!(
+        s.manage(
+            "PUT",
+            "/models/scale/1.0?min_worker=2&max_worker=3&synchronous=true"
+        )
+        .status,
+        200
+    );
+    assert!(s.stop().success());
+
+    s.start(&[]);
+    let all = s.manage("GET", "/models/scale/all").json();
+    let v1d = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["modelVersion"] == "1.0")
+        .unwrap();
+    assert_eq!(
+        (v1d["batchSize"].as_u64(), v1d["maxBatchDelay"].as_u64()),
+        (Some(4), Some(7))
+    );
+    assert_eq!(
+        (v1d["minWorkers"].as_u64(), v1d["maxWorkers"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(v1d["workers"].as_array().unwrap().len(), 2);
+    // The default version survived too.
+    assert_eq!(
+        floats(&post_json(&s.inference, "/predictions/scale", "[1,1,1,1]").json()),
+        [3.0; 4]
+    );
+    assert!(s.stop().success());
+
+    // --ncs neither restores nor writes.
+    s.start(&["--ncs"]);
+    assert_eq!(s.manage("GET", "/models").json(), json!({"models": []}));
+}
+
+#[test]
+fn graceful_stop_finishes_requests_in_flight() {
+    let mut s = Server::new("");
+    let slow = archive(
+        &s.store,
+        "slow",
+        "1.0",
+        &fixtures().join("slow.pt"),
+        &fixture_handler("vec2.json"),
+        &[],
+    );
+    s.start(&["--models", &format!("slow={slow}")]);
+    let inference = s.inference.clone();
+    let in_flight =
+        std::thread::spawn(move || post_json(&inference, "/predictions/slow", "[15000, 3]"));
+    std::thread::sleep(Duration::from_millis(300));
+    let status = s.stop();
+    let r = in_flight.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(floats(&r.json()), [15000.0, 3.0]);
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn metrics_count_what_was_sent() {
+    let (mut s, v1, _) = scale_server("");
+    s.start(&["--models", &format!("scale={v1}")]);
+    for _ in 0..5 {
+        assert_eq!(
+            post_json(&s.inference, "/predictions/scale", "[1,1,1,1]").status,
+            200
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            post_json(&s.inference, "/predictions/scale/1.0", "[1,1]").status,
+            400
+        );
+    }
+    let text = s.metrics_text();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    let series = |v: &str| {
+        format!(
+            "ts_inference_requests_total{{hostname=\"{host}\",model_name=\"scale\",model_version=\"{v}\"}}"
+        )
+    };
+    assert_eq!(metric(&text, &series("default")), 5.0);
+    assert_eq!(metric(&text, &series("1.0")), 2.0);
+    assert!(
+        metric(
+            &text,
+            &format!("Requests2XX{{Hostname=\"{host}\",Level=\"Host\"}}")
+        ) >= 5.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!("Requests4XX{{Hostname=\"{host}\",Level=\"Host\"}}")
+        ),
+        2.0
+    );
+    assert!(
+        metric(
+            &text,
+            &format!(
+                "ts_inference_latency_microseconds{{hostname=\"{host}\",model_name=\"scale\",model_version=\"default\"}}"
+            )
+        ) > 0.0
+    );
+    assert!(
+        text.contains(
+            "tchserve_workers{model_name=\"scale\",model_version=\"1.0\",state=\"ready\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("process_resident_memory_bytes"));
+    let only = request(&s.metrics, "GET", "/metrics?name[]=Requests4XX", &[], b"").text();
+    assert!(
+        only.contains("Requests4XX") && !only.contains("Requests2XX"),
+        "{only}"
+    );
+}
+
+#[test]
+fn unix_socket_listener() {
+    let (mut s, v1, _) = scale_server("");
+    let sock = s.dir.path().join("mgmt.sock");
+    s.management = format!("unix:{}", sock.display());
+    s.start(&["--models", &format!("scale={v1}")]);
+    let r = s.manage("GET", "/models");
+    assert_eq!(r.json()["models"][0]["modelName"], "scale");
+}
+
+#[test]
+fn digits_through_the_server_equal_pytorch() {
+    let build = digits_build();
+    let test: Value =
+        serde_json::from_slice(&std::fs::read(build.join("test.json")).unwrap()).unwrap();
+    let expected: Value =
+        serde_json::from_slice(&std::fs::read(build.join("expected.json")).unwrap()).unwrap();
+    let mut s = Server::new("enable_model_api=true");
+    let handler = common::repo_root().join("examples/digits/digits_handler.json");
+    let mar = archive(
+        &s.store,
+        "digits",
+        "1.0",
+        &build.join("digits.pt"),
+        &handler,
+        &[],
+    );
+    s.start(&[]);
+    assert_eq!(
+        register(
+            &s,
+            &format!("url={mar}&initial_workers=2&batch_size=8&max_batch_delay=5")
+        )
+        .status,
+        200
+    );
+
+    let inputs = test["inputs"].as_array().unwrap();
+    let labels: Vec<i64> = test["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_i64().unwrap())
+        .collect();
+    // One request per digit, 8 at a time, so they are batched.
+    let outputs: Vec<Vec<f64>> = std::thread::scope(|scope| {
+        let chunks: Vec<_> = inputs
+            .chunks(inputs.len().div_ceil(8))
+            .map(|chunk| {
+                let inference = &s.inference;
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|x| {
+                            let r = post_json(inference, "/predictions/digits", &x.to_string());
+                            assert_eq!(r.status, 200, "{}", r.text());
+                            floats(&r.json())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        chunks.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    // And all of them in one request.
+    let all = post_json(
+        &s.inference,
+        "/predictions/digits",
+        &Value::Array(inputs.clone()).to_string(),
+    )
+    .json();
+    let all: Vec<Vec<f64>> = all.as_array().unwrap().iter().map(floats).collect();
+
+    let want: Vec<Vec<f64>> = expected["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(floats)
+        .collect();
+    for got in [&outputs, &all] {
+        let max_diff = got
+            .iter()
+            .zip(&want)
+            .flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (a - b).abs()))
+            .fold(0.0, f64::max);
+        assert!(max_diff <= 1e-5, "max abs diff {max_diff}");
+        let argmax = |v: &Vec<f64>| {
+            v.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as i64
+        };
+        let correct = got
+            .iter()
+            .zip(&labels)
+            .filter(|(g, l)| argmax(g) == **l)
+            .count();
+        let pytorch_correct =
+            (expected["accuracy"].as_f64().unwrap() * labels.len() as f64).round() as usize;
+        assert_eq!(correct, pytorch_correct, "accuracy differs from PyTorch's");
+    }
+    let metrics = s.metrics_text();
+    let count = metric(
+        &metrics,
+        "tchserve_batch_size_count{model_name=\"digits\",model_version=\"1.0\"}",
+    );
+    let sum = metric(
+        &metrics,
+        "tchserve_batch_size_sum{model_name=\"digits\",model_version=\"1.0\"}",
+    );
+    assert!(
+        sum / count > 1.0,
+        "digits were never batched ({sum} requests in {count} batches)"
+    );
+}
