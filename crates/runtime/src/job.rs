@@ -11,8 +11,8 @@ pub struct Part {
     pub name: String,
     /// The part's content type, when known.
     pub content_type: Option<String>,
-    /// The bytes.
-    pub data: Vec<u8>,
+    /// The bytes, shared with the HTTP layer without a copy.
+    pub data: bytes::Bytes,
 }
 
 /// The request payload handed to a handler.

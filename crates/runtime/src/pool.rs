@@ -73,10 +73,14 @@ pub struct WorkerInfo {
 }
 
 /// The intra-op thread budget shared by every worker of the process.
+///
+/// The cores are split among the workers that are running a batch right now, not among all
+/// workers: an idle worker uses no CPU, so a lone busy worker gets every core, and several busy
+/// workers never oversubscribe the machine.
 #[derive(Debug)]
 pub struct ThreadBudget {
     total: usize,
-    workers: AtomicUsize,
+    busy: AtomicUsize,
 }
 
 impl ThreadBudget {
@@ -84,21 +88,24 @@ impl ThreadBudget {
     pub fn new(total: usize) -> Arc<Self> {
         Arc::new(ThreadBudget {
             total: total.max(1),
-            workers: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
         })
     }
 
-    /// Threads each worker may use now.
-    pub fn per_worker(&self) -> usize {
-        (self.total / self.workers.load(Ordering::Relaxed).max(1)).max(1)
+    /// Marks a worker busy for the life of the guard and returns its share of the threads.
+    pub fn enter(&self) -> (usize, BusyGuard<'_>) {
+        let busy = self.busy.fetch_add(1, Ordering::Relaxed) + 1;
+        ((self.total / busy).max(1), BusyGuard(self))
     }
+}
 
-    pub(crate) fn join(&self) {
-        self.workers.fetch_add(1, Ordering::Relaxed);
-    }
+/// Holds a worker's place in the busy count.
+#[derive(Debug)]
+pub struct BusyGuard<'a>(&'a ThreadBudget);
 
-    pub(crate) fn leave(&self) {
-        self.workers.fetch_sub(1, Ordering::Relaxed);
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -304,5 +311,23 @@ impl Drop for Pool {
         for h in lock(&self.workers).iter() {
             h.stop.store(true, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ThreadBudget;
+
+    #[test]
+    fn busy_workers_share_the_cores() {
+        let budget = ThreadBudget::new(4);
+        let (alone, g1) = budget.enter();
+        assert_eq!(alone, 4);
+        let (second, g2) = budget.enter();
+        assert_eq!(second, 2);
+        let (third, _g3) = budget.enter();
+        assert_eq!(third, 1);
+        drop((g1, g2));
+        assert_eq!(budget.enter().0, 2);
     }
 }

@@ -40,12 +40,11 @@ enum Ended {
 /// The thread's body.
 pub(crate) fn run(ctx: Context) {
     let name = format!("{}:{}", ctx.config.model_name, ctx.config.version);
-    ctx.budget.join();
     let mut failures = 0usize;
     while !ctx.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         let loaded = catch_unwind(AssertUnwindSafe(|| load(&ctx)));
-        let (module, pipeline) = match loaded {
+        let model = match loaded {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 fail(&ctx, &name, &mut failures, format!("loading failed: {e}"));
@@ -59,12 +58,11 @@ pub(crate) fn run(ctx: Context) {
         tracing::info!(worker = ctx.id, model = %name, device = ?ctx.device, load_ms = started.elapsed().as_millis() as u64, "worker ready");
         ctx.shared.set(ctx.id, WorkerState::Ready);
         failures = 0;
-        match serve(&ctx, &module, &pipeline) {
+        match serve(&ctx, &model) {
             Ended::Stopped => break,
             Ended::Crashed(why) => fail(&ctx, &name, &mut failures, why),
         }
     }
-    ctx.budget.leave();
     tracing::info!(worker = ctx.id, model = %name, "worker stopped");
 }
 
@@ -79,31 +77,51 @@ fn fail(ctx: &Context, name: &str, failures: &mut usize, why: String) {
     }
 }
 
-fn load(ctx: &Context) -> Result<(CModule, Pipeline), crate::RuntimeError> {
-    tch::set_num_threads(ctx.budget.per_worker() as i32);
+/// A forward shorter than this at the largest batch gains nothing from more intra-op threads:
+/// waking them costs more than they save, so such a worker keeps to one thread.
+const SMALL_FORWARD: Duration = Duration::from_millis(1);
+
+/// A loaded model, its handler, and the most intra-op threads worth giving it.
+struct Loaded {
+    module: CModule,
+    pipeline: Pipeline,
+    max_threads: usize,
+}
+
+fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
+    let (threads, _busy) = ctx.budget.enter();
+    tch::set_num_threads(threads as i32);
     let module = load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)?;
     let pipeline = Pipeline::new(&ctx.spec.handler, &ctx.spec.model_dir)?;
     // TorchScript specialises its graph over the first calls; pay that before serving.
     let _guard = tch::no_grad_guard();
+    let mut last_forward = None;
     for batch in [1, ctx.config.batcher.batch_size] {
         if let Some(input) = pipeline.warmup_input(batch) {
             let input = input.to_device(ctx.device);
             for _ in 0..WARMUP_FORWARDS {
                 let input = tch::IValue::Tensor(input.shallow_clone());
+                let t = Instant::now();
                 module
                     .forward_is(&[input])
                     .map_err(|source| crate::RuntimeError::Torch {
                         file: format!("{} (warm-up forward)", ctx.spec.serialized_file),
                         source,
                     })?;
+                last_forward = Some(t.elapsed());
             }
         }
     }
-    Ok((module, pipeline))
+    let small = ctx.device == tch::Device::Cpu && last_forward.is_some_and(|t| t < SMALL_FORWARD);
+    Ok(Loaded {
+        module,
+        pipeline,
+        max_threads: if small { 1 } else { usize::MAX },
+    })
 }
 
-fn serve(ctx: &Context, module: &CModule, pipeline: &Pipeline) -> Ended {
-    let mut threads = ctx.budget.per_worker();
+fn serve(ctx: &Context, model: &Loaded) -> Ended {
+    let mut threads = 0;
     loop {
         if ctx.stop.load(Ordering::Relaxed) {
             return Ended::Stopped;
@@ -113,13 +131,18 @@ fn serve(ctx: &Context, module: &CModule, pipeline: &Pipeline) -> Ended {
             Next::Idle => continue,
             Next::Closed => return Ended::Stopped,
         };
-        let budget = ctx.budget.per_worker();
-        if budget != threads {
-            threads = budget;
+        let (share, _busy) = ctx.budget.enter();
+        let share = share.min(model.max_threads);
+        if share != threads {
+            threads = share;
             tch::set_num_threads(threads as i32);
         }
         // A panic drops the batch's reply channels, so each waiting client learns the worker died.
-        if catch_unwind(AssertUnwindSafe(|| process(ctx, module, pipeline, jobs))).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| {
+            process(ctx, &model.module, &model.pipeline, jobs)
+        }))
+        .is_err()
+        {
             return Ended::Crashed("the handler panicked".into());
         }
     }

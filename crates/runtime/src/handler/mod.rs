@@ -118,7 +118,9 @@ impl Pipeline {
     ) -> Result<Vec<Vec<u8>>, PredictError> {
         let _guard = tch::no_grad_guard();
         let batch = if inputs.len() == 1 {
-            inputs[0].tensor.shallow_clone()
+            inputs[0]
+                .owned_tensor()
+                .map_err(|e| failed("copying the input", e))?
         } else {
             let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
             Tensor::f_cat(&parts, 0)

@@ -20,12 +20,26 @@ pub enum Wrap {
 /// A decoded request: `examples` rows along axis 0.
 #[derive(Debug)]
 pub struct Decoded {
-    /// `[examples, ...per-example shape]`.
+    /// `[examples, ...per-example shape]`. Declared first so it is dropped before the bytes it
+    /// may borrow.
     pub tensor: Tensor,
     /// Number of examples.
     pub examples: usize,
     /// How to answer.
     pub wrap: Wrap,
+    /// The request bytes `tensor` reads from, when it borrows them instead of owning a copy.
+    borrowed: Option<bytes::Bytes>,
+}
+
+impl Decoded {
+    /// The tensor as an owned value the model may keep or modify.
+    pub fn owned_tensor(&self) -> Result<Tensor, tch::TchError> {
+        if self.borrowed.is_some() {
+            self.tensor.f_detach_copy()
+        } else {
+            Ok(self.tensor.shallow_clone())
+        }
+    }
 }
 
 fn bad(msg: impl Into<String>) -> PredictError {
@@ -172,6 +186,7 @@ fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decod
         tensor,
         examples,
         wrap,
+        borrowed: None,
     })
 }
 
@@ -294,11 +309,113 @@ fn decode_raw(
     if full.first().copied().unwrap_or(0) == 0 {
         return Err(bad("the request holds no examples"));
     }
-    let tensor = Tensor::f_from_data_size(&part.data, &full, kind_of(dtype))
-        .map_err(|e| bad(format!("cannot read the raw tensor: {e}")))?;
+    let kind = kind_of(dtype);
+    let aligned = (part.data.as_ptr() as usize).is_multiple_of(size);
+    let (tensor, borrowed) = if aligned {
+        let mut strides = vec![1i64; full.len()];
+        for i in (0..full.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * full[i + 1];
+        }
+        // SAFETY: the pointer is aligned for the dtype and covers exactly the product of `full`
+        // elements (checked above); `borrowed` keeps the bytes alive at least as long as the
+        // tensor (field order), and the tensor is only read (batching copies it, and a lone
+        // request is copied by `owned_tensor`).
+        let t = unsafe {
+            Tensor::f_from_blob(part.data.as_ptr(), &full, &strides, kind, tch::Device::Cpu)
+        };
+        (t, Some(part.data.clone()))
+    } else {
+        (Tensor::f_from_data_size(&part.data, &full, kind), None)
+    };
+    let tensor = tensor.map_err(|e| bad(format!("cannot read the raw tensor: {e}")))?;
     Ok(Decoded {
         examples: full[0] as usize,
         tensor,
         wrap,
+        borrowed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_payload(data: bytes::Bytes, shape: Option<&str>) -> Payload {
+        Payload {
+            parts: vec![Part {
+                name: "body".into(),
+                content_type: Some("application/octet-stream".into()),
+                data,
+            }],
+            dtype: None,
+            shape: shape.map(str::to_owned),
+        }
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn raw_bytes_decode_aligned_or_not() {
+        let floats = [1.5f32, -2.0, 3.25, 4.0, 5.0, 6.0];
+        let mut bytes: Vec<u8> = vec![0];
+        bytes.extend(floats.iter().flat_map(|f| f.to_le_bytes()));
+        let all = bytes::Bytes::from(bytes);
+        // A view one byte into a fresh allocation is misaligned (copied); a copy is aligned
+        // (borrowed). Both must decode the same.
+        let unaligned = all.slice(1..);
+        let aligned = bytes::Bytes::copy_from_slice(&unaligned);
+        assert!(!(unaligned.as_ptr() as usize).is_multiple_of(4));
+        assert!((aligned.as_ptr() as usize).is_multiple_of(4));
+        for data in [unaligned, aligned] {
+            let d = decode(
+                &raw_payload(data.clone(), Some("2,3")),
+                DType::Float32,
+                Some(&[3]),
+            )
+            .unwrap();
+            assert_eq!((d.tensor.size(), d.wrap), (vec![2, 3], Wrap::List));
+            assert_eq!(values(&d.tensor), floats);
+            assert_eq!(values(&d.owned_tensor().unwrap()), floats);
+            let d = decode(&raw_payload(data, None), DType::Float32, Some(&[6])).unwrap();
+            assert_eq!(d.wrap, Wrap::Single);
+            assert_eq!(values(&d.tensor), floats);
+        }
+    }
+
+    #[test]
+    fn json_forms_and_errors() {
+        let p = |body: &str| Payload {
+            parts: vec![Part {
+                name: "body".into(),
+                content_type: Some("application/json".into()),
+                data: body.to_owned().into(),
+            }],
+            dtype: None,
+            shape: None,
+        };
+        let d = decode(&p("[1, 2]"), DType::Int64, Some(&[2])).unwrap();
+        assert_eq!(
+            (d.examples, d.wrap, d.tensor.kind()),
+            (1, Wrap::Single, Kind::Int64)
+        );
+        let d = decode(
+            &p("{\"instances\": [[1, 2], [3, 4], [5, 6]]}"),
+            DType::Float32,
+            Some(&[-1]),
+        )
+        .unwrap();
+        assert_eq!((d.examples, d.wrap), (3, Wrap::Predictions));
+        let e = decode(&p("[1.5, 2]"), DType::Int64, Some(&[2])).unwrap_err();
+        assert_eq!(
+            e,
+            PredictError::BadInput("the model takes int64 input; 1.5 is not one".into())
+        );
+        let e = decode(&p("[[1, 2, 3]]"), DType::Float32, Some(&[2])).unwrap_err();
+        assert!(
+            e.to_string().contains("input shape [3] does not match"),
+            "{e}"
+        );
+    }
 }

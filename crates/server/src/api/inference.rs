@@ -215,7 +215,7 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
             payload.parts.push(Part {
                 name,
                 content_type,
-                data: data.to_vec(),
+                data,
             });
         }
         return Ok(payload);
@@ -240,14 +240,14 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
             .map(|(name, value)| Part {
                 name,
                 content_type: None,
-                data: value.into_bytes(),
+                data: value.into_bytes().into(),
             })
             .collect();
     } else {
         payload.parts.push(Part {
             name: "body".into(),
             content_type,
-            data: body.to_vec(),
+            data: body,
         });
     }
     Ok(payload)

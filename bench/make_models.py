@@ -1,0 +1,30 @@
+"""Models for the benchmarks, written to the folder given as argument.
+
+mlp.pt        784-128-10 MLP (random weights), float32 [N, 784] -> [N, 10]
+resnet18.pt   torchvision ResNet-18 (random weights), float32 [N, 3, 224, 224] -> [N, 1000]
+mlp.json      one MLP request body: {"data": [784 floats]}
+resnet18.bin  one ResNet-18 input as raw little-endian float32 bytes
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
+    torch.jit.script(mlp).save(str(out / "mlp.pt"))
+    resnet = torchvision.models.resnet18(weights=None).eval()
+    torch.jit.script(resnet).save(str(out / "resnet18.pt"))
+    x = torch.rand(784)
+    (out / "mlp.json").write_text(json.dumps({"data": [round(float(v), 6) for v in x]}))
+    torch.rand(3, 224, 224).numpy().astype("<f4").tofile(out / "resnet18.bin")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

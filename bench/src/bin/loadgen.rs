@@ -1,0 +1,174 @@
+//! A closed-loop HTTP/1.1 load generator for loopback benchmarks.
+//!
+//! Each of `--concurrency` keep-alive connections sends the same request, waits for the whole
+//! response, and sends again, for `--duration` seconds after a warm-up. Prints throughput and
+//! latency percentiles as one JSON line.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Target, host:port (loopback only).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// Request path.
+    #[arg(long)]
+    path: String,
+    /// File whose bytes are the request body.
+    #[arg(long)]
+    body: std::path::PathBuf,
+    /// Content type of the body.
+    #[arg(long, default_value = "application/json")]
+    content_type: String,
+    /// Connections, each with one request in flight.
+    #[arg(long, short = 'c', default_value_t = 1)]
+    concurrency: usize,
+    /// Seconds measured.
+    #[arg(long, short = 'd', default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of warm-up before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Threads of the load generator.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let host = args.addr.split(':').next().unwrap_or("");
+    if !(host == "127.0.0.1" || host == "localhost" || host == "[::1]") {
+        bail!("loadgen only targets loopback addresses");
+    }
+    let body = std::fs::read(&args.body).with_context(|| args.body.display().to_string())?;
+    let mut request = format!(
+        "POST {} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        args.path,
+        args.content_type,
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    let (latencies, errors) = rt.block_on(run(&args, request))?;
+    let mut l = latencies;
+    l.sort_unstable();
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    let report = serde_json::json!({
+        "concurrency": args.concurrency,
+        "requests": l.len(),
+        "errors": errors,
+        "rps": (l.len() as f64 / args.duration).round(),
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "max_ms": l.last().copied().unwrap_or(0) as f64 / 1000.0,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+async fn run(args: &Args, request: Vec<u8>) -> anyhow::Result<(Vec<u32>, u64)> {
+    let start = Instant::now() + Duration::from_secs_f64(args.warmup);
+    let end = start + Duration::from_secs_f64(args.duration);
+    let request = std::sync::Arc::new(request);
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let addr = args.addr.clone();
+        let request = std::sync::Arc::clone(&request);
+        tasks.push(tokio::spawn(async move {
+            connection(&addr, &request, start, end).await
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await??;
+        all.extend(l);
+        errors += e;
+    }
+    Ok((all, errors))
+}
+
+/// One connection's loop; latencies in microseconds of requests completed inside the window.
+async fn connection(
+    addr: &str,
+    request: &[u8],
+    start: Instant,
+    end: Instant,
+) -> anyhow::Result<(Vec<u32>, u64)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let sent = Instant::now();
+        if sent >= end {
+            break;
+        }
+        stream.write_all(request).await?;
+        let status = read_response(&mut stream, &mut buf).await?;
+        let done = Instant::now();
+        if sent >= start && done <= end {
+            if status == 200 {
+                latencies.push(done.duration_since(sent).as_micros() as u32);
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    Ok((latencies, errors))
+}
+
+/// Reads one response with a Content-Length body; returns its status.
+async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u16> {
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = stream.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        filled += n;
+        if let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end])?;
+            let status: u16 = head.split_whitespace().nth(1).context("status")?.parse()?;
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .context("content-length")?;
+            let total = end + 4 + len;
+            while filled < total {
+                if filled == buf.len() {
+                    buf.resize(buf.len() * 2, 0);
+                }
+                let n = stream.read(&mut buf[filled..]).await?;
+                if n == 0 {
+                    bail!("connection closed");
+                }
+                filled += n;
+            }
+            return Ok(status);
+        }
+    }
+}
