@@ -894,3 +894,60 @@ fn digits_through_the_server_equal_pytorch() {
         "digits were never batched ({sum} requests in {count} batches)"
     );
 }
+
+#[test]
+fn requests_whose_client_left_are_dropped_before_inference() {
+    let mut s = Server::new("enable_model_api=true");
+    let slow = archive(
+        &s.store,
+        "slow",
+        "1.0",
+        &fixtures().join("slow.pt"),
+        &fixture_handler("vec2.json"),
+        &[],
+    );
+    s.start(&[]);
+    assert_eq!(
+        register(&s, &format!("url={slow}&initial_workers=1&batch_size=1")).status,
+        200
+    );
+    std::thread::scope(|scope| {
+        // Occupies the only worker for about two seconds.
+        let busy = scope.spawn(|| post_json(&s.inference, "/predictions/slow", "[20000, 0]"));
+        std::thread::sleep(Duration::from_millis(300));
+        // Queued behind it, then abandoned: the client hangs up without waiting.
+        for _ in 0..3 {
+            use std::io::Write;
+            let mut c = std::net::TcpStream::connect(&s.inference).unwrap();
+            let body = "[5000, 0]";
+            let req = format!(
+                "POST /predictions/slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            c.write_all(req.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            drop(c);
+        }
+        assert_eq!(busy.join().unwrap().status, 200);
+    });
+    let t = Instant::now();
+    assert_eq!(
+        post_json(&s.inference, "/predictions/slow", "[1, 0]").status,
+        200
+    );
+    // Had the three abandoned requests run, each would have taken about half a second first.
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "abandoned requests ran: {:?}",
+        t.elapsed()
+    );
+    let metrics = s.metrics_text();
+    let batches = metric(
+        &metrics,
+        "tchserve_batch_size_count{model_name=\"slow\",model_version=\"1.0\"}",
+    );
+    assert_eq!(
+        batches, 2.0,
+        "only the two requests with a client should have run"
+    );
+}
