@@ -6,7 +6,7 @@
 //! `libtorch_cuda.so` is deliberately not linked: it is opened at run time only
 //! where a GPU exists (see `tchserve_runtime::device`).
 
-fn main() {
+pub fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=../link-libtorch.rs");
     if let Ok(root) = std::env::var("LIBTORCH") {

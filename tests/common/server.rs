@@ -9,25 +9,35 @@ use std::time::{Duration, Instant};
 use super::http::{Resp, request};
 use super::{repo_root, run_ok, venv_bin};
 
-/// Models made by `tests/fixtures/make_models.py`, built once per test binary.
+/// Runs a fixture script once into `target/<name>`, unless its output is already there.
+fn made_by(script: &str, name: &str) -> PathBuf {
+    let dir = repo_root().join("target").join(name);
+    if !dir.join("done").exists() {
+        let tmp = repo_root().join(format!("target/{name}.{}", std::process::id()));
+        run_ok(
+            Command::new(venv_bin("python"))
+                .arg(repo_root().join("tests/fixtures").join(script))
+                .arg(&tmp),
+        );
+        fs::write(tmp.join("done"), b"").unwrap();
+        // Another test binary may have won the race; either copy is complete.
+        if fs::rename(&tmp, &dir).is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+    }
+    dir
+}
+
+/// Models made by `tests/fixtures/make_models.py`, built once.
 pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = repo_root().join("target/test-fixtures");
-        if !dir.join("slow.pt").exists() {
-            let tmp = repo_root().join(format!("target/test-fixtures.{}", std::process::id()));
-            run_ok(
-                Command::new(venv_bin("python"))
-                    .arg(repo_root().join("tests/fixtures/make_models.py"))
-                    .arg(&tmp),
-            );
-            // Another test binary may have won the race; either copy is complete.
-            if fs::rename(&tmp, &dir).is_err() {
-                let _ = fs::remove_dir_all(&tmp);
-            }
-        }
-        dir
-    })
+    DIR.get_or_init(|| made_by("make_models.py", "test-fixtures"))
+}
+
+/// Photos, torchvision models and PyTorch's answers from `tests/fixtures/make_vision.py`.
+pub fn vision_fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| made_by("make_vision.py", "test-fixtures-vision"))
 }
 
 /// The digits example's build output (made by `make test` through examples/digits/build.sh).
@@ -209,4 +219,36 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
+}
+
+/// Archives with the real torch-model-archiver into `store` as `<name>.mar`.
+pub fn real_archive(
+    store: &Path,
+    name: &str,
+    serialized: &Path,
+    handler: &str,
+    extra: &[&Path],
+) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(venv_bin("torch-model-archiver"));
+    cmd.env("TMPDIR", tmp.path())
+        .args([
+            "--model-name",
+            name,
+            "--version",
+            "1.0",
+            "--handler",
+            handler,
+            "--serialized-file",
+        ])
+        .arg(serialized)
+        .arg("--export-path")
+        .arg(store)
+        .arg("--force");
+    if !extra.is_empty() {
+        let list: Vec<String> = extra.iter().map(|p| p.display().to_string()).collect();
+        cmd.arg("--extra-files").arg(list.join(","));
+    }
+    run_ok(&mut cmd);
+    format!("{name}.mar")
 }

@@ -1,18 +1,22 @@
 //! Handler manifests turned into running stages.
 //!
 //! A [`Pipeline`] is built once per worker from the archive's handler manifest. Per request it
-//! decodes the payload ([`Pipeline::decode`]); per batch it runs the model and the postprocess
-//! operations on all requests at once and writes each request's answer
-//! ([`Pipeline::run_batch`]).
+//! decodes the payload and runs the preprocess stages ([`Pipeline::decode`]); per batch it runs
+//! the model and the postprocess operations on all requests at once and writes each request's
+//! answer ([`Pipeline::run_batch`]).
 
+mod image_input;
 mod output;
 mod tensor_input;
 
 use std::path::Path;
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
-use tchserve_mar::handler::{Feed, HandlerManifest, Input, Output, Postprocess, Select};
+use tchserve_mar::handler::{
+    Feed, HandlerManifest, Input, Output, Postprocess, Preprocess, Select,
+};
 
+pub use image_input::{Rgb, decode as decode_image, preprocess as preprocess_image};
 pub use tensor_input::{Decoded, Wrap};
 
 use crate::error::RuntimeError;
@@ -24,6 +28,8 @@ use output::{Values, write_nested, write_str};
 pub struct Pipeline {
     name: String,
     input: Input,
+    preprocess: Vec<Preprocess>,
+    feed: Feed,
     select: Option<Select>,
     post: Vec<Postprocess>,
     output: Output,
@@ -43,22 +49,17 @@ impl Pipeline {
                 manifest.name
             )))
         };
-        match &manifest.input {
-            Input::Tensor { .. } => {}
-            Input::Image { .. } => return unsupported("`image` input"),
-            Input::Text { .. } => return unsupported("`text` input"),
+        if let Input::Text { .. } = &manifest.input {
+            return unsupported("`text` input");
         }
-        if manifest.model.feed != Feed::Stacked {
-            return unsupported("a model feed other than `stacked`");
-        }
-        match &manifest.output {
-            Output::Tensor {} | Output::Classes { .. } => {}
-            Output::Segmentation {} => return unsupported("`segmentation` output"),
-            Output::Detections { .. } => return unsupported("`detections` output"),
-            Output::Embedding {} => return unsupported("`embedding` output"),
+        if let Output::Embedding {} = &manifest.output {
+            return unsupported("`embedding` output");
         }
         let labels = match &manifest.output {
             Output::Classes {
+                labels: Some(file), ..
+            }
+            | Output::Detections {
                 labels: Some(file), ..
             } => load_labels(&model_dir.join(file))?,
             _ => None,
@@ -66,6 +67,8 @@ impl Pipeline {
         Ok(Pipeline {
             name: manifest.name.clone(),
             input: manifest.input.clone(),
+            preprocess: manifest.preprocess.clone(),
+            feed: manifest.model.feed,
             select: manifest.model.output.clone(),
             post: manifest.postprocess.clone(),
             output: manifest.output.clone(),
@@ -84,8 +87,13 @@ impl Pipeline {
             Input::Tensor { dtype, shape } => {
                 tensor_input::decode(payload, *dtype, shape.as_deref())
             }
-            _ => Err(PredictError::ModelFailed(
-                "input decoder not available".into(),
+            Input::Image { max_pixels } => {
+                let img = image_input::decode(payload, *max_pixels)?;
+                let tensor = image_input::preprocess(img, &self.preprocess)?;
+                Ok(Decoded::owned(tensor, 1, Wrap::Single))
+            }
+            Input::Text { .. } => Err(PredictError::ModelFailed(
+                "text input is not available".into(),
             )),
         }
     }
@@ -117,6 +125,9 @@ impl Pipeline {
         inputs: &[&Decoded],
     ) -> Result<Vec<Vec<u8>>, PredictError> {
         let _guard = tch::no_grad_guard();
+        if self.feed == Feed::List {
+            return self.run_list(module, device, inputs);
+        }
         let batch = if inputs.len() == 1 {
             inputs[0]
                 .owned_tensor()
@@ -129,7 +140,16 @@ impl Pipeline {
         let batch = batch
             .f_to_device(device)
             .map_err(|e| failed("moving input to the device", e))?;
-        let out = self.forward(module, batch)?;
+        let out = self.forward(module, vec![IValue::Tensor(batch)])?;
+        let out = match out {
+            IValue::Tensor(t) => t,
+            other => {
+                return Err(PredictError::ModelFailed(format!(
+                    "the model returned {} where a tensor was expected; set model.output in the handler manifest",
+                    ivalue_kind(&other)
+                )));
+            }
+        };
         let out = self.postprocess(out)?;
         let total: usize = inputs.iter().map(|d| d.examples).sum();
         let dims = out.size();
@@ -138,53 +158,125 @@ impl Pipeline {
                 "the model returned shape {dims:?} for a batch of {total}: its first axis must be the batch"
             )));
         }
+        if let Output::Segmentation {} = self.output {
+            return segmentation(&out, inputs);
+        }
         let values = Values::of(&out)?;
         let row_dims = &dims[1..];
         let row_len: usize = row_dims.iter().map(|&d| d as usize).product();
         let mut answers = Vec::with_capacity(inputs.len());
         let mut row = 0;
         for d in inputs {
-            let mut body = String::new();
             let rows = row..row + d.examples;
             row += d.examples;
-            match d.wrap {
-                Wrap::Single => self.write_row(&mut body, &values, row_dims, rows.start * row_len),
-                Wrap::List | Wrap::Predictions => {
-                    if d.wrap == Wrap::Predictions {
-                        body.push_str("{\"predictions\":");
-                    }
-                    body.push('[');
-                    for (i, r) in rows.enumerate() {
-                        if i > 0 {
-                            body.push(',');
-                        }
-                        self.write_row(&mut body, &values, row_dims, r * row_len);
-                    }
-                    body.push(']');
-                    if d.wrap == Wrap::Predictions {
-                        body.push('}');
-                    }
-                }
-            }
-            answers.push(body.into_bytes());
+            answers.push(self.write_rows(d.wrap, rows, |body, r| {
+                self.write_row(body, &values, row_dims, r * row_len)
+            }));
         }
         Ok(answers)
     }
 
-    fn forward(&self, module: &CModule, batch: Tensor) -> Result<Tensor, PredictError> {
-        let out = module
-            .forward_is(&[IValue::Tensor(batch)])
-            .map_err(|e| failed("the model failed", e))?;
-        let out = match &self.select {
-            None => out,
-            Some(sel) => select(out, sel)?,
+    /// `forward([x1, x2, ...])` for models that take a list of examples (detectors).
+    fn run_list(
+        &self,
+        module: &CModule,
+        device: Device,
+        inputs: &[&Decoded],
+    ) -> Result<Vec<Vec<u8>>, PredictError> {
+        let mut list = Vec::new();
+        for d in inputs {
+            let t = d
+                .owned_tensor()
+                .and_then(|t| t.f_to_device(device))
+                .map_err(|e| failed("preparing the input", e))?;
+            for i in 0..d.examples as i64 {
+                list.push(t.f_get(i).map_err(|e| failed("preparing the input", e))?);
+            }
+        }
+        let total = list.len();
+        let out = self.forward(module, vec![IValue::TensorList(list)])?;
+        let items = match out {
+            IValue::GenericList(items) | IValue::Tuple(items) if items.len() == total => items,
+            IValue::TensorList(items) if items.len() == total => {
+                items.into_iter().map(IValue::Tensor).collect()
+            }
+            other => {
+                return Err(PredictError::ModelFailed(format!(
+                    "the model returned {} where a list of {total} results was expected",
+                    ivalue_kind(&other)
+                )));
+            }
         };
-        match out {
-            IValue::Tensor(t) => Ok(t),
-            other => Err(PredictError::ModelFailed(format!(
-                "the model returned {} where a tensor was expected; set model.output in the handler manifest",
-                ivalue_kind(&other)
-            ))),
+        let mut answers = Vec::with_capacity(inputs.len());
+        let mut items = items.into_iter();
+        for d in inputs {
+            let mine: Vec<IValue> = items.by_ref().take(d.examples).collect();
+            let mut written = Vec::with_capacity(mine.len());
+            for item in &mine {
+                let mut s = String::new();
+                match &self.output {
+                    Output::Detections { threshold, .. } => {
+                        self.write_detections(&mut s, item, *threshold)?
+                    }
+                    _ => match item {
+                        IValue::Tensor(t) => {
+                            let v = Values::of(t)?;
+                            write_nested(&mut s, &v, &t.size(), 0);
+                        }
+                        other => {
+                            return Err(PredictError::ModelFailed(format!(
+                                "cannot write {} as JSON",
+                                ivalue_kind(other)
+                            )));
+                        }
+                    },
+                }
+                written.push(s);
+            }
+            answers.push(self.write_rows(d.wrap, 0..written.len(), |body, r| {
+                body.push_str(&written[r])
+            }));
+        }
+        Ok(answers)
+    }
+
+    /// Wraps a request's rows as its answer: bare, as a list, or as `{"predictions": [...]}`.
+    fn write_rows(
+        &self,
+        wrap: Wrap,
+        rows: std::ops::Range<usize>,
+        mut row: impl FnMut(&mut String, usize),
+    ) -> Vec<u8> {
+        let mut body = String::new();
+        match wrap {
+            Wrap::Single => row(&mut body, rows.start),
+            Wrap::List | Wrap::Predictions => {
+                if wrap == Wrap::Predictions {
+                    body.push_str("{\"predictions\":");
+                }
+                body.push('[');
+                for (i, r) in rows.enumerate() {
+                    if i > 0 {
+                        body.push(',');
+                    }
+                    row(&mut body, r);
+                }
+                body.push(']');
+                if wrap == Wrap::Predictions {
+                    body.push('}');
+                }
+            }
+        }
+        body.into_bytes()
+    }
+
+    fn forward(&self, module: &CModule, args: Vec<IValue>) -> Result<IValue, PredictError> {
+        let out = module
+            .forward_is(&args)
+            .map_err(|e| failed("the model failed", e))?;
+        match &self.select {
+            None => Ok(out),
+            Some(sel) => select(out, sel),
         }
     }
 
@@ -207,6 +299,14 @@ impl Pipeline {
         Ok(t)
     }
 
+    fn label(&self, class: usize) -> String {
+        self.labels
+            .as_ref()
+            .and_then(|l| l.get(class))
+            .cloned()
+            .unwrap_or_else(|| class.to_string())
+    }
+
     fn write_row(&self, out: &mut String, values: &Values, dims: &[i64], offset: usize) {
         match &self.output {
             Output::Classes { top_k, .. } => {
@@ -223,10 +323,7 @@ impl Pipeline {
                     if i > 0 {
                         out.push(',');
                     }
-                    match self.labels.as_ref().and_then(|l| l.get(class)) {
-                        Some(label) => write_str(out, label),
-                        None => write_str(out, &class.to_string()),
-                    }
+                    write_str(out, &self.label(class));
                     out.push(':');
                     values.write(out, offset + class);
                 }
@@ -235,6 +332,98 @@ impl Pipeline {
             _ => write_nested(out, values, dims, offset),
         }
     }
+
+    /// `[{"<label>": [x1, y1, x2, y2], "score": s}, ...]` from one detector result dict.
+    fn write_detections(
+        &self,
+        out: &mut String,
+        item: &IValue,
+        threshold: f64,
+    ) -> Result<(), PredictError> {
+        let field = |key: &str| -> Result<Tensor, PredictError> {
+            match item {
+                IValue::GenericDict(entries) => entries
+                    .iter()
+                    .find_map(|(k, v)| match (k, v) {
+                        (IValue::String(s), IValue::Tensor(t)) if s == key => {
+                            Some(t.shallow_clone())
+                        }
+                        _ => None,
+                    })
+                    .ok_or_else(|| {
+                        PredictError::ModelFailed(format!("the detector's result has no {key:?}"))
+                    }),
+                other => Err(PredictError::ModelFailed(format!(
+                    "expected a dict per image, found {}",
+                    ivalue_kind(other)
+                ))),
+            }
+        };
+        let (boxes, labels, scores) = (
+            Values::of(&field("boxes")?)?,
+            Values::of(&field("labels")?)?,
+            Values::of(&field("scores")?)?,
+        );
+        out.push('[');
+        let mut first = true;
+        for i in 0..scores.len() {
+            if scores.get_f64(i) < threshold {
+                continue;
+            }
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push('{');
+            write_str(out, &self.label(labels.get_f64(i) as usize));
+            out.push_str(":[");
+            for k in 0..4 {
+                if k > 0 {
+                    out.push(',');
+                }
+                boxes.write(out, i * 4 + k);
+            }
+            out.push_str("],\"score\":");
+            scores.write(out, i);
+            out.push('}');
+        }
+        out.push(']');
+        Ok(())
+    }
+}
+
+/// Per pixel `[class, score]` of the best class, from a `[N, C, H, W]` score map.
+fn segmentation(out: &Tensor, inputs: &[&Decoded]) -> Result<Vec<Vec<u8>>, PredictError> {
+    let (values, indices) = out
+        .f_max_dim(1, false)
+        .map_err(|e| failed("postprocessing", e))?;
+    let indices = indices
+        .f_to_kind(values.kind())
+        .map_err(|e| failed("postprocessing", e))?;
+    let both = Tensor::f_stack(&[indices, values], 3).map_err(|e| failed("postprocessing", e))?;
+    let dims = both.size();
+    let v = Values::of(&both)?;
+    let per: usize = dims[1..].iter().map(|&d| d as usize).product();
+    let mut answers = Vec::new();
+    let mut row = 0;
+    for d in inputs {
+        let mut body = String::new();
+        if d.wrap != Wrap::Single {
+            body.push('[');
+        }
+        for k in 0..d.examples {
+            if k > 0 {
+                body.push(',');
+            }
+            write_nested(&mut body, &v, &dims[1..], (row + k) * per);
+        }
+        if d.wrap != Wrap::Single {
+            body.push(']');
+        }
+        row += d.examples;
+        answers.push(body.into_bytes());
+    }
+    Ok(answers)
 }
 
 fn select(out: IValue, sel: &Select) -> Result<IValue, PredictError> {

@@ -58,6 +58,16 @@ impl Values {
         })
     }
 
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F64(v) => v.len(),
+            Values::I64(v) => v.len(),
+            Values::Bool(v) => v.len(),
+        }
+    }
+
     /// Value `i` as an f64, for ranking.
     pub fn get_f64(&self, i: usize) -> f64 {
         match self {

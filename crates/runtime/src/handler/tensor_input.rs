@@ -32,6 +32,16 @@ pub struct Decoded {
 }
 
 impl Decoded {
+    /// A decoded request that owns its tensor.
+    pub fn owned(tensor: Tensor, examples: usize, wrap: Wrap) -> Self {
+        Decoded {
+            tensor,
+            examples,
+            wrap,
+            borrowed: None,
+        }
+    }
+
     /// The tensor as an owned value the model may keep or modify.
     pub fn owned_tensor(&self) -> Result<Tensor, tch::TchError> {
         if self.borrowed.is_some() {

@@ -228,11 +228,16 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
             message: format!("the request body exceeds max_request_size ({limit} bytes)"),
         })?;
     // `curl -d '[1, 2]'` sends JSON labelled as a form; a body that starts like JSON is JSON.
+    // Likewise `curl --data-binary @photo.jpg`: a form is text, so a body that is not UTF-8 is
+    // the payload itself.
     let json_like = matches!(
         body.iter().find(|b| !b.is_ascii_whitespace()),
         Some(b'[' | b'{')
     );
-    if ct.starts_with("application/x-www-form-urlencoded") && !json_like {
+    let form = ct.starts_with("application/x-www-form-urlencoded")
+        && !json_like
+        && std::str::from_utf8(&body).is_ok();
+    if form {
         let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
             .map_err(|e| ApiError::bad_request(format!("malformed form body: {e}")))?;
         payload.parts = fields

@@ -1,0 +1,24 @@
+//! Links libtorch with an rpath (see `crates/link-libtorch.rs`) and compiles the operators that
+//! torchvision's scripted models need (`csrc/vision_ops.cpp`).
+
+#[path = "../link-libtorch.rs"]
+mod link_libtorch;
+
+fn main() {
+    link_libtorch::main();
+    println!("cargo:rerun-if-changed=csrc/vision_ops.cpp");
+    let Ok(root) = std::env::var("LIBTORCH") else {
+        return;
+    };
+    let include = std::path::Path::new(&root).join("include");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/vision_ops.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("tchserve_vision_ops");
+}

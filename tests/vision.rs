@@ -1,0 +1,397 @@
+//! The image handlers on real photos and torchvision models, against PyTorch's own numbers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use base64::Engine as _;
+use common::http::{Resp, request};
+use common::server::{Server, archive, real_archive, vision_fixtures};
+use serde_json::{Value, json};
+
+const PHOTOS: [&str; 12] = [
+    "chelsea.jpg",
+    "chelsea.png",
+    "astronaut.jpg",
+    "astronaut.png",
+    "coffee.jpg",
+    "coffee.png",
+    "odd_grey.png",
+    "odd_rgba.png",
+    "odd_palette.png",
+    "odd_cat.webp",
+    "odd_cat.bmp",
+    "odd_cat.gif",
+];
+
+fn expected() -> Value {
+    serde_json::from_slice(&fs::read(vision_fixtures().join("expected.json")).unwrap()).unwrap()
+}
+
+fn post_image(s: &Server, model: &str, file: &str) -> Resp {
+    let bytes = fs::read(vision_fixtures().join("images").join(file)).unwrap();
+    s.infer("POST", &format!("/predictions/{model}"), &[], &bytes)
+}
+
+fn flat(v: &Value, out: &mut Vec<f64>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| flat(i, out)),
+        Value::Number(n) => out.push(n.as_f64().unwrap()),
+        other => panic!("not a number: {other}"),
+    }
+}
+
+/// A copy of a built-in handler with its fields changed, written to `dir/<file>`.
+fn changed_handler(
+    dir: &Path,
+    builtin: &str,
+    file: &str,
+    change: impl FnOnce(&mut Value),
+) -> std::path::PathBuf {
+    let text = fs::read_to_string(
+        common::repo_root()
+            .join("handlers")
+            .join(format!("{builtin}.json")),
+    )
+    .unwrap();
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    change(&mut v);
+    let path = dir.join(file);
+    fs::write(&path, v.to_string()).unwrap();
+    path
+}
+
+fn assert_top(got: &Value, want: &Value, ctx: &str) {
+    let got: Vec<(String, f64)> = got
+        .as_object()
+        .unwrap_or_else(|| panic!("{ctx}: {got}"))
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+        .collect();
+    let want: Vec<(String, f64)> = want
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_f64().unwrap()))
+        .collect();
+    assert_eq!(
+        got.iter().map(|g| &g.0).collect::<Vec<_>>(),
+        want.iter().map(|w| &w.0).collect::<Vec<_>>(),
+        "{ctx}: labels"
+    );
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g.1 - w.1).abs() <= 1e-3,
+            "{ctx}: {} {} vs {}",
+            g.0,
+            g.1,
+            w.1
+        );
+    }
+}
+
+#[test]
+fn image_classifier_matches_torchvision() {
+    let fx = vision_fixtures();
+    let want = expected();
+    let mut s = Server::new("enable_model_api=true");
+    // An archive from the real archiver with the built-in handler, served unchanged.
+    let resnet = real_archive(
+        &s.store,
+        "resnet",
+        &fx.join("resnet18.pt"),
+        "image_classifier",
+        &[&fx.join("index_to_name.json")],
+    );
+    // The same preprocessing in front of a model that returns its input shows the tensor.
+    let pre = changed_handler(s.dir.path(), "image_classifier", "preprocessed.json", |v| {
+        v["postprocess"] = json!([]);
+        v["output"] = json!({"tensor": {}});
+    });
+    let identity = archive(
+        &s.store,
+        "identity",
+        "1.0",
+        &fx.join("identity.pt"),
+        &pre,
+        &[],
+    );
+    s.start(&[
+        "--models",
+        &format!("resnet={resnet}"),
+        &format!("identity={identity}"),
+    ]);
+
+    for file in PHOTOS {
+        let r = post_image(&s, "identity", file);
+        assert_eq!(r.status, 200, "{file}: {}", r.text());
+        let mut got = Vec::new();
+        flat(&r.json(), &mut got);
+        let torchvision: Vec<f64> = fs::read(fx.join("images").join(format!("{file}.tensor")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+            .collect();
+        assert_eq!(got.len(), torchvision.len(), "{file}");
+        let mean_abs = got
+            .iter()
+            .zip(&torchvision)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f64>()
+            / got.len() as f64;
+        assert!(mean_abs <= 0.01, "{file}: mean abs diff {mean_abs}");
+
+        let r = post_image(&s, "resnet", file);
+        assert_eq!(r.status, 200, "{file}: {}", r.text());
+        assert_top(&r.json(), &want[file]["top5"], file);
+    }
+
+    // The other ways a client sends an image: base64 text, base64 in JSON, a multipart field.
+    let jpg = fs::read(fx.join("images/chelsea.jpg")).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&jpg);
+    let top = &want["chelsea.jpg"]["top5"];
+    let r = s.infer(
+        "POST",
+        "/predictions/resnet",
+        &[("Content-Type", "text/plain")],
+        b64.as_bytes(),
+    );
+    assert_top(&r.json(), top, "base64 text");
+    let r = s.infer(
+        "POST",
+        "/predictions/resnet",
+        &[("Content-Type", "application/json")],
+        json!({"data": b64}).to_string().as_bytes(),
+    );
+    assert_top(&r.json(), top, "base64 in JSON");
+    let mut form = b"--B\r\nContent-Disposition: form-data; name=\"data\"; filename=\"c.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n".to_vec();
+    form.extend_from_slice(&jpg);
+    form.extend_from_slice(b"\r\n--B--\r\n");
+    let r = s.infer(
+        "POST",
+        "/predictions/resnet",
+        &[("Content-Type", "multipart/form-data; boundary=B")],
+        &form,
+    );
+    assert_top(&r.json(), top, "multipart");
+
+    // Batched: several images at once give the answers they get alone.
+    assert_eq!(
+        s.manage("PUT", "/models/resnet?min_worker=1&synchronous=true")
+            .status,
+        200
+    );
+    let r = request(
+        &s.management,
+        "POST",
+        &format!(
+            "/models?url={resnet}&model_name=resnet_b4&batch_size=4&max_batch_delay=200&initial_workers=1"
+        ),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answers: Vec<(String, Resp)> = std::thread::scope(|scope| {
+        let hs: Vec<_> = PHOTOS[..8]
+            .iter()
+            .map(|f| scope.spawn(|| (f.to_string(), post_image(&s, "resnet_b4", f))))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (file, r) in answers {
+        assert_eq!(r.status, 200, "{file}: {}", r.text());
+        assert_top(
+            &r.json(),
+            &want[file.as_str()]["top5"],
+            &format!("batched {file}"),
+        );
+    }
+}
+
+#[test]
+fn custom_manifest_in_the_archive() {
+    let fx = vision_fixtures();
+    let mut s = Server::new("");
+    let handler = changed_handler(s.dir.path(), "image_classifier", "my_handler.json", |v| {
+        v["preprocess"][1] = json!({"center_crop": {"size": 200}});
+        v["preprocess"][3] =
+            json!({"normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}});
+        v["output"]["classes"]["top_k"] = json!(3);
+    });
+    let mar = archive(
+        &s.store,
+        "custom",
+        "1.0",
+        &fx.join("resnet18.pt"),
+        &handler,
+        &[
+            "--extra-files",
+            fx.join("index_to_name.json").to_str().unwrap(),
+        ],
+    );
+    s.start(&["--models", &format!("custom={mar}")]);
+    let r = post_image(&s, "custom", "chelsea.png");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_top(
+        &r.json(),
+        &expected()["chelsea.png"]["custom_top3"],
+        "custom manifest",
+    );
+}
+
+#[test]
+fn bad_images_are_400_and_the_server_keeps_serving() {
+    let fx = vision_fixtures();
+    let mut s = Server::new("");
+    let small = changed_handler(s.dir.path(), "image_classifier", "small.json", |v| {
+        v["input"]["image"]["max_pixels"] = json!(10_000);
+    });
+    let mar = archive(
+        &s.store,
+        "small",
+        "1.0",
+        &fx.join("resnet18.pt"),
+        &small,
+        &[],
+    );
+    let resnet = real_archive(
+        &s.store,
+        "resnet",
+        &fx.join("resnet18.pt"),
+        "image_classifier",
+        &[],
+    );
+    s.start(&[
+        "--models",
+        &format!("small={mar}"),
+        &format!("resnet={resnet}"),
+    ]);
+    let r = post_image(&s, "small", "chelsea.jpg");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than the 10000 allowed"),
+        "{}",
+        r.text()
+    );
+    let r = s.infer(
+        "POST",
+        "/predictions/resnet",
+        &[("Content-Type", "image/jpeg")],
+        b"\xff\xd8\xff\xe0 definitely not a whole jpeg",
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot decode the image"),
+        "{}",
+        r.text()
+    );
+    let r = s.infer(
+        "POST",
+        "/predictions/resnet",
+        &[("Content-Type", "application/octet-stream")],
+        &[0u8, 1, 2, 3, 200, 100],
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    // Without index_to_name.json, labels are class indices, as in TorchServe.
+    let r = post_image(&s, "resnet", "coffee.png");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let labels: Vec<String> = r.json().as_object().unwrap().keys().cloned().collect();
+    assert_eq!(labels[0], "238", "{}", r.text());
+}
+
+#[test]
+fn object_detector_and_image_segmenter_match_pytorch() {
+    let fx = vision_fixtures();
+    let want = expected();
+    let mut s = Server::new("");
+    let detector = real_archive(
+        &s.store,
+        "detector",
+        &fx.join("detector.pt"),
+        "object_detector",
+        &[],
+    );
+    let segmenter = real_archive(
+        &s.store,
+        "segmenter",
+        &fx.join("segmenter.pt"),
+        "image_segmenter",
+        &[],
+    );
+    let low = changed_handler(s.dir.path(), "object_detector", "low.json", |v| {
+        v["output"]["detections"]["threshold"] = json!(0.0);
+    });
+    let detector_all = archive(
+        &s.store,
+        "detector_all",
+        "1.0",
+        &fx.join("detector.pt"),
+        &low,
+        &[],
+    );
+    s.start(&[
+        "--models",
+        &format!("detector={detector}"),
+        &format!("segmenter={segmenter}"),
+        &format!("detector_all={detector_all}"),
+    ]);
+
+    let dets = &want["coffee.png"]["detections"];
+    let scores: Vec<f64> = dets["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    // The built-in threshold of 0.5 keeps exactly PyTorch's detections over 0.5.
+    let r = post_image(&s, "detector", "coffee.png");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json().as_array().unwrap().len(),
+        scores.iter().filter(|s| **s >= 0.5).count()
+    );
+    // With no threshold, every detection, in order, with its box and score.
+    let r = post_image(&s, "detector_all", "coffee.png");
+    let got = r.json();
+    let got = got.as_array().unwrap_or_else(|| panic!("{}", r.text()));
+    assert_eq!(got.len(), scores.len());
+    for (i, d) in got.iter().enumerate() {
+        let o = d.as_object().unwrap();
+        let label = dets["labels"][i].as_i64().unwrap().to_string();
+        let bx = o
+            .get(&label)
+            .unwrap_or_else(|| panic!("detection {i}: no {label} in {d}"));
+        for k in 0..4 {
+            let (a, b) = (
+                bx[k].as_f64().unwrap(),
+                dets["boxes"][i][k].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() <= 1e-3, "detection {i} box {k}: {a} vs {b}");
+        }
+        assert!((o["score"].as_f64().unwrap() - scores[i]).abs() <= 1e-5);
+    }
+
+    let r = post_image(&s, "segmenter", "seg256.png");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (mut got, mut exp) = (Vec::new(), Vec::new());
+    flat(&r.json(), &mut got);
+    flat(&want["seg256.png"]["segmentation"], &mut exp);
+    assert_eq!(got.len(), 224 * 224 * 2);
+    assert_eq!(got.len(), exp.len());
+    for (i, (a, b)) in got.iter().zip(&exp).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4,
+            "pixel {} field {}: {a} vs {b}",
+            i / 2,
+            i % 2
+        );
+    }
+}
