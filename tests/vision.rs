@@ -358,25 +358,70 @@ fn object_detector_and_image_segmenter_match_pytorch() {
         r.json().as_array().unwrap().len(),
         scores.iter().filter(|s| **s >= 0.5).count()
     );
-    // With no threshold, every detection, in order, with its box and score.
+    // With no threshold, every detection with its label, box and score. Random weights give many
+    // equal scores, whose relative order libtorch's sort leaves open, so both sides are compared
+    // sorted.
     let r = post_image(&s, "detector_all", "coffee.png");
     let got = r.json();
     let got = got.as_array().unwrap_or_else(|| panic!("{}", r.text()));
     assert_eq!(got.len(), scores.len());
-    for (i, d) in got.iter().enumerate() {
-        let o = d.as_object().unwrap();
-        let label = dets["labels"][i].as_i64().unwrap().to_string();
-        let bx = o
-            .get(&label)
-            .unwrap_or_else(|| panic!("detection {i}: no {label} in {d}"));
+    let key = |label: String, bx: Vec<f64>, score: f64| (label, bx, score);
+    let mut served: Vec<(String, Vec<f64>, f64)> = got
+        .iter()
+        .map(|d| {
+            let o = d.as_object().unwrap();
+            let (label, bx) = o.iter().find(|(k, _)| *k != "score").unwrap();
+            let bx = bx
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            key(label.clone(), bx, o["score"].as_f64().unwrap())
+        })
+        .collect();
+    let mut pytorch: Vec<(String, Vec<f64>, f64)> = (0..scores.len())
+        .map(|i| {
+            let bx = dets["boxes"][i]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            key(
+                dets["labels"][i].as_i64().unwrap().to_string(),
+                bx,
+                scores[i],
+            )
+        })
+        .collect();
+    let order = |a: &(String, Vec<f64>, f64), b: &(String, Vec<f64>, f64)| {
+        a.0.cmp(&b.0).then(
+            a.1.iter()
+                .zip(&b.1)
+                .map(|(x, y)| x.total_cmp(y))
+                .find(|o| o.is_ne())
+                .unwrap_or(std::cmp::Ordering::Equal),
+        )
+    };
+    served.sort_by(order);
+    pytorch.sort_by(order);
+    for (i, (g, w)) in served.iter().zip(&pytorch).enumerate() {
+        assert_eq!(g.0, w.0, "detection {i}: label");
         for k in 0..4 {
-            let (a, b) = (
-                bx[k].as_f64().unwrap(),
-                dets["boxes"][i][k].as_f64().unwrap(),
+            assert!(
+                (g.1[k] - w.1[k]).abs() <= 1e-3,
+                "detection {i} box {k}: {} vs {}",
+                g.1[k],
+                w.1[k]
             );
-            assert!((a - b).abs() <= 1e-3, "detection {i} box {k}: {a} vs {b}");
         }
-        assert!((o["score"].as_f64().unwrap() - scores[i]).abs() <= 1e-5);
+        assert!(
+            (g.2 - w.2).abs() <= 1e-5,
+            "detection {i}: score {} vs {}",
+            g.2,
+            w.2
+        );
     }
 
     let r = post_image(&s, "segmenter", "seg256.png");
