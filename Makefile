@@ -5,7 +5,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/release
 EXAMPLES := $(notdir $(patsubst %/build.sh,%,$(wildcard examples/*/build.sh)))
-ARCHIVES := $(EXAMPLES:%=model-store/%.mar)
+# One stamp per example: its build.sh writes the archive(s) into model-store/.
+STAMPS := $(EXAMPLES:%=build/examples/%.stamp)
 
 .PHONY: setup build archives run test lint clean
 
@@ -15,11 +16,12 @@ setup:
 build: setup
 	$(CARGO) build --release --bins
 
-# One archive per example; rebuilt when the example or the archiver changes.
-model-store/%.mar: examples/%/* $(BIN)/tch-model-archiver
+# Rebuilt when the example or the archiver changes, or its archive is missing.
+build/examples/%.stamp: examples/%/* $(BIN)/tch-model-archiver
 	examples/$*/build.sh
+	@touch $@
 
-archives: build $(ARCHIVES)
+archives: build $(STAMPS)
 
 run: archives
 	$(BIN)/tchserve --foreground --model-store model-store --models all --ncs
@@ -33,4 +35,4 @@ lint: setup
 
 clean:
 	$(CARGO) clean
-	rm -rf build $(ARCHIVES)
+	rm -rf build model-store/*.mar

@@ -8,7 +8,6 @@
 
 pub fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
-    println!("cargo:rerun-if-changed=../link-libtorch.rs");
     if let Ok(root) = std::env::var("LIBTORCH") {
         let lib = std::path::Path::new(&root).join("lib");
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
