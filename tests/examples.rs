@@ -17,6 +17,8 @@ fn every_example_serves_and_answers() {
         "resnet18.mar",
         "detector.mar",
         "segmenter.mar",
+        "minilm.mar",
+        "sentiment.mar",
     ] {
         assert!(
             store.join(archive).exists(),
@@ -64,6 +66,33 @@ fn every_example_serves_and_answers() {
         assert!(d["score"].as_f64().unwrap() >= 0.5, "{d}");
         assert_eq!(d.as_object().unwrap().len(), 2, "{d}");
     }
+
+    let similar = query("text_embedding", &[]);
+    assert!(similar.starts_with("384 dimensions"), "{similar}");
+    let scores: Vec<f64> = similar
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    // The two sentences about music are closer to each other than to the stock market.
+    assert!(scores[0] > scores[1] && scores[0] > scores[2], "{similar}");
+
+    let sentiment: serde_json::Value =
+        serde_json::from_str(&query("text_classifier", &["What a lovely day."])).unwrap();
+    let labels: Vec<&str> = sentiment
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(labels.len(), 3, "{sentiment}");
+    let total: f64 = sentiment
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!((total - 1.0).abs() < 1e-4, "{sentiment}");
 
     let segments = query("image_segmenter", &[]);
     assert!(

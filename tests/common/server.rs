@@ -252,3 +252,9 @@ pub fn real_archive(
     run_ok(&mut cmd);
     format!("{name}.mar")
 }
+
+/// The MiniLM text models and PyTorch's answers from `tests/fixtures/make_text.py`.
+pub fn text_fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| made_by("make_text.py", "test-fixtures-text"))
+}

@@ -8,6 +8,7 @@
 mod image_input;
 mod output;
 mod tensor_input;
+mod text_input;
 
 use std::path::Path;
 
@@ -34,6 +35,7 @@ pub struct Pipeline {
     post: Vec<Postprocess>,
     output: Output,
     labels: Option<Vec<String>>,
+    text: Option<text_input::TextInput>,
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
@@ -43,18 +45,17 @@ fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
 impl Pipeline {
     /// Builds the stages of `manifest` for a model unpacked in `model_dir`.
     pub fn new(manifest: &HandlerManifest, model_dir: &Path) -> Result<Self, RuntimeError> {
-        let unsupported = |what: &str| {
-            Err(RuntimeError::UnsupportedHandler(format!(
-                "handler {}: {what} is not supported by this version of tchserve yet",
-                manifest.name
-            )))
+        let text = match &manifest.input {
+            Input::Text {
+                tokenizer,
+                max_length,
+            } => Some(text_input::TextInput::load(
+                model_dir,
+                tokenizer,
+                *max_length,
+            )?),
+            _ => None,
         };
-        if let Input::Text { .. } = &manifest.input {
-            return unsupported("`text` input");
-        }
-        if let Output::Embedding {} = &manifest.output {
-            return unsupported("`embedding` output");
-        }
         let labels = match &manifest.output {
             Output::Classes {
                 labels: Some(file), ..
@@ -73,6 +74,7 @@ impl Pipeline {
             post: manifest.postprocess.clone(),
             output: manifest.output.clone(),
             labels,
+            text,
         })
     }
 
@@ -92,9 +94,12 @@ impl Pipeline {
                 let tensor = image_input::preprocess(img, &self.preprocess)?;
                 Ok(Decoded::owned(tensor, 1, Wrap::Single))
             }
-            Input::Text { .. } => Err(PredictError::ModelFailed(
-                "text input is not available".into(),
-            )),
+            Input::Text { .. } => match &self.text {
+                Some(t) => t.decode(payload),
+                None => Err(PredictError::ModelFailed(
+                    "the tokenizer is not loaded".into(),
+                )),
+            },
         }
     }
 
@@ -128,19 +133,31 @@ impl Pipeline {
         if self.feed == Feed::List {
             return self.run_list(module, device, inputs);
         }
-        let batch = if inputs.len() == 1 {
-            inputs[0]
-                .owned_tensor()
-                .map_err(|e| failed("copying the input", e))?
+        let (args, mask) = if self.feed == Feed::Tokens {
+            let pad_id = self.text.as_ref().map_or(0, |t| t.pad_id);
+            let (ids, mask) = text_input::pad_batch(inputs, pad_id)
+                .and_then(|(i, m)| Ok((i.f_to_device(device)?, m.f_to_device(device)?)))
+                .map_err(|e| failed("batching the tokens", e))?;
+            (
+                vec![IValue::Tensor(ids), IValue::Tensor(mask.shallow_clone())],
+                Some(mask),
+            )
         } else {
-            let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
-            Tensor::f_cat(&parts, 0)
-                .map_err(|e| PredictError::BadInput(format!("cannot batch inputs: {e}")))?
+            let batch = if inputs.len() == 1 {
+                inputs[0]
+                    .owned_tensor()
+                    .map_err(|e| failed("copying the input", e))?
+            } else {
+                let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
+                Tensor::f_cat(&parts, 0)
+                    .map_err(|e| PredictError::BadInput(format!("cannot batch inputs: {e}")))?
+            };
+            let batch = batch
+                .f_to_device(device)
+                .map_err(|e| failed("moving input to the device", e))?;
+            (vec![IValue::Tensor(batch)], None)
         };
-        let batch = batch
-            .f_to_device(device)
-            .map_err(|e| failed("moving input to the device", e))?;
-        let out = self.forward(module, vec![IValue::Tensor(batch)])?;
+        let out = self.forward(module, args)?;
         let out = match out {
             IValue::Tensor(t) => t,
             other => {
@@ -150,7 +167,7 @@ impl Pipeline {
                 )));
             }
         };
-        let out = self.postprocess(out)?;
+        let out = self.postprocess(out, mask.as_ref())?;
         let total: usize = inputs.iter().map(|d| d.examples).sum();
         let dims = out.size();
         if dims.first().copied() != Some(total as i64) {
@@ -280,7 +297,7 @@ impl Pipeline {
         }
     }
 
-    fn postprocess(&self, mut t: Tensor) -> Result<Tensor, PredictError> {
+    fn postprocess(&self, mut t: Tensor, mask: Option<&Tensor>) -> Result<Tensor, PredictError> {
         for op in &self.post {
             t = match op {
                 Postprocess::Softmax { dim } => t.f_softmax(*dim, Kind::Float),
@@ -288,11 +305,14 @@ impl Pipeline {
                 Postprocess::L2Normalize {} => t
                     .f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)
                     .and_then(|n| t.f_div(&n.clamp_min(1e-12))),
-                Postprocess::MeanPool {} => {
-                    return Err(PredictError::ModelFailed(
-                        "mean_pool needs text input".into(),
-                    ));
-                }
+                Postprocess::MeanPool {} => match mask {
+                    Some(mask) => mean_pool(&t, mask),
+                    None => {
+                        return Err(PredictError::ModelFailed(
+                            "mean_pool needs text input".into(),
+                        ));
+                    }
+                },
             }
             .map_err(|e| failed("postprocessing", e))?;
         }
@@ -327,6 +347,11 @@ impl Pipeline {
                     out.push(':');
                     values.write(out, offset + class);
                 }
+                out.push('}');
+            }
+            Output::Embedding {} => {
+                out.push_str("{\"embedding\":");
+                write_nested(out, values, dims, offset);
                 out.push('}');
             }
             _ => write_nested(out, values, dims, offset),
@@ -390,6 +415,19 @@ impl Pipeline {
         out.push(']');
         Ok(())
     }
+}
+
+/// Mean of `[N, L, H]` token embeddings over the tokens the mask marks, as sentence-transformers
+/// pools.
+fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor, tch::TchError> {
+    let m = mask.f_unsqueeze(-1)?.f_to_kind(hidden.kind())?;
+    let summed = hidden
+        .f_mul(&m)?
+        .f_sum_dim_intlist([1i64].as_slice(), false, hidden.kind())?;
+    let counts = m
+        .f_sum_dim_intlist([1i64].as_slice(), false, hidden.kind())?
+        .f_clamp_min(1e-9)?;
+    summed.f_div(&counts)
 }
 
 /// Per pixel `[class, score]` of the best class, from a `[N, C, H, W]` score map.

@@ -1,0 +1,119 @@
+//! The `text` input decoder: UTF-8 text to token ids with a Hugging Face `tokenizer.json`.
+
+use std::path::Path;
+
+use tch::Tensor;
+use tokenizers::{Tokenizer, TruncationParams};
+
+use super::{Decoded, Wrap};
+use crate::error::RuntimeError;
+use crate::job::{Payload, PredictError};
+
+fn bad(msg: impl Into<String>) -> PredictError {
+    PredictError::BadInput(msg.into())
+}
+
+/// A loaded tokenizer, truncating to a maximum length; padding is done per batch.
+#[derive(Debug)]
+pub struct TextInput {
+    tokenizer: Tokenizer,
+    /// Id used to pad a batch to its longest example.
+    pub pad_id: i64,
+}
+
+impl TextInput {
+    /// Loads `file` from the unpacked archive.
+    pub fn load(model_dir: &Path, file: &str, max_length: u32) -> Result<Self, RuntimeError> {
+        let path = model_dir.join(file);
+        if !path.exists() {
+            let why = if model_dir.join("source_vocab.pt").exists() {
+                format!(
+                    "this archive is for TorchServe's text_classifier (a torchtext vocabulary, source_vocab.pt), \
+                     which tchserve does not support: add a Hugging Face {file} to the archive (--extra-files)"
+                )
+            } else {
+                format!("the handler needs the tokenizer {file} in the archive (--extra-files)")
+            };
+            return Err(RuntimeError::UnsupportedHandler(why));
+        }
+        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| {
+            RuntimeError::UnsupportedHandler(format!("{file}: not a usable tokenizer: {e}"))
+        })?;
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_length as usize,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| RuntimeError::UnsupportedHandler(format!("{file}: {e}")))?;
+        tokenizer.with_padding(None);
+        let vocab = tokenizer.get_vocab(true);
+        let pad_id = ["[PAD]", "<pad>"]
+            .iter()
+            .find_map(|t| vocab.get(*t))
+            .map_or(0, |&i| i64::from(i));
+        Ok(TextInput { tokenizer, pad_id })
+    }
+
+    /// Tokenizes the request's text into a `[1, tokens]` tensor of ids.
+    pub fn decode(&self, payload: &Payload) -> Result<Decoded, PredictError> {
+        let part = payload
+            .main_part()
+            .ok_or_else(|| bad("the request has no body"))?;
+        let text =
+            std::str::from_utf8(&part.data).map_err(|_| bad("the text is not valid UTF-8"))?;
+        let json = part
+            .content_type
+            .as_deref()
+            .is_some_and(|c| c.contains("json"))
+            || matches!(text.trim_start().chars().next(), Some('{' | '"'));
+        let text = if json {
+            let v: serde_json::Value = serde_json::from_str(text)
+                .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+            match v {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Object(o) => ["data", "text", "body"]
+                    .iter()
+                    .find_map(|k| o.get(*k).and_then(|v| v.as_str()).map(str::to_owned))
+                    .ok_or_else(|| {
+                        bad("expected the text as a JSON string or under \"data\" or \"text\"")
+                    })?,
+                _ => {
+                    return Err(bad(
+                        "expected the text as a JSON string or under \"data\" or \"text\"",
+                    ));
+                }
+            }
+        } else {
+            text.to_string()
+        };
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| bad(format!("cannot tokenize the text: {e}")))?;
+        let ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
+        if ids.is_empty() {
+            return Err(bad("the text has no tokens"));
+        }
+        let n = ids.len() as i64;
+        let tensor = Tensor::from_slice(&ids)
+            .f_reshape([1, n])
+            .map_err(|e| PredictError::ModelFailed(e.to_string()))?;
+        Ok(Decoded::owned(tensor, 1, Wrap::Single))
+    }
+}
+
+/// Pads a batch of `[1, len]` id tensors to the longest: `(ids, attention_mask)`, both `[N, L]`.
+pub fn pad_batch(inputs: &[&Decoded], pad_id: i64) -> Result<(Tensor, Tensor), tch::TchError> {
+    let longest = inputs.iter().map(|d| d.tensor.size()[1]).max().unwrap_or(0);
+    let n = inputs.len() as i64;
+    let ids = Tensor::f_full([n, longest], pad_id, (tch::Kind::Int64, tch::Device::Cpu))?;
+    let mask = Tensor::f_zeros([n, longest], (tch::Kind::Int64, tch::Device::Cpu))?;
+    for (i, d) in inputs.iter().enumerate() {
+        let len = d.tensor.size()[1];
+        ids.f_get(i as i64)?
+            .f_narrow(0, 0, len)?
+            .f_copy_(&d.tensor.f_get(0)?)?;
+        let _ = mask.f_get(i as i64)?.f_narrow(0, 0, len)?.f_fill_(1)?;
+    }
+    Ok((ids, mask))
+}

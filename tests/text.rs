@@ -1,0 +1,193 @@
+//! The text handlers on the pretrained all-MiniLM-L6-v2, against sentence-transformers and
+//! PyTorch.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+
+use common::http::{Resp, request};
+use common::server::{Server, archive, real_archive, text_fixtures};
+use serde_json::{Value, json};
+
+fn expected() -> Value {
+    serde_json::from_slice(&fs::read(text_fixtures().join("expected.json")).unwrap()).unwrap()
+}
+
+fn vector(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn post_text(s: &Server, model: &str, text: &str) -> Resp {
+    s.infer(
+        "POST",
+        &format!("/predictions/{model}"),
+        &[("Content-Type", "text/plain; charset=utf-8")],
+        text.as_bytes(),
+    )
+}
+
+#[test]
+fn text_embedding_matches_sentence_transformers() {
+    let fx = text_fixtures();
+    let want = expected();
+    let mut s = Server::new("enable_model_api=true");
+    let tok = fx.join("tokenizer.json");
+    let mar = archive(
+        &s.store,
+        "minilm",
+        "1.0",
+        &fx.join("minilm.pt"),
+        &common::repo_root().join("handlers/text_embedding.json"),
+        &["--extra-files", tok.to_str().unwrap()],
+    );
+    s.start(&["--models", &format!("minilm={mar}")]);
+    let sentences: Vec<&str> = want["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(sentences.len() >= 20);
+    for (i, text) in sentences.iter().enumerate() {
+        let r = post_text(&s, "minilm", text);
+        assert_eq!(r.status, 200, "{text}: {}", r.text());
+        let got = vector(&r.json()["embedding"]);
+        let c = cosine(&got, &vector(&want["embeddings"][i]));
+        assert!(c >= 0.9999, "{text}: cosine {c}");
+    }
+    // JSON forms.
+    let r = request(
+        &s.inference,
+        "POST",
+        "/predictions/minilm",
+        &[("Content-Type", "application/json")],
+        json!({"data": sentences[3]}).to_string().as_bytes(),
+    );
+    assert!(
+        cosine(
+            &vector(&r.json()["embedding"]),
+            &vector(&want["embeddings"][3])
+        ) >= 0.9999
+    );
+
+    // Batched: padded to the longest sentence with an attention mask, same embeddings.
+    let r = request(
+        &s.management,
+        "POST",
+        &format!(
+            "/models?url={mar}&model_name=minilm_b8&batch_size=8&max_batch_delay=200&initial_workers=1"
+        ),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answers: Vec<Resp> = std::thread::scope(|scope| {
+        let hs: Vec<_> = sentences
+            .iter()
+            .map(|t| scope.spawn(|| post_text(&s, "minilm_b8", t)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, r) in answers.iter().enumerate() {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let c = cosine(
+            &vector(&r.json()["embedding"]),
+            &vector(&want["embeddings"][i]),
+        );
+        assert!(c >= 0.9999, "batched {}: cosine {c}", sentences[i]);
+    }
+    // Each answer reports the size of the batch it was in.
+    let metrics = request(&s.metrics, "GET", "/metrics", &[], b"").text();
+    let value = |name: &str| -> f64 {
+        let prefix = format!("{name}{{model_name=\"minilm_b8\"");
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (sum, count) = (
+        value("tchserve_batch_size_sum"),
+        value("tchserve_batch_size_count"),
+    );
+    assert!(sum / count > 1.0, "never batched: {sum} / {count}");
+}
+
+#[test]
+fn text_classifier_matches_pytorch() {
+    let fx = text_fixtures();
+    let want = expected();
+    let mut s = Server::new("enable_model_api=true");
+    let mar = real_archive(
+        &s.store,
+        "sentiment",
+        &fx.join("classifier.pt"),
+        "text_classifier",
+        &[&fx.join("tokenizer.json"), &fx.join("index_to_name.json")],
+    );
+    // TorchServe's own text_classifier contract: a torchtext vocabulary, no tokenizer.json.
+    fs::write(
+        s.dir.path().join("source_vocab.pt"),
+        b"torchtext vocabulary",
+    )
+    .unwrap();
+    let legacy = real_archive(
+        &s.store,
+        "legacy",
+        &fx.join("classifier.pt"),
+        "text_classifier",
+        &[&s.dir.path().join("source_vocab.pt")],
+    );
+    s.start(&["--models", &format!("sentiment={mar}")]);
+    for (i, text) in want["sentences"].as_array().unwrap().iter().enumerate() {
+        let r = post_text(&s, "sentiment", text.as_str().unwrap());
+        assert_eq!(r.status, 200, "{}", r.text());
+        let got = r.json();
+        let got = got.as_object().unwrap();
+        let exp = want["classes"][i].as_object().unwrap();
+        assert_eq!(got.len(), 3);
+        // Best first, each probability PyTorch's.
+        let best = exp
+            .iter()
+            .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+            .unwrap()
+            .0;
+        assert_eq!(got.keys().next().unwrap(), best, "{text}");
+        for (label, p) in exp {
+            let g = got[label].as_f64().unwrap();
+            assert!(
+                (g - p.as_f64().unwrap()).abs() <= 1e-4,
+                "{text} {label}: {g} vs {p}"
+            );
+        }
+    }
+    let r = request(
+        &s.management,
+        "POST",
+        &format!("/models?url={legacy}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.json()["message"].as_str().unwrap().contains("torchtext"),
+        "{}",
+        r.text()
+    );
+}
