@@ -4,6 +4,7 @@ mlp.pt        784-128-10 MLP (random weights), float32 [N, 784] -> [N, 10]
 resnet18.pt   torchvision ResNet-18 (random weights), float32 [N, 3, 224, 224] -> [N, 1000]
 mlp.json      one MLP request body: {"data": [784 floats]}
 resnet18.bin  one ResNet-18 input as raw little-endian float32 bytes
+cat640.jpg    a 640x480 JPEG photo (scikit-image's chelsea), for the image_classifier runs
 """
 
 import json
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 import torchvision
+from PIL import Image
+from skimage import data
 
 
 def main(out: Path) -> None:
@@ -24,6 +27,7 @@ def main(out: Path) -> None:
     x = torch.rand(784)
     (out / "mlp.json").write_text(json.dumps({"data": [round(float(v), 6) for v in x]}))
     torch.rand(3, 224, 224).numpy().astype("<f4").tofile(out / "resnet18.bin")
+    Image.fromarray(data.chelsea()).resize((640, 480), Image.BILINEAR).save(out / "cat640.jpg", quality=90)
 
 
 if __name__ == "__main__":

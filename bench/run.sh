@@ -62,3 +62,20 @@ register resnet18.mar resnet18_b8 8 50
 echo "{\"bench\": \"resnet18_c16_b8\", \"result\": $(load --path /predictions/resnet18_b8 --body "$root/$out/resnet18.bin" --content-type application/octet-stream -c 16)}"
 server --stop >/dev/null
 ceiling
+
+# image_classifier: ResNet-18 behind the built-in handler, a 640x480 JPEG per request. The
+# ceiling decodes, preprocesses and runs the forward in a plain loop at the same batch size.
+"$root/$bin/tch-model-archiver" --model-name resnet18_img --version 1.0 --serialized-file "$root/$out/resnet18.pt" \
+    --handler image_classifier --export-path "$root/$store" --force
+image_ceiling() { "$root/$bin/image_ceiling" --image "$root/$out/cat640.jpg" --duration "$secs" "$@"; }
+echo "{\"bench\": \"image_preprocess_one_core\", \"result\": $(image_ceiling --preprocess-only)}"
+echo "{\"bench\": \"image_ceiling_b1\", \"result\": $(image_ceiling --model "$root/$out/resnet18.pt" --batch 1)}"
+echo "{\"bench\": \"image_ceiling_b8\", \"result\": $(image_ceiling --model "$root/$out/resnet18.pt" --batch 8)}"
+server --start >/dev/null
+register resnet18_img.mar image_b1 1 0
+register resnet18_img.mar image_b8 8 50
+echo "{\"bench\": \"image_c1_b1\", \"result\": $(load --path /predictions/image_b1 --body "$root/$out/cat640.jpg" --content-type image/jpeg -c 1)}"
+echo "{\"bench\": \"image_c8_b8\", \"result\": $(load --path /predictions/image_b8 --body "$root/$out/cat640.jpg" --content-type image/jpeg -c 8)}"
+server --stop >/dev/null
+echo "{\"bench\": \"image_ceiling_b1\", \"result\": $(image_ceiling --model "$root/$out/resnet18.pt" --batch 1)}"
+echo "{\"bench\": \"image_ceiling_b8\", \"result\": $(image_ceiling --model "$root/$out/resnet18.pt" --batch 8)}"

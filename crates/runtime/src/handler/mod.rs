@@ -541,3 +541,41 @@ fn load_labels(path: &Path) -> Result<Option<Vec<String>>, RuntimeError> {
     }
     Ok(Some(labels))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::load_labels;
+
+    #[test]
+    fn labels_in_every_torchserve_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let plain = write("a.json", r#"{"0": "cat", "2": "dog"}"#);
+        assert_eq!(load_labels(&plain).unwrap().unwrap(), ["cat", "1", "dog"]);
+        let pairs = write(
+            "b.json",
+            r#"{"1": ["n02", "tabby"], "0": ["n01", "tench"]}"#,
+        );
+        assert_eq!(load_labels(&pairs).unwrap().unwrap(), ["tench", "tabby"]);
+        let names = write(
+            "c.json",
+            r#"{"object_type_names": ["__background__", "person"]}"#,
+        );
+        assert_eq!(
+            load_labels(&names).unwrap().unwrap(),
+            ["__background__", "person"]
+        );
+        assert_eq!(load_labels(&dir.path().join("missing.json")).unwrap(), None);
+        let bad = write("d.json", r#"{"zero": "cat"}"#);
+        assert!(
+            load_labels(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("not a class index")
+        );
+    }
+}
