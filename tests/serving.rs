@@ -19,6 +19,18 @@ fn floats(v: &Value) -> Vec<f64> {
         .collect()
 }
 
+/// Archives a model from tests/fixtures as `<name>` 1.0 into the server's store.
+fn fixture_archive(s: &Server, name: &str, model: &str, handler: &str) -> String {
+    archive(
+        &s.store,
+        name,
+        "1.0",
+        &fixtures().join(model),
+        &fixture_handler(handler),
+        &[],
+    )
+}
+
 fn register(s: &Server, query: &str) -> Resp {
     s.manage("POST", &format!("/models?{query}"))
 }
@@ -56,16 +68,7 @@ fn scale_server(extra_config: &str) -> (Server, String, String) {
 
 #[test]
 fn start_status_stop_through_the_cli() {
-    let s = Server::new("");
-    let h = fixture_handler("vec4.json");
-    let mar = archive(
-        &s.store,
-        "scale",
-        "1.0",
-        &fixtures().join("scale2.pt"),
-        &h,
-        &[],
-    );
+    let (s, mar, _) = scale_server("");
     let out = run(s
         .command()
         .args(["--start", "--ts-config", "config.properties", "--models"])
@@ -323,14 +326,7 @@ fn model_api_is_off_by_default() {
 #[test]
 fn bad_inputs_and_model_failures_keep_the_server_serving() {
     let mut s = Server::new("enable_model_api=true");
-    let picky = archive(
-        &s.store,
-        "picky",
-        "1.0",
-        &fixtures().join("picky.pt"),
-        &fixture_handler("vec4.json"),
-        &[],
-    );
+    let picky = fixture_archive(&s, "picky", "picky.pt", "vec4.json");
     s.start(&["--models", &format!("picky={picky}")]);
     let ok = |s: &Server| {
         assert_eq!(
@@ -477,14 +473,7 @@ fn bad_inputs_and_model_failures_keep_the_server_serving() {
 #[test]
 fn one_bad_request_never_fails_its_batch_mates() {
     let mut s = Server::new("enable_model_api=true");
-    let picky = archive(
-        &s.store,
-        "picky",
-        "1.0",
-        &fixtures().join("picky.pt"),
-        &fixture_handler("vec4.json"),
-        &[],
-    );
+    let picky = fixture_archive(&s, "picky", "picky.pt", "vec4.json");
     s.start(&[]);
     let r = register(
         &s,
@@ -549,14 +538,7 @@ fn metric(text: &str, series: &str) -> f64 {
 #[test]
 fn a_full_queue_answers_503_at_once() {
     let mut s = Server::new("enable_model_api=true\njob_queue_size=2");
-    let slow = archive(
-        &s.store,
-        "slow",
-        "1.0",
-        &fixtures().join("slow.pt"),
-        &fixture_handler("vec2.json"),
-        &[],
-    );
+    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
     s.start(&[]);
     assert_eq!(
         register(&s, &format!("url={slow}&initial_workers=1")).status,
@@ -598,14 +580,7 @@ fn a_full_queue_answers_503_at_once() {
 #[test]
 fn response_timeout_answers_the_client_and_frees_the_worker() {
     let mut s = Server::new("enable_model_api=true");
-    let slow = archive(
-        &s.store,
-        "slow",
-        "1.0",
-        &fixtures().join("slow.pt"),
-        &fixture_handler("vec2.json"),
-        &[],
-    );
+    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
     s.start(&[]);
     assert_eq!(
         register(
@@ -695,14 +670,7 @@ fn snapshot_restores_registrations_after_restart() {
 #[test]
 fn graceful_stop_finishes_requests_in_flight() {
     let mut s = Server::new("");
-    let slow = archive(
-        &s.store,
-        "slow",
-        "1.0",
-        &fixtures().join("slow.pt"),
-        &fixture_handler("vec2.json"),
-        &[],
-    );
+    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
     s.start(&["--models", &format!("slow={slow}")]);
     let inference = s.inference.clone();
     let in_flight =
@@ -898,14 +866,7 @@ fn digits_through_the_server_equal_pytorch() {
 #[test]
 fn requests_whose_client_left_are_dropped_before_inference() {
     let mut s = Server::new("enable_model_api=true");
-    let slow = archive(
-        &s.store,
-        "slow",
-        "1.0",
-        &fixtures().join("slow.pt"),
-        &fixture_handler("vec2.json"),
-        &[],
-    );
+    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
     s.start(&[]);
     assert_eq!(
         register(&s, &format!("url={slow}&initial_workers=1&batch_size=1")).status,

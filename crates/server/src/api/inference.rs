@@ -6,18 +6,16 @@ use axum::Router;
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::any;
 use tchserve_runtime::job::{Job, Part, Payload};
 
-use super::{AppState, common_headers, not_allowed, not_found, openapi, status_message};
+use super::{AppState, common_headers, not_found, openapi, status_message, with_description};
 use crate::error::{ApiError, json_response};
 
 /// The inference listener's routes.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", any(root))
+    with_description(Router::new(), doc)
         .route("/ping", any(ping))
-        .route("/api-description", get(description))
         .route("/predictions/{model}", any(predict_default))
         .route("/predictions/{model}/{version}", any(predict_version))
         .fallback(not_found)
@@ -51,18 +49,6 @@ fn doc() -> serde_json::Value {
             ("/api-description", &["GET"], "This API description."),
         ],
     )
-}
-
-async fn root(method: Method) -> Response {
-    if method == Method::OPTIONS {
-        json_response(StatusCode::OK, &doc())
-    } else {
-        not_allowed().await.into_response()
-    }
-}
-
-async fn description() -> Response {
-    json_response(StatusCode::OK, &doc())
 }
 
 async fn ping(State(st): State<AppState>) -> Response {

@@ -5,13 +5,15 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, put};
+use axum::routing::{get, put};
 use serde_json::{Value, json};
 use tchserve_runtime::pool::WorkerState;
 
-use super::{AppState, common_headers, not_allowed, not_found, openapi, status_message};
+use super::{
+    AppState, common_headers, not_allowed, not_found, openapi, status_message, with_description,
+};
 use crate::error::{ApiError, json_response};
 use crate::registry::{ModelVersion, RegisterParams, ScaleOutcome};
 
@@ -19,9 +21,7 @@ type Params = Query<HashMap<String, String>>;
 
 /// The management listener's routes.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", any(root))
-        .route("/api-description", get(description))
+    with_description(Router::new(), doc)
         .route("/models", get(list).post(register).fallback(not_allowed))
         .route(
             "/models/{model}",
@@ -77,18 +77,6 @@ fn doc() -> Value {
             ("/api-description", &["GET"], "This API description."),
         ],
     )
-}
-
-async fn root(method: Method) -> Response {
-    if method == Method::OPTIONS {
-        json_response(StatusCode::OK, &doc())
-    } else {
-        not_allowed().await.into_response()
-    }
-}
-
-async fn description() -> Response {
-    json_response(StatusCode::OK, &doc())
 }
 
 fn int(params: &HashMap<String, String>, key: &str) -> Option<i64> {

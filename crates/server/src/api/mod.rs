@@ -85,6 +85,21 @@ pub async fn not_allowed() -> ApiError {
     ApiError::method_not_allowed()
 }
 
+/// Adds `OPTIONS /` and `GET /api-description`, both answering the listener's OpenAPI document;
+/// any other method on `/` is 405, as TorchServe answers.
+pub fn with_description(
+    router: axum::Router<AppState>,
+    doc: fn() -> Value,
+) -> axum::Router<AppState> {
+    let describe = move || async move { json_response(StatusCode::OK, &doc()) };
+    router
+        .route(
+            "/",
+            axum::routing::options(describe).fallback(|| async { ApiError::method_not_allowed() }),
+        )
+        .route("/api-description", axum::routing::get(describe))
+}
+
 /// An OpenAPI 3.0.1 document listing `paths` as (path, methods, summary).
 pub fn openapi(title_suffix: &str, paths: &[(&str, &[&str], &str)]) -> Value {
     let mut p = serde_json::Map::new();
