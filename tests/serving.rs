@@ -912,3 +912,74 @@ fn requests_whose_client_left_are_dropped_before_inference() {
         "only the two requests with a client should have run"
     );
 }
+
+#[test]
+fn workers_that_cannot_load_fail_registration_and_ping() {
+    let mut s = Server::new("enable_model_api=true");
+    std::fs::write(s.dir.path().join("broken.pt"), b"not a TorchScript file").unwrap();
+    let broken = archive(
+        &s.store,
+        "broken",
+        "1.0",
+        &s.dir.path().join("broken.pt"),
+        &fixture_handler("vec4.json"),
+        &[],
+    );
+    let ok = fixture_archive(&s, "scale", "scale2.pt", "vec4.json");
+    s.start(&["--models", &format!("scale={ok}")]);
+    assert_eq!(
+        s.infer("GET", "/ping", &[], b"").json(),
+        json!({"status": "Healthy"})
+    );
+
+    // Synchronous: the registration fails with the reason and leaves nothing registered.
+    let r = register(&s, &format!("url={broken}&initial_workers=1"));
+    assert_error(
+        &r,
+        500,
+        "InternalServerException",
+        "Failed to start workers for model broken version: 1.0",
+    );
+    assert_error(
+        &s.manage("GET", "/models/broken"),
+        404,
+        "ModelNotFoundException",
+        "broken",
+    );
+
+    // Asynchronous: registered, its worker keeps failing, describe says why and /ping is unhealthy.
+    assert_eq!(
+        register(
+            &s,
+            &format!("url={broken}&initial_workers=1&synchronous=false")
+        )
+        .status,
+        202
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let worker = loop {
+        let w = s.manage("GET", "/models/broken").json()[0]["workers"][0].clone();
+        if w["status"] == "FAILED" || Instant::now() > deadline {
+            break w;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(worker["status"], "FAILED", "{worker}");
+    assert!(
+        worker["error"].as_str().unwrap().contains("broken.pt"),
+        "{worker}"
+    );
+    let ping = s.infer("GET", "/ping", &[], b"");
+    assert_eq!(
+        (ping.status, ping.json()),
+        (500, json!({"status": "Unhealthy"}))
+    );
+    // The other model is untouched.
+    assert_eq!(
+        floats(&post_json(&s.inference, "/predictions/scale", "[1, 1, 1, 1]").json()),
+        [2.0; 4]
+    );
+    // Unregistering the broken model makes the server healthy again.
+    assert_eq!(s.manage("DELETE", "/models/broken").status, 200);
+    assert_eq!(s.infer("GET", "/ping", &[], b"").status, 200);
+}
