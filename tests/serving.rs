@@ -983,3 +983,48 @@ fn workers_that_cannot_load_fail_registration_and_ping() {
     assert_eq!(s.manage("DELETE", "/models/broken").status, 200);
     assert_eq!(s.infer("GET", "/ping", &[], b"").status, 200);
 }
+
+#[test]
+fn request_size_limit_covers_raw_and_multipart_bodies() {
+    let form = |field: &[u8]| {
+        let mut f = b"--B\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n".to_vec();
+        f.extend_from_slice(field);
+        f.extend_from_slice(b"\r\n--B--\r\n");
+        f
+    };
+    let ct = [("Content-Type", "multipart/form-data; boundary=B")];
+    // Default limit (6553500 bytes): a 3 MB multipart field is read whole and reaches the handler.
+    let mut s = Server::new("");
+    let picky = fixture_archive(&s, "picky", "picky.pt", "vec4.json");
+    s.start(&["--models", &format!("picky={picky}")]);
+    let mut big = vec![b' '; 3 << 20];
+    big[0] = b'[';
+    let r = s.infer("POST", "/predictions/picky", &ct, &form(&big));
+    assert_error(&r, 400, "InvalidInputException", "not valid JSON");
+    s.stop();
+
+    let mut s = Server::new("max_request_size=1000");
+    let picky = fixture_archive(&s, "picky", "picky.pt", "vec4.json");
+    s.start(&["--models", &format!("picky={picky}")]);
+    let r = s.infer(
+        "POST",
+        "/predictions/picky",
+        &[("Content-Type", "application/octet-stream")],
+        &[0u8; 2000],
+    );
+    assert_error(
+        &r,
+        413,
+        "RequestTooLargeException",
+        "max_request_size (1000 bytes)",
+    );
+    let r = s.infer("POST", "/predictions/picky", &ct, &form(&[b'1'; 2000]));
+    assert_error(
+        &r,
+        413,
+        "RequestTooLargeException",
+        "max_request_size (1000 bytes)",
+    );
+    let r = s.infer("POST", "/predictions/picky", &ct, &form(b"[1, 2, 3, 4]"));
+    assert_eq!(floats(&r.json()), [2.0, 3.0, 4.0, 5.0]);
+}

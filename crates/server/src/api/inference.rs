@@ -19,11 +19,31 @@ pub fn router(state: AppState) -> Router {
         .route("/predictions/{model}", any(predict_default))
         .route("/predictions/{model}/{version}", any(predict_version))
         .fallback(not_found)
+        // Multipart bodies are read by axum's extractor, which applies this limit.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.config.max_request_size,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             common_headers,
         ))
         .with_state(state)
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        kind: "RequestTooLargeException",
+        message: format!("the request body exceeds max_request_size ({limit} bytes)"),
+    }
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large(limit)
+    } else {
+        ApiError::bad_request(format!("malformed multipart body: {e}"))
+    }
 }
 
 fn doc() -> serde_json::Value {
@@ -190,14 +210,11 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
         while let Some(field) = form
             .next_field()
             .await
-            .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?
+            .map_err(|e| multipart_error(e, limit))?
         {
             let name = field.name().unwrap_or("body").to_string();
             let content_type = field.content_type().map(str::to_owned);
-            let data = field
-                .bytes()
-                .await
-                .map_err(|e| ApiError::bad_request(format!("reading field {name}: {e}")))?;
+            let data = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
             payload.parts.push(Part {
                 name,
                 content_type,
@@ -208,11 +225,7 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
     }
     let body = axum::body::to_bytes(req.into_body(), limit)
         .await
-        .map_err(|_| ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            kind: "RequestTooLargeException",
-            message: format!("the request body exceeds max_request_size ({limit} bytes)"),
-        })?;
+        .map_err(|_| too_large(limit))?;
     // `curl -d '[1, 2]'` sends JSON labelled as a form; a body that starts like JSON is JSON.
     // Likewise `curl --data-binary @photo.jpg`: a form is text, so a body that is not UTF-8 is
     // the payload itself.
