@@ -10,7 +10,7 @@ use std::io::Cursor;
 use base64::Engine as _;
 use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::ImageReader;
+use image::{DynamicImage, ImageDecoder, ImageReader};
 use tch::{Kind, Tensor};
 use tchserve_mar::handler::{Interpolation, Preprocess, Size};
 
@@ -107,23 +107,23 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
             "the body is not an image tchserve can decode (JPEG, PNG, WebP, BMP or GIF)",
         ));
     }
-    let (w, h) = reader
-        .into_dimensions()
+    // The format's decoder reads only the header until asked for pixels.
+    let mut decoder = reader
+        .into_decoder()
         .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
+    let (w, h) = decoder.dimensions();
     let pixels = u64::from(w) * u64::from(h);
     if pixels > max_pixels {
         return Err(bad(format!(
             "the image is {w}x{h} = {pixels} pixels, more than the {max_pixels} allowed (decompression bomb protection)"
         )));
     }
-    let mut reader = ImageReader::new(Cursor::new(&bytes[..]))
-        .with_guessed_format()
-        .map_err(|e| bad(format!("cannot read the image: {e}")))?;
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
-    reader.limits(limits);
-    let img = reader
-        .decode()
+    decoder
+        .set_limits(limits)
+        .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
+    let img = DynamicImage::from_decoder(decoder)
         .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
     let rgb = img.to_rgb8();
     Ok(Rgb {

@@ -168,6 +168,10 @@ impl Pipeline {
             }
         };
         let out = self.postprocess(out, mask.as_ref())?;
+        let out = match self.output {
+            Output::Segmentation {} => best_class_map(&out)?,
+            _ => out,
+        };
         let total: usize = inputs.iter().map(|d| d.examples).sum();
         let dims = out.size();
         if dims.first().copied() != Some(total as i64) {
@@ -175,9 +179,7 @@ impl Pipeline {
                 "the model returned shape {dims:?} for a batch of {total}: its first axis must be the batch"
             )));
         }
-        if let Output::Segmentation {} = self.output {
-            return segmentation(&out, inputs);
-        }
+
         let values = Values::of(&out)?;
         let row_dims = &dims[1..];
         let row_len: usize = row_dims.iter().map(|&d| d as usize).product();
@@ -430,38 +432,15 @@ fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor, tch::TchError> {
     summed.f_div(&counts)
 }
 
-/// Per pixel `[class, score]` of the best class, from a `[N, C, H, W]` score map.
-fn segmentation(out: &Tensor, inputs: &[&Decoded]) -> Result<Vec<Vec<u8>>, PredictError> {
+/// Per pixel `[class, score]` of the best class: `[N, C, H, W]` scores to `[N, H, W, 2]`.
+fn best_class_map(out: &Tensor) -> Result<Tensor, PredictError> {
     let (values, indices) = out
         .f_max_dim(1, false)
         .map_err(|e| failed("postprocessing", e))?;
     let indices = indices
         .f_to_kind(values.kind())
         .map_err(|e| failed("postprocessing", e))?;
-    let both = Tensor::f_stack(&[indices, values], 3).map_err(|e| failed("postprocessing", e))?;
-    let dims = both.size();
-    let v = Values::of(&both)?;
-    let per: usize = dims[1..].iter().map(|&d| d as usize).product();
-    let mut answers = Vec::new();
-    let mut row = 0;
-    for d in inputs {
-        let mut body = String::new();
-        if d.wrap != Wrap::Single {
-            body.push('[');
-        }
-        for k in 0..d.examples {
-            if k > 0 {
-                body.push(',');
-            }
-            write_nested(&mut body, &v, &dims[1..], (row + k) * per);
-        }
-        if d.wrap != Wrap::Single {
-            body.push(']');
-        }
-        row += d.examples;
-        answers.push(body.into_bytes());
-    }
-    Ok(answers)
+    Tensor::f_stack(&[indices, values], 3).map_err(|e| failed("postprocessing", e))
 }
 
 fn select(out: IValue, sel: &Select) -> Result<IValue, PredictError> {

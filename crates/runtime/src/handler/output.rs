@@ -30,31 +30,17 @@ impl Values {
             .and_then(|t| t.f_contiguous())
             .and_then(|t| t.f_flatten(0, -1))
             .map_err(failed)?;
-        let n = flat.numel();
+        // tch converts to the element type while copying the flat tensor out.
         Ok(match t.kind() {
-            Kind::Double => {
-                let mut v = vec![0f64; n];
-                flat.f_copy_data(&mut v, n).map_err(failed)?;
-                Values::F64(v)
-            }
+            Kind::Double => Values::F64(Vec::try_from(&flat).map_err(failed)?),
             Kind::Float | Kind::Half | Kind::BFloat16 => {
-                let f = flat.f_to_kind(Kind::Float).map_err(failed)?;
-                let mut v = vec![0f32; n];
-                f.f_copy_data(&mut v, n).map_err(failed)?;
-                Values::F32(v)
+                Values::F32(Vec::try_from(&flat).map_err(failed)?)
             }
             Kind::Bool => {
-                let f = flat.f_to_kind(Kind::Uint8).map_err(failed)?;
-                let mut v = vec![0u8; n];
-                f.f_copy_data(&mut v, n).map_err(failed)?;
-                Values::Bool(v.into_iter().map(|b| b != 0).collect())
+                let bytes: Vec<u8> = Vec::try_from(&flat).map_err(failed)?;
+                Values::Bool(bytes.into_iter().map(|b| b != 0).collect())
             }
-            _ => {
-                let f = flat.f_to_kind(Kind::Int64).map_err(failed)?;
-                let mut v = vec![0i64; n];
-                f.f_copy_data(&mut v, n).map_err(failed)?;
-                Values::I64(v)
-            }
+            _ => Values::I64(Vec::try_from(&flat).map_err(failed)?),
         })
     }
 
