@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use tchserve_mar::{Archive, ModelStore};
 use tchserve_runtime::handler::Pipeline;
 use tchserve_runtime::{DevicePolicy, device, model};
@@ -49,25 +49,16 @@ fn selected(
     let mut out = Vec::new();
     for item in models
         .iter()
-        .flat_map(|m| m.split(','))
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
+        .flat_map(|m| tchserve_server::config::split_list(m))
     {
-        if item.eq_ignore_ascii_case("all") {
-            let store = store.as_ref().context("--models all needs --model-store")?;
-            out.extend(store.all()?.into_iter().map(|p| (None, p)));
-            continue;
+        for r in ModelStore::expand(store.as_ref(), &item)? {
+            let path = match &store {
+                Some(store) => store.resolve(&r.url)?,
+                None if Path::new(&r.url).exists() => PathBuf::from(&r.url),
+                None => bail!("Model not found at: {} (and no --model-store given)", r.url),
+            };
+            out.push((r.name, path));
         }
-        let (name, url) = match item.split_once('=') {
-            Some((n, u)) => (Some(n.to_string()), u),
-            None => (None, item),
-        };
-        let path = match &store {
-            Some(store) => store.resolve(url)?,
-            None if Path::new(url).exists() => PathBuf::from(url),
-            None => bail!("Model not found at: {url} (and no --model-store given)"),
-        };
-        out.push((name, path));
     }
     if out.is_empty() {
         bail!("no models selected: give --models all or --models name=archive.mar");

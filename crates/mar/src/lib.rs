@@ -24,4 +24,4 @@ pub use handler::HandlerManifest;
 pub use manifest::{Manifest, ModelInfo, RuntimeType};
 pub use model_config::ModelConfig;
 pub use pack::{ArchiveFormat, HandlerKind, PackRequest, Plan};
-pub use store::ModelStore;
+pub use store::{ModelRef, ModelStore};

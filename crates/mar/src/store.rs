@@ -5,6 +5,15 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, MarError, Result};
 
+/// A model named by `--models` or `load_models`: an optional model name and the archive's url.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRef {
+    /// The name given with `name=url`, if any.
+    pub name: Option<String>,
+    /// The archive, as a model-store entry name or a path.
+    pub url: String,
+}
+
 /// A model store directory.
 #[derive(Debug, Clone)]
 pub struct ModelStore {
@@ -50,6 +59,32 @@ impl ModelStore {
             return Ok(direct.to_path_buf());
         }
         Err(MarError::Store(format!("Model not found at: {url}")))
+    }
+
+    /// Expands one `--models` item: `all` (every archive of `store`, by file name),
+    /// `name=url`, or `url`.
+    pub fn expand(store: Option<&ModelStore>, item: &str) -> Result<Vec<ModelRef>> {
+        if item.eq_ignore_ascii_case("all") {
+            let store =
+                store.ok_or_else(|| MarError::Store("models=all needs a model store".into()))?;
+            return Ok(store
+                .all()?
+                .iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| ModelRef {
+                    name: None,
+                    url: n.to_string_lossy().into_owned(),
+                })
+                .collect());
+        }
+        let (name, url) = match item.split_once('=') {
+            Some((n, u)) => (Some(n.to_string()), u),
+            None => (None, item),
+        };
+        Ok(vec![ModelRef {
+            name,
+            url: url.to_string(),
+        }])
     }
 
     /// Every archive in the store, as `load_models=all` picks them: `.mar`, `.model` and
@@ -107,5 +142,19 @@ mod tests {
             "Model not found at: zz.mar"
         );
         assert!(ModelStore::open(dir.path().join("b.mar")).is_err());
+        let all = ModelStore::expand(Some(&store), "ALL").unwrap();
+        assert_eq!(
+            all.iter().map(|m| m.url.as_str()).collect::<Vec<_>>(),
+            ["a.tar.gz", "b.mar", "c"]
+        );
+        assert_eq!(
+            ModelStore::expand(None, "n=b.mar").unwrap(),
+            [ModelRef {
+                name: Some("n".into()),
+                url: "b.mar".into()
+            }]
+        );
+        assert_eq!(ModelStore::expand(None, "b.mar").unwrap()[0].name, None);
+        assert!(ModelStore::expand(None, "all").is_err());
     }
 }

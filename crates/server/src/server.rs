@@ -182,22 +182,9 @@ pub async fn run(
 fn startup_models(config: &Config, store: Option<&ModelStore>) -> Vec<RegisterParams> {
     let mut out = Vec::new();
     for item in &config.load_models {
-        if item.eq_ignore_ascii_case("all") {
-            match store {
-                Some(store) => match store.all() {
-                    Ok(paths) => out.extend(paths.into_iter().filter_map(|p| {
-                        p.file_name()
-                            .map(|n| startup(None, n.to_string_lossy().into_owned()))
-                    })),
-                    Err(e) => tracing::error!("listing the model store: {e}"),
-                },
-                None => tracing::error!("load_models=all needs a model store"),
-            }
-            continue;
-        }
-        match item.split_once('=') {
-            Some((name, url)) => out.push(startup(Some(name.to_string()), url.to_string())),
-            None => out.push(startup(None, item.clone())),
+        match ModelStore::expand(store, item) {
+            Ok(refs) => out.extend(refs.into_iter().map(|r| startup(r.name, r.url))),
+            Err(e) => tracing::error!("load_models {item}: {e}"),
         }
     }
     out
