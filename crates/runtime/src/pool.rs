@@ -168,11 +168,6 @@ impl Pool {
         })
     }
 
-    /// The pool's settings.
-    pub fn config(&self) -> &PoolConfig {
-        &self.config
-    }
-
     /// Queues a job; gives it back when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), Job> {
         self.tx.try_send(job).map_err(|e| match e {

@@ -27,7 +27,6 @@ use output::{Values, write_nested, write_str};
 /// A handler ready to run.
 #[derive(Debug)]
 pub struct Pipeline {
-    name: String,
     input: Input,
     preprocess: Vec<Preprocess>,
     feed: Feed,
@@ -66,7 +65,6 @@ impl Pipeline {
             _ => None,
         };
         Ok(Pipeline {
-            name: manifest.name.clone(),
             input: manifest.input.clone(),
             preprocess: manifest.preprocess.clone(),
             feed: manifest.model.feed,
@@ -76,11 +74,6 @@ impl Pipeline {
             labels,
             text,
         })
-    }
-
-    /// The handler's name.
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// Turns one request into model input. Errors here are the client's (400).
