@@ -33,8 +33,16 @@ fi
 want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
 if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
     say "installing Python packages (PyTorch is about 5 GB with its CUDA libraries; a few minutes)"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
+    # The packages take about 6 GB installed, and the downloads need room of their own while
+    # they unpack; a full disk otherwise shows up as a bare pip OSError halfway through.
+    free_gb=$(( $(df -Pk "$VENV" | awk 'NR==2 {print $4}') / 1048576 ))
+    if [ "$free_gb" -lt 8 ]; then
+        say "warning: only ${free_gb} GB free under $VENV; the install needs about 8 GB"
+    fi
+    # No pip cache: it would keep a second copy of every wheel (over 3 GB) that nothing reuses.
+    pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "$@"; }
+    pip_install --upgrade pip
+    pip_install -r "$REQUIREMENTS"
     echo "$want" > "$VENV/.requirements.sha256"
 fi
 

@@ -684,6 +684,36 @@ fn graceful_stop_finishes_requests_in_flight() {
 }
 
 #[test]
+fn extraction_folders_go_away_even_after_a_crash() {
+    let (mut s, v1, _) = scale_server("");
+    s.start(&["--models", &format!("scale={v1}"), "--ncs"]);
+    let crashed = s.temp_dir().join(format!("tchserve-{}", s.pid()));
+    assert!(
+        std::fs::read_dir(&crashed).unwrap().next().is_some(),
+        "the archive is extracted under {}",
+        crashed.display()
+    );
+    s.kill();
+    assert!(crashed.exists(), "a killed server cannot clean up");
+    // A folder whose process is alive (this test) belongs to someone else and stays.
+    let alive = s
+        .temp_dir()
+        .join(format!("tchserve-{}", std::process::id()));
+    std::fs::create_dir(&alive).unwrap();
+
+    s.start(&["--models", &format!("scale={v1}"), "--ncs"]);
+    assert!(
+        !crashed.exists(),
+        "the next start sweeps what the crash left"
+    );
+    assert!(alive.exists());
+    let current = s.temp_dir().join(format!("tchserve-{}", s.pid()));
+    assert!(current.exists());
+    assert!(s.stop().success());
+    assert!(!current.exists(), "a graceful stop removes its own folder");
+}
+
+#[test]
 fn metrics_count_what_was_sent() {
     let (mut s, v1, _) = scale_server("");
     s.start(&["--models", &format!("scale={v1}")]);

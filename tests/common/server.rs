@@ -106,6 +106,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
         fs::create_dir(&store).unwrap();
+        fs::create_dir(dir.path().join("tmp")).unwrap();
         let (i, m, x) = (free_port(), free_port(), free_port());
         Server {
             store,
@@ -146,6 +147,9 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tchserve"));
         cmd.current_dir(self.dir.path())
             .env_remove("TS_CONFIG_FILE")
+            // Extracted archives land under the test's own folder, which is removed even when
+            // the server is killed.
+            .env("TMPDIR", self.temp_dir())
             .env("RUST_LOG", "info");
         cmd
     }
@@ -187,6 +191,11 @@ impl Server {
         }
     }
 
+    /// The server's temp folder (TMPDIR), inside the test's folder.
+    pub fn temp_dir(&self) -> PathBuf {
+        self.dir.path().join("tmp")
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
@@ -197,6 +206,18 @@ impl Server {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         child.wait().unwrap()
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// The running server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn infer(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {

@@ -71,6 +71,7 @@ pub async fn run(
         None => None,
     };
     let scratch = std::env::temp_dir().join(format!("tchserve-{}", std::process::id()));
+    remove_stale_scratch(&std::env::temp_dir());
     let registry = Arc::new(Registry::new(
         Arc::clone(&config),
         store.clone(),
@@ -176,6 +177,45 @@ pub async fn run(
     let _ = std::fs::remove_dir_all(&scratch);
     tracing::info!("stopped");
     result
+}
+
+/// Removes the extraction folders of tchserve processes that are gone.
+///
+/// A server killed without a graceful stop (SIGKILL, OOM, power loss) cannot delete its
+/// `tchserve-<pid>` folder, and extracted archives are large: without this sweep they pile up
+/// in the temp folder until the disk fills.
+fn remove_stale_scratch(temp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("tchserve-"))
+            .map(|n| n.strip_prefix("check-").unwrap_or(n))
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid <= 0 || process_alive(pid) {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => tracing::info!(
+                "removed {} left by a stopped server",
+                entry.path().display()
+            ),
+            Err(e) => tracing::debug!("cannot remove {}: {e}", entry.path().display()),
+        }
+    }
+}
+
+/// Whether a process with this pid exists (one owned by another user counts as alive).
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 sends nothing; it only checks that the pid exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// Registrations for `load_models` / `--models`.
