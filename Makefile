@@ -23,8 +23,9 @@ build/examples/%.stamp: examples/%/* $(BIN)/tch-model-archiver
 
 archives: build $(STAMPS)
 
+# Without token authorization, so the README's curl lines work as they are.
 run: archives
-	$(BIN)/tchserve --foreground --model-store model-store --models all --ncs
+	$(BIN)/tchserve --foreground --model-store model-store --models all --ncs --disable-token-auth
 
 test: archives
 	$(CARGO) test --release --workspace

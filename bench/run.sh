@@ -26,6 +26,8 @@ cat > "$home/config.properties" <<CFG
 model_store=$root/$store
 enable_model_api=true
 default_workers_per_model=1
+# As in TorchServe's own benchmarks: the load generators send no keys.
+disable_token_authorization=true
 CFG
 cd "$home"
 server() { "$root/$bin/tchserve" "$@" --ncs --log-dir "$root/$home/logs"; }

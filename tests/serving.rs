@@ -684,6 +684,123 @@ fn graceful_stop_finishes_requests_in_flight() {
 }
 
 #[test]
+fn token_authorization_guards_inference_and_management() {
+    let (mut s, v1, _) = scale_server("disable_token_authorization=false");
+    s.start(&["--models", &format!("scale={v1}"), "--ncs"]);
+    let key_file = s.home().join("key_file.json");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only the owner may read the keys");
+    }
+    let keys: Value = serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    let bearer = |kind: &str| format!("Bearer {}", keys[kind]["key"].as_str().unwrap());
+    let (inference, management, api) = (bearer("inference"), bearer("management"), bearer("API"));
+    let (inference_addr, management_addr) = (s.inference.clone(), s.management.clone());
+    let predict = move |auth: Option<&str>| {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        request(
+            &inference_addr,
+            "POST",
+            "/predictions/scale",
+            &headers,
+            b"[1,2,3,4]",
+        )
+    };
+    let manage = move |path: &str, auth: Option<&str>| {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        request(&management_addr, "GET", path, &headers, b"")
+    };
+    let refused = "Token Authorization failed";
+
+    assert_error(&predict(None), 400, "InvalidKeyException", refused);
+    assert_error(
+        &predict(Some(&management)),
+        400,
+        "InvalidKeyException",
+        refused,
+    );
+    assert_error(
+        &predict(Some("Bearer nope")),
+        400,
+        "InvalidKeyException",
+        refused,
+    );
+    let r = predict(Some(&inference));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(floats(&r.json()), [2.0, 4.0, 6.0, 8.0]);
+    assert_error(
+        &manage("/models", None),
+        400,
+        "InvalidKeyException",
+        refused,
+    );
+    assert_error(
+        &manage("/models", Some(&inference)),
+        400,
+        "InvalidKeyException",
+        refused,
+    );
+    assert_eq!(manage("/models", Some(&management)).status, 200);
+    // Health, descriptions and metrics need no key.
+    assert_eq!(s.infer("GET", "/ping", &[], b"").status, 200);
+    assert_eq!(s.infer("GET", "/api-description", &[], b"").status, 200);
+    assert_eq!(manage("/api-description", None).status, 200);
+    assert!(s.metrics_text().contains("ts_inference_requests_total"));
+
+    // The API key issues a new inference key; the old one stops working.
+    assert_error(
+        &manage("/token?type=inference", Some(&management)),
+        400,
+        "InvalidKeyException",
+        refused,
+    );
+    assert_error(
+        &manage("/token?type=everything", Some(&api)),
+        400,
+        "InvalidKeyException",
+        refused,
+    );
+    let r = manage("/token?type=inference", Some(&api));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let fresh = format!("Bearer {}", r.json()["inference"]["key"].as_str().unwrap());
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    assert_eq!(
+        format!("Bearer {}", on_disk["inference"]["key"].as_str().unwrap()),
+        fresh
+    );
+    assert_eq!(on_disk["management"], keys["management"]);
+    assert_error(
+        &predict(Some(&inference)),
+        400,
+        "InvalidKeyException",
+        refused,
+    );
+    assert_eq!(predict(Some(&fresh)).status, 200);
+
+    assert!(s.stop().success());
+    assert!(!key_file.exists(), "the keys end with the server");
+
+    // --disable-token-auth turns it all off.
+    s.start(&[
+        "--models",
+        &format!("scale={v1}"),
+        "--ncs",
+        "--disable-token-auth",
+    ]);
+    assert!(!key_file.exists());
+    assert_eq!(predict(None).status, 200);
+    assert_eq!(manage("/models", None).status, 200);
+    assert_error(
+        &manage("/token?type=inference", None),
+        404,
+        "ResourceNotFoundException",
+        "",
+    );
+}
+
+#[test]
 fn extraction_folders_go_away_even_after_a_crash() {
     let (mut s, v1, _) = scale_server("");
     s.start(&["--models", &format!("scale={v1}"), "--ncs"]);

@@ -129,7 +129,9 @@ impl Server {
             }
         };
         format!(
-            "inference_address={}\nmanagement_address={}\nmetrics_address={}\nmodel_store={}\n{}\n",
+            // Token authorization is tested on its own; the extra config can turn it back on.
+            "inference_address={}\nmanagement_address={}\nmetrics_address={}\nmodel_store={}\n\
+             disable_token_authorization=true\n{}\n",
             url(&self.inference),
             url(&self.management),
             url(&self.metrics),
@@ -189,6 +191,11 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The server's working folder.
+    pub fn home(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The server's temp folder (TMPDIR), inside the test's folder.

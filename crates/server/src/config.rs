@@ -148,12 +148,14 @@ pub struct Config {
     pub cpu_threads: usize,
     /// `disable_token_authorization`.
     pub disable_token_authorization: bool,
+    /// `token_expiration_min`: how long inference and management keys live.
+    pub token_expiration: Duration,
     /// Keys that were present but are not used by tchserve.
     pub ignored_keys: Vec<String>,
 }
 
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
-const ENV_KEYS: [&str; 16] = [
+const ENV_KEYS: [&str; 17] = [
     "inference_address",
     "management_address",
     "metrics_address",
@@ -170,6 +172,7 @@ const ENV_KEYS: [&str; 16] = [
     "metrics_mode",
     "cpu_threads",
     "disable_token_authorization",
+    "token_expiration_min",
 ];
 
 /// Keys TorchServe knows that tchserve reads but does not act on, which are not worth a warning.
@@ -201,6 +204,7 @@ impl Default for Config {
             metrics_mode: "prometheus".into(),
             cpu_threads: std::thread::available_parallelism().map_or(1, usize::from),
             disable_token_authorization: false,
+            token_expiration: Duration::from_secs(60 * 60),
             ignored_keys: Vec::new(),
         }
     }
@@ -315,6 +319,14 @@ impl Config {
                 }
                 "enable_model_api" => cfg.enable_model_api = boolean()?,
                 "disable_token_authorization" => cfg.disable_token_authorization = boolean()?,
+                "token_expiration_min" => {
+                    cfg.token_expiration = value
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|m| m.is_finite() && *m > 0.0)
+                        .and_then(|m| Duration::try_from_secs_f64(m * 60.0).ok())
+                        .ok_or_else(|| bad("expected a positive number of minutes"))?;
+                }
                 "metrics_mode" => match value {
                     "prometheus" | "log" | "legacy" => cfg.metrics_mode = value.to_string(),
                     _ => return Err(bad("expected prometheus, log or legacy")),
@@ -435,6 +447,28 @@ mod tests {
         let e = Config::from_properties(&parse_properties("model_store=$$NOPE$$\n"), &no_env)
             .unwrap_err();
         assert!(e.to_string().contains("NOPE is not set"), "{e}");
+    }
+
+    #[test]
+    fn token_settings() {
+        let cfg = Config::from_properties(&parse_properties(""), &no_env).unwrap();
+        assert!(!cfg.disable_token_authorization, "on by default, as TorchServe's");
+        assert_eq!(cfg.token_expiration, Duration::from_secs(3600));
+        let cfg = Config::from_properties(
+            &parse_properties("disable_token_authorization=true\ntoken_expiration_min=0.5\n"),
+            &no_env,
+        )
+        .unwrap();
+        assert!(cfg.disable_token_authorization);
+        assert_eq!(cfg.token_expiration, Duration::from_secs(30));
+        for bad in ["0", "-1", "soon", "NaN"] {
+            let e = Config::from_properties(
+                &parse_properties(&format!("token_expiration_min={bad}\n")),
+                &no_env,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("token_expiration_min"), "{e}");
+        }
     }
 
     #[test]

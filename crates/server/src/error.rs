@@ -45,6 +45,15 @@ impl ApiError {
         )
     }
 
+    /// 400 InvalidKeyException: token authorization refused the request.
+    pub fn invalid_key() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidKeyException",
+            "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
+        )
+    }
+
     /// 404 ResourceNotFoundException, for unknown paths.
     pub fn resource_not_found() -> Self {
         Self::new(

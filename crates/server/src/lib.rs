@@ -2,6 +2,7 @@
 //! registry of model versions, each served by a worker pool from `tchserve-runtime`.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod metrics;

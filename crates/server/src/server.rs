@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
+use crate::auth::Tokens;
 use crate::config::{Address, Config};
 use crate::metrics::Metrics;
 use crate::registry::{RegisterParams, Registry};
@@ -27,6 +28,9 @@ pub struct Options {
     pub snapshots: bool,
     /// Folder for logs and snapshots.
     pub log_dir: PathBuf,
+    /// Where token authorization publishes its keys (TorchServe: `key_file.json` in the
+    /// working folder).
+    pub key_file: PathBuf,
 }
 
 /// Why the server could not start.
@@ -43,6 +47,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// Token authorization could not publish its keys.
+    #[error(transparent)]
+    KeyFile(#[from] crate::auth::KeyFileError),
     /// A listener failed while serving.
     #[error("listener failed: {0}")]
     Serve(std::io::Error),
@@ -78,11 +85,20 @@ pub async fn run(
         scratch.clone(),
         cuda,
     ));
+    let tokens = if config.disable_token_authorization {
+        tracing::info!("token authorization is off");
+        None
+    } else {
+        let t = Tokens::create(opts.key_file.clone(), config.token_expiration)?;
+        tracing::info!("token authorization is on: keys in {}", t.file().display());
+        Some(Arc::new(t))
+    };
     let state = AppState {
         registry: Arc::clone(&registry),
         metrics: Metrics::new(),
         config: Arc::clone(&config),
         snapshot_dir: opts.snapshots.then(|| opts.log_dir.join("config")),
+        tokens: tokens.clone(),
     };
 
     let restored = match &state.snapshot_dir {
@@ -175,6 +191,9 @@ pub async fn run(
     })
     .await;
     let _ = std::fs::remove_dir_all(&scratch);
+    if let Some(t) = tokens {
+        t.remove_file();
+    }
     tracing::info!("stopped");
     result
 }

@@ -46,7 +46,7 @@ pub struct Args {
     /// Neither restore nor write snapshots of the registered models.
     #[arg(long = "no-config-snapshots", visible_alias = "ncs")]
     no_config_snapshots: bool,
-    /// Turn token authorization off (tchserve does not check tokens yet, so this changes nothing).
+    /// Turn token authorization off: no keys are written or asked for.
     #[arg(long = "disable-token-auth", visible_alias = "dt")]
     disable_token_auth: bool,
     /// Allow registering and unregistering models through the management API.
@@ -154,6 +154,7 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
             config,
             snapshots: !args.no_config_snapshots,
             log_dir: dir,
+            key_file: PathBuf::from("key_file.json"),
         },
         control::shutdown_signal(),
     ))?;

@@ -9,15 +9,24 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use tchserve_runtime::job::{Job, Part, Payload};
 
-use super::{AppState, common_headers, not_found, openapi, status_message, with_description};
+use super::{
+    AppState, common_headers, inference_key, not_found, openapi, status_message, with_description,
+};
 use crate::error::{ApiError, json_response};
 
 /// The inference listener's routes.
 pub fn router(state: AppState) -> Router {
-    with_description(Router::new(), doc)
-        .route("/ping", any(ping))
+    let keyed = Router::new()
         .route("/predictions/{model}", any(predict_default))
         .route("/predictions/{model}/{version}", any(predict_version))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            inference_key,
+        ));
+    // /ping answers without a key, unlike TorchServe's: health probes (Kubernetes, load
+    // balancers) cannot carry a key that changes every hour.
+    with_description(keyed, doc)
+        .route("/ping", any(ping))
         .fallback(not_found)
         // Multipart bodies are read by axum's extractor, which applies this limit.
         .layer(axum::extract::DefaultBodyLimit::max(

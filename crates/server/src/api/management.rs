@@ -12,8 +12,10 @@ use serde_json::{Value, json};
 use tchserve_runtime::pool::WorkerState;
 
 use super::{
-    AppState, common_headers, not_allowed, not_found, openapi, status_message, with_description,
+    AppState, common_headers, management_key, not_allowed, not_found, openapi, status_message,
+    with_description,
 };
+use crate::auth::{RenewError, Scope};
 use crate::error::{ApiError, json_response};
 use crate::registry::{ModelVersion, RegisterParams, ScaleOutcome};
 
@@ -21,7 +23,7 @@ type Params = Query<HashMap<String, String>>;
 
 /// The management listener's routes.
 pub fn router(state: AppState) -> Router {
-    with_description(Router::new(), doc)
+    let keyed = Router::new()
         .route("/models", get(list).post(register).fallback(not_allowed))
         .route(
             "/models/{model}",
@@ -41,6 +43,13 @@ pub fn router(state: AppState) -> Router {
             "/models/{model}/{version}/set-default",
             put(set_default).fallback(not_allowed),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            management_key,
+        ));
+    // /token checks the API key itself.
+    with_description(keyed, doc)
+        .route("/token", get(renew_token).fallback(not_allowed))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -74,9 +83,40 @@ fn doc() -> Value {
                 &["PUT"],
                 "Make a version the default.",
             ),
+            (
+                "/token",
+                &["GET"],
+                "With the API key: issue a new inference or management key (type=inference|management).",
+            ),
             ("/api-description", &["GET"], "This API description."),
         ],
     )
+}
+
+/// `GET /token?type=inference|management`: a fresh key of that type, for the API key's holder.
+async fn renew_token(
+    State(st): State<AppState>,
+    Query(q): Params,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let Some(tokens) = &st.tokens else {
+        return Err(ApiError::resource_not_found());
+    };
+    let scope = q
+        .get("type")
+        .and_then(|t| Scope::parse(t))
+        .ok_or_else(ApiError::invalid_key)?;
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match tokens.renew(scope, header) {
+        Ok(entry) => {
+            tracing::info!("issued a new {} key", scope.name());
+            Ok(json_response(StatusCode::OK, &entry))
+        }
+        Err(RenewError::Denied) => Err(ApiError::invalid_key()),
+        Err(RenewError::File(e)) => Err(ApiError::internal(e.to_string())),
+    }
 }
 
 fn int(params: &HashMap<String, String>, key: &str) -> Option<i64> {

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use crate::auth::{Scope, Tokens};
 use crate::config::Config;
 use crate::error::{ApiError, json_response};
 use crate::metrics::Metrics;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Where snapshots go; `None` with `--ncs`.
     pub snapshot_dir: Option<PathBuf>,
+    /// The keys requests must carry; `None` when token authorization is off.
+    pub tokens: Option<Arc<Tokens>>,
 }
 
 impl AppState {
@@ -68,6 +71,29 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     st.metrics.count_status(status);
     tracing::info!(target: "access", %method, %path, status, us = started.elapsed().as_micros() as u64, "request");
     resp
+}
+
+/// Lets a request through only with the inference key (when token authorization is on).
+pub async fn inference_key(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    require_key(&st, Scope::Inference, req, next).await
+}
+
+/// Lets a request through only with the management key (when token authorization is on).
+pub async fn management_key(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    require_key(&st, Scope::Management, req, next).await
+}
+
+async fn require_key(st: &AppState, scope: Scope, req: Request, next: Next) -> Response {
+    if let Some(tokens) = &st.tokens {
+        let header = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !tokens.allows(scope, header) {
+            return ApiError::invalid_key().into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// `{"status": "..."}` with a status code.
