@@ -10,7 +10,7 @@ use tch::CModule;
 
 use crate::batch::Next;
 use crate::handler::{Decoded, Pipeline};
-use crate::job::{Job, PredictError, Prediction, Timings};
+use crate::job::{Job, Payload, PredictError, Prediction, Timings};
 use crate::model::load_module;
 use crate::pool::{ModelSpec, PoolConfig, Shared, ThreadBudget, WorkerState};
 
@@ -122,6 +122,7 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
 
 fn serve(ctx: &Context, model: &Loaded) -> Ended {
     let mut threads = 0;
+    let mut cost = DecodeCost::default();
     loop {
         if ctx.stop.load(Ordering::Relaxed) {
             return Ended::Stopped;
@@ -139,7 +140,8 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
         }
         // A panic drops the batch's reply channels, so each waiting client learns the worker died.
         if catch_unwind(AssertUnwindSafe(|| {
-            process(ctx, &model.module, &model.pipeline, jobs)
+            let width = cost.width(jobs.len(), share);
+            process(ctx, model, jobs, width, &mut cost)
         }))
         .is_err()
         {
@@ -148,23 +150,104 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
     }
 }
 
+/// Running mean of one request's decoding time, which decides whether a batch's decoding is
+/// worth spreading over threads: images take milliseconds each, JSON tensors microseconds.
+#[derive(Debug, Default)]
+struct DecodeCost {
+    mean_us: Option<f64>,
+}
+
+impl DecodeCost {
+    /// Below this much decoding per thread, starting a thread costs more than it saves.
+    const PER_THREAD_US: f64 = 500.0;
+
+    fn record(&mut self, took: Duration) {
+        let us = took.as_secs_f64() * 1e6;
+        self.mean_us = Some(match self.mean_us {
+            Some(m) => 0.8 * m + 0.2 * us,
+            None => us,
+        });
+    }
+
+    /// How many threads should decode a batch of `jobs` when the worker holds `threads`.
+    fn width(&self, jobs: usize, threads: usize) -> usize {
+        let Some(mean) = self.mean_us else {
+            return 1;
+        };
+        let worth = (mean * jobs as f64 / Self::PER_THREAD_US) as usize;
+        worth.clamp(1, threads.clamp(1, jobs.max(1)))
+    }
+}
+
+/// Decodes each payload, on `width` threads (the caller's among them), in order.
+fn decode_all(
+    pipeline: &Pipeline,
+    payloads: &[&Payload],
+    width: usize,
+    cost: &mut DecodeCost,
+) -> Vec<Result<Decoded, PredictError>> {
+    let timed = |chunk: &[&Payload]| -> Vec<(Result<Decoded, PredictError>, Duration)> {
+        chunk
+            .iter()
+            .map(|p| {
+                let t = Instant::now();
+                (pipeline.decode(p), t.elapsed())
+            })
+            .collect()
+    };
+    let results = if width <= 1 {
+        timed(payloads)
+    } else {
+        // The forward has not started yet, so the worker's intra-op cores are free for this.
+        let chunk = payloads.len().div_ceil(width);
+        std::thread::scope(|s| {
+            let mut parts = payloads.chunks(chunk);
+            let mine = parts.next().unwrap_or(&[]);
+            let helpers: Vec<_> = parts.map(|c| s.spawn(move || timed(c))).collect();
+            let mut all = timed(mine);
+            for h in helpers {
+                match h.join() {
+                    Ok(part) => all.extend(part),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            all
+        })
+    };
+    results
+        .into_iter()
+        .map(|(r, took)| {
+            cost.record(took);
+            r
+        })
+        .collect()
+}
+
 /// Serves one batch: decode each request (bad ones fail alone), run the model once for all,
 /// and answer each request on its own channel.
-fn process(ctx: &Context, module: &CModule, pipeline: &Pipeline, jobs: Vec<Job>) {
+fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, width: usize, cost: &mut DecodeCost) {
+    let (module, pipeline) = (&model.module, &model.pipeline);
     let started = Instant::now();
     // Metrics report the batch as gathered, even when a failure makes it run request by request.
     let gathered = jobs.len();
     let timeout = ctx.config.response_timeout;
-    let mut live: Vec<(Job, Decoded)> = Vec::with_capacity(jobs.len());
+    let mut fresh = Vec::with_capacity(jobs.len());
     for job in jobs {
         if job.enqueued.elapsed() > timeout {
             let _ = job.reply.send((
                 Err(PredictError::Timeout(timeout.as_secs())),
                 Timings::default(),
             ));
-            continue;
+        } else {
+            fresh.push(job);
         }
-        match pipeline.decode(&job.payload) {
+    }
+    let payloads: Vec<&Payload> = fresh.iter().map(|j| &j.payload).collect();
+    let decoded = decode_all(pipeline, &payloads, width, cost);
+    drop(payloads);
+    let mut live: Vec<(Job, Decoded)> = Vec::with_capacity(fresh.len());
+    for (job, d) in fresh.into_iter().zip(decoded) {
+        match d {
             Ok(d) => live.push((job, d)),
             Err(e) => answer(job, Err(e), started, gathered),
         }
@@ -211,4 +294,42 @@ fn answer(job: Job, result: Result<Vec<u8>, PredictError>, started: Instant, bat
         content_type: "application/json",
     });
     let _ = job.reply.send((reply, t));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding_spreads_only_when_it_pays() {
+        let mut c = DecodeCost::default();
+        assert_eq!(c.width(8, 2), 1, "nothing measured yet");
+        c.record(Duration::from_micros(20));
+        assert_eq!(
+            c.width(8, 2),
+            1,
+            "JSON tensors: 8 x 20 us is not worth a thread"
+        );
+        let mut c = DecodeCost::default();
+        c.record(Duration::from_millis(2));
+        assert_eq!(
+            c.width(8, 2),
+            2,
+            "images: as many threads as the worker holds"
+        );
+        assert_eq!(c.width(8, 16), 8, "never more threads than requests");
+        assert_eq!(c.width(1, 16), 1);
+        assert_eq!(c.width(8, 1), 1);
+        assert_eq!(c.width(8, 0), 1);
+    }
+
+    #[test]
+    fn the_mean_follows_recent_requests() {
+        let mut c = DecodeCost::default();
+        c.record(Duration::from_millis(2));
+        for _ in 0..40 {
+            c.record(Duration::from_micros(10));
+        }
+        assert_eq!(c.width(8, 2), 1);
+    }
 }

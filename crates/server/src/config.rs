@@ -452,7 +452,10 @@ mod tests {
     #[test]
     fn token_settings() {
         let cfg = Config::from_properties(&parse_properties(""), &no_env).unwrap();
-        assert!(!cfg.disable_token_authorization, "on by default, as TorchServe's");
+        assert!(
+            !cfg.disable_token_authorization,
+            "on by default, as TorchServe's"
+        );
         assert_eq!(cfg.token_expiration, Duration::from_secs(3600));
         let cfg = Config::from_properties(
             &parse_properties("disable_token_authorization=true\ntoken_expiration_min=0.5\n"),
