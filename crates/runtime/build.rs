@@ -20,5 +20,7 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false)
+        // libtorch's headers would add tens of MB of debug information to every binary.
+        .debug(false)
         .compile("tchserve_vision_ops");
 }
