@@ -32,7 +32,7 @@ pub fn run(model_store: Option<&Path>, models: &[String]) -> anyhow::Result<bool
             ),
             Err(e) => {
                 all_ok = false;
-                println!("FAIL  {}: {e:#}", path.display());
+                println!("FAIL  {}: {}", path.display(), crate::describe(&e));
             }
         }
     }

@@ -48,7 +48,10 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// Token authorization could not publish its keys.
-    #[error(transparent)]
+    #[error(
+        "{0}; start tchserve from a folder it can write to, or turn token authorization off \
+         (--disable-token-auth)"
+    )]
     KeyFile(#[from] crate::auth::KeyFileError),
     /// A listener failed while serving.
     #[error("listener failed: {0}")]

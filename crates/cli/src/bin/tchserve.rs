@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("tchserve: {e:#}");
+            eprintln!("tchserve: {}", tchserve_cli::describe(&e));
             ExitCode::FAILURE
         }
     }
