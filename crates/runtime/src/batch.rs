@@ -9,11 +9,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-/// How long a free worker polls for its next request before it sleeps. Waking a sleeping thread
-/// costs tens of microseconds, about half of a small model's whole request; the poll yields the
-/// core at each turn, so under load it takes no time from the threads that have work.
-const SPIN: Duration = Duration::from_micros(250);
-
 /// Batch size and delay of one model version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Batcher {
@@ -47,9 +42,15 @@ pub enum Next<T> {
 }
 
 impl Batcher {
-    /// Waits up to `idle` for a first item, then gathers a batch.
-    pub fn next_batch<T: Batchable>(&self, queue: &Receiver<T>, idle: Duration) -> Next<T> {
-        let spin_until = Instant::now() + SPIN;
+    /// Waits up to `idle` for a first item, then gathers a batch. For the first `poll` of that
+    /// wait the thread polls the queue, yielding its core at each turn, instead of sleeping.
+    pub fn next_batch<T: Batchable>(
+        &self,
+        queue: &Receiver<T>,
+        idle: Duration,
+        poll: Duration,
+    ) -> Next<T> {
+        let spin_until = Instant::now() + poll;
         let first = loop {
             if Instant::now() < spin_until {
                 match queue.try_recv() {
@@ -128,7 +129,7 @@ mod tests {
         };
         let started = Instant::now();
         assert_eq!(
-            batch_of(b.next_batch(&rx, Duration::from_secs(1))),
+            batch_of(b.next_batch(&rx, Duration::from_secs(1), Duration::ZERO)),
             [0, 1, 2, 3]
         );
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -138,7 +139,10 @@ mod tests {
             max_delay: Duration::from_millis(50),
         };
         let started = Instant::now();
-        assert_eq!(batch_of(b.next_batch(&rx, Duration::from_secs(1))), [4]);
+        assert_eq!(
+            batch_of(b.next_batch(&rx, Duration::from_secs(1), Duration::ZERO)),
+            [4]
+        );
         assert!(started.elapsed() >= Duration::from_millis(50));
     }
 
@@ -156,8 +160,14 @@ mod tests {
             batch_size: 8,
             max_delay: Duration::from_millis(200),
         };
-        assert_eq!(batch_of(b.next_batch(&rx, Duration::from_secs(1))), [1, 2]);
-        assert_eq!(batch_of(b.next_batch(&rx, Duration::from_secs(2))), [3]);
+        assert_eq!(
+            batch_of(b.next_batch(&rx, Duration::from_secs(1), Duration::ZERO)),
+            [1, 2]
+        );
+        assert_eq!(
+            batch_of(b.next_batch(&rx, Duration::from_secs(2), Duration::ZERO)),
+            [3]
+        );
         sender.join().unwrap();
     }
 
@@ -171,7 +181,43 @@ mod tests {
             batch_size: 8,
             max_delay: Duration::ZERO,
         };
-        assert_eq!(batch_of(b.next_batch(&rx, Duration::from_secs(1))), [1, 3]);
+        assert_eq!(
+            batch_of(b.next_batch(&rx, Duration::from_secs(1), Duration::ZERO)),
+            [1, 3]
+        );
+    }
+
+    #[test]
+    fn polling_keeps_the_semantics() {
+        let (tx, rx) = bounded::<Item>(4);
+        let b = Batcher {
+            batch_size: 2,
+            max_delay: Duration::ZERO,
+        };
+        let poll = Duration::from_millis(5);
+        assert!(matches!(
+            b.next_batch(&rx, Duration::from_millis(10), poll),
+            Next::Idle
+        ));
+        tx.send(Item(1, false)).unwrap();
+        tx.send(Item(2, true)).unwrap();
+        assert_eq!(
+            batch_of(b.next_batch(&rx, Duration::from_secs(1), poll)),
+            [2]
+        );
+        let later = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1));
+            tx.send(Item(3, true)).unwrap();
+        });
+        assert_eq!(
+            batch_of(b.next_batch(&rx, Duration::from_secs(1), poll)),
+            [3]
+        );
+        later.join().unwrap();
+        assert!(matches!(
+            b.next_batch(&rx, Duration::from_millis(10), poll),
+            Next::Closed
+        ));
     }
 
     #[test]
@@ -182,12 +228,12 @@ mod tests {
             max_delay: Duration::ZERO,
         };
         assert!(matches!(
-            b.next_batch(&rx, Duration::from_millis(10)),
+            b.next_batch(&rx, Duration::from_millis(10), Duration::ZERO),
             Next::Idle
         ));
         drop(tx);
         assert!(matches!(
-            b.next_batch(&rx, Duration::from_millis(10)),
+            b.next_batch(&rx, Duration::from_millis(10), Duration::ZERO),
             Next::Closed
         ));
     }

@@ -16,6 +16,11 @@ use crate::pool::{ModelSpec, PoolConfig, Shared, ThreadBudget, WorkerState};
 
 /// How often an idle worker looks at its stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
+/// How long a worker that has just served a batch polls for its next request before it sleeps.
+/// Waking a sleeping thread costs tens of microseconds, about half of a small model's whole
+/// request; the poll yields the core at each turn, so under load it takes no time from threads
+/// with work, and a worker that went idle does not poll again until it has served something.
+const POLL_AFTER_BATCH: Duration = Duration::from_micros(250);
 /// Forwards run on a fixed-shape model before it counts as ready.
 const WARMUP_FORWARDS: usize = 3;
 /// Seconds to wait before reloading after the n-th consecutive failure (TorchServe's schedule).
@@ -123,13 +128,20 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
 fn serve(ctx: &Context, model: &Loaded) -> Ended {
     let mut threads = 0;
     let mut cost = DecodeCost::default();
+    let mut poll = Duration::ZERO;
     loop {
         if ctx.stop.load(Ordering::Relaxed) {
             return Ended::Stopped;
         }
-        let jobs = match ctx.config.batcher.next_batch(&ctx.queue, IDLE_POLL) {
-            Next::Batch(jobs) => jobs,
-            Next::Idle => continue,
+        let jobs = match ctx.config.batcher.next_batch(&ctx.queue, IDLE_POLL, poll) {
+            Next::Batch(jobs) => {
+                poll = POLL_AFTER_BATCH;
+                jobs
+            }
+            Next::Idle => {
+                poll = Duration::ZERO;
+                continue;
+            }
             Next::Closed => return Ended::Stopped,
         };
         let (share, _busy) = ctx.budget.enter();
@@ -186,15 +198,24 @@ fn decode_all(
     width: usize,
     cost: &mut DecodeCost,
 ) -> Vec<Result<Decoded, PredictError>> {
+    // A decoder that panics on some input fails that request alone, not its batch or the worker.
+    let one = |p: &Payload| {
+        catch_unwind(AssertUnwindSafe(|| pipeline.decode(p))).unwrap_or_else(|_| {
+            Err(PredictError::ModelFailed(
+                "decoding this input crashed the decoder".into(),
+            ))
+        })
+    };
     let timed = |chunk: &[&Payload]| -> Vec<(Result<Decoded, PredictError>, Duration)> {
         chunk
             .iter()
             .map(|p| {
                 let t = Instant::now();
-                (pipeline.decode(p), t.elapsed())
+                (one(p), t.elapsed())
             })
             .collect()
     };
+    let width = width.min(payloads.len());
     let results = if width <= 1 {
         timed(payloads)
     } else {
@@ -203,12 +224,22 @@ fn decode_all(
         std::thread::scope(|s| {
             let mut parts = payloads.chunks(chunk);
             let mine = parts.next().unwrap_or(&[]);
-            let helpers: Vec<_> = parts.map(|c| s.spawn(move || timed(c))).collect();
+            // A part whose thread cannot start is decoded here instead.
+            let helpers: Vec<_> = parts
+                .map(|c| {
+                    std::thread::Builder::new()
+                        .spawn_scoped(s, move || timed(c))
+                        .map_err(|_| c)
+                })
+                .collect();
             let mut all = timed(mine);
             for h in helpers {
-                match h.join() {
-                    Ok(part) => all.extend(part),
-                    Err(panic) => std::panic::resume_unwind(panic),
+                match h {
+                    Ok(h) => match h.join() {
+                        Ok(part) => all.extend(part),
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    },
+                    Err(c) => all.extend(timed(c)),
                 }
             }
             all
@@ -321,6 +352,40 @@ mod tests {
         assert_eq!(c.width(1, 16), 1);
         assert_eq!(c.width(8, 1), 1);
         assert_eq!(c.width(8, 0), 1);
+    }
+
+    #[test]
+    fn decode_all_keeps_order_and_copes_with_empty_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = tchserve_mar::handler::builtin("tensor").unwrap();
+        let pipeline = Pipeline::new(&manifest, dir.path()).unwrap();
+        let payload = |body: &str| Payload {
+            parts: vec![crate::job::Part {
+                name: "body".into(),
+                content_type: Some("application/json".into()),
+                data: body.as_bytes().to_vec().into(),
+            }],
+            ..Payload::default()
+        };
+        let mut cost = DecodeCost::default();
+        assert!(decode_all(&pipeline, &[], 2, &mut cost).is_empty());
+        let bodies: Vec<Payload> = ["[1]", "not json", "[3]", "[4]", "[5]"]
+            .iter()
+            .map(|b| payload(b))
+            .collect();
+        let refs: Vec<&Payload> = bodies.iter().collect();
+        for width in [1, 2, 3, 8] {
+            let out = decode_all(&pipeline, &refs, width, &mut cost);
+            let firsts: Vec<Option<f64>> = out
+                .iter()
+                .map(|r| r.as_ref().ok().map(|d| d.tensor.double_value(&[0])))
+                .collect();
+            assert_eq!(
+                firsts,
+                [Some(1.0), None, Some(3.0), Some(4.0), Some(5.0)],
+                "width {width}"
+            );
+        }
     }
 
     #[test]

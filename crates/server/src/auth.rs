@@ -53,13 +53,13 @@ pub struct KeyFileError {
     pub source: std::io::Error,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Key {
     value: String,
     expires: DateTime<Utc>,
 }
 
-#[derive(Debug)]
+#[derive(Clone)]
 struct Keys {
     inference: Key,
     management: Key,
@@ -67,11 +67,23 @@ struct Keys {
 }
 
 /// The live keys and the file that publishes them.
-#[derive(Debug)]
 pub struct Tokens {
     keys: Mutex<Keys>,
+    /// Held while a renewal writes the file, so two renewals cannot publish out of order, while
+    /// requests checking keys only ever wait for `keys`, which is never held across I/O.
+    renewing: Mutex<()>,
     lifetime: Duration,
     file: PathBuf,
+}
+
+/// Leaves the keys out, so that logging the server's state cannot leak them.
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("file", &self.file)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Tokens {
@@ -82,17 +94,18 @@ impl Tokens {
             value: random_key(),
             expires: now + lifetime,
         };
-        let tokens = Tokens {
-            keys: Mutex::new(Keys {
-                inference: key(),
-                management: key(),
-                api: random_key(),
-            }),
+        let keys = Keys {
+            inference: key(),
+            management: key(),
+            api: random_key(),
+        };
+        write_file(&file, &keys)?;
+        Ok(Tokens {
+            keys: Mutex::new(keys),
+            renewing: Mutex::new(()),
             lifetime,
             file,
-        };
-        tokens.write_file(&tokens.lock())?;
-        Ok(tokens)
+        })
     }
 
     /// The key file's path.
@@ -114,13 +127,15 @@ impl Tokens {
     }
 
     /// Issues a new key for `scope` when `authorization` carries the API key, rewrites the key
-    /// file, and returns the new entry as it appears there.
+    /// file, and returns the new entry as it appears there. The new key replaces the old one
+    /// only once the file says so: a failed write leaves both as they were.
     pub fn renew(&self, scope: Scope, authorization: Option<&str>) -> Result<Value, RenewError> {
         let Some(given) = authorization.and_then(bearer) else {
             return Err(RenewError::Denied);
         };
-        let mut keys = self.lock();
-        if !same(given, &keys.api) {
+        let _one_at_a_time = self.renewing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.lock().clone();
+        if !same(given, &next.api) {
             return Err(RenewError::Denied);
         }
         let fresh = Key {
@@ -128,18 +143,25 @@ impl Tokens {
             expires: Utc::now() + self.lifetime,
         };
         match scope {
-            Scope::Inference => keys.inference = fresh.clone(),
-            Scope::Management => keys.management = fresh.clone(),
+            Scope::Inference => next.inference = fresh.clone(),
+            Scope::Management => next.management = fresh.clone(),
         }
-        self.write_file(&keys).map_err(RenewError::File)?;
+        write_file(&self.file, &next).map_err(RenewError::File)?;
+        *self.lock() = next;
         Ok(json!({ scope.name(): entry(&fresh) }))
     }
 
-    /// Deletes the key file (at a graceful stop: the keys die with the server).
+    /// Deletes the key file when it still holds this server's keys (at a stop: the keys die with
+    /// the server), leaving alone a file another server has written since.
     pub fn remove_file(&self) {
-        if let Err(e) = std::fs::remove_file(&self.file)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
+        let ours = std::fs::read_to_string(&self.file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .is_some_and(|doc| doc["API"]["key"].as_str() == Some(self.lock().api.as_str()));
+        if !ours {
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(&self.file) {
             tracing::warn!("cannot remove {}: {e}", self.file.display());
         }
     }
@@ -148,33 +170,41 @@ impl Tokens {
         // The keys are replaced whole, so a panic elsewhere cannot leave them half-written.
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    /// Writes through a private temp file and a rename, so a reader never sees half a file and
-    /// the keys are never readable by other users, not even for a moment.
-    fn write_file(&self, keys: &Keys) -> Result<(), KeyFileError> {
-        let mut doc = Map::new();
-        doc.insert("management".into(), entry(&keys.management));
-        doc.insert("inference".into(), entry(&keys.inference));
-        doc.insert("API".into(), json!({ "key": keys.api }));
-        let text = serde_json::to_string_pretty(&Value::Object(doc)).unwrap_or_default();
-        let err = |source| KeyFileError {
-            path: self.file.clone(),
-            source,
-        };
-        let tmp = self
-            .file
-            .with_extension(format!("json.{}", uuid::Uuid::new_v4()));
-        let written = (|| {
-            let mut f = open_private(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.file)
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written.map_err(err)
+/// Writes through a private temp file and a rename, so a reader never sees half a file and the
+/// keys are never readable by other users, not even for a moment.
+fn write_file(file: &Path, keys: &Keys) -> Result<(), KeyFileError> {
+    let mut doc = Map::new();
+    doc.insert("management".into(), entry(&keys.management));
+    doc.insert("inference".into(), entry(&keys.inference));
+    doc.insert("API".into(), json!({ "key": keys.api }));
+    let text = serde_json::to_string_pretty(&Value::Object(doc)).unwrap_or_default();
+    let tmp = file.with_extension(format!("json.{}", uuid::Uuid::new_v4()));
+    let written = (|| {
+        let mut f = open_private(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, file)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(|source| KeyFileError {
+        path: file.to_path_buf(),
+        source,
+    })
+}
+
+/// Removes the key file when dropped, so that every way out of the server (a graceful stop, a
+/// listener that cannot bind) takes its keys with it.
+#[derive(Debug)]
+pub struct KeyFileGuard(pub std::sync::Arc<Tokens>);
+
+impl Drop for KeyFileGuard {
+    fn drop(&mut self) {
+        self.0.remove_file();
     }
 }
 
@@ -303,8 +333,20 @@ mod tests {
         assert!(t.allows(Scope::Management, Some(&bearer(keys[1]))));
         assert!(!t.allows(Scope::Inference, Some(&bearer(keys[2]))));
         assert!(!t.allows(Scope::Inference, None));
+        // A file another server has written since is not ours to remove.
+        let theirs = std::fs::read_to_string(&file)
+            .unwrap()
+            .replace(keys[2], "someone-else");
+        std::fs::write(&file, &theirs).unwrap();
+        t.remove_file();
+        assert!(file.exists());
+        std::fs::write(&file, serde_json::to_string(&doc).unwrap()).unwrap();
         t.remove_file();
         assert!(!file.exists());
+        assert!(
+            !format!("{t:?}").contains(keys[0]),
+            "Debug leaves the keys out"
+        );
     }
 
     #[test]
@@ -324,6 +366,22 @@ mod tests {
             lifetime: Duration::from_secs(60),
             ..t
         };
+        // A failed write publishes nothing and changes nothing.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir(&blocked).unwrap();
+        let stuck = Tokens {
+            file: blocked.clone(),
+            ..Tokens::create(dir.path().join("other.json"), Duration::from_secs(60)).unwrap()
+        };
+        let stuck_api = format!("Bearer {}", stuck.lock().api);
+        let before = stuck.lock().inference.value.clone();
+        assert!(matches!(
+            stuck.renew(Scope::Inference, Some(&stuck_api)),
+            Err(RenewError::File(_))
+        ));
+        assert!(stuck.allows(Scope::Inference, Some(&format!("Bearer {before}"))));
+        std::fs::remove_file(dir.path().join("other.json")).unwrap();
+        std::fs::remove_dir(&blocked).unwrap();
         let fresh = t.renew(Scope::Inference, Some(&api)).unwrap();
         let fresh_key = fresh["inference"]["key"].as_str().unwrap();
         assert_eq!(read(&file)["inference"]["key"], fresh_key);

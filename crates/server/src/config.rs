@@ -323,9 +323,12 @@ impl Config {
                     cfg.token_expiration = value
                         .parse::<f64>()
                         .ok()
-                        .filter(|m| m.is_finite() && *m > 0.0)
+                        // Keys must expire within a representable date; a century is plenty.
+                        .filter(|m| m.is_finite() && *m > 0.0 && *m <= 100.0 * 525_960.0)
                         .and_then(|m| Duration::try_from_secs_f64(m * 60.0).ok())
-                        .ok_or_else(|| bad("expected a positive number of minutes"))?;
+                        .ok_or_else(|| {
+                            bad("expected a positive number of minutes, at most a century")
+                        })?;
                 }
                 "metrics_mode" => match value {
                     "prometheus" | "log" | "legacy" => cfg.metrics_mode = value.to_string(),
@@ -464,7 +467,7 @@ mod tests {
         .unwrap();
         assert!(cfg.disable_token_authorization);
         assert_eq!(cfg.token_expiration, Duration::from_secs(30));
-        for bad in ["0", "-1", "soon", "NaN"] {
+        for bad in ["0", "-1", "soon", "NaN", "99999999999999"] {
             let e = Config::from_properties(
                 &parse_properties(&format!("token_expiration_min={bad}\n")),
                 &no_env,

@@ -109,7 +109,12 @@ async fn renew_token(
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match tokens.renew(scope, header) {
+    let tokens = Arc::clone(tokens);
+    let header = header.map(str::to_owned);
+    // The renewal writes and syncs the key file: blocking work, kept off the async threads.
+    let renewed = tokio::task::spawn_blocking(move || tokens.renew(scope, header.as_deref())).await;
+    let renewed = renewed.map_err(|e| ApiError::internal(format!("renewing the key: {e}")))?;
+    match renewed {
         Ok(entry) => {
             tracing::info!("issued a new {} key", scope.name());
             Ok(json_response(StatusCode::OK, &entry))
