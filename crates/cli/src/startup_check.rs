@@ -7,6 +7,7 @@ use anyhow::bail;
 use tchserve_mar::{Archive, ModelStore};
 use tchserve_runtime::handler::Pipeline;
 use tchserve_runtime::{DevicePolicy, device, model};
+use tchserve_server::scratch::{self, Scratch};
 
 /// Checks the archives `models` names; true when all load.
 pub fn run(model_store: Option<&Path>, models: &[String]) -> anyhow::Result<bool> {
@@ -19,11 +20,11 @@ pub fn run(model_store: Option<&Path>, models: &[String]) -> anyhow::Result<bool
             .map(|r| format!(" ({r})"))
             .unwrap_or_default()
     );
-    let scratch = std::env::temp_dir().join(format!("tchserve-check-{}", std::process::id()));
+    let scratch = Scratch::create(scratch::CHECK);
     let mut all_ok = true;
     for (i, (name, path)) in selected(model_store, models)?.into_iter().enumerate() {
         let started = Instant::now();
-        match check_one(&path, &scratch.join(i.to_string()), dev) {
+        match check_one(&path, &scratch.path().join(i.to_string()), dev) {
             Ok((model_name, version, handler)) => println!(
                 "ok    {} {version}  handler={handler}  {}  {} ms",
                 name.unwrap_or(model_name),
@@ -36,7 +37,6 @@ pub fn run(model_store: Option<&Path>, models: &[String]) -> anyhow::Result<bool
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(all_ok)
 }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod registry;
+pub mod scratch;
 pub mod server;
 pub mod snapshot;
 

@@ -17,6 +17,7 @@ use crate::auth::{KeyFileGuard, Tokens};
 use crate::config::{Address, Config};
 use crate::metrics::Metrics;
 use crate::registry::{RegisterParams, Registry};
+use crate::scratch::{self, Scratch};
 use crate::snapshot;
 
 /// How to run.
@@ -80,13 +81,13 @@ pub async fn run(
         Some(dir) => Some(ModelStore::open(dir).map_err(|e| ServerError::Store(e.to_string()))?),
         None => None,
     };
-    let scratch = std::env::temp_dir().join(format!("tchserve-{}", std::process::id()));
-    remove_stale_scratch(&std::env::temp_dir());
-    let _scratch_lock = lock_scratch(&scratch);
+    scratch::remove_stale(&std::env::temp_dir());
+    // Dropped last, after the registry and its workers: every way out removes the folder.
+    let scratch = Scratch::create(scratch::SERVER);
     let registry = Arc::new(Registry::new(
         Arc::clone(&config),
         store.clone(),
-        scratch.clone(),
+        scratch.path().to_path_buf(),
         cuda,
     ));
     let tokens = if config.disable_token_authorization {
@@ -195,89 +196,8 @@ pub async fn run(
         }
     })
     .await;
-    let _ = std::fs::remove_dir_all(&scratch);
     tracing::info!("stopped");
     result
-}
-
-/// The lock file inside a scratch folder, held by its server for as long as it runs.
-const SCRATCH_LOCK: &str = ".lock";
-
-/// Creates this server's scratch folder and locks it, so that other servers sweeping the temp
-/// folder can tell it is in use even when they cannot see this process (another pid namespace,
-/// as in containers sharing /tmp).
-fn lock_scratch(scratch: &std::path::Path) -> Option<std::fs::File> {
-    let lock = std::fs::create_dir_all(scratch)
-        .and_then(|()| std::fs::File::create(scratch.join(SCRATCH_LOCK)))
-        .and_then(|f| f.try_lock().map(|()| f).map_err(std::io::Error::other));
-    match lock {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!("cannot lock {}: {e}", scratch.display());
-            None
-        }
-    }
-}
-
-/// Removes the extraction folders of tchserve servers that are gone.
-///
-/// A server killed without a graceful stop (SIGKILL, OOM, power loss) cannot delete its
-/// `tchserve-<pid>` folder, and extracted archives are large: without this sweep they pile up
-/// in the temp folder until the disk fills. A folder is removed only when it is a real folder
-/// of this user, named exactly `tchserve-<pid>` or `tchserve-check-<pid>`, and no live process
-/// holds it: nobody holds its lock file, or, without one, its process does not exist.
-fn remove_stale_scratch(temp: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(temp) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(scratch_pid) else {
-            continue;
-        };
-        let path = entry.path();
-        if !owned_folder(&path) {
-            continue;
-        }
-        let stale = match std::fs::File::open(path.join(SCRATCH_LOCK)) {
-            // The lock is released when its holder exits, however it exits.
-            Ok(f) => f.try_lock().is_ok(),
-            Err(_) => !process_alive(pid),
-        };
-        if !stale {
-            continue;
-        }
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => tracing::info!("removed {} left by a stopped server", path.display()),
-            Err(e) => tracing::debug!("cannot remove {}: {e}", path.display()),
-        }
-    }
-}
-
-/// The pid in `tchserve-<pid>` or `tchserve-check-<pid>`, written as the server writes it.
-fn scratch_pid(name: &str) -> Option<i32> {
-    let rest = name.strip_prefix("tchserve-")?;
-    let digits = rest.strip_prefix("check-").unwrap_or(rest);
-    let canonical = !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && !digits.starts_with('0');
-    canonical.then(|| digits.parse().ok()).flatten()
-}
-
-/// Whether `path` is a folder (not a link to one) owned by this process's user.
-fn owned_folder(path: &std::path::Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path).is_ok_and(|m| {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        m.is_dir() && m.uid() == unsafe { libc::geteuid() }
-    })
-}
-
-/// Whether a process with this pid exists (one owned by another user counts as alive).
-fn process_alive(pid: i32) -> bool {
-    // SAFETY: kill(2) with signal 0 sends nothing; it only checks that the pid exists.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// Registrations for `load_models` / `--models`.
@@ -344,44 +264,4 @@ async fn listen(
             })
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_canonical_scratch_names_count() {
-        assert_eq!(scratch_pid("tchserve-123"), Some(123));
-        assert_eq!(scratch_pid("tchserve-check-45"), Some(45));
-        for name in [
-            "tchserve-",
-            "tchserve-+12",
-            "tchserve-007",
-            "tchserve-12a",
-            "tchserve-check-",
-            "tchserve-99999999999",
-            "tchserve",
-            "other-12",
-        ] {
-            assert_eq!(scratch_pid(name), None, "{name}");
-        }
-    }
-
-    #[test]
-    fn a_locked_folder_stays_and_an_unlocked_one_goes() {
-        let temp = tempfile::tempdir().unwrap();
-        // Pids of live processes, so only the lock decides.
-        let me = std::process::id();
-        let held = temp.path().join(format!("tchserve-{me}"));
-        let _lock = lock_scratch(&held).unwrap();
-        let released = temp.path().join("tchserve-1");
-        drop(lock_scratch(&released).unwrap());
-        let unrelated = temp.path().join("tchserve-notes");
-        std::fs::create_dir(&unrelated).unwrap();
-        remove_stale_scratch(temp.path());
-        assert!(held.exists());
-        assert!(!released.exists(), "pid 1 lives, but nobody holds the lock");
-        assert!(unrelated.exists());
-    }
 }

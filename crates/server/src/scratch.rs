@@ -1,0 +1,154 @@
+//! Scratch folders: where a process extracts archives, `$TMPDIR/<prefix>-<pid>`.
+//!
+//! Extracted archives are large. A folder is removed when its owner ends (however it returns),
+//! and a server start sweeps the folders of processes that died without removing theirs (SIGKILL,
+//! OOM, power loss), which would otherwise pile up until the disk fills.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// The prefix of a server's scratch folder.
+pub const SERVER: &str = "tchserve";
+/// The prefix of `tchserve --check`'s scratch folder.
+pub const CHECK: &str = "tchserve-check";
+
+/// The lock file inside a scratch folder, held by its owner for as long as it runs.
+const LOCK: &str = ".lock";
+
+/// This process's scratch folder, created and locked; removed on drop.
+#[derive(Debug)]
+pub struct Scratch {
+    path: PathBuf,
+    /// Held open: the lock lasts as long as the file, and the kernel releases it when the
+    /// process ends, however it ends.
+    _lock: Option<File>,
+}
+
+impl Scratch {
+    /// Creates and locks `$TMPDIR/<prefix>-<pid>`. The lock lets other servers sweeping the temp
+    /// folder tell it is in use even when they cannot see this process (another pid namespace,
+    /// as in containers sharing /tmp).
+    pub fn create(prefix: &str) -> Self {
+        Self::create_in(&std::env::temp_dir(), prefix)
+    }
+
+    fn create_in(temp: &Path, prefix: &str) -> Self {
+        let path = temp.join(format!("{prefix}-{}", std::process::id()));
+        let lock = std::fs::create_dir_all(&path)
+            .and_then(|()| File::create(path.join(LOCK)))
+            .and_then(|f| f.try_lock().map(|()| f).map_err(std::io::Error::other));
+        let lock = match lock {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("cannot lock {}: {e}", path.display());
+                None
+            }
+        };
+        Scratch { path, _lock: lock }
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Removes, from the temp folder `temp`, the scratch folders nobody holds: only real folders of
+/// this user, named exactly `<prefix>-<pid>` with one of the prefixes above, whose lock file
+/// exists and is free. A folder without a lock file is left alone: it may be one being created.
+pub fn remove_stale(temp: &Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_str().is_some_and(is_scratch_name) {
+            continue;
+        }
+        let path = entry.path();
+        if !owned_folder(&path) {
+            continue;
+        }
+        let free = File::open(path.join(LOCK)).is_ok_and(|f| f.try_lock().is_ok());
+        if !free {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!("removed {} left by a stopped server", path.display()),
+            Err(e) => tracing::debug!("cannot remove {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Whether `name` is `<prefix>-<pid>`, written as [`Scratch::create`] writes it.
+fn is_scratch_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(SERVER).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
+    let digits = rest.strip_prefix("check-").unwrap_or(rest);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+        && digits.parse::<u32>().is_ok()
+}
+
+/// Whether `path` is a folder (not a link to one) owned by this process's user.
+fn owned_folder(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        m.is_dir() && m.uid() == unsafe { libc::geteuid() }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_canonical_scratch_names_count() {
+        assert!(is_scratch_name("tchserve-123"));
+        assert!(is_scratch_name("tchserve-check-45"));
+        for name in [
+            "tchserve-",
+            "tchserve-+12",
+            "tchserve-007",
+            "tchserve-12a",
+            "tchserve-check-",
+            "tchserve-99999999999",
+            "tchserve",
+            "tchserve12",
+            "other-12",
+        ] {
+            assert!(!is_scratch_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_locked_folder_stays_and_an_unlocked_one_goes() {
+        let temp = tempfile::tempdir().unwrap();
+        // Pids of live processes, so only the lock decides.
+        let held = Scratch::create_in(temp.path(), SERVER);
+        // What a killed server leaves: its folder and a lock file nobody holds.
+        let released = temp.path().join("tchserve-1");
+        std::fs::create_dir(&released).unwrap();
+        File::create(released.join(LOCK)).unwrap();
+        let unrelated = temp.path().join("tchserve-notes");
+        std::fs::create_dir(&unrelated).unwrap();
+        remove_stale(temp.path());
+        assert!(held.path().exists());
+        assert!(!released.exists(), "pid 1 lives, but nobody holds the lock");
+        assert!(unrelated.exists());
+        let held_path = held.path().to_path_buf();
+        drop(held);
+        assert!(
+            !held_path.exists(),
+            "the owner removes its folder when it ends"
+        );
+    }
+}
