@@ -152,8 +152,7 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
         }
         // A panic drops the batch's reply channels, so each waiting client learns the worker died.
         if catch_unwind(AssertUnwindSafe(|| {
-            let width = cost.width(jobs.len(), share);
-            process(ctx, model, jobs, width, &mut cost)
+            process(ctx, model, jobs, share, &mut cost)
         }))
         .is_err()
         {
@@ -254,9 +253,9 @@ fn decode_all(
         .collect()
 }
 
-/// Serves one batch: decode each request (bad ones fail alone), run the model once for all,
-/// and answer each request on its own channel.
-fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, width: usize, cost: &mut DecodeCost) {
+/// Serves one batch: decode each request (bad ones fail alone, on up to `threads` threads), run
+/// the model once for all, and answer each request on its own channel.
+fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, threads: usize, cost: &mut DecodeCost) {
     let (module, pipeline) = (&model.module, &model.pipeline);
     let started = Instant::now();
     // Metrics report the batch as gathered, even when a failure makes it run request by request.
@@ -274,6 +273,7 @@ fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, width: usize, cost: &m
         }
     }
     let payloads: Vec<&Payload> = fresh.iter().map(|j| &j.payload).collect();
+    let width = cost.width(payloads.len(), threads);
     let decoded = decode_all(pipeline, &payloads, width, cost);
     drop(payloads);
     let mut live: Vec<(Job, Decoded)> = Vec::with_capacity(fresh.len());

@@ -59,6 +59,15 @@ struct Key {
     expires: DateTime<Utc>,
 }
 
+impl Key {
+    fn fresh(lifetime: Duration) -> Self {
+        Key {
+            value: random_key(),
+            expires: Utc::now() + lifetime,
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Keys {
     inference: Key,
@@ -89,14 +98,9 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     /// Makes fresh keys and writes them to `file` (mode 0600), replacing any old one.
     pub fn create(file: PathBuf, lifetime: Duration) -> Result<Self, KeyFileError> {
-        let now = Utc::now();
-        let key = || Key {
-            value: random_key(),
-            expires: now + lifetime,
-        };
         let keys = Keys {
-            inference: key(),
-            management: key(),
+            inference: Key::fresh(lifetime),
+            management: Key::fresh(lifetime),
             api: random_key(),
         };
         write_file(&file, &keys)?;
@@ -138,10 +142,7 @@ impl Tokens {
         if !same(given, &next.api) {
             return Err(RenewError::Denied);
         }
-        let fresh = Key {
-            value: random_key(),
-            expires: Utc::now() + self.lifetime,
-        };
+        let fresh = Key::fresh(self.lifetime);
         match scope {
             Scope::Inference => next.inference = fresh.clone(),
             Scope::Management => next.management = fresh.clone(),

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use tchserve_runtime::pool::WorkerState;
 
 use super::{
-    AppState, common_headers, management_key, not_allowed, not_found, openapi, status_message,
-    with_description,
+    AppState, authorization, common_headers, management_key, not_allowed, not_found, openapi,
+    status_message, with_description,
 };
 use crate::auth::{RenewError, Scope};
 use crate::error::{ApiError, json_response};
@@ -106,11 +106,8 @@ async fn renew_token(
         .get("type")
         .and_then(|t| Scope::parse(t))
         .ok_or_else(ApiError::invalid_key)?;
-    let header = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
     let tokens = Arc::clone(tokens);
-    let header = header.map(str::to_owned);
+    let header = authorization(&headers).map(str::to_owned);
     // The renewal writes and syncs the key file: blocking work, kept off the async threads.
     let renewed = tokio::task::spawn_blocking(move || tokens.renew(scope, header.as_deref())).await;
     let renewed = renewed.map_err(|e| ApiError::internal(format!("renewing the key: {e}")))?;

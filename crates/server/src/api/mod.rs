@@ -84,16 +84,19 @@ pub async fn management_key(State(st): State<AppState>, req: Request, next: Next
 }
 
 async fn require_key(st: &AppState, scope: Scope, req: Request, next: Next) -> Response {
-    if let Some(tokens) = &st.tokens {
-        let header = req
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if !tokens.allows(scope, header) {
-            return ApiError::invalid_key().into_response();
-        }
+    if let Some(tokens) = &st.tokens
+        && !tokens.allows(scope, authorization(req.headers()))
+    {
+        return ApiError::invalid_key().into_response();
     }
     next.run(req).await
+}
+
+/// The `Authorization` header's value, when it is text.
+pub fn authorization(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// `{"status": "..."}` with a status code.
