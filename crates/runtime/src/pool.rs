@@ -117,7 +117,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Records a worker's new state; a worker already scaled away stays gone, so stopped
+    /// workers never pile up in the map.
     pub(crate) fn set(&self, id: usize, state: WorkerState) {
+        if let Some(s) = lock(&self.states).get_mut(&id) {
+            *s = state;
+        }
+        self.changed.notify_all();
+    }
+
+    fn insert(&self, id: usize, state: WorkerState) {
         lock(&self.states).insert(id, state);
         self.changed.notify_all();
     }
@@ -192,8 +201,11 @@ impl Pool {
 
     /// Number of workers ready to serve.
     pub fn ready_count(&self) -> usize {
+        // Lock order everywhere: `workers`, then `shared.states` (scale holds the first while
+        // it sets states); the opposite order deadlocks against a concurrent scale.
+        let workers = lock(&self.workers);
         let states = lock(&self.shared.states);
-        lock(&self.workers)
+        workers
             .iter()
             .filter(|h| states.get(&h.id) == Some(&WorkerState::Ready))
             .count()
@@ -207,7 +219,7 @@ impl Pool {
             let nth = self.spawned.fetch_add(1, Ordering::Relaxed);
             let device = self.config.devices[nth % self.config.devices.len().max(1)];
             let stop = Arc::new(AtomicBool::new(false));
-            self.shared.set(id, WorkerState::Starting);
+            self.shared.insert(id, WorkerState::Starting);
             let ctx = worker::Context {
                 id,
                 device,
@@ -270,8 +282,9 @@ impl Pool {
 
     /// Describes every worker.
     pub fn workers(&self) -> Vec<WorkerInfo> {
+        let workers = lock(&self.workers);
         let states = lock(&self.shared.states);
-        lock(&self.workers)
+        workers
             .iter()
             .map(|h| WorkerInfo {
                 id: h.id,
@@ -311,7 +324,7 @@ impl Drop for Pool {
 
 #[cfg(test)]
 mod tests {
-    use super::ThreadBudget;
+    use super::*;
 
     #[test]
     fn busy_workers_share_the_cores() {
@@ -324,5 +337,69 @@ mod tests {
         assert_eq!(third, 1);
         drop((g1, g2));
         assert_eq!(budget.enter().0, 2);
+    }
+
+    #[test]
+    fn scaling_while_states_are_read_never_deadlocks() {
+        // Workers of a model that does not exist fail to load, which is enough: the test is
+        // about the pool's locks, which scale, describe and /ping take from different threads.
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::new(
+            ModelSpec {
+                model_dir: dir.path().to_path_buf(),
+                serialized_file: "missing.pt".into(),
+                handler: tchserve_mar::handler::builtin("tensor").unwrap(),
+            },
+            PoolConfig {
+                model_name: "m".into(),
+                version: "1.0".into(),
+                batcher: Batcher {
+                    batch_size: 1,
+                    max_delay: Duration::ZERO,
+                },
+                job_queue_size: 1,
+                response_timeout: Duration::from_secs(1),
+                devices: vec![tch::Device::Cpu],
+            },
+            ThreadBudget::new(1),
+        );
+        let done = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (pool, done) = (Arc::clone(&pool), Arc::clone(&done));
+                std::thread::spawn(move || {
+                    while !done.load(Ordering::Relaxed) {
+                        pool.ready_count();
+                        pool.workers();
+                    }
+                })
+            })
+            .collect();
+        let scaler = {
+            let pool = Arc::clone(&pool);
+            std::thread::spawn(move || {
+                for i in 0..3000 {
+                    pool.scale(1 + i % 2);
+                }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !scaler.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "scale and ready_count deadlocked"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        done.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert_eq!(
+            lock(&pool.shared.states).len(),
+            pool.worker_count(),
+            "workers scaled away leave no state behind"
+        );
+        pool.shutdown(Duration::ZERO);
     }
 }

@@ -102,13 +102,11 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     let _guard = tch::no_grad_guard();
     let mut last_forward = None;
     for batch in [1, ctx.config.batcher.batch_size] {
-        if let Some(input) = pipeline.warmup_input(batch) {
-            let input = input.to_device(ctx.device);
+        if let Some(input) = pipeline.warmup_input(batch, ctx.device) {
             for _ in 0..WARMUP_FORWARDS {
-                let input = tch::IValue::Tensor(input.shallow_clone());
                 let t = Instant::now();
                 module
-                    .forward_is(&[input])
+                    .forward_is(std::slice::from_ref(&input))
                     .map_err(|source| crate::RuntimeError::Torch {
                         file: format!("{} (warm-up forward)", ctx.spec.serialized_file),
                         source,
@@ -286,8 +284,20 @@ fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, threads: usize, cost: 
     if live.is_empty() {
         return;
     }
+    // A panic while the output is read or written (a bug, or a model whose outputs disagree in
+    // a way no check foresaw) fails this batch, not the worker: the module itself is untouched.
+    let run = |inputs: &[&Decoded]| {
+        catch_unwind(AssertUnwindSafe(|| {
+            pipeline.run_batch(module, ctx.device, inputs)
+        }))
+        .unwrap_or_else(|_| {
+            Err(PredictError::ModelFailed(
+                "the handler crashed on the model's output".into(),
+            ))
+        })
+    };
     let inputs: Vec<&Decoded> = live.iter().map(|(_, d)| d).collect();
-    match pipeline.run_batch(module, ctx.device, &inputs) {
+    match run(&inputs) {
         Ok(bodies) => {
             for ((job, _), body) in live.into_iter().zip(bodies) {
                 answer(job, Ok(body), started, gathered);
@@ -296,9 +306,7 @@ fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, threads: usize, cost: 
         // One request the model cannot take must not fail the others: retry each alone.
         Err(_) if live.len() > 1 => {
             for (job, d) in live {
-                let result = pipeline
-                    .run_batch(module, ctx.device, &[&d])
-                    .map(|mut b| b.remove(0));
+                let result = run(&[&d]).map(|mut b| b.remove(0));
                 answer(job, result, started, gathered);
             }
         }

@@ -102,10 +102,19 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
     let reader = ImageReader::new(Cursor::new(&bytes[..]))
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read the image: {e}")))?;
-    if reader.format().is_none() {
-        return Err(bad(
-            "the body is not an image tchserve can decode (JPEG, PNG, WebP, BMP or GIF)",
-        ));
+    match reader.format() {
+        None => {
+            return Err(bad(
+                "the body is not an image tchserve can decode (JPEG, PNG, WebP, BMP or GIF)",
+            ));
+        }
+        // The JPEG decoder fills a cut-off scan with grey rather than fail; PIL refuses it.
+        Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(&bytes) => {
+            return Err(bad(
+                "cannot decode the image: the JPEG is truncated (its last scan has no end marker)",
+            ));
+        }
+        Some(_) => {}
     }
     // The format's decoder reads only the header until asked for pixels.
     let mut decoder = reader
@@ -133,6 +142,17 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
     })
 }
 
+/// Whether a JPEG's last scan is followed by the end-of-image marker. Neither marker can occur
+/// inside entropy-coded data (a 0xFF byte there is followed by 0x00 or a restart marker), so a
+/// file cut off anywhere in or before its last scan has no end marker after that scan's start.
+fn jpeg_is_complete(data: &[u8]) -> bool {
+    let last = |marker: u8| data.windows(2).rposition(|w| w == [0xFF, marker]);
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
+}
+
 /// An example between stages: pixels until `to_tensor`, then floats.
 enum Stage {
     Pixels(Rgb),
@@ -150,16 +170,62 @@ fn round_half_even(x: f64) -> i64 {
     }
 }
 
-/// torchvision's output size for `Resize(size)`.
-pub fn resized_size(w: u32, h: u32, size: Size) -> (u32, u32) {
+/// torchvision's output size for `Resize(size)`, as (width, height). Wide enough for any
+/// aspect ratio: a 1 x 1,000,000 image resized to a shorter side of 256 is 256 x 256,000,000.
+pub fn resized_size(w: u32, h: u32, size: Size) -> (u64, u64) {
     match size {
-        Size::Pair([th, tw]) => (tw, th),
+        Size::Pair([th, tw]) => (u64::from(tw), u64::from(th)),
         Size::Scalar(s) => {
             let (short, long) = if w <= h { (w, h) } else { (h, w) };
-            let new_long = (f64::from(s) * f64::from(long) / f64::from(short)) as u32;
+            let new_long = (f64::from(s) * f64::from(long) / f64::from(short.max(1))) as u64;
+            let s = u64::from(s);
             if w <= h { (s, new_long) } else { (new_long, s) }
         }
     }
+}
+
+fn crop_size(size: Size) -> (u64, u64) {
+    match size {
+        Size::Scalar(s) => (u64::from(s), u64::from(s)),
+        Size::Pair([h, w]) => (u64::from(w), u64::from(h)),
+    }
+}
+
+/// Checks, before any pixel is touched, that no stage makes an image of more than `max_pixels`
+/// pixels: the decoded size is checked by [`decode`], but a resize can multiply it (a 2 KB PNG of
+/// 1 x 1,000,000 pixels asks for 65 billion), so every intermediate size is held to the same
+/// limit and a request's memory stays within a few bytes per allowed pixel.
+pub fn check_sizes(
+    width: u32,
+    height: u32,
+    stages: &[Preprocess],
+    max_pixels: u64,
+) -> Result<(), PredictError> {
+    let (mut w, mut h) = (u64::from(width), u64::from(height));
+    for op in stages {
+        let (nw, nh, what) = match op {
+            Preprocess::Resize { size, .. } => {
+                if w == 0 || h == 0 || w > u64::from(u32::MAX) || h > u64::from(u32::MAX) {
+                    return Err(bad(format!("the image is {w}x{h}: nothing to resize")));
+                }
+                let (nw, nh) = resized_size(w as u32, h as u32, *size);
+                (nw, nh, "resizing")
+            }
+            Preprocess::CenterCrop { size } => {
+                let (nw, nh) = crop_size(*size);
+                (nw, nh, "cropping")
+            }
+            Preprocess::ToTensor {} | Preprocess::Normalize { .. } => continue,
+        };
+        let pixels = nw.saturating_mul(nh);
+        if pixels > max_pixels || nw > u64::from(u32::MAX) || nh > u64::from(u32::MAX) {
+            return Err(bad(format!(
+                "the image is {width}x{height}; {what} it as the handler does makes it {nw}x{nh} = {pixels} pixels, more than the {max_pixels} allowed"
+            )));
+        }
+        (w, h) = (nw, nh);
+    }
+    Ok(())
 }
 
 fn resize(
@@ -168,7 +234,9 @@ fn resize(
     interpolation: Interpolation,
     antialias: bool,
 ) -> Result<Rgb, PredictError> {
+    // `check_sizes` has held both sides to u32 and their product to the pixel limit.
     let (w, h) = resized_size(img.width, img.height, size);
+    let (w, h) = (w as u32, h as u32);
     if (w, h) == (img.width, img.height) {
         return Ok(img.clone());
     }
@@ -248,8 +316,14 @@ fn to_floats(img: &Rgb) -> Vec<f32> {
     out
 }
 
-/// Runs the preprocess stages on one decoded image and returns a `[1, C, H, W]` tensor.
-pub fn preprocess(img: Rgb, stages: &[Preprocess]) -> Result<Tensor, PredictError> {
+/// Runs the preprocess stages on one decoded image and returns a `[1, C, H, W]` tensor; no
+/// stage may make an image of more than `max_pixels` pixels.
+pub fn preprocess(
+    img: Rgb,
+    stages: &[Preprocess],
+    max_pixels: u64,
+) -> Result<Tensor, PredictError> {
+    check_sizes(img.width, img.height, stages, max_pixels)?;
     let mut stage = Stage::Pixels(img);
     for op in stages {
         stage = match (stage, op) {
@@ -304,6 +378,45 @@ mod tests {
         assert_eq!(resized_size(480, 640, Size::Scalar(256)), (256, 341));
         assert_eq!(resized_size(300, 300, Size::Scalar(256)), (256, 256));
         assert_eq!(resized_size(640, 480, Size::Pair([100, 200])), (200, 100));
+        assert_eq!(
+            resized_size(1, 1_000_000, Size::Scalar(256)),
+            (256, 256_000_000)
+        );
+    }
+
+    #[test]
+    fn every_intermediate_size_is_bounded() {
+        let classifier = tchserve_mar::handler::builtin("image_classifier").unwrap();
+        let limit = 89_478_485;
+        check_sizes(640, 480, &classifier.preprocess, limit).unwrap();
+        // A thin strip is small when decoded and enormous once its short side is 256.
+        for (w, h) in [(1, 1_000_000), (1_000_000, 1), (1, 20_000)] {
+            let e = check_sizes(w, h, &classifier.preprocess, limit).unwrap_err();
+            assert!(
+                matches!(&e, PredictError::BadInput(m) if m.contains("more than the 89478485 allowed")),
+                "{e:?}"
+            );
+        }
+        // A crop larger than the limit is refused too.
+        let crop = [Preprocess::CenterCrop {
+            size: Size::Scalar(100_000),
+        }];
+        assert!(check_sizes(10, 10, &crop, limit).is_err());
+    }
+
+    #[test]
+    fn truncated_jpegs_are_told_apart() {
+        let mut jpeg = Vec::new();
+        image::DynamicImage::new_rgb8(64, 48)
+            .write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        assert!(jpeg_is_complete(&jpeg));
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"trailing bytes some encoders leave");
+        assert!(jpeg_is_complete(&trailing));
+        for cut in [jpeg.len() - 2, jpeg.len() / 2, 20] {
+            assert!(!jpeg_is_complete(&jpeg[..cut]), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl Pipeline {
             }
             Input::Image { max_pixels } => {
                 let img = image_input::decode(payload, *max_pixels)?;
-                let tensor = image_input::preprocess(img, &self.preprocess)?;
+                let tensor = image_input::preprocess(img, &self.preprocess, *max_pixels)?;
                 Ok(Decoded::owned(tensor, 1, Wrap::Single))
             }
             Input::Text { .. } => match &self.text {
@@ -96,23 +96,28 @@ impl Pipeline {
         }
     }
 
-    /// A zero input of `batch` examples for warming the model up, when the shape is fixed.
-    pub fn warmup_input(&self, batch: usize) -> Option<Tensor> {
-        match &self.input {
-            Input::Tensor {
-                dtype,
-                shape: Some(shape),
-            } if shape.iter().all(|d| *d > 0) => {
-                let dims: Vec<i64> = std::iter::once(batch as i64)
-                    .chain(shape.iter().copied())
-                    .collect();
-                Some(Tensor::zeros(
-                    &dims,
-                    (tensor_input::kind_of(*dtype), Device::Cpu),
-                ))
-            }
-            _ => None,
+    /// The model's argument for `batch` zero examples, on `device`, for warming the model up
+    /// (only when the input's shape is fixed).
+    pub fn warmup_input(&self, batch: usize, device: Device) -> Option<IValue> {
+        let Input::Tensor {
+            dtype,
+            shape: Some(shape),
+        } = &self.input
+        else {
+            return None;
+        };
+        if shape.iter().any(|d| *d <= 0) {
+            return None;
         }
+        let dims: Vec<i64> = std::iter::once(batch as i64)
+            .chain(shape.iter().copied())
+            .collect();
+        let zeros = Tensor::zeros(&dims, (tensor_input::kind_of(*dtype), device));
+        Some(match self.feed {
+            // A model fed a list takes one tensor per example.
+            Feed::List => IValue::TensorList((0..batch as i64).map(|i| zeros.get(i)).collect()),
+            Feed::Stacked | Feed::Tokens => IValue::Tensor(zeros),
+        })
     }
 
     /// Runs the model on a batch of decoded requests and writes one answer per request.
@@ -384,9 +389,19 @@ impl Pipeline {
             Values::of(&field("labels")?)?,
             Values::of(&field("scores")?)?,
         );
+        // A model's outputs are not to be trusted to agree: index only what is there.
+        let n = scores.len();
+        if boxes.len() != 4 * n || labels.len() != n {
+            return Err(PredictError::ModelFailed(format!(
+                "the detector returned {n} scores, {} labels and {} box coordinates; \
+                 expected one label and 4 box coordinates per score",
+                labels.len(),
+                boxes.len()
+            )));
+        }
         out.push('[');
         let mut first = true;
-        for i in 0..scores.len() {
+        for i in 0..n {
             if scores.get_f64(i) < threshold {
                 continue;
             }

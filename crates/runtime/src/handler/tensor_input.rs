@@ -244,12 +244,13 @@ fn flatten(
     }
 }
 
+/// The start of a value's JSON text, for error messages: at most 40 characters (not bytes, so
+/// a multi-byte character is never cut).
 fn short(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 40 {
-        format!("{}...", &s[..40])
-    } else {
-        s
+    match s.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s,
     }
 }
 
@@ -259,12 +260,19 @@ fn decode_raw(
     dtype: DType,
     shape: Option<&[i64]>,
 ) -> Result<Decoded, PredictError> {
-    let dtype = match payload.dtype.as_deref() {
-        Some(s) => {
-            parse_dtype(s).ok_or_else(|| bad(format!("X-Tensor-Dtype: unknown dtype {s:?}")))?
+    // The header names the bytes' type for the client's sake; the model takes one dtype, and
+    // feeding it another fails inside the model, so a mismatch is the client's error.
+    if let Some(s) = payload.dtype.as_deref() {
+        let sent =
+            parse_dtype(s).ok_or_else(|| bad(format!("X-Tensor-Dtype: unknown dtype {s:?}")))?;
+        if sent != dtype {
+            return Err(bad(format!(
+                "X-Tensor-Dtype {} does not match the model's input dtype {}",
+                dtype_name(sent),
+                dtype_name(dtype)
+            )));
         }
-        None => dtype,
-    };
+    }
     let size = dtype.size();
     if !part.data.len().is_multiple_of(size) {
         return Err(bad(format!(

@@ -17,6 +17,7 @@ fn bad(msg: impl Into<String>) -> PredictError {
 #[derive(Debug)]
 pub struct TextInput {
     tokenizer: Tokenizer,
+    max_length: usize,
     /// Id used to pad a batch to its longest example.
     pub pad_id: i64,
 }
@@ -51,7 +52,11 @@ impl TextInput {
             .iter()
             .find_map(|t| vocab.get(*t))
             .map_or(0, |&i| i64::from(i));
-        Ok(TextInput { tokenizer, pad_id })
+        Ok(TextInput {
+            tokenizer,
+            max_length: max_length as usize,
+            pad_id,
+        })
     }
 
     /// Tokenizes the request's text into a `[1, tokens]` tensor of ids.
@@ -88,7 +93,7 @@ impl TextInput {
         };
         let encoding = self
             .tokenizer
-            .encode(text, true)
+            .encode(enough_of(&text, self.max_length), true)
             .map_err(|e| bad(format!("cannot tokenize the text: {e}")))?;
         let ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
         if ids.is_empty() {
@@ -100,6 +105,34 @@ impl TextInput {
             .map_err(|e| PredictError::ModelFailed(e.to_string()))?;
         Ok(Decoded::owned(tensor, 1, Wrap::Single))
     }
+}
+
+/// Longest run of characters taken to make one token, for bounding the text tokenized.
+const MAX_CHARS_PER_TOKEN: usize = 100;
+
+/// The start of `text` that is enough for the first `max_length` tokens: the tokenizer truncates
+/// to those anyway, and tokenizing megabytes it will throw away takes seconds. Every
+/// whitespace-separated word makes at least one token, so the first `max_length + 1` words give
+/// the same first tokens as the whole text; at most `MAX_CHARS_PER_TOKEN` characters per token
+/// are kept as well (WordPiece turns a longer word into a single unknown token).
+fn enough_of(text: &str, max_length: usize) -> &str {
+    let max_chars = max_length.saturating_mul(MAX_CHARS_PER_TOKEN);
+    let mut words = 0;
+    let mut in_word = false;
+    for (chars, (at, c)) in text.char_indices().enumerate() {
+        if chars >= max_chars {
+            return &text[..at];
+        }
+        let space = c.is_whitespace();
+        if !space && !in_word {
+            words += 1;
+            if words > max_length + 1 {
+                return &text[..at];
+            }
+        }
+        in_word = !space;
+    }
+    text
 }
 
 /// Pads a batch of `[1, len]` id tensors to the longest: `(ids, attention_mask)`, both `[N, L]`.
@@ -116,4 +149,20 @@ pub fn pad_batch(inputs: &[&Decoded], pad_id: i64) -> Result<(Tensor, Tensor), t
         let _ = mask.f_get(i as i64)?.f_narrow(0, 0, len)?.f_fill_(1)?;
     }
     Ok((ids, mask))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::enough_of;
+
+    #[test]
+    fn only_as_much_text_as_the_tokens_need() {
+        assert_eq!(enough_of("a b c", 8), "a b c");
+        assert_eq!(enough_of("one two three four five", 2), "one two three ");
+        assert_eq!(enough_of("  é ü ö ä", 1), "  é ü ");
+        let long = "x".repeat(1000);
+        assert_eq!(enough_of(&long, 2).len(), 200);
+        let huge = "word ".repeat(1_000_000);
+        assert_eq!(enough_of(&huge, 128).split_whitespace().count(), 129);
+    }
 }
