@@ -38,8 +38,12 @@ impl ModelStore {
         &self.root
     }
 
-    /// Resolves a `url` as TorchServe does for local models: an entry of the store by name, or
-    /// an existing path. A url containing `..` is refused before anything is looked up.
+    /// Resolves a local `url` to an archive of the store, as TorchServe's documentation
+    /// describes it: the name of a file or folder directly inside the store (optionally after
+    /// `file://`), or an absolute path to one. Only regular files and folders qualify (a FIFO
+    /// or device would block or never end). Anything else is refused with the same message
+    /// whether or not it exists, so the answer tells nothing about the rest of the file system.
+    /// A url containing `..` is refused before anything is looked up.
     pub fn resolve(&self, url: &str) -> Result<PathBuf> {
         if url.is_empty() {
             return Err(MarError::Store("empty url".into()));
@@ -49,16 +53,33 @@ impl ModelStore {
                 "Relative path is not allowed in url: {url}"
             )));
         }
-        let url = url.strip_prefix("file://").unwrap_or(url);
-        let in_store = self.root.join(url);
-        if in_store.exists() {
-            return Ok(in_store);
+        let not_found = || MarError::Store(format!("Model not found at: {url}"));
+        let name = url.strip_prefix("file://").unwrap_or(url);
+        let direct = Path::new(name);
+        let path = if direct.is_absolute() {
+            let inside = direct.parent().is_some_and(|parent| self.is_root(parent));
+            match direct.file_name() {
+                Some(file) if inside => self.root.join(file),
+                _ => return Err(not_found()),
+            }
+        } else if name.contains(['/', '\\']) {
+            return Err(not_found());
+        } else {
+            self.root.join(name)
+        };
+        // The store's owner may link archives in from elsewhere; what the link names must still
+        // be a plain file or folder.
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() || meta.is_dir() => Ok(path),
+            _ => Err(not_found()),
         }
-        let direct = Path::new(url);
-        if direct.is_absolute() && direct.exists() {
-            return Ok(direct.to_path_buf());
+    }
+
+    fn is_root(&self, dir: &Path) -> bool {
+        match (dir.canonicalize(), self.root.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
         }
-        Err(MarError::Store(format!("Model not found at: {url}")))
     }
 
     /// Expands one `--models` item: `all` (every archive of `store`, by file name),
@@ -141,6 +162,39 @@ mod tests {
             store.resolve("zz.mar").unwrap_err().to_string(),
             "Model not found at: zz.mar"
         );
+        let abs = dir.path().join("b.mar");
+        assert_eq!(store.resolve(abs.to_str().unwrap()).unwrap(), abs);
+        assert_eq!(
+            store.resolve(&format!("file://{}", abs.display())).unwrap(),
+            abs
+        );
+        assert_eq!(store.resolve("c").unwrap(), dir.path().join("c"));
+        // Outside the store, in a subfolder, or not a plain file: one answer, found or not.
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("real.mar"), b"x").unwrap();
+        fs::create_dir(dir.path().join("c/sub.mar")).unwrap();
+        let fifo = dir.path().join("pipe.mar");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        for url in [
+            format!("{}/real.mar", outside.path().display()),
+            format!("{}/missing.mar", outside.path().display()),
+            "/etc/passwd".to_string(),
+            "/etc/nonexistent".to_string(),
+            "c/sub.mar".to_string(),
+            "pipe.mar".to_string(),
+            fifo.display().to_string(),
+        ] {
+            assert_eq!(
+                store.resolve(&url).unwrap_err().to_string(),
+                format!("Model not found at: {url}")
+            );
+        }
         assert!(ModelStore::open(dir.path().join("b.mar")).is_err());
         let all = ModelStore::expand(Some(&store), "ALL").unwrap();
         assert_eq!(

@@ -158,6 +158,20 @@ fn patch(path: &Path, from: &[u8], to: &[u8]) {
 }
 
 #[test]
+fn zip_with_one_name_twice() {
+    // Two manifests: a reader that keeps the last copy would serve whatever the second says.
+    let s = Scene::new();
+    let evil = MANIFEST.replace("\"m\"", "\"x\"");
+    let a = s.zip(
+        &[manifest_entry(), ("MAR-INF/MANIFESX.json", evil.as_bytes())],
+        CompressionMethod::Deflated,
+    );
+    patch(&a, b"MAR-INF/MANIFESX.json", b"MAR-INF/MANIFEST.json");
+    let e = s.refuse(&a, Limits::default());
+    assert_message(&e, &["m.mar", "the same entry name twice"]);
+}
+
+#[test]
 fn zip_bomb_declaring_gigabytes_of_zeros() {
     let s = Scene::new();
     let zeros = vec![0u8; 1 << 20];

@@ -102,8 +102,29 @@ impl Archive {
             let listing = dir::list(&path, &root, &limits)?;
             (Layout::Directory, root, listing)
         } else {
+            if !meta.is_file() {
+                return Err(MarError::Corrupt {
+                    archive: path,
+                    reason: "not a model archive: not a regular file".into(),
+                });
+            }
+            // Non-blocking, so a file swapped for a FIFO after the check cannot hang the caller.
+            let mut file = {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&path)
+                    .at(&path)?
+            };
+            if !file.metadata().at(&path)?.is_file() {
+                return Err(MarError::Corrupt {
+                    archive: path,
+                    reason: "not a model archive: not a regular file".into(),
+                });
+            }
             let mut magic = [0u8; 4];
-            let n = read_up_to(&mut File::open(&path).at(&path)?, &mut magic).at(&path)?;
+            let n = read_up_to(&mut file, &mut magic).at(&path)?;
             match &magic[..n] {
                 [b'P', b'K', 3, 4] | [b'P', b'K', 5, 6] => {
                     (Layout::Zip, path.clone(), zip::list(&path, &limits)?)

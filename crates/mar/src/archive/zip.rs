@@ -24,6 +24,14 @@ fn open(path: &Path) -> Result<ZipArchive<File>> {
 
 pub(super) fn list(path: &Path, limits: &Limits) -> Result<Listing> {
     let mut zip = open(path)?;
+    // The zip reader keeps one entry per name, so a second copy would otherwise be read in place
+    // of the first without a word; the loop below can only see names that survived.
+    if zip.has_duplicate_names() {
+        return Err(corrupt(
+            path,
+            "the archive holds the same entry name twice".to_string(),
+        ));
+    }
     let mut budget = Budget::new(path, limits);
     if zip.len() > limits.max_entries {
         budget.entries = zip.len() - 1;
@@ -130,6 +138,14 @@ fn find(zip: &mut ZipArchive<File>, name: &str) -> Option<usize> {
 
 pub(super) fn extract(path: &Path, dest: &Path, limits: &Limits) -> Result<()> {
     let mut zip = open(path)?;
+    // The zip reader keeps one entry per name, so a second copy would otherwise be read in place
+    // of the first without a word; the loop below can only see names that survived.
+    if zip.has_duplicate_names() {
+        return Err(corrupt(
+            path,
+            "the archive holds the same entry name twice".to_string(),
+        ));
+    }
     let mut budget = Budget::new(path, limits);
     for i in 0..zip.len() {
         let f = zip
