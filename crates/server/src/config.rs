@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::bounds;
+
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
@@ -150,12 +152,24 @@ pub struct Config {
     pub disable_token_authorization: bool,
     /// `token_expiration_min`: how long inference and management keys live.
     pub token_expiration: Duration,
+    /// `max_workers_per_model`: the most workers one model version may have (tchserve's own
+    /// key; registration and scaling above it are refused).
+    pub max_workers_per_model: usize,
+    /// `header_read_timeout`: once a request has begun, its head must arrive within this.
+    pub header_read_timeout: Duration,
+    /// `body_read_timeout`: a request's body must arrive within this of its head.
+    pub body_read_timeout: Duration,
+    /// `keep_alive_timeout`: an idle connection is closed after this without a request.
+    pub keep_alive_timeout: Duration,
+    /// `max_connections`: open connections per listener; `None` derives it from the process's
+    /// limit on open files.
+    pub max_connections: Option<usize>,
     /// Keys that were present but are not used by tchserve.
     pub ignored_keys: Vec<String>,
 }
 
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
-const ENV_KEYS: [&str; 17] = [
+const ENV_KEYS: [&str; 22] = [
     "inference_address",
     "management_address",
     "metrics_address",
@@ -173,6 +187,11 @@ const ENV_KEYS: [&str; 17] = [
     "cpu_threads",
     "disable_token_authorization",
     "token_expiration_min",
+    "max_workers_per_model",
+    "header_read_timeout",
+    "body_read_timeout",
+    "keep_alive_timeout",
+    "max_connections",
 ];
 
 /// Keys TorchServe knows that tchserve reads but does not act on, which are not worth a warning.
@@ -205,6 +224,11 @@ impl Default for Config {
             cpu_threads: std::thread::available_parallelism().map_or(1, usize::from),
             disable_token_authorization: false,
             token_expiration: Duration::from_secs(60 * 60),
+            max_workers_per_model: bounds::DEFAULT_MAX_WORKERS,
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
+            keep_alive_timeout: Duration::from_secs(60),
+            max_connections: None,
             ignored_keys: Vec::new(),
         }
     }
@@ -290,6 +314,12 @@ impl Config {
                     .parse::<u64>()
                     .map_err(|_| bad("expected a non-negative integer"))
             };
+            let bounded = |b: &bounds::Bound| {
+                let v = value
+                    .parse::<i64>()
+                    .map_err(|_| bad("expected an integer"))?;
+                b.check(v).map(|v| v as u64).map_err(|why| bad(&why))
+            };
             let boolean = || match value.to_ascii_lowercase().as_str() {
                 "true" => Ok(true),
                 "false" => Ok(false),
@@ -308,14 +338,47 @@ impl Config {
                 "default_workers_per_model" => {
                     cfg.default_workers_per_model = Some(int()? as usize).filter(|n| *n > 0);
                 }
-                "job_queue_size" => cfg.job_queue_size = (int()? as usize).max(1),
+                "job_queue_size" => {
+                    cfg.job_queue_size = bounded(&bounds::JOB_QUEUE_SIZE)? as usize;
+                }
                 "max_request_size" => cfg.max_request_size = int()? as usize,
                 "max_response_size" => cfg.max_response_size = int()? as usize,
                 "default_response_timeout" => {
-                    cfg.default_response_timeout = Duration::from_secs(int()?)
+                    cfg.default_response_timeout =
+                        Duration::from_secs(bounded(&bounds::RESPONSE_TIMEOUT)?);
                 }
                 "default_startup_timeout" => {
-                    cfg.default_startup_timeout = Duration::from_secs(int()?)
+                    cfg.default_startup_timeout =
+                        Duration::from_secs(bounded(&bounds::STARTUP_TIMEOUT)?);
+                }
+                "max_workers_per_model" => {
+                    let b = bounds::Bound {
+                        name: "max_workers_per_model",
+                        range: 1..=bounds::MAX_WORKERS_CEILING,
+                        unit: "",
+                    };
+                    cfg.max_workers_per_model = bounded(&b)? as usize;
+                }
+                "header_read_timeout" | "body_read_timeout" | "keep_alive_timeout" => {
+                    let b = bounds::Bound {
+                        name: "timeout",
+                        range: 1..=3600,
+                        unit: " s",
+                    };
+                    let d = Duration::from_secs(bounded(&b)?);
+                    match key.as_str() {
+                        "header_read_timeout" => cfg.header_read_timeout = d,
+                        "body_read_timeout" => cfg.body_read_timeout = d,
+                        _ => cfg.keep_alive_timeout = d,
+                    }
+                }
+                "max_connections" => {
+                    let b = bounds::Bound {
+                        name: "max_connections",
+                        range: 1..=1_000_000,
+                        unit: "",
+                    };
+                    cfg.max_connections = Some(bounded(&b)? as usize);
                 }
                 "enable_model_api" => cfg.enable_model_api = boolean()?,
                 "disable_token_authorization" => cfg.disable_token_authorization = boolean()?,

@@ -104,6 +104,24 @@ impl ApiError {
         )
     }
 
+    /// 413 RequestTooLargeException: the body is over `max_request_size`.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLargeException",
+            format!("the request body exceeds max_request_size ({limit} bytes)"),
+        )
+    }
+
+    /// 408 RequestTimeoutException: the client did not send its request in time.
+    pub fn timeout_reading(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "RequestTimeoutException",
+            message,
+        )
+    }
+
     /// 504 RequestTimeoutException.
     pub fn timeout(message: impl Into<String>) -> Self {
         Self::new(

@@ -3,8 +3,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod bounds;
 pub mod config;
 pub mod error;
+pub mod listener;
 pub mod metrics;
 pub mod registry;
 pub mod scratch;

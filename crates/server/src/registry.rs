@@ -15,6 +15,7 @@ use tchserve_runtime::handler::Pipeline;
 use tchserve_runtime::pool::{ModelSpec, Pool, PoolConfig, ThreadBudget};
 use tchserve_runtime::{CudaStatus, device, model};
 
+use crate::bounds;
 use crate::config::Config;
 use crate::error::ApiError;
 
@@ -140,8 +141,8 @@ pub struct Registry {
     config: Arc<Config>,
 }
 
-fn positive(v: Option<i64>) -> Option<u64> {
-    v.filter(|v| *v > 0).map(|v| v as u64)
+fn positive(v: Option<i64>) -> Option<i64> {
+    v.filter(|v| *v > 0)
 }
 
 impl Registry {
@@ -230,7 +231,20 @@ impl Registry {
             .clone()
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| archive.model_name());
+        // Names and versions reach URLs, file names and log lines: keep them to plain characters.
+        if !tchserve_mar::manifest::is_valid_model_name(&name) {
+            return Err(ApiError::bad_request(format!(
+                "Invalid model name {name:?}: a model name has letters, digits, '_', '-' and '.' \
+                 only, and starts with a letter or digit"
+            )));
+        }
         let version = archive.manifest().model.version().to_string();
+        if version.is_empty() || version.chars().any(|c| c.is_control() || c == '/') {
+            return Err(invalid(format!(
+                "Invalid model version {version:?}: a version must not be empty or hold '/' or \
+                 control characters"
+            )));
+        }
         self.check_free(&name, &version)?;
 
         let handler = model::resolve_handler(&archive, p.handler.as_deref())
@@ -251,27 +265,62 @@ impl Registry {
             .cloned()
             .unwrap_or_default();
 
-        let batch_size = positive(p.batch_size)
-            .or(positive(yaml.batch_size))
-            .or(positive(defaults.batch_size))
-            .unwrap_or(1) as usize;
-        let max_batch_delay_ms = p
-            .max_batch_delay
-            .filter(|v| *v >= 0)
-            .map(|v| v as u64)
-            .or(positive(yaml.max_batch_delay))
-            .or(positive(defaults.max_batch_delay))
-            .unwrap_or(100);
-        let response_timeout_s = positive(p.response_timeout)
-            .or(positive(yaml.response_timeout))
-            .or(positive(defaults.response_timeout))
-            .unwrap_or(self.config.default_response_timeout.as_secs());
-        let startup_timeout_s = positive(p.startup_timeout)
-            .or(positive(yaml.startup_timeout))
-            .or(positive(defaults.startup_timeout))
-            .unwrap_or(self.config.default_startup_timeout.as_secs());
-        let job_queue_size =
-            positive(yaml.job_queue_size).map_or(self.config.job_queue_size, |v| v as usize);
+        // The first source that sets a value wins (the API's parameters, model-config.yaml, the
+        // `models` key), and whichever wins is held to its documented bound.
+        let from = |b: &bounds::Bound, sources: &[(Option<i64>, &str)], default: u64| match sources
+            .iter()
+            .find_map(|(v, src)| v.map(|v| (v, src)))
+        {
+            Some((v, src)) => b
+                .check(v)
+                .map(|v| v as u64)
+                .map_err(|why| ApiError::bad_request(format!("{why} (set by {src})"))),
+            None => Ok(default),
+        };
+        const API: &str = "the request";
+        const YAML: &str = "model-config.yaml";
+        const MODELS: &str = "the models setting";
+        let batch_size = from(
+            &bounds::BATCH_SIZE,
+            &[
+                (positive(p.batch_size), API),
+                (positive(yaml.batch_size), YAML),
+                (positive(defaults.batch_size), MODELS),
+            ],
+            1,
+        )? as usize;
+        let max_batch_delay_ms = from(
+            &bounds::MAX_BATCH_DELAY,
+            &[
+                (p.max_batch_delay.filter(|v| *v >= 0), API),
+                (positive(yaml.max_batch_delay), YAML),
+                (positive(defaults.max_batch_delay), MODELS),
+            ],
+            100,
+        )?;
+        let response_timeout_s = from(
+            &bounds::RESPONSE_TIMEOUT,
+            &[
+                (positive(p.response_timeout), API),
+                (positive(yaml.response_timeout), YAML),
+                (positive(defaults.response_timeout), MODELS),
+            ],
+            self.config.default_response_timeout.as_secs(),
+        )?;
+        let startup_timeout_s = from(
+            &bounds::STARTUP_TIMEOUT,
+            &[
+                (positive(p.startup_timeout), API),
+                (positive(yaml.startup_timeout), YAML),
+                (positive(defaults.startup_timeout), MODELS),
+            ],
+            self.config.default_startup_timeout.as_secs(),
+        )?;
+        let job_queue_size = from(
+            &bounds::JOB_QUEUE_SIZE,
+            &[(positive(yaml.job_queue_size), YAML)],
+            self.config.job_queue_size as u64,
+        )? as usize;
         let mut min_workers = match p.initial_workers {
             Some(n) => n.max(0) as usize,
             None if p.loaded_at_startup => defaults.min_workers.filter(|n| *n > 0).map_or_else(
@@ -291,6 +340,19 @@ impl Registry {
         {
             min_workers = lo as usize;
             max_workers = hi as usize;
+        }
+        for (n, what) in [
+            (min_workers, "initial_workers"),
+            (max_workers, "max_workers"),
+        ] {
+            bounds::workers(what, self.config.max_workers_per_model)
+                .check(n as i64)
+                .map_err(|why| {
+                    ApiError::bad_request(format!(
+                        "{why} (max_workers_per_model is {})",
+                        self.config.max_workers_per_model
+                    ))
+                })?;
         }
 
         let cpu_only = yaml.device_type.as_deref() == Some("cpu");

@@ -15,10 +15,11 @@ use tokio::task::JoinHandle;
 use crate::api::{self, AppState};
 use crate::auth::{KeyFileGuard, Tokens};
 use crate::config::{Address, Config};
+use crate::listener::{self, ConnectionLimits};
 use crate::metrics::Metrics;
 use crate::registry::{RegisterParams, Registry};
 use crate::scratch::{self, Scratch};
-use crate::snapshot;
+use crate::snapshot::{self, Snapshots};
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -54,9 +55,6 @@ pub enum ServerError {
          (--disable-token-auth)"
     )]
     KeyFile(#[from] crate::auth::KeyFileError),
-    /// A listener failed while serving.
-    #[error("listener failed: {0}")]
-    Serve(std::io::Error),
 }
 
 /// Runs the server until `shutdown` completes, then stops gracefully: listeners stop accepting,
@@ -102,18 +100,36 @@ pub async fn run(
         registry: Arc::clone(&registry),
         metrics: Metrics::new(),
         config: Arc::clone(&config),
-        snapshot_dir: opts.snapshots.then(|| opts.log_dir.join("config")),
+        snapshots: opts.snapshots.then(|| {
+            Arc::new(Snapshots::new(
+                opts.log_dir.join("config"),
+                Arc::clone(&registry),
+            ))
+        }),
         tokens: tokens.clone(),
     };
     let _key_file = tokens.map(KeyFileGuard);
 
-    let restored = match &state.snapshot_dir {
-        Some(dir) => match snapshot::read(dir) {
+    let restored = match &state.snapshots {
+        Some(s) => match snapshot::read(s.dir()) {
             Ok(s) => s,
-            Err(e) => {
-                tracing::error!("ignoring an unreadable snapshot: {e}");
-                None
-            }
+            // Starting from the configured models would overwrite it: move it aside first, so
+            // what it holds can still be recovered by hand.
+            Err(e) => match snapshot::keep_aside(s.dir()) {
+                Ok(aside) => {
+                    tracing::error!(
+                        "the snapshot cannot be read ({e}); kept as {} and starting from the configured models",
+                        aside.display()
+                    );
+                    None
+                }
+                Err(move_err) => {
+                    return Err(ServerError::Store(format!(
+                        "the snapshot cannot be read ({e}) nor moved aside ({move_err}); \
+                         fix or remove it, or start with --ncs"
+                    )));
+                }
+            },
         },
         None => None,
     };
@@ -154,9 +170,17 @@ pub async fn run(
         let _ = l.await;
     }
     if !from_snapshot {
-        state.save_snapshot();
+        state.save_snapshot().await;
     }
 
+    let open_files = listener::raise_open_files_limit();
+    let limits = ConnectionLimits {
+        header_read_timeout: config.header_read_timeout,
+        keep_alive_timeout: config.keep_alive_timeout,
+        max_connections: config
+            .max_connections
+            .unwrap_or_else(|| listener::default_max_connections(open_files)),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = Vec::new();
     for (address, router) in [
@@ -170,12 +194,13 @@ pub async fn run(
         ),
         (&config.metrics_address, api::metrics::router(state.clone())),
     ] {
-        servers.push(listen(address, router, stop_rx.clone()).await?);
+        servers.push(listen(address, router, limits, stop_rx.clone()).await?);
     }
     tracing::info!(
         inference = %config.inference_address,
         management = %config.management_address,
         metrics = %config.metrics_address,
+        max_connections = limits.max_connections,
         startup_ms = started.elapsed().as_millis() as u64,
         "tchserve is serving"
     );
@@ -183,11 +208,8 @@ pub async fn run(
     shutdown.await;
     tracing::info!("stopping: no new connections; finishing requests in flight");
     let _ = stop_tx.send(true);
-    let mut result = Ok(());
     for s in servers {
-        if let Ok(Err(e)) = s.await {
-            result = Err(ServerError::Serve(e));
-        }
+        let _ = s.await;
     }
     let models = registry.drain();
     let _ = tokio::task::spawn_blocking(move || {
@@ -197,7 +219,7 @@ pub async fn run(
     })
     .await;
     tracing::info!("stopped");
-    result
+    Ok(())
 }
 
 /// Registrations for `load_models` / `--models`.
@@ -225,14 +247,12 @@ fn startup(model_name: Option<String>, url: String) -> RegisterParams {
 async fn listen(
     address: &Address,
     router: Router,
-    mut stop: watch::Receiver<bool>,
-) -> Result<JoinHandle<std::io::Result<()>>, ServerError> {
+    limits: ConnectionLimits,
+    stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, ServerError> {
     let bind_err = |source| ServerError::Bind {
         address: address.to_string(),
         source,
-    };
-    let shutdown = async move {
-        let _ = stop.wait_for(|s| *s).await;
     };
     Ok(match address {
         Address::Tcp(host, port) => {
@@ -243,11 +263,7 @@ async fn listen(
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(shutdown)
-                    .await
-            })
+            tokio::spawn(listener::serve(listener, router, limits, stop))
         }
         Address::Unix(path) => {
             if std::fs::symlink_metadata(path).is_ok_and(|m| {
@@ -257,11 +273,7 @@ async fn listen(
                 let _ = std::fs::remove_file(path);
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
-            tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(shutdown)
-                    .await
-            })
+            tokio::spawn(listener::serve(listener, router, limits, stop))
         }
     })
 }

@@ -3,14 +3,79 @@
 //!
 //! The file holds TorchServe's `model_snapshot` JSON. It is written to a temporary file,
 //! synced, and renamed over the old one, so a crash at any moment leaves the last good snapshot.
+//! One [`Snapshots`] writes it at a time, always from the registry as it is when the write
+//! starts, and a management call answers only once a snapshot that includes its change is on
+//! disk: what was acknowledged survives a crash.
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Map, Value, json};
 
-use crate::registry::{ModelEntry, RegisterParams};
+use crate::registry::{ModelEntry, RegisterParams, Registry};
+
+/// The snapshot writer of one server.
+#[derive(Debug)]
+pub struct Snapshots {
+    dir: PathBuf,
+    registry: Arc<Registry>,
+    /// Changes announced so far.
+    requested: AtomicU64,
+    /// Changes included in the snapshot on disk; held while a snapshot is written.
+    written: tokio::sync::Mutex<u64>,
+}
+
+impl Snapshots {
+    /// A writer of `dir/snapshot.json` for `registry`.
+    pub fn new(dir: PathBuf, registry: Arc<Registry>) -> Self {
+        Snapshots {
+            dir,
+            registry,
+            requested: AtomicU64::new(0),
+            written: tokio::sync::Mutex::new(0),
+        }
+    }
+
+    /// Records the registry after a change to it; returns once a snapshot that includes the
+    /// change is on disk (or writing it failed, which is logged).
+    pub async fn save(&self) {
+        // The change happened before this count, so any snapshot taken after reading a count
+        // at least as large includes it.
+        let mine = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut written = self.written.lock().await;
+        if *written >= mine {
+            // A writer that started after this change has already written it.
+            return;
+        }
+        let upto = self.requested.load(Ordering::SeqCst);
+        let value = to_json(&self.registry.snapshot_entries());
+        let dir = self.dir.clone();
+        match tokio::task::spawn_blocking(move || write(&dir, &value)).await {
+            Ok(Ok(())) => *written = upto,
+            Ok(Err(e)) => tracing::error!(
+                "writing the snapshot to {}: {e}; the previous snapshot is kept",
+                self.dir.display()
+            ),
+            Err(e) => tracing::error!("writing the snapshot: {e}"),
+        }
+    }
+
+    /// The folder the snapshot lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Moves an unreadable snapshot aside (never overwriting it) and returns where it went.
+pub fn keep_aside(dir: &Path) -> std::io::Result<PathBuf> {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let aside = dir.join(format!("{FILE_NAME}.unreadable-{stamp}"));
+    fs::rename(dir.join(FILE_NAME), &aside)?;
+    Ok(aside)
+}
 
 /// File name of the snapshot inside the snapshot folder.
 pub const FILE_NAME: &str = "snapshot.json";

@@ -10,7 +10,8 @@ use axum::routing::any;
 use tchserve_runtime::job::{Job, Part, Payload};
 
 use super::{
-    AppState, common_headers, inference_key, not_found, openapi, status_message, with_description,
+    AppState, buffer_body, common_headers, inference_key, not_found, openapi, status_message,
+    with_description,
 };
 use crate::error::{ApiError, json_response};
 
@@ -34,22 +35,18 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            buffer_body,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             common_headers,
         ))
         .with_state(state)
 }
 
-fn too_large(limit: usize) -> ApiError {
-    ApiError {
-        status: StatusCode::PAYLOAD_TOO_LARGE,
-        kind: "RequestTooLargeException",
-        message: format!("the request body exceeds max_request_size ({limit} bytes)"),
-    }
-}
-
 fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        too_large(limit)
+        ApiError::too_large(limit)
     } else {
         ApiError::bad_request(format!("malformed multipart body: {e}"))
     }
@@ -206,10 +203,18 @@ fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
 async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
     let headers = req.headers().clone();
     let content_type = header_str(&headers, "content-type");
+    // Absent is fine; present but not text is the client's mistake, not a header to ignore.
+    let tensor_header = |name: &str| match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.to_owned()))
+            .map_err(|_| ApiError::bad_request(format!("the {name} header is not ASCII text"))),
+    };
     let mut payload = Payload {
         parts: Vec::new(),
-        dtype: header_str(&headers, "x-tensor-dtype"),
-        shape: header_str(&headers, "x-tensor-shape"),
+        dtype: tensor_header("X-Tensor-Dtype")?,
+        shape: tensor_header("X-Tensor-Shape")?,
     };
     let ct = content_type.as_deref().unwrap_or("").to_ascii_lowercase();
     if ct.starts_with("multipart/form-data") {
@@ -234,7 +239,7 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
     }
     let body = axum::body::to_bytes(req.into_body(), limit)
         .await
-        .map_err(|_| too_large(limit))?;
+        .map_err(|_| ApiError::too_large(limit))?;
     // `curl -d '[1, 2]'` sends JSON labelled as a form; a body that starts like JSON is JSON.
     // Likewise `curl --data-binary @photo.jpg`: a form is text, so a body that is not UTF-8 is
     // the payload itself.

@@ -12,10 +12,11 @@ use serde_json::{Value, json};
 use tchserve_runtime::pool::WorkerState;
 
 use super::{
-    AppState, authorization, common_headers, management_key, not_allowed, not_found, openapi,
-    status_message, with_description,
+    AppState, authorization, buffer_body, common_headers, management_key, not_allowed, not_found,
+    openapi, status_message, with_description,
 };
 use crate::auth::{RenewError, Scope};
+use crate::bounds;
 use crate::error::{ApiError, json_response};
 use crate::registry::{ModelVersion, RegisterParams, ScaleOutcome};
 
@@ -51,6 +52,10 @@ pub fn router(state: AppState) -> Router {
     with_description(keyed, doc)
         .route("/token", get(renew_token).fallback(not_allowed))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            buffer_body,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             common_headers,
@@ -180,17 +185,39 @@ async fn register(State(st): State<AppState>, Query(q): Params, req: Request) ->
     let Some(url) = params.get("url").cloned() else {
         return ApiError::bad_request("Parameter url is required.").into_response();
     };
+    let number = |key: &str| {
+        bounds::parse_int(key, params.get(key).map(String::as_str)).map_err(ApiError::bad_request)
+    };
+    let numbers = (|| {
+        Ok::<_, ApiError>([
+            number("batch_size")?,
+            number("max_batch_delay")?,
+            number("initial_workers")?,
+            number("response_timeout")?,
+            number("startup_timeout")?,
+        ])
+    })();
+    let [
+        batch_size,
+        max_batch_delay,
+        initial_workers,
+        response_timeout,
+        startup_timeout,
+    ] = match numbers {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
     let p = RegisterParams {
         url,
         model_name: params.get("model_name").cloned(),
         handler: params.get("handler").cloned().filter(|h| !h.is_empty()),
         runtime: params.get("runtime").cloned(),
-        batch_size: int(&params, "batch_size"),
-        max_batch_delay: int(&params, "max_batch_delay"),
-        initial_workers: int(&params, "initial_workers"),
+        batch_size,
+        max_batch_delay,
+        initial_workers,
         max_workers: None,
-        response_timeout: int(&params, "response_timeout"),
-        startup_timeout: int(&params, "startup_timeout"),
+        response_timeout,
+        startup_timeout,
         // TorchServe's rule: anything but "true" means false; absent means true.
         synchronous: params
             .get("synchronous")
@@ -206,7 +233,7 @@ async fn register(State(st): State<AppState>, Query(q): Params, req: Request) ->
         Ok(Err(e)) => return e.into_response(),
         Err(e) => return ApiError::internal(format!("registration failed: {e}")).into_response(),
     };
-    st.save_snapshot();
+    st.save_snapshot().await;
     let (m, v) = (&reg.model.name, &reg.model.version);
     tracing::info!(model = %m, version = %v, workers = reg.workers, "model registered");
     if reg.workers == 0 {
@@ -335,12 +362,23 @@ async fn scale_inner(
     version_in_path: bool,
     q: HashMap<String, String>,
 ) -> Response {
-    let min = int(&q, "min_worker").unwrap_or(1);
-    let max = int(&q, "max_worker").unwrap_or(min);
-    if min < 0 || max < 0 {
-        return ApiError::bad_request("min_worker and max_worker must not be negative.")
-            .into_response();
-    }
+    let limit = st.config.max_workers_per_model;
+    let count = |key: &'static str| -> Result<Option<i64>, ApiError> {
+        let v = bounds::parse_int(key, q.get(key).map(String::as_str))
+            .map_err(ApiError::bad_request)?;
+        v.map(|n| bounds::workers(key, limit).check(n))
+            .transpose()
+            .map_err(|why| {
+                ApiError::bad_request(format!("{why} (max_workers_per_model is {limit})"))
+            })
+    };
+    let (min, max) = match (count("min_worker"), count("max_worker")) {
+        (Ok(min), Ok(max)) => {
+            let min = min.unwrap_or(1);
+            (min, max.unwrap_or(min))
+        }
+        (Err(e), _) | (_, Err(e)) => return e.into_response(),
+    };
     if max < min {
         return ApiError::bad_request("max_worker cannot be less than min_worker.").into_response();
     }
@@ -358,7 +396,7 @@ async fn scale_inner(
         Ok(Err(e)) => return e.into_response(),
         Err(e) => return ApiError::internal(format!("scaling failed: {e}")).into_response(),
     };
-    st.save_snapshot();
+    st.save_snapshot().await;
     if !sync {
         return status_message(StatusCode::ACCEPTED, "Processing worker updates...");
     }
@@ -388,7 +426,7 @@ async fn set_default(
 ) -> Response {
     match st.registry.set_default(&model, &version) {
         Ok(()) => {
-            st.save_snapshot();
+            st.save_snapshot().await;
             status_message(
                 StatusCode::OK,
                 format!(
@@ -419,7 +457,7 @@ async fn unregister_inner(st: AppState, model: String, version: Option<String>) 
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    st.save_snapshot();
+    st.save_snapshot().await;
     // Queued requests are still answered; the workers then stop and the scratch files go.
     let drain = std::time::Duration::from_secs(removed.response_timeout_s);
     let _ = tokio::task::spawn_blocking(move || removed.pool.shutdown(drain)).await;

@@ -6,13 +6,17 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::{AppState, not_found};
+use super::{AppState, buffer_body, not_allowed, not_found};
 
 /// The metrics listener's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics).fallback(not_allowed))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            buffer_body,
+        ))
         .with_state(state)
 }
 

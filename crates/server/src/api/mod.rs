@@ -4,7 +4,6 @@ pub mod inference;
 pub mod management;
 pub mod metrics;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -18,6 +17,7 @@ use crate::config::Config;
 use crate::error::{ApiError, json_response};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::snapshot::Snapshots;
 
 /// What every route can reach.
 #[derive(Debug, Clone)]
@@ -28,21 +28,17 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Settings.
     pub config: Arc<Config>,
-    /// Where snapshots go; `None` with `--ncs`.
-    pub snapshot_dir: Option<PathBuf>,
+    /// The snapshot writer; `None` with `--ncs`.
+    pub snapshots: Option<Arc<Snapshots>>,
     /// The keys requests must carry; `None` when token authorization is off.
     pub tokens: Option<Arc<Tokens>>,
 }
 
 impl AppState {
-    /// Records the registry after a management change.
-    pub fn save_snapshot(&self) {
-        let Some(dir) = &self.snapshot_dir else {
-            return;
-        };
-        let value = crate::snapshot::to_json(&self.registry.snapshot_entries());
-        if let Err(e) = crate::snapshot::write(dir, &value) {
-            tracing::error!("writing the snapshot to {}: {e}", dir.display());
+    /// Records the registry after a management change; returns once it is on disk.
+    pub async fn save_snapshot(&self) {
+        if let Some(s) = &self.snapshots {
+            s.save().await;
         }
     }
 }
@@ -71,6 +67,27 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     st.metrics.count_status(status);
     tracing::info!(target: "access", %method, %path, status, us = started.elapsed().as_micros() as u64, "request");
     resp
+}
+
+/// Reads the whole request body before the route runs, within `body_read_timeout` and
+/// `max_request_size`: a client that sends its body slowly, or never, is answered 408 instead
+/// of holding the connection and its handler forever.
+pub async fn buffer_body(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = st.config.max_request_size;
+    let timeout = st.config.body_read_timeout;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => ApiError::too_large(limit).into_response(),
+        Err(_) => ApiError::timeout_reading(format!(
+            "the request body did not arrive within body_read_timeout ({} s)",
+            timeout.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 /// Lets a request through only with the inference key (when token authorization is on).
@@ -126,7 +143,10 @@ pub fn with_description(
             "/",
             axum::routing::options(describe).fallback(|| async { ApiError::method_not_allowed() }),
         )
-        .route("/api-description", axum::routing::get(describe))
+        .route(
+            "/api-description",
+            axum::routing::get(describe).fallback(|| async { ApiError::method_not_allowed() }),
+        )
 }
 
 /// An OpenAPI 3.0.1 document listing `paths` as (path, methods, summary).
