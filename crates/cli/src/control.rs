@@ -20,17 +20,23 @@ const START_TIMEOUT: Duration = Duration::from_secs(600);
 const STOP_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The running server's PID file; removed when dropped.
+///
+/// Its first line is the pid, as TorchServe writes it; the second is the process's start time
+/// (clock ticks since boot, from `/proc`), so a pid reused by another process after a crash is
+/// never taken for the server.
 #[derive(Debug)]
 pub struct PidFile(PathBuf);
 
 impl PidFile {
     /// Writes this process's id, refusing if another live server owns the file.
     pub fn create(dir: &Path) -> anyhow::Result<Self> {
-        if let Some(pid) = running_pid(dir).filter(|&p| p != std::process::id()) {
+        let me = std::process::id();
+        if let Some(pid) = running_pid(dir).filter(|&p| p != me) {
             bail!("tchserve is already running (pid {pid}); stop it with `tchserve --stop`");
         }
         let path = dir.join(PID_FILE);
-        fs::write(&path, format!("{}\n", std::process::id()))
+        let started = start_time(me).map(|t| t.to_string()).unwrap_or_default();
+        fs::write(&path, format!("{me}\n{started}\n"))
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(PidFile(path))
     }
@@ -38,14 +44,19 @@ impl PidFile {
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        if read_pid(&self.0) == Some(std::process::id()) {
+        if read_pid(&self.0).map(|(pid, _)| pid) == Some(std::process::id()) {
             let _ = fs::remove_file(&self.0);
         }
     }
 }
 
-fn read_pid(path: &Path) -> Option<u32> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
+/// The pid and, when recorded, the start time in a PID file.
+fn read_pid(path: &Path) -> Option<(u32, Option<u64>)> {
+    let text = fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    let pid = lines.next()?.trim().parse().ok()?;
+    let started = lines.next().and_then(|l| l.trim().parse().ok());
+    Some((pid, started))
 }
 
 fn alive(pid: u32) -> bool {
@@ -53,9 +64,36 @@ fn alive(pid: u32) -> bool {
     pid > 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
 }
 
-/// The pid of the server recorded in `dir`, if it is still alive.
+/// A process's start time in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is the tchserve server that wrote the PID file: the same start time when one
+/// was recorded, else a process running this program in the foreground.
+fn is_our_server(pid: u32, started: Option<u64>) -> bool {
+    if let Some(t) = started {
+        return start_time(pid) == Some(t);
+    }
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|b| *b == 0).map(String::from_utf8_lossy);
+    let program = args.next().unwrap_or_default();
+    Path::new(program.as_ref())
+        .file_name()
+        .is_some_and(|n| n == "tchserve")
+        && args.any(|a| a == "--foreground" || a == "--start")
+}
+
+/// The pid of the server recorded in `dir`, if that server is still alive; a stale file (the
+/// server died and its pid went to another process) counts as no server.
 pub fn running_pid(dir: &Path) -> Option<u32> {
-    read_pid(&dir.join(PID_FILE)).filter(|&p| alive(p))
+    let (pid, started) = read_pid(&dir.join(PID_FILE))?;
+    (alive(pid) && is_our_server(pid, started)).then_some(pid)
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -147,7 +185,7 @@ pub fn stop(dir: &Path) -> anyhow::Result<()> {
         println!("tchserve is not running");
         return Ok(());
     };
-    // SAFETY: plain kill(2) on a pid read from our own PID file.
+    // SAFETY: plain kill(2) on a pid that `running_pid` has just confirmed is our server.
     if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
         bail!(
             "cannot signal pid {pid}: {}",
@@ -210,4 +248,33 @@ pub fn ping(address: &Address) -> Option<u16> {
     }
     let head = String::from_utf8_lossy(&response[..response.len().min(32)]).into_owned();
     head.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_pid_is_not_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = other.id();
+        // A PID file left by a crash, whose pid now belongs to another program: with the
+        // start time recorded by a server, or without (a file from elsewhere).
+        let stale_start = start_time(pid).unwrap() + 1;
+        for text in [format!("{pid}\n{stale_start}\n"), format!("{pid}\n")] {
+            fs::write(dir.path().join(PID_FILE), text).unwrap();
+            assert_eq!(running_pid(dir.path()), None);
+        }
+        // The same pid with its own start time is the process that wrote the file.
+        fs::write(
+            dir.path().join(PID_FILE),
+            format!("{pid}\n{}\n", start_time(pid).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(running_pid(dir.path()), Some(pid));
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert_eq!(running_pid(dir.path()), None, "a dead pid is no server");
+    }
 }
