@@ -37,46 +37,65 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Resp {
+    try_request(addr, method, path, headers, body, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"))
+}
+
+/// A request that may fail: no connection, no complete answer within `timeout`.
+pub fn try_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Resp, String> {
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
-    );
+    )
+    .into_bytes();
     for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+        req.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
     }
-    req.push_str("\r\n");
-    let mut raw = Vec::new();
-    let timeout = Some(Duration::from_secs(120));
-    if let Some(path) = addr.strip_prefix("unix:") {
-        let mut s = std::os::unix::net::UnixStream::connect(path)
-            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        s.set_read_timeout(timeout).unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        s.read_to_end(&mut raw).unwrap();
-    } else {
-        let mut s =
-            std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        s.set_read_timeout(timeout).unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        s.read_to_end(&mut raw).unwrap();
-    }
-    parse(&raw)
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body);
+    let raw = send_raw(addr, &req, timeout).map_err(|e| e.to_string())?;
+    parse(&raw).ok_or_else(|| {
+        format!(
+            "no complete HTTP answer: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
 }
 
-fn parse(raw: &[u8]) -> Resp {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete HTTP response");
+/// Sends `bytes` as they are and reads until the server closes the connection; an error when
+/// that takes longer than `timeout`.
+pub fn send_raw(addr: &str, bytes: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    if let Some(path) = addr.strip_prefix("unix:") {
+        let mut s = std::os::unix::net::UnixStream::connect(path)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(bytes)?;
+        s.read_to_end(&mut raw)?;
+    } else {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(bytes)?;
+        s.read_to_end(&mut raw)?;
+    }
+    Ok(raw)
+}
+
+/// Parses a complete HTTP answer.
+pub fn parse(raw: &[u8]) -> Option<Resp> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status = lines
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
+        .and_then(|s| s.parse().ok())?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| {
             l.split_once(':')
@@ -90,11 +109,11 @@ fn parse(raw: &[u8]) -> Resp {
     if chunked {
         body = dechunk(&body);
     }
-    Resp {
+    Some(Resp {
         status,
         headers,
         body,
-    }
+    })
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {

@@ -9,18 +9,22 @@ use std::time::{Duration, Instant};
 use super::http::{Resp, request};
 use super::{repo_root, run_ok, venv_bin};
 
-/// Runs a fixture script once into `target/<name>`, unless its output is already there.
+/// Runs a fixture script once into `target/<name>`, unless its output from the same script is
+/// already there (`done` holds the script's text, so a changed script makes its output again).
 fn made_by(script: &str, name: &str) -> PathBuf {
     let dir = repo_root().join("target").join(name);
-    if !dir.join("done").exists() {
+    let source = repo_root().join("tests/fixtures").join(script);
+    let text = fs::read(&source).unwrap();
+    if fs::read(dir.join("done")).ok().as_ref() != Some(&text) {
         let tmp = repo_root().join(format!("target/{name}.{}", std::process::id()));
-        run_ok(
-            Command::new(venv_bin("python"))
-                .arg(repo_root().join("tests/fixtures").join(script))
-                .arg(&tmp),
-        );
-        fs::write(tmp.join("done"), b"").unwrap();
-        // Another test binary may have won the race; either copy is complete.
+        run_ok(Command::new(venv_bin("python")).arg(&source).arg(&tmp));
+        fs::write(tmp.join("done"), &text).unwrap();
+        // An outdated copy goes; another test binary may have won the race, and either new
+        // copy is complete.
+        let old = repo_root().join(format!("target/{name}.old.{}", std::process::id()));
+        if fs::rename(&dir, &old).is_ok() {
+            let _ = fs::remove_dir_all(&old);
+        }
         if fs::rename(&tmp, &dir).is_err() {
             let _ = fs::remove_dir_all(&tmp);
         }
