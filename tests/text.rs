@@ -82,6 +82,40 @@ fn text_embedding_matches_sentence_transformers() {
         ) >= 0.9999
     );
 
+    // Megabytes of text: only what 256 tokens need is tokenized, so the answer comes well within
+    // a 2 s response timeout, and it is the answer for that start of the text.
+    let r = request(
+        &s.management,
+        "POST",
+        &format!("/models?url={mar}&model_name=minilm_quick&initial_workers=1&response_timeout=2"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let head: String = sentences
+        .iter()
+        .cycle()
+        .take(40)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let huge = format!("{head} {}", "lorem ipsum dolor sit amet ".repeat(225_000));
+    assert!(huge.len() > 6_000_000);
+    let enough: String = huge
+        .split_whitespace()
+        .take(257)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let r = post_text(&s, "minilm_quick", &huge);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let short = post_text(&s, "minilm_quick", &enough);
+    assert!(
+        cosine(
+            &vector(&r.json()["embedding"]),
+            &vector(&short.json()["embedding"])
+        ) >= 0.99999
+    );
+
     // Batched: padded to the longest sentence with an attention mask, same embeddings.
     let r = request(
         &s.management,
