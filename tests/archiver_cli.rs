@@ -101,7 +101,7 @@ fn bad_values_name_their_flag() {
         ),
         (
             args("missing_handler", &[]),
-            "--handler: file does not exist: missing_handler.py",
+            "--handler: missing_handler is not a built-in handler",
         ),
     ];
     for (a, needle) in cases {
@@ -313,4 +313,65 @@ fn export_path_is_created_and_success_is_silent() {
     );
     assert!(out.stdout.is_empty() && out.stderr.is_empty());
     assert!(dir.path().join("new/store/m.mar").is_file());
+}
+
+#[test]
+fn a_mistyped_builtin_handler_lists_the_builtins() {
+    let dir = setup();
+    let out = archiver(dir.path(), &args("image_clasifier", &[]));
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains("image_clasifier is not a built-in handler") && e.contains("image_classifier, "),
+        "{e}"
+    );
+    assert!(files_below(&dir.path().join("out")).is_empty());
+}
+
+#[test]
+fn validation_messages_are_the_ones_the_docs_quote() {
+    let docs = fs::read_to_string(common::repo_root().join("docs/handlers.md")).unwrap();
+    let block = docs
+        .split("## Validation")
+        .nth(1)
+        .and_then(|rest| rest.split("```").nth(1))
+        .unwrap();
+    let quoted: Vec<&str> = block
+        .lines()
+        .filter(|l| l.starts_with("handler manifest"))
+        .collect();
+    // One manifest per quoted line, in the same order.
+    let image = |preprocess: &str, feed: &str| {
+        format!(
+            r#"{{"schema": 1, "name": "h", "input": {{"image": {{}}}}, "preprocess": [{preprocess}],
+                "model": {{"feed": "{feed}"}}, "output": {{"tensor": {{}}}}}}"#
+        )
+    };
+    let manifests = [
+        image(
+            r#"{"resize": {"size": 256}}, {"center_crop": {"size": "big"}}, {"to_tensor": {}}"#,
+            "stacked",
+        ),
+        image(r#"{"resize": {"sise": 256}}, {"to_tensor": {}}"#, "stacked"),
+        image(
+            r#"{"resize": {"size": 256}}, {"center_crop": {"size": 224}}, {"to_tensor": {}},
+               {"normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0, 0.2]}}"#,
+            "stacked",
+        ),
+        image(r#"{"resize": {"size": 256}}, {"to_tensor": {}}"#, "stacked"),
+    ];
+    assert_eq!(quoted.len(), manifests.len(), "{quoted:?}");
+    let dir = setup();
+    for (line, manifest) in quoted.iter().zip(manifests) {
+        fs::write(dir.path().join("my_handler.json"), manifest).unwrap();
+        let out = archiver(dir.path(), &args("my_handler.json", &[]));
+        assert!(!out.status.success());
+        // The docs may cut a long message short with "...".
+        let expected = line.trim_end_matches("...").trim_end();
+        assert!(
+            stderr(&out).contains(expected),
+            "docs say:\n{line}\nthe archiver says:\n{}",
+            stderr(&out)
+        );
+    }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::http::{Resp, parse, request, try_request};
 use common::run_ok;
-use common::server::{Server, archive, fixture_handler, fixtures};
+use common::server::{Server, archive, fixture_handler, fixtures, tiny_image_archive};
 use image::ImageEncoder as _;
 use serde_json::Value;
 
@@ -39,21 +39,6 @@ fn scale_archive(s: &Server) -> String {
         &fixture_handler("vec4.json"),
         &[],
     )
-}
-
-/// A 10-class image classifier behind the built-in image_classifier handler.
-fn tiny_image_archive(s: &Server) -> String {
-    let out = tempfile::tempdir().unwrap();
-    run_ok(
-        Command::new(env!("CARGO_BIN_EXE_tch-model-archiver"))
-            .args(["--model-name", "tiny", "--version", "1.0"])
-            .args(["--handler", "image_classifier", "--serialized-file"])
-            .arg(fixtures().join("tiny_vision.pt"))
-            .arg("--export-path")
-            .arg(out.path()),
-    );
-    std::fs::rename(out.path().join("tiny.mar"), s.store.join("tiny.mar")).unwrap();
-    "tiny.mar".into()
 }
 
 fn encode(img: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
@@ -109,7 +94,7 @@ fn q(v: &str) -> String {
 #[test]
 fn images_that_grow_past_the_pixel_limit_are_refused() {
     let mut s = Server::new("");
-    let tiny = tiny_image_archive(&s);
+    let tiny = tiny_image_archive(&s, &[]);
     let scale = scale_archive(&s);
     s.start(&[
         "--models",
@@ -163,7 +148,7 @@ fn images_that_grow_past_the_pixel_limit_are_refused() {
 #[test]
 fn a_truncated_jpeg_is_refused() {
     let mut s = Server::new("");
-    let tiny = tiny_image_archive(&s);
+    let tiny = tiny_image_archive(&s, &[]);
     s.start(&["--models", &format!("tiny={tiny}")]);
     let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 48, |x, y| {
         image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])

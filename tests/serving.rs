@@ -758,8 +758,8 @@ fn token_authorization_guards_inference_and_management() {
     assert_error(
         &manage("/token?type=everything", Some(&api)),
         400,
-        "InvalidKeyException",
-        refused,
+        "BadRequestException",
+        "unknown key type \"everything\"",
     );
     let r = manage("/token?type=inference", Some(&api));
     assert_eq!(r.status, 200, "{}", r.text());

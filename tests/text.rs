@@ -82,6 +82,24 @@ fn text_embedding_matches_sentence_transformers() {
         ) >= 0.9999
     );
 
+    // `curl -d 'I love it'` labels plain text as a form: without a key=value pair it is the
+    // text itself, not a form of one empty field.
+    let r = request(
+        &s.inference,
+        "POST",
+        "/predictions/minilm",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        sentences[3].as_bytes(),
+    );
+    assert!(
+        cosine(
+            &vector(&r.json()["embedding"]),
+            &vector(&want["embeddings"][3])
+        ) >= 0.9999,
+        "{}",
+        r.text()
+    );
+
     // Megabytes of text: only what 256 tokens need is tokenized, so the answer comes well within
     // a 2 s response timeout, and it is the answer for that start of the text.
     let r = request(

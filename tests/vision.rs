@@ -431,6 +431,9 @@ fn object_detector_and_image_segmenter_match_pytorch() {
     flat(&want["seg256.png"]["segmentation"], &mut exp);
     assert_eq!(got.len(), 224 * 224 * 2);
     assert_eq!(got.len(), exp.len());
+    // Each pixel is [class, score] with the class an integer, as TorchServe writes it.
+    let pixel = &r.json()[0][0];
+    assert!(pixel[0].is_u64() && pixel[1].is_f64(), "{pixel}");
     for (i, (a, b)) in got.iter().zip(&exp).enumerate() {
         assert!(
             (a - b).abs() <= 1e-4,

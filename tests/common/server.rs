@@ -290,3 +290,20 @@ pub fn text_fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| made_by("make_text.py", "test-fixtures-text"))
 }
+
+/// A 10-class image classifier behind the built-in image_classifier handler, as `tiny.mar` in
+/// the server's store, with `extra` archiver arguments.
+pub fn tiny_image_archive(s: &Server, extra: &[&str]) -> String {
+    let out = tempfile::tempdir().unwrap();
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_tch-model-archiver"))
+            .args(["--model-name", "tiny", "--version", "1.0"])
+            .args(["--handler", "image_classifier", "--serialized-file"])
+            .arg(fixtures().join("tiny_vision.pt"))
+            .arg("--export-path")
+            .arg(out.path())
+            .args(extra),
+    );
+    fs::rename(out.path().join("tiny.mar"), s.store.join("tiny.mar")).unwrap();
+    "tiny.mar".into()
+}

@@ -7,7 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tchserve_server::{Address, Config};
 
 /// Name of the PID file inside the log folder.
 pub const PID_FILE: &str = "tchserve.pid";
@@ -115,9 +114,30 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Starts `tchserve --foreground` with the same arguments in the background and waits until it
-/// answers `/ping`.
-pub fn start(dir: &Path, config: &Config) -> anyhow::Result<()> {
+/// The environment variable that tells a server started by `--start` which file descriptor to
+/// write `ready` to once it answers.
+const READY_FD_ENV: &str = "TCHSERVE_READY_FD";
+/// The descriptor number the started server gets for it.
+const READY_FD: i32 = 3;
+
+/// Tells the `--start` that launched this server, if any, that it is answering.
+pub fn signal_ready() {
+    let Some(fd) = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    // SAFETY: `start` opened this descriptor for this process and nothing else uses it; the
+    // File owns and closes it.
+    let mut pipe = unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let _ = pipe.write_all(b"ready\n");
+}
+
+/// Starts `tchserve --foreground` with the same arguments in the background and waits until
+/// that very process says it answers (its listeners bound, its models loaded). A server that
+/// exits instead, because its ports are taken or a model cannot load, is reported with its log.
+pub fn start(dir: &Path) -> anyhow::Result<()> {
     if let Some(pid) = running_pid(dir) {
         bail!("tchserve is already running (pid {pid}); stop it with `tchserve --stop`");
     }
@@ -132,9 +152,12 @@ pub fn start(dir: &Path, config: &Config) -> anyhow::Result<()> {
         .skip(1)
         .filter(|a| a != "--start")
         .collect();
+    let (mut ready, ready_writer) = std::io::pipe().context("making a pipe")?;
+    let writer_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_writer);
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("--foreground")
         .args(&args)
+        .env(READY_FD_ENV, READY_FD.to_string())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -143,32 +166,55 @@ pub fn start(dir: &Path, config: &Config) -> anyhow::Result<()> {
     }
     // Its own process group: Ctrl-C in this terminal must not reach the server later.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    // SAFETY: dup2 is async-signal-safe; it gives the child the pipe's write end as READY_FD,
+    // without the close-on-exec flag.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::dup2(writer_fd, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().context("starting the server")?;
+    // Only the server holds the write end now: end of file means it exited.
+    drop(ready_writer);
+    let said = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = ready.read_to_string(&mut text);
+        text
+    });
     let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "the server exited during start-up ({status}); its log says:\n{}",
-                log_tail(&log_path, log_start)
-            );
-        }
-        if ping(&config.inference_address).is_some() {
-            println!(
-                "tchserve is running (pid {}); logs in {}",
-                child.id(),
-                log_path.display()
-            );
-            return Ok(());
-        }
+    while !said.is_finished() {
         if Instant::now() > deadline {
             bail!(
-                "the server did not answer /ping within {} s; see {}",
+                "the server did not finish starting within {} s; see {}",
                 START_TIMEOUT.as_secs(),
                 log_path.display()
             );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let text = said.join().unwrap_or_default();
+    if text.starts_with("ready") {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the server exited right after starting ({status}); its log says:\n{}",
+                log_tail(&log_path, log_start)
+            );
+        }
+        println!(
+            "tchserve is running (pid {}); logs in {}",
+            child.id(),
+            log_path.display()
+        );
+        return Ok(());
+    }
+    let status = child.wait()?;
+    bail!(
+        "the server exited during start-up ({status}); its log says:\n{}",
+        log_tail(&log_path, log_start)
+    )
 }
 
 fn log_tail(path: &Path, from: u64) -> String {
@@ -178,12 +224,23 @@ fn log_tail(path: &Path, from: u64) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// Stops the server gracefully and waits for it to exit.
-pub fn stop(dir: &Path) -> anyhow::Result<()> {
+fn not_running(dir: &Path) -> String {
+    format!(
+        "tchserve is not running (no live server in {}); a server started with --log-dir or \
+         LOG_LOCATION is found by giving the same to --stop and --status",
+        dir.join(PID_FILE).display()
+    )
+}
+
+/// Stops the server gracefully and waits for it to exit; false when none was running.
+pub fn stop(dir: &Path) -> anyhow::Result<bool> {
     let Some(pid) = running_pid(dir) else {
-        let _ = fs::remove_file(dir.join(PID_FILE));
-        println!("tchserve is not running");
-        return Ok(());
+        if read_pid(&dir.join(PID_FILE)).is_some() {
+            // Left by a server that died: it names no live server.
+            let _ = fs::remove_file(dir.join(PID_FILE));
+        }
+        println!("{}", not_running(dir));
+        return Ok(false);
     };
     // SAFETY: plain kill(2) on a pid that `running_pid` has just confirmed is our server.
     if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
@@ -203,10 +260,10 @@ pub fn stop(dir: &Path) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     println!("tchserve has stopped");
-    Ok(())
+    Ok(true)
 }
 
-/// Prints whether a server runs and whether it is healthy; true when it runs.
+/// Prints whether a server runs; true when it runs.
 pub fn status(dir: &Path) -> anyhow::Result<bool> {
     match running_pid(dir) {
         Some(pid) => {
@@ -214,40 +271,10 @@ pub fn status(dir: &Path) -> anyhow::Result<bool> {
             Ok(true)
         }
         None => {
-            println!("tchserve is not running");
+            println!("{}", not_running(dir));
             Ok(false)
         }
     }
-}
-
-/// `GET /ping`: the status code, or `None` when nothing answers.
-pub fn ping(address: &Address) -> Option<u16> {
-    let request = "GET /ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    let mut response = Vec::new();
-    let timeout = Some(Duration::from_secs(2));
-    match address {
-        Address::Tcp(host, port) => {
-            let host = if host == "0.0.0.0" {
-                "127.0.0.1"
-            } else if host == "::" {
-                "::1"
-            } else {
-                host
-            };
-            let mut s = std::net::TcpStream::connect((host, *port)).ok()?;
-            s.set_read_timeout(timeout).ok()?;
-            s.write_all(request.as_bytes()).ok()?;
-            s.read_to_end(&mut response).ok()?;
-        }
-        Address::Unix(path) => {
-            let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
-            s.set_read_timeout(timeout).ok()?;
-            s.write_all(request.as_bytes()).ok()?;
-            s.read_to_end(&mut response).ok()?;
-        }
-    }
-    let head = String::from_utf8_lossy(&response[..response.len().min(32)]).into_owned();
-    head.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -110,13 +110,38 @@ fn default_max_pixels() -> u64 {
 }
 
 /// A size given as one number (the shorter side, or a square) or as `[height, width]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Size {
     /// One number.
     Scalar(u32),
     /// `[height, width]`.
     Pair([u32; 2]),
+}
+
+// By hand, so a wrong value says what a size is instead of serde's "did not match any variant".
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let side = |v: &serde_json::Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+        match &v {
+            serde_json::Value::Number(_) => side(&v).map(Size::Scalar),
+            serde_json::Value::Array(a) if a.len() == 2 => side(&a[0])
+                .zip(side(&a[1]))
+                .map(|(h, w)| Size::Pair([h, w])),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            let found = match &v {
+                serde_json::Value::Array(_) | serde_json::Value::Object(_) => String::new(),
+                scalar => format!(" {scalar}"),
+            };
+            serde::de::Error::custom(format!(
+                "expected a size, a whole number or [height, width], found {}{found}",
+                crate::manifest::json_type(&v)
+            ))
+        })
+    }
 }
 
 /// Resampling filters for `resize`.
@@ -296,6 +321,20 @@ pub fn is_builtin_name(name: &str) -> bool {
     TORCHSERVE_BUILTIN_NAMES.contains(&name) || BUILTIN_HANDLERS.iter().any(|(n, _)| *n == name)
 }
 
+/// The built-in handler that a reference to one of TorchServe's own handler modules means:
+/// `serve/ts/torch_handler/image_classifier.py:handle`, `ts/torch_handler/image_classifier.py`
+/// and `ts.torch_handler.image_classifier` all name `image_classifier`. `None` for anything
+/// else, and for TorchServe modules tchserve has no built-in for.
+pub fn torchserve_module(handler: &str) -> Option<&str> {
+    let module = handler.split(':').next()?;
+    let module = module.strip_suffix(".py").unwrap_or(module);
+    let parts: Vec<&str> = module.split(['/', '.']).filter(|p| !p.is_empty()).collect();
+    match parts.as_slice() {
+        [.., "ts", "torch_handler", name] if builtin(name).is_some() => Some(name),
+        _ => None,
+    }
+}
+
 /// The built-in manifest called `name` (or TorchServe's alias for one), parsed.
 pub fn builtin(name: &str) -> Option<HandlerManifest> {
     let name = if name == BASE_HANDLER_ALIAS {
@@ -330,6 +369,38 @@ impl HandlerManifest {
                 reason,
             })?;
         Ok(manifest)
+    }
+
+    /// Applies the `handler:` section of a model's `model-config.yaml`: `top_k` (or TorchServe's
+    /// `topk`) for a `classes` output, `threshold` for `detections`. Other keys belong to
+    /// handlers tchserve does not run and are left alone; a known key with a bad value is an
+    /// error naming it.
+    pub fn apply_settings(
+        &mut self,
+        settings: &serde_json::Value,
+    ) -> std::result::Result<(), String> {
+        let Some(map) = settings.as_object() else {
+            return Err("the handler section must be a mapping".into());
+        };
+        for (key, value) in map {
+            match (key.as_str(), &mut self.output) {
+                ("top_k" | "topk", Output::Classes { top_k, .. }) => {
+                    let k = value
+                        .as_u64()
+                        .filter(|k| *k > 0 && *k <= u64::from(u32::MAX))
+                        .ok_or_else(|| format!("handler.{key} must be a positive integer"))?;
+                    *top_k = Some(k as u32);
+                }
+                ("threshold", Output::Detections { threshold, .. }) => {
+                    *threshold = value
+                        .as_f64()
+                        .filter(|t| t.is_finite())
+                        .ok_or_else(|| format!("handler.{key} must be a number"))?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Files inside the archive that this manifest refers to.
@@ -549,6 +620,48 @@ mod tests {
         }
         assert_eq!(builtin("base_handler").unwrap().name, "tensor");
         assert!(builtin("nope").is_none());
+    }
+
+    #[test]
+    fn model_config_handler_settings() {
+        let mut m = builtin("image_classifier").unwrap();
+        m.apply_settings(&serde_json::json!({"top_k": 3, "something_else": "kept for Python"}))
+            .unwrap();
+        assert!(matches!(m.output, Output::Classes { top_k: Some(3), .. }));
+        m.apply_settings(&serde_json::json!({"topk": 2})).unwrap();
+        assert!(matches!(m.output, Output::Classes { top_k: Some(2), .. }));
+        assert!(m.apply_settings(&serde_json::json!({"top_k": 0})).is_err());
+        assert!(m.apply_settings(&serde_json::json!([1])).is_err());
+        let mut d = builtin("object_detector").unwrap();
+        d.apply_settings(&serde_json::json!({"threshold": 0.8}))
+            .unwrap();
+        assert!(matches!(d.output, Output::Detections { threshold, .. } if threshold == 0.8));
+    }
+
+    #[test]
+    fn torchserve_handler_modules_name_builtins() {
+        for h in [
+            "serve/ts/torch_handler/image_classifier.py:handle",
+            "ts/torch_handler/image_classifier.py",
+            "/opt/serve/ts/torch_handler/image_classifier.py",
+            "ts.torch_handler.image_classifier",
+            "ts.torch_handler.image_classifier:handle",
+        ] {
+            assert_eq!(torchserve_module(h), Some("image_classifier"), "{h}");
+        }
+        assert_eq!(
+            torchserve_module("ts/torch_handler/base_handler.py"),
+            Some("base_handler")
+        );
+        for h in [
+            "my_handler.py",
+            "image_classifier.py",
+            "ts/torch_handler/vllm_handler.py",
+            "ts/torch_handler/unknown.py:handle",
+            "other/torch_handler/image_classifier.py",
+        ] {
+            assert_eq!(torchserve_module(h), None, "{h}");
+        }
     }
 
     #[test]

@@ -110,7 +110,10 @@ impl Manifest {
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
         let Value::Object(top) = value else {
-            return Err(format!("expected a JSON object, found {}", kind_of(&value)));
+            return Err(format!(
+                "expected a JSON object, found {}",
+                json_type(&value)
+            ));
         };
         let runtime = match opt_str(&top, "runtime", "")? {
             None => RuntimeType::Python,
@@ -135,7 +138,7 @@ impl Manifest {
             Some(other) => {
                 return Err(format!(
                     "field `model` must be an object, found {}",
-                    kind_of(other)
+                    json_type(other)
                 ));
             }
         };
@@ -244,12 +247,13 @@ fn opt_str(obj: &Map<String, Value>, key: &str, prefix: &str) -> Result<Option<S
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(other) => Err(format!(
             "field `{prefix}{key}` must be a string, found {}",
-            kind_of(other)
+            json_type(other)
         )),
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
+/// What kind of JSON value `v` is, for messages ("a string", "an array", ...).
+pub(crate) fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

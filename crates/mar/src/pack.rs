@@ -187,6 +187,20 @@ impl PackRequest {
             }
             HandlerKind::Code => {
                 let path = self.handler_code_path();
+                if !Path::new(&path).is_file() && !self.handler.contains(['/', '.', ':']) {
+                    // A bare word that is not a file is most likely a built-in's name mistyped.
+                    let names: Vec<&str> =
+                        handler::BUILTIN_HANDLERS.iter().map(|(n, _)| *n).collect();
+                    return Err(input_error(
+                        "--handler",
+                        format!(
+                            "{} is not a built-in handler ({}, or TorchServe's base_handler) and \
+                             there is no handler file {path}",
+                            self.handler,
+                            names.join(", ")
+                        ),
+                    ));
+                }
                 add_flat(&mut files, "--handler", Path::new(&path))?;
             }
         }

@@ -23,7 +23,11 @@ pub fn resolve_handler(
              handlers and handler manifests (.json)"
         )));
     }
-    if let Some(builtin) = handler::builtin(name) {
+    // TorchServe's own handler modules (`ts/torch_handler/image_classifier.py:handle`) are the
+    // built-ins of the same name.
+    let builtin = handler::builtin(name)
+        .or_else(|| handler::torchserve_module(name).and_then(handler::builtin));
+    if let Some(builtin) = builtin {
         return Ok(builtin);
     }
     if name.ends_with(".json") {

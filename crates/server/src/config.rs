@@ -130,6 +130,9 @@ pub struct Config {
     pub load_models: Vec<String>,
     /// `models`: per model, per version settings.
     pub models: BTreeMap<String, BTreeMap<String, ModelDefaults>>,
+    /// `model_snapshot`: the models to start with, in TorchServe's snapshot JSON (as its
+    /// snapshot files and KServe's model layout write it); takes precedence over `load_models`.
+    pub model_snapshot: Option<serde_json::Value>,
     /// `default_workers_per_model`; `None` when unset.
     pub default_workers_per_model: Option<usize>,
     /// `job_queue_size`.
@@ -195,13 +198,12 @@ const ENV_KEYS: [&str; 22] = [
 ];
 
 /// Keys TorchServe knows that tchserve reads but does not act on, which are not worth a warning.
-const QUIET_KEYS: [&str; 6] = [
+const QUIET_KEYS: [&str; 5] = [
     "enable_envvars_config",
     "number_of_netty_threads",
     "netty_client_threads",
     "async_logging",
     "vmargs",
-    "model_snapshot",
 ];
 
 impl Default for Config {
@@ -213,6 +215,7 @@ impl Default for Config {
             model_store: None,
             load_models: Vec::new(),
             models: BTreeMap::new(),
+            model_snapshot: None,
             default_workers_per_model: None,
             job_queue_size: 100,
             max_request_size: 6_553_500,
@@ -331,6 +334,14 @@ impl Config {
                 "metrics_address" => cfg.metrics_address = Address::parse(key, value)?,
                 "model_store" => cfg.model_store = Some(PathBuf::from(value)),
                 "load_models" => cfg.load_models = split_list(value),
+                "model_snapshot" => {
+                    let v: serde_json::Value = serde_json::from_str(value)
+                        .map_err(|e| bad(&format!("not valid JSON: {e}")))?;
+                    if !v.get("models").is_some_and(serde_json::Value::is_object) {
+                        return Err(bad("expected a JSON object with a \"models\" object"));
+                    }
+                    cfg.model_snapshot = Some(v);
+                }
                 "models" => {
                     cfg.models = serde_json::from_str(value)
                         .map_err(|e| bad(&format!("not valid models JSON: {e}")))?;
@@ -452,9 +463,10 @@ fn substitute_env(
     Ok(out)
 }
 
-/// Splits a comma list, dropping blanks.
+/// Splits a list separated by commas or spaces (as `--models` and `load_models` take it),
+/// dropping blanks.
 pub fn split_list(s: &str) -> Vec<String> {
-    s.split(',')
+    s.split(|c: char| c == ',' || c.is_whitespace())
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
@@ -483,19 +495,38 @@ mod tests {
     #[test]
     fn reads_torchserve_keys() {
         let text = "inference_address=http://0.0.0.0:9080\nmanagement_address=unix:/tmp/m.sock\n\
-                    model_store=/s\nload_models=a.mar, b=b.mar\njob_queue_size=7\nenable_model_api=true\n\
+                    model_store=/s\nload_models=a.mar, b=b.mar c.mar\njob_queue_size=7\nenable_model_api=true\n\
                     default_response_timeout=9\nmodels={\"a\": {\"1.0\": {\"batchSize\": 4, \"maxBatchDelay\": 20}}}\n\
                     number_of_netty_threads=4\nsomething_new=1\n";
         let cfg = Config::from_properties(&parse_properties(text), &no_env).unwrap();
         assert_eq!(cfg.inference_address, Address::Tcp("0.0.0.0".into(), 9080));
         assert_eq!(cfg.management_address, Address::Unix("/tmp/m.sock".into()));
         assert_eq!(cfg.metrics_address, Address::Tcp("127.0.0.1".into(), 8082));
-        assert_eq!(cfg.load_models, ["a.mar", "b=b.mar"]);
+        assert_eq!(cfg.load_models, ["a.mar", "b=b.mar", "c.mar"]);
         assert_eq!(cfg.job_queue_size, 7);
         assert!(cfg.enable_model_api);
         assert_eq!(cfg.default_response_timeout, Duration::from_secs(9));
         assert_eq!(cfg.models["a"]["1.0"].batch_size, Some(4));
         assert_eq!(cfg.ignored_keys, ["something_new"]);
+    }
+
+    #[test]
+    fn model_snapshot_as_torchserve_writes_it() {
+        // A line of a TorchServe snapshot file: Java's properties escape ':' and '='.
+        let text = r#"model_snapshot={\"name\"\:\"20261126-snapshot.cfg\",\"modelCount\"\:1,\"models\"\:{\"digits\"\:{\"1.0\"\:{\"defaultVersion\"\:true,\"marName\"\:\"digits.mar\",\"minWorkers\"\:2,\"maxWorkers\"\:3,\"batchSize\"\:4,\"maxBatchDelay\"\:50,\"responseTimeout\"\:30}}}}"#;
+        let cfg = Config::from_properties(&parse_properties(text), &no_env).unwrap();
+        let snap = cfg.model_snapshot.unwrap();
+        assert_eq!(snap["models"]["digits"]["1.0"]["marName"], "digits.mar");
+        assert_eq!(snap["models"]["digits"]["1.0"]["minWorkers"], 2);
+        assert!(cfg.ignored_keys.is_empty());
+        for bad in ["{", "{\"name\": \"x\"}"] {
+            let e = Config::from_properties(
+                &parse_properties(&format!("model_snapshot={bad}\n")),
+                &no_env,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("model_snapshot"), "{e}");
+        }
     }
 
     #[test]

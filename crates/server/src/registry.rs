@@ -30,8 +30,10 @@ pub struct ModelVersion {
     pub url: String,
     /// Manifest runtime.
     pub runtime: RuntimeType,
-    /// Handler name.
+    /// Handler name: the registration's override, else the archive's.
     pub handler: String,
+    /// The handler the registration named in place of the archive's, kept for snapshots.
+    pub handler_override: Option<String>,
     /// Largest batch.
     pub batch_size: usize,
     /// Batch delay in ms.
@@ -247,7 +249,7 @@ impl Registry {
         }
         self.check_free(&name, &version)?;
 
-        let handler = model::resolve_handler(&archive, p.handler.as_deref())
+        let mut handler = model::resolve_handler(&archive, p.handler.as_deref())
             .map_err(|e| invalid(e.to_string()))?;
         let serialized = model::serialized_file(&archive).map_err(|e| invalid(e.to_string()))?;
         let yaml = archive
@@ -256,6 +258,11 @@ impl Registry {
             .unwrap_or_default();
         for w in &yaml.warnings {
             tracing::warn!(model = %name, "model-config.yaml: {w}");
+        }
+        if let Some(settings) = &yaml.handler {
+            handler
+                .apply_settings(settings)
+                .map_err(|e| invalid(format!("model-config.yaml: {e}")))?;
         }
         let defaults = self
             .config
@@ -310,7 +317,8 @@ impl Registry {
         let startup_timeout_s = from(
             &bounds::STARTUP_TIMEOUT,
             &[
-                (positive(p.startup_timeout), API),
+                // 0 is a real value here: do not wait at all (TorchServe's -1 means default).
+                (p.startup_timeout.filter(|v| *v >= 0), API),
                 (positive(yaml.startup_timeout), YAML),
                 (positive(defaults.startup_timeout), MODELS),
             ],
@@ -329,8 +337,10 @@ impl Registry {
             ),
             None => self.config.default_workers_per_model.unwrap_or(0),
         };
+        let max_from_config = defaults.max_workers.filter(|_| p.loaded_at_startup);
         let mut max_workers = p
             .max_workers
+            .or(max_from_config)
             .filter(|m| *m >= 0)
             .map_or(min_workers, |m| m as usize)
             .max(min_workers);
@@ -412,13 +422,12 @@ impl Registry {
             version: version.clone(),
             url: p.url.clone(),
             runtime,
-            handler: archive
-                .manifest()
-                .model
+            handler: p
                 .handler
                 .clone()
-                .or(p.handler.clone())
+                .or(archive.manifest().model.handler.clone())
                 .unwrap_or_default(),
+            handler_override: p.handler.clone(),
             batch_size,
             max_batch_delay_ms,
             response_timeout_s,
@@ -435,7 +444,9 @@ impl Registry {
         if p.synchronous && min_workers > 0 {
             let ready = pool.wait_started(Duration::from_secs(startup_timeout_s));
             if ready < min_workers {
-                let why = pool_failure(&pool);
+                let why = pool_failure(&pool).unwrap_or_else(|| {
+                    format!(": not ready within startup_timeout ({startup_timeout_s} s)")
+                });
                 pool.shutdown(Duration::ZERO);
                 return Err(ApiError::internal(format!(
                     "Failed to start workers for model {name} version: {version}{why}"
@@ -587,12 +598,9 @@ impl Registry {
     }
 }
 
-fn pool_failure(pool: &Pool) -> String {
-    pool.workers()
-        .into_iter()
-        .find_map(|w| match w.state {
-            tchserve_runtime::pool::WorkerState::Failed(why) => Some(format!(": {why}")),
-            _ => None,
-        })
-        .unwrap_or_default()
+fn pool_failure(pool: &Pool) -> Option<String> {
+    pool.workers().into_iter().find_map(|w| match w.state {
+        tchserve_runtime::pool::WorkerState::Failed(why) => Some(format!(": {why}")),
+        _ => None,
+    })
 }

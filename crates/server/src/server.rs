@@ -41,6 +41,9 @@ pub enum ServerError {
     /// The model store is unusable.
     #[error("{0}")]
     Store(String),
+    /// A model the server was told to start with cannot be loaded.
+    #[error("{0}")]
+    Models(String),
     /// A listener could not bind.
     #[error("cannot listen on {address}: {source}")]
     Bind {
@@ -59,9 +62,13 @@ pub enum ServerError {
 
 /// Runs the server until `shutdown` completes, then stops gracefully: listeners stop accepting,
 /// in-flight requests finish, queued jobs are answered, workers exit.
+///
+/// `ready` is called once the listeners are bound and the start-up models loaded, when the
+/// server starts answering.
 pub async fn run(
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(),
 ) -> Result<(), ServerError> {
     let started = Instant::now();
     let config = Arc::new(opts.config);
@@ -88,15 +95,7 @@ pub async fn run(
         scratch.path().to_path_buf(),
         cuda,
     ));
-    let tokens = if config.disable_token_authorization {
-        tracing::info!("token authorization is off");
-        None
-    } else {
-        let t = Tokens::create(opts.key_file.clone(), config.token_expiration)?;
-        tracing::info!("token authorization is on: keys in {}", t.file().display());
-        Some(Arc::new(t))
-    };
-    let state = AppState {
+    let mut state = AppState {
         registry: Arc::clone(&registry),
         metrics: Metrics::new(),
         config: Arc::clone(&config),
@@ -106,9 +105,8 @@ pub async fn run(
                 Arc::clone(&registry),
             ))
         }),
-        tokens: tokens.clone(),
+        tokens: None,
     };
-    let _key_file = tokens.map(KeyFileGuard);
 
     let restored = match &state.snapshots {
         Some(s) => match snapshot::read(s.dir()) {
@@ -133,15 +131,23 @@ pub async fn run(
         },
         None => None,
     };
+    // The last snapshot wins, then the configuration's model_snapshot, then load_models, as in
+    // TorchServe (where a snapshot is a configuration file holding a model_snapshot).
     let from_snapshot = restored.is_some();
-    let registrations = match &restored {
-        Some(s) => {
+    let registrations = match (&restored, &config.model_snapshot) {
+        (Some(s), _) => {
             tracing::info!(
-                "restoring models from the snapshot (load_models and --models are ignored)"
+                "restoring models from the snapshot (model_snapshot, load_models and --models are ignored)"
             );
             snapshot::registrations(s)
         }
-        None => startup_models(&config, store.as_ref()),
+        (None, Some(s)) => {
+            tracing::info!(
+                "loading the models of model_snapshot (load_models and --models are ignored)"
+            );
+            snapshot::registrations(s)
+        }
+        (None, None) => startup_models(&config, store.as_ref())?,
     };
     // Versions of one model are registered in order so the default ends up right; models load
     // in parallel.
@@ -157,22 +163,63 @@ pub async fn run(
         .map(|regs| {
             let registry = Arc::clone(&registry);
             tokio::task::spawn_blocking(move || {
+                let mut failed = Vec::new();
                 for p in regs {
                     match registry.register(&p) {
                         Ok(r) => tracing::info!(model = %r.model.name, version = %r.model.version, workers = r.workers, "model loaded"),
-                        Err(e) => tracing::error!(url = %p.url, "cannot load model: {}", e.message),
+                        Err(e) => {
+                            tracing::error!(url = %p.url, "cannot load model: {}", e.message);
+                            failed.push(format!("{}: {}", p.url, e.message));
+                        }
                     }
                 }
+                failed
             })
         })
         .collect();
+    // A server that starts without a model it was told to serve looks healthy and answers 404:
+    // refuse to start instead, naming each model and why.
+    let mut failed = Vec::new();
     for l in loads {
-        let _ = l.await;
+        failed.extend(
+            l.await
+                .unwrap_or_else(|e| vec![format!("loading panicked: {e}")]),
+        );
+    }
+    if !failed.is_empty() {
+        let hint = if from_snapshot {
+            "fix or restore the archives, or start with --ncs to leave the snapshot out"
+        } else {
+            "fix the archives or the model list"
+        };
+        return Err(ServerError::Models(format!(
+            "{} start-up model(s) cannot be loaded ({hint}):\n  {}",
+            failed.len(),
+            failed.join("\n  ")
+        )));
     }
     if !from_snapshot {
         state.save_snapshot().await;
     }
 
+    // Bound only now, and before the key file is written: a start on taken ports fails here
+    // and touches nothing the server that holds them owns (its key file above all).
+    let mut bound = Vec::new();
+    for address in [
+        &config.inference_address,
+        &config.management_address,
+        &config.metrics_address,
+    ] {
+        bound.push(bind(address).await?);
+    }
+    if config.disable_token_authorization {
+        tracing::info!("token authorization is off");
+    } else {
+        let t = Tokens::create(opts.key_file.clone(), config.token_expiration)?;
+        tracing::info!("token authorization is on: keys in {}", t.file().display());
+        state.tokens = Some(Arc::new(t));
+    }
+    let _key_file = state.tokens.clone().map(KeyFileGuard);
     let open_files = listener::raise_open_files_limit();
     let limits = ConnectionLimits {
         header_read_timeout: config.header_read_timeout,
@@ -182,20 +229,19 @@ pub async fn run(
             .unwrap_or_else(|| listener::default_max_connections(open_files)),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut servers = Vec::new();
-    for (address, router) in [
-        (
-            &config.inference_address,
-            api::inference::router(state.clone()),
-        ),
-        (
-            &config.management_address,
-            api::management::router(state.clone()),
-        ),
-        (&config.metrics_address, api::metrics::router(state.clone())),
-    ] {
-        servers.push(listen(address, router, limits, stop_rx.clone()).await?);
-    }
+    let routers = [
+        api::inference::router(state.clone()),
+        api::management::router(state.clone()),
+        api::metrics::router(state.clone()),
+    ];
+    let servers: Vec<_> = bound
+        .into_iter()
+        .zip(routers)
+        .map(|(listener, router)| {
+            let router = api::ignoring_trailing_slash(router);
+            listener.serve(router, limits, stop_rx.clone())
+        })
+        .collect();
     tracing::info!(
         inference = %config.inference_address,
         management = %config.management_address,
@@ -204,6 +250,7 @@ pub async fn run(
         startup_ms = started.elapsed().as_millis() as u64,
         "tchserve is serving"
     );
+    ready();
 
     shutdown.await;
     tracing::info!("stopping: no new connections; finishing requests in flight");
@@ -223,15 +270,17 @@ pub async fn run(
 }
 
 /// Registrations for `load_models` / `--models`.
-fn startup_models(config: &Config, store: Option<&ModelStore>) -> Vec<RegisterParams> {
+fn startup_models(
+    config: &Config,
+    store: Option<&ModelStore>,
+) -> Result<Vec<RegisterParams>, ServerError> {
     let mut out = Vec::new();
     for item in &config.load_models {
-        match ModelStore::expand(store, item) {
-            Ok(refs) => out.extend(refs.into_iter().map(|r| startup(r.name, r.url))),
-            Err(e) => tracing::error!("load_models {item}: {e}"),
-        }
+        let refs = ModelStore::expand(store, item)
+            .map_err(|e| ServerError::Models(format!("load_models {item}: {e}")))?;
+        out.extend(refs.into_iter().map(|r| startup(r.name, r.url)));
     }
-    out
+    Ok(out)
 }
 
 fn startup(model_name: Option<String>, url: String) -> RegisterParams {
@@ -244,27 +293,23 @@ fn startup(model_name: Option<String>, url: String) -> RegisterParams {
     }
 }
 
-async fn listen(
-    address: &Address,
-    router: Router,
-    limits: ConnectionLimits,
-    stop: watch::Receiver<bool>,
-) -> Result<JoinHandle<()>, ServerError> {
+/// A listener bound to its address, not yet answering.
+enum Bound {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+async fn bind(address: &Address) -> Result<Bound, ServerError> {
     let bind_err = |source| ServerError::Bind {
         address: address.to_string(),
         source,
     };
     Ok(match address {
-        Address::Tcp(host, port) => {
-            let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
+        Address::Tcp(host, port) => Bound::Tcp(
+            tokio::net::TcpListener::bind((host.as_str(), *port))
                 .await
-                .map_err(bind_err)?;
-            // Small JSON replies must not wait on Nagle's algorithm.
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            tokio::spawn(listener::serve(listener, router, limits, stop))
-        }
+                .map_err(bind_err)?,
+        ),
         Address::Unix(path) => {
             if std::fs::symlink_metadata(path).is_ok_and(|m| {
                 use std::os::unix::fs::FileTypeExt;
@@ -272,8 +317,28 @@ async fn listen(
             }) {
                 let _ = std::fs::remove_file(path);
             }
-            let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
-            tokio::spawn(listener::serve(listener, router, limits, stop))
+            Bound::Unix(tokio::net::UnixListener::bind(path).map_err(bind_err)?)
         }
     })
+}
+
+impl Bound {
+    /// Starts answering on the listener until `stop` turns true.
+    fn serve(
+        self,
+        router: Router,
+        limits: ConnectionLimits,
+        stop: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        match self {
+            Bound::Tcp(listener) => {
+                // Small JSON replies must not wait on Nagle's algorithm.
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                tokio::spawn(listener::serve(listener, router, limits, stop))
+            }
+            Bound::Unix(listener) => tokio::spawn(listener::serve(listener, router, limits, stop)),
+        }
+    }
 }

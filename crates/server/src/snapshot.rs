@@ -88,9 +88,7 @@ pub fn to_json(models: &std::collections::BTreeMap<String, ModelEntry>) -> Value
         let mut versions = Map::new();
         for (v, m) in &entry.versions {
             let (min, max) = m.min_max();
-            versions.insert(
-                v.clone(),
-                json!({
+            let mut version = json!({
                     "defaultVersion": *v == entry.default,
                     "marName": m.url,
                     "minWorkers": min,
@@ -99,9 +97,13 @@ pub fn to_json(models: &std::collections::BTreeMap<String, ModelEntry>) -> Value
                     "maxBatchDelay": m.max_batch_delay_ms,
                     "responseTimeout": m.response_timeout_s,
                     "startupTimeout": m.startup_timeout_s,
-                    "runtimeType": m.runtime.as_str(),
-                }),
-            );
+                "runtimeType": m.runtime.as_str(),
+            });
+            // tchserve's own key (TorchServe ignores it): a handler named at registration.
+            if let Some(h) = &m.handler_override {
+                version["handler"] = json!(h);
+            }
+            versions.insert(v.clone(), version);
             count += 1;
         }
         out.insert(name.clone(), Value::Object(versions));
@@ -180,7 +182,7 @@ pub fn registrations(snapshot: &Value) -> Vec<RegisterParams> {
                     .get("defaultVersion")
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
-                handler: None,
+                handler: v.get("handler").and_then(Value::as_str).map(str::to_owned),
             });
         }
     }

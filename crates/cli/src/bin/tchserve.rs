@@ -55,6 +55,34 @@ pub struct Args {
     /// Folder for logs, the PID file and snapshots (default: LOG_LOCATION or ./logs).
     #[arg(long, value_name = "DIR")]
     log_dir: Option<PathBuf>,
+    /// TorchServe's log4j2 configuration: accepted and ignored (tchserve's log level is set
+    /// with RUST_LOG).
+    #[arg(long, value_name = "LOG_CONFIG")]
+    log_config: Option<PathBuf>,
+    /// TorchServe's workflow store: accepted and ignored (tchserve has no workflows).
+    #[arg(long, value_name = "WORKFLOW_STORE")]
+    workflow_store: Option<PathBuf>,
+    /// TorchServe's C++ backend log configuration: accepted and ignored.
+    #[arg(long, value_name = "CPP_LOG_CONFIG")]
+    cpp_log_config: Option<PathBuf>,
+    /// TorchServe's plugins folder: accepted and ignored (tchserve has no Java plugins).
+    #[arg(long, value_name = "PLUGINS_PATH")]
+    plugins_path: Option<PathBuf>,
+}
+
+impl Args {
+    /// TorchServe flags given that tchserve does not act on.
+    fn ignored_flags(&self) -> Vec<&'static str> {
+        [
+            ("--log-config", self.log_config.is_some()),
+            ("--workflow-store", self.workflow_store.is_some()),
+            ("--cpp-log-config", self.cpp_log_config.is_some()),
+            ("--plugins-path", self.plugins_path.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
 }
 
 fn main() -> ExitCode {
@@ -62,12 +90,13 @@ fn main() -> ExitCode {
     let result = if args.check {
         startup_check::run(args.model_store.as_deref(), &args.models)
     } else if args.stop {
-        control::stop(&log_dir(&args)).map(|()| true)
+        control::stop(&log_dir(&args))
     } else if args.status {
         control::status(&log_dir(&args))
     } else if args.start && !args.foreground {
+        // The configuration is checked here, so a bad key fails before anything starts.
         load_config(&args)
-            .and_then(|cfg| control::start(&log_dir(&args), &cfg))
+            .and_then(|_| control::start(&log_dir(&args)))
             .map(|()| true)
     } else if args.foreground || args.start {
         foreground(&args).map(|()| true)
@@ -146,6 +175,9 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    for flag in args.ignored_flags() {
+        tracing::warn!("{flag} is TorchServe's and not used by tchserve; ignoring it");
+    }
     let _pid = control::PidFile::create(&dir)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let started = Instant::now();
@@ -157,6 +189,7 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
             key_file: PathBuf::from("key_file.json"),
         },
         control::shutdown_signal(),
+        control::signal_ready,
     ))?;
     runtime.shutdown_timeout(Duration::from_secs(1));
     tracing::debug!(uptime_s = started.elapsed().as_secs(), "exit");

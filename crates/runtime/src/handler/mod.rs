@@ -354,6 +354,7 @@ impl Pipeline {
                 write_nested(out, values, dims, offset);
                 out.push('}');
             }
+            Output::Segmentation {} => write_class_map(out, values, dims, offset),
             _ => write_nested(out, values, dims, offset),
         }
     }
@@ -425,6 +426,33 @@ impl Pipeline {
         out.push(']');
         Ok(())
     }
+}
+
+/// Writes a `[H, W, 2]` map of `[class, score]` pairs with each class as an integer, as
+/// TorchServe's segmenter answers (the map holds both in one float tensor).
+fn write_class_map(out: &mut String, values: &Values, dims: &[i64], offset: usize) {
+    let [h, w, 2] = dims else {
+        return write_nested(out, values, dims, offset);
+    };
+    let (h, w) = (*h as usize, *w as usize);
+    out.push('[');
+    for y in 0..h {
+        if y > 0 {
+            out.push(',');
+        }
+        out.push('[');
+        for x in 0..w {
+            if x > 0 {
+                out.push(',');
+            }
+            let at = offset + (y * w + x) * 2;
+            out.push_str(&format!("[{},", values.get_f64(at) as i64));
+            values.write(out, at + 1);
+            out.push(']');
+        }
+        out.push(']');
+    }
+    out.push(']');
 }
 
 /// Mean of `[N, L, H]` token embeddings over the tokens the mask marks, as sentence-transformers

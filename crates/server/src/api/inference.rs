@@ -247,8 +247,10 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
         body.iter().find(|b| !b.is_ascii_whitespace()),
         Some(b'[' | b'{')
     );
+    // And `curl -d 'I love it'`: a "form" without a single `key=value` pair is the text itself.
     let form = ct.starts_with("application/x-www-form-urlencoded")
         && !json_like
+        && body.contains(&b'=')
         && std::str::from_utf8(&body).is_ok();
     if form {
         let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)

@@ -107,10 +107,12 @@ async fn renew_token(
     let Some(tokens) = &st.tokens else {
         return Err(ApiError::resource_not_found());
     };
-    let scope = q
-        .get("type")
-        .and_then(|t| Scope::parse(t))
-        .ok_or_else(ApiError::invalid_key)?;
+    let asked = q.get("type").map(String::as_str).unwrap_or("");
+    let scope = Scope::parse(asked).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "unknown key type {asked:?}: use type=inference or type=management"
+        ))
+    })?;
     let tokens = Arc::clone(tokens);
     let header = authorization(&headers).map(str::to_owned);
     // The renewal writes and syncs the key file: blocking work, kept off the async threads.

@@ -69,6 +69,30 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     resp
 }
 
+/// The router, with `/models/x/` routed as `/models/x` (TorchServe treats them alike, and its
+/// clients send both). The path is rewritten before routing, which middleware of the router
+/// itself cannot do.
+pub fn ignoring_trailing_slash(router: axum::Router) -> axum::Router {
+    use tower::ServiceExt as _;
+    axum::Router::new().fallback_service(router.map_request(without_trailing_slash))
+}
+
+fn without_trailing_slash(mut req: Request) -> Request {
+    let path = req.uri().path();
+    if path.len() > 1 && path.ends_with('/') {
+        let trimmed = path.trim_end_matches('/');
+        let trimmed = if trimmed.is_empty() { "/" } else { trimmed };
+        let rebuilt = match req.uri().query() {
+            Some(q) => format!("{trimmed}?{q}"),
+            None => trimmed.to_string(),
+        };
+        if let Ok(uri) = rebuilt.parse() {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
+}
+
 /// Reads the whole request body before the route runs, within `body_read_timeout` and
 /// `max_request_size`: a client that sends its body slowly, or never, is answered 408 instead
 /// of holding the connection and its handler forever.
@@ -167,4 +191,28 @@ pub fn openapi(title_suffix: &str, paths: &[(&str, &[&str], &str)]) -> Value {
         "info": {"title": format!("tchserve {title_suffix} API"), "version": env!("CARGO_PKG_VERSION")},
         "paths": p,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailing_slashes_go_before_routing() {
+        let path = |uri: &str| {
+            let req = Request::builder()
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            without_trailing_slash(req).uri().to_string()
+        };
+        assert_eq!(path("/models/squeezenet1_1/"), "/models/squeezenet1_1");
+        assert_eq!(
+            path("/models/m/?synchronous=true"),
+            "/models/m?synchronous=true"
+        );
+        assert_eq!(path("/models//"), "/models");
+        assert_eq!(path("/"), "/");
+        assert_eq!(path("/ping"), "/ping");
+    }
 }

@@ -1,0 +1,349 @@
+//! What TorchServe users do, done as TorchServe does it: its management test cases, its snapshot
+//! configuration, and each documented command run as a new user would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+
+use common::http::{Resp, post_json, request};
+use common::run;
+use common::server::{Server, archive, fixture_handler, fixtures, tiny_image_archive};
+use serde_json::Value;
+
+fn assert_error(r: &Resp, status: u16, kind: &str, message_part: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["type"], kind, "{j}");
+    assert!(
+        j["message"].as_str().unwrap().contains(message_part),
+        "`{message_part}` not in {j}"
+    );
+}
+
+fn scale_archive(s: &Server, name: &str) -> String {
+    archive(
+        &s.store,
+        name,
+        "1.0",
+        &fixtures().join("scale2.pt"),
+        &fixture_handler("vec4.json"),
+        &[],
+    )
+}
+
+fn model_names(s: &Server) -> Vec<String> {
+    request(&s.management, "GET", "/models", &[], b"").json()["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["modelName"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A tiny PNG photo.
+fn png() -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::new_rgb8(40, 30)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn management_cases_of_torchserve_own_test_collection() {
+    let mut s = Server::new("enable_model_api=true");
+    let tiny = tiny_image_archive(&s, &[]);
+    let scale = scale_archive(&s, "scale");
+    s.start(&[]);
+    // TorchServe's own handler module names its built-in handler.
+    for (name, handler) in [
+        ("a", "serve/ts/torch_handler/image_classifier.py:handle"),
+        ("b", "ts.torch_handler.image_classifier"),
+    ] {
+        let r = request(
+            &s.management,
+            "POST",
+            &format!("/models?url={tiny}&model_name={name}&handler={handler}&initial_workers=1"),
+            &[],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let described = request(&s.management, "GET", &format!("/models/{name}"), &[], b"").json();
+        assert_eq!(described[0]["handler"], handler);
+        let p = s.infer("POST", &format!("/predictions/{name}"), &[], &png());
+        assert_eq!(p.status, 200, "{}", p.text());
+        assert_eq!(p.json().as_object().unwrap().len(), 5, "{}", p.text());
+    }
+    // Other Python handlers keep their refusal.
+    assert_error(
+        &request(
+            &s.management,
+            "POST",
+            &format!("/models?url={tiny}&model_name=c&handler=my_handler.py:handle"),
+            &[],
+            b"",
+        ),
+        400,
+        "InvalidModelException",
+        "Python code",
+    );
+    // A trailing slash on any route.
+    assert_eq!(
+        request(&s.management, "GET", "/models/a/", &[], b"").status,
+        200
+    );
+    assert_eq!(
+        request(&s.management, "GET", "/models/", &[], b"").status,
+        200
+    );
+    assert_eq!(s.infer("POST", "/predictions/a/", &[], &png()).status, 200);
+    assert_eq!(request(&s.inference, "GET", "/ping/", &[], b"").status, 200);
+    let r = request(
+        &s.management,
+        "DELETE",
+        "/models/b/?synchronous=true",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // startup_timeout is honoured: 0 s is too short for any worker, and nothing registers.
+    assert_error(
+        &request(
+            &s.management,
+            "POST",
+            &format!(
+                "/models?url={scale}&model_name=late&initial_workers=3&synchronous=true&startup_timeout=0"
+            ),
+            &[],
+            b"",
+        ),
+        500,
+        "InternalServerException",
+        "Failed to start workers for model late version: 1.0",
+    );
+    assert!(!model_names(&s).contains(&"late".to_string()));
+    let r = request(
+        &s.management,
+        "POST",
+        &format!("/models?url={scale}&model_name=idle&startup_timeout=0"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn model_snapshot_in_config_properties_defines_the_models() {
+    // A model_snapshot line as TorchServe writes it in logs/config/*-snapshot.cfg (Java
+    // properties escaping included), and as KServe's model layout defines models. load_models
+    // is ignored in its favour.
+    let json = r#"{"name":"20261126103000000-snapshot.cfg","modelCount":2,"models":{"scale":{"1.0":{"defaultVersion":true,"marName":"scale-1.0.mar","minWorkers":2,"maxWorkers":4,"batchSize":4,"maxBatchDelay":25,"responseTimeout":30}},"renamed":{"1.0":{"defaultVersion":true,"marName":"other-1.0.mar","minWorkers":1,"maxWorkers":1,"batchSize":1,"maxBatchDelay":100,"responseTimeout":120}}}}"#;
+    let escaped = json.replace(':', "\\:").replace('=', "\\=");
+    let mut s = Server::new(&format!(
+        "model_snapshot={escaped}\nload_models=other-1.0.mar"
+    ));
+    assert_eq!(scale_archive(&s, "scale"), "scale-1.0.mar");
+    assert_eq!(scale_archive(&s, "other"), "other-1.0.mar");
+    s.start(&[]);
+    let d = request(&s.management, "GET", "/models/scale", &[], b"").json();
+    let d = &d[0];
+    assert_eq!(
+        (
+            d["minWorkers"].as_u64(),
+            d["maxWorkers"].as_u64(),
+            d["batchSize"].as_u64(),
+            d["maxBatchDelay"].as_u64(),
+            d["responseTimeout"].as_u64()
+        ),
+        (Some(2), Some(4), Some(4), Some(25), Some(30)),
+        "{d}"
+    );
+    assert_eq!(d["workers"].as_array().unwrap().len(), 2);
+    assert_eq!(model_names(&s), ["renamed", "scale"]);
+    let r = post_json(&s.inference, "/predictions/renamed", "[1, 2, 3, 4]");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Stops a server started with `--start` in `home`, whatever the test's outcome.
+struct StopOnDrop<'a>(&'a std::path::Path);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(env!("CARGO_BIN_EXE_tchserve"))
+            .current_dir(self.0)
+            .arg("--stop")
+            .output();
+    }
+}
+
+#[test]
+fn start_stop_and_status_as_documented() {
+    let s = Server::new("disable_token_authorization=false");
+    let scale = scale_archive(&s, "scale");
+    fs::write(
+        s.home().join("config.properties"),
+        s.config_text() + &format!("load_models=scale={scale} other={scale}\n"),
+    )
+    .unwrap();
+    let tchserve = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tchserve"));
+        cmd.current_dir(s.home())
+            .env_remove("TS_CONFIG_FILE")
+            .env_remove("LOG_LOCATION")
+            .env("TMPDIR", s.temp_dir())
+            .args(args);
+        run(&mut cmd)
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let _stop = StopOnDrop(s.home());
+    // load_models separated by spaces, as documented for --models; TorchServe's --log-config
+    // is accepted.
+    let started = tchserve(&["--start", "--ncs", "--log-config", "log4j2.xml"]);
+    assert!(started.status.success(), "{}", text(&started));
+    let key_file = fs::read(s.home().join("key_file.json")).unwrap();
+    let keys: Value = serde_json::from_slice(&key_file).unwrap();
+    let auth = format!("Bearer {}", keys["management"]["key"].as_str().unwrap());
+    let listed = request(
+        &s.management,
+        "GET",
+        "/models",
+        &[("Authorization", &auth)],
+        b"",
+    );
+    let listed_json = listed.json();
+    let names: Vec<&str> = listed_json["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["modelName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["other", "scale"], "{}", listed.text());
+    let log = fs::read_to_string(s.home().join("logs/tchserve.log")).unwrap();
+    assert!(
+        log.contains("--log-config is TorchServe's and not used by tchserve"),
+        "{log}"
+    );
+
+    // A second start on the same ports, from the same folder with another log folder: it must
+    // fail, say why, and leave the running server's key file alone.
+    let second = tchserve(&["--start", "--ncs", "--log-dir", "logs2"]);
+    assert!(!second.status.success(), "{}", text(&second));
+    assert!(
+        text(&second).contains("Address already in use"),
+        "{}",
+        text(&second)
+    );
+    assert_eq!(fs::read(s.home().join("key_file.json")).unwrap(), key_file);
+
+    // --stop and --status look where they are told; nothing there is an error, with the hint.
+    let wrong = tchserve(&["--stop", "--log-dir", "logs2"]);
+    assert!(!wrong.status.success());
+    assert!(text(&wrong).contains("--log-dir"), "{}", text(&wrong));
+    let status = tchserve(&["--status"]);
+    assert!(status.status.success(), "{}", text(&status));
+    let stopped = tchserve(&["--stop"]);
+    assert!(stopped.status.success(), "{}", text(&stopped));
+    assert!(!tchserve(&["--status"]).status.success());
+
+    // A model that cannot be loaded fails the start loudly.
+    let failed = tchserve(&[
+        "--start",
+        "--ncs",
+        "--models",
+        "missing.mar",
+        "--disable-token-auth",
+    ]);
+    assert!(!failed.status.success());
+    assert!(
+        text(&failed).contains("cannot be loaded") && text(&failed).contains("missing.mar"),
+        "{}",
+        text(&failed)
+    );
+}
+
+#[test]
+fn settings_survive_a_restart_and_reach_the_handler() {
+    let mut s = Server::new(
+        "enable_model_api=true\nmodels={\"scale\": {\"1.0\": {\"minWorkers\": 1, \"maxWorkers\": 3}}}",
+    );
+    let scale = scale_archive(&s, "scale");
+    fs::write(s.home().join("top3.yaml"), "handler:\n  top_k: 3\n").unwrap();
+    let tiny = tiny_image_archive(
+        &s,
+        &[
+            "--config-file",
+            s.home().join("top3.yaml").to_str().unwrap(),
+        ],
+    );
+    // An archive whose manifest names a tensor handler, served with the image handler.
+    let plain = archive(
+        &s.store,
+        "plain",
+        "1.0",
+        &fixtures().join("tiny_vision.pt"),
+        &fixture_handler("vec4.json"),
+        &[],
+    );
+    s.start(&["--models", &format!("scale={scale}")]);
+    let d = request(&s.management, "GET", "/models/scale", &[], b"").json();
+    assert_eq!(d[0]["maxWorkers"], 3, "the models key's maxWorkers");
+    // model-config.yaml's handler section reaches the handler.
+    let r = request(
+        &s.management,
+        "POST",
+        &format!("/models?url={tiny}&initial_workers=1"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let p = s.infer("POST", "/predictions/tiny", &[], &png());
+    assert_eq!(p.json().as_object().unwrap().len(), 3, "{}", p.text());
+    // A handler named at registration is described, snapshotted and restored.
+    let r = request(
+        &s.management,
+        "POST",
+        &format!("/models?url={plain}&handler=image_classifier&initial_workers=1"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let d = request(&s.management, "GET", "/models/plain", &[], b"").json();
+    assert_eq!(d[0]["handler"], "image_classifier");
+    assert!(s.stop().success());
+    s.start(&[]);
+    let d = request(&s.management, "GET", "/models/plain", &[], b"").json();
+    assert_eq!(d[0]["handler"], "image_classifier");
+    let p = s.infer("POST", "/predictions/plain", &[], &png());
+    assert_eq!(p.status, 200, "{}", p.text());
+    assert_eq!(p.json().as_object().unwrap().len(), 5, "{}", p.text());
+}
+
+#[test]
+fn token_renewal_names_a_bad_type() {
+    let mut s = Server::new("disable_token_authorization=false");
+    let scale = scale_archive(&s, "scale");
+    s.start(&["--models", &format!("scale={scale}"), "--ncs"]);
+    let keys: Value =
+        serde_json::from_slice(&fs::read(s.home().join("key_file.json")).unwrap()).unwrap();
+    let api = format!("Bearer {}", keys["API"]["key"].as_str().unwrap());
+    assert_error(
+        &request(
+            &s.management,
+            "GET",
+            "/token?type=foo",
+            &[("Authorization", &api)],
+            b"",
+        ),
+        400,
+        "BadRequestException",
+        "unknown key type \"foo\"",
+    );
+}
