@@ -7,20 +7,10 @@ mod common;
 use std::fs;
 use std::process::Command;
 
-use common::http::{Resp, post_json, request};
+use common::http::{assert_error, post_json, request};
 use common::run;
 use common::server::{Server, archive, fixture_handler, fixtures, tiny_image_archive};
 use serde_json::Value;
-
-fn assert_error(r: &Resp, status: u16, kind: &str, message_part: &str) {
-    assert_eq!(r.status, status, "{}", r.text());
-    let j = r.json();
-    assert_eq!(j["type"], kind, "{j}");
-    assert!(
-        j["message"].as_str().unwrap().contains(message_part),
-        "`{message_part}` not in {j}"
-    );
-}
 
 fn scale_archive(s: &Server, name: &str) -> String {
     archive(

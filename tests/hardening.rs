@@ -12,22 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::http::{Resp, parse, request, try_request};
+use common::http::{Resp, assert_error, parse, request, try_request};
 use common::run_ok;
 use common::server::{Server, archive, fixture_handler, fixtures, tiny_image_archive};
 use image::ImageEncoder as _;
 use serde_json::Value;
-
-fn assert_error(r: &Resp, status: u16, kind: &str, message_part: &str) {
-    assert_eq!(r.status, status, "{}", r.text());
-    let j = r.json();
-    assert_eq!(j["code"], status, "{j}");
-    assert_eq!(j["type"], kind, "{j}");
-    assert!(
-        j["message"].as_str().unwrap().contains(message_part),
-        "`{message_part}` not in {j}"
-    );
-}
 
 /// The `scale` model (x * 2 on [4] floats) archived in the server's store.
 fn scale_archive(s: &Server) -> String {

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::http::{Resp, post_json, request};
+use common::http::{Resp, assert_error, post_json, request};
 use common::run;
 use common::server::{Server, archive, digits_build, fixture_handler, fixtures};
 use serde_json::{Value, json};
@@ -33,14 +33,6 @@ fn fixture_archive(s: &Server, name: &str, model: &str, handler: &str) -> String
 
 fn register(s: &Server, query: &str) -> Resp {
     s.manage("POST", &format!("/models?{query}"))
-}
-
-fn assert_error(r: &Resp, status: u16, kind: &str, message_part: &str) {
-    assert_eq!(r.status, status, "{}", r.text());
-    let j = r.json();
-    assert_eq!(j["code"], status, "{j}");
-    assert_eq!(j["type"], kind, "{j}");
-    assert!(j["message"].as_str().unwrap().contains(message_part), "{j}");
 }
 
 /// A server with model `scale` v1.0 (x*2) and v2.0 (x*3) archived in its store.

@@ -142,3 +142,15 @@ pub fn post_json(addr: &str, path: &str, json: &str) -> Resp {
         json.as_bytes(),
     )
 }
+
+/// Asserts an answer is TorchServe's error body with this status, type and part of a message.
+pub fn assert_error(r: &Resp, status: u16, kind: &str, message_part: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["code"], status, "{j}");
+    assert_eq!(j["type"], kind, "{j}");
+    assert!(
+        j["message"].as_str().unwrap().contains(message_part),
+        "`{message_part}` not in {j}"
+    );
+}
