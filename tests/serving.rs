@@ -1167,3 +1167,44 @@ fn request_size_limit_covers_raw_and_multipart_bodies() {
     let r = s.infer("POST", "/predictions/picky", &ct, &form(b"[1, 2, 3, 4]"));
     assert_eq!(floats(&r.json()), [2.0, 3.0, 4.0, 5.0]);
 }
+
+/// Names of the server's threads that belong to worker `id` (the worker and any OpenMP team
+/// threads it started, which inherit its name).
+fn worker_threads(pid: u32, id: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|comm| comm.starts_with(&format!("W-{id}-")))
+        .count()
+}
+
+#[test]
+fn a_small_model_never_starts_an_openmp_team() {
+    // A team's threads outlive its work, and once the process holds more of them than cores,
+    // OpenMP stops spinning at its barriers: an idle MLP beside ResNet-18 cost the ResNet a
+    // quarter of its throughput for the life of the process (bench/multi_model.sh measures it).
+    let mut s = Server::new("cpu_threads=2");
+    let mlp = archive(
+        &s.store,
+        "mlp",
+        "1.0",
+        &fixtures().join("mlp.pt"),
+        &fixture_handler("vec784.json"),
+        &[],
+    );
+    s.start(&["--models", &format!("mlp={mlp}")]);
+    let body = format!("[{}]", vec!["0.5"; 784].join(","));
+    for _ in 0..20 {
+        assert_eq!(
+            post_json(&s.inference, "/predictions/mlp", &body).status,
+            200
+        );
+    }
+    let d = s.manage("GET", "/models/mlp").json();
+    let id = d[0]["workers"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        worker_threads(s.pid(), &id),
+        1,
+        "the MLP's worker started threads of its own"
+    );
+}

@@ -94,8 +94,13 @@ struct Loaded {
 }
 
 fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
-    let (threads, _busy) = ctx.budget.enter();
-    tch::set_num_threads(threads as i32);
+    // Warm-up runs on this thread alone. libtorch's OpenMP gives every thread that runs a
+    // parallel region a team of its own that lives as long as the thread, and once the process
+    // holds more team threads than cores, GNU OpenMP stops spinning at its barriers and sleeps
+    // instead, which slows every model's forward for good (ResNet-18 lost a quarter of its
+    // throughput to an idle MLP beside it). So a worker starts a team only once it is known to
+    // need one: small models (see SMALL_FORWARD) never do.
+    tch::set_num_threads(1);
     let module = load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)?;
     let pipeline = Pipeline::new(&ctx.spec.handler, &ctx.spec.model_dir)?;
     // TorchScript specialises its graph over the first calls; pay that before serving.
