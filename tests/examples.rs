@@ -14,7 +14,7 @@ fn every_example_serves_and_answers() {
     let store = repo_root().join("model-store");
     for archive in [
         "digits.mar",
-        "resnet18.mar",
+        "efficientnet_lite0.mar",
         "detector.mar",
         "segmenter.mar",
         "minilm.mar",
@@ -49,22 +49,33 @@ fn every_example_serves_and_answers() {
         .unwrap();
     assert!(correct >= 36, "digits: {digits}");
 
-    let classes: serde_json::Value = serde_json::from_str(&query("image_classifier", &[])).unwrap();
-    assert_eq!(classes.as_object().unwrap().len(), 5, "{classes}");
+    // A pretrained classifier with real names: the cat is a cat, the coffee an espresso.
+    let best = |photo: &str| {
+        let classes: serde_json::Value =
+            serde_json::from_str(&query("image_classifier", &[photo])).unwrap();
+        assert_eq!(classes.as_object().unwrap().len(), 5, "{classes}");
+        classes.as_object().unwrap().keys().next().unwrap().clone()
+    };
+    let cat = best("cat");
     assert!(
-        classes
-            .as_object()
-            .unwrap()
-            .keys()
-            .all(|k| k.starts_with("class_")),
-        "{classes}"
+        ["Egyptian cat", "tabby", "tiger cat"].contains(&cat.as_str()),
+        "{cat}"
     );
+    assert_eq!(best("coffee"), "espresso");
 
     let detections: serde_json::Value =
         serde_json::from_str(&query("object_detector", &[])).unwrap();
     for d in detections.as_array().unwrap() {
         assert!(d["score"].as_f64().unwrap() >= 0.5, "{d}");
         assert_eq!(d.as_object().unwrap().len(), 2, "{d}");
+        // Named by COCO's categories, not numbered.
+        let label = d
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|k| *k != "score")
+            .unwrap();
+        assert!(label.parse::<u32>().is_err(), "{d}");
     }
 
     let similar = query("text_embedding", &[]);
@@ -95,8 +106,17 @@ fn every_example_serves_and_answers() {
     assert!((total - 1.0).abs() < 1e-4, "{sentiment}");
 
     let segments = query("image_segmenter", &[]);
-    assert!(
-        segments.starts_with("224 x 224 pixels; classes present: ["),
-        "{segments}"
-    );
+    let voc: Vec<String> = serde_json::from_slice(
+        &std::fs::read(repo_root().join("build/examples/image_segmenter/voc_labels.json")).unwrap(),
+    )
+    .unwrap();
+    let mut lines = segments.lines();
+    assert_eq!(lines.next(), Some("224 x 224 pixels"), "{segments}");
+    let mut share = 0.0;
+    for l in lines {
+        let (pct, name) = l.trim().split_once("%  ").unwrap();
+        share += pct.parse::<f64>().unwrap();
+        assert!(voc.iter().any(|v| v == name), "{l}");
+    }
+    assert!((share - 100.0).abs() < 0.5, "{segments}");
 }

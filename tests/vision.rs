@@ -443,3 +443,41 @@ fn object_detector_and_image_segmenter_match_pytorch() {
         );
     }
 }
+
+#[test]
+fn a_pretrained_classifier_names_what_is_in_the_photo() {
+    let fx = vision_fixtures();
+    let want = expected();
+    let mut s = Server::new("");
+    // Real weights, real class names, the real archiver and TorchServe's built-in handler.
+    let labels = s.dir.path().join("index_to_name.json");
+    fs::copy(fx.join("imagenet_labels.json"), &labels).unwrap();
+    let mar = real_archive(
+        &s.store,
+        "efficientnet",
+        &fx.join("efficientnet_lite0.pt"),
+        "image_classifier",
+        &[&labels],
+    );
+    s.start(&["--models", &format!("efficientnet={mar}")]);
+    let cats = ["Egyptian cat", "tabby", "tiger cat"];
+    for file in PHOTOS {
+        let r = post_image(&s, "efficientnet", file);
+        assert_eq!(r.status, 200, "{file}: {}", r.text());
+        let got = r.json();
+        let (top, p) = got.as_object().unwrap().iter().next().unwrap();
+        let pytorch = &want[file]["pretrained_top5"][0];
+        assert_eq!(top, pytorch[0].as_str().unwrap(), "{file}: {got}");
+        let drift = (p.as_f64().unwrap() - pytorch[1].as_f64().unwrap()).abs();
+        eprintln!(
+            "{file}: {top} {p} (PyTorch {}, difference {drift:.5})",
+            pytorch[1]
+        );
+        if file.starts_with("chelsea") || file.starts_with("odd_") {
+            assert!(cats.contains(&top.as_str()), "{file}: {got}");
+        }
+        if file.starts_with("coffee") {
+            assert_eq!(top, "espresso", "{file}: {got}");
+        }
+    }
+}

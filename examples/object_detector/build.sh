@@ -10,4 +10,5 @@ out=$root/build/examples/object_detector
     --model-name detector --version 1.0 \
     --serialized-file "$out/detector.pt" \
     --handler object_detector \
+    --extra-files "$out/index_to_name.json" \
     --export-path "$root/model-store" --force
