@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing tchserve need, skipping whatever is already in place:
-# a C++ compiler, a Python virtual environment in .venv with scripts/requirements.txt, and
-# the .libtorch link that .cargo/config.toml points the build at.
+# a C++ compiler, libjpeg-turbo's TurboJPEG library, a Python virtual environment in .venv with
+# scripts/requirements.txt, and the .libtorch link that .cargo/config.toml points the build at.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +23,8 @@ apt_install() {
 
 command -v cargo >/dev/null || { say "cargo not found: install Rust 1.89 or newer (https://rustup.rs)"; exit 1; }
 command -v c++ >/dev/null || apt_install g++
+# libjpeg-turbo's TurboJPEG library: JPEGs are decoded as PIL decodes them.
+[ -e /usr/include/turbojpeg.h ] || apt_install libturbojpeg0-dev
 command -v "$PYTHON" >/dev/null || apt_install python3 python3-venv
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -14,6 +14,7 @@ use image::{DynamicImage, ImageDecoder, ImageReader};
 use tch::{Kind, Tensor};
 use tchserve_mar::handler::{Interpolation, Preprocess, Size};
 
+use super::{jpeg, resample};
 use crate::job::{Part, Payload, PredictError};
 
 fn bad(msg: impl Into<String>) -> PredictError {
@@ -114,6 +115,11 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
                 "cannot decode the image: the JPEG is truncated (its last scan has no end marker)",
             ));
         }
+        Some(image::ImageFormat::Jpeg) => {
+            if let Some(rgb) = decode_jpeg(&bytes, max_pixels)? {
+                return Ok(rgb);
+            }
+        }
         Some(_) => {}
     }
     // The format's decoder reads only the header until asked for pixels.
@@ -121,12 +127,8 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
         .into_decoder()
         .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
     let (w, h) = decoder.dimensions();
+    check_pixels(w, h, max_pixels)?;
     let pixels = u64::from(w) * u64::from(h);
-    if pixels > max_pixels {
-        return Err(bad(format!(
-            "the image is {w}x{h} = {pixels} pixels, more than the {max_pixels} allowed (decompression bomb protection)"
-        )));
-    }
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
     decoder
@@ -140,6 +142,33 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
         height: rgb.height(),
         data: rgb.into_raw(),
     })
+}
+
+/// Decodes a JPEG as PIL does (see [`jpeg`]); `None` for CMYK data, which the other decoder
+/// takes.
+fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<Option<Rgb>, PredictError> {
+    let header = jpeg::header(bytes).map_err(|e| bad(format!("cannot decode the image: {e}")))?;
+    if header.cmyk {
+        return Ok(None);
+    }
+    check_pixels(header.width, header.height, max_pixels)?;
+    let data = jpeg::decode_rgb(bytes, header)
+        .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
+    Ok(Some(Rgb {
+        width: header.width,
+        height: header.height,
+        data,
+    }))
+}
+
+fn check_pixels(w: u32, h: u32, max_pixels: u64) -> Result<(), PredictError> {
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > max_pixels {
+        return Err(bad(format!(
+            "the image is {w}x{h} = {pixels} pixels, more than the {max_pixels} allowed (decompression bomb protection)"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a JPEG's last scan is followed by the end-of-image marker. Neither marker can occur
@@ -239,6 +268,27 @@ fn resize(
     let (w, h) = (w as u32, h as u32);
     if (w, h) == (img.width, img.height) {
         return Ok(img.clone());
+    }
+    // What torchvision runs on a PIL image, and so what TorchServe's handlers feed their models.
+    let pil = match interpolation {
+        Interpolation::Bilinear if antialias => Some(resample::BILINEAR),
+        Interpolation::Bicubic if antialias => Some(resample::BICUBIC),
+        _ => None,
+    };
+    if let Some(filter) = pil {
+        let data = resample::resize_rgb(
+            &img.data,
+            img.width as usize,
+            img.height as usize,
+            w.max(1) as usize,
+            h.max(1) as usize,
+            filter,
+        );
+        return Ok(Rgb {
+            width: w.max(1),
+            height: h.max(1),
+            data,
+        });
     }
     let failed = |e: &dyn std::fmt::Display| PredictError::ModelFailed(format!("resizing: {e}"));
     let src = Image::from_vec_u8(img.width, img.height, img.data.clone(), PixelType::U8x3)

@@ -6,7 +6,9 @@
 //! answer ([`Pipeline::run_batch`]).
 
 mod image_input;
+mod jpeg;
 mod output;
+mod resample;
 mod tensor_input;
 mod text_input;
 
