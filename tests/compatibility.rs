@@ -9,19 +9,10 @@ use std::process::Command;
 
 use common::http::{assert_error, post_json, request};
 use common::run;
-use common::server::{Server, archive, fixture_handler, fixtures, tiny_image_archive};
+use common::server::{
+    Server, archive, fixture_handler, fixtures, scale_archive, tiny_image_archive,
+};
 use serde_json::Value;
-
-fn scale_archive(s: &Server, name: &str) -> String {
-    archive(
-        &s.store,
-        name,
-        "1.0",
-        &fixtures().join("scale2.pt"),
-        &fixture_handler("vec4.json"),
-        &[],
-    )
-}
 
 fn model_names(s: &Server) -> Vec<String> {
     request(&s.management, "GET", "/models", &[], b"").json()["models"]

@@ -14,21 +14,11 @@ use std::time::{Duration, Instant};
 
 use common::http::{Resp, assert_error, parse, request, try_request};
 use common::run_ok;
-use common::server::{Server, archive, fixture_handler, fixtures, tiny_image_archive};
+use common::server::{
+    Server, archive, fixture_handler, fixtures, scale_archive, tiny_image_archive,
+};
 use image::ImageEncoder as _;
 use serde_json::Value;
-
-/// The `scale` model (x * 2 on [4] floats) archived in the server's store.
-fn scale_archive(s: &Server) -> String {
-    archive(
-        &s.store,
-        "scale",
-        "1.0",
-        &fixtures().join("scale2.pt"),
-        &fixture_handler("vec4.json"),
-        &[],
-    )
-}
 
 fn encode(img: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
@@ -84,7 +74,7 @@ fn q(v: &str) -> String {
 fn images_that_grow_past_the_pixel_limit_are_refused() {
     let mut s = Server::new("");
     let tiny = tiny_image_archive(&s, &[]);
-    let scale = scale_archive(&s);
+    let scale = scale_archive(&s, "scale");
     s.start(&[
         "--models",
         &format!("tiny={tiny}"),
@@ -173,7 +163,7 @@ fn stop_within(s: &mut Server, within: Duration) {
 #[test]
 fn scaling_under_health_and_metrics_polling_never_deadlocks() {
     let mut s = Server::new("");
-    let scale = scale_archive(&s);
+    let scale = scale_archive(&s, "scale");
     s.start(&["--models", &format!("scale={scale}")]);
     let done = Arc::new(AtomicBool::new(false));
     let polls = Arc::new(AtomicUsize::new(0));
@@ -232,7 +222,7 @@ enum Known {
 #[test]
 fn concurrent_management_calls_survive_a_crash() {
     let mut s = Server::new("enable_model_api=true");
-    let scale = scale_archive(&s);
+    let scale = scale_archive(&s, "scale");
     s.start(&[]);
     let snapshot = s.home().join("logs/config/snapshot.json");
     let stop = Arc::new(AtomicBool::new(false));
@@ -352,7 +342,7 @@ fn concurrent_management_calls_survive_a_crash() {
 #[test]
 fn an_unreadable_snapshot_is_kept_aside_not_overwritten() {
     let mut s = Server::new("");
-    let scale = scale_archive(&s);
+    let scale = scale_archive(&s, "scale");
     let config = s.home().join("logs/config");
     std::fs::create_dir_all(&config).unwrap();
     let damaged = b"{\"models\": {\"lost\": {\"1.0\": {\"marName\": \"lost.mar\"}}}} trailing";
@@ -372,7 +362,7 @@ fn an_unreadable_snapshot_is_kept_aside_not_overwritten() {
 #[test]
 fn absurd_worker_counts_and_batch_settings_are_refused() {
     let mut s = Server::new("enable_model_api=true");
-    let scale = scale_archive(&s);
+    let scale = scale_archive(&s, "scale");
     std::fs::write(s.home().join("huge.yaml"), "batchSize: 4000000\n").unwrap();
     let out = tempfile::tempdir().unwrap();
     run_ok(
@@ -458,7 +448,7 @@ fn absurd_worker_counts_and_batch_settings_are_refused() {
 #[test]
 fn local_urls_name_archives_in_the_store_and_nothing_else() {
     let mut s = Server::new("enable_model_api=true");
-    let scale = scale_archive(&s);
+    let scale = scale_archive(&s, "scale");
     let mkfifo = |p: &std::path::Path| run_ok(Command::new("mkfifo").arg(p));
     let outside = s.home().join("outside.fifo");
     mkfifo(&outside);
@@ -571,7 +561,7 @@ fn slow_idle_and_excess_connections_are_closed_or_refused() {
     let mut s = Server::new(
         "header_read_timeout=1\nkeep_alive_timeout=3\nbody_read_timeout=1\nmax_connections=8",
     );
-    let scale = scale_archive(&s);
+    let scale = scale_archive(&s, "scale");
     s.start(&["--models", &format!("scale={scale}")]);
     let limit = Duration::from_secs(15);
 
@@ -626,7 +616,7 @@ fn slow_idle_and_excess_connections_are_closed_or_refused() {
 #[test]
 fn protocol_errors_and_wrong_methods_answer_in_json() {
     let mut s = Server::new("");
-    let scale = scale_archive(&s);
+    let scale = scale_archive(&s, "scale");
     s.start(&["--models", &format!("scale={scale}")]);
     for (addr, method, path) in [
         (&s.inference, "DELETE", "/api-description"),
@@ -686,7 +676,7 @@ fn a_stale_pid_file_never_signals_another_process() {
 #[test]
 fn malformed_tensors_fail_alone_with_400() {
     let mut s = Server::new("");
-    let scale = scale_archive(&s);
+    let scale = scale_archive(&s, "scale");
     s.start(&["--models", &format!("scale={scale}")]);
     let accents = format!("[\"{}\"]", "é".repeat(46));
     assert_error(
@@ -789,7 +779,7 @@ fn outputs_that_disagree_fail_their_request_and_the_worker_serves_on() {
 #[test]
 fn model_names_are_plain_and_duplicate_entries_are_refused() {
     let mut s = Server::new("enable_model_api=true");
-    let scale = scale_archive(&s);
+    let scale = scale_archive(&s, "scale");
     // The same archive with its manifest twice, the second naming another model.
     let twice = s.store.join("twice.mar");
     {

@@ -307,3 +307,15 @@ pub fn tiny_image_archive(s: &Server, extra: &[&str]) -> String {
     fs::rename(out.path().join("tiny.mar"), s.store.join("tiny.mar")).unwrap();
     "tiny.mar".into()
 }
+
+/// The `scale` model (x * 2 on [4] floats) archived as `<name>` 1.0 in the server's store.
+pub fn scale_archive(s: &Server, name: &str) -> String {
+    archive(
+        &s.store,
+        name,
+        "1.0",
+        &fixtures().join("scale2.pt"),
+        &fixture_handler("vec4.json"),
+        &[],
+    )
+}
