@@ -213,6 +213,7 @@ pub fn resized_size(w: u32, h: u32, size: Size) -> (u64, u64) {
     }
 }
 
+/// `CenterCrop`'s output size, as (width, height).
 fn crop_size(size: Size) -> (u64, u64) {
     match size {
         Size::Scalar(s) => (u64::from(s), u64::from(s)),
@@ -223,7 +224,7 @@ fn crop_size(size: Size) -> (u64, u64) {
 /// Checks, before any pixel is touched, that no stage makes an image of more than `max_pixels`
 /// pixels: the decoded size is checked by [`decode`], but a resize can multiply it (a 2 KB PNG of
 /// 1 x 1,000,000 pixels asks for 65 billion), so every intermediate size is held to the same
-/// limit and a request's memory stays within a few bytes per allowed pixel.
+/// limit and an image's memory stays within a few tens of bytes per allowed pixel.
 pub fn check_sizes(
     width: u32,
     height: u32,
@@ -315,12 +316,9 @@ fn resize(
 }
 
 fn center_crop(img: &Rgb, size: Size) -> Rgb {
-    let (ch, cw) = match size {
-        Size::Scalar(s) => (s, s),
-        Size::Pair([h, w]) => (h, w),
-    };
+    let (cw, ch) = crop_size(size);
     let (w, h) = (img.width as i64, img.height as i64);
-    let (cw, ch) = (i64::from(cw), i64::from(ch));
+    let (cw, ch) = (cw as i64, ch as i64);
     // Offsets into the source; negative when the crop is larger (then zero padding shows).
     let top = if ch > h {
         -((ch - h) / 2)

@@ -12,6 +12,7 @@ mod resample;
 mod tensor_input;
 mod text_input;
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
@@ -448,7 +449,7 @@ fn write_class_map(out: &mut String, values: &Values, dims: &[i64], offset: usiz
                 out.push(',');
             }
             let at = offset + (y * w + x) * 2;
-            out.push_str(&format!("[{},", values.get_f64(at) as i64));
+            let _ = write!(out, "[{},", values.get_f64(at) as i64);
             values.write(out, at + 1);
             out.push(']');
         }

@@ -128,6 +128,12 @@ async fn renew_token(
     }
 }
 
+/// An integer parameter of a management call: `None` when absent or empty, 400 when not an
+/// integer.
+fn int_param(params: &HashMap<String, String>, key: &str) -> Result<Option<i64>, ApiError> {
+    bounds::parse_int(key, params.get(key).map(String::as_str)).map_err(ApiError::bad_request)
+}
+
 fn int(params: &HashMap<String, String>, key: &str) -> Option<i64> {
     params.get(key).and_then(|v| v.trim().parse().ok())
 }
@@ -187,9 +193,7 @@ async fn register(State(st): State<AppState>, Query(q): Params, req: Request) ->
     let Some(url) = params.get("url").cloned() else {
         return ApiError::bad_request("Parameter url is required.").into_response();
     };
-    let number = |key: &str| {
-        bounds::parse_int(key, params.get(key).map(String::as_str)).map_err(ApiError::bad_request)
-    };
+    let number = |key| int_param(&params, key);
     let numbers = (|| {
         Ok::<_, ApiError>([
             number("batch_size")?,
@@ -366,9 +370,8 @@ async fn scale_inner(
 ) -> Response {
     let limit = st.config.max_workers_per_model;
     let count = |key: &'static str| -> Result<Option<i64>, ApiError> {
-        let v = bounds::parse_int(key, q.get(key).map(String::as_str))
-            .map_err(ApiError::bad_request)?;
-        v.map(|n| bounds::workers(key, limit).check(n))
+        int_param(&q, key)?
+            .map(|n| bounds::workers(key, limit).check(n))
             .transpose()
             .map_err(|why| {
                 ApiError::bad_request(format!("{why} (max_workers_per_model is {limit})"))
