@@ -2,6 +2,8 @@
 
 mlp.pt        784-128-10 MLP (random weights), float32 [N, 784] -> [N, 10]
 resnet18.pt   torchvision ResNet-18 (random weights), float32 [N, 3, 224, 224] -> [N, 1000]
+pool.pt       the mean of each channel, float32 [N, 3, 224, 224] -> [N, 3]: a model that costs
+              nothing, so a run measures the serving path of a 224x224 image tensor alone
 mlp.json      one MLP request body: {"data": [784 floats]}
 resnet18.bin  one ResNet-18 input as raw little-endian float32 bytes
 cat640.jpg    a 640x480 JPEG photo (scikit-image's chelsea), for the image_classifier runs
@@ -17,6 +19,11 @@ from PIL import Image
 from skimage import data
 
 
+class ChannelMean(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -24,6 +31,7 @@ def main(out: Path) -> None:
     torch.jit.script(mlp).save(str(out / "mlp.pt"))
     resnet = torchvision.models.resnet18(weights=None).eval()
     torch.jit.script(resnet).save(str(out / "resnet18.pt"))
+    torch.jit.script(ChannelMean()).save(str(out / "pool.pt"))
     x = torch.rand(784)
     (out / "mlp.json").write_text(json.dumps({"data": [round(float(v), 6) for v in x]}))
     torch.rand(3, 224, 224).numpy().astype("<f4").tofile(out / "resnet18.bin")

@@ -41,7 +41,7 @@ until [ "$(predict digits application/json "$root/$out/digits.json")" = 200 ] \
    && [ "$(predict mlp application/json "$root/$out/mlp.json")" = 200 ] \
    && [ "$(predict resnet18 application/octet-stream "$root/$out/resnet18.bin")" = 200 ]; do sleep 0.01; done
 t1=$(date +%s.%N)
-pid=$(cat logs/tchserve.pid)
+pid=$(head -n 1 logs/tchserve.pid)
 rss_kb=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
 echo "{\"bench\": \"startup\", \"models\": 3, \"seconds_until_all_answer\": $(echo "$t1 - $t0" | bc), \"rss_mb\": $((rss_kb / 1024))}"
 server --stop >/dev/null

@@ -92,6 +92,10 @@ fn free_port() -> u16 {
         .port()
 }
 
+fn port_of(address: &str) -> &str {
+    address.rsplit(':').next().unwrap_or_default()
+}
+
 /// A running `tchserve --foreground`, stopped (SIGTERM) when dropped.
 pub struct Server {
     pub dir: tempfile::TempDir,
@@ -99,6 +103,10 @@ pub struct Server {
     pub inference: String,
     pub management: String,
     pub metrics: String,
+    /// The gRPC inference listener (TorchServe's and the v2 services), `127.0.0.1:port`.
+    pub grpc_inference: String,
+    /// The gRPC management listener.
+    pub grpc_management: String,
     extra_config: String,
     args: Vec<String>,
     child: Option<Child>,
@@ -112,11 +120,14 @@ impl Server {
         fs::create_dir(&store).unwrap();
         fs::create_dir(dir.path().join("tmp")).unwrap();
         let (i, m, x) = (free_port(), free_port(), free_port());
+        let (gi, gm) = (free_port(), free_port());
         Server {
             store,
             inference: format!("127.0.0.1:{i}"),
             management: format!("127.0.0.1:{m}"),
             metrics: format!("127.0.0.1:{x}"),
+            grpc_inference: format!("127.0.0.1:{gi}"),
+            grpc_management: format!("127.0.0.1:{gm}"),
             extra_config: extra_config.to_string(),
             args: Vec::new(),
             dir,
@@ -135,11 +146,14 @@ impl Server {
         format!(
             // Token authorization is tested on its own; the extra config can turn it back on.
             "inference_address={}\nmanagement_address={}\nmetrics_address={}\nmodel_store={}\n\
+             grpc_inference_port={}\ngrpc_management_port={}\n\
              disable_token_authorization=true\n{}\n",
             url(&self.inference),
             url(&self.management),
             url(&self.metrics),
             self.store.display(),
+            port_of(&self.grpc_inference),
+            port_of(&self.grpc_management),
             self.extra_config
         )
     }
@@ -163,36 +177,55 @@ impl Server {
     /// Starts in the foreground (as a child) with extra arguments and waits for /ping.
     pub fn start(&mut self, args: &[&str]) -> &mut Self {
         self.args = args.iter().map(|s| s.to_string()).collect();
-        let log = fs::File::create(self.dir.path().join("server.log")).unwrap();
-        let child = self
-            .command()
-            .arg("--foreground")
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        self.wait_ready();
+        // Between a stop and a restart, a client socket of a test running beside this one may
+        // take one of the freed ports as its own: then the restart moves to fresh ports.
+        for attempt in 0.. {
+            let log = fs::File::create(self.dir.path().join("server.log")).unwrap();
+            let child = self
+                .command()
+                .arg("--foreground")
+                .args(&self.args)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            self.child = Some(child);
+            match self.try_wait_ready() {
+                Ok(()) => break,
+                Err(log) if attempt < 3 && log.contains("Address already in use") => {
+                    self.inference = format!("127.0.0.1:{}", free_port());
+                    self.management = format!("127.0.0.1:{}", free_port());
+                    self.metrics = format!("127.0.0.1:{}", free_port());
+                    self.grpc_inference = format!("127.0.0.1:{}", free_port());
+                    self.grpc_management = format!("127.0.0.1:{}", free_port());
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
         self
     }
 
     pub fn wait_ready(&mut self) {
+        if let Err(log) = self.try_wait_ready() {
+            panic!("{log}");
+        }
+    }
+
+    /// Waits until the inference listener accepts; the server's log when it exited instead.
+    fn try_wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                panic!("tchserve exited ({status}):\n{}", self.log());
+                return Err(format!("tchserve exited ({status}):\n{}", self.log()));
             }
             if std::net::TcpStream::connect(&self.inference).is_ok() {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "tchserve did not start:\n{}",
-                self.log()
-            );
+            if Instant::now() > deadline {
+                return Err(format!("tchserve did not start:\n{}", self.log()));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

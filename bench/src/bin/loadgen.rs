@@ -1,8 +1,9 @@
-//! A closed-loop HTTP/1.1 load generator for loopback benchmarks.
+//! A closed-loop HTTP/1.1 and gRPC load generator for loopback benchmarks.
 //!
 //! Each of `--concurrency` keep-alive connections sends the same request, waits for the whole
 //! response, and sends again, for `--duration` seconds after a warm-up. Prints throughput and
-//! latency percentiles as one JSON line.
+//! latency percentiles as one JSON line. With `--grpc MODEL`, each connection is an HTTP/2
+//! channel of its own calling the v2 protocol's `ModelInfer` with the body as its raw input.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: String,
     /// Request path.
-    #[arg(long)]
+    #[arg(long, default_value = "")]
     path: String,
     /// File whose bytes are the request body.
     #[arg(long)]
@@ -37,6 +38,24 @@ struct Args {
     /// Threads of the load generator.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Extra request headers, `Name: value`.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Call the v2 gRPC `ModelInfer` of this model instead of POSTing to `--path`.
+    #[arg(long)]
+    grpc: Option<String>,
+    /// With `--grpc`: the input's shape, comma-separated.
+    #[arg(long, default_value = "1")]
+    shape: String,
+    /// With `--grpc`: the input's datatype.
+    #[arg(long, default_value = "FP32")]
+    datatype: String,
+}
+
+/// The v2 protocol's gRPC client.
+#[allow(missing_docs, missing_debug_implementations, clippy::all)]
+mod pb {
+    tonic::include_proto!("inference");
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,8 +65,9 @@ fn main() -> anyhow::Result<()> {
         bail!("loadgen only targets loopback addresses");
     }
     let body = std::fs::read(&args.body).with_context(|| args.body.display().to_string())?;
+    let extra: String = args.headers.iter().map(|h| format!("{h}\r\n")).collect();
     let mut request = format!(
-        "POST {} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        "POST {} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {}\r\nContent-Length: {}\r\n{extra}\r\n",
         args.path,
         args.content_type,
         body.len()
@@ -58,7 +78,10 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
-    let (latencies, errors) = rt.block_on(run(&args, request))?;
+    let (latencies, errors) = match &args.grpc {
+        Some(model) => rt.block_on(run_grpc(&args, model, body))?,
+        None => rt.block_on(run(&args, request))?,
+    };
     let mut l = latencies;
     l.sort_unstable();
     let pct = |p: f64| {
@@ -91,6 +114,68 @@ async fn run(args: &Args, request: Vec<u8>) -> anyhow::Result<(Vec<u32>, u64)> {
         let request = std::sync::Arc::clone(&request);
         tasks.push(tokio::spawn(async move {
             connection(&addr, &request, start, end).await
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await??;
+        all.extend(l);
+        errors += e;
+    }
+    Ok((all, errors))
+}
+
+async fn run_grpc(args: &Args, model: &str, raw: Vec<u8>) -> anyhow::Result<(Vec<u32>, u64)> {
+    let shape = args
+        .shape
+        .split(',')
+        .map(|d| d.trim().parse::<i64>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("--shape")?;
+    let request = pb::ModelInferRequest {
+        model_name: model.to_string(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "input0".into(),
+            datatype: args.datatype.clone(),
+            shape,
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    };
+    let start = Instant::now() + Duration::from_secs_f64(args.warmup);
+    let end = start + Duration::from_secs_f64(args.duration);
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let url = format!("http://{}", args.addr);
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let channel = tonic::transport::Endpoint::from_shared(url)?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
+            let mut client =
+                pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX);
+            let (mut latencies, mut errors) = (Vec::new(), 0u64);
+            loop {
+                let sent = Instant::now();
+                if sent >= end {
+                    break;
+                }
+                let ok = client.model_infer(request.clone()).await.is_ok();
+                let done = Instant::now();
+                if sent >= start && done <= end {
+                    if ok {
+                        latencies.push(done.duration_since(sent).as_micros() as u32);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            anyhow::Ok((latencies, errors))
         }));
     }
     let mut all = Vec::new();

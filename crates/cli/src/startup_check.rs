@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::bail;
-use tchserve_mar::{Archive, ModelStore};
+use tchserve_mar::{Archive, ModelStore, serving};
 use tchserve_runtime::handler::Pipeline;
 use tchserve_runtime::{DevicePolicy, device, model};
 use tchserve_server::scratch::{self, Scratch};
@@ -72,8 +72,8 @@ fn check_one(
     dev: tch::Device,
 ) -> anyhow::Result<(String, String, String)> {
     let archive = Archive::open(path)?;
-    let handler = model::resolve_handler(&archive, None)?;
-    let file = model::serialized_file(&archive)?;
+    let handler = serving::resolve_handler(&archive, None)?;
+    let file = serving::serialized_file(&archive)?;
     if let Some(cfg) = archive.model_config()? {
         for w in cfg.warnings {
             println!("warn  {}: {w}", path.display());

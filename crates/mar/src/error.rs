@@ -98,6 +98,10 @@ pub enum MarError {
     /// A model-store lookup failed.
     #[error("{0}")]
     Store(String),
+    /// The archive is well formed but asks for something tchserve cannot serve (a Python
+    /// handler, an eager-mode state_dict, a missing model file).
+    #[error("{0}")]
+    Unservable(String),
 }
 
 /// Result alias for this crate.

@@ -7,6 +7,7 @@
 //! - [`Archive`]: safe reading of zip, tar.gz and directory archives.
 //! - [`PackRequest`] and [`Plan`]: writing archives, for `tch-model-archiver`.
 //! - [`ModelStore`]: looking archives up in a model store.
+//! - [`serving`]: what an archive asks a server to run: its handler and its model file.
 //!
 //! Nothing here links libtorch, so this crate builds and tests in seconds.
 
@@ -16,6 +17,7 @@ pub mod handler;
 pub mod manifest;
 pub mod model_config;
 pub mod pack;
+pub mod serving;
 pub mod store;
 
 pub use archive::{Archive, Entry, Layout, Limits};

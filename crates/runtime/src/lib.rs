@@ -6,10 +6,14 @@ pub mod batch;
 pub mod device;
 mod error;
 pub mod handler;
-pub mod job;
 pub mod model;
 pub mod pool;
+mod shared;
+mod torch_backend;
 mod worker;
 
 pub use device::{CudaStatus, DevicePolicy};
 pub use error::RuntimeError;
+pub use shared::{BusyGuard, ThreadBudget};
+pub use tchserve_backend::job;
+pub use torch_backend::TorchBackend;

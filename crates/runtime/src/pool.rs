@@ -4,138 +4,18 @@
 //! Workers share one queue, so scaling down never drops a queued request: a stopped worker
 //! finishes its batch and leaves the rest to the others.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
-use tchserve_mar::HandlerManifest;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use tchserve_backend::{ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers};
 
 use crate::batch::Batcher;
 use crate::job::Job;
+use crate::shared::{Shared, ThreadBudget, lock};
 use crate::worker;
-
-/// Everything a worker needs to load the model.
-#[derive(Debug)]
-pub struct ModelSpec {
-    /// Folder holding the unpacked archive.
-    pub model_dir: PathBuf,
-    /// The TorchScript file inside it.
-    pub serialized_file: String,
-    /// The resolved handler.
-    pub handler: HandlerManifest,
-}
-
-/// Serving settings of one model version.
-#[derive(Debug, Clone)]
-pub struct PoolConfig {
-    /// Model name, for logs.
-    pub model_name: String,
-    /// Model version, for logs.
-    pub version: String,
-    /// Batching.
-    pub batcher: Batcher,
-    /// Capacity of the job queue; a full queue refuses new requests.
-    pub job_queue_size: usize,
-    /// How long a request may wait for its answer.
-    pub response_timeout: Duration,
-    /// Devices assigned to workers round-robin.
-    pub devices: Vec<tch::Device>,
-}
-
-/// Life stage of a worker, as describe reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WorkerState {
-    /// Loading the model and warming it up.
-    Starting,
-    /// Serving.
-    Ready,
-    /// Loading failed, or the worker crashed and is being restarted; the text says why.
-    Failed(String),
-    /// Stopped (scaled down or shut down).
-    Stopped,
-}
-
-/// A worker as describe reports it.
-#[derive(Debug, Clone)]
-pub struct WorkerInfo {
-    /// Worker id, unique in the process.
-    pub id: usize,
-    /// When it started.
-    pub started: SystemTime,
-    /// Its state.
-    pub state: WorkerState,
-    /// Its device.
-    pub device: tch::Device,
-}
-
-/// The intra-op thread budget shared by every worker of the process.
-///
-/// The cores are split among the workers that are running a batch right now, not among all
-/// workers: an idle worker uses no CPU, so a lone busy worker gets every core, and several busy
-/// workers never oversubscribe the machine.
-#[derive(Debug)]
-pub struct ThreadBudget {
-    total: usize,
-    busy: AtomicUsize,
-}
-
-impl ThreadBudget {
-    /// A budget of `total` threads (at least 1).
-    pub fn new(total: usize) -> Arc<Self> {
-        Arc::new(ThreadBudget {
-            total: total.max(1),
-            busy: AtomicUsize::new(0),
-        })
-    }
-
-    /// Marks a worker busy for the life of the guard and returns its share of the threads.
-    pub fn enter(&self) -> (usize, BusyGuard<'_>) {
-        let busy = self.busy.fetch_add(1, Ordering::Relaxed) + 1;
-        ((self.total / busy).max(1), BusyGuard(self))
-    }
-}
-
-/// Holds a worker's place in the busy count.
-#[derive(Debug)]
-pub struct BusyGuard<'a>(&'a ThreadBudget);
-
-impl Drop for BusyGuard<'_> {
-    fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// State shared between the pool and its worker threads.
-#[derive(Debug, Default)]
-pub(crate) struct Shared {
-    states: Mutex<BTreeMap<usize, WorkerState>>,
-    changed: Condvar,
-}
-
-impl Shared {
-    /// Records a worker's new state; a worker already scaled away stays gone, so stopped
-    /// workers never pile up in the map.
-    pub(crate) fn set(&self, id: usize, state: WorkerState) {
-        if let Some(s) = lock(&self.states).get_mut(&id) {
-            *s = state;
-        }
-        self.changed.notify_all();
-    }
-
-    fn insert(&self, id: usize, state: WorkerState) {
-        lock(&self.states).insert(id, state);
-        self.changed.notify_all();
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A worker that panicked while holding the lock left plain data behind; keep serving.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 #[derive(Debug)]
 struct Handle {
@@ -150,7 +30,7 @@ struct Handle {
 #[derive(Debug)]
 pub struct Pool {
     spec: Arc<ModelSpec>,
-    config: PoolConfig,
+    devices: Vec<tch::Device>,
     tx: Sender<Job>,
     rx: Receiver<Job>,
     workers: Mutex<Vec<Handle>>,
@@ -162,12 +42,12 @@ pub struct Pool {
 static NEXT_WORKER_ID: AtomicUsize = AtomicUsize::new(9000);
 
 impl Pool {
-    /// A pool with no workers yet.
-    pub fn new(spec: ModelSpec, config: PoolConfig, budget: Arc<ThreadBudget>) -> Arc<Self> {
-        let (tx, rx) = bounded(config.job_queue_size.max(1));
+    /// A pool with no workers yet, whose workers take `devices` in turn.
+    pub fn new(spec: ModelSpec, devices: Vec<tch::Device>, budget: Arc<ThreadBudget>) -> Arc<Self> {
+        let (tx, rx) = bounded(spec.job_queue_size.max(1));
         Arc::new(Pool {
             spec: Arc::new(spec),
-            config,
+            devices,
             tx,
             rx,
             workers: Mutex::new(Vec::new()),
@@ -177,11 +57,9 @@ impl Pool {
         })
     }
 
-    /// Queues a job; gives it back when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
-        self.tx.try_send(job).map_err(|e| match e {
-            TrySendError::Full(j) | TrySendError::Disconnected(j) => j,
-        })
+    /// Queues a job; refuses it when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), QueueFull> {
+        self.tx.try_send(job).map_err(|_| QueueFull)
     }
 
     /// Requests waiting in the queue.
@@ -191,7 +69,7 @@ impl Pool {
 
     /// Free places in the queue.
     pub fn remaining_capacity(&self) -> usize {
-        self.config.job_queue_size.saturating_sub(self.tx.len())
+        self.spec.job_queue_size.saturating_sub(self.tx.len())
     }
 
     /// Number of workers (any state but stopped).
@@ -217,20 +95,27 @@ impl Pool {
         while workers.len() < n {
             let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
             let nth = self.spawned.fetch_add(1, Ordering::Relaxed);
-            let device = self.config.devices[nth % self.config.devices.len().max(1)];
+            let device = self
+                .devices
+                .get(nth % self.devices.len().max(1))
+                .copied()
+                .unwrap_or(tch::Device::Cpu);
             let stop = Arc::new(AtomicBool::new(false));
             self.shared.insert(id, WorkerState::Starting);
             let ctx = worker::Context {
                 id,
                 device,
                 spec: Arc::clone(&self.spec),
-                config: self.config.clone(),
+                batcher: Batcher {
+                    batch_size: self.spec.batch_size,
+                    max_delay: self.spec.max_batch_delay,
+                },
                 queue: self.rx.clone(),
                 stop: Arc::clone(&stop),
                 shared: Arc::clone(&self.shared),
                 budget: Arc::clone(&self.budget),
             };
-            let name = format!("W-{id}-{}_{}", self.config.model_name, self.config.version);
+            let name = format!("W-{id}-{}_{}", self.spec.name, self.spec.version);
             let thread = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || worker::run(ctx))
@@ -290,7 +175,7 @@ impl Pool {
                 id: h.id,
                 started: h.started,
                 state: states.get(&h.id).cloned().unwrap_or(WorkerState::Stopped),
-                device: h.device,
+                device: device_label(h.device),
             })
             .collect()
     }
@@ -314,6 +199,49 @@ impl Pool {
     }
 }
 
+/// `cpu`, or `cuda:N`.
+pub fn device_label(d: tch::Device) -> String {
+    match d {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        tch::Device::Mps => "mps".into(),
+        tch::Device::Vulkan => "vulkan".into(),
+        tch::Device::Cpu => "cpu".into(),
+    }
+}
+
+impl Workers for Pool {
+    fn submit(&self, job: Job) -> Result<(), QueueFull> {
+        Pool::submit(self, job)
+    }
+    fn scale(&self, n: usize) {
+        Pool::scale(self, n)
+    }
+    fn wait_started(&self, timeout: Duration) -> usize {
+        Pool::wait_started(self, timeout)
+    }
+    fn worker_count(&self) -> usize {
+        Pool::worker_count(self)
+    }
+    fn ready_count(&self) -> usize {
+        Pool::ready_count(self)
+    }
+    fn workers(&self) -> Vec<WorkerInfo> {
+        Pool::workers(self)
+    }
+    fn queue_len(&self) -> usize {
+        Pool::queue_len(self)
+    }
+    fn remaining_capacity(&self) -> usize {
+        Pool::remaining_capacity(self)
+    }
+    fn on_gpu(&self) -> bool {
+        self.devices.iter().any(|d| *d != tch::Device::Cpu)
+    }
+    fn shutdown(&self, drain: Duration) {
+        Pool::shutdown(self, drain)
+    }
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
         for h in lock(&self.workers).iter() {
@@ -327,40 +255,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn busy_workers_share_the_cores() {
-        let budget = ThreadBudget::new(4);
-        let (alone, g1) = budget.enter();
-        assert_eq!(alone, 4);
-        let (second, g2) = budget.enter();
-        assert_eq!(second, 2);
-        let (third, _g3) = budget.enter();
-        assert_eq!(third, 1);
-        drop((g1, g2));
-        assert_eq!(budget.enter().0, 2);
-    }
-
-    #[test]
     fn scaling_while_states_are_read_never_deadlocks() {
         // Workers of a model that does not exist fail to load, which is enough: the test is
         // about the pool's locks, which scale, describe and /ping take from different threads.
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::new(
             ModelSpec {
+                name: "m".into(),
+                version: "1.0".into(),
                 model_dir: dir.path().to_path_buf(),
                 serialized_file: "missing.pt".into(),
                 handler: tchserve_mar::handler::builtin("tensor").unwrap(),
-            },
-            PoolConfig {
-                model_name: "m".into(),
-                version: "1.0".into(),
-                batcher: Batcher {
-                    batch_size: 1,
-                    max_delay: Duration::ZERO,
-                },
+                batch_size: 1,
+                max_batch_delay: Duration::ZERO,
                 job_queue_size: 1,
                 response_timeout: Duration::from_secs(1),
-                devices: vec![tch::Device::Cpu],
+                placement: tchserve_backend::Placement::Cpu,
             },
+            vec![tch::Device::Cpu],
             ThreadBudget::new(1),
         );
         let done = Arc::new(AtomicBool::new(false));

@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use tch::CModule;
 
-use crate::batch::Next;
+use tchserve_backend::{ModelSpec, WorkerState};
+
+use crate::batch::{Batcher, Next};
 use crate::handler::{Decoded, Pipeline};
 use crate::job::{Job, Payload, PredictError, Prediction, Timings};
 use crate::model::load_module;
-use crate::pool::{ModelSpec, PoolConfig, Shared, ThreadBudget, WorkerState};
+use crate::shared::{Shared, ThreadBudget};
 
 /// How often an idle worker looks at its stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -30,7 +32,7 @@ pub(crate) struct Context {
     pub id: usize,
     pub device: tch::Device,
     pub spec: Arc<ModelSpec>,
-    pub config: PoolConfig,
+    pub batcher: Batcher,
     pub queue: Receiver<Job>,
     pub stop: Arc<AtomicBool>,
     pub shared: Arc<Shared>,
@@ -44,7 +46,7 @@ enum Ended {
 
 /// The thread's body.
 pub(crate) fn run(ctx: Context) {
-    let name = format!("{}:{}", ctx.config.model_name, ctx.config.version);
+    let name = format!("{}:{}", ctx.spec.name, ctx.spec.version);
     let mut failures = 0usize;
     while !ctx.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
@@ -106,7 +108,7 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // TorchScript specialises its graph over the first calls; pay that before serving.
     let _guard = tch::no_grad_guard();
     let mut last_forward = None;
-    for batch in [1, ctx.config.batcher.batch_size] {
+    for batch in [1, ctx.batcher.batch_size] {
         if let Some(input) = pipeline.warmup_input(batch, ctx.device) {
             for _ in 0..WARMUP_FORWARDS {
                 let t = Instant::now();
@@ -136,7 +138,7 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
         if ctx.stop.load(Ordering::Relaxed) {
             return Ended::Stopped;
         }
-        let jobs = match ctx.config.batcher.next_batch(&ctx.queue, IDLE_POLL, poll) {
+        let jobs = match ctx.batcher.next_batch(&ctx.queue, IDLE_POLL, poll) {
             Next::Batch(jobs) => {
                 poll = POLL_AFTER_BATCH;
                 jobs
@@ -263,7 +265,7 @@ fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, threads: usize, cost: 
     let started = Instant::now();
     // Metrics report the batch as gathered, even when a failure makes it run request by request.
     let gathered = jobs.len();
-    let timeout = ctx.config.response_timeout;
+    let timeout = ctx.spec.response_timeout;
     let mut fresh = Vec::with_capacity(jobs.len());
     for job in jobs {
         if job.enqueued.elapsed() > timeout {
@@ -331,13 +333,9 @@ fn timings(job: &Job, started: Instant, batch_size: usize) -> Timings {
     }
 }
 
-fn answer(job: Job, result: Result<Vec<u8>, PredictError>, started: Instant, batch_size: usize) {
+fn answer(job: Job, result: Result<Prediction, PredictError>, started: Instant, batch_size: usize) {
     let t = timings(&job, started, batch_size);
-    let reply = result.map(|body| Prediction {
-        body,
-        content_type: "application/json",
-    });
-    let _ = job.reply.send((reply, t));
+    let _ = job.reply.send((result, t));
 }
 
 #[cfg(test)]

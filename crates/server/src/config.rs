@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::bounds;
+use crate::core::bounds;
 
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,12 +167,21 @@ pub struct Config {
     /// `max_connections`: open connections per listener; `None` derives it from the process's
     /// limit on open files.
     pub max_connections: Option<usize>,
+    /// `grpc_inference_address` and `grpc_inference_port`: TorchServe's and the v2 gRPC
+    /// inference services.
+    pub grpc_inference: (String, u16),
+    /// `grpc_management_address` and `grpc_management_port`: TorchServe's gRPC management.
+    pub grpc_management: (String, u16),
     /// Keys that were present but are not used by tchserve.
     pub ignored_keys: Vec<String>,
 }
 
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
-const ENV_KEYS: [&str; 22] = [
+const ENV_KEYS: [&str; 26] = [
+    "grpc_inference_address",
+    "grpc_inference_port",
+    "grpc_management_address",
+    "grpc_management_port",
     "inference_address",
     "management_address",
     "metrics_address",
@@ -198,8 +207,10 @@ const ENV_KEYS: [&str; 22] = [
 ];
 
 /// Keys TorchServe knows that tchserve reads but does not act on, which are not worth a warning.
-const QUIET_KEYS: [&str; 5] = [
+const QUIET_KEYS: [&str; 6] = [
     "enable_envvars_config",
+    // KServe's routes are always served, whatever envelope TorchServe was told to expect.
+    "service_envelope",
     "number_of_netty_threads",
     "netty_client_threads",
     "async_logging",
@@ -232,6 +243,9 @@ impl Default for Config {
             body_read_timeout: Duration::from_secs(60),
             keep_alive_timeout: Duration::from_secs(60),
             max_connections: None,
+            // 127.0.0.1, not every interface: TorchServe's fix for CVE-2024-35199.
+            grpc_inference: ("127.0.0.1".into(), 7070),
+            grpc_management: ("127.0.0.1".into(), 7071),
             ignored_keys: Vec::new(),
         }
     }
@@ -390,6 +404,28 @@ impl Config {
                         unit: "",
                     };
                     cfg.max_connections = Some(bounded(&b)? as usize);
+                }
+                "grpc_inference_address" | "grpc_management_address" => {
+                    if value.is_empty() || value.contains(['/', ' ']) {
+                        return Err(bad("expected a host name or IP address"));
+                    }
+                    let host = value
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string();
+                    match key.as_str() {
+                        "grpc_inference_address" => cfg.grpc_inference.0 = host,
+                        _ => cfg.grpc_management.0 = host,
+                    }
+                }
+                "grpc_inference_port" | "grpc_management_port" => {
+                    let port = value
+                        .parse::<u16>()
+                        .map_err(|_| bad("expected a port number, 0 to 65535"))?;
+                    match key.as_str() {
+                        "grpc_inference_port" => cfg.grpc_inference.1 = port,
+                        _ => cfg.grpc_management.1 = port,
+                    }
                 }
                 "enable_model_api" => cfg.enable_model_api = boolean()?,
                 "disable_token_authorization" => cfg.disable_token_authorization = boolean()?,

@@ -1,18 +1,18 @@
-//! The tchserve HTTP server: TorchServe's inference, management and metrics APIs over a
-//! registry of model versions, each served by a worker pool from `tchserve-runtime`.
+//! The tchserve server: a protocol-neutral [`core`] (registry, settings, inference) behind thin
+//! [`frontends`] (TorchServe's REST APIs, KServe v1, the Open Inference Protocol v2), served on
+//! the listeners of [`listener`]. Models run in a [`tchserve_backend::Backend`] given to
+//! [`run`]; this crate never touches libtorch.
 
-pub mod api;
 pub mod auth;
-pub mod bounds;
 pub mod config;
-pub mod error;
+pub mod core;
+pub mod frontends;
 pub mod listener;
 pub mod metrics;
-pub mod registry;
 pub mod scratch;
 pub mod server;
 pub mod snapshot;
 
+pub use crate::core::ApiError;
 pub use config::{Address, Config, ConfigError};
-pub use error::ApiError;
 pub use server::{Options, ServerError, run};

@@ -6,7 +6,7 @@
 //!   `keep_alive_timeout` for its next request, and once a request has begun its head must be
 //!   complete within `header_read_timeout`. While a request is being served there is no such
 //!   deadline (a model may take its time); the body has its own timeout, applied where the body
-//!   is read ([`crate::api::buffer_body`]).
+//!   is read ([`crate::frontends::buffer_body`]).
 //! - hyper's own error answers (a malformed request, a head too large, a URI too long) get
 //!   TorchServe's JSON error body instead of an empty one.
 
@@ -87,7 +87,7 @@ pub async fn serve<L>(
 
 /// Answers a connection over the cap with 503 and closes it.
 async fn refuse<I: AsyncWrite + Unpin>(mut io: I, max: usize) {
-    let body = crate::error::pretty_json(&serde_json::json!({
+    let body = crate::frontends::pretty_json(&serde_json::json!({
         "code": 503,
         "type": "ServiceUnavailableException",
         "message": format!("too many open connections (max_connections is {max}); try again later"),
@@ -374,7 +374,7 @@ fn json_error_answer(buf: &[u8]) -> Option<Vec<u8>> {
         ),
         _ => ("InternalServerException", "the request could not be served"),
     };
-    let body = crate::error::pretty_json(&serde_json::json!({
+    let body = crate::frontends::pretty_json(&serde_json::json!({
         "code": code, "type": kind, "message": message,
     }));
     let mut out = String::with_capacity(end + body.len() + 64);

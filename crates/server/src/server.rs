@@ -7,17 +7,17 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::serve::ListenerExt;
+use tchserve_backend::Backend;
 use tchserve_mar::ModelStore;
-use tchserve_runtime::{DevicePolicy, device};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{self, AppState};
 use crate::auth::{KeyFileGuard, Tokens};
 use crate::config::{Address, Config};
+use crate::core::{Infer, RegisterParams, Registry};
+use crate::frontends::{self, AppState};
 use crate::listener::{self, ConnectionLimits};
 use crate::metrics::Metrics;
-use crate::registry::{RegisterParams, Registry};
 use crate::scratch::{self, Scratch};
 use crate::snapshot::{self, Snapshots};
 
@@ -26,6 +26,8 @@ use crate::snapshot::{self, Snapshots};
 pub struct Options {
     /// Settings.
     pub config: Config,
+    /// What runs the models.
+    pub backend: Arc<dyn Backend>,
     /// Write and restore snapshots (off with `--ncs`).
     pub snapshots: bool,
     /// Folder for logs and snapshots.
@@ -75,13 +77,6 @@ pub async fn run(
     for key in &config.ignored_keys {
         tracing::warn!("config key {key} is not used by tchserve");
     }
-    let cuda = tokio::task::spawn_blocking(|| device::cuda(DevicePolicy::Auto))
-        .await
-        .map_err(|e| ServerError::Store(e.to_string()))?;
-    match &cuda.reason {
-        None => tracing::info!(gpus = cuda.devices, "CUDA available"),
-        Some(why) => tracing::info!("serving on CPU: {why}"),
-    }
     let store = match &config.model_store {
         Some(dir) => Some(ModelStore::open(dir).map_err(|e| ServerError::Store(e.to_string()))?),
         None => None,
@@ -93,11 +88,17 @@ pub async fn run(
         Arc::clone(&config),
         store.clone(),
         scratch.path().to_path_buf(),
-        cuda,
+        opts.backend,
     ));
+    let metrics = Metrics::new();
     let mut state = AppState {
         registry: Arc::clone(&registry),
-        metrics: Metrics::new(),
+        infer: Infer::new(
+            Arc::clone(&registry),
+            metrics.clone(),
+            config.max_response_size,
+        ),
+        metrics,
         config: Arc::clone(&config),
         snapshots: opts.snapshots.then(|| {
             Arc::new(Snapshots::new(
@@ -168,8 +169,8 @@ pub async fn run(
                     match registry.register(&p) {
                         Ok(r) => tracing::info!(model = %r.model.name, version = %r.model.version, workers = r.workers, "model loaded"),
                         Err(e) => {
-                            tracing::error!(url = %p.url, "cannot load model: {}", e.message);
-                            failed.push(format!("{}: {}", p.url, e.message));
+                            tracing::error!(url = %p.url, "cannot load model: {e}");
+                            failed.push(format!("{}: {e}", p.url));
                         }
                     }
                 }
@@ -212,6 +213,16 @@ pub async fn run(
     ] {
         bound.push(bind(address).await?);
     }
+    let mut grpc_bound = Vec::new();
+    for (host, port) in [&config.grpc_inference, &config.grpc_management] {
+        let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
+            .await
+            .map_err(|source| ServerError::Bind {
+                address: format!("{host}:{port} (gRPC)"),
+                source,
+            })?;
+        grpc_bound.push(listener);
+    }
     if config.disable_token_authorization {
         tracing::info!("token authorization is off");
     } else {
@@ -230,22 +241,31 @@ pub async fn run(
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let routers = [
-        api::inference::router(state.clone()),
-        api::management::router(state.clone()),
-        api::metrics::router(state.clone()),
+        frontends::inference_router(state.clone()),
+        frontends::torchserve::management::router(state.clone()),
+        frontends::metrics::router(state.clone()),
     ];
-    let servers: Vec<_> = bound
+    let mut servers: Vec<_> = bound
         .into_iter()
         .zip(routers)
         .map(|(listener, router)| {
-            let router = api::ignoring_trailing_slash(router);
+            let router = frontends::ignoring_trailing_slash(router);
             listener.serve(router, limits, stop_rx.clone())
         })
         .collect();
+    for (listener, router) in grpc_bound.into_iter().zip(grpc_routers(&state)) {
+        servers.push(tokio::spawn(frontends::grpc::serve(
+            listener,
+            router,
+            stop_rx.clone(),
+        )));
+    }
     tracing::info!(
         inference = %config.inference_address,
         management = %config.management_address,
         metrics = %config.metrics_address,
+        grpc_inference = %format!("{}:{}", config.grpc_inference.0, config.grpc_inference.1),
+        grpc_management = %format!("{}:{}", config.grpc_management.0, config.grpc_management.1),
         max_connections = limits.max_connections,
         startup_ms = started.elapsed().as_millis() as u64,
         "tchserve is serving"
@@ -267,6 +287,28 @@ pub async fn run(
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The gRPC inference listener's services (TorchServe's and the v2 protocol's) and the gRPC
+/// management listener's, each behind its key.
+fn grpc_routers(state: &AppState) -> [tonic::transport::server::Router; 2] {
+    use crate::auth::Scope;
+    use frontends::grpc::require_key;
+    use tonic::service::interceptor::InterceptedService;
+    let tokens = state.tokens.clone();
+    let inference = tonic::transport::Server::builder()
+        .add_service(InterceptedService::new(
+            frontends::torchserve::grpc::inference_service(state.clone()),
+            require_key(tokens.clone(), Scope::Inference),
+        ))
+        // Health is open, as /ping is; the v2 service checks keys per call, since its
+        // repository calls take the management key.
+        .add_service(frontends::v2::grpc::service(state.clone()));
+    let management = tonic::transport::Server::builder().add_service(InterceptedService::new(
+        frontends::torchserve::grpc::management_service(state.clone()),
+        require_key(tokens, Scope::Management),
+    ));
+    [inference, management]
 }
 
 /// Registrations for `load_models` / `--models`.

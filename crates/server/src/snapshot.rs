@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Map, Value, json};
 
-use crate::registry::{ModelEntry, RegisterParams, Registry};
+use crate::core::registry::{ModelEntry, RegisterParams, Registry};
 
 /// The snapshot writer of one server.
 #[derive(Debug)]

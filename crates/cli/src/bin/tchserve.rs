@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use tchserve_cli::{control, startup_check};
+use tchserve_runtime::{DevicePolicy, TorchBackend};
 use tchserve_server::{Config, Options};
 
 /// Serves TorchScript models from TorchServe model archives.
@@ -181,9 +182,16 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
     let _pid = control::PidFile::create(&dir)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let started = Instant::now();
+    // The GPU probe may load libtorch's CUDA half: before the listeners, off the async threads.
+    let backend = TorchBackend::new(DevicePolicy::Auto, config.cpu_threads);
+    match &backend.cuda().reason {
+        None => tracing::info!(gpus = backend.cuda().devices, "CUDA available"),
+        Some(why) => tracing::info!("serving on CPU: {why}"),
+    }
     runtime.block_on(tchserve_server::run(
         Options {
             config,
+            backend: std::sync::Arc::new(backend),
             snapshots: !args.no_config_snapshots,
             log_dir: dir,
             key_file: PathBuf::from("key_file.json"),

@@ -24,7 +24,7 @@ pub use image_input::{Rgb, decode as decode_image, preprocess as preprocess_imag
 pub use tensor_input::{Decoded, Wrap};
 
 use crate::error::RuntimeError;
-use crate::job::{Payload, PredictError};
+use crate::job::{Payload, PredictError, Prediction, RawTensor};
 use output::{Values, write_nested, write_str};
 
 /// A handler ready to run.
@@ -81,6 +81,12 @@ impl Pipeline {
 
     /// Turns one request into model input. Errors here are the client's (400).
     pub fn decode(&self, payload: &Payload) -> Result<Decoded, PredictError> {
+        let mut decoded = self.decode_input(payload)?;
+        decoded.want_tensor = payload.want_tensor;
+        Ok(decoded)
+    }
+
+    fn decode_input(&self, payload: &Payload) -> Result<Decoded, PredictError> {
         match &self.input {
             Input::Tensor { dtype, shape } => {
                 tensor_input::decode(payload, *dtype, shape.as_deref())
@@ -129,7 +135,7 @@ impl Pipeline {
         module: &CModule,
         device: Device,
         inputs: &[&Decoded],
-    ) -> Result<Vec<Vec<u8>>, PredictError> {
+    ) -> Result<Vec<Prediction>, PredictError> {
         let _guard = tch::no_grad_guard();
         if self.feed == Feed::List {
             return self.run_list(module, device, inputs);
@@ -181,7 +187,18 @@ impl Pipeline {
             )));
         }
 
-        let values = Values::of(&out)?;
+        // Typed protocols take a tensor output as it is; everything else is written as JSON.
+        let raw =
+            if matches!(self.output, Output::Tensor {}) && inputs.iter().any(|d| d.want_tensor) {
+                raw_output(&out)?
+            } else {
+                None
+            };
+        let values = if inputs.iter().any(|d| !d.want_tensor || raw.is_none()) {
+            Some(Values::of(&out)?)
+        } else {
+            None
+        };
         let row_dims = &dims[1..];
         let row_len: usize = row_dims.iter().map(|&d| d as usize).product();
         let mut answers = Vec::with_capacity(inputs.len());
@@ -189,9 +206,26 @@ impl Pipeline {
         for d in inputs {
             let rows = row..row + d.examples;
             row += d.examples;
-            answers.push(self.write_rows(d.wrap, rows, |body, r| {
-                self.write_row(body, &values, row_dims, r * row_len)
-            }));
+            match (&raw, &values) {
+                (Some((dtype, bytes)), _) if d.want_tensor => {
+                    let size = dtype.size() * row_len;
+                    answers.push(Prediction::Tensor(RawTensor {
+                        dtype: *dtype,
+                        shape: std::iter::once(d.examples as i64)
+                            .chain(row_dims.iter().copied())
+                            .collect(),
+                        data: bytes[rows.start * size..rows.end * size].to_vec(),
+                    }));
+                }
+                (_, Some(values)) => {
+                    answers.push(Prediction::Json(self.write_rows(
+                        d.wrap,
+                        rows,
+                        |body, r| self.write_row(body, values, row_dims, r * row_len),
+                    )));
+                }
+                _ => unreachable!("values are read whenever a request takes JSON"),
+            }
         }
         Ok(answers)
     }
@@ -202,7 +236,7 @@ impl Pipeline {
         module: &CModule,
         device: Device,
         inputs: &[&Decoded],
-    ) -> Result<Vec<Vec<u8>>, PredictError> {
+    ) -> Result<Vec<Prediction>, PredictError> {
         let mut list = Vec::new();
         for d in inputs {
             let t = d
@@ -253,9 +287,11 @@ impl Pipeline {
                 }
                 written.push(s);
             }
-            answers.push(self.write_rows(d.wrap, 0..written.len(), |body, r| {
-                body.push_str(&written[r])
-            }));
+            answers.push(Prediction::Json(self.write_rows(
+                d.wrap,
+                0..written.len(),
+                |body, r| body.push_str(&written[r]),
+            )));
         }
         Ok(answers)
     }
@@ -429,6 +465,39 @@ impl Pipeline {
         out.push(']');
         Ok(())
     }
+}
+
+/// A tensor's elements as little-endian bytes with their dtype, or `None` for element types
+/// the typed protocols have no name for.
+fn raw_output(t: &Tensor) -> Result<Option<(tchserve_mar::handler::DType, Vec<u8>)>, PredictError> {
+    use tchserve_mar::handler::DType;
+    let dtype = match t.kind() {
+        Kind::Float => DType::Float32,
+        Kind::Double => DType::Float64,
+        Kind::Half => DType::Float16,
+        Kind::BFloat16 => DType::Bfloat16,
+        Kind::Int64 => DType::Int64,
+        Kind::Int => DType::Int32,
+        Kind::Int16 => DType::Int16,
+        Kind::Int8 => DType::Int8,
+        Kind::Uint8 => DType::Uint8,
+        Kind::Bool => DType::Bool,
+        _ => return Ok(None),
+    };
+    let flat = t
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .map_err(|e| failed("reading the model output", e))?;
+    let mut bytes = vec![0u8; flat.numel() * dtype.size()];
+    flat.f_copy_data_u8(&mut bytes, flat.numel())
+        .map_err(|e| failed("reading the model output", e))?;
+    // libtorch stores elements in the machine's order; the protocols carry little-endian.
+    if cfg!(target_endian = "big") {
+        for chunk in bytes.chunks_mut(dtype.size()) {
+            chunk.reverse();
+        }
+    }
+    Ok(Some((dtype, bytes)))
 }
 
 /// Writes a `[H, W, 2]` map of `[class, score]` pairs with each class as an integer, as

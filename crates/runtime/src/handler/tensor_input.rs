@@ -27,6 +27,8 @@ pub struct Decoded {
     pub examples: usize,
     /// How to answer.
     pub wrap: Wrap,
+    /// Answer with the output tensor itself rather than JSON, where the output is a tensor.
+    pub want_tensor: bool,
     /// The request bytes `tensor` reads from, when it borrows them instead of owning a copy.
     borrowed: Option<bytes::Bytes>,
 }
@@ -38,6 +40,7 @@ impl Decoded {
             tensor,
             examples,
             wrap,
+            want_tensor: false,
             borrowed: None,
         }
     }
@@ -192,12 +195,7 @@ fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decod
         .f_to_kind(kind)
         .and_then(|t| t.f_reshape(&tensor_shape))
         .map_err(|e| PredictError::ModelFailed(e.to_string()))?;
-    Ok(Decoded {
-        tensor,
-        examples,
-        wrap,
-        borrowed: None,
-    })
+    Ok(Decoded::owned(tensor, examples, wrap))
 }
 
 /// Flattens a rectangular nested list of numbers, recording its dimensions.
@@ -350,6 +348,7 @@ fn decode_raw(
         examples: full[0] as usize,
         tensor,
         wrap,
+        want_tensor: false,
         borrowed,
     })
 }
@@ -367,6 +366,7 @@ mod tests {
             }],
             dtype: None,
             shape: shape.map(str::to_owned),
+            ..Payload::default()
         }
     }
 
@@ -410,8 +410,7 @@ mod tests {
                 content_type: Some("application/json".into()),
                 data: body.to_owned().into(),
             }],
-            dtype: None,
-            shape: None,
+            ..Payload::default()
         };
         let d = decode(&p("[1, 2]"), DType::Int64, Some(&[2])).unwrap();
         assert_eq!(

@@ -1,22 +1,19 @@
 //! The inference listener: `/ping`, `/predictions/{model}[/{version}]`, API description.
 
-use std::time::{Duration, Instant};
-
 use axum::Router;
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use tchserve_runtime::job::{Job, Part, Payload};
+use tchserve_backend::job::{Part, Payload, Prediction};
 
-use super::{
-    AppState, buffer_body, common_headers, inference_key, not_found, openapi, status_message,
-    with_description,
+use crate::core::ApiError;
+use crate::frontends::{
+    AppState, inference_key, json_response, openapi, status_message, with_description,
 };
-use crate::error::{ApiError, json_response};
 
-/// The inference listener's routes.
-pub fn router(state: AppState) -> Router {
+/// TorchServe's inference routes; the listener adds the others and its middleware.
+pub fn routes(state: &AppState) -> Router<AppState> {
     let keyed = Router::new()
         .route("/predictions/{model}", any(predict_default))
         .route("/predictions/{model}/{version}", any(predict_version))
@@ -26,22 +23,7 @@ pub fn router(state: AppState) -> Router {
         ));
     // /ping answers without a key, unlike TorchServe's: health probes (Kubernetes, load
     // balancers) cannot carry a key that changes every hour.
-    with_description(keyed, doc)
-        .route("/ping", any(ping))
-        .fallback(not_found)
-        // Multipart bodies are read by axum's extractor, which applies this limit.
-        .layer(axum::extract::DefaultBodyLimit::max(
-            state.config.max_request_size,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            buffer_body,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            common_headers,
-        ))
-        .with_state(state)
+    with_description(keyed, doc).route("/ping", any(ping))
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
@@ -78,13 +60,7 @@ fn doc() -> serde_json::Value {
 }
 
 async fn ping(State(st): State<AppState>) -> Response {
-    let healthy = st.registry.snapshot_entries().values().all(|entry| {
-        entry
-            .versions
-            .get(&entry.default)
-            .is_none_or(|m| m.pool.ready_count() >= m.min_max().0)
-    });
-    if healthy {
+    if st.infer.server_ready() {
         status_message(StatusCode::OK, "Healthy")
     } else {
         status_message(StatusCode::INTERNAL_SERVER_ERROR, "Unhealthy")
@@ -117,80 +93,21 @@ async fn predict(
     version: Option<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
     if req.method() == Method::OPTIONS {
         return Ok(json_response(StatusCode::OK, &doc()));
     }
-    let mv = st.registry.get(&name, version.as_deref())?;
-    let version_label = version.as_deref().unwrap_or("default");
-    let labels = [name.as_str(), version_label, st.metrics.hostname()];
-    st.metrics.requests_total.with_label_values(&labels).inc();
-    let no_worker = || {
-        let who = match &version {
-            Some(v) => format!("Model \"{name}\" Version {v}"),
-            None => format!("Model \"{name}\""),
-        };
-        ApiError::unavailable(format!(
-            "{who} has no worker to serve inference request. Please use scale workers API to add workers."
-        ))
-    };
-    if mv.pool.worker_count() == 0 {
-        return Err(no_worker());
-    }
+    // An unknown model is a 404 before the body is looked at.
+    st.registry.get(&name, version.as_deref())?;
     let payload = read_payload(req, st.config.max_request_size).await?;
-    let (job, rx) = Job::new(uuid::Uuid::new_v4().to_string(), payload);
-    if mv.pool.submit(job).is_err() {
-        return Err(ApiError::unavailable(format!(
-            "Model \"{name}\" has too many requests waiting (job queue of {} is full); try again later",
-            mv.job_queue_size
-        )));
-    }
-    let timeout = Duration::from_secs(mv.response_timeout_s);
-    let (result, timings) = match tokio::time::timeout(timeout, rx).await {
-        Err(_) => {
-            return Err(ApiError::timeout(format!(
-                "Prediction timed out after {} s",
-                mv.response_timeout_s
-            )));
-        }
-        Ok(Err(_)) => return Err(ApiError::internal("Worker died.")),
-        Ok(Ok(reply)) => reply,
+    let body = match st.infer.infer(&name, version.as_deref(), payload).await? {
+        Prediction::Json(body) => body,
+        // Only requests that ask for tensors get them.
+        Prediction::Tensor(_) => return Err(ApiError::internal("unexpected tensor answer")),
     };
-    let mlabels = [name.as_str(), mv.version.as_str()];
-    st.metrics
-        .queue_latency_us
-        .with_label_values(&labels)
-        .inc_by(timings.queue_us);
-    st.metrics
-        .queue_seconds
-        .with_label_values(&mlabels)
-        .observe(timings.queue_us as f64 / 1e6);
-    st.metrics
-        .handler_seconds
-        .with_label_values(&mlabels)
-        .observe(timings.handler_us as f64 / 1e6);
-    if timings.batch_size > 0 {
-        st.metrics
-            .batch_size
-            .with_label_values(&mlabels)
-            .observe(timings.batch_size as f64);
-    }
-    let prediction = result?;
-    if prediction.body.len() > st.config.max_response_size {
-        return Err(ApiError::internal(format!(
-            "the response of {} bytes exceeds max_response_size ({})",
-            prediction.body.len(),
-            st.config.max_response_size
-        )));
-    }
-    st.metrics
-        .latency_us
-        .with_label_values(&labels)
-        .inc_by(started.elapsed().as_micros() as u64);
     Ok((
         StatusCode::OK,
-        [(header::CONTENT_TYPE, prediction.content_type)],
-        prediction.body,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
     )
         .into_response())
 }
@@ -215,6 +132,7 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
         parts: Vec::new(),
         dtype: tensor_header("X-Tensor-Dtype")?,
         shape: tensor_header("X-Tensor-Shape")?,
+        want_tensor: false,
     };
     let ct = content_type.as_deref().unwrap_or("").to_ascii_lowercase();
     if ct.starts_with("multipart/form-data") {

@@ -1,8 +1,13 @@
-//! The three HTTP listeners' routes.
+//! The frontends: each translates one wire protocol to and from the core, and nothing more.
+//! This module holds what they share: the state they reach, middleware, and TorchServe's JSON
+//! style.
 
-pub mod inference;
-pub mod management;
+pub mod grpc;
+pub mod kserve_v1;
 pub mod metrics;
+pub mod proto;
+pub mod torchserve;
+pub mod v2;
 
 use std::sync::Arc;
 
@@ -14,9 +19,10 @@ use serde_json::{Value, json};
 
 use crate::auth::{Scope, Tokens};
 use crate::config::Config;
-use crate::error::{ApiError, json_response};
+use tchserve_backend::job::{Payload, Prediction};
+
+use crate::core::{ApiError, Infer, Registry};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::snapshot::Snapshots;
 
 /// What every route can reach.
@@ -24,6 +30,8 @@ use crate::snapshot::Snapshots;
 pub struct AppState {
     /// Registered models.
     pub registry: Arc<Registry>,
+    /// Readiness, metadata and predictions.
+    pub infer: Infer,
     /// Metrics.
     pub metrics: Metrics,
     /// Settings.
@@ -41,6 +49,62 @@ impl AppState {
             s.save().await;
         }
     }
+}
+
+/// Answers several requests to one model at once: each is its own job, so the model's batcher
+/// batches them like any others. The first failure fails them all.
+pub async fn infer_all(
+    infer: &Infer,
+    name: &str,
+    version: Option<&str>,
+    mut payloads: Vec<Payload>,
+) -> Result<Vec<Prediction>, ApiError> {
+    if payloads.len() == 1 {
+        let p = payloads.pop().unwrap_or_default();
+        return Ok(vec![infer.infer(name, version, p).await?]);
+    }
+    let handles: Vec<_> = payloads
+        .into_iter()
+        .map(|p| {
+            let infer = infer.clone();
+            let (name, version) = (name.to_owned(), version.map(str::to_owned));
+            tokio::spawn(async move { infer.infer(&name, version.as_deref(), p).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.map_err(|e| ApiError::internal(e.to_string()))??);
+    }
+    Ok(out)
+}
+
+/// The inference listener: TorchServe's routes, KServe v1 and the Open Inference Protocol v2,
+/// with one set of middleware.
+pub fn inference_router(state: AppState) -> axum::Router {
+    let keyed = kserve_v1::routes()
+        .merge(v2::rest::keyed_routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            inference_key,
+        ));
+    torchserve::inference::routes(&state)
+        .merge(keyed)
+        .merge(v2::rest::open_routes())
+        .merge(v2::rest::repository_routes(&state))
+        .fallback(not_found)
+        // Multipart bodies are read by axum's extractor, which applies this limit.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.config.max_request_size,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            buffer_body,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            common_headers,
+        ))
+        .with_state(state)
 }
 
 /// Adds TorchServe's response headers, counts the status, and writes the access log line.
@@ -138,6 +202,34 @@ pub fn authorization(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
+}
+
+/// TorchServe's JSON style: 2-space indent and a trailing newline.
+pub fn pretty_json(value: &serde_json::Value) -> String {
+    let mut s = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into());
+    s.push('\n');
+    s
+}
+
+/// A JSON response in TorchServe's style.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        pretty_json(value),
+    )
+        .into_response()
+}
+
+/// TorchServe's error body, `{"code", "type", "message"}`.
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        json_response(
+            status,
+            &json!({"code": status.as_u16(), "type": self.kind(), "message": self.message()}),
+        )
+    }
 }
 
 /// `{"status": "..."}` with a status code.

@@ -9,15 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use tchserve_mar::{Archive, ModelStore, RuntimeType};
-use tchserve_runtime::batch::Batcher;
-use tchserve_runtime::handler::Pipeline;
-use tchserve_runtime::pool::{ModelSpec, Pool, PoolConfig, ThreadBudget};
-use tchserve_runtime::{CudaStatus, device, model};
+use tchserve_backend::{Backend, ModelSpec, WorkerState, Workers};
+use tchserve_mar::{Archive, HandlerManifest, ModelStore, RuntimeType, serving};
 
-use crate::bounds;
+use super::error::ApiError;
+use super::settings::{ServingSettings, Sources};
 use crate::config::Config;
-use crate::error::ApiError;
 
 /// One registered model version.
 #[derive(Debug)]
@@ -34,6 +31,8 @@ pub struct ModelVersion {
     pub handler: String,
     /// The handler the registration named in place of the archive's, kept for snapshots.
     pub handler_override: Option<String>,
+    /// The resolved handler manifest (inputs and outputs for metadata).
+    pub manifest: HandlerManifest,
     /// Largest batch.
     pub batch_size: usize,
     /// Batch delay in ms.
@@ -51,7 +50,7 @@ pub struct ModelVersion {
     /// Configured (min, max) workers.
     pub workers: Mutex<(usize, usize)>,
     /// The queue and workers.
-    pub pool: Arc<Pool>,
+    pub pool: Arc<dyn Workers>,
     /// When registered.
     pub registered: SystemTime,
     scratch: Option<PathBuf>,
@@ -138,29 +137,23 @@ pub struct Registry {
     models: RwLock<BTreeMap<String, ModelEntry>>,
     store: Option<ModelStore>,
     scratch_root: PathBuf,
-    budget: Arc<ThreadBudget>,
-    cuda: &'static CudaStatus,
+    backend: Arc<dyn Backend>,
     config: Arc<Config>,
 }
 
-fn positive(v: Option<i64>) -> Option<i64> {
-    v.filter(|v| *v > 0)
-}
-
 impl Registry {
-    /// An empty registry.
+    /// An empty registry whose models `backend` serves.
     pub fn new(
         config: Arc<Config>,
         store: Option<ModelStore>,
         scratch_root: PathBuf,
-        cuda: &'static CudaStatus,
+        backend: Arc<dyn Backend>,
     ) -> Self {
         Registry {
             models: RwLock::default(),
             store,
             scratch_root,
-            budget: ThreadBudget::new(config.cpu_threads),
-            cuda,
+            backend,
             config,
         }
     }
@@ -216,11 +209,7 @@ impl Registry {
     /// Registers a model version. Blocking: loads the archive and, if synchronous, waits for
     /// the workers; call it off the async threads.
     pub fn register(&self, p: &RegisterParams) -> Result<Registered, ApiError> {
-        let invalid = |m: String| ApiError {
-            status: axum::http::StatusCode::BAD_REQUEST,
-            kind: "InvalidModelException",
-            message: m,
-        };
+        let invalid = |m: String| ApiError::invalid_model(m);
         let path = self.resolve_url(&p.url)?;
         let archive = Archive::open(&path).map_err(|e| invalid(e.to_string()))?;
         let runtime = match p.runtime.as_deref() {
@@ -249,9 +238,9 @@ impl Registry {
         }
         self.check_free(&name, &version)?;
 
-        let mut handler = model::resolve_handler(&archive, p.handler.as_deref())
+        let mut handler = serving::resolve_handler(&archive, p.handler.as_deref())
             .map_err(|e| invalid(e.to_string()))?;
-        let serialized = model::serialized_file(&archive).map_err(|e| invalid(e.to_string()))?;
+        let serialized = serving::serialized_file(&archive).map_err(|e| invalid(e.to_string()))?;
         let yaml = archive
             .model_config()
             .map_err(|e| invalid(e.to_string()))?
@@ -264,159 +253,49 @@ impl Registry {
                 .apply_settings(settings)
                 .map_err(|e| invalid(format!("model-config.yaml: {e}")))?;
         }
-        let defaults = self
+        let models = self
             .config
             .models
             .get(&name)
             .and_then(|v| v.get(&version))
             .cloned()
             .unwrap_or_default();
-
-        // The first source that sets a value wins (the API's parameters, model-config.yaml, the
-        // `models` key), and whichever wins is held to its documented bound.
-        let from = |b: &bounds::Bound, sources: &[(Option<i64>, &str)], default: u64| match sources
-            .iter()
-            .find_map(|(v, src)| v.map(|v| (v, src)))
-        {
-            Some((v, src)) => b
-                .check(v)
-                .map(|v| v as u64)
-                .map_err(|why| ApiError::bad_request(format!("{why} (set by {src})"))),
-            None => Ok(default),
-        };
-        const API: &str = "the request";
-        const YAML: &str = "model-config.yaml";
-        const MODELS: &str = "the models setting";
-        let batch_size = from(
-            &bounds::BATCH_SIZE,
-            &[
-                (positive(p.batch_size), API),
-                (positive(yaml.batch_size), YAML),
-                (positive(defaults.batch_size), MODELS),
-            ],
-            1,
-        )? as usize;
-        let max_batch_delay_ms = from(
-            &bounds::MAX_BATCH_DELAY,
-            &[
-                (p.max_batch_delay.filter(|v| *v >= 0), API),
-                (positive(yaml.max_batch_delay), YAML),
-                (positive(defaults.max_batch_delay), MODELS),
-            ],
-            100,
-        )?;
-        let response_timeout_s = from(
-            &bounds::RESPONSE_TIMEOUT,
-            &[
-                (positive(p.response_timeout), API),
-                (positive(yaml.response_timeout), YAML),
-                (positive(defaults.response_timeout), MODELS),
-            ],
-            self.config.default_response_timeout.as_secs(),
-        )?;
-        let startup_timeout_s = from(
-            &bounds::STARTUP_TIMEOUT,
-            &[
-                // 0 is a real value here: do not wait at all (TorchServe's -1 means default).
-                (p.startup_timeout.filter(|v| *v >= 0), API),
-                (positive(yaml.startup_timeout), YAML),
-                (positive(defaults.startup_timeout), MODELS),
-            ],
-            self.config.default_startup_timeout.as_secs(),
-        )?;
-        let job_queue_size = from(
-            &bounds::JOB_QUEUE_SIZE,
-            &[(positive(yaml.job_queue_size), YAML)],
-            self.config.job_queue_size as u64,
-        )? as usize;
-        let mut min_workers = match p.initial_workers {
-            Some(n) => n.max(0) as usize,
-            None if p.loaded_at_startup => defaults.min_workers.filter(|n| *n > 0).map_or_else(
-                || self.config.startup_workers(self.cuda.devices),
-                |n| n as usize,
-            ),
-            None => self.config.default_workers_per_model.unwrap_or(0),
-        };
-        let max_from_config = defaults.max_workers.filter(|_| p.loaded_at_startup);
-        let mut max_workers = p
-            .max_workers
-            .or(max_from_config)
-            .filter(|m| *m >= 0)
-            .map_or(min_workers, |m| m as usize)
-            .max(min_workers);
-        if let (Some(lo), Some(hi)) = (yaml.min_workers, yaml.max_workers)
-            && lo > 0
-            && hi >= lo
-        {
-            min_workers = lo as usize;
-            max_workers = hi as usize;
-        }
-        for (n, what) in [
-            (min_workers, "initial_workers"),
-            (max_workers, "max_workers"),
-        ] {
-            bounds::workers(what, self.config.max_workers_per_model)
-                .check(n as i64)
-                .map_err(|why| {
-                    ApiError::bad_request(format!(
-                        "{why} (max_workers_per_model is {})",
-                        self.config.max_workers_per_model
-                    ))
-                })?;
-        }
-
-        let cpu_only = yaml.device_type.as_deref() == Some("cpu");
-        let devices = if cpu_only || self.cuda.devices == 0 {
-            vec![tch::Device::Cpu]
-        } else {
-            let ids: Option<Vec<usize>> = yaml.device_ids.as_ref().and_then(|ids| {
-                ids.iter()
-                    .map(|&i| usize::try_from(i).ok().filter(|i| *i < self.cuda.devices))
-                    .collect::<Option<Vec<_>>>()
-            });
-            let n = ids.as_ref().map_or(self.cuda.devices, Vec::len);
-            (0..n.max(1))
-                .map(|k| device::device_for_worker(self.cuda, ids.as_deref(), k))
-                .collect()
-        };
-        let device_type = if devices[0] == tch::Device::Cpu {
-            "cpu"
-        } else {
-            "gpu"
-        };
+        let settings = ServingSettings::resolve(Sources {
+            request: p,
+            yaml: &yaml,
+            models: &models,
+            config: &self.config,
+            gpus: self.backend.gpu_count(),
+        })?;
 
         let scratch = self.scratch_root.join(uuid::Uuid::new_v4().to_string());
         let model_dir = archive
             .unpack(&scratch)
             .map_err(|e| invalid(e.to_string()))?;
         let owned_scratch = (model_dir == scratch).then_some(scratch);
-        // Fail fast on handlers this build cannot run, rather than in every worker.
-        if let Err(e) = Pipeline::new(&handler, &model_dir) {
-            if let Some(d) = &owned_scratch {
-                let _ = std::fs::remove_dir_all(d);
+        let loaded = self.backend.load(ModelSpec {
+            name: name.clone(),
+            version: version.clone(),
+            model_dir,
+            serialized_file: serialized,
+            handler: handler.clone(),
+            batch_size: settings.batch_size,
+            max_batch_delay: settings.max_batch_delay(),
+            job_queue_size: settings.job_queue_size,
+            response_timeout: Duration::from_secs(settings.response_timeout_s),
+            placement: settings.placement.clone(),
+        });
+        let pool = match loaded {
+            Ok(pool) => pool,
+            Err(e) => {
+                if let Some(d) = &owned_scratch {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+                return Err(invalid(e.to_string()));
             }
-            return Err(invalid(e.to_string()));
-        }
-
-        let pool = Pool::new(
-            ModelSpec {
-                model_dir,
-                serialized_file: serialized,
-                handler: handler.clone(),
-            },
-            PoolConfig {
-                model_name: name.clone(),
-                version: version.clone(),
-                batcher: Batcher {
-                    batch_size,
-                    max_delay: Duration::from_millis(max_batch_delay_ms),
-                },
-                job_queue_size,
-                response_timeout: Duration::from_secs(response_timeout_s),
-                devices,
-            },
-            Arc::clone(&self.budget),
-        );
+        };
+        let (min_workers, max_workers) = (settings.min_workers, settings.max_workers);
+        let startup_timeout_s = settings.startup_timeout_s;
         let mv = Arc::new(ModelVersion {
             name: name.clone(),
             version: version.clone(),
@@ -428,13 +307,14 @@ impl Registry {
                 .or(archive.manifest().model.handler.clone())
                 .unwrap_or_default(),
             handler_override: p.handler.clone(),
-            batch_size,
-            max_batch_delay_ms,
-            response_timeout_s,
+            manifest: handler,
+            batch_size: settings.batch_size,
+            max_batch_delay_ms: settings.max_batch_delay_ms,
+            response_timeout_s: settings.response_timeout_s,
             startup_timeout_s,
-            job_queue_size,
+            job_queue_size: settings.job_queue_size,
             loaded_at_startup: p.loaded_at_startup,
-            device_type,
+            device_type: if pool.on_gpu() { "gpu" } else { "cpu" },
             workers: Mutex::new((min_workers, max_workers)),
             pool: Arc::clone(&pool),
             registered: SystemTime::now(),
@@ -444,7 +324,7 @@ impl Registry {
         if p.synchronous && min_workers > 0 {
             let ready = pool.wait_started(Duration::from_secs(startup_timeout_s));
             if ready < min_workers {
-                let why = pool_failure(&pool).unwrap_or_else(|| {
+                let why = pool_failure(pool.as_ref()).unwrap_or_else(|| {
                     format!(": not ready within startup_timeout ({startup_timeout_s} s)")
                 });
                 pool.shutdown(Duration::ZERO);
@@ -536,7 +416,7 @@ impl Registry {
             .pool
             .workers()
             .iter()
-            .any(|w| matches!(w.state, tchserve_runtime::pool::WorkerState::Failed(_)))
+            .any(|w| matches!(w.state, WorkerState::Failed(_)))
         {
             ScaleOutcome::Failed
         } else {
@@ -589,6 +469,19 @@ impl Registry {
         Ok(removed)
     }
 
+    /// Removes every version of `name` and returns them; the caller shuts their pools down.
+    pub fn unregister_all(&self, name: &str) -> Result<Vec<Arc<ModelVersion>>, ApiError> {
+        self.write()
+            .remove(name)
+            .map(|e| e.versions.into_values().collect())
+            .ok_or_else(|| ApiError::model_not_found(format!("Model not found: {name}")))
+    }
+
+    /// The model store, when one is configured.
+    pub fn store(&self) -> Option<&ModelStore> {
+        self.store.as_ref()
+    }
+
     /// Removes every model, for shutdown.
     pub fn drain(&self) -> Vec<Arc<ModelVersion>> {
         std::mem::take(&mut *self.write())
@@ -598,9 +491,9 @@ impl Registry {
     }
 }
 
-fn pool_failure(pool: &Pool) -> Option<String> {
+fn pool_failure(pool: &dyn Workers) -> Option<String> {
     pool.workers().into_iter().find_map(|w| match w.state {
-        tchserve_runtime::pool::WorkerState::Failed(why) => Some(format!(": {why}")),
+        WorkerState::Failed(why) => Some(format!(": {why}")),
         _ => None,
     })
 }

@@ -1,7 +1,8 @@
-//! A prediction request as it travels from an HTTP route to a worker and back.
+//! A prediction request as it travels from a frontend to a worker and back.
 
 use std::time::Instant;
 
+use tchserve_mar::handler::DType;
 use tokio::sync::oneshot;
 
 /// One named part of a request: the raw body, or a multipart / form field.
@@ -24,6 +25,9 @@ pub struct Payload {
     pub dtype: Option<String>,
     /// `X-Tensor-Shape` header, for raw tensor bodies.
     pub shape: Option<String>,
+    /// Answer with the output tensor itself where the handler's output is a tensor (the typed
+    /// protocols), instead of TorchServe's JSON.
+    pub want_tensor: bool,
 }
 
 impl Payload {
@@ -40,11 +44,22 @@ impl Payload {
 
 /// A successful prediction.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Prediction {
-    /// The response body.
-    pub body: Vec<u8>,
-    /// Its content type.
-    pub content_type: &'static str,
+pub enum Prediction {
+    /// A JSON document, as TorchServe's handlers answer.
+    Json(Vec<u8>),
+    /// The request's rows of the output tensor, for protocols that carry typed tensors.
+    Tensor(RawTensor),
+}
+
+/// A tensor as bytes: little-endian, row-major, no padding (BOOL one byte each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions, the request's examples first.
+    pub shape: Vec<i64>,
+    /// The elements.
+    pub data: Vec<u8>,
 }
 
 /// Why a prediction failed, by who is at fault.

@@ -9,18 +9,32 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use serde_json::{Value, json};
-use tchserve_runtime::pool::WorkerState;
+use tchserve_backend::WorkerState;
 
-use super::{
-    AppState, authorization, buffer_body, common_headers, management_key, not_allowed, not_found,
-    openapi, status_message, with_description,
-};
 use crate::auth::{RenewError, Scope};
-use crate::bounds;
-use crate::error::{ApiError, json_response};
-use crate::registry::{ModelVersion, RegisterParams, ScaleOutcome};
+use crate::core::ApiError;
+use crate::core::bounds;
+use crate::core::registry::{ModelVersion, RegisterParams, ScaleOutcome};
+use crate::frontends::{
+    AppState, authorization, buffer_body, common_headers, json_response, management_key,
+    not_allowed, not_found, openapi, with_description,
+};
 
 type Params = Query<HashMap<String, String>>;
+
+/// A management call's answer: its status and JSON body (the gRPC API's `msg`).
+pub type Outcome = Result<(StatusCode, Value), ApiError>;
+
+fn respond(o: Outcome) -> Response {
+    match o {
+        Ok((status, body)) => json_response(status, &body),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn status_body(code: StatusCode, message: impl Into<String>) -> Outcome {
+    Ok((code, json!({"status": message.into()})))
+}
 
 /// The management listener's routes.
 pub fn router(state: AppState) -> Router {
@@ -139,10 +153,15 @@ fn int(params: &HashMap<String, String>, key: &str) -> Option<i64> {
 }
 
 async fn list(State(st): State<AppState>, Query(q): Params) -> Response {
-    let limit = int(&q, "limit")
+    respond(list_models(&st, &q))
+}
+
+/// Lists the models' default versions, a page at a time (`limit`, `next_page_token`).
+pub fn list_models(st: &AppState, q: &HashMap<String, String>) -> Outcome {
+    let limit = int(q, "limit")
         .filter(|l| (0..=100).contains(l))
         .unwrap_or(100) as usize;
-    let start = int(&q, "next_page_token").unwrap_or(0).max(0) as usize;
+    let start = int(q, "next_page_token").unwrap_or(0).max(0) as usize;
     let entries = st.registry.snapshot_entries();
     let all: Vec<Value> = entries
         .iter()
@@ -158,7 +177,7 @@ async fn list(State(st): State<AppState>, Query(q): Params) -> Response {
         body.insert("nextPageToken".into(), json!((start + limit).to_string()));
     }
     body.insert("models".into(), Value::Array(page));
-    json_response(StatusCode::OK, &Value::Object(body))
+    Ok((StatusCode::OK, Value::Object(body)))
 }
 
 async fn register(State(st): State<AppState>, Query(q): Params, req: Request) -> Response {
@@ -190,40 +209,29 @@ async fn register(State(st): State<AppState>, Query(q): Params, req: Request) ->
     } else {
         q
     };
+    respond(register_model(&st, &params).await)
+}
+
+/// Registers an archive (`url`, `model_name`, `handler`, `runtime`, `batch_size`, ...).
+pub async fn register_model(st: &AppState, params: &HashMap<String, String>) -> Outcome {
+    if !st.config.enable_model_api {
+        return Err(ApiError::method_not_allowed());
+    }
     let Some(url) = params.get("url").cloned() else {
-        return ApiError::bad_request("Parameter url is required.").into_response();
+        return Err(ApiError::bad_request("Parameter url is required."));
     };
-    let number = |key| int_param(&params, key);
-    let numbers = (|| {
-        Ok::<_, ApiError>([
-            number("batch_size")?,
-            number("max_batch_delay")?,
-            number("initial_workers")?,
-            number("response_timeout")?,
-            number("startup_timeout")?,
-        ])
-    })();
-    let [
-        batch_size,
-        max_batch_delay,
-        initial_workers,
-        response_timeout,
-        startup_timeout,
-    ] = match numbers {
-        Ok(n) => n,
-        Err(e) => return e.into_response(),
-    };
+    let number = |key| int_param(params, key);
     let p = RegisterParams {
         url,
         model_name: params.get("model_name").cloned(),
         handler: params.get("handler").cloned().filter(|h| !h.is_empty()),
-        runtime: params.get("runtime").cloned(),
-        batch_size,
-        max_batch_delay,
-        initial_workers,
+        runtime: params.get("runtime").cloned().filter(|r| !r.is_empty()),
+        batch_size: number("batch_size")?,
+        max_batch_delay: number("max_batch_delay")?,
+        initial_workers: number("initial_workers")?,
         max_workers: None,
-        response_timeout,
-        startup_timeout,
+        response_timeout: number("response_timeout")?,
+        startup_timeout: number("startup_timeout")?,
         // TorchServe's rule: anything but "true" means false; absent means true.
         synchronous: params
             .get("synchronous")
@@ -233,24 +241,21 @@ async fn register(State(st): State<AppState>, Query(q): Params, req: Request) ->
     };
     let registry = Arc::clone(&st.registry);
     let sync = p.synchronous;
-    let result = tokio::task::spawn_blocking(move || registry.register(&p)).await;
-    let reg = match result {
-        Ok(Ok(reg)) => reg,
-        Ok(Err(e)) => return e.into_response(),
-        Err(e) => return ApiError::internal(format!("registration failed: {e}")).into_response(),
-    };
+    let reg = tokio::task::spawn_blocking(move || registry.register(&p))
+        .await
+        .map_err(|e| ApiError::internal(format!("registration failed: {e}")))??;
     st.save_snapshot().await;
     let (m, v) = (&reg.model.name, &reg.model.version);
     tracing::info!(model = %m, version = %v, workers = reg.workers, "model registered");
     if reg.workers == 0 {
-        status_message(
+        status_body(
             StatusCode::OK,
             format!(
                 "Model \"{m}\" Version: {v} registered with 0 initial workers. Use scale workers API to add workers for the model."
             ),
         )
     } else if sync {
-        status_message(
+        status_body(
             StatusCode::OK,
             format!(
                 "Model \"{m}\" Version: {v} registered with {} initial workers",
@@ -258,7 +263,7 @@ async fn register(State(st): State<AppState>, Query(q): Params, req: Request) ->
             ),
         )
     } else {
-        status_message(StatusCode::ACCEPTED, "Processing worker updates...")
+        status_body(StatusCode::ACCEPTED, "Processing worker updates...")
     }
 }
 
@@ -283,7 +288,7 @@ fn describe_one(m: &ModelVersion) -> Value {
                 "status": status,
                 "memoryUsage": rss,
                 "pid": std::process::id(),
-                "gpu": w.device != tch::Device::Cpu,
+                "gpu": w.on_gpu(),
                 "gpuUsage": "N/A",
             });
             if let WorkerState::Failed(why) = &w.state {
@@ -324,13 +329,16 @@ fn describe_one(m: &ModelVersion) -> Value {
 }
 
 fn describe_response(st: &AppState, name: &str, version: Option<&str>) -> Response {
-    match st.registry.describe(name, version) {
-        Ok(models) => json_response(
-            StatusCode::OK,
-            &Value::Array(models.iter().map(|m| describe_one(m)).collect()),
-        ),
-        Err(e) => e.into_response(),
-    }
+    respond(describe_model(st, name, version))
+}
+
+/// Describes a version, the default, or every version (`all`).
+pub fn describe_model(st: &AppState, name: &str, version: Option<&str>) -> Outcome {
+    let models = st.registry.describe(name, version)?;
+    Ok((
+        StatusCode::OK,
+        Value::Array(models.iter().map(|m| describe_one(m)).collect()),
+    ))
 }
 
 async fn describe(State(st): State<AppState>, Path(model): Path<String>) -> Response {
@@ -350,7 +358,7 @@ async fn scale(
     Query(q): Params,
 ) -> Response {
     let version = q.get("model_version").cloned();
-    scale_inner(st, model, version, false, q).await
+    respond(scale_workers(&st, model, version, false, &q).await)
 }
 
 async fn scale_version(
@@ -358,34 +366,32 @@ async fn scale_version(
     Path((model, version)): Path<(String, String)>,
     Query(q): Params,
 ) -> Response {
-    scale_inner(st, model, Some(version), true, q).await
+    respond(scale_workers(&st, model, Some(version), true, &q).await)
 }
 
-async fn scale_inner(
-    st: AppState,
+/// Sets a version's workers (`min_worker`, `max_worker`, `synchronous`).
+pub async fn scale_workers(
+    st: &AppState,
     model: String,
     version: Option<String>,
     version_in_path: bool,
-    q: HashMap<String, String>,
-) -> Response {
+    q: &HashMap<String, String>,
+) -> Outcome {
     let limit = st.config.max_workers_per_model;
     let count = |key: &'static str| -> Result<Option<i64>, ApiError> {
-        int_param(&q, key)?
+        int_param(q, key)?
             .map(|n| bounds::workers(key, limit).check(n))
             .transpose()
             .map_err(|why| {
                 ApiError::bad_request(format!("{why} (max_workers_per_model is {limit})"))
             })
     };
-    let (min, max) = match (count("min_worker"), count("max_worker")) {
-        (Ok(min), Ok(max)) => {
-            let min = min.unwrap_or(1);
-            (min, max.unwrap_or(min))
-        }
-        (Err(e), _) | (_, Err(e)) => return e.into_response(),
-    };
+    let min = count("min_worker")?.unwrap_or(1);
+    let max = count("max_worker")?.unwrap_or(min);
     if max < min {
-        return ApiError::bad_request("max_worker cannot be less than min_worker.").into_response();
+        return Err(ApiError::bad_request(
+            "max_worker cannot be less than min_worker.",
+        ));
     }
     let sync = q
         .get("synchronous")
@@ -396,14 +402,11 @@ async fn scale_inner(
     let result =
         tokio::task::spawn_blocking(move || registry.scale(&model, v.as_deref(), min, max, sync))
             .await;
-    let (mv, outcome) = match result {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return e.into_response(),
-        Err(e) => return ApiError::internal(format!("scaling failed: {e}")).into_response(),
-    };
+    let (mv, outcome) =
+        result.map_err(|e| ApiError::internal(format!("scaling failed: {e}")))??;
     st.save_snapshot().await;
     if !sync {
-        return status_message(StatusCode::ACCEPTED, "Processing worker updates...");
+        return status_body(StatusCode::ACCEPTED, "Processing worker updates...");
     }
     match outcome {
         ScaleOutcome::Done => {
@@ -411,17 +414,16 @@ async fn scale_inner(
             if version_in_path {
                 msg.push_str(&format!(", version: {}", mv.version));
             }
-            status_message(StatusCode::OK, msg)
+            status_body(StatusCode::OK, msg)
         }
-        ScaleOutcome::InProgress => status_message(
+        ScaleOutcome::InProgress => status_body(
             StatusCode::PARTIAL_CONTENT,
             "Workers scaling in progress...",
         ),
-        ScaleOutcome::Failed => ApiError::internal(format!(
+        ScaleOutcome::Failed => Err(ApiError::internal(format!(
             "Failed to start workers for model {} version: {}",
             mv.name, mv.version
-        ))
-        .into_response(),
+        ))),
     }
 }
 
@@ -429,43 +431,40 @@ async fn set_default(
     State(st): State<AppState>,
     Path((model, version)): Path<(String, String)>,
 ) -> Response {
-    match st.registry.set_default(&model, &version) {
-        Ok(()) => {
-            st.save_snapshot().await;
-            status_message(
-                StatusCode::OK,
-                format!(
-                    "Default version successfully updated for model \"{model}\" to \"{version}\""
-                ),
-            )
-        }
-        Err(e) => e.into_response(),
-    }
+    respond(set_default_version(&st, &model, &version).await)
+}
+
+/// Makes `version` the default of `model`.
+pub async fn set_default_version(st: &AppState, model: &str, version: &str) -> Outcome {
+    st.registry.set_default(model, version)?;
+    st.save_snapshot().await;
+    status_body(
+        StatusCode::OK,
+        format!("Default version successfully updated for model \"{model}\" to \"{version}\""),
+    )
 }
 
 async fn unregister(State(st): State<AppState>, Path(model): Path<String>) -> Response {
-    unregister_inner(st, model, None).await
+    respond(unregister_model(&st, &model, None).await)
 }
 
 async fn unregister_version(
     State(st): State<AppState>,
     Path((model, version)): Path<(String, String)>,
 ) -> Response {
-    unregister_inner(st, model, Some(version)).await
+    respond(unregister_model(&st, &model, Some(&version)).await)
 }
 
-async fn unregister_inner(st: AppState, model: String, version: Option<String>) -> Response {
+/// Removes a version (the default when none is named); queued requests are still answered.
+pub async fn unregister_model(st: &AppState, model: &str, version: Option<&str>) -> Outcome {
     if !st.config.enable_model_api {
-        return ApiError::method_not_allowed().into_response();
+        return Err(ApiError::method_not_allowed());
     }
-    let removed = match st.registry.unregister(&model, version.as_deref()) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
+    let removed = st.registry.unregister(model, version)?;
     st.save_snapshot().await;
     // Queued requests are still answered; the workers then stop and the scratch files go.
     let drain = std::time::Duration::from_secs(removed.response_timeout_s);
     let _ = tokio::task::spawn_blocking(move || removed.pool.shutdown(drain)).await;
     tracing::info!(model = %model, "model unregistered");
-    status_message(StatusCode::OK, format!("Model \"{model}\" unregistered"))
+    status_body(StatusCode::OK, format!("Model \"{model}\" unregistered"))
 }

@@ -1,0 +1,91 @@
+//! What a pool shares with its worker threads, and the process-wide intra-op thread budget.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use tchserve_backend::WorkerState;
+
+/// The intra-op thread budget shared by every worker of the process.
+///
+/// The cores are split among the workers that are running a batch right now, not among all
+/// workers: an idle worker uses no CPU, so a lone busy worker gets every core, and several busy
+/// workers never oversubscribe the machine.
+#[derive(Debug)]
+pub struct ThreadBudget {
+    total: usize,
+    busy: AtomicUsize,
+}
+
+impl ThreadBudget {
+    /// A budget of `total` threads (at least 1).
+    pub fn new(total: usize) -> Arc<Self> {
+        Arc::new(ThreadBudget {
+            total: total.max(1),
+            busy: AtomicUsize::new(0),
+        })
+    }
+
+    /// Marks a worker busy for the life of the guard and returns its share of the threads.
+    pub fn enter(&self) -> (usize, BusyGuard<'_>) {
+        let busy = self.busy.fetch_add(1, Ordering::Relaxed) + 1;
+        ((self.total / busy).max(1), BusyGuard(self))
+    }
+}
+
+/// Holds a worker's place in the busy count.
+#[derive(Debug)]
+pub struct BusyGuard<'a>(&'a ThreadBudget);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Worker states, shared between a pool and its worker threads.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub(crate) states: Mutex<BTreeMap<usize, WorkerState>>,
+    pub(crate) changed: Condvar,
+}
+
+impl Shared {
+    /// Records a worker's new state; a worker already scaled away stays gone, so stopped
+    /// workers never pile up in the map.
+    pub(crate) fn set(&self, id: usize, state: WorkerState) {
+        if let Some(s) = lock(&self.states).get_mut(&id) {
+            *s = state;
+        }
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn insert(&self, id: usize, state: WorkerState) {
+        lock(&self.states).insert(id, state);
+        self.changed.notify_all();
+    }
+}
+
+/// Locks `m`, even after a panic elsewhere: a worker that panicked while holding the lock left
+/// plain data behind, and serving goes on.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_workers_share_the_cores() {
+        let budget = ThreadBudget::new(4);
+        let (alone, g1) = budget.enter();
+        assert_eq!(alone, 4);
+        let (second, g2) = budget.enter();
+        assert_eq!(second, 2);
+        let (third, _g3) = budget.enter();
+        assert_eq!(third, 1);
+        drop((g1, g2));
+        assert_eq!(budget.enter().0, 2);
+    }
+}

@@ -1,0 +1,216 @@
+//! What every frontend asks of the server: is it ready, what does a model take and give, and
+//! an answer for one request. Frontends translate their wire format to and from these calls.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tchserve_backend::job::{Job, Payload, Prediction};
+use tchserve_mar::handler::{DType, Input, Output};
+
+use super::error::ApiError;
+use super::registry::{ModelVersion, Registry};
+use crate::metrics::Metrics;
+
+/// The element type of a model's input or output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    /// A tensor of numbers.
+    Tensor(DType),
+    /// Encoded items, one per example: an image file, text, or a JSON answer.
+    Bytes,
+}
+
+/// A model input's or output's name, element type and shape (-1 where free).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorMeta {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub datatype: DataType,
+    /// Shape, the batch first; -1 where any size goes.
+    pub shape: Vec<i64>,
+}
+
+/// What a model version takes and gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelMetadata {
+    /// Model name.
+    pub name: String,
+    /// Every registered version.
+    pub versions: Vec<String>,
+    /// The version described.
+    pub version: String,
+    /// Its single input.
+    pub input: TensorMeta,
+    /// Its single output.
+    pub output: TensorMeta,
+}
+
+/// Name of every model's input in the typed protocols.
+pub const INPUT_NAME: &str = "input0";
+/// Name of every model's output in the typed protocols.
+pub const OUTPUT_NAME: &str = "output0";
+
+/// The inference core: readiness, metadata and predictions over the registry.
+#[derive(Debug, Clone)]
+pub struct Infer {
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    max_response_size: usize,
+}
+
+impl Infer {
+    /// The core over `registry`, recording into `metrics`.
+    pub fn new(registry: Arc<Registry>, metrics: Metrics, max_response_size: usize) -> Self {
+        Infer {
+            registry,
+            metrics,
+            max_response_size,
+        }
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// True when every model's default version has its minimum workers ready.
+    pub fn server_ready(&self) -> bool {
+        self.registry.snapshot_entries().values().all(|entry| {
+            entry
+                .versions
+                .get(&entry.default)
+                .is_none_or(|m| m.pool.ready_count() >= m.min_max().0)
+        })
+    }
+
+    /// True when the version (or the default) has a worker ready to answer.
+    pub fn model_ready(&self, name: &str, version: Option<&str>) -> Result<bool, ApiError> {
+        let m = self.registry.get(name, version)?;
+        Ok(m.pool.ready_count() > 0)
+    }
+
+    /// What the version (or the default) takes and gives, from its handler manifest.
+    pub fn metadata(&self, name: &str, version: Option<&str>) -> Result<ModelMetadata, ApiError> {
+        let m = self.registry.get(name, version)?;
+        let versions = self
+            .registry
+            .describe(name, Some("all"))?
+            .iter()
+            .map(|v| v.version.clone())
+            .collect();
+        let (input, output) = signature(&m);
+        Ok(ModelMetadata {
+            name: m.name.clone(),
+            versions,
+            version: m.version.clone(),
+            input,
+            output,
+        })
+    }
+
+    /// Answers one request with the version (or the default), through its queue and batcher.
+    pub async fn infer(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        payload: Payload,
+    ) -> Result<Prediction, ApiError> {
+        let started = Instant::now();
+        let mv = self.registry.get(name, version)?;
+        let version_label = version.unwrap_or("default");
+        let labels = [name, version_label, self.metrics.hostname()];
+        self.metrics.requests_total.with_label_values(&labels).inc();
+        if mv.pool.worker_count() == 0 {
+            let who = match version {
+                Some(v) => format!("Model \"{name}\" Version {v}"),
+                None => format!("Model \"{name}\""),
+            };
+            return Err(ApiError::unavailable(format!(
+                "{who} has no worker to serve inference request. Please use scale workers API to add workers."
+            )));
+        }
+        let (job, rx) = Job::new(uuid::Uuid::new_v4().to_string(), payload);
+        if mv.pool.submit(job).is_err() {
+            return Err(ApiError::unavailable(format!(
+                "Model \"{name}\" has too many requests waiting (job queue of {} is full); try again later",
+                mv.job_queue_size
+            )));
+        }
+        let timeout = Duration::from_secs(mv.response_timeout_s);
+        let (result, timings) = match tokio::time::timeout(timeout, rx).await {
+            Err(_) => {
+                return Err(ApiError::timeout(format!(
+                    "Prediction timed out after {} s",
+                    mv.response_timeout_s
+                )));
+            }
+            Ok(Err(_)) => return Err(ApiError::internal("Worker died.")),
+            Ok(Ok(reply)) => reply,
+        };
+        let mlabels = [name, mv.version.as_str()];
+        let m = &self.metrics;
+        m.queue_latency_us
+            .with_label_values(&labels)
+            .inc_by(timings.queue_us);
+        m.queue_seconds
+            .with_label_values(&mlabels)
+            .observe(timings.queue_us as f64 / 1e6);
+        m.handler_seconds
+            .with_label_values(&mlabels)
+            .observe(timings.handler_us as f64 / 1e6);
+        if timings.batch_size > 0 {
+            m.batch_size
+                .with_label_values(&mlabels)
+                .observe(timings.batch_size as f64);
+        }
+        let prediction = result?;
+        let size = match &prediction {
+            Prediction::Json(body) => body.len(),
+            Prediction::Tensor(t) => t.data.len(),
+        };
+        if size > self.max_response_size {
+            return Err(ApiError::internal(format!(
+                "the response of {size} bytes exceeds max_response_size ({})",
+                self.max_response_size
+            )));
+        }
+        m.latency_us
+            .with_label_values(&labels)
+            .inc_by(started.elapsed().as_micros() as u64);
+        Ok(prediction)
+    }
+}
+
+/// A version's input and output as the typed protocols describe them.
+pub fn signature(m: &ModelVersion) -> (TensorMeta, TensorMeta) {
+    let input = match &m.manifest.input {
+        Input::Tensor { dtype, shape } => TensorMeta {
+            name: INPUT_NAME.into(),
+            datatype: DataType::Tensor(*dtype),
+            shape: match shape {
+                Some(s) => std::iter::once(-1).chain(s.iter().copied()).collect(),
+                None => vec![-1],
+            },
+        },
+        Input::Image { .. } | Input::Text { .. } => TensorMeta {
+            name: INPUT_NAME.into(),
+            datatype: DataType::Bytes,
+            shape: vec![-1],
+        },
+    };
+    let output = match &m.manifest.output {
+        // The model decides its output's type; float is what regressors and classifiers give.
+        Output::Tensor {} => TensorMeta {
+            name: OUTPUT_NAME.into(),
+            datatype: DataType::Tensor(DType::Float32),
+            shape: vec![-1, -1],
+        },
+        _ => TensorMeta {
+            name: OUTPUT_NAME.into(),
+            datatype: DataType::Bytes,
+            shape: vec![-1],
+        },
+    };
+    (input, output)
+}

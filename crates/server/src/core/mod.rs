@@ -1,0 +1,14 @@
+//! The protocol-neutral core every frontend calls: the registry of model versions, their
+//! serving settings, readiness, metadata and inference, and the error kinds with their one
+//! mapping to HTTP and gRPC status.
+
+pub mod bounds;
+pub mod error;
+pub mod infer;
+pub mod registry;
+pub mod settings;
+
+pub use error::{ApiError, GrpcCode};
+pub use infer::{DataType, Infer, ModelMetadata, TensorMeta};
+pub use registry::{RegisterParams, Registry};
+pub use settings::ServingSettings;

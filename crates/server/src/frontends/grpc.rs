@@ -1,0 +1,78 @@
+//! What the gRPC frontends share: the core's errors as gRPC statuses, token authorization from
+//! request metadata, and serving on a listener until the server stops.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tonic::{Code, Status};
+
+use crate::auth::{Scope, Tokens};
+use crate::core::ApiError;
+use crate::frontends::proto::google::rpc;
+
+/// The error as a gRPC status: the core's code and the REST API's message.
+pub fn status_of(e: &ApiError) -> Status {
+    Status::new(Code::from_i32(e.grpc_code() as i32), e.message())
+}
+
+/// The error as a `google.rpc.Status` message, for answers inside a stream.
+pub fn rpc_status(e: &ApiError) -> rpc::Status {
+    rpc::Status {
+        code: e.grpc_code() as i32,
+        message: e.message(),
+        details: Vec::new(),
+    }
+}
+
+/// Refuses a call without the key of `scope` (when token authorization is on).
+pub fn check_key(
+    tokens: Option<&Tokens>,
+    scope: Scope,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<(), Status> {
+    if let Some(tokens) = tokens {
+        let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
+        if !tokens.allows(scope, header) {
+            return Err(status_of(&ApiError::invalid_key()));
+        }
+    }
+    Ok(())
+}
+
+/// An interceptor that lets a call through only with the key of `scope` in its
+/// `authorization` metadata (`Bearer <key>`, as TorchServe's clients send it), when token
+/// authorization is on.
+pub fn require_key(
+    tokens: Option<Arc<Tokens>>,
+    scope: Scope,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Clone {
+    move |req: tonic::Request<()>| {
+        check_key(tokens.as_deref(), scope, req.metadata())?;
+        Ok(req)
+    }
+}
+
+/// Serves `router` on `listener` until `stop` turns true; calls in flight finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: tonic::transport::server::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio_stream::StreamExt as _;
+    // Small answers must not wait on Nagle's algorithm (a 40 ms stall against delayed ACKs).
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        })
+    });
+    let stopped = async move {
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+        tracing::error!("gRPC listener failed: {e}");
+    }
+}

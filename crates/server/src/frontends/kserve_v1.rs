@@ -1,0 +1,250 @@
+//! KServe v1 (TensorFlow Serving's REST predict): `GET /v1/models/{m}` and
+//! `POST /v1/models/{m}[/versions/{v}]:predict` with `{"instances": [...]}` or `{"inputs": [...]}`.
+//!
+//! Each instance is one request to the model, so instances are batched by the model's batcher
+//! like any other requests. Images travel as `{"b64": "..."}` (TF Serving) or `{"data": "..."}`
+//! (TorchServe's kserve envelope), text as a string, tensors as numbers or nested lists.
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use tchserve_backend::job::{Part, Payload, Prediction};
+
+use super::{AppState, infer_all};
+use crate::core::ApiError;
+
+/// KServe v1's error body, `{"error": "..."}`, with the core's status.
+#[derive(Debug)]
+pub struct V1Error(pub ApiError);
+
+impl From<ApiError> for V1Error {
+    fn from(e: ApiError) -> Self {
+        V1Error(e)
+    }
+}
+
+impl IntoResponse for V1Error {
+    fn into_response(self) -> Response {
+        error_response(&self.0)
+    }
+}
+
+/// `{"error": message}` with the error's status.
+pub fn error_response(e: &ApiError) -> Response {
+    (
+        e.status(),
+        [("content-type", "application/json")],
+        json!({"error": e.message()}).to_string(),
+    )
+        .into_response()
+}
+
+/// KServe v1's routes (behind the inference key).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/models/{spec}", any(model))
+        .route("/v1/models/{model}/versions/{spec}", any(model_version))
+}
+
+async fn model(State(st): State<AppState>, Path(spec): Path<String>, req: Request) -> Response {
+    dispatch(st, spec, None, req).await
+}
+
+async fn model_version(
+    State(st): State<AppState>,
+    Path((model, spec)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    // Here the verb rides on the version: `/v1/models/m/versions/2:predict`.
+    let (version, verb) = split_verb(&spec);
+    let spec = match verb {
+        Some(v) => format!("{model}:{v}"),
+        None => model,
+    };
+    dispatch(st, spec, Some(version.to_string()), req).await
+}
+
+fn split_verb(spec: &str) -> (&str, Option<&str>) {
+    match spec.rsplit_once(':') {
+        Some((name, verb)) => (name, Some(verb)),
+        None => (spec, None),
+    }
+}
+
+async fn dispatch(st: AppState, spec: String, version: Option<String>, req: Request) -> Response {
+    let (name, verb) = split_verb(&spec);
+    let result = match (req.method().clone(), verb) {
+        (Method::GET, None) => ready(&st, name, version.as_deref()),
+        (Method::POST, Some("predict")) => predict(&st, name, version.as_deref(), req).await,
+        (_, Some("explain")) => Err(ApiError::method_not_allowed().into()),
+        _ => Err(ApiError::method_not_allowed().into()),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn ready(st: &AppState, name: &str, version: Option<&str>) -> Result<Response, V1Error> {
+    let ready = st.infer.model_ready(name, version)?;
+    Ok((
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        json!({"name": name, "ready": ready}).to_string(),
+    )
+        .into_response())
+}
+
+async fn predict(
+    st: &AppState,
+    name: &str,
+    version: Option<&str>,
+    req: Request,
+) -> Result<Response, V1Error> {
+    st.registry.get(name, version)?;
+    let body = axum::body::to_bytes(req.into_body(), st.config.max_request_size)
+        .await
+        .map_err(|_| ApiError::too_large(st.config.max_request_size))?;
+    // Instances are kept as the request's own text, not parsed into values and written again:
+    // the handler parses each once, as it parses a TorchServe request.
+    let parsed: V1Request<'_> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "expected {{\"instances\": [...]}} or {{\"inputs\": ...}}: {e}"
+        ))
+    })?;
+    let instances: Vec<&RawValue> = match (parsed.instances, parsed.inputs) {
+        (Some(i), _) => i,
+        (None, Some(inputs)) if inputs.get().trim_start().starts_with('[') => {
+            serde_json::from_str(inputs.get())
+                .map_err(|e| ApiError::bad_request(format!("\"inputs\": {e}")))?
+        }
+        (None, Some(single)) => vec![single],
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "expected {\"instances\": [...]} or {\"inputs\": ...}",
+            )
+            .into());
+        }
+    };
+    if instances.is_empty() {
+        return Err(ApiError::bad_request("\"instances\" is empty").into());
+    }
+    let payloads = instances
+        .iter()
+        .enumerate()
+        .map(|(i, inst)| {
+            instance_payload(&body, inst)
+                .map_err(|why| ApiError::bad_request(format!("instance {i}: {why}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let answers = json_bodies(infer_all(&st.infer, name, version, payloads).await?)?;
+    let mut out = Vec::with_capacity(answers.iter().map(|a| a.len() + 1).sum::<usize>() + 20);
+    out.extend_from_slice(b"{\"predictions\":[");
+    for (i, a) in answers.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(a);
+    }
+    out.extend_from_slice(b"]}");
+    Ok((StatusCode::OK, [("content-type", "application/json")], out).into_response())
+}
+
+/// A v1 request, its instances left as text.
+#[derive(Debug, Deserialize)]
+struct V1Request<'a> {
+    #[serde(borrow)]
+    instances: Option<Vec<&'a RawValue>>,
+    #[serde(borrow)]
+    inputs: Option<&'a RawValue>,
+}
+
+/// One instance as handler input; `body` is the request the instance's text lies in.
+fn instance_payload(body: &Bytes, inst: &RawValue) -> Result<Payload, String> {
+    let b64 = |s: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .map_err(|e| format!("not valid base64: {e}"))
+    };
+    let text = inst.get();
+    let (data, content_type): (Bytes, &str) = match text.as_bytes().first() {
+        Some(b'{') => {
+            let o: serde_json::Map<String, Value> =
+                serde_json::from_str(text).map_err(|e| e.to_string())?;
+            match (o.get("b64"), o.get("data")) {
+                (Some(Value::String(s)), _) if o.len() == 1 => {
+                    (b64(s)?.into(), "application/octet-stream")
+                }
+                // TorchServe's kserve envelope: `{"data": "<base64>"}`, or `{"data": [numbers]}`.
+                (_, Some(Value::String(s))) => (b64(s)?.into(), "application/octet-stream"),
+                (_, Some(other)) => (other.to_string().into(), "application/json"),
+                _ => (body.slice_ref(text.as_bytes()), "application/json"),
+            }
+        }
+        Some(b'"') => {
+            let s: String = serde_json::from_str(text).map_err(|e| e.to_string())?;
+            (s.into(), "text/plain")
+        }
+        _ => (body.slice_ref(text.as_bytes()), "application/json"),
+    };
+    Ok(Payload {
+        parts: vec![Part {
+            name: "body".into(),
+            content_type: Some(content_type.into()),
+            data,
+        }],
+        ..Payload::default()
+    })
+}
+
+/// The JSON bodies of predictions that should all be JSON.
+pub fn json_bodies(answers: Vec<Prediction>) -> Result<Vec<Vec<u8>>, ApiError> {
+    answers
+        .into_iter()
+        .map(|p| match p {
+            Prediction::Json(b) => Ok(b),
+            Prediction::Tensor(_) => Err(ApiError::internal("unexpected tensor answer")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_in_every_form() {
+        let body = |v: Value| {
+            let text = Bytes::from(v.to_string());
+            let raw: &RawValue = serde_json::from_slice(&text).unwrap();
+            let p = instance_payload(&text, raw).unwrap();
+            let part = &p.parts[0];
+            (part.data.to_vec(), part.content_type.clone().unwrap())
+        };
+        assert_eq!(
+            body(json!({"b64": "aGk="})),
+            (b"hi".to_vec(), "application/octet-stream".into())
+        );
+        assert_eq!(body(json!({"data": "aGk="})).0, b"hi");
+        assert_eq!(
+            body(json!({"data": [1, 2]})),
+            (b"[1,2]".to_vec(), "application/json".into())
+        );
+        assert_eq!(body(json!([1.5, 2])).0, b"[1.5,2]");
+        assert_eq!(body(json!("I love it")).0, b"I love it");
+        let bad = Bytes::from(json!({"b64": "!!"}).to_string());
+        let raw: &RawValue = serde_json::from_slice(&bad).unwrap();
+        assert!(instance_payload(&bad, raw).is_err());
+    }
+
+    #[test]
+    fn verbs_ride_on_the_last_segment() {
+        assert_eq!(split_verb("mnist:predict"), ("mnist", Some("predict")));
+        assert_eq!(split_verb("mnist"), ("mnist", None));
+        assert_eq!(split_verb("2.0:predict"), ("2.0", Some("predict")));
+    }
+}

@@ -1,0 +1,300 @@
+//! TorchServe's gRPC APIs: `InferenceAPIsService` on the gRPC inference port and
+//! `ManagementAPIsService` on the gRPC management port. Answers are TorchServe's REST bodies;
+//! errors are gRPC statuses with the REST API's messages.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use tchserve_backend::job::{Part, Payload, Prediction};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::management as ops;
+use crate::core::ApiError;
+use crate::frontends::grpc::{rpc_status, status_of};
+use crate::frontends::proto::org::pytorch::serve::grpc as proto;
+use crate::frontends::{AppState, pretty_json};
+
+use proto::inference::inference_ap_is_service_server::{
+    InferenceApIsService, InferenceApIsServiceServer,
+};
+use proto::inference::{PredictionResponse, PredictionsRequest, TorchServeHealthResponse};
+use proto::management::management_ap_is_service_server::{
+    ManagementApIsService, ManagementApIsServiceServer,
+};
+use proto::management::{
+    DescribeModelRequest, ListModelsRequest, ManagementResponse, RegisterModelRequest,
+    ScaleWorkerRequest, SetDefaultRequest, UnregisterModelRequest,
+};
+
+/// The inference service.
+#[derive(Debug, Clone)]
+pub struct Inference(pub AppState);
+
+/// The management service.
+#[derive(Debug, Clone)]
+pub struct Management(pub AppState);
+
+/// The inference service, ready to serve.
+pub fn inference_service(st: AppState) -> InferenceApIsServiceServer<Inference> {
+    InferenceApIsServiceServer::new(Inference(st))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// The management service, ready to serve.
+pub fn management_service(st: AppState) -> ManagementApIsServiceServer<Management> {
+    ManagementApIsServiceServer::new(Management(st))
+}
+
+fn empty_to_none(s: &str) -> Option<&str> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+impl Inference {
+    async fn predict(&self, req: PredictionsRequest) -> Result<Vec<u8>, ApiError> {
+        let size: usize = req.input.values().map(Vec::len).sum();
+        if size > self.0.config.max_request_size {
+            return Err(ApiError::too_large(self.0.config.max_request_size));
+        }
+        // The REST API's fields by name, in a stable order.
+        let mut parts: Vec<Part> = req
+            .input
+            .into_iter()
+            .map(|(name, data)| Part {
+                name,
+                content_type: None,
+                data: data.into(),
+            })
+            .collect();
+        parts.sort_by(|a, b| a.name.cmp(&b.name));
+        let payload = Payload {
+            parts,
+            ..Payload::default()
+        };
+        let version = empty_to_none(&req.model_version);
+        match self
+            .0
+            .infer
+            .infer(&req.model_name, version, payload)
+            .await?
+        {
+            Prediction::Json(body) => Ok(body),
+            Prediction::Tensor(_) => Err(ApiError::internal("unexpected tensor answer")),
+        }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<PredictionResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl InferenceApIsService for Inference {
+    async fn ping(&self, _: Request<()>) -> Result<Response<TorchServeHealthResponse>, Status> {
+        let status = if self.0.infer.server_ready() {
+            "Healthy"
+        } else {
+            "Unhealthy"
+        };
+        Ok(Response::new(TorchServeHealthResponse {
+            health: pretty_json(&serde_json::json!({ "status": status })),
+        }))
+    }
+
+    async fn predictions(
+        &self,
+        req: Request<PredictionsRequest>,
+    ) -> Result<Response<PredictionResponse>, Status> {
+        let body = self
+            .predict(req.into_inner())
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(PredictionResponse {
+            prediction: body,
+            ..PredictionResponse::default()
+        }))
+    }
+
+    type StreamPredictionsStream = ResponseStream;
+
+    async fn stream_predictions(
+        &self,
+        req: Request<PredictionsRequest>,
+    ) -> Result<Response<Self::StreamPredictionsStream>, Status> {
+        // Built-in handlers answer in one piece: the stream holds that one answer.
+        let body = self
+            .predict(req.into_inner())
+            .await
+            .map_err(|e| status_of(&e))?;
+        let one = PredictionResponse {
+            prediction: body,
+            ..PredictionResponse::default()
+        };
+        Ok(Response::new(Box::pin(tokio_stream::once(Ok(one)))))
+    }
+
+    type StreamPredictions2Stream = ResponseStream;
+
+    async fn stream_predictions2(
+        &self,
+        req: Request<Streaming<PredictionsRequest>>,
+    ) -> Result<Response<Self::StreamPredictions2Stream>, Status> {
+        let mut incoming = req.into_inner();
+        let this = self.clone();
+        // Each request is answered in order; a failed one answers with its status and the
+        // stream goes on.
+        let answers = async_stream_map(move |tx| async move {
+            while let Some(next) = incoming.next().await {
+                let req = match next {
+                    Ok(r) => r,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let sequence = req.sequence_id.clone();
+                let answer = match this.predict(req).await {
+                    Ok(body) => PredictionResponse {
+                        prediction: body,
+                        sequence_id: sequence,
+                        status: None,
+                    },
+                    Err(e) => PredictionResponse {
+                        prediction: Vec::new(),
+                        sequence_id: sequence,
+                        status: Some(rpc_status(&e)),
+                    },
+                };
+                if tx.send(Ok(answer)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(answers))
+    }
+}
+
+/// A stream fed by a task that sends into a channel.
+fn async_stream_map<F, Fut>(body: F) -> ResponseStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<PredictionResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+fn msg(o: ops::Outcome) -> Result<Response<ManagementResponse>, Status> {
+    match o {
+        Ok((_, body)) => Ok(Response::new(ManagementResponse {
+            msg: pretty_json(&body),
+        })),
+        Err(e) => Err(status_of(&e)),
+    }
+}
+
+fn put(params: &mut HashMap<String, String>, key: &str, value: impl ToString, set: bool) {
+    if set {
+        params.insert(key.to_string(), value.to_string());
+    }
+}
+
+#[tonic::async_trait]
+impl ManagementApIsService for Management {
+    async fn describe_model(
+        &self,
+        req: Request<DescribeModelRequest>,
+    ) -> Result<Response<ManagementResponse>, Status> {
+        let r = req.into_inner();
+        msg(ops::describe_model(
+            &self.0,
+            &r.model_name,
+            empty_to_none(&r.model_version),
+        ))
+    }
+
+    async fn list_models(
+        &self,
+        req: Request<ListModelsRequest>,
+    ) -> Result<Response<ManagementResponse>, Status> {
+        let r = req.into_inner();
+        let mut q = HashMap::new();
+        put(&mut q, "limit", r.limit, r.limit > 0);
+        put(
+            &mut q,
+            "next_page_token",
+            r.next_page_token,
+            r.next_page_token > 0,
+        );
+        msg(ops::list_models(&self.0, &q))
+    }
+
+    async fn register_model(
+        &self,
+        req: Request<RegisterModelRequest>,
+    ) -> Result<Response<ManagementResponse>, Status> {
+        let r = req.into_inner();
+        let mut q = HashMap::new();
+        q.insert("url".to_string(), r.url.clone());
+        put(
+            &mut q,
+            "model_name",
+            &r.model_name,
+            !r.model_name.is_empty(),
+        );
+        put(&mut q, "handler", &r.handler, !r.handler.is_empty());
+        put(&mut q, "runtime", &r.runtime, !r.runtime.is_empty());
+        // proto3 cannot tell 0 from unset: 0 means TorchServe's default, as in its gRPC API.
+        put(&mut q, "batch_size", r.batch_size, r.batch_size > 0);
+        put(
+            &mut q,
+            "max_batch_delay",
+            r.max_batch_delay,
+            r.max_batch_delay > 0,
+        );
+        put(
+            &mut q,
+            "initial_workers",
+            r.initial_workers,
+            r.initial_workers > 0,
+        );
+        put(
+            &mut q,
+            "response_timeout",
+            r.response_timeout,
+            r.response_timeout > 0,
+        );
+        q.insert("synchronous".into(), r.synchronous.to_string());
+        msg(ops::register_model(&self.0, &q).await)
+    }
+
+    async fn scale_worker(
+        &self,
+        req: Request<ScaleWorkerRequest>,
+    ) -> Result<Response<ManagementResponse>, Status> {
+        let r = req.into_inner();
+        let mut q = HashMap::new();
+        put(&mut q, "min_worker", r.min_worker, true);
+        put(&mut q, "max_worker", r.max_worker, r.max_worker > 0);
+        q.insert("synchronous".into(), r.synchronous.to_string());
+        let version = empty_to_none(&r.model_version).map(str::to_owned);
+        let in_path = version.is_some();
+        msg(ops::scale_workers(&self.0, r.model_name, version, in_path, &q).await)
+    }
+
+    async fn set_default(
+        &self,
+        req: Request<SetDefaultRequest>,
+    ) -> Result<Response<ManagementResponse>, Status> {
+        let r = req.into_inner();
+        msg(ops::set_default_version(&self.0, &r.model_name, &r.model_version).await)
+    }
+
+    async fn unregister_model(
+        &self,
+        req: Request<UnregisterModelRequest>,
+    ) -> Result<Response<ManagementResponse>, Status> {
+        let r = req.into_inner();
+        msg(ops::unregister_model(&self.0, &r.model_name, empty_to_none(&r.model_version)).await)
+    }
+}

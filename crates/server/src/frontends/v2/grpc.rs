@@ -1,0 +1,341 @@
+//! The Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`), with Triton's
+//! repository RPCs. Outputs always travel as `raw_output_contents`, as Triton answers.
+
+use bytes::Bytes;
+use tonic::{Request, Response, Status};
+
+use super::tensor::{self, Datatype};
+use super::{InferInput, InputData, OutputData, RequestedOutput, load, run_infer, unload};
+use crate::auth::Scope;
+use crate::core::{ApiError, ModelMetadata, TensorMeta};
+use crate::frontends::AppState;
+use crate::frontends::grpc::{check_key, status_of};
+use crate::frontends::proto::inference as pb;
+use crate::frontends::v2::rest::datatype_name;
+use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct V2(pub AppState);
+
+/// The service, ready to serve.
+pub fn service(st: AppState) -> GrpcInferenceServiceServer<V2> {
+    GrpcInferenceServiceServer::new(V2(st))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+fn version(v: &str) -> Option<&str> {
+    Some(v).filter(|v| !v.is_empty())
+}
+
+fn err(e: ApiError) -> Status {
+    status_of(&e)
+}
+
+fn tensor_md(t: &TensorMeta) -> pb::model_metadata_response::TensorMetadata {
+    pb::model_metadata_response::TensorMetadata {
+        name: t.name.clone(),
+        datatype: datatype_name(t.datatype).into(),
+        shape: t.shape.clone(),
+    }
+}
+
+/// Typed contents as little-endian bytes of `datatype` (BYTES elements length-prefixed).
+fn contents_bytes(
+    name: &str,
+    datatype: Datatype,
+    c: pb::InferTensorContents,
+) -> Result<Bytes, ApiError> {
+    let wrong = |field: &str| {
+        ApiError::bad_request(format!(
+            "input '{name}': {field} does not carry {} data",
+            datatype.name()
+        ))
+    };
+    let mut out = Vec::new();
+    let filled = [
+        ("bool_contents", !c.bool_contents.is_empty()),
+        ("int_contents", !c.int_contents.is_empty()),
+        ("int64_contents", !c.int64_contents.is_empty()),
+        ("uint_contents", !c.uint_contents.is_empty()),
+        ("uint64_contents", !c.uint64_contents.is_empty()),
+        ("fp32_contents", !c.fp32_contents.is_empty()),
+        ("fp64_contents", !c.fp64_contents.is_empty()),
+        ("bytes_contents", !c.bytes_contents.is_empty()),
+    ];
+    let expected = match datatype {
+        Datatype::Bool => "bool_contents",
+        Datatype::Int8 | Datatype::Int16 | Datatype::Int32 => "int_contents",
+        Datatype::Int64 => "int64_contents",
+        Datatype::Uint8 | Datatype::Uint16 | Datatype::Uint32 => "uint_contents",
+        Datatype::Uint64 => "uint64_contents",
+        Datatype::Fp32 => "fp32_contents",
+        Datatype::Fp64 => "fp64_contents",
+        Datatype::Bytes => "bytes_contents",
+        Datatype::Fp16 | Datatype::Bf16 => {
+            return Err(ApiError::bad_request(format!(
+                "input '{name}': {} data travels only as raw_input_contents",
+                datatype.name()
+            )));
+        }
+    };
+    if let Some((field, _)) = filled.iter().find(|(f, set)| *set && *f != expected) {
+        return Err(wrong(field));
+    }
+    let range = |v: i64, lo: i64, hi: i64| {
+        if v < lo || v > hi {
+            Err(ApiError::bad_request(format!(
+                "input '{name}': {v} is out of range for {}",
+                datatype.name()
+            )))
+        } else {
+            Ok(v)
+        }
+    };
+    match datatype {
+        Datatype::Bool => out.extend(c.bool_contents.iter().map(|b| u8::from(*b))),
+        Datatype::Int8 => {
+            for v in &c.int_contents {
+                out.extend(
+                    (range(i64::from(*v), i8::MIN.into(), i8::MAX.into())? as i8).to_le_bytes(),
+                );
+            }
+        }
+        Datatype::Int16 => {
+            for v in &c.int_contents {
+                out.extend(
+                    (range(i64::from(*v), i16::MIN.into(), i16::MAX.into())? as i16).to_le_bytes(),
+                );
+            }
+        }
+        Datatype::Int32 => c
+            .int_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        Datatype::Int64 => c
+            .int64_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        Datatype::Uint8 => {
+            for v in &c.uint_contents {
+                out.push(range(i64::from(*v), 0, u8::MAX.into())? as u8);
+            }
+        }
+        Datatype::Uint16 => {
+            for v in &c.uint_contents {
+                out.extend((range(i64::from(*v), 0, u16::MAX.into())? as u16).to_le_bytes());
+            }
+        }
+        Datatype::Uint32 => c
+            .uint_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        Datatype::Uint64 => c
+            .uint64_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        Datatype::Fp32 => c
+            .fp32_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        Datatype::Fp64 => c
+            .fp64_contents
+            .iter()
+            .for_each(|v| out.extend(v.to_le_bytes())),
+        Datatype::Bytes => {
+            out = tensor::join_bytes(c.bytes_contents.iter().map(Vec::as_slice));
+        }
+        Datatype::Fp16 | Datatype::Bf16 => unreachable!("refused above"),
+    }
+    Ok(out.into())
+}
+
+impl V2 {
+    async fn infer(&self, req: pb::ModelInferRequest) -> Result<pb::ModelInferResponse, ApiError> {
+        let st = &self.0;
+        let v = version(&req.model_version);
+        let meta: ModelMetadata = st.infer.metadata(&req.model_name, v)?;
+        if !req.raw_input_contents.is_empty() && req.raw_input_contents.len() != req.inputs.len() {
+            return Err(ApiError::bad_request(format!(
+                "raw_input_contents has {} entries for {} inputs",
+                req.raw_input_contents.len(),
+                req.inputs.len()
+            )));
+        }
+        let mut raw = req.raw_input_contents.into_iter();
+        let mut inputs = Vec::with_capacity(req.inputs.len());
+        for input in req.inputs {
+            let datatype = Datatype::parse(&input.datatype).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "input '{}': unknown datatype '{}'",
+                    input.name, input.datatype
+                ))
+            })?;
+            let data = match raw.next() {
+                Some(bytes) => bytes.into(),
+                None => contents_bytes(&input.name, datatype, input.contents.unwrap_or_default())?,
+            };
+            inputs.push(InferInput {
+                name: input.name,
+                datatype,
+                shape: input.shape,
+                data: InputData::Binary(data),
+            });
+        }
+        let outputs = (!req.outputs.is_empty()).then(|| {
+            req.outputs
+                .into_iter()
+                .map(|o| RequestedOutput {
+                    name: o.name,
+                    binary: true,
+                })
+                .collect()
+        });
+        let done = run_infer(&st.infer, &meta, v, inputs, outputs, true).await?;
+        let mut response = pb::ModelInferResponse {
+            model_name: meta.name.clone(),
+            model_version: meta.version.clone(),
+            id: req.id,
+            ..pb::ModelInferResponse::default()
+        };
+        for out in done.outputs {
+            response
+                .outputs
+                .push(pb::model_infer_response::InferOutputTensor {
+                    name: out.name,
+                    datatype: out.datatype.name().into(),
+                    shape: out.shape,
+                    ..Default::default()
+                });
+            response.raw_output_contents.push(match out.data {
+                OutputData::Raw(b) => b,
+                OutputData::Items(items) => tensor::join_bytes(items.iter().map(Vec::as_slice)),
+            });
+        }
+        Ok(response)
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for V2 {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.0.infer.server_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        check_key(self.0.tokens.as_deref(), Scope::Inference, req.metadata())?;
+        let r = req.into_inner();
+        let ready = self
+            .0
+            .infer
+            .model_ready(&r.name, version(&r.version))
+            .map_err(err)?;
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "tchserve".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: vec!["binary_tensor_data".into(), "model_repository".into()],
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        check_key(self.0.tokens.as_deref(), Scope::Inference, req.metadata())?;
+        let r = req.into_inner();
+        let m = self
+            .0
+            .infer
+            .metadata(&r.name, version(&r.version))
+            .map_err(err)?;
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: m.name.clone(),
+            versions: m.versions.clone(),
+            platform: "pytorch_torchscript".into(),
+            inputs: vec![tensor_md(&m.input)],
+            outputs: vec![tensor_md(&m.output)],
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        req: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        check_key(self.0.tokens.as_deref(), Scope::Inference, req.metadata())?;
+        let r = req.into_inner();
+        let size: usize = r.raw_input_contents.iter().map(Vec::len).sum();
+        if size > self.0.config.max_request_size {
+            return Err(err(ApiError::too_large(self.0.config.max_request_size)));
+        }
+        self.infer(r).await.map(Response::new).map_err(err)
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        check_key(self.0.tokens.as_deref(), Scope::Management, req.metadata())?;
+        let ready_only = req.into_inner().ready;
+        let st = &self.0;
+        let entries = st.registry.snapshot_entries();
+        let mut models = Vec::new();
+        for (name, entry) in &entries {
+            for (v, m) in &entry.versions {
+                let ready = m.pool.ready_count() > 0;
+                if ready_only && !ready {
+                    continue;
+                }
+                models.push(pb::repository_index_response::ModelIndex {
+                    name: name.clone(),
+                    version: v.clone(),
+                    state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
+                    reason: if ready { "" } else { "no worker is ready" }.into(),
+                });
+            }
+        }
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        check_key(self.0.tokens.as_deref(), Scope::Management, req.metadata())?;
+        let model = req.into_inner().model_name;
+        load(&self.0, &model).await.map_err(err)?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        check_key(self.0.tokens.as_deref(), Scope::Management, req.metadata())?;
+        let model = req.into_inner().model_name;
+        unload(&self.0, &model).await.map_err(err)?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+}

@@ -1,0 +1,368 @@
+//! The Open Inference Protocol v2: what its REST and gRPC frontends share. A request's inputs
+//! are checked against the model's metadata here (each error names the input), turned into
+//! handler payloads, and the answers into output tensors.
+
+pub mod grpc;
+pub mod rest;
+pub mod tensor;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tchserve_backend::job::{Part, Payload, Prediction};
+
+use crate::core::registry::RegisterParams;
+use crate::core::{ApiError, DataType, Infer, ModelMetadata};
+use crate::frontends::{AppState, infer_all};
+use tensor::Datatype;
+
+/// An input's elements as they arrived.
+#[derive(Debug, Clone)]
+pub enum InputData {
+    /// JSON `data`, flat or nested.
+    Json(Value),
+    /// Little-endian bytes (the binary extension, or gRPC's raw contents); BYTES elements
+    /// length-prefixed.
+    Binary(Bytes),
+}
+
+/// One input of a request.
+#[derive(Debug, Clone)]
+pub struct InferInput {
+    /// Its name.
+    pub name: String,
+    /// Its datatype.
+    pub datatype: Datatype,
+    /// Its shape.
+    pub shape: Vec<i64>,
+    /// Its elements.
+    pub data: InputData,
+}
+
+/// An output the client asked for.
+#[derive(Debug, Clone)]
+pub struct RequestedOutput {
+    /// Its name.
+    pub name: String,
+    /// Whether it goes back as binary data.
+    pub binary: bool,
+}
+
+/// An output's elements.
+#[derive(Debug, Clone)]
+pub enum OutputData {
+    /// Little-endian bytes of a numeric datatype.
+    Raw(Vec<u8>),
+    /// BYTES elements.
+    Items(Vec<Vec<u8>>),
+}
+
+/// One output of a response.
+#[derive(Debug, Clone)]
+pub struct InferOutput {
+    /// Its name.
+    pub name: String,
+    /// Its datatype.
+    pub datatype: Datatype,
+    /// Its shape.
+    pub shape: Vec<i64>,
+    /// Its elements.
+    pub data: OutputData,
+    /// Whether it goes back as binary data.
+    pub binary: bool,
+}
+
+/// A finished inference.
+#[derive(Debug, Clone)]
+pub struct Infered {
+    /// The outputs, in the order asked for.
+    pub outputs: Vec<InferOutput>,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::bad_request(msg)
+}
+
+fn shape_text(shape: &[i64]) -> String {
+    format!("{shape:?}")
+}
+
+/// The manifest's spelling of a dtype, as the tensor handler reads it.
+fn manifest_dtype(d: tchserve_mar::handler::DType) -> String {
+    serde_json::to_value(d)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Checks `inputs` against the model, runs it, and returns the outputs asked for.
+pub async fn run_infer(
+    infer: &Infer,
+    meta: &ModelMetadata,
+    version: Option<&str>,
+    mut inputs: Vec<InferInput>,
+    outputs: Option<Vec<RequestedOutput>>,
+    binary_default: bool,
+) -> Result<Infered, ApiError> {
+    let model = &meta.name;
+    let want_name = &meta.input.name;
+    if inputs.len() != 1 {
+        return Err(bad(format!(
+            "model '{model}' takes one input ('{want_name}'); the request has {}",
+            inputs.len()
+        )));
+    }
+    let input = inputs.pop().expect("one input");
+    let name = &input.name;
+    if name != want_name {
+        return Err(bad(format!(
+            "unexpected inference input '{name}' for model '{model}': its input is '{want_name}'"
+        )));
+    }
+    let requested = match outputs {
+        Some(list) if !list.is_empty() => {
+            if let Some(o) = list.iter().find(|o| o.name != meta.output.name) {
+                return Err(bad(format!(
+                    "unexpected inference output '{}' for model '{model}': its output is '{}'",
+                    o.name, meta.output.name
+                )));
+            }
+            list
+        }
+        _ => vec![RequestedOutput {
+            name: meta.output.name.clone(),
+            binary: binary_default,
+        }],
+    };
+    if input.shape.iter().any(|d| *d < 0) {
+        return Err(bad(format!(
+            "input '{name}': shape {} has a negative size",
+            shape_text(&input.shape)
+        )));
+    }
+    let count = input
+        .shape
+        .iter()
+        .try_fold(1u64, |n, d| n.checked_mul(*d as u64))
+        .filter(|n| *n <= u32::MAX as u64)
+        .ok_or_else(|| {
+            bad(format!(
+                "input '{name}': shape {} is too large",
+                shape_text(&input.shape)
+            ))
+        })? as usize;
+    let output = match meta.input.datatype {
+        DataType::Tensor(dtype) => {
+            let expected = Datatype::of(dtype);
+            if input.datatype != expected {
+                return Err(bad(format!(
+                    "input '{name}': datatype {} does not match the model's {}",
+                    input.datatype.name(),
+                    expected.name()
+                )));
+            }
+            let model_shape = &meta.input.shape;
+            let fits = model_shape == &[-1]
+                || (model_shape.len() == input.shape.len()
+                    && model_shape
+                        .iter()
+                        .zip(&input.shape)
+                        .all(|(m, g)| *m == -1 || m == g));
+            if !fits || input.shape.is_empty() {
+                return Err(bad(format!(
+                    "input '{name}': shape {} does not match the model's {}",
+                    shape_text(&input.shape),
+                    shape_text(model_shape)
+                )));
+            }
+            let size = expected.size().unwrap_or(1);
+            let bytes: Bytes = match input.data {
+                InputData::Json(data) => {
+                    let mut flat = Vec::with_capacity(count);
+                    tensor::flatten(&data, &mut flat);
+                    if flat.len() != count {
+                        return Err(bad(format!(
+                            "input '{name}': shape {} holds {count} elements but data has {}",
+                            shape_text(&input.shape),
+                            flat.len()
+                        )));
+                    }
+                    tensor::encode_json(expected, &flat)
+                        .map_err(|why| bad(format!("input '{name}': {why}")))?
+                        .into()
+                }
+                InputData::Binary(b) => {
+                    if b.len() != count * size {
+                        return Err(bad(format!(
+                            "input '{name}': shape {} needs {} bytes of {} but {} arrived",
+                            shape_text(&input.shape),
+                            count * size,
+                            expected.name(),
+                            b.len()
+                        )));
+                    }
+                    b
+                }
+            };
+            let shape_header = input
+                .shape
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let payload = Payload {
+                parts: vec![Part {
+                    name: "body".into(),
+                    content_type: Some("application/octet-stream".into()),
+                    data: bytes,
+                }],
+                dtype: Some(manifest_dtype(dtype)),
+                shape: Some(shape_header),
+                want_tensor: true,
+            };
+            match infer.infer(model, version, payload).await? {
+                Prediction::Tensor(t) => (Datatype::of(t.dtype), t.shape, OutputData::Raw(t.data)),
+                Prediction::Json(body) => (Datatype::Bytes, vec![1], OutputData::Items(vec![body])),
+            }
+        }
+        DataType::Bytes => {
+            if input.datatype != Datatype::Bytes {
+                return Err(bad(format!(
+                    "input '{name}': datatype {} does not match the model's BYTES",
+                    input.datatype.name()
+                )));
+            }
+            let items: Vec<Bytes> = match input.data {
+                InputData::Json(data) => {
+                    let mut flat = Vec::new();
+                    tensor::flatten(&data, &mut flat);
+                    flat.into_iter()
+                        .enumerate()
+                        .map(|(i, v)| match v {
+                            Value::String(s) => Ok(Bytes::from(s.into_bytes())),
+                            other => Err(bad(format!(
+                                "input '{name}': element {i} ({other}) is not a string"
+                            ))),
+                        })
+                        .collect::<Result<_, _>>()?
+                }
+                InputData::Binary(b) => tensor::split_bytes(&b)
+                    .map_err(|why| bad(format!("input '{name}': {why}")))?
+                    .into_iter()
+                    .map(|s| b.slice_ref(s))
+                    .collect(),
+            };
+            if items.len() != count {
+                return Err(bad(format!(
+                    "input '{name}': shape {} holds {count} elements but data has {}",
+                    shape_text(&input.shape),
+                    items.len()
+                )));
+            }
+            if items.is_empty() {
+                return Err(bad(format!("input '{name}' has no elements")));
+            }
+            let payloads = items
+                .into_iter()
+                .map(|data| Payload {
+                    parts: vec![Part {
+                        name: "body".into(),
+                        content_type: None,
+                        data,
+                    }],
+                    ..Payload::default()
+                })
+                .collect();
+            let answers = infer_all(infer, model, version, payloads).await?;
+            let n = answers.len() as i64;
+            let items = answers
+                .into_iter()
+                .map(|p| match p {
+                    Prediction::Json(b) => b,
+                    Prediction::Tensor(t) => t.data,
+                })
+                .collect();
+            (Datatype::Bytes, vec![n], OutputData::Items(items))
+        }
+    };
+    let (datatype, shape, data) = output;
+    Ok(Infered {
+        outputs: requested
+            .into_iter()
+            .map(|o| InferOutput {
+                name: o.name,
+                datatype,
+                shape: shape.clone(),
+                data: data.clone(),
+                binary: o.binary,
+            })
+            .collect(),
+    })
+}
+
+/// A model's name from its archive's file name.
+pub fn archive_stem(file: &str) -> &str {
+    for ext in [".mar", ".tar.gz", ".tgz", ".zip"] {
+        if let Some(stem) = file.strip_suffix(ext) {
+            return stem;
+        }
+    }
+    file
+}
+
+/// Registers the store's archive for `model` with one worker, unless it is registered.
+pub async fn load(st: &AppState, model: &str) -> Result<(), ApiError> {
+    if !st.config.enable_model_api {
+        return Err(ApiError::method_not_allowed());
+    }
+    if st.registry.get(model, None).is_ok() {
+        return Ok(());
+    }
+    let store = st
+        .registry
+        .store()
+        .ok_or_else(|| ApiError::model_not_found("Model store has not been configured."))?;
+    let url = store
+        .all()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .find(|n| archive_stem(n) == model)
+        .ok_or_else(|| {
+            ApiError::model_not_found(format!("no archive for model {model} in the model store"))
+        })?;
+    let p = RegisterParams {
+        url,
+        model_name: Some(model.to_string()),
+        initial_workers: Some(1),
+        synchronous: true,
+        ..RegisterParams::default()
+    };
+    let registry = Arc::clone(&st.registry);
+    tokio::task::spawn_blocking(move || registry.register(&p))
+        .await
+        .map_err(|e| ApiError::internal(format!("loading failed: {e}")))??;
+    st.save_snapshot().await;
+    tracing::info!(model = %model, "model loaded through the repository API");
+    Ok(())
+}
+
+/// Unregisters every version of `model`, answering what is queued first.
+pub async fn unload(st: &AppState, model: &str) -> Result<(), ApiError> {
+    if !st.config.enable_model_api {
+        return Err(ApiError::method_not_allowed());
+    }
+    let removed = st.registry.unregister_all(model)?;
+    st.save_snapshot().await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for m in removed {
+            m.pool
+                .shutdown(std::time::Duration::from_secs(m.response_timeout_s));
+        }
+    })
+    .await;
+    tracing::info!(model = %model, "model unloaded through the repository API");
+    Ok(())
+}

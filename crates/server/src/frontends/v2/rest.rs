@@ -1,0 +1,480 @@
+//! The Open Inference Protocol v2 over REST, with the binary tensor data extension and the
+//! model repository extension.
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::tensor::{self, Datatype};
+use super::{InferInput, InferOutput, Infered, OutputData, RequestedOutput, run_infer};
+use crate::core::{ApiError, DataType, ModelMetadata, TensorMeta};
+use crate::frontends::kserve_v1::error_response;
+use crate::frontends::{AppState, management_key};
+
+/// The protocol's error body, `{"error": "..."}`, with the core's status.
+#[derive(Debug)]
+pub struct V2Error(pub ApiError);
+
+impl From<ApiError> for V2Error {
+    fn from(e: ApiError) -> Self {
+        V2Error(e)
+    }
+}
+
+impl IntoResponse for V2Error {
+    fn into_response(self) -> Response {
+        error_response(&self.0)
+    }
+}
+
+type V2Result = Result<Response, V2Error>;
+
+fn json_ok(v: &Value) -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+/// Health and server metadata: no key, like `/ping`, so probes can reach them.
+pub fn open_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+}
+
+/// Model metadata, readiness and inference (the inference key), and the repository extension
+/// (the management key: it registers and unregisters models).
+pub fn keyed_routes() -> Router<AppState> {
+    Router::<AppState>::new()
+        .route("/v2/models/{model}", get(metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(metadata_version),
+        )
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready_version),
+        )
+        .route("/v2/models/{model}/infer", post(infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(infer_version),
+        )
+}
+
+/// The repository extension, behind the management key.
+pub fn repository_routes(state: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(load_route))
+        .route("/v2/repository/models/{model}/unload", post(unload_route))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            management_key,
+        ))
+}
+
+async fn server_metadata() -> Response {
+    json_ok(&json!({
+        "name": "tchserve",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_repository"],
+    }))
+}
+
+async fn live() -> Response {
+    json_ok(&json!({"live": true}))
+}
+
+async fn ready(State(st): State<AppState>) -> Response {
+    let ready = st.infer.server_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [("content-type", "application/json")],
+        json!({"ready": ready}).to_string(),
+    )
+        .into_response()
+}
+
+fn tensor_md(t: &TensorMeta) -> Value {
+    json!({"name": t.name, "datatype": datatype_name(t.datatype), "shape": t.shape})
+}
+
+/// The protocol's name of a core datatype.
+pub fn datatype_name(d: DataType) -> &'static str {
+    match d {
+        DataType::Tensor(d) => Datatype::of(d).name(),
+        DataType::Bytes => "BYTES",
+    }
+}
+
+fn metadata_json(m: &ModelMetadata) -> Value {
+    json!({
+        "name": m.name,
+        "versions": m.versions,
+        "platform": "pytorch_torchscript",
+        "inputs": [tensor_md(&m.input)],
+        "outputs": [tensor_md(&m.output)],
+    })
+}
+
+async fn metadata(State(st): State<AppState>, Path(model): Path<String>) -> V2Result {
+    Ok(json_ok(&metadata_json(&st.infer.metadata(&model, None)?)))
+}
+
+async fn metadata_version(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> V2Result {
+    Ok(json_ok(&metadata_json(
+        &st.infer.metadata(&model, Some(&version))?,
+    )))
+}
+
+fn readiness(st: &AppState, model: &str, version: Option<&str>) -> V2Result {
+    let ready = st.infer.model_ready(model, version)?;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((
+        status,
+        [("content-type", "application/json")],
+        json!({"name": model, "ready": ready}).to_string(),
+    )
+        .into_response())
+}
+
+async fn model_ready(State(st): State<AppState>, Path(model): Path<String>) -> V2Result {
+    readiness(&st, &model, None)
+}
+
+async fn model_ready_version(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> V2Result {
+    readiness(&st, &model, Some(&version))
+}
+
+async fn infer(State(st): State<AppState>, Path(model): Path<String>, req: Request) -> Response {
+    infer_inner(st, model, None, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn infer_version(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    infer_inner(st, model, Some(version), req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// One input of a JSON request.
+#[derive(Debug, Deserialize)]
+struct JsonInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    data: Option<Value>,
+}
+
+/// One requested output.
+#[derive(Debug, Deserialize)]
+struct JsonOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+/// An inference request's JSON part.
+#[derive(Debug, Deserialize)]
+struct JsonRequest {
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<JsonInput>,
+    outputs: Option<Vec<JsonOutput>>,
+}
+
+fn bad(msg: impl Into<String>) -> V2Error {
+    V2Error(ApiError::bad_request(msg))
+}
+
+/// Splits a body into its JSON header and the binary tensor data after it.
+fn split_body(headers: &HeaderMap, body: &Bytes) -> Result<(Bytes, Bytes), V2Error> {
+    match headers.get("inference-header-content-length") {
+        None => Ok((body.clone(), Bytes::new())),
+        Some(v) => {
+            let n: usize = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| bad("Inference-Header-Content-Length is not a number"))?;
+            if n > body.len() {
+                return Err(bad(format!(
+                    "Inference-Header-Content-Length ({n}) is larger than the body ({} bytes)",
+                    body.len()
+                )));
+            }
+            if n == 0 {
+                return Err(bad(
+                    "a raw binary request (Inference-Header-Content-Length: 0) is not supported: \
+                     send a JSON header that names the input",
+                ));
+            }
+            Ok((body.slice(..n), body.slice(n..)))
+        }
+    }
+}
+
+fn param_bool(p: &Map<String, Value>, key: &str) -> Option<bool> {
+    p.get(key).and_then(Value::as_bool)
+}
+
+async fn infer_inner(
+    st: AppState,
+    model: String,
+    version: Option<String>,
+    req: Request,
+) -> V2Result {
+    let meta = st.infer.metadata(&model, version.as_deref())?;
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, st.config.max_request_size)
+        .await
+        .map_err(|_| ApiError::too_large(st.config.max_request_size))?;
+    let (header, mut binary) = split_body(&parts.headers, &body)?;
+    let request: JsonRequest = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("the inference request is not valid: {e}")))?;
+
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for input in request.inputs {
+        let datatype = Datatype::parse(&input.datatype).ok_or_else(|| {
+            bad(format!(
+                "input '{}': unknown datatype '{}'",
+                input.name, input.datatype
+            ))
+        })?;
+        let data = match input.parameters.get("binary_data_size") {
+            Some(size) => {
+                let n = size.as_u64().ok_or_else(|| {
+                    bad(format!(
+                        "input '{}': binary_data_size is not a size",
+                        input.name
+                    ))
+                })? as usize;
+                if n > binary.len() {
+                    return Err(bad(format!(
+                        "input '{}': binary_data_size {n} is more than the {} bytes of binary data left",
+                        input.name,
+                        binary.len()
+                    )));
+                }
+                let data = binary.slice(..n);
+                binary = binary.slice(n..);
+                super::InputData::Binary(data)
+            }
+            None => match input.data {
+                Some(d) => super::InputData::Json(d),
+                None => return Err(bad(format!("input '{}' has no data", input.name))),
+            },
+        };
+        inputs.push(InferInput {
+            name: input.name,
+            datatype,
+            shape: input.shape,
+            data,
+        });
+    }
+    if !binary.is_empty() {
+        return Err(bad(format!(
+            "{} bytes of binary data follow the inputs that no input claims",
+            binary.len()
+        )));
+    }
+    let binary_default = param_bool(&request.parameters, "binary_data_output").unwrap_or(false);
+    let outputs = request.outputs.map(|outs| {
+        outs.into_iter()
+            .map(|o| RequestedOutput {
+                binary: param_bool(&o.parameters, "binary_data").unwrap_or(binary_default),
+                name: o.name,
+            })
+            .collect::<Vec<_>>()
+    });
+    let done = run_infer(
+        &st.infer,
+        &meta,
+        version.as_deref(),
+        inputs,
+        outputs,
+        binary_default,
+    )
+    .await?;
+    Ok(write_response(&meta, request.id, done))
+}
+
+/// The response: JSON alone, or JSON followed by the binary outputs.
+fn write_response(meta: &ModelMetadata, id: Option<String>, done: Infered) -> Response {
+    let mut head = String::with_capacity(256);
+    head.push_str("{\"model_name\":");
+    head.push_str(&Value::String(meta.name.clone()).to_string());
+    head.push_str(",\"model_version\":");
+    head.push_str(&Value::String(meta.version.clone()).to_string());
+    if let Some(id) = id {
+        head.push_str(",\"id\":");
+        head.push_str(&Value::String(id).to_string());
+    }
+    head.push_str(",\"outputs\":[");
+    let mut blobs: Vec<Vec<u8>> = Vec::new();
+    for (i, out) in done.outputs.into_iter().enumerate() {
+        if i > 0 {
+            head.push(',');
+        }
+        let InferOutput {
+            name,
+            datatype,
+            shape,
+            data,
+            binary,
+        } = out;
+        head.push_str("{\"name\":");
+        head.push_str(&Value::String(name).to_string());
+        head.push_str(",\"datatype\":\"");
+        head.push_str(datatype.name());
+        head.push_str("\",\"shape\":");
+        head.push_str(&json!(shape).to_string());
+        let bytes = match (&data, binary) {
+            (OutputData::Raw(b), true) => Some(b.clone()),
+            (OutputData::Items(items), true) => {
+                Some(tensor::join_bytes(items.iter().map(Vec::as_slice)))
+            }
+            _ => None,
+        };
+        match bytes {
+            Some(b) => {
+                head.push_str(",\"parameters\":{\"binary_data_size\":");
+                head.push_str(&b.len().to_string());
+                head.push_str("}}");
+                blobs.push(b);
+            }
+            None => {
+                head.push_str(",\"data\":");
+                match data {
+                    OutputData::Raw(b) => head.push_str(&tensor::decode_json(datatype, &b)),
+                    OutputData::Items(items) => {
+                        head.push('[');
+                        for (k, item) in items.iter().enumerate() {
+                            if k > 0 {
+                                head.push(',');
+                            }
+                            head.push_str(
+                                &Value::String(String::from_utf8_lossy(item).into_owned())
+                                    .to_string(),
+                            );
+                        }
+                        head.push(']');
+                    }
+                }
+                head.push('}');
+            }
+        }
+    }
+    head.push_str("]}");
+    if blobs.is_empty() {
+        return (StatusCode::OK, [("content-type", "application/json")], head).into_response();
+    }
+    let header_len = head.len();
+    let mut body = head.into_bytes();
+    for b in blobs {
+        body.extend_from_slice(&b);
+    }
+    (
+        StatusCode::OK,
+        [
+            ("content-type", "application/octet-stream".to_string()),
+            ("inference-header-content-length", header_len.to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `{"ready": true}` lists only models that can answer.
+#[derive(Debug, Default, Deserialize)]
+struct IndexRequest {
+    #[serde(default)]
+    ready: bool,
+}
+
+async fn repository_index(State(st): State<AppState>, body: Bytes) -> V2Result {
+    let asked: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        IndexRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad(format!("the body is not valid: {e}")))?
+    };
+    let mut out = Vec::new();
+    let entries = st.registry.snapshot_entries();
+    for (name, entry) in &entries {
+        for (version, m) in &entry.versions {
+            let ready = m.pool.ready_count() > 0;
+            if asked.ready && !ready {
+                continue;
+            }
+            out.push(json!({
+                "name": name,
+                "version": version,
+                "state": if ready { "READY" } else { "UNAVAILABLE" },
+                "reason": if ready { "" } else { "no worker is ready" },
+            }));
+        }
+    }
+    if !asked.ready
+        && let Some(store) = st.registry.store()
+    {
+        // Archives in the store that are not registered can be loaded by name.
+        let mut names: Vec<String> = store
+            .all()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p.file_name())
+            .map(|n| super::archive_stem(&n.to_string_lossy()).to_string())
+            .filter(|n| !entries.contains_key(n))
+            .collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            out.push(json!({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"}));
+        }
+    }
+    Ok(json_ok(&Value::Array(out)))
+}
+
+async fn load_route(State(st): State<AppState>, Path(model): Path<String>) -> V2Result {
+    super::load(&st, &model).await?;
+    Ok(json_ok(&json!({})))
+}
+
+async fn unload_route(State(st): State<AppState>, Path(model): Path<String>) -> V2Result {
+    super::unload(&st, &model).await?;
+    Ok(json_ok(&json!({})))
+}

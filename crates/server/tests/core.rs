@@ -1,0 +1,643 @@
+//! The registry, the management API and every inference frontend, in process, against a fake
+//! backend: no libtorch, no Python, no sockets. The end-to-end tests in `tests/` run the same
+//! routes on the real binary with real models.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::{Value, json};
+use tchserve_backend::job::{Job, PredictError, Prediction, RawTensor, Timings};
+use tchserve_backend::{
+    Backend, LoadError, ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers,
+};
+use tchserve_mar::handler::DType;
+use tchserve_server::Config;
+use tchserve_server::core::{Infer, Registry};
+use tchserve_server::frontends::{self, AppState};
+use tchserve_server::metrics::Metrics;
+use tower::ServiceExt as _;
+
+/// Answers every job at once on the caller's thread: a tensor request gets its own input back,
+/// any other gets `{"echo": <its body as text>}`; a body of `fail` is a bad input.
+#[derive(Debug, Default)]
+struct FakeBackend {
+    loads: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct FakeWorkers {
+    count: Mutex<usize>,
+}
+
+impl Backend for FakeBackend {
+    fn gpu_count(&self) -> usize {
+        0
+    }
+
+    fn load(&self, spec: ModelSpec) -> Result<Arc<dyn Workers>, LoadError> {
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        if spec.handler.name == "text_classifier" {
+            return Err(LoadError("the fake backend has no tokenizer".into()));
+        }
+        Ok(Arc::new(FakeWorkers {
+            count: Mutex::new(0),
+        }))
+    }
+}
+
+fn answer(job: Job) {
+    let part = job.payload.main_part().cloned();
+    let result = match part {
+        Some(p) if &p.data[..] == b"fail" => Err(PredictError::BadInput("fake: bad".into())),
+        Some(p) if job.payload.want_tensor => {
+            let dtype: DType =
+                serde_json::from_value(json!(job.payload.dtype.clone().unwrap_or_default()))
+                    .unwrap_or(DType::Float32);
+            let shape = job
+                .payload
+                .shape
+                .as_deref()
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|d| d.parse().ok())
+                .collect();
+            Ok(Prediction::Tensor(RawTensor {
+                dtype,
+                shape,
+                data: p.data.to_vec(),
+            }))
+        }
+        Some(p) => Ok(Prediction::Json(
+            json!({"echo": String::from_utf8_lossy(&p.data)})
+                .to_string()
+                .into_bytes(),
+        )),
+        None => Err(PredictError::BadInput("no body".into())),
+    };
+    let _ = job.reply.send((result, Timings::default()));
+}
+
+impl Workers for FakeWorkers {
+    fn submit(&self, job: Job) -> Result<(), QueueFull> {
+        if *self.count.lock().unwrap() == 0 {
+            return Err(QueueFull);
+        }
+        answer(job);
+        Ok(())
+    }
+    fn scale(&self, n: usize) {
+        *self.count.lock().unwrap() = n;
+    }
+    fn wait_started(&self, _: Duration) -> usize {
+        self.worker_count()
+    }
+    fn worker_count(&self) -> usize {
+        *self.count.lock().unwrap()
+    }
+    fn ready_count(&self) -> usize {
+        self.worker_count()
+    }
+    fn workers(&self) -> Vec<WorkerInfo> {
+        (0..self.worker_count())
+            .map(|id| WorkerInfo {
+                id,
+                started: SystemTime::now(),
+                state: WorkerState::Ready,
+                device: "cpu".into(),
+            })
+            .collect()
+    }
+    fn queue_len(&self) -> usize {
+        0
+    }
+    fn remaining_capacity(&self) -> usize {
+        100
+    }
+    fn on_gpu(&self) -> bool {
+        false
+    }
+    fn shutdown(&self, _: Duration) {
+        self.scale(0);
+    }
+}
+
+/// A directory archive named `name` in `store` with `handler`.
+fn archive(store: &Path, name: &str, handler: &str, version: &str) {
+    let dir = store.join(name);
+    std::fs::create_dir_all(dir.join("MAR-INF")).unwrap();
+    std::fs::write(dir.join("model.pt"), b"not a model").unwrap();
+    let manifest = json!({
+        "createdOn": "01/01/2026 00:00:00",
+        "runtime": "python",
+        "model": {"modelName": name, "serializedFile": "model.pt", "handler": handler, "modelVersion": version},
+        "archiverVersion": "0.12.0",
+    });
+    std::fs::write(
+        dir.join("MAR-INF/MANIFEST.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+}
+
+struct Harness {
+    state: AppState,
+    backend: Arc<FakeBackend>,
+    _store: tempfile::TempDir,
+    _scratch: tempfile::TempDir,
+}
+
+fn harness() -> Harness {
+    let store = tempfile::tempdir().unwrap();
+    archive(store.path(), "mlp", "tensor", "1.0");
+    archive(store.path(), "cls", "image_classifier", "1.0");
+    archive(store.path(), "txt", "text_classifier", "1.0");
+    let scratch = tempfile::tempdir().unwrap();
+    let config = Arc::new(Config {
+        model_store: Some(store.path().to_path_buf()),
+        enable_model_api: true,
+        ..Config::default()
+    });
+    let backend = Arc::new(FakeBackend::default());
+    let registry = Arc::new(Registry::new(
+        Arc::clone(&config),
+        Some(tchserve_mar::ModelStore::open(store.path()).unwrap()),
+        scratch.path().to_path_buf(),
+        Arc::clone(&backend) as Arc<dyn Backend>,
+    ));
+    let metrics = Metrics::new();
+    let state = AppState {
+        registry: Arc::clone(&registry),
+        infer: Infer::new(registry, metrics.clone(), config.max_request_size),
+        metrics,
+        config,
+        snapshots: None,
+        tokens: None,
+    };
+    Harness {
+        state,
+        backend,
+        _store: store,
+        _scratch: scratch,
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+async fn call(router: axum::Router, method: &str, uri: &str, body: impl Into<Body>) -> Reply {
+    call_with(router, method, uri, &[], body).await
+}
+
+async fn call_with(
+    router: axum::Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, String)],
+    body: impl Into<Body>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let resp = router
+        .oneshot(req.body(body.into()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap()
+        .to_vec();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+impl Harness {
+    fn management(&self) -> axum::Router {
+        frontends::torchserve::management::router(self.state.clone())
+    }
+    fn inference(&self) -> axum::Router {
+        frontends::inference_router(self.state.clone())
+    }
+    async fn register(&self, url: &str) -> Reply {
+        call(
+            self.management(),
+            "POST",
+            &format!("/models?url={url}&initial_workers=1&synchronous=true"),
+            Body::empty(),
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn register_scale_describe_and_unregister() {
+    let h = harness();
+    let r = h.register("mlp").await;
+    assert_eq!(r.status, 200, "{}", r.json());
+    assert_eq!(
+        r.json()["status"],
+        "Model \"mlp\" Version: 1.0 registered with 1 initial workers"
+    );
+    let r = h.register("mlp").await;
+    assert_eq!(r.status, 409, "a second registration conflicts");
+    assert_eq!(
+        h.backend.loads.load(Ordering::Relaxed),
+        1,
+        "refused before loading"
+    );
+
+    let r = call(
+        h.management(),
+        "PUT",
+        "/models/mlp?min_worker=3&synchronous=true",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.json());
+    let d = call(h.management(), "GET", "/models/mlp", Body::empty()).await;
+    assert_eq!(d.json()[0]["workers"].as_array().unwrap().len(), 3);
+    assert_eq!(d.json()[0]["deviceType"], "cpu");
+
+    let r = call(h.management(), "DELETE", "/models/mlp", Body::empty()).await;
+    assert_eq!(r.status, 200);
+    let r = call(h.management(), "GET", "/models/mlp", Body::empty()).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["type"], "ModelNotFoundException");
+}
+
+#[tokio::test]
+async fn registration_errors_are_typed() {
+    let h = harness();
+    let r = call(
+        h.management(),
+        "POST",
+        "/models?url=mlp&batch_size=100000",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("the request")
+    );
+    let r = h.register("txt").await;
+    assert_eq!(r.status, 400, "the backend refused it");
+    assert_eq!(r.json()["type"], "InvalidModelException");
+    assert!(r.json()["message"].as_str().unwrap().contains("tokenizer"));
+    let r = h.register("missing.mar").await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn torchserve_predictions_and_errors() {
+    let h = harness();
+    h.register("mlp").await;
+    let r = call(h.inference(), "POST", "/predictions/mlp", "[1, 2]").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"echo": "[1, 2]"}));
+    let r = call(h.inference(), "POST", "/predictions/mlp", "fail").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["type"], "InvalidInputException");
+    let r = call(h.inference(), "POST", "/predictions/nope", "[1]").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["code"], 404);
+    let r = call(h.inference(), "GET", "/ping", Body::empty()).await;
+    assert_eq!(r.json()["status"], "Healthy");
+}
+
+#[tokio::test]
+async fn kserve_v1_ready_and_predict() {
+    let h = harness();
+    h.register("mlp").await;
+    let r = call(h.inference(), "GET", "/v1/models/mlp", Body::empty()).await;
+    assert_eq!(r.json(), json!({"name": "mlp", "ready": true}));
+    let body = json!({"instances": [[1, 2], {"b64": "aGk="}, {"data": "aGk="}, "text"]});
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v1/models/mlp:predict",
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json(),
+        json!({"predictions": [{"echo": "[1,2]"}, {"echo": "hi"}, {"echo": "hi"}, {"echo": "text"}]})
+    );
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v1/models/mlp/versions/1.0:predict",
+        json!({"inputs": [[3]]}).to_string(),
+    )
+    .await;
+    assert_eq!(r.json(), json!({"predictions": [{"echo": "[3]"}]}));
+    for (uri, body, status) in [
+        ("/v1/models/nope:predict", json!({"instances": [1]}), 404),
+        ("/v1/models/mlp:predict", json!({"instances": 1}), 400),
+        ("/v1/models/mlp:predict", json!({"other": 1}), 400),
+        (
+            "/v1/models/mlp:predict",
+            json!({"instances": ["fail"]}),
+            400,
+        ),
+        (
+            "/v1/models/mlp/versions/9:predict",
+            json!({"instances": [1]}),
+            404,
+        ),
+    ] {
+        let r = call(h.inference(), "POST", uri, body.to_string()).await;
+        assert_eq!(r.status, status, "{uri} {body}");
+        assert!(r.json()["error"].is_string(), "{uri}: {}", r.json());
+    }
+    let r = call(h.inference(), "GET", "/v1/models/nope", Body::empty()).await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn v2_health_metadata_and_repository() {
+    let h = harness();
+    let r = call(h.inference(), "GET", "/v2/health/live", Body::empty()).await;
+    assert_eq!(r.json(), json!({"live": true}));
+    let r = call(h.inference(), "GET", "/v2", Body::empty()).await;
+    assert!(
+        r.json()["extensions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("binary_tensor_data"))
+    );
+    let r = call(h.inference(), "POST", "/v2/repository/index", Body::empty()).await;
+    let names: Vec<String> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["cls", "mlp", "txt"],
+        "the store's archives, none loaded"
+    );
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v2/repository/models/mlp/load",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = call(h.inference(), "GET", "/v2/models/mlp/ready", Body::empty()).await;
+    assert_eq!(r.json(), json!({"name": "mlp", "ready": true}));
+    let r = call(h.inference(), "GET", "/v2/models/mlp", Body::empty()).await;
+    assert_eq!(
+        r.json(),
+        json!({
+            "name": "mlp", "versions": ["1.0"], "platform": "pytorch_torchscript",
+            "inputs": [{"name": "input0", "datatype": "FP32", "shape": [-1]}],
+            "outputs": [{"name": "output0", "datatype": "FP32", "shape": [-1, -1]}],
+        })
+    );
+    let r = call(
+        h.inference(),
+        "GET",
+        "/v2/models/mlp/versions/1.0",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v2/repository/index",
+        json!({"ready": true}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        r.json(),
+        json!([{"name": "mlp", "version": "1.0", "state": "READY", "reason": ""}])
+    );
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v2/repository/models/mlp/unload",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = call(h.inference(), "GET", "/v2/models/mlp", Body::empty()).await;
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].as_str().unwrap().contains("mlp"));
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v2/repository/models/nope/load",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+}
+
+fn v2_input(datatype: &str, shape: Value, data: Value) -> String {
+    json!({"id": "req-7", "inputs": [{"name": "input0", "datatype": datatype, "shape": shape, "data": data}]})
+        .to_string()
+}
+
+#[tokio::test]
+async fn v2_infer_json_and_binary() {
+    let h = harness();
+    h.register("mlp").await;
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v2/models/mlp/infer",
+        v2_input("FP32", json!([2, 2]), json!([[1.5, 2], [3, 4]])),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json(),
+        json!({"model_name": "mlp", "model_version": "1.0", "id": "req-7", "outputs": [
+            {"name": "output0", "datatype": "FP32", "shape": [2, 2], "data": [1.5, 2.0, 3.0, 4.0]}
+        ]})
+    );
+
+    // The binary extension both ways.
+    let header = json!({
+        "inputs": [{"name": "input0", "datatype": "FP32", "shape": [1, 3], "parameters": {"binary_data_size": 12}}],
+        "outputs": [{"name": "output0", "parameters": {"binary_data": true}}],
+    })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    for v in [0.25f32, -1.0, 7.5] {
+        body.extend(v.to_le_bytes());
+    }
+    let r = call_with(
+        h.inference(),
+        "POST",
+        "/v2/models/mlp/infer",
+        &[("inference-header-content-length", header.len().to_string())],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let n: usize = r.headers["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let head: Value = serde_json::from_slice(&r.body[..n]).unwrap();
+    assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 12);
+    assert_eq!(
+        &r.body[n..],
+        &body[header.len()..],
+        "bitwise the same floats"
+    );
+}
+
+#[tokio::test]
+async fn v2_bad_input_is_400_and_names_the_input() {
+    let h = harness();
+    h.register("mlp").await;
+    let cases = [
+        (
+            v2_input("FP64", json!([1, 2]), json!([1, 2])),
+            "datatype FP64",
+        ),
+        (
+            v2_input("FP32", json!([1, 3]), json!([1, 2])),
+            "holds 3 elements",
+        ),
+        (v2_input("FP32", json!([1, 2]), json!(["a", 2])), "FP32"),
+        (
+            v2_input("NOPE", json!([1, 2]), json!([1, 2])),
+            "unknown datatype",
+        ),
+        (v2_input("FP32", json!([-1, 2]), json!([1, 2])), "negative"),
+        (
+            json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})
+                .to_string(),
+            "unexpected inference input 'x'",
+        ),
+        (
+            json!({"inputs": [{"name": "input0", "datatype": "FP32", "shape": [1], "data": [1]}],
+                   "outputs": [{"name": "y"}]})
+            .to_string(),
+            "unexpected inference output 'y'",
+        ),
+        ("{not json".to_string(), "not valid"),
+    ];
+    for (body, needle) in cases {
+        let r = call(h.inference(), "POST", "/v2/models/mlp/infer", body.clone()).await;
+        assert_eq!(r.status, 400, "{body}");
+        let msg = r.json()["error"].as_str().unwrap().to_string();
+        assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+        if !needle.contains("not valid") && !needle.contains("'x'") && !needle.contains("'y'") {
+            assert!(msg.contains("input0"), "{msg:?} names the input");
+        }
+    }
+    let r = call_with(
+        h.inference(),
+        "POST",
+        "/v2/models/mlp/infer",
+        &[("inference-header-content-length", "999".into())],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v2/models/nope/infer",
+        v2_input("FP32", json!([1]), json!([1])),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn v2_bytes_inputs_reach_the_image_handler_one_by_one() {
+    let h = harness();
+    h.register("cls").await;
+    let r = call(h.inference(), "GET", "/v2/models/cls", Body::empty()).await;
+    assert_eq!(r.json()["inputs"][0]["datatype"], "BYTES");
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v2/models/cls/infer",
+        v2_input("BYTES", json!([2]), json!(["first", "second"])),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let out = &r.json()["outputs"][0];
+    assert_eq!(out["datatype"], "BYTES");
+    assert_eq!(out["shape"], json!([2]));
+    let answers: Vec<Value> = out["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| serde_json::from_str(s.as_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(
+        answers,
+        [json!({"echo": "first"}), json!({"echo": "second"})]
+    );
+
+    // Binary BYTES: each element length-prefixed.
+    let mut blob = Vec::new();
+    for item in [b"one".as_slice(), b"three"] {
+        blob.extend((item.len() as u32).to_le_bytes());
+        blob.extend_from_slice(item);
+    }
+    let header = json!({"inputs": [{"name": "input0", "datatype": "BYTES", "shape": [2],
+        "parameters": {"binary_data_size": blob.len()}}]})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(&blob);
+    let r = call_with(
+        h.inference(),
+        "POST",
+        "/v2/models/cls/infer",
+        &[("inference-header-content-length", header.len().to_string())],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["outputs"][0]["data"][1],
+        json!({"echo": "three"}).to_string()
+    );
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v2/models/cls/infer",
+        v2_input("FP32", json!([1]), json!([1])),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("BYTES"));
+}

@@ -1,0 +1,323 @@
+"""The real clients of each protocol against a running tchserve, compared with its TorchServe REST
+route. Run by tests/protocols.rs, one suite per process (tritonclient's and kserve's gRPC modules
+register the same protobuf names).
+
+    protocols.py SUITE --http HOST:PORT --grpc HOST:PORT --grpc-management HOST:PORT \
+        --image FILE --mlp-archive NAME
+
+Suites: triton (tritonclient HTTP and gRPC), kserve (the kserve package's v1 and v2 REST and v2
+gRPC clients), torchserve-grpc (stubs made by grpcio-tools from the server's .proto files).
+Models the server must hold: `mlp` (float32 [784] -> [10]) and `cls` (an image classifier).
+Exits non-zero, naming the check, at the first difference.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+ARGS = None
+CHECKS = []
+
+
+def check(cond, what):
+    if not cond:
+        print(f"FAILED: {what}", flush=True)
+        sys.exit(1)
+    CHECKS.append(what)
+
+
+def rest(path, body=None, headers=None, method=None):
+    """(status, body bytes) of a call to the HTTP inference listener."""
+    req = urllib.request.Request(
+        f"http://{ARGS.http}{path}", data=body, headers=headers or {}, method=method
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def mlp_input(rows):
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((rows, 784)).astype(np.float32)
+
+
+def mlp_reference(x):
+    """The TorchServe REST route's answer for x, as float32."""
+    status, body = rest(
+        "/predictions/mlp",
+        json.dumps(x.tolist()).encode(),
+        {"Content-Type": "application/json"},
+    )
+    check(status == 200, f"REST mlp answers ({status} {body[:200]!r})")
+    return np.array(json.loads(body), dtype=np.float32).reshape(x.shape[0], 10)
+
+
+def mlp_reference_by_row(x):
+    """The REST route's answers for each row alone, as a server answers separate requests."""
+    return np.concatenate([mlp_reference(x[i : i + 1]) for i in range(len(x))])
+
+
+def image_reference():
+    with open(ARGS.image, "rb") as f:
+        jpeg = f.read()
+    status, body = rest("/predictions/cls", jpeg, {"Content-Type": "image/jpeg"})
+    check(status == 200, f"REST cls answers ({status})")
+    return jpeg, json.loads(body)
+
+
+def same_floats(got, want, what):
+    got = np.asarray(got, dtype=np.float32)
+    check(got.shape == want.shape, f"{what}: shape {got.shape} == {want.shape}")
+    check(got.tobytes() == want.tobytes(), f"{what}: bitwise equal to the REST route")
+
+
+def still_serving(what):
+    status, _ = rest("/ping")
+    check(status == 200, f"still serving after {what}")
+
+
+def triton():
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+    from tritonclient.utils import InferenceServerException
+
+    x1, x4 = mlp_input(1), mlp_input(4)
+    want1, want4 = mlp_reference(x1), mlp_reference(x4)
+    jpeg, want_cls = image_reference()
+
+    h = thttp.InferenceServerClient(url=ARGS.http)
+    check(h.is_server_live(), "http: server live")
+    check(h.is_server_ready(), "http: server ready")
+    check(h.is_model_ready("mlp"), "http: model ready")
+    md = h.get_model_metadata("mlp")
+    check(md["platform"] == "pytorch_torchscript", "http: platform")
+    check(
+        md["inputs"] == [{"name": "input0", "datatype": "FP32", "shape": [-1, 784]}],
+        f"http: input metadata {md['inputs']}",
+    )
+    for binary in (False, True):
+        for x, want in ((x1, want1), (x4, want4)):
+            i = thttp.InferInput("input0", list(x.shape), "FP32")
+            i.set_data_from_numpy(x, binary_data=binary)
+            o = thttp.InferRequestedOutput("output0", binary_data=binary)
+            r = h.infer("mlp", [i], outputs=[o], request_id="abc")
+            same_floats(r.as_numpy("output0"), want, f"http mlp binary={binary} rows={len(x)}")
+            check(r.get_response()["id"] == "abc", "http: the id is echoed")
+    # A JPEG as a BYTES element, as Triton's image client sends it.
+    i = thttp.InferInput("input0", [1], "BYTES")
+    i.set_data_from_numpy(np.array([jpeg], dtype=np.object_), binary_data=True)
+    r = h.infer("cls", [i])
+    got = json.loads(r.as_numpy("output0")[0])
+    check(got == want_cls, f"http cls BYTES: {got} == {want_cls}")
+    # Bad input: the protocol's error, naming the input, and the server goes on.
+    i = thttp.InferInput("input0", [1, 784], "FP64")
+    i.set_data_from_numpy(x1.astype(np.float64))
+    try:
+        h.infer("mlp", [i])
+        check(False, "http: FP64 into an FP32 model is refused")
+    except InferenceServerException as e:
+        check(e.status() == "400", f"http: wrong datatype is 400 ({e.status()})")
+        check("input0" in e.message(), f"http: the error names the input: {e.message()}")
+    still_serving("a bad HTTP request")
+    index = h.get_model_repository_index()
+    check({m["name"] for m in index} >= {"mlp", "cls"}, f"http: repository index {index}")
+
+    g = tgrpc.InferenceServerClient(url=ARGS.grpc)
+    check(g.is_server_live(), "grpc: server live")
+    check(g.is_server_ready(), "grpc: server ready")
+    check(g.is_model_ready("mlp"), "grpc: model ready")
+    gmd = g.get_model_metadata("mlp", as_json=True)
+    check(gmd["inputs"][0]["datatype"] == "FP32", f"grpc: metadata {gmd}")
+    check(g.get_server_metadata(as_json=True)["name"] == "tchserve", "grpc: server metadata")
+    for x, want in ((x1, want1), (x4, want4)):
+        i = tgrpc.InferInput("input0", list(x.shape), "FP32")
+        i.set_data_from_numpy(x)
+        r = g.infer("mlp", [i], request_id="xyz")
+        same_floats(r.as_numpy("output0"), want, f"grpc mlp rows={len(x)}")
+        check(r.get_response().id == "xyz", "grpc: the id is echoed")
+    i = tgrpc.InferInput("input0", [1], "BYTES")
+    i.set_data_from_numpy(np.array([jpeg], dtype=np.object_))
+    r = g.infer("cls", [i])
+    got = json.loads(r.as_numpy("output0")[0])
+    check(got == want_cls, "grpc cls BYTES")
+    i = tgrpc.InferInput("input0", [1, 784], "INT64")
+    i.set_data_from_numpy(np.zeros((1, 784), dtype=np.int64))
+    try:
+        g.infer("mlp", [i])
+        check(False, "grpc: INT64 into an FP32 model is refused")
+    except InferenceServerException as e:
+        check(e.status() == "StatusCode.INVALID_ARGUMENT", f"grpc: INVALID_ARGUMENT ({e.status()})")
+        check("input0" in e.message(), f"grpc: the error names the input: {e.message()}")
+    try:
+        g.infer("nope", [i])
+        check(False, "grpc: an unknown model is refused")
+    except InferenceServerException as e:
+        check(e.status() == "StatusCode.NOT_FOUND", f"grpc: NOT_FOUND ({e.status()})")
+    still_serving("bad gRPC requests")
+    index = g.get_model_repository_index(as_json=True)
+    check({m["name"] for m in index["models"]} >= {"mlp", "cls"}, "grpc: repository index")
+
+
+def kserve_suite():
+    from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest
+    from kserve.inference_client import RESTConfig
+
+    x4 = mlp_input(4)
+    want4 = mlp_reference(x4)
+    want_rows = mlp_reference_by_row(x4)
+    jpeg, want_cls = image_reference()
+    base = f"http://{ARGS.http}"
+
+    async def run():
+        v1 = InferenceRESTClient(RESTConfig(protocol="v1"))
+        check(await v1.is_model_ready(base, "mlp"), "kserve v1: model ready")
+        r = await v1.infer(base, {"instances": x4.tolist()}, model_name="mlp")
+        # Each instance is a request of its own (this model's batch size is 1).
+        same_floats(r["predictions"], want_rows, "kserve v1 mlp instances")
+        import base64
+
+        r = await v1.infer(
+            base,
+            {"instances": [{"b64": base64.b64encode(jpeg).decode()}]},
+            model_name="cls",
+        )
+        check(r["predictions"] == [want_cls], "kserve v1 cls b64 instance")
+        await v1.close()
+
+        v2 = InferenceRESTClient(RESTConfig(protocol="v2"))
+        check(await v2.is_server_live(base), "kserve v2 REST: live")
+        check(await v2.is_model_ready(base, "mlp"), "kserve v2 REST: model ready")
+        i = InferInput("input0", list(x4.shape), "FP32")
+        i.set_data_from_numpy(x4, binary_data=False)
+        r = await v2.infer(base, InferRequest(model_name="mlp", infer_inputs=[i]), model_name="mlp")
+        same_floats(r.outputs[0].as_numpy(), want4, "kserve v2 REST mlp")
+        await v2.close()
+
+        g = InferenceGRPCClient(ARGS.grpc)
+        check(await g.is_server_ready(), "kserve grpc: ready")
+        i = InferInput("input0", list(x4.shape), "FP32")
+        i.set_data_from_numpy(x4, binary_data=True)
+        r = await g.infer(InferRequest(model_name="mlp", infer_inputs=[i]))
+        same_floats(r.outputs[0].as_numpy(), want4, "kserve v2 gRPC mlp")
+        i = InferInput("input0", [1, 3], "FP32")
+        i.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32), binary_data=True)
+        try:
+            await g.infer(InferRequest(model_name="mlp", infer_inputs=[i]))
+            check(False, "kserve grpc: a wrong shape is refused")
+        except Exception as e:  # the client wraps grpc's error
+            check("INVALID_ARGUMENT" in str(e) and "input0" in str(e), f"kserve grpc error: {e}")
+        await g.close()
+
+    asyncio.run(run())
+    still_serving("kserve clients")
+
+
+def torchserve_grpc():
+    import grpc
+    from grpc_tools import protoc
+
+    out = tempfile.mkdtemp()
+    proto_dir = os.path.join(os.path.dirname(__file__), "../../crates/server/proto")
+    import grpc_tools
+
+    include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
+    for f in ("torchserve_inference.proto", "torchserve_management.proto", "google/rpc/status.proto"):
+        rc = protoc.main(
+            ["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", f]
+        )
+        check(rc == 0, f"grpcio-tools compiles {f}")
+    sys.path.insert(0, out)
+    import torchserve_inference_pb2 as inf
+    import torchserve_inference_pb2_grpc as inf_grpc
+    import torchserve_management_pb2 as mgmt
+    import torchserve_management_pb2_grpc as mgmt_grpc
+    from google.protobuf import empty_pb2
+
+    x1 = mlp_input(1)
+    want1 = mlp_reference(x1)
+    jpeg, want_cls = image_reference()
+    stub = inf_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(ARGS.grpc))
+    health = json.loads(stub.Ping(empty_pb2.Empty()).health)
+    check(health == {"status": "Healthy"}, f"torchserve grpc: ping {health}")
+    r = stub.Predictions(
+        inf.PredictionsRequest(model_name="mlp", input={"data": json.dumps(x1.tolist()).encode()})
+    )
+    same_floats(np.array(json.loads(r.prediction)).reshape(1, 10), want1, "torchserve grpc mlp")
+    r = stub.Predictions(inf.PredictionsRequest(model_name="cls", input={"data": jpeg}))
+    check(json.loads(r.prediction) == want_cls, "torchserve grpc cls")
+    answers = list(stub.StreamPredictions(inf.PredictionsRequest(model_name="cls", input={"data": jpeg})))
+    check(len(answers) == 1 and json.loads(answers[0].prediction) == want_cls, "StreamPredictions")
+    reqs = [
+        inf.PredictionsRequest(model_name="cls", input={"data": jpeg}, sequenceId="s1"),
+        inf.PredictionsRequest(model_name="cls", input={"data": b"not an image"}, sequenceId="s1"),
+        inf.PredictionsRequest(model_name="cls", input={"data": jpeg}, sequenceId="s1"),
+    ]
+    answers = list(stub.StreamPredictions2(iter(reqs)))
+    check(len(answers) == 3, "StreamPredictions2 answers each request")
+    check(answers[1].status.code == 3, f"StreamPredictions2: the bad one says INVALID_ARGUMENT ({answers[1].status})")
+    check(json.loads(answers[2].prediction) == want_cls, "StreamPredictions2 goes on after a failure")
+    try:
+        stub.Predictions(inf.PredictionsRequest(model_name="nope", input={"data": b"[1]"}))
+        check(False, "torchserve grpc: an unknown model is refused")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.NOT_FOUND, f"NOT_FOUND ({e.code()})")
+        check("nope" in e.details(), f"the message names the model: {e.details()}")
+    try:
+        stub.Predictions(inf.PredictionsRequest(model_name="mlp", input={"data": b"[1, 2]"}))
+        check(False, "torchserve grpc: a wrong shape is refused")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, f"INVALID_ARGUMENT ({e.code()})")
+
+    m = mgmt_grpc.ManagementAPIsServiceStub(grpc.insecure_channel(ARGS.grpc_management))
+    listed = json.loads(m.ListModels(mgmt.ListModelsRequest()).msg)
+    check({x["modelName"] for x in listed["models"]} >= {"mlp", "cls"}, f"ListModels {listed}")
+    r = json.loads(
+        m.RegisterModel(
+            mgmt.RegisterModelRequest(url=ARGS.mlp_archive, model_name="mlp2", initial_workers=1, synchronous=True)
+        ).msg
+    )
+    check(r["status"] == 'Model "mlp2" Version: 1.0 registered with 1 initial workers', f"RegisterModel {r}")
+    d = json.loads(m.DescribeModel(mgmt.DescribeModelRequest(model_name="mlp2")).msg)
+    check(len(d[0]["workers"]) == 1, "DescribeModel")
+    r = json.loads(m.ScaleWorker(mgmt.ScaleWorkerRequest(model_name="mlp2", min_worker=2, synchronous=True)).msg)
+    check(r["status"] == "Workers scaled to 2 for model: mlp2", f"ScaleWorker {r}")
+    r = json.loads(m.SetDefault(mgmt.SetDefaultRequest(model_name="mlp2", model_version="1.0")).msg)
+    check("Default version successfully updated" in r["status"], "SetDefault")
+    r = json.loads(m.UnregisterModel(mgmt.UnregisterModelRequest(model_name="mlp2")).msg)
+    check(r["status"] == 'Model "mlp2" unregistered', "UnregisterModel")
+    try:
+        m.DescribeModel(mgmt.DescribeModelRequest(model_name="mlp2"))
+        check(False, "DescribeModel of an unregistered model fails")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.NOT_FOUND, f"NOT_FOUND after unregister ({e.code()})")
+    still_serving("TorchServe gRPC calls")
+
+
+def main():
+    global ARGS
+    p = argparse.ArgumentParser()
+    p.add_argument("suite", choices=["triton", "kserve", "torchserve-grpc"])
+    p.add_argument("--http", required=True)
+    p.add_argument("--grpc", required=True)
+    p.add_argument("--grpc-management", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--mlp-archive", required=True, help="the mlp's archive in the model store")
+    ARGS = p.parse_args()
+    # kserve parses the command line when imported: leave it nothing to misread.
+    sys.argv = sys.argv[:1]
+    {"triton": triton, "kserve": kserve_suite, "torchserve-grpc": torchserve_grpc}[ARGS.suite]()
+    print(f"ok: {len(CHECKS)} checks of {ARGS.suite}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+//! Every protocol through its real clients: tritonclient (v2 REST and gRPC), the kserve
+//! package (v1 REST, v2 REST and gRPC) and stubs that grpcio-tools makes from the server's
+//! TorchServe protos. One server holds an MLP and a pretrained image classifier; each answer
+//! must equal the TorchServe REST route's, bitwise for tensors (tests/clients/protocols.py).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+
+use common::server::{Server, archive, fixture_handler, fixtures, real_archive, vision_fixtures};
+use common::{repo_root, venv_bin};
+
+fn server() -> (Server, String) {
+    let mut s = Server::new("enable_model_api=true");
+    let mlp = archive(
+        &s.store,
+        "mlp",
+        "1.0",
+        &fixtures().join("mlp.pt"),
+        &fixture_handler("vec784.json"),
+        &[],
+    );
+    let labels = s.dir.path().join("index_to_name.json");
+    fs::copy(vision_fixtures().join("imagenet_labels.json"), &labels).unwrap();
+    let cls = real_archive(
+        &s.store,
+        "cls",
+        &vision_fixtures().join("efficientnet_lite0.pt"),
+        "image_classifier",
+        &[&labels],
+    );
+    s.start(&["--models", &format!("mlp={mlp}"), &format!("cls={cls}")]);
+    (s, mlp)
+}
+
+fn run_suite((s, mlp): (Server, String), suite: &str) {
+    let image = vision_fixtures().join("images/cat173.jpg");
+    let out = Command::new(venv_bin("python"))
+        .arg(repo_root().join("tests/clients/protocols.py"))
+        .arg(suite)
+        .args(["--http", &s.inference])
+        .args(["--grpc", &s.grpc_inference])
+        .args(["--grpc-management", &s.grpc_management])
+        .arg("--image")
+        .arg(&image)
+        .args(["--mlp-archive", &mlp])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{suite}:\n{text}\nserver log:\n{}",
+        s.log()
+    );
+    assert!(text.contains(&format!("checks of {suite}")), "{text}");
+    eprintln!("{}", text.trim());
+}
+
+#[test]
+fn tritonclient_http_and_grpc() {
+    run_suite(server(), "triton");
+}
+
+#[test]
+fn kserve_clients_v1_v2_and_grpc() {
+    run_suite(server(), "kserve");
+}
+
+#[test]
+fn torchserve_grpc_inference_and_management() {
+    run_suite(server(), "torchserve-grpc");
+}
