@@ -13,7 +13,11 @@ use common::server::{Server, archive, fixture_handler, fixtures, real_archive, v
 use common::{repo_root, venv_bin};
 
 fn server() -> (Server, String) {
-    let mut s = Server::new("enable_model_api=true");
+    server_with("enable_model_api=true")
+}
+
+fn server_with(config: &str) -> (Server, String) {
+    let mut s = Server::new(config);
     let mlp = archive(
         &s.store,
         "mlp",
@@ -36,6 +40,7 @@ fn server() -> (Server, String) {
 }
 
 fn run_suite((s, mlp): (Server, String), suite: &str) {
+    let key_file = s.home().join("key_file.json");
     let image = vision_fixtures().join("images/cat173.jpg");
     let out = Command::new(venv_bin("python"))
         .arg(repo_root().join("tests/clients/protocols.py"))
@@ -46,6 +51,8 @@ fn run_suite((s, mlp): (Server, String), suite: &str) {
         .arg("--image")
         .arg(&image)
         .args(["--mlp-archive", &mlp])
+        .arg("--key-file")
+        .arg(&key_file)
         .output()
         .unwrap();
     let text = format!(
@@ -75,4 +82,12 @@ fn kserve_clients_v1_v2_and_grpc() {
 #[test]
 fn torchserve_grpc_inference_and_management() {
     run_suite(server(), "torchserve-grpc");
+}
+
+#[test]
+fn grpc_calls_carry_their_keys_in_metadata() {
+    run_suite(
+        server_with("enable_model_api=true\ndisable_token_authorization=false"),
+        "auth",
+    );
 }

@@ -6,7 +6,8 @@ register the same protobuf names).
         --image FILE --mlp-archive NAME
 
 Suites: triton (tritonclient HTTP and gRPC), kserve (the kserve package's v1 and v2 REST and v2
-gRPC clients), torchserve-grpc (stubs made by grpcio-tools from the server's .proto files).
+gRPC clients), torchserve-grpc (stubs made by grpcio-tools from the server's .proto files), auth
+(keys in gRPC metadata, against a server with token authorization on and --key-file).
 Models the server must hold: `mlp` (float32 [784] -> [10]) and `cls` (an image classifier).
 Exits non-zero, naming the check, at the first difference.
 """
@@ -281,20 +282,22 @@ def torchserve_grpc():
     m = mgmt_grpc.ManagementAPIsServiceStub(grpc.insecure_channel(ARGS.grpc_management))
     listed = json.loads(m.ListModels(mgmt.ListModelsRequest()).msg)
     check({x["modelName"] for x in listed["models"]} >= {"mlp", "cls"}, f"ListModels {listed}")
-    r = json.loads(
-        m.RegisterModel(
-            mgmt.RegisterModelRequest(url=ARGS.mlp_archive, model_name="mlp2", initial_workers=1, synchronous=True)
-        ).msg
-    )
-    check(r["status"] == 'Model "mlp2" Version: 1.0 registered with 1 initial workers', f"RegisterModel {r}")
+    # As TorchServe answers: the status text for changes, JSON for describe and list.
+    r = m.RegisterModel(
+        mgmt.RegisterModelRequest(url=ARGS.mlp_archive, model_name="mlp2", initial_workers=1, synchronous=True)
+    ).msg
+    check(r == 'Model "mlp2" Version: 1.0 registered with 1 initial workers', f"RegisterModel {r!r}")
     d = json.loads(m.DescribeModel(mgmt.DescribeModelRequest(model_name="mlp2")).msg)
     check(len(d[0]["workers"]) == 1, "DescribeModel")
-    r = json.loads(m.ScaleWorker(mgmt.ScaleWorkerRequest(model_name="mlp2", min_worker=2, synchronous=True)).msg)
-    check(r["status"] == "Workers scaled to 2 for model: mlp2", f"ScaleWorker {r}")
-    r = json.loads(m.SetDefault(mgmt.SetDefaultRequest(model_name="mlp2", model_version="1.0")).msg)
-    check("Default version successfully updated" in r["status"], "SetDefault")
-    r = json.loads(m.UnregisterModel(mgmt.UnregisterModelRequest(model_name="mlp2")).msg)
-    check(r["status"] == 'Model "mlp2" unregistered', "UnregisterModel")
+    r = m.ScaleWorker(mgmt.ScaleWorkerRequest(model_name="mlp2", min_worker=2, synchronous=True)).msg
+    check(r == "Workers scaled to 2 for model: mlp2", f"ScaleWorker {r!r}")
+    # min_worker left unset (proto3's 0) means TorchServe's default of 1, not none.
+    r = m.ScaleWorker(mgmt.ScaleWorkerRequest(model_name="mlp2", synchronous=True)).msg
+    check(r == "Workers scaled to 1 for model: mlp2", f"ScaleWorker without min_worker {r!r}")
+    r = m.SetDefault(mgmt.SetDefaultRequest(model_name="mlp2", model_version="1.0")).msg
+    check(r == 'Default version successfully updated for model "mlp2" to "1.0"', f"SetDefault {r!r}")
+    r = m.UnregisterModel(mgmt.UnregisterModelRequest(model_name="mlp2")).msg
+    check(r == 'Model "mlp2" unregistered', f"UnregisterModel {r!r}")
     try:
         m.DescribeModel(mgmt.DescribeModelRequest(model_name="mlp2"))
         check(False, "DescribeModel of an unregistered model fails")
@@ -303,19 +306,80 @@ def torchserve_grpc():
     still_serving("TorchServe gRPC calls")
 
 
+def auth():
+    """With token authorization on: gRPC calls need the key in their metadata."""
+    import grpc
+    import tritonclient.grpc as tgrpc
+    from tritonclient.utils import InferenceServerException
+
+    keys = json.load(open(ARGS.key_file))
+    inference = {"authorization": f"Bearer {keys['inference']['key']}"}
+    management = {"authorization": f"Bearer {keys['management']['key']}"}
+    g = tgrpc.InferenceServerClient(url=ARGS.grpc)
+    check(g.is_server_live(), "v2 grpc: live needs no key (a probe)")
+    x = mlp_input(1)
+    i = tgrpc.InferInput("input0", [1, 784], "FP32")
+    i.set_data_from_numpy(x)
+    try:
+        g.infer("mlp", [i])
+        check(False, "v2 grpc: ModelInfer without a key is refused")
+    except InferenceServerException as e:
+        check(e.status() == "StatusCode.UNAUTHENTICATED", f"v2 grpc: UNAUTHENTICATED ({e.status()})")
+    r = g.infer("mlp", [i], headers=inference)
+    check(r.as_numpy("output0").shape == (1, 10), "v2 grpc: ModelInfer with the inference key")
+    try:
+        g.unload_model("mlp", headers=inference)
+        check(False, "v2 grpc: unloading with the inference key is refused")
+    except InferenceServerException as e:
+        check(e.status() == "StatusCode.UNAUTHENTICATED", f"v2 grpc unload: UNAUTHENTICATED ({e.status()})")
+
+    out = tempfile.mkdtemp()
+    proto_dir = os.path.join(os.path.dirname(__file__), "../../crates/server/proto")
+    from grpc_tools import protoc
+    import grpc_tools
+
+    include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
+    for f in ("torchserve_inference.proto", "torchserve_management.proto", "google/rpc/status.proto"):
+        protoc.main(["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", f])
+    sys.path.insert(0, out)
+    import torchserve_inference_pb2_grpc as inf_grpc
+    import torchserve_management_pb2 as mgmt
+    import torchserve_management_pb2_grpc as mgmt_grpc
+    from google.protobuf import empty_pb2
+
+    stub = inf_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(ARGS.grpc))
+    try:
+        stub.Ping(empty_pb2.Empty())
+        check(False, "torchserve grpc: Ping without a key is refused")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.PERMISSION_DENIED, f"Ping: PERMISSION_DENIED, as TorchServe ({e.code()})")
+        check("Token Authorization failed" in e.details(), f"the REST API's message: {e.details()}")
+    check("Healthy" in stub.Ping(empty_pb2.Empty(), metadata=list(inference.items())).health, "Ping with the key")
+    m = mgmt_grpc.ManagementAPIsServiceStub(grpc.insecure_channel(ARGS.grpc_management))
+    try:
+        m.ListModels(mgmt.ListModelsRequest(), metadata=list(inference.items()))
+        check(False, "ListModels with the inference key is refused")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.PERMISSION_DENIED, f"ListModels: PERMISSION_DENIED ({e.code()})")
+    listed = json.loads(m.ListModels(mgmt.ListModelsRequest(), metadata=list(management.items())).msg)
+    check(any(x["modelName"] == "mlp" for x in listed["models"]), "ListModels with the management key")
+
+
 def main():
     global ARGS
     p = argparse.ArgumentParser()
-    p.add_argument("suite", choices=["triton", "kserve", "torchserve-grpc"])
+    p.add_argument("suite", choices=["triton", "kserve", "torchserve-grpc", "auth"])
     p.add_argument("--http", required=True)
     p.add_argument("--grpc", required=True)
     p.add_argument("--grpc-management", required=True)
     p.add_argument("--image", required=True)
     p.add_argument("--mlp-archive", required=True, help="the mlp's archive in the model store")
+    p.add_argument("--key-file", help="key_file.json of a server with token authorization on")
     ARGS = p.parse_args()
     # kserve parses the command line when imported: leave it nothing to misread.
     sys.argv = sys.argv[:1]
-    {"triton": triton, "kserve": kserve_suite, "torchserve-grpc": torchserve_grpc}[ARGS.suite]()
+    suites = {"triton": triton, "kserve": kserve_suite, "torchserve-grpc": torchserve_grpc, "auth": auth}
+    suites[ARGS.suite]()
     print(f"ok: {len(CHECKS)} checks of {ARGS.suite}")
 
 

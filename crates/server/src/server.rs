@@ -296,7 +296,14 @@ fn grpc_routers(state: &AppState) -> [tonic::transport::server::Router; 2] {
     use frontends::grpc::require_key;
     use tonic::service::interceptor::InterceptedService;
     let tokens = state.tokens.clone();
-    let inference = tonic::transport::Server::builder()
+    // Large tensors travel in one message: let HTTP/2's flow-control windows grow to fit them
+    // rather than stall every 64 KiB.
+    let builder = || {
+        tonic::transport::Server::builder()
+            .http2_adaptive_window(Some(true))
+            .max_concurrent_streams(Some(256))
+    };
+    let inference = builder()
         .add_service(InterceptedService::new(
             frontends::torchserve::grpc::inference_service(state.clone()),
             require_key(tokens.clone(), Scope::Inference),
@@ -304,7 +311,7 @@ fn grpc_routers(state: &AppState) -> [tonic::transport::server::Router; 2] {
         // Health is open, as /ping is; the v2 service checks keys per call, since its
         // repository calls take the management key.
         .add_service(frontends::v2::grpc::service(state.clone()));
-    let management = tonic::transport::Server::builder().add_service(InterceptedService::new(
+    let management = builder().add_service(InterceptedService::new(
         frontends::torchserve::grpc::management_service(state.clone()),
         require_key(tokens, Scope::Management),
     ));

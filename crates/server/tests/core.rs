@@ -19,6 +19,7 @@ use tchserve_backend::{
 use tchserve_mar::handler::DType;
 use tchserve_server::Config;
 use tchserve_server::core::{Infer, Registry};
+use tchserve_server::frontends::v2::tensor::{self, Datatype};
 use tchserve_server::frontends::{self, AppState};
 use tchserve_server::metrics::Metrics;
 use tower::ServiceExt as _;
@@ -127,6 +128,16 @@ impl Workers for FakeWorkers {
     }
 }
 
+/// A directory archive named `name` in `store` whose handler is a manifest inside it.
+fn archive_with_manifest(store: &Path, name: &str, manifest: &Value) {
+    archive(store, name, "handler.json", "1.0");
+    std::fs::write(
+        store.join(name).join("handler.json"),
+        serde_json::to_vec(manifest).unwrap(),
+    )
+    .unwrap();
+}
+
 /// A directory archive named `name` in `store` with `handler`.
 fn archive(store: &Path, name: &str, handler: &str, version: &str) {
     let dir = store.join(name);
@@ -153,6 +164,10 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with(None)
+}
+
+fn harness_with(tokens: Option<Arc<tchserve_server::auth::Tokens>>) -> Harness {
     let store = tempfile::tempdir().unwrap();
     archive(store.path(), "mlp", "tensor", "1.0");
     archive(store.path(), "cls", "image_classifier", "1.0");
@@ -177,7 +192,7 @@ fn harness() -> Harness {
         metrics,
         config,
         snapshots: None,
-        tokens: None,
+        tokens,
     };
     Harness {
         state,
@@ -413,6 +428,26 @@ async fn v2_health_metadata_and_repository() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let r = call(h.inference(), "GET", "/v2/models/mlp/ready", Body::empty()).await;
     assert_eq!(r.json(), json!({"name": "mlp", "ready": true}));
+    let r = call(h.inference(), "PUT", "/v2/models/mlp/ready", Body::empty()).await;
+    assert_eq!(r.status, 405);
+    assert!(
+        r.json()["error"].is_string(),
+        "a wrong method in the protocol's shape"
+    );
+    let r = call(h.inference(), "POST", "/v2/repository/index", Body::empty()).await;
+    let mlp: Vec<Value> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == "mlp")
+        .cloned()
+        .collect();
+    assert_eq!(
+        mlp,
+        [json!({"name": "mlp", "version": "1.0", "state": "READY", "reason": ""})],
+        "a loaded archive is listed once, as loaded"
+    );
     let r = call(h.inference(), "GET", "/v2/models/mlp", Body::empty()).await;
     assert_eq!(
         r.json(),
@@ -550,13 +585,31 @@ async fn v2_bad_input_is_400_and_names_the_input() {
             "unexpected inference output 'y'",
         ),
         ("{not json".to_string(), "not valid"),
+        (
+            json!({"inputs": [{"name": "input0", "datatype": "FP32", "shape": [1], "data": [1]}],
+                   "outputs": [{"name": "output0"}, {"name": "output0"}]})
+            .to_string(),
+            "requested 2 times",
+        ),
+        (
+            json!({"inputs": [{"name": "input0", "datatype": "FP32", "shape": [1], "data": [1]}],
+                   "outputs": [{"name": "output0", "parameters": {"classification": 3}}]})
+            .to_string(),
+            "classification",
+        ),
+        // A shape that claims billions of elements is refused without reserving room for them.
+        (
+            v2_input("FP32", json!([4000000000u64]), json!([1])),
+            "holds 4000000000 elements",
+        ),
     ];
     for (body, needle) in cases {
         let r = call(h.inference(), "POST", "/v2/models/mlp/infer", body.clone()).await;
         assert_eq!(r.status, 400, "{body}");
         let msg = r.json()["error"].as_str().unwrap().to_string();
         assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
-        if !needle.contains("not valid") && !needle.contains("'x'") && !needle.contains("'y'") {
+        let about_the_request = ["not valid", "'x'", "'y'", "times", "classification"];
+        if !about_the_request.iter().any(|n| needle.contains(n)) {
             assert!(msg.contains("input0"), "{msg:?} names the input");
         }
     }
@@ -640,4 +693,215 @@ async fn v2_bytes_inputs_reach_the_image_handler_one_by_one() {
     .await;
     assert_eq!(r.status, 400);
     assert!(r.json()["error"].as_str().unwrap().contains("BYTES"));
+}
+
+#[tokio::test]
+async fn v2_every_tensor_datatype_through_json_and_binary() {
+    let h = harness();
+    let store = h.state.config.model_store.clone().unwrap();
+    // (manifest dtype, protocol datatype, two values it holds exactly)
+    let cases = [
+        ("bool", "BOOL", json!([true, false])),
+        ("uint8", "UINT8", json!([0, 255])),
+        ("int8", "INT8", json!([-128, 127])),
+        ("int16", "INT16", json!([-32768, 32767])),
+        ("int32", "INT32", json!([-7, 2147483647])),
+        ("int64", "INT64", json!([-9007199254740993i64, 5])),
+        ("float16", "FP16", json!([1.5, -0.25])),
+        ("bfloat16", "BF16", json!([1.5, -0.25])),
+        ("float32", "FP32", json!([0.1, -3.5])),
+        ("float64", "FP64", json!([0.1, -1e300])),
+    ];
+    for (dtype, datatype, values) in cases {
+        let name = format!("t_{dtype}");
+        archive_with_manifest(
+            &store,
+            &name,
+            &json!({"schema": 1, "name": name, "input": {"tensor": {"dtype": dtype, "shape": [2]}},
+                    "model": {"feed": "stacked"}, "output": {"tensor": {}}}),
+        );
+        let r = h.register(&name).await;
+        assert_eq!(r.status, 200, "{dtype}: {}", r.json());
+        let md = call(
+            h.inference(),
+            "GET",
+            &format!("/v2/models/{name}"),
+            Body::empty(),
+        )
+        .await;
+        assert_eq!(
+            md.json()["inputs"][0],
+            json!({"name": "input0", "datatype": datatype, "shape": [-1, 2]})
+        );
+        let path = format!("/v2/models/{name}/infer");
+        // Nested JSON in, JSON out.
+        let r = call(
+            h.inference(),
+            "POST",
+            &path,
+            v2_input(datatype, json!([1, 2]), json!([values.clone()])),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            200,
+            "{dtype}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let out = &r.json()["outputs"][0];
+        assert_eq!(out["datatype"], datatype, "{dtype}");
+        assert_eq!(out["shape"], json!([1, 2]), "{dtype}");
+        assert_eq!(out["data"], values, "{dtype}: the values come back");
+        // Flat data and the binary extension both ways: the same bytes come back.
+        let flat: Vec<&Value> = values.as_array().unwrap().iter().collect();
+        let bytes = tensor::encode_json(Datatype::parse(datatype).unwrap(), &flat).unwrap();
+        let header = json!({
+            "inputs": [{"name": "input0", "datatype": datatype, "shape": [1, 2],
+                        "parameters": {"binary_data_size": bytes.len()}}],
+            "parameters": {"binary_data_output": true},
+        })
+        .to_string();
+        let mut body = header.clone().into_bytes();
+        body.extend(&bytes);
+        let r = call_with(
+            h.inference(),
+            "POST",
+            &path,
+            &[("inference-header-content-length", header.len().to_string())],
+            body,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{dtype}");
+        let n: usize = r.headers["inference-header-content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(&r.body[n..], &bytes[..], "{dtype}: bitwise the same");
+        if datatype == "BOOL" {
+            let mut body = header.clone().into_bytes();
+            body.extend([2u8, 0]);
+            let r = call_with(
+                h.inference(),
+                "POST",
+                &path,
+                &[("inference-header-content-length", header.len().to_string())],
+                body,
+            )
+            .await;
+            assert_eq!(r.status, 400, "a BOOL byte of 2");
+        }
+        // Another datatype is refused, naming the input and both datatypes.
+        let other = if datatype == "INT64" {
+            "INT32"
+        } else {
+            "INT64"
+        };
+        let r = call(
+            h.inference(),
+            "POST",
+            &path,
+            v2_input(other, json!([1, 2]), json!([1, 0])),
+        )
+        .await;
+        assert_eq!(r.status, 400);
+        let msg = r.json()["error"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains("input0") && msg.contains(other) && msg.contains(datatype),
+            "{msg}"
+        );
+    }
+    // Unsigned datatypes no model takes are parsed and refused as a mismatch, not as unknown.
+    for datatype in ["UINT16", "UINT32", "UINT64"] {
+        let r = call(
+            h.inference(),
+            "POST",
+            "/v2/models/t_int64/infer",
+            v2_input(datatype, json!([1, 2]), json!([1, 2])),
+        )
+        .await;
+        assert_eq!(r.status, 400);
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains("does not match")
+        );
+    }
+}
+
+#[tokio::test]
+async fn keys_guard_the_kserve_routes_in_their_own_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = Arc::new(
+        tchserve_server::auth::Tokens::create(
+            dir.path().join("key_file.json"),
+            Duration::from_secs(600),
+        )
+        .unwrap(),
+    );
+    let keys: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("key_file.json")).unwrap()).unwrap();
+    let bearer = |scope: &str| format!("Bearer {}", keys[scope]["key"].as_str().unwrap());
+    let h = harness_with(Some(tokens));
+    let r = call_with(
+        h.management(),
+        "POST",
+        "/models?url=mlp&initial_workers=1",
+        &[("authorization", bearer("management"))],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let body = v2_input("FP32", json!([1, 2]), json!([[1, 2]]));
+    for (uri, method) in [
+        ("/v2/models/mlp/infer", "POST"),
+        ("/v2/models/mlp", "GET"),
+        ("/v1/models/mlp", "GET"),
+        ("/v2/repository/index", "POST"),
+    ] {
+        let r = call(h.inference(), method, uri, body.clone()).await;
+        assert_eq!(r.status, 400, "{uri} without a key");
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains("Token Authorization failed"),
+            "{uri}: {}",
+            r.json()
+        );
+    }
+    let r = call_with(
+        h.inference(),
+        "POST",
+        "/v2/models/mlp/infer",
+        &[("authorization", bearer("inference"))],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "with the inference key");
+    // Loading and unloading register and unregister: the inference key is not enough.
+    let r = call_with(
+        h.inference(),
+        "POST",
+        "/v2/repository/models/mlp/unload",
+        &[("authorization", bearer("inference"))],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = call_with(
+        h.inference(),
+        "POST",
+        "/v2/repository/models/mlp/unload",
+        &[("authorization", bearer("management"))],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // Probes need no key.
+    for uri in ["/v2/health/live", "/v2", "/ping"] {
+        let r = call(h.inference(), "GET", uri, Body::empty()).await;
+        assert_eq!(r.status, 200, "{uri}");
+    }
 }

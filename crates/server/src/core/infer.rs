@@ -69,11 +69,6 @@ impl Infer {
         }
     }
 
-    /// The registry.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
     /// True when every model's default version has its minimum workers ready.
     pub fn server_ready(&self) -> bool {
         self.registry.snapshot_entries().values().all(|entry| {

@@ -201,11 +201,6 @@ impl Registry {
         Ok(vec![self.get(name, version)?])
     }
 
-    /// Whether `name` is registered with version `v`, and whether `v` is its default.
-    pub fn is_default(&self, name: &str, version: &str) -> bool {
-        self.read().get(name).is_some_and(|e| e.default == version)
-    }
-
     /// Registers a model version. Blocking: loads the archive and, if synchronous, waits for
     /// the workers; call it off the async threads.
     pub fn register(&self, p: &RegisterParams) -> Result<Registered, ApiError> {

@@ -2,8 +2,10 @@
 //!
 //! The sources, first match wins: the registration's parameters (the management API's, or a
 //! snapshot's), the archive's `model-config.yaml`, the `models` key of `config.properties`, then
-//! `config.properties`' defaults. Whichever source wins is held to the documented bound of the
-//! setting, and an error names the source. The resolution is pure: no archive, backend or clock.
+//! `config.properties`' defaults. One exception, as in TorchServe: a valid `minWorkers` and
+//! `maxWorkers` pair in `model-config.yaml` beats the request's worker count. Whichever source
+//! wins is held to the documented bound of the setting, and an error names the source. The
+//! resolution is pure: no archive, backend or clock.
 
 use std::time::Duration;
 

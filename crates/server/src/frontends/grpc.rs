@@ -7,8 +7,14 @@ use tokio::sync::watch;
 use tonic::{Code, Status};
 
 use crate::auth::{Scope, Tokens};
-use crate::core::ApiError;
+use crate::core::{ApiError, GrpcCode};
 use crate::frontends::proto::google::rpc;
+
+/// The largest gRPC message the inference services read: a request of `max_request_size` bytes
+/// of data, and room for its framing.
+pub fn message_limit(st: &crate::frontends::AppState) -> usize {
+    st.config.max_request_size.saturating_add(64 * 1024)
+}
 
 /// The error as a gRPC status: the core's code and the REST API's message.
 pub fn status_of(e: &ApiError) -> Status {
@@ -39,15 +45,20 @@ pub fn check_key(
     Ok(())
 }
 
-/// An interceptor that lets a call through only with the key of `scope` in its
-/// `authorization` metadata (`Bearer <key>`, as TorchServe's clients send it), when token
-/// authorization is on.
+/// An interceptor for TorchServe's services: it lets a call through only with the key of
+/// `scope` in its `authorization` metadata (`Bearer <key>`), when token authorization is on, and
+/// refuses as TorchServe does, with `PERMISSION_DENIED`.
 pub fn require_key(
     tokens: Option<Arc<Tokens>>,
     scope: Scope,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Clone {
     move |req: tonic::Request<()>| {
-        check_key(tokens.as_deref(), scope, req.metadata())?;
+        check_key(tokens.as_deref(), scope, req.metadata()).map_err(|refused| {
+            Status::new(
+                Code::from_i32(GrpcCode::PermissionDenied as i32),
+                refused.message(),
+            )
+        })?;
         Ok(req)
     }
 }

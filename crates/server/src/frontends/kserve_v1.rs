@@ -17,34 +17,8 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tchserve_backend::job::{Part, Payload, Prediction};
 
-use super::{AppState, infer_all};
+use super::{AppState, KServeError, infer_all};
 use crate::core::ApiError;
-
-/// KServe v1's error body, `{"error": "..."}`, with the core's status.
-#[derive(Debug)]
-pub struct V1Error(pub ApiError);
-
-impl From<ApiError> for V1Error {
-    fn from(e: ApiError) -> Self {
-        V1Error(e)
-    }
-}
-
-impl IntoResponse for V1Error {
-    fn into_response(self) -> Response {
-        error_response(&self.0)
-    }
-}
-
-/// `{"error": message}` with the error's status.
-pub fn error_response(e: &ApiError) -> Response {
-    (
-        e.status(),
-        [("content-type", "application/json")],
-        json!({"error": e.message()}).to_string(),
-    )
-        .into_response()
-}
 
 /// KServe v1's routes (behind the inference key).
 pub fn routes() -> Router<AppState> {
@@ -83,16 +57,22 @@ async fn dispatch(st: AppState, spec: String, version: Option<String>, req: Requ
     let result = match (req.method().clone(), verb) {
         (Method::GET, None) => ready(&st, name, version.as_deref()),
         (Method::POST, Some("predict")) => predict(&st, name, version.as_deref(), req).await,
-        (_, Some("explain")) => Err(ApiError::method_not_allowed().into()),
+        // `:explain` included: tchserve has no explainers.
         _ => Err(ApiError::method_not_allowed().into()),
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn ready(st: &AppState, name: &str, version: Option<&str>) -> Result<Response, V1Error> {
+fn ready(st: &AppState, name: &str, version: Option<&str>) -> Result<Response, KServeError> {
     let ready = st.infer.model_ready(name, version)?;
+    // KServe answers a model that is not ready with 503, which readiness probes read.
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     Ok((
-        StatusCode::OK,
+        status,
         [("content-type", "application/json")],
         json!({"name": name, "ready": ready}).to_string(),
     )
@@ -104,7 +84,7 @@ async fn predict(
     name: &str,
     version: Option<&str>,
     req: Request,
-) -> Result<Response, V1Error> {
+) -> Result<Response, KServeError> {
     st.registry.get(name, version)?;
     let body = axum::body::to_bytes(req.into_body(), st.config.max_request_size)
         .await

@@ -52,7 +52,8 @@ impl AppState {
 }
 
 /// Answers several requests to one model at once: each is its own job, so the model's batcher
-/// batches them like any others. The first failure fails them all.
+/// batches them like any others. The first failure fails them all, and the others are dropped
+/// (their jobs are then skipped by the workers), as they are when the client goes away.
 pub async fn infer_all(
     infer: &Infer,
     name: &str,
@@ -63,19 +64,20 @@ pub async fn infer_all(
         let p = payloads.pop().unwrap_or_default();
         return Ok(vec![infer.infer(name, version, p).await?]);
     }
-    let handles: Vec<_> = payloads
-        .into_iter()
-        .map(|p| {
-            let infer = infer.clone();
-            let (name, version) = (name.to_owned(), version.map(str::to_owned));
-            tokio::spawn(async move { infer.infer(&name, version.as_deref(), p).await })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.map_err(|e| ApiError::internal(e.to_string()))??);
+    let n = payloads.len();
+    // Dropping the set aborts its tasks, which drops their reply channels.
+    let mut set = tokio::task::JoinSet::new();
+    for (i, p) in payloads.into_iter().enumerate() {
+        let infer = infer.clone();
+        let (name, version) = (name.to_owned(), version.map(str::to_owned));
+        set.spawn(async move { (i, infer.infer(&name, version.as_deref(), p).await) });
     }
-    Ok(out)
+    let mut out: Vec<Option<Prediction>> = vec![None; n];
+    while let Some(joined) = set.join_next().await {
+        let (i, answer) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
+        out[i] = Some(answer?);
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
 /// The inference listener: TorchServe's routes, KServe v1 and the Open Inference Protocol v2,
@@ -85,7 +87,7 @@ pub fn inference_router(state: AppState) -> axum::Router {
         .merge(v2::rest::keyed_routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            inference_key,
+            inference_key_kserve,
         ));
     torchserve::inference::routes(&state)
         .merge(keyed)
@@ -197,6 +199,33 @@ async fn require_key(st: &AppState, scope: Scope, req: Request, next: Next) -> R
     next.run(req).await
 }
 
+/// As [`inference_key`], refusing in the KServe protocols' shape, `{"error": "..."}`.
+pub async fn inference_key_kserve(
+    State(st): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    require_key_kserve(&st, Scope::Inference, req, next).await
+}
+
+/// As [`management_key`], refusing in the KServe protocols' shape.
+pub async fn management_key_kserve(
+    State(st): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    require_key_kserve(&st, Scope::Management, req, next).await
+}
+
+async fn require_key_kserve(st: &AppState, scope: Scope, req: Request, next: Next) -> Response {
+    if let Some(tokens) = &st.tokens
+        && !tokens.allows(scope, authorization(req.headers()))
+    {
+        return kserve_error_response(&ApiError::invalid_key());
+    }
+    next.run(req).await
+}
+
 /// The `Authorization` header's value, when it is text.
 pub fn authorization(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers
@@ -217,6 +246,33 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response 
         status,
         [("content-type", "application/json")],
         pretty_json(value),
+    )
+        .into_response()
+}
+
+/// An error in the KServe protocols' shape (v1 and v2), `{"error": "..."}`, with the core's
+/// status.
+#[derive(Debug)]
+pub struct KServeError(pub ApiError);
+
+impl From<ApiError> for KServeError {
+    fn from(e: ApiError) -> Self {
+        KServeError(e)
+    }
+}
+
+impl IntoResponse for KServeError {
+    fn into_response(self) -> Response {
+        kserve_error_response(&self.0)
+    }
+}
+
+/// `{"error": message}` with the error's status.
+pub fn kserve_error_response(e: &ApiError) -> Response {
+    (
+        e.status(),
+        [("content-type", "application/json")],
+        json!({"error": e.message()}).to_string(),
     )
         .into_response()
 }

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::management as ops;
 use crate::core::ApiError;
-use crate::frontends::grpc::{rpc_status, status_of};
+use crate::frontends::grpc::{message_limit, rpc_status, status_of};
 use crate::frontends::proto::org::pytorch::serve::grpc as proto;
 use crate::frontends::{AppState, pretty_json};
 
@@ -37,8 +37,10 @@ pub struct Management(pub AppState);
 
 /// The inference service, ready to serve.
 pub fn inference_service(st: AppState) -> InferenceApIsServiceServer<Inference> {
+    let limit = message_limit(&st);
     InferenceApIsServiceServer::new(Inference(st))
-        .max_decoding_message_size(usize::MAX)
+        // A message's size is checked before it is read into memory.
+        .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX)
 }
 
@@ -53,10 +55,6 @@ fn empty_to_none(s: &str) -> Option<&str> {
 
 impl Inference {
     async fn predict(&self, req: PredictionsRequest) -> Result<Vec<u8>, ApiError> {
-        let size: usize = req.input.values().map(Vec::len).sum();
-        if size > self.0.config.max_request_size {
-            return Err(ApiError::too_large(self.0.config.max_request_size));
-        }
         // The REST API's fields by name, in a stable order.
         let mut parts: Vec<Part> = req
             .input
@@ -142,7 +140,7 @@ impl InferenceApIsService for Inference {
         let this = self.clone();
         // Each request is answered in order; a failed one answers with its status and the
         // stream goes on.
-        let answers = async_stream_map(move |tx| async move {
+        let answers = stream_from_task(move |tx| async move {
             while let Some(next) = incoming.next().await {
                 let req = match next {
                     Ok(r) => r,
@@ -173,8 +171,8 @@ impl InferenceApIsService for Inference {
     }
 }
 
-/// A stream fed by a task that sends into a channel.
-fn async_stream_map<F, Fut>(body: F) -> ResponseStream
+/// A stream of what `body`, run as a task of its own, sends into its channel.
+fn stream_from_task<F, Fut>(body: F) -> ResponseStream
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Result<PredictionResponse, Status>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -184,10 +182,15 @@ where
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// A management answer as TorchServe's gRPC API gives it: the status text itself for the calls
+/// that change something, the JSON document for describe and list.
 fn msg(o: ops::Outcome) -> Result<Response<ManagementResponse>, Status> {
     match o {
         Ok((_, body)) => Ok(Response::new(ManagementResponse {
-            msg: pretty_json(&body),
+            msg: match body.get("status").and_then(|s| s.as_str()) {
+                Some(status) => status.to_string(),
+                None => pretty_json(&body),
+            },
         })),
         Err(e) => Err(status_of(&e)),
     }
@@ -274,7 +277,8 @@ impl ManagementApIsService for Management {
     ) -> Result<Response<ManagementResponse>, Status> {
         let r = req.into_inner();
         let mut q = HashMap::new();
-        put(&mut q, "min_worker", r.min_worker, true);
+        // 0 is proto3's unset: TorchServe's default of 1, not a scale to nothing.
+        put(&mut q, "min_worker", r.min_worker, r.min_worker > 0);
         put(&mut q, "max_worker", r.max_worker, r.max_worker > 0);
         q.insert("synchronous".into(), r.synchronous.to_string());
         let version = empty_to_none(&r.model_version).map(str::to_owned);

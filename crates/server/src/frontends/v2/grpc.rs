@@ -11,7 +11,6 @@ use crate::core::{ApiError, ModelMetadata, TensorMeta};
 use crate::frontends::AppState;
 use crate::frontends::grpc::{check_key, status_of};
 use crate::frontends::proto::inference as pb;
-use crate::frontends::v2::rest::datatype_name;
 use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
 
 /// The service.
@@ -20,8 +19,10 @@ pub struct V2(pub AppState);
 
 /// The service, ready to serve.
 pub fn service(st: AppState) -> GrpcInferenceServiceServer<V2> {
+    let st_limit = crate::frontends::grpc::message_limit(&st);
     GrpcInferenceServiceServer::new(V2(st))
-        .max_decoding_message_size(usize::MAX)
+        // A message's size is checked before it is read into memory.
+        .max_decoding_message_size(st_limit)
         .max_encoding_message_size(usize::MAX)
 }
 
@@ -34,10 +35,11 @@ fn err(e: ApiError) -> Status {
 }
 
 fn tensor_md(t: &TensorMeta) -> pb::model_metadata_response::TensorMetadata {
+    let (name, datatype, shape) = super::tensor_metadata(t);
     pb::model_metadata_response::TensorMetadata {
-        name: t.name.clone(),
-        datatype: datatype_name(t.datatype).into(),
-        shape: t.shape.clone(),
+        name,
+        datatype: datatype.into(),
+        shape,
     }
 }
 
@@ -163,6 +165,14 @@ impl V2 {
                 req.inputs.len()
             )));
         }
+        if !req.raw_input_contents.is_empty()
+            && let Some(i) = req.inputs.iter().find(|i| i.contents.is_some())
+        {
+            return Err(ApiError::bad_request(format!(
+                "input '{}': contents and raw_input_contents are both set; send one",
+                i.name
+            )));
+        }
         let mut raw = req.raw_input_contents.into_iter();
         let mut inputs = Vec::with_capacity(req.inputs.len());
         for input in req.inputs {
@@ -183,6 +193,17 @@ impl V2 {
                 data: InputData::Binary(data),
             });
         }
+        if let Some(o) = req
+            .outputs
+            .iter()
+            .find(|o| o.parameters.contains_key("classification"))
+        {
+            return Err(ApiError::bad_request(format!(
+                "output '{}': the classification extension is not supported; the image \
+                 handlers answer with labels already",
+                o.name
+            )));
+        }
         let outputs = (!req.outputs.is_empty()).then(|| {
             req.outputs
                 .into_iter()
@@ -192,7 +213,7 @@ impl V2 {
                 })
                 .collect()
         });
-        let done = run_infer(&st.infer, &meta, v, inputs, outputs, true).await?;
+        let done = run_infer(&st.infer, &meta, inputs, outputs, true).await?;
         let mut response = pb::ModelInferResponse {
             model_name: meta.name.clone(),
             model_version: meta.version.clone(),
@@ -285,12 +306,10 @@ impl GrpcInferenceService for V2 {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         check_key(self.0.tokens.as_deref(), Scope::Inference, req.metadata())?;
-        let r = req.into_inner();
-        let size: usize = r.raw_input_contents.iter().map(Vec::len).sum();
-        if size > self.0.config.max_request_size {
-            return Err(err(ApiError::too_large(self.0.config.max_request_size)));
-        }
-        self.infer(r).await.map(Response::new).map_err(err)
+        self.infer(req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(err)
     }
 
     async fn repository_index(
@@ -299,23 +318,15 @@ impl GrpcInferenceService for V2 {
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
         check_key(self.0.tokens.as_deref(), Scope::Management, req.metadata())?;
         let ready_only = req.into_inner().ready;
-        let st = &self.0;
-        let entries = st.registry.snapshot_entries();
-        let mut models = Vec::new();
-        for (name, entry) in &entries {
-            for (v, m) in &entry.versions {
-                let ready = m.pool.ready_count() > 0;
-                if ready_only && !ready {
-                    continue;
-                }
-                models.push(pb::repository_index_response::ModelIndex {
-                    name: name.clone(),
-                    version: v.clone(),
-                    state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
-                    reason: if ready { "" } else { "no worker is ready" }.into(),
-                });
-            }
-        }
+        let models = super::repository_index(&self.0, ready_only)
+            .into_iter()
+            .map(|e| pb::repository_index_response::ModelIndex {
+                name: e.name,
+                version: e.version,
+                state: e.state.into(),
+                reason: e.reason.into(),
+            })
+            .collect();
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }
 

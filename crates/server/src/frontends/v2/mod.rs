@@ -75,7 +75,7 @@ pub struct InferOutput {
 
 /// A finished inference.
 #[derive(Debug, Clone)]
-pub struct Infered {
+pub struct Inferred {
     /// The outputs, in the order asked for.
     pub outputs: Vec<InferOutput>,
 }
@@ -88,6 +88,15 @@ fn shape_text(shape: &[i64]) -> String {
     format!("{shape:?}")
 }
 
+/// The protocol's description of a model input or output.
+pub fn tensor_metadata(t: &crate::core::TensorMeta) -> (String, &'static str, Vec<i64>) {
+    (
+        t.name.clone(),
+        tensor::datatype_name(t.datatype),
+        t.shape.clone(),
+    )
+}
+
 /// The manifest's spelling of a dtype, as the tensor handler reads it.
 fn manifest_dtype(d: tchserve_mar::handler::DType) -> String {
     serde_json::to_value(d)
@@ -96,16 +105,18 @@ fn manifest_dtype(d: tchserve_mar::handler::DType) -> String {
         .unwrap_or_default()
 }
 
-/// Checks `inputs` against the model, runs it, and returns the outputs asked for.
+/// Checks `inputs` against the model version `meta` describes, runs that version, and returns
+/// the outputs asked for.
 pub async fn run_infer(
     infer: &Infer,
     meta: &ModelMetadata,
-    version: Option<&str>,
     mut inputs: Vec<InferInput>,
     outputs: Option<Vec<RequestedOutput>>,
     binary_default: bool,
-) -> Result<Infered, ApiError> {
+) -> Result<Inferred, ApiError> {
     let model = &meta.name;
+    // The version the metadata describes, even if the default changes meanwhile.
+    let version = Some(meta.version.as_str());
     let want_name = &meta.input.name;
     if inputs.len() != 1 {
         return Err(bad(format!(
@@ -121,19 +132,27 @@ pub async fn run_infer(
         )));
     }
     let requested = match outputs {
-        Some(list) if !list.is_empty() => {
+        Some(mut list) if !list.is_empty() => {
             if let Some(o) = list.iter().find(|o| o.name != meta.output.name) {
                 return Err(bad(format!(
                     "unexpected inference output '{}' for model '{model}': its output is '{}'",
                     o.name, meta.output.name
                 )));
             }
-            list
+            // The model has one output: naming it twice would only multiply the answer.
+            if list.len() > 1 {
+                return Err(bad(format!(
+                    "output '{}' is requested {} times",
+                    meta.output.name,
+                    list.len()
+                )));
+            }
+            list.remove(0)
         }
-        _ => vec![RequestedOutput {
+        _ => RequestedOutput {
             name: meta.output.name.clone(),
             binary: binary_default,
-        }],
+        },
     };
     if input.shape.iter().any(|d| *d < 0) {
         return Err(bad(format!(
@@ -179,7 +198,8 @@ pub async fn run_infer(
             let size = expected.size().unwrap_or(1);
             let bytes: Bytes = match input.data {
                 InputData::Json(data) => {
-                    let mut flat = Vec::with_capacity(count);
+                    // Sized by what arrived, never by the shape a client claims.
+                    let mut flat = Vec::new();
                     tensor::flatten(&data, &mut flat);
                     if flat.len() != count {
                         return Err(bad(format!(
@@ -200,6 +220,11 @@ pub async fn run_infer(
                             count * size,
                             expected.name(),
                             b.len()
+                        )));
+                    }
+                    if expected == Datatype::Bool && b.iter().any(|v| *v > 1) {
+                        return Err(bad(format!(
+                            "input '{name}': a BOOL element is a byte of 0 or 1"
                         )));
                     }
                     b
@@ -240,7 +265,7 @@ pub async fn run_infer(
                     flat.into_iter()
                         .enumerate()
                         .map(|(i, v)| match v {
-                            Value::String(s) => Ok(Bytes::from(s.into_bytes())),
+                            Value::String(s) => Ok(Bytes::from(s.clone().into_bytes())),
                             other => Err(bad(format!(
                                 "input '{name}': element {i} ({other}) is not a string"
                             ))),
@@ -287,17 +312,14 @@ pub async fn run_infer(
         }
     };
     let (datatype, shape, data) = output;
-    Ok(Infered {
-        outputs: requested
-            .into_iter()
-            .map(|o| InferOutput {
-                name: o.name,
-                datatype,
-                shape: shape.clone(),
-                data: data.clone(),
-                binary: o.binary,
-            })
-            .collect(),
+    Ok(Inferred {
+        outputs: vec![InferOutput {
+            name: requested.name,
+            datatype,
+            shape,
+            data,
+            binary: requested.binary,
+        }],
     })
 }
 
@@ -341,9 +363,15 @@ pub async fn load(st: &AppState, model: &str) -> Result<(), ApiError> {
         ..RegisterParams::default()
     };
     let registry = Arc::clone(&st.registry);
-    tokio::task::spawn_blocking(move || registry.register(&p))
+    let loaded = tokio::task::spawn_blocking(move || registry.register(&p))
         .await
-        .map_err(|e| ApiError::internal(format!("loading failed: {e}")))??;
+        .map_err(|e| ApiError::internal(format!("loading failed: {e}")))?;
+    match loaded {
+        Ok(_) => {}
+        // Another load of the same model won the race: loaded is loaded.
+        Err(ApiError::Conflict(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    }
     st.save_snapshot().await;
     tracing::info!(model = %model, "model loaded through the repository API");
     Ok(())
@@ -365,4 +393,69 @@ pub async fn unload(st: &AppState, model: &str) -> Result<(), ApiError> {
     .await;
     tracing::info!(model = %model, "model unloaded through the repository API");
     Ok(())
+}
+
+/// One entry of the repository index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Model name.
+    pub name: String,
+    /// Version; empty for an archive not loaded.
+    pub version: String,
+    /// `READY` or `UNAVAILABLE`.
+    pub state: &'static str,
+    /// Why it is not ready.
+    pub reason: &'static str,
+}
+
+/// The repository index: every registered version, then (unless `ready_only`) the store's
+/// archives that are not registered, by name.
+pub fn repository_index(st: &AppState, ready_only: bool) -> Vec<IndexEntry> {
+    let entries = st.registry.snapshot_entries();
+    let mut out = Vec::new();
+    for (name, entry) in &entries {
+        for (version, m) in &entry.versions {
+            let ready = m.pool.ready_count() > 0;
+            if ready_only && !ready {
+                continue;
+            }
+            out.push(IndexEntry {
+                name: name.clone(),
+                version: version.clone(),
+                state: if ready { "READY" } else { "UNAVAILABLE" },
+                reason: if ready { "" } else { "no worker is ready" },
+            });
+        }
+    }
+    if ready_only {
+        return out;
+    }
+    let Some(store) = st.registry.store() else {
+        return out;
+    };
+    // An archive registered under another name (its manifest's) is not offered again.
+    let registered: std::collections::HashSet<&str> = entries
+        .values()
+        .flat_map(|e| e.versions.values())
+        .map(|m| m.url.as_str())
+        .collect();
+    let mut names: Vec<String> = store
+        .all()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|file| !registered.contains(file.as_str()))
+        .map(|file| archive_stem(&file).to_string())
+        .filter(|n| !entries.contains_key(n))
+        .collect();
+    names.sort();
+    names.dedup();
+    out.extend(names.into_iter().map(|name| IndexEntry {
+        name,
+        version: String::new(),
+        state: "UNAVAILABLE",
+        reason: "unloaded",
+    }));
+    out
 }

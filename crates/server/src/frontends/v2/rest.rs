@@ -11,28 +11,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::tensor::{self, Datatype};
-use super::{InferInput, InferOutput, Infered, OutputData, RequestedOutput, run_infer};
-use crate::core::{ApiError, DataType, ModelMetadata, TensorMeta};
-use crate::frontends::kserve_v1::error_response;
-use crate::frontends::{AppState, management_key};
+use super::{InferInput, InferOutput, Inferred, OutputData, RequestedOutput, run_infer};
+use crate::core::{ApiError, ModelMetadata, TensorMeta};
+use crate::frontends::{AppState, KServeError, management_key_kserve};
 
-/// The protocol's error body, `{"error": "..."}`, with the core's status.
-#[derive(Debug)]
-pub struct V2Error(pub ApiError);
-
-impl From<ApiError> for V2Error {
-    fn from(e: ApiError) -> Self {
-        V2Error(e)
-    }
-}
-
-impl IntoResponse for V2Error {
-    fn into_response(self) -> Response {
-        error_response(&self.0)
-    }
-}
-
-type V2Result = Result<Response, V2Error>;
+type V2Result = Result<Response, KServeError>;
 
 fn json_ok(v: &Value) -> Response {
     (
@@ -46,42 +29,62 @@ fn json_ok(v: &Value) -> Response {
 /// Health and server metadata: no key, like `/ping`, so probes can reach them.
 pub fn open_routes() -> Router<AppState> {
     Router::new()
-        .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(live))
-        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata).fallback(not_allowed))
+        .route("/v2/health/live", get(live).fallback(not_allowed))
+        .route("/v2/health/ready", get(ready).fallback(not_allowed))
 }
 
 /// Model metadata, readiness and inference (the inference key), and the repository extension
 /// (the management key: it registers and unregisters models).
 pub fn keyed_routes() -> Router<AppState> {
     Router::<AppState>::new()
-        .route("/v2/models/{model}", get(metadata))
+        .route("/v2/models/{model}", get(metadata).fallback(not_allowed))
         .route(
             "/v2/models/{model}/versions/{version}",
-            get(metadata_version),
+            get(metadata_version).fallback(not_allowed),
         )
-        .route("/v2/models/{model}/ready", get(model_ready))
+        .route(
+            "/v2/models/{model}/ready",
+            get(model_ready).fallback(not_allowed),
+        )
         .route(
             "/v2/models/{model}/versions/{version}/ready",
-            get(model_ready_version),
+            get(model_ready_version).fallback(not_allowed),
         )
-        .route("/v2/models/{model}/infer", post(infer))
+        .route(
+            "/v2/models/{model}/infer",
+            post(infer).fallback(not_allowed),
+        )
         .route(
             "/v2/models/{model}/versions/{version}/infer",
-            post(infer_version),
+            post(infer_version).fallback(not_allowed),
         )
 }
 
 /// The repository extension, behind the management key.
 pub fn repository_routes(state: &AppState) -> Router<AppState> {
     Router::new()
-        .route("/v2/repository/index", post(repository_index))
-        .route("/v2/repository/models/{model}/load", post(load_route))
-        .route("/v2/repository/models/{model}/unload", post(unload_route))
+        .route(
+            "/v2/repository/index",
+            post(repository_index).fallback(not_allowed),
+        )
+        .route(
+            "/v2/repository/models/{model}/load",
+            post(load_route).fallback(not_allowed),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(unload_route).fallback(not_allowed),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            management_key,
+            management_key_kserve,
         ))
+}
+
+/// 405 in the protocol's shape.
+async fn not_allowed() -> KServeError {
+    KServeError(ApiError::method_not_allowed())
 }
 
 async fn server_metadata() -> Response {
@@ -112,15 +115,8 @@ async fn ready(State(st): State<AppState>) -> Response {
 }
 
 fn tensor_md(t: &TensorMeta) -> Value {
-    json!({"name": t.name, "datatype": datatype_name(t.datatype), "shape": t.shape})
-}
-
-/// The protocol's name of a core datatype.
-pub fn datatype_name(d: DataType) -> &'static str {
-    match d {
-        DataType::Tensor(d) => Datatype::of(d).name(),
-        DataType::Bytes => "BYTES",
-    }
+    let (name, datatype, shape) = super::tensor_metadata(t);
+    json!({"name": name, "datatype": datatype, "shape": shape})
 }
 
 fn metadata_json(m: &ModelMetadata) -> Value {
@@ -217,12 +213,12 @@ struct JsonRequest {
     outputs: Option<Vec<JsonOutput>>,
 }
 
-fn bad(msg: impl Into<String>) -> V2Error {
-    V2Error(ApiError::bad_request(msg))
+fn bad(msg: impl Into<String>) -> KServeError {
+    KServeError(ApiError::bad_request(msg))
 }
 
 /// Splits a body into its JSON header and the binary tensor data after it.
-fn split_body(headers: &HeaderMap, body: &Bytes) -> Result<(Bytes, Bytes), V2Error> {
+fn split_body(headers: &HeaderMap, body: &Bytes) -> Result<(Bytes, Bytes), KServeError> {
     match headers.get("inference-header-content-length") {
         None => Ok((body.clone(), Bytes::new())),
         Some(v) => {
@@ -313,28 +309,32 @@ async fn infer_inner(
         )));
     }
     let binary_default = param_bool(&request.parameters, "binary_data_output").unwrap_or(false);
-    let outputs = request.outputs.map(|outs| {
-        outs.into_iter()
-            .map(|o| RequestedOutput {
-                binary: param_bool(&o.parameters, "binary_data").unwrap_or(binary_default),
-                name: o.name,
-            })
-            .collect::<Vec<_>>()
-    });
-    let done = run_infer(
-        &st.infer,
-        &meta,
-        version.as_deref(),
-        inputs,
-        outputs,
-        binary_default,
-    )
-    .await?;
+    let outputs = match request.outputs {
+        None => None,
+        Some(outs) => Some(
+            outs.into_iter()
+                .map(|o| {
+                    if o.parameters.contains_key("classification") {
+                        return Err(bad(format!(
+                            "output '{}': the classification extension is not supported; \
+                             the image handlers answer with labels already",
+                            o.name
+                        )));
+                    }
+                    Ok(RequestedOutput {
+                        binary: param_bool(&o.parameters, "binary_data").unwrap_or(binary_default),
+                        name: o.name,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let done = run_infer(&st.infer, &meta, inputs, outputs, binary_default).await?;
     Ok(write_response(&meta, request.id, done))
 }
 
 /// The response: JSON alone, or JSON followed by the binary outputs.
-fn write_response(meta: &ModelMetadata, id: Option<String>, done: Infered) -> Response {
+fn write_response(meta: &ModelMetadata, id: Option<String>, done: Inferred) -> Response {
     let mut head = String::with_capacity(256);
     head.push_str("{\"model_name\":");
     head.push_str(&Value::String(meta.name.clone()).to_string());
@@ -432,40 +432,16 @@ async fn repository_index(State(st): State<AppState>, body: Bytes) -> V2Result {
     } else {
         serde_json::from_slice(&body).map_err(|e| bad(format!("the body is not valid: {e}")))?
     };
-    let mut out = Vec::new();
-    let entries = st.registry.snapshot_entries();
-    for (name, entry) in &entries {
-        for (version, m) in &entry.versions {
-            let ready = m.pool.ready_count() > 0;
-            if asked.ready && !ready {
-                continue;
+    let out: Vec<Value> = super::repository_index(&st, asked.ready)
+        .into_iter()
+        .map(|e| {
+            let mut o = json!({"name": e.name, "state": e.state, "reason": e.reason});
+            if !e.version.is_empty() {
+                o["version"] = json!(e.version);
             }
-            out.push(json!({
-                "name": name,
-                "version": version,
-                "state": if ready { "READY" } else { "UNAVAILABLE" },
-                "reason": if ready { "" } else { "no worker is ready" },
-            }));
-        }
-    }
-    if !asked.ready
-        && let Some(store) = st.registry.store()
-    {
-        // Archives in the store that are not registered can be loaded by name.
-        let mut names: Vec<String> = store
-            .all()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|p| p.file_name())
-            .map(|n| super::archive_stem(&n.to_string_lossy()).to_string())
-            .filter(|n| !entries.contains_key(n))
-            .collect();
-        names.sort();
-        names.dedup();
-        for name in names {
-            out.push(json!({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"}));
-        }
-    }
+            o
+        })
+        .collect();
     Ok(json_ok(&Value::Array(out)))
 }
 

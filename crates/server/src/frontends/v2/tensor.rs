@@ -111,20 +111,28 @@ impl Datatype {
     }
 }
 
-/// Flattens `data` (flat or nested, row-major) into JSON scalars.
-pub fn flatten(data: &Value, out: &mut Vec<Value>) {
+/// Flattens `data` (flat or nested, row-major) into its JSON scalars, in order.
+pub fn flatten<'a>(data: &'a Value, out: &mut Vec<&'a Value>) {
     match data {
         Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        other => out.push(other.clone()),
+        other => out.push(other),
+    }
+}
+
+/// The protocol's name of a core datatype.
+pub fn datatype_name(d: crate::core::DataType) -> &'static str {
+    match d {
+        crate::core::DataType::Tensor(d) => Datatype::of(d).name(),
+        crate::core::DataType::Bytes => "BYTES",
     }
 }
 
 /// Writes JSON elements as little-endian bytes of `datatype` (not BYTES); the error says which
 /// element is wrong and why.
-pub fn encode_json(datatype: Datatype, elements: &[Value]) -> Result<Vec<u8>, String> {
+pub fn encode_json(datatype: Datatype, elements: &[&Value]) -> Result<Vec<u8>, String> {
     let size = datatype.size().ok_or("BYTES data is not numeric")?;
     let mut out = Vec::with_capacity(elements.len() * size);
-    for (i, v) in elements.iter().enumerate() {
+    for (i, &v) in elements.iter().enumerate() {
         let bad = || {
             format!(
                 "element {i} ({}) is not a {} value",
@@ -385,9 +393,10 @@ mod tests {
 
     #[test]
     fn nested_and_flat_data_give_the_same_bytes() {
+        let (nested, flat) = (json!([[1, 2], [3, 4]]), json!([1, 2, 3, 4]));
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        flatten(&json!([[1, 2], [3, 4]]), &mut a);
-        flatten(&json!([1, 2, 3, 4]), &mut b);
+        flatten(&nested, &mut a);
+        flatten(&flat, &mut b);
         assert_eq!(
             encode_json(Datatype::Int32, &a).unwrap(),
             encode_json(Datatype::Int32, &b).unwrap()
@@ -396,11 +405,11 @@ mod tests {
 
     #[test]
     fn wrong_elements_are_named() {
-        let e = encode_json(Datatype::Uint8, &[json!(1), json!(300)]).unwrap_err();
+        let e = encode_json(Datatype::Uint8, &[&json!(1), &json!(300)]).unwrap_err();
         assert!(e.contains("element 1") && e.contains("out of range"), "{e}");
-        let e = encode_json(Datatype::Int64, &[json!(1.5)]).unwrap_err();
+        let e = encode_json(Datatype::Int64, &[&json!(1.5)]).unwrap_err();
         assert!(e.contains("element 0") && e.contains("INT64"), "{e}");
-        let e = encode_json(Datatype::Fp32, &[json!("x")]).unwrap_err();
+        let e = encode_json(Datatype::Fp32, &[&json!("x")]).unwrap_err();
         assert!(e.contains("FP32"), "{e}");
     }
 
