@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=../crates/server/proto/inference_v2.proto");
     tonic_prost_build::configure()
         .build_server(false)
+        // Each call sends the same input: a clone of it must not copy the tensor.
+        .bytes(".")
         .compile_protos(
             &["../crates/server/proto/inference_v2.proto"],
             &["../crates/server/proto"],

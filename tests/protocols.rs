@@ -1,7 +1,8 @@
 //! Every protocol through its real clients: tritonclient (v2 REST and gRPC), the kserve
 //! package (v1 REST, v2 REST and gRPC) and stubs that grpcio-tools makes from the server's
-//! TorchServe protos. One server holds an MLP and a pretrained image classifier; each answer
-//! must equal the TorchServe REST route's, bitwise for tensors (tests/clients/protocols.py).
+//! TorchServe protos. One server holds an MLP, a pretrained image classifier and a text
+//! classifier; each answer must equal the TorchServe REST route's, bitwise for tensors
+//! (tests/clients/protocols.py).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,7 +10,9 @@ mod common;
 use std::fs;
 use std::process::Command;
 
-use common::server::{Server, archive, fixture_handler, fixtures, real_archive, vision_fixtures};
+use common::server::{
+    Server, archive, fixture_handler, fixtures, real_archive, text_fixtures, vision_fixtures,
+};
 use common::{repo_root, venv_bin};
 
 fn server() -> (Server, String) {
@@ -35,7 +38,20 @@ fn server_with(config: &str) -> (Server, String) {
         "image_classifier",
         &[&labels],
     );
-    s.start(&["--models", &format!("mlp={mlp}"), &format!("cls={cls}")]);
+    let tx = text_fixtures();
+    let txt = real_archive(
+        &s.store,
+        "txt",
+        &tx.join("classifier.pt"),
+        "text_classifier",
+        &[&tx.join("tokenizer.json"), &tx.join("index_to_name.json")],
+    );
+    s.start(&[
+        "--models",
+        &format!("mlp={mlp}"),
+        &format!("cls={cls}"),
+        &format!("txt={txt}"),
+    ]);
     (s, mlp)
 }
 

@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
         .build_client(false)
+        // Tensor bytes stay in the buffer they arrived in, instead of a copy per field.
+        .bytes(".")
         .compile_protos(
             &[
                 "proto/inference_v2.proto",

@@ -8,7 +8,8 @@ register the same protobuf names).
 Suites: triton (tritonclient HTTP and gRPC), kserve (the kserve package's v1 and v2 REST and v2
 gRPC clients), torchserve-grpc (stubs made by grpcio-tools from the server's .proto files), auth
 (keys in gRPC metadata, against a server with token authorization on and --key-file).
-Models the server must hold: `mlp` (float32 [784] -> [10]) and `cls` (an image classifier).
+Models the server must hold: `mlp` (float32 [784] -> [10]), `cls` (an image classifier) and
+`txt` (a text classifier).
 Exits non-zero, naming the check, at the first difference.
 """
 
@@ -76,6 +77,15 @@ def image_reference():
     return jpeg, json.loads(body)
 
 
+TEXT = "I love this movie, it is wonderful"
+
+
+def text_reference():
+    status, body = rest("/predictions/txt", TEXT.encode(), {"Content-Type": "text/plain"})
+    check(status == 200, f"REST txt answers ({status})")
+    return json.loads(body)
+
+
 def same_floats(got, want, what):
     got = np.asarray(got, dtype=np.float32)
     check(got.shape == want.shape, f"{what}: shape {got.shape} == {want.shape}")
@@ -130,8 +140,14 @@ def triton():
         check(e.status() == "400", f"http: wrong datatype is 400 ({e.status()})")
         check("input0" in e.message(), f"http: the error names the input: {e.message()}")
     still_serving("a bad HTTP request")
+    # Text as a BYTES element in JSON, to the text handler.
+    want_txt = text_reference()
+    i = thttp.InferInput("input0", [1], "BYTES")
+    i.set_data_from_numpy(np.array([TEXT.encode()], dtype=np.object_), binary_data=False)
+    got = json.loads(h.infer("txt", [i]).as_numpy("output0")[0])
+    check(got == want_txt, f"http txt BYTES: {got} == {want_txt}")
     index = h.get_model_repository_index()
-    check({m["name"] for m in index} >= {"mlp", "cls"}, f"http: repository index {index}")
+    check({m["name"] for m in index} >= {"mlp", "cls", "txt"}, f"http: repository index {index}")
 
     g = tgrpc.InferenceServerClient(url=ARGS.grpc)
     check(g.is_server_live(), "grpc: server live")
@@ -177,6 +193,7 @@ def kserve_suite():
     want4 = mlp_reference(x4)
     want_rows = mlp_reference_by_row(x4)
     jpeg, want_cls = image_reference()
+    want_txt = text_reference()
     base = f"http://{ARGS.http}"
 
     async def run():
@@ -193,6 +210,13 @@ def kserve_suite():
             model_name="cls",
         )
         check(r["predictions"] == [want_cls], "kserve v1 cls b64 instance")
+        r = await v1.infer(base, {"instances": [TEXT, TEXT]}, model_name="txt")
+        check(r["predictions"] == [want_txt, want_txt], "kserve v1 txt instances")
+        try:
+            await v1.infer(base, {"instances": [[1.0, 2.0]]}, model_name="mlp")
+            check(False, "kserve v1: a wrong shape is refused")
+        except Exception as e:  # the client raises on a non-2xx answer
+            check("400" in str(e), f"kserve v1: 400 ({e})")
         await v1.close()
 
         v2 = InferenceRESTClient(RESTConfig(protocol="v2"))
@@ -202,6 +226,13 @@ def kserve_suite():
         i.set_data_from_numpy(x4, binary_data=False)
         r = await v2.infer(base, InferRequest(model_name="mlp", infer_inputs=[i]), model_name="mlp")
         same_floats(r.outputs[0].as_numpy(), want4, "kserve v2 REST mlp")
+        i = InferInput("input0", [1, 784], "FP64")
+        i.set_data_from_numpy(x4[:1].astype(np.float64), binary_data=False)
+        try:
+            await v2.infer(base, InferRequest(model_name="mlp", infer_inputs=[i]), model_name="mlp")
+            check(False, "kserve v2 REST: FP64 into an FP32 model is refused")
+        except Exception as e:
+            check("400" in str(e) and "input0" in str(e), f"kserve v2 REST: 400 naming the input ({e})")
         await v2.close()
 
         g = InferenceGRPCClient(ARGS.grpc)

@@ -141,7 +141,7 @@ async fn run_grpc(args: &Args, model: &str, raw: Vec<u8>) -> anyhow::Result<(Vec
             shape,
             ..Default::default()
         }],
-        raw_input_contents: vec![raw],
+        raw_input_contents: vec![raw.into()],
         ..Default::default()
     };
     let start = Instant::now() + Duration::from_secs_f64(args.warmup);
@@ -153,6 +153,7 @@ async fn run_grpc(args: &Args, model: &str, raw: Vec<u8>) -> anyhow::Result<(Vec
         tasks.push(tokio::spawn(async move {
             let channel = tonic::transport::Endpoint::from_shared(url)?
                 .tcp_nodelay(true)
+                .http2_adaptive_window(true)
                 .connect()
                 .await?;
             let mut client =

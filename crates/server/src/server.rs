@@ -301,6 +301,7 @@ fn grpc_routers(state: &AppState) -> [tonic::transport::server::Router; 2] {
     let builder = || {
         tonic::transport::Server::builder()
             .http2_adaptive_window(Some(true))
+            .max_frame_size(Some(1 << 20))
             .max_concurrent_streams(Some(256))
     };
     let inference = builder()

@@ -62,7 +62,7 @@ impl Inference {
             .map(|(name, data)| Part {
                 name,
                 content_type: None,
-                data: data.into(),
+                data,
             })
             .collect();
         parts.sort_by(|a, b| a.name.cmp(&b.name));
@@ -107,7 +107,7 @@ impl InferenceApIsService for Inference {
             .await
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(PredictionResponse {
-            prediction: body,
+            prediction: body.into(),
             ..PredictionResponse::default()
         }))
     }
@@ -124,7 +124,7 @@ impl InferenceApIsService for Inference {
             .await
             .map_err(|e| status_of(&e))?;
         let one = PredictionResponse {
-            prediction: body,
+            prediction: body.into(),
             ..PredictionResponse::default()
         };
         Ok(Response::new(Box::pin(tokio_stream::once(Ok(one)))))
@@ -152,12 +152,12 @@ impl InferenceApIsService for Inference {
                 let sequence = req.sequence_id.clone();
                 let answer = match this.predict(req).await {
                     Ok(body) => PredictionResponse {
-                        prediction: body,
+                        prediction: body.into(),
                         sequence_id: sequence,
                         status: None,
                     },
                     Err(e) => PredictionResponse {
-                        prediction: Vec::new(),
+                        prediction: Default::default(),
                         sequence_id: sequence,
                         status: Some(rpc_status(&e)),
                     },

@@ -146,7 +146,7 @@ fn contents_bytes(
             .iter()
             .for_each(|v| out.extend(v.to_le_bytes())),
         Datatype::Bytes => {
-            out = tensor::join_bytes(c.bytes_contents.iter().map(Vec::as_slice));
+            out = tensor::join_bytes(c.bytes_contents.iter().map(|b| &b[..]));
         }
         Datatype::Fp16 | Datatype::Bf16 => unreachable!("refused above"),
     }
@@ -183,7 +183,7 @@ impl V2 {
                 ))
             })?;
             let data = match raw.next() {
-                Some(bytes) => bytes.into(),
+                Some(bytes) => bytes,
                 None => contents_bytes(&input.name, datatype, input.contents.unwrap_or_default())?,
             };
             inputs.push(InferInput {
@@ -230,8 +230,10 @@ impl V2 {
                     ..Default::default()
                 });
             response.raw_output_contents.push(match out.data {
-                OutputData::Raw(b) => b,
-                OutputData::Items(items) => tensor::join_bytes(items.iter().map(Vec::as_slice)),
+                OutputData::Raw(b) => b.into(),
+                OutputData::Items(items) => {
+                    tensor::join_bytes(items.iter().map(Vec::as_slice)).into()
+                }
             });
         }
         Ok(response)
