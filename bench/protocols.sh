@@ -96,6 +96,9 @@ for proto in torchserve kserve_v1 v2_json v2_binary v2_grpc; do measure mlp_c1 1
 for c in 8 64; do
     for proto in torchserve v2_json v2_binary v2_grpc; do measure "mlp_c$c" "$c" mlp_b8 mlp $proto; done
 done
+# At concurrency 64 the load generator needs as much CPU as the server on 2 cores, and more for
+# gRPC than for HTTP/1.1: the pair again, to see the spread.
+for proto in v2_grpc torchserve; do measure mlp_c64_again 64 mlp_b8 mlp $proto; done
 # A 1x3x224x224 FP32 input: the protocol's cost alone (a model that only averages it), then
 # ResNet-18 end to end.
 for proto in torchserve v2_json v2_binary v2_grpc; do measure img_pool_c1 1 pool_b1 img $proto; done

@@ -254,14 +254,14 @@ def kserve_suite():
     still_serving("kserve clients")
 
 
-def torchserve_grpc():
-    import grpc
+def torchserve_stubs():
+    """Makes TorchServe's Python gRPC stubs with grpcio-tools, as TorchServe's users do, and puts
+    them on the import path."""
+    import grpc_tools
     from grpc_tools import protoc
 
     out = tempfile.mkdtemp()
     proto_dir = os.path.join(os.path.dirname(__file__), "../../crates/server/proto")
-    import grpc_tools
-
     include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     for f in ("torchserve_inference.proto", "torchserve_management.proto", "google/rpc/status.proto"):
         rc = protoc.main(
@@ -269,6 +269,12 @@ def torchserve_grpc():
         )
         check(rc == 0, f"grpcio-tools compiles {f}")
     sys.path.insert(0, out)
+
+
+def torchserve_grpc():
+    import grpc
+
+    torchserve_stubs()
     import torchserve_inference_pb2 as inf
     import torchserve_inference_pb2_grpc as inf_grpc
     import torchserve_management_pb2 as mgmt
@@ -364,15 +370,7 @@ def auth():
     except InferenceServerException as e:
         check(e.status() == "StatusCode.UNAUTHENTICATED", f"v2 grpc unload: UNAUTHENTICATED ({e.status()})")
 
-    out = tempfile.mkdtemp()
-    proto_dir = os.path.join(os.path.dirname(__file__), "../../crates/server/proto")
-    from grpc_tools import protoc
-    import grpc_tools
-
-    include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-    for f in ("torchserve_inference.proto", "torchserve_management.proto", "google/rpc/status.proto"):
-        protoc.main(["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", f])
-    sys.path.insert(0, out)
+    torchserve_stubs()
     import torchserve_inference_pb2_grpc as inf_grpc
     import torchserve_management_pb2 as mgmt
     import torchserve_management_pb2_grpc as mgmt_grpc

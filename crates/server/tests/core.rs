@@ -247,6 +247,31 @@ async fn call_with(
     }
 }
 
+/// POSTs a v2 request with the binary extension: `header` as JSON, then `data`.
+async fn post_binary(router: axum::Router, path: &str, header: &Value, data: &[u8]) -> Reply {
+    let header = header.to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend_from_slice(data);
+    call_with(
+        router,
+        "POST",
+        path,
+        &[("inference-header-content-length", header.len().to_string())],
+        body,
+    )
+    .await
+}
+
+/// The JSON header and the binary data of a binary-extension answer.
+fn split_binary(r: &Reply) -> (Value, &[u8]) {
+    let n: usize = r.headers["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (serde_json::from_slice(&r.body[..n]).unwrap(), &r.body[n..])
+}
+
 impl Harness {
     fn management(&self) -> axum::Router {
         frontends::torchserve::management::router(self.state.clone())
@@ -525,33 +550,16 @@ async fn v2_infer_json_and_binary() {
     let header = json!({
         "inputs": [{"name": "input0", "datatype": "FP32", "shape": [1, 3], "parameters": {"binary_data_size": 12}}],
         "outputs": [{"name": "output0", "parameters": {"binary_data": true}}],
-    })
-    .to_string();
-    let mut body = header.clone().into_bytes();
-    for v in [0.25f32, -1.0, 7.5] {
-        body.extend(v.to_le_bytes());
-    }
-    let r = call_with(
-        h.inference(),
-        "POST",
-        "/v2/models/mlp/infer",
-        &[("inference-header-content-length", header.len().to_string())],
-        body.clone(),
-    )
-    .await;
+    });
+    let floats: Vec<u8> = [0.25f32, -1.0, 7.5]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let r = post_binary(h.inference(), "/v2/models/mlp/infer", &header, &floats).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let n: usize = r.headers["inference-header-content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let head: Value = serde_json::from_slice(&r.body[..n]).unwrap();
+    let (head, data) = split_binary(&r);
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 12);
-    assert_eq!(
-        &r.body[n..],
-        &body[header.len()..],
-        "bitwise the same floats"
-    );
+    assert_eq!(data, &floats[..], "bitwise the same floats");
 }
 
 #[tokio::test]
@@ -667,18 +675,8 @@ async fn v2_bytes_inputs_reach_the_image_handler_one_by_one() {
         blob.extend_from_slice(item);
     }
     let header = json!({"inputs": [{"name": "input0", "datatype": "BYTES", "shape": [2],
-        "parameters": {"binary_data_size": blob.len()}}]})
-    .to_string();
-    let mut body = header.clone().into_bytes();
-    body.extend(&blob);
-    let r = call_with(
-        h.inference(),
-        "POST",
-        "/v2/models/cls/infer",
-        &[("inference-header-content-length", header.len().to_string())],
-        body,
-    )
-    .await;
+        "parameters": {"binary_data_size": blob.len()}}]});
+    let r = post_binary(h.inference(), "/v2/models/cls/infer", &header, &blob).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
         r.json()["outputs"][0]["data"][1],
@@ -759,36 +757,12 @@ async fn v2_every_tensor_datatype_through_json_and_binary() {
             "inputs": [{"name": "input0", "datatype": datatype, "shape": [1, 2],
                         "parameters": {"binary_data_size": bytes.len()}}],
             "parameters": {"binary_data_output": true},
-        })
-        .to_string();
-        let mut body = header.clone().into_bytes();
-        body.extend(&bytes);
-        let r = call_with(
-            h.inference(),
-            "POST",
-            &path,
-            &[("inference-header-content-length", header.len().to_string())],
-            body,
-        )
-        .await;
+        });
+        let r = post_binary(h.inference(), &path, &header, &bytes).await;
         assert_eq!(r.status, 200, "{dtype}");
-        let n: usize = r.headers["inference-header-content-length"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert_eq!(&r.body[n..], &bytes[..], "{dtype}: bitwise the same");
+        assert_eq!(split_binary(&r).1, &bytes[..], "{dtype}: bitwise the same");
         if datatype == "BOOL" {
-            let mut body = header.clone().into_bytes();
-            body.extend([2u8, 0]);
-            let r = call_with(
-                h.inference(),
-                "POST",
-                &path,
-                &[("inference-header-content-length", header.len().to_string())],
-                body,
-            )
-            .await;
+            let r = post_binary(h.inference(), &path, &header, &[2, 0]).await;
             assert_eq!(r.status, 400, "a BOOL byte of 2");
         }
         // Another datatype is refused, naming the input and both datatypes.

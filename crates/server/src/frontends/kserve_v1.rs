@@ -55,7 +55,7 @@ fn split_verb(spec: &str) -> (&str, Option<&str>) {
 async fn dispatch(st: AppState, spec: String, version: Option<String>, req: Request) -> Response {
     let (name, verb) = split_verb(&spec);
     let result = match (req.method().clone(), verb) {
-        (Method::GET, None) => ready(&st, name, version.as_deref()),
+        (Method::GET, None) => model_readiness(&st, name, version.as_deref()),
         (Method::POST, Some("predict")) => predict(&st, name, version.as_deref(), req).await,
         // `:explain` included: tchserve has no explainers.
         _ => Err(ApiError::method_not_allowed().into()),
@@ -63,9 +63,14 @@ async fn dispatch(st: AppState, spec: String, version: Option<String>, req: Requ
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn ready(st: &AppState, name: &str, version: Option<&str>) -> Result<Response, KServeError> {
+/// `{"name", "ready"}`: 200 when a worker is ready, else 503 (KServe's answer, which readiness
+/// probes read). v1 and v2 answer alike.
+pub fn model_readiness(
+    st: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Response, KServeError> {
     let ready = st.infer.model_ready(name, version)?;
-    // KServe answers a model that is not ready with 503, which readiness probes read.
     let status = if ready {
         StatusCode::OK
     } else {

@@ -89,7 +89,7 @@ pub fn inference_router(state: AppState) -> axum::Router {
             state.clone(),
             inference_key_kserve,
         ));
-    torchserve::inference::routes(&state)
+    let router = torchserve::inference::routes(&state)
         .merge(keyed)
         .merge(v2::rest::open_routes())
         .merge(v2::rest::repository_routes(&state))
@@ -97,7 +97,15 @@ pub fn inference_router(state: AppState) -> axum::Router {
         // Multipart bodies are read by axum's extractor, which applies this limit.
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.max_request_size,
-        ))
+        ));
+    with_listener_layers(router, state)
+}
+
+/// What every route of the inference and management listeners goes through: the body read
+/// within its limits and timeout, then TorchServe's headers, the status count and the access
+/// log.
+pub fn with_listener_layers(router: axum::Router<AppState>, state: AppState) -> axum::Router {
+    router
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             buffer_body,

@@ -16,8 +16,8 @@ use crate::core::ApiError;
 use crate::core::bounds;
 use crate::core::registry::{ModelVersion, RegisterParams, ScaleOutcome};
 use crate::frontends::{
-    AppState, authorization, buffer_body, common_headers, json_response, management_key,
-    not_allowed, not_found, openapi, with_description,
+    AppState, authorization, json_response, management_key, not_allowed, not_found, openapi,
+    with_description, with_listener_layers,
 };
 
 type Params = Query<HashMap<String, String>>;
@@ -63,18 +63,10 @@ pub fn router(state: AppState) -> Router {
             management_key,
         ));
     // /token checks the API key itself.
-    with_description(keyed, doc)
+    let router = with_description(keyed, doc)
         .route("/token", get(renew_token).fallback(not_allowed))
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            buffer_body,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            common_headers,
-        ))
-        .with_state(state)
+        .fallback(not_found);
+    with_listener_layers(router, state)
 }
 
 fn doc() -> Value {

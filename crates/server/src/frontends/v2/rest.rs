@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 use super::tensor::{self, Datatype};
 use super::{InferInput, InferOutput, Inferred, OutputData, RequestedOutput, run_infer};
 use crate::core::{ApiError, ModelMetadata, TensorMeta};
+use crate::frontends::kserve_v1::model_readiness;
 use crate::frontends::{AppState, KServeError, management_key_kserve};
 
 type V2Result = Result<Response, KServeError>;
@@ -142,30 +143,15 @@ async fn metadata_version(
     )))
 }
 
-fn readiness(st: &AppState, model: &str, version: Option<&str>) -> V2Result {
-    let ready = st.infer.model_ready(model, version)?;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    Ok((
-        status,
-        [("content-type", "application/json")],
-        json!({"name": model, "ready": ready}).to_string(),
-    )
-        .into_response())
-}
-
 async fn model_ready(State(st): State<AppState>, Path(model): Path<String>) -> V2Result {
-    readiness(&st, &model, None)
+    model_readiness(&st, &model, None)
 }
 
 async fn model_ready_version(
     State(st): State<AppState>,
     Path((model, version)): Path<(String, String)>,
 ) -> V2Result {
-    readiness(&st, &model, Some(&version))
+    model_readiness(&st, &model, Some(&version))
 }
 
 async fn infer(State(st): State<AppState>, Path(model): Path<String>, req: Request) -> Response {
