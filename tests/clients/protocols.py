@@ -10,7 +10,8 @@ gRPC clients), torchserve-grpc (stubs made by grpcio-tools from the server's .pr
 (keys in gRPC metadata, against a server with token authorization on and --key-file).
 Models the server must hold: `mlp` (float32 [784] -> [10]), `cls` (an image classifier) and
 `txt` (a text classifier).
-Exits non-zero, naming the check, at the first difference.
+Tensors must be bitwise equal; handler answers (labels and scores) equal to 1e-6. Exits non-zero,
+naming the check, at the first difference.
 """
 
 import argparse
@@ -86,6 +87,19 @@ def text_reference():
     return json.loads(body)
 
 
+def close(got, want):
+    """Handler answers (labels with scores) equal but for the last bits of each score: a model
+    large enough to use both cores rounds differently when another model's batch holds one of
+    them, whichever protocol carried the request."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(close(got[k], want[k]) for k in want)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(close(g, w) for g, w in zip(got, want))
+    if isinstance(want, float):
+        return isinstance(got, (int, float)) and abs(got - want) <= 1e-6
+    return got == want
+
+
 def same_floats(got, want, what):
     got = np.asarray(got, dtype=np.float32)
     check(got.shape == want.shape, f"{what}: shape {got.shape} == {want.shape}")
@@ -129,7 +143,7 @@ def triton():
     i.set_data_from_numpy(np.array([jpeg], dtype=np.object_), binary_data=True)
     r = h.infer("cls", [i])
     got = json.loads(r.as_numpy("output0")[0])
-    check(got == want_cls, f"http cls BYTES: {got} == {want_cls}")
+    check(close(got, want_cls), f"http cls BYTES: {got} == {want_cls}")
     # Bad input: the protocol's error, naming the input, and the server goes on.
     i = thttp.InferInput("input0", [1, 784], "FP64")
     i.set_data_from_numpy(x1.astype(np.float64))
@@ -145,7 +159,7 @@ def triton():
     i = thttp.InferInput("input0", [1], "BYTES")
     i.set_data_from_numpy(np.array([TEXT.encode()], dtype=np.object_), binary_data=False)
     got = json.loads(h.infer("txt", [i]).as_numpy("output0")[0])
-    check(got == want_txt, f"http txt BYTES: {got} == {want_txt}")
+    check(close(got, want_txt), f"http txt BYTES: {got} == {want_txt}")
     index = h.get_model_repository_index()
     check({m["name"] for m in index} >= {"mlp", "cls", "txt"}, f"http: repository index {index}")
 
@@ -166,7 +180,7 @@ def triton():
     i.set_data_from_numpy(np.array([jpeg], dtype=np.object_))
     r = g.infer("cls", [i])
     got = json.loads(r.as_numpy("output0")[0])
-    check(got == want_cls, "grpc cls BYTES")
+    check(close(got, want_cls), "grpc cls BYTES")
     i = tgrpc.InferInput("input0", [1, 784], "INT64")
     i.set_data_from_numpy(np.zeros((1, 784), dtype=np.int64))
     try:
@@ -209,9 +223,9 @@ def kserve_suite():
             {"instances": [{"b64": base64.b64encode(jpeg).decode()}]},
             model_name="cls",
         )
-        check(r["predictions"] == [want_cls], "kserve v1 cls b64 instance")
+        check(close(r["predictions"], [want_cls]), "kserve v1 cls b64 instance")
         r = await v1.infer(base, {"instances": [TEXT, TEXT]}, model_name="txt")
-        check(r["predictions"] == [want_txt, want_txt], "kserve v1 txt instances")
+        check(close(r["predictions"], [want_txt, want_txt]), "kserve v1 txt instances")
         try:
             await v1.infer(base, {"instances": [[1.0, 2.0]]}, model_name="mlp")
             check(False, "kserve v1: a wrong shape is refused")
@@ -292,9 +306,9 @@ def torchserve_grpc():
     )
     same_floats(np.array(json.loads(r.prediction)).reshape(1, 10), want1, "torchserve grpc mlp")
     r = stub.Predictions(inf.PredictionsRequest(model_name="cls", input={"data": jpeg}))
-    check(json.loads(r.prediction) == want_cls, "torchserve grpc cls")
+    check(close(json.loads(r.prediction), want_cls), "torchserve grpc cls")
     answers = list(stub.StreamPredictions(inf.PredictionsRequest(model_name="cls", input={"data": jpeg})))
-    check(len(answers) == 1 and json.loads(answers[0].prediction) == want_cls, "StreamPredictions")
+    check(len(answers) == 1 and close(json.loads(answers[0].prediction), want_cls), "StreamPredictions")
     reqs = [
         inf.PredictionsRequest(model_name="cls", input={"data": jpeg}, sequenceId="s1"),
         inf.PredictionsRequest(model_name="cls", input={"data": b"not an image"}, sequenceId="s1"),
@@ -303,7 +317,7 @@ def torchserve_grpc():
     answers = list(stub.StreamPredictions2(iter(reqs)))
     check(len(answers) == 3, "StreamPredictions2 answers each request")
     check(answers[1].status.code == 3, f"StreamPredictions2: the bad one says INVALID_ARGUMENT ({answers[1].status})")
-    check(json.loads(answers[2].prediction) == want_cls, "StreamPredictions2 goes on after a failure")
+    check(close(json.loads(answers[2].prediction), want_cls), "StreamPredictions2 goes on after a failure")
     try:
         stub.Predictions(inf.PredictionsRequest(model_name="nope", input={"data": b"[1]"}))
         check(False, "torchserve grpc: an unknown model is refused")
