@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs what building and testing tchserve need, skipping whatever is already in place:
 # a C++ compiler, libjpeg-turbo's TurboJPEG library, a Python virtual environment in .venv with
-# scripts/requirements.txt, and the .libtorch link that .cargo/config.toml points the build at.
+# scripts/requirements.txt, another in .venv-clients with the protocol clients of
+# scripts/requirements-clients.txt, and the .libtorch link that .cargo/config.toml points the
+# build at.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 REQUIREMENTS=scripts/requirements.txt
+CLIENTS_VENV=.venv-clients
+CLIENTS_REQUIREMENTS=scripts/requirements-clients.txt
 
 say() { printf 'setup: %s\n' "$*"; }
 
@@ -27,11 +31,16 @@ command -v c++ >/dev/null || apt_install g++
 [ -e /usr/include/turbojpeg.h ] || apt_install libturbojpeg0-dev
 command -v "$PYTHON" >/dev/null || apt_install python3 python3-venv
 
-if [ ! -x "$VENV/bin/python" ]; then
-    say "creating $VENV"
-    "$PYTHON" -m venv "$VENV" 2>/dev/null || { apt_install python3-venv && "$PYTHON" -m venv "$VENV"; }
-fi
+make_venv() {
+    if [ ! -x "$1/bin/python" ]; then
+        say "creating $1"
+        "$PYTHON" -m venv "$1" 2>/dev/null || { apt_install python3-venv && "$PYTHON" -m venv "$1"; }
+    fi
+}
+# No pip cache: it would keep a second copy of every wheel (over 3 GB) that nothing reuses.
+pip_install() { "$1/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "${@:2}"; }
 
+make_venv "$VENV"
 want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
 if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
     say "installing Python packages (PyTorch is about 5 GB with its CUDA libraries; a few minutes)"
@@ -41,11 +50,18 @@ if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
     if [ "$free_gb" -lt 8 ]; then
         say "warning: only ${free_gb} GB free under $VENV; the install needs about 8 GB"
     fi
-    # No pip cache: it would keep a second copy of every wheel (over 3 GB) that nothing reuses.
-    pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "$@"; }
-    pip_install --upgrade pip
-    pip_install -r "$REQUIREMENTS"
+    pip_install "$VENV" --upgrade pip
+    pip_install "$VENV" -r "$REQUIREMENTS"
     echo "$want" > "$VENV/.requirements.sha256"
+fi
+
+make_venv "$CLIENTS_VENV"
+want=$(sha256sum "$CLIENTS_REQUIREMENTS" | cut -d' ' -f1)
+if [ "$(cat "$CLIENTS_VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+    say "installing the protocol clients (tritonclient, kserve) in $CLIENTS_VENV"
+    pip_install "$CLIENTS_VENV" --upgrade pip
+    pip_install "$CLIENTS_VENV" -r "$CLIENTS_REQUIREMENTS"
+    echo "$want" > "$CLIENTS_VENV/.requirements.sha256"
 fi
 
 torch_dir=$("$VENV/bin/python" -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("torch").origin))')

@@ -13,7 +13,7 @@ use std::process::Command;
 use common::server::{
     Server, archive, fixture_handler, fixtures, real_archive, text_fixtures, vision_fixtures,
 };
-use common::{repo_root, venv_bin};
+use common::{clients_venv_bin, repo_root};
 
 fn server() -> (Server, String) {
     server_with("enable_model_api=true")
@@ -58,7 +58,7 @@ fn server_with(config: &str) -> (Server, String) {
 fn run_suite((s, mlp): (Server, String), suite: &str) {
     let key_file = s.home().join("key_file.json");
     let image = vision_fixtures().join("images/cat173.jpg");
-    let out = Command::new(venv_bin("python"))
+    let out = Command::new(clients_venv_bin("python"))
         .arg(repo_root().join("tests/clients/protocols.py"))
         .arg(suite)
         .args(["--http", &s.inference])

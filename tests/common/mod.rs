@@ -14,7 +14,17 @@ pub fn repo_root() -> PathBuf {
 
 /// A program from the project's Python environment (made by `scripts/setup.sh`).
 pub fn venv_bin(name: &str) -> PathBuf {
-    let p = repo_root().join(".venv/bin").join(name);
+    venv_program(".venv", name)
+}
+
+/// A program from the protocol clients' Python environment (`scripts/setup.sh` makes it from
+/// `scripts/requirements-clients.txt`).
+pub fn clients_venv_bin(name: &str) -> PathBuf {
+    venv_program(".venv-clients", name)
+}
+
+fn venv_program(venv: &str, name: &str) -> PathBuf {
+    let p = repo_root().join(venv).join("bin").join(name);
     assert!(
         p.exists(),
         "{} is missing: run `make test` (scripts/setup.sh installs it)",
