@@ -10,9 +10,7 @@ mod common;
 use std::fs;
 use std::process::Command;
 
-use common::server::{
-    Server, archive, fixture_handler, fixtures, real_archive, text_fixtures, vision_fixtures,
-};
+use common::server::{Server, mlp_archive, real_archive, text_fixtures, vision_fixtures};
 use common::{clients_venv_bin, repo_root};
 
 fn server() -> (Server, String) {
@@ -21,14 +19,7 @@ fn server() -> (Server, String) {
 
 fn server_with(config: &str) -> (Server, String) {
     let mut s = Server::new(config);
-    let mlp = archive(
-        &s.store,
-        "mlp",
-        "1.0",
-        &fixtures().join("mlp.pt"),
-        &fixture_handler("vec784.json"),
-        &[],
-    );
+    let mlp = mlp_archive(&s);
     let labels = s.dir.path().join("index_to_name.json");
     fs::copy(vision_fixtures().join("imagenet_labels.json"), &labels).unwrap();
     let cls = real_archive(

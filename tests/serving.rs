@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::http::{Resp, assert_error, post_json, request};
 use common::run;
-use common::server::{Server, archive, digits_build, fixture_handler, fixtures};
+use common::server::{Server, archive, digits_build, fixture_handler, fixtures, mlp_archive};
 use serde_json::{Value, json};
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -1184,14 +1184,7 @@ fn a_small_model_never_starts_an_openmp_team() {
     // OpenMP stops spinning at its barriers: an idle MLP beside ResNet-18 cost the ResNet a
     // quarter of its throughput for the life of the process (bench/multi_model.sh measures it).
     let mut s = Server::new("cpu_threads=2");
-    let mlp = archive(
-        &s.store,
-        "mlp",
-        "1.0",
-        &fixtures().join("mlp.pt"),
-        &fixture_handler("vec784.json"),
-        &[],
-    );
+    let mlp = mlp_archive(&s);
     s.start(&["--models", &format!("mlp={mlp}")]);
     let body = format!("[{}]", vec!["0.5"; 784].join(","));
     for _ in 0..20 {

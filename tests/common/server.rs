@@ -220,7 +220,19 @@ impl Server {
             {
                 return Err(format!("tchserve exited ({status}):\n{}", self.log()));
             }
-            if std::net::TcpStream::connect(&self.inference).is_ok() {
+            // A bound port accepts connections before the server answers them (the key file is
+            // written in between): ready is an answer, not a connection.
+            if std::net::TcpStream::connect(&self.inference).is_ok()
+                && super::http::try_request(
+                    &self.inference,
+                    "GET",
+                    "/ping",
+                    &[],
+                    b"",
+                    Duration::from_secs(5),
+                )
+                .is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -349,6 +361,19 @@ pub fn scale_archive(s: &Server, name: &str) -> String {
         "1.0",
         &fixtures().join("scale2.pt"),
         &fixture_handler("vec4.json"),
+        &[],
+    )
+}
+
+/// The fixtures' 784-128-10 MLP behind a float32 [784] tensor handler, archived in the store as
+/// `mlp`.
+pub fn mlp_archive(s: &Server) -> String {
+    archive(
+        &s.store,
+        "mlp",
+        "1.0",
+        &fixtures().join("mlp.pt"),
+        &fixture_handler("vec784.json"),
         &[],
     )
 }

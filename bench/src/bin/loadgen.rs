@@ -104,26 +104,69 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: &Args, request: Vec<u8>) -> anyhow::Result<(Vec<u32>, u64)> {
-    let start = Instant::now() + Duration::from_secs_f64(args.warmup);
-    let end = start + Duration::from_secs_f64(args.duration);
-    let request = std::sync::Arc::new(request);
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
-        let addr = args.addr.clone();
-        let request = std::sync::Arc::clone(&request);
-        tasks.push(tokio::spawn(async move {
-            connection(&addr, &request, start, end).await
-        }));
+/// The measured stretch of time, after the warm-up.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    end: Instant,
+}
+
+impl Window {
+    fn after_warmup(args: &Args) -> Self {
+        let start = Instant::now() + Duration::from_secs_f64(args.warmup);
+        Window {
+            start,
+            end: start + Duration::from_secs_f64(args.duration),
+        }
     }
-    let mut all = Vec::new();
-    let mut errors = 0;
+}
+
+/// One connection's latencies (microseconds) and errors, of requests sent and answered inside
+/// the window.
+#[derive(Debug, Default)]
+struct Tally {
+    latencies: Vec<u32>,
+    errors: u64,
+}
+
+impl Tally {
+    fn record(&mut self, w: Window, sent: Instant, ok: bool) {
+        let done = Instant::now();
+        if sent >= w.start && done <= w.end {
+            if ok {
+                self.latencies
+                    .push(done.duration_since(sent).as_micros() as u32);
+            } else {
+                self.errors += 1;
+            }
+        }
+    }
+}
+
+/// Every connection's tally, merged.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Tally>>>,
+) -> anyhow::Result<(Vec<u32>, u64)> {
+    let (mut all, mut errors) = (Vec::new(), 0);
     for t in tasks {
-        let (l, e) = t.await??;
-        all.extend(l);
-        errors += e;
+        let tally = t.await??;
+        all.extend(tally.latencies);
+        errors += tally.errors;
     }
     Ok((all, errors))
+}
+
+async fn run(args: &Args, request: Vec<u8>) -> anyhow::Result<(Vec<u32>, u64)> {
+    let window = Window::after_warmup(args);
+    let request = std::sync::Arc::new(request);
+    let tasks = (0..args.concurrency)
+        .map(|_| {
+            let addr = args.addr.clone();
+            let request = std::sync::Arc::clone(&request);
+            tokio::spawn(async move { connection(&addr, &request, window).await })
+        })
+        .collect();
+    gather(tasks).await
 }
 
 async fn run_grpc(args: &Args, model: &str, raw: Vec<u8>) -> anyhow::Result<(Vec<u32>, u64)> {
@@ -144,80 +187,47 @@ async fn run_grpc(args: &Args, model: &str, raw: Vec<u8>) -> anyhow::Result<(Vec
         raw_input_contents: vec![raw.into()],
         ..Default::default()
     };
-    let start = Instant::now() + Duration::from_secs_f64(args.warmup);
-    let end = start + Duration::from_secs_f64(args.duration);
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
-        let url = format!("http://{}", args.addr);
-        let request = request.clone();
-        tasks.push(tokio::spawn(async move {
-            let channel = tonic::transport::Endpoint::from_shared(url)?
-                .tcp_nodelay(true)
-                .http2_adaptive_window(true)
-                .connect()
-                .await?;
-            let mut client =
-                pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel)
-                    .max_decoding_message_size(usize::MAX)
-                    .max_encoding_message_size(usize::MAX);
-            let (mut latencies, mut errors) = (Vec::new(), 0u64);
-            loop {
-                let sent = Instant::now();
-                if sent >= end {
-                    break;
+    let window = Window::after_warmup(args);
+    let tasks = (0..args.concurrency)
+        .map(|_| {
+            let url = format!("http://{}", args.addr);
+            let request = request.clone();
+            tokio::spawn(async move {
+                let channel = tonic::transport::Endpoint::from_shared(url)?
+                    .tcp_nodelay(true)
+                    .http2_adaptive_window(true)
+                    .connect()
+                    .await?;
+                let mut client =
+                    pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel)
+                        .max_decoding_message_size(usize::MAX)
+                        .max_encoding_message_size(usize::MAX);
+                let mut tally = Tally::default();
+                while Instant::now() < window.end {
+                    let sent = Instant::now();
+                    let ok = client.model_infer(request.clone()).await.is_ok();
+                    tally.record(window, sent, ok);
                 }
-                let ok = client.model_infer(request.clone()).await.is_ok();
-                let done = Instant::now();
-                if sent >= start && done <= end {
-                    if ok {
-                        latencies.push(done.duration_since(sent).as_micros() as u32);
-                    } else {
-                        errors += 1;
-                    }
-                }
-            }
-            anyhow::Ok((latencies, errors))
-        }));
-    }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await??;
-        all.extend(l);
-        errors += e;
-    }
-    Ok((all, errors))
+                anyhow::Ok(tally)
+            })
+        })
+        .collect();
+    gather(tasks).await
 }
 
-/// One connection's loop; latencies in microseconds of requests completed inside the window.
-async fn connection(
-    addr: &str,
-    request: &[u8],
-    start: Instant,
-    end: Instant,
-) -> anyhow::Result<(Vec<u32>, u64)> {
+/// One HTTP/1.1 keep-alive connection's loop.
+async fn connection(addr: &str, request: &[u8], window: Window) -> anyhow::Result<Tally> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let mut latencies = Vec::new();
-    let mut errors = 0;
+    let mut tally = Tally::default();
     let mut buf = vec![0u8; 1 << 16];
-    loop {
+    while Instant::now() < window.end {
         let sent = Instant::now();
-        if sent >= end {
-            break;
-        }
         stream.write_all(request).await?;
         let status = read_response(&mut stream, &mut buf).await?;
-        let done = Instant::now();
-        if sent >= start && done <= end {
-            if status == 200 {
-                latencies.push(done.duration_since(sent).as_micros() as u32);
-            } else {
-                errors += 1;
-            }
-        }
+        tally.record(window, sent, status == 200);
     }
-    Ok((latencies, errors))
+    Ok(tally)
 }
 
 /// Reads one response with a Content-Length body; returns its status.
