@@ -409,6 +409,12 @@ async fn kserve_v1_ready_and_predict() {
             json!({"instances": [1]}),
             404,
         ),
+        // More instances than the model's queue (100) holds.
+        (
+            "/v1/models/mlp:predict",
+            json!({"instances": vec![1; 101]}),
+            400,
+        ),
     ] {
         let r = call(h.inference(), "POST", uri, body.to_string()).await;
         assert_eq!(r.status, status, "{uri} {body}");

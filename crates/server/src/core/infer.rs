@@ -69,6 +69,11 @@ impl Infer {
         }
     }
 
+    /// How many requests the version's queue holds: the most items one request may carry.
+    pub fn queue_capacity(&self, name: &str, version: Option<&str>) -> Result<usize, ApiError> {
+        Ok(self.registry.get(name, version)?.job_queue_size)
+    }
+
     /// True when every model's default version has its minimum workers ready.
     pub fn server_ready(&self) -> bool {
         self.registry.snapshot_entries().values().all(|entry| {

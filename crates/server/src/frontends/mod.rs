@@ -65,6 +65,15 @@ pub async fn infer_all(
         return Ok(vec![infer.infer(name, version, p).await?]);
     }
     let n = payloads.len();
+    // Items past the queue's capacity could never all be queued at once; refusing them here
+    // keeps one request from spawning millions of tasks.
+    let capacity = infer.queue_capacity(name, version)?;
+    if n > capacity {
+        return Err(ApiError::bad_request(format!(
+            "the request holds {n} items, more than model {name}'s job queue ({capacity}); \
+             send at most {capacity} per request"
+        )));
+    }
     // Dropping the set aborts its tasks, which drops their reply channels.
     let mut set = tokio::task::JoinSet::new();
     for (i, p) in payloads.into_iter().enumerate() {
