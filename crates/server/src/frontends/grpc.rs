@@ -10,6 +10,11 @@ use crate::auth::{Scope, Tokens};
 use crate::core::{ApiError, GrpcCode};
 use crate::frontends::proto::google::rpc;
 
+/// A proto3 string field as an option: empty means unset.
+pub fn non_empty(s: &str) -> Option<&str> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
 /// The largest gRPC message the inference services read: a request of `max_request_size` bytes
 /// of data, and room for its framing.
 pub fn message_limit(st: &crate::frontends::AppState) -> usize {

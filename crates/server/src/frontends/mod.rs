@@ -199,19 +199,41 @@ pub async fn buffer_body(State(st): State<AppState>, req: Request, next: Next) -
 
 /// Lets a request through only with the inference key (when token authorization is on).
 pub async fn inference_key(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    require_key(&st, Scope::Inference, req, next).await
+    require_key(
+        &st,
+        Scope::Inference,
+        req,
+        next,
+        IntoResponse::into_response,
+    )
+    .await
 }
 
 /// Lets a request through only with the management key (when token authorization is on).
 pub async fn management_key(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    require_key(&st, Scope::Management, req, next).await
+    require_key(
+        &st,
+        Scope::Management,
+        req,
+        next,
+        IntoResponse::into_response,
+    )
+    .await
 }
 
-async fn require_key(st: &AppState, scope: Scope, req: Request, next: Next) -> Response {
+/// Runs the request when it carries `scope`'s key (or keys are off); else answers the refusal
+/// in the shape `refuse` writes.
+async fn require_key(
+    st: &AppState,
+    scope: Scope,
+    req: Request,
+    next: Next,
+    refuse: fn(ApiError) -> Response,
+) -> Response {
     if let Some(tokens) = &st.tokens
         && !tokens.allows(scope, authorization(req.headers()))
     {
-        return ApiError::invalid_key().into_response();
+        return refuse(ApiError::invalid_key());
     }
     next.run(req).await
 }
@@ -222,7 +244,10 @@ pub async fn inference_key_kserve(
     req: Request,
     next: Next,
 ) -> Response {
-    require_key_kserve(&st, Scope::Inference, req, next).await
+    require_key(&st, Scope::Inference, req, next, |e| {
+        kserve_error_response(&e)
+    })
+    .await
 }
 
 /// As [`management_key`], refusing in the KServe protocols' shape.
@@ -231,16 +256,10 @@ pub async fn management_key_kserve(
     req: Request,
     next: Next,
 ) -> Response {
-    require_key_kserve(&st, Scope::Management, req, next).await
-}
-
-async fn require_key_kserve(st: &AppState, scope: Scope, req: Request, next: Next) -> Response {
-    if let Some(tokens) = &st.tokens
-        && !tokens.allows(scope, authorization(req.headers()))
-    {
-        return kserve_error_response(&ApiError::invalid_key());
-    }
-    next.run(req).await
+    require_key(&st, Scope::Management, req, next, |e| {
+        kserve_error_response(&e)
+    })
+    .await
 }
 
 /// The `Authorization` header's value, when it is text.

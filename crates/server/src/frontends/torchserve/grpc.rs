@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::management as ops;
 use crate::core::ApiError;
-use crate::frontends::grpc::{message_limit, rpc_status, status_of};
+use crate::frontends::grpc::{message_limit, non_empty, rpc_status, status_of};
 use crate::frontends::proto::org::pytorch::serve::grpc as proto;
 use crate::frontends::{AppState, pretty_json};
 
@@ -49,10 +49,6 @@ pub fn management_service(st: AppState) -> ManagementApIsServiceServer<Managemen
     ManagementApIsServiceServer::new(Management(st))
 }
 
-fn empty_to_none(s: &str) -> Option<&str> {
-    Some(s).filter(|s| !s.is_empty())
-}
-
 impl Inference {
     async fn predict(&self, req: PredictionsRequest) -> Result<Vec<u8>, ApiError> {
         // The REST API's fields by name, in a stable order.
@@ -70,7 +66,7 @@ impl Inference {
             parts,
             ..Payload::default()
         };
-        let version = empty_to_none(&req.model_version);
+        let version = non_empty(&req.model_version);
         match self
             .0
             .infer
@@ -212,7 +208,7 @@ impl ManagementApIsService for Management {
         msg(ops::describe_model(
             &self.0,
             &r.model_name,
-            empty_to_none(&r.model_version),
+            non_empty(&r.model_version),
         ))
     }
 
@@ -281,7 +277,7 @@ impl ManagementApIsService for Management {
         put(&mut q, "min_worker", r.min_worker, r.min_worker > 0);
         put(&mut q, "max_worker", r.max_worker, r.max_worker > 0);
         q.insert("synchronous".into(), r.synchronous.to_string());
-        let version = empty_to_none(&r.model_version).map(str::to_owned);
+        let version = non_empty(&r.model_version).map(str::to_owned);
         let in_path = version.is_some();
         msg(ops::scale_workers(&self.0, r.model_name, version, in_path, &q).await)
     }
@@ -299,6 +295,6 @@ impl ManagementApIsService for Management {
         req: Request<UnregisterModelRequest>,
     ) -> Result<Response<ManagementResponse>, Status> {
         let r = req.into_inner();
-        msg(ops::unregister_model(&self.0, &r.model_name, empty_to_none(&r.model_version)).await)
+        msg(ops::unregister_model(&self.0, &r.model_name, non_empty(&r.model_version)).await)
     }
 }

@@ -9,7 +9,7 @@ use super::{InferInput, InputData, OutputData, RequestedOutput, load, run_infer,
 use crate::auth::Scope;
 use crate::core::{ApiError, ModelMetadata, TensorMeta};
 use crate::frontends::AppState;
-use crate::frontends::grpc::{check_key, status_of};
+use crate::frontends::grpc::{check_key, non_empty, status_of};
 use crate::frontends::proto::inference as pb;
 use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
 
@@ -24,10 +24,6 @@ pub fn service(st: AppState) -> GrpcInferenceServiceServer<V2> {
         // A message's size is checked before it is read into memory.
         .max_decoding_message_size(st_limit)
         .max_encoding_message_size(usize::MAX)
-}
-
-fn version(v: &str) -> Option<&str> {
-    Some(v).filter(|v| !v.is_empty())
 }
 
 fn err(e: ApiError) -> Status {
@@ -156,7 +152,7 @@ fn contents_bytes(
 impl V2 {
     async fn infer(&self, req: pb::ModelInferRequest) -> Result<pb::ModelInferResponse, ApiError> {
         let st = &self.0;
-        let v = version(&req.model_version);
+        let v = non_empty(&req.model_version);
         let meta: ModelMetadata = st.infer.metadata(&req.model_name, v)?;
         if !req.raw_input_contents.is_empty() && req.raw_input_contents.len() != req.inputs.len() {
             return Err(ApiError::bad_request(format!(
@@ -267,7 +263,7 @@ impl GrpcInferenceService for V2 {
         let ready = self
             .0
             .infer
-            .model_ready(&r.name, version(&r.version))
+            .model_ready(&r.name, non_empty(&r.version))
             .map_err(err)?;
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
@@ -292,7 +288,7 @@ impl GrpcInferenceService for V2 {
         let m = self
             .0
             .infer
-            .metadata(&r.name, version(&r.version))
+            .metadata(&r.name, non_empty(&r.version))
             .map_err(err)?;
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
