@@ -135,6 +135,11 @@ impl Server {
         }
     }
 
+    /// Replaces the extra configuration (for settings that name the server's own ports).
+    pub fn set_config(&mut self, extra: &str) {
+        self.extra_config = extra.to_string();
+    }
+
     pub fn config_text(&self) -> String {
         let url = |a: &str| {
             if a.starts_with("unix:") {

@@ -11,12 +11,14 @@ use crate::core::bounds;
 pub enum Address {
     /// TCP host and port.
     Tcp(String, u16),
+    /// TCP host and port, speaking TLS (`certificate_file` and `private_key_file`).
+    Https(String, u16),
     /// A Unix domain socket path.
     Unix(PathBuf),
 }
 
 impl Address {
-    /// Parses `http://host:port`, `https://...` (refused: TLS is not supported yet) or `unix:/path`.
+    /// Parses `http://host:port`, `https://host:port` or `unix:/path`.
     pub fn parse(key: &str, s: &str) -> Result<Self, ConfigError> {
         let bad = |why: &str| ConfigError::Value {
             key: key.into(),
@@ -29,14 +31,15 @@ impl Address {
             }
             return Ok(Address::Unix(path.into()));
         }
-        if s.starts_with("https://") {
-            return Err(bad(
-                "https listeners are not supported yet; terminate TLS in front of tchserve",
-            ));
-        }
-        let rest = s
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("expected http://host:port or unix:/path"))?;
+        let (tls, rest) = match (s.strip_prefix("https://"), s.strip_prefix("http://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => {
+                return Err(bad(
+                    "expected http://host:port, https://host:port or unix:/path",
+                ));
+            }
+        };
         let rest = rest.trim_end_matches('/');
         // An IPv6 host is bracketed: http://[::1]:8080.
         let (host, port) = match rest.strip_prefix('[') {
@@ -53,10 +56,23 @@ impl Address {
         };
         let port = match port {
             Some(p) => p.parse().map_err(|_| bad("the port is not a number"))?,
+            None if tls => 443,
             None => 80,
         };
+        if host.is_empty() {
+            return Err(bad("the host is empty"));
+        }
         let host = host.to_string();
-        Ok(Address::Tcp(host, port))
+        Ok(if tls {
+            Address::Https(host, port)
+        } else {
+            Address::Tcp(host, port)
+        })
+    }
+
+    /// Whether the listener speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Address::Https(..))
     }
 }
 
@@ -65,6 +81,8 @@ impl std::fmt::Display for Address {
         match self {
             Address::Tcp(h, p) if h.contains(':') => write!(f, "http://[{h}]:{p}"),
             Address::Tcp(h, p) => write!(f, "http://{h}:{p}"),
+            Address::Https(h, p) if h.contains(':') => write!(f, "https://[{h}]:{p}"),
+            Address::Https(h, p) => write!(f, "https://{h}:{p}"),
             Address::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -172,12 +190,25 @@ pub struct Config {
     pub grpc_inference: (String, u16),
     /// `grpc_management_address` and `grpc_management_port`: TorchServe's gRPC management.
     pub grpc_management: (String, u16),
+    /// `certificate_file`: the PEM certificate chain of the https and gRPC TLS listeners.
+    pub certificate_file: Option<PathBuf>,
+    /// `private_key_file`: the PEM private key that goes with `certificate_file`.
+    pub private_key_file: Option<PathBuf>,
+    /// `enable_grpc_ssl`: the gRPC listeners speak TLS with the same certificate.
+    pub enable_grpc_ssl: bool,
+    /// `allowed_urls`: regular expressions a remote archive URL must match whole. Empty (the
+    /// default) allows the model store only.
+    pub allowed_urls: Vec<String>,
+    /// `max_archive_size`: the largest archive a URL registration downloads, bytes.
+    pub max_archive_size: u64,
+    /// `archive_download_timeout`: the longest a URL registration's download may take.
+    pub archive_download_timeout: Duration,
     /// Keys that were present but are not used by tchserve.
     pub ignored_keys: Vec<String>,
 }
 
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
-const ENV_KEYS: [&str; 26] = [
+const ENV_KEYS: [&str; 31] = [
     "grpc_inference_address",
     "grpc_inference_port",
     "grpc_management_address",
@@ -204,11 +235,20 @@ const ENV_KEYS: [&str; 26] = [
     "body_read_timeout",
     "keep_alive_timeout",
     "max_connections",
+    "certificate_file",
+    "private_key_file",
+    "enable_grpc_ssl",
+    "max_archive_size",
+    "archive_download_timeout",
 ];
 
 /// Keys TorchServe knows that tchserve reads but does not act on, which are not worth a warning.
-const QUIET_KEYS: [&str; 6] = [
+const QUIET_KEYS: [&str; 9] = [
     "enable_envvars_config",
+    "use_env_allowed_urls",
+    // Only named with `keystore`, which is refused with a way to convert it.
+    "keystore_pass",
+    "keystore_type",
     // KServe's routes are always served, whatever envelope TorchServe was told to expect.
     "service_envelope",
     "number_of_netty_threads",
@@ -246,6 +286,12 @@ impl Default for Config {
             // 127.0.0.1, not every interface: TorchServe's fix for CVE-2024-35199.
             grpc_inference: ("127.0.0.1".into(), 7070),
             grpc_management: ("127.0.0.1".into(), 7071),
+            certificate_file: None,
+            private_key_file: None,
+            enable_grpc_ssl: false,
+            allowed_urls: Vec::new(),
+            max_archive_size: 2 << 30,
+            archive_download_timeout: Duration::from_secs(1200),
             ignored_keys: Vec::new(),
         }
     }
@@ -316,6 +362,15 @@ impl Config {
                     props.insert(key.to_string(), v);
                 }
             }
+        }
+        // TorchServe reads TS_ALLOWED_URLS only when told to, so a stray environment variable
+        // cannot widen what may be downloaded.
+        if props
+            .get("use_env_allowed_urls")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+            && let Some(v) = env("TS_ALLOWED_URLS")
+        {
+            props.insert("allowed_urls".into(), v);
         }
         let mut cfg = Config::default();
         for (key, raw) in &props {
@@ -445,11 +500,83 @@ impl Config {
                     _ => return Err(bad("expected prometheus, log or legacy")),
                 },
                 "cpu_threads" => cfg.cpu_threads = (int()? as usize).max(1),
+                "certificate_file" => cfg.certificate_file = Some(PathBuf::from(value)),
+                "private_key_file" => cfg.private_key_file = Some(PathBuf::from(value)),
+                "enable_grpc_ssl" => cfg.enable_grpc_ssl = boolean()?,
+                "keystore" => {
+                    return Err(bad(
+                        "Java keystores are not read; convert it to PEM files and set \
+                         certificate_file and private_key_file: openssl pkcs12 -in KEYSTORE \
+                         -nokeys -out cert.pem && openssl pkcs12 -in KEYSTORE -nocerts -nodes \
+                         -out key.pem",
+                    ));
+                }
+                "allowed_urls" => {
+                    let list: Vec<String> = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                    for pattern in &list {
+                        if let Err(e) = regex::Regex::new(pattern) {
+                            return Err(bad(&format!(
+                                "{pattern:?} is not a regular expression: {e}"
+                            )));
+                        }
+                    }
+                    cfg.allowed_urls = list;
+                }
+                "max_archive_size" => cfg.max_archive_size = int()?.max(1),
+                "archive_download_timeout" => {
+                    let b = bounds::Bound {
+                        name: "archive_download_timeout",
+                        range: 1..=86_400,
+                        unit: " s",
+                    };
+                    cfg.archive_download_timeout = Duration::from_secs(bounded(&b)?);
+                }
                 k if QUIET_KEYS.contains(&k) => {}
                 _ => cfg.ignored_keys.push(key.clone()),
             }
         }
+        cfg.check_tls()?;
         Ok(cfg)
+    }
+
+    /// TLS listeners need both halves of the identity: say which is missing at start.
+    fn check_tls(&self) -> Result<(), ConfigError> {
+        let tls_key = [
+            ("inference_address", &self.inference_address),
+            ("management_address", &self.management_address),
+            ("metrics_address", &self.metrics_address),
+        ]
+        .into_iter()
+        .find(|(_, a)| a.is_tls())
+        .map(|(k, _)| k)
+        .or(self.enable_grpc_ssl.then_some("enable_grpc_ssl"));
+        let Some(key) = tls_key else {
+            return Ok(());
+        };
+        for (name, file) in [
+            ("certificate_file", &self.certificate_file),
+            ("private_key_file", &self.private_key_file),
+        ] {
+            if file.is_none() {
+                return Err(ConfigError::Value {
+                    key: key.into(),
+                    value: if key == "enable_grpc_ssl" {
+                        "true".into()
+                    } else {
+                        "https://...".into()
+                    },
+                    reason: format!(
+                        "TLS needs {name} (PEM); tchserve makes no self-signed certificate"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads a `config.properties` file.
@@ -633,6 +760,67 @@ mod tests {
             "http://localhost:1"
         );
         assert!(Address::parse("k", "unix:relative").is_err());
-        assert!(Address::parse("k", "https://x:1").is_err());
+        assert_eq!(
+            Address::parse("k", "https://[::1]").unwrap().to_string(),
+            "https://[::1]:443"
+        );
+        assert!(Address::parse("k", "https://:8443").is_err());
+        assert!(Address::parse("k", "ftp://x:1").is_err());
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_no_keystore() {
+        let props = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let e = Config::from_properties(
+            &props(&[("inference_address", "https://127.0.0.1:8443")]),
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("certificate_file"), "{e}");
+        let e = Config::from_properties(
+            &props(&[("enable_grpc_ssl", "true"), ("certificate_file", "/c.pem")]),
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("private_key_file"), "{e}");
+        let ok = Config::from_properties(
+            &props(&[
+                ("management_address", "https://127.0.0.1:8444"),
+                ("certificate_file", "/c.pem"),
+                ("private_key_file", "/k.pem"),
+            ]),
+            &no_env,
+        )
+        .unwrap();
+        assert!(ok.management_address.is_tls());
+        let e = Config::from_properties(&props(&[("keystore", "ks.p12")]), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("openssl pkcs12"), "{e}");
+    }
+
+    #[test]
+    fn allowed_urls_from_the_environment_only_when_asked() {
+        let env = |k: &str| (k == "TS_ALLOWED_URLS").then(|| "https://.*".to_string());
+        let base: BTreeMap<String, String> = [(
+            "allowed_urls".to_string(),
+            "https://models\\.example\\.com/.*".to_string(),
+        )]
+        .into();
+        let cfg = Config::from_properties(&base, &env).unwrap();
+        assert_eq!(cfg.allowed_urls, ["https://models\\.example\\.com/.*"]);
+        let mut asked = base.clone();
+        asked.insert("use_env_allowed_urls".into(), "true".into());
+        let cfg = Config::from_properties(&asked, &env).unwrap();
+        assert_eq!(cfg.allowed_urls, ["https://.*"]);
+        let bad: BTreeMap<String, String> = [("allowed_urls".to_string(), "(".to_string())].into();
+        assert!(Config::from_properties(&bad, &no_env).is_err());
     }
 }

@@ -47,13 +47,70 @@ const MAX_HEAD_SIZE: usize = 64 * 1024;
 /// Serves `router` on `listener` until `stop` turns true, then stops accepting, lets each
 /// connection finish the request it is serving, and returns once all are closed.
 pub async fn serve<L>(
-    mut listener: L,
+    listener: L,
     router: Router,
     limits: ConnectionLimits,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     L: Listener,
     L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let max = limits.max_connections;
+    accept_loop(
+        listener,
+        limits,
+        stop,
+        move |io, stop| connection(io, router.clone(), limits, stop),
+        move |io| refuse(io, max),
+    )
+    .await;
+}
+
+/// [`serve`] over TLS: each connection's handshake runs on its own task, within
+/// `header_read_timeout`, so a slow or silent client holds no one else up. Connections over
+/// the cap are closed (a 503 would need a handshake first).
+pub async fn serve_tls<L>(
+    listener: L,
+    acceptor: tokio_rustls::TlsAcceptor,
+    router: Router,
+    limits: ConnectionLimits,
+    stop: watch::Receiver<bool>,
+) where
+    L: Listener<Io = tokio::net::TcpStream>,
+{
+    accept_loop(
+        listener,
+        limits,
+        stop,
+        move |tcp, stop| {
+            let (acceptor, router) = (acceptor.clone(), router.clone());
+            async move {
+                if let Some(tls) =
+                    crate::tls::accept(&acceptor, tcp, limits.header_read_timeout).await
+                {
+                    connection(tls, router, limits, stop).await;
+                }
+            }
+        },
+        |io| async move { drop(io) },
+    )
+    .await;
+}
+
+/// Accepts connections until `stop`, handing each to `serve_one` on its own task while under
+/// the cap and to `refuse_one` past it; returns once every connection has closed.
+async fn accept_loop<L, S, SF, R, RF>(
+    mut listener: L,
+    limits: ConnectionLimits,
+    mut stop: watch::Receiver<bool>,
+    serve_one: S,
+    refuse_one: R,
+) where
+    L: Listener,
+    S: Fn(L::Io, watch::Receiver<bool>) -> SF,
+    SF: Future<Output = ()> + Send + 'static,
+    R: Fn(L::Io) -> RF,
+    RF: Future<Output = ()> + Send + 'static,
 {
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
@@ -64,16 +121,17 @@ pub async fn serve<L>(
         };
         match Arc::clone(&open).try_acquire_owned() {
             Ok(permit) => {
-                let (router, stop) = (router.clone(), stop.clone());
+                let task = serve_one(io, stop.clone());
                 tokio::spawn(async move {
-                    connection(io, router, limits, stop).await;
+                    task.await;
                     drop(permit);
                 });
             }
             Err(_) => {
                 if let Ok(permit) = Arc::clone(&refusing).try_acquire_owned() {
+                    let task = refuse_one(io);
                     tokio::spawn(async move {
-                        refuse(io, limits.max_connections).await;
+                        task.await;
                         drop(permit);
                     });
                 }

@@ -60,6 +60,9 @@ pub enum ServerError {
          (--disable-token-auth)"
     )]
     KeyFile(#[from] crate::auth::KeyFileError),
+    /// The TLS certificate or key cannot be used.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Runs the server until `shutdown` completes, then stops gracefully: listeners stop accepting,
@@ -77,6 +80,12 @@ pub async fn run(
     for key in &config.ignored_keys {
         tracing::warn!("config key {key} is not used by tchserve");
     }
+    // Read before any model loads: a wrong path or a key that does not match its certificate
+    // should stop the start at once.
+    let identity = match (&config.certificate_file, &config.private_key_file) {
+        (Some(cert), Some(key)) => Some(crate::tls::Identity::load(cert, key)?),
+        _ => None,
+    };
     let store = match &config.model_store {
         Some(dir) => Some(ModelStore::open(dir).map_err(|e| ServerError::Store(e.to_string()))?),
         None => None,
@@ -211,7 +220,7 @@ pub async fn run(
         &config.management_address,
         &config.metrics_address,
     ] {
-        bound.push(bind(address).await?);
+        bound.push(bind(address, identity.as_ref()).await?);
     }
     let mut grpc_bound = Vec::new();
     for (host, port) in [&config.grpc_inference, &config.grpc_management] {
@@ -253,7 +262,12 @@ pub async fn run(
             listener.serve(router, limits, stop_rx.clone())
         })
         .collect();
-    for (listener, router) in grpc_bound.into_iter().zip(grpc_routers(&state)) {
+    let grpc_identity = identity.as_ref().filter(|_| config.enable_grpc_ssl);
+    for (listener, router) in grpc_bound.into_iter().zip(grpc_routers(
+        &state,
+        grpc_identity,
+        limits.header_read_timeout,
+    )?) {
         servers.push(tokio::spawn(frontends::grpc::serve(
             listener,
             router,
@@ -291,20 +305,36 @@ pub async fn run(
 
 /// The gRPC inference listener's services (TorchServe's and the v2 protocol's) and the gRPC
 /// management listener's, each behind its key.
-fn grpc_routers(state: &AppState) -> [tonic::transport::server::Router; 2] {
+fn grpc_routers(
+    state: &AppState,
+    identity: Option<&crate::tls::Identity>,
+    handshake_timeout: Duration,
+) -> Result<[tonic::transport::server::Router; 2], ServerError> {
     use crate::auth::Scope;
     use frontends::grpc::require_key;
     use tonic::service::interceptor::InterceptedService;
     let tokens = state.tokens.clone();
     // Large tensors travel in one message: let HTTP/2's flow-control windows grow to fit them
     // rather than stall every 64 KiB.
-    let builder = || {
-        tonic::transport::Server::builder()
+    let builder = || -> Result<tonic::transport::Server, ServerError> {
+        let server = tonic::transport::Server::builder()
             .http2_adaptive_window(Some(true))
             .max_frame_size(Some(1 << 20))
-            .max_concurrent_streams(Some(256))
+            .max_concurrent_streams(Some(256));
+        let Some(id) = identity else {
+            return Ok(server);
+        };
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &id.cert_pem,
+                &id.key_pem,
+            ))
+            .timeout(handshake_timeout);
+        server
+            .tls_config(tls)
+            .map_err(|e| ServerError::Tls(crate::tls::TlsError::Grpc(e.to_string())))
     };
-    let inference = builder()
+    let inference = builder()?
         .add_service(InterceptedService::new(
             frontends::torchserve::grpc::inference_service(state.clone()),
             require_key(tokens.clone(), Scope::Inference),
@@ -312,11 +342,11 @@ fn grpc_routers(state: &AppState) -> [tonic::transport::server::Router; 2] {
         // Health is open, as /ping is; the v2 service checks keys per call, since its
         // repository calls take the management key.
         .add_service(frontends::v2::grpc::service(state.clone()));
-    let management = builder().add_service(InterceptedService::new(
+    let management = builder()?.add_service(InterceptedService::new(
         frontends::torchserve::grpc::management_service(state.clone()),
         require_key(tokens, Scope::Management),
     ));
-    [inference, management]
+    Ok([inference, management])
 }
 
 /// Registrations for `load_models` / `--models`.
@@ -346,10 +376,14 @@ fn startup(model_name: Option<String>, url: String) -> RegisterParams {
 /// A listener bound to its address, not yet answering.
 enum Bound {
     Tcp(tokio::net::TcpListener),
+    Tls(tokio::net::TcpListener, tokio_rustls::TlsAcceptor),
     Unix(tokio::net::UnixListener),
 }
 
-async fn bind(address: &Address) -> Result<Bound, ServerError> {
+async fn bind(
+    address: &Address,
+    identity: Option<&crate::tls::Identity>,
+) -> Result<Bound, ServerError> {
     let bind_err = |source| ServerError::Bind {
         address: address.to_string(),
         source,
@@ -360,6 +394,18 @@ async fn bind(address: &Address) -> Result<Bound, ServerError> {
                 .await
                 .map_err(bind_err)?,
         ),
+        Address::Https(host, port) => {
+            // The configuration refuses https without both files, so this holds.
+            let identity = identity.ok_or_else(|| {
+                ServerError::Store("https needs certificate_file and private_key_file".into())
+            })?;
+            Bound::Tls(
+                tokio::net::TcpListener::bind((host.as_str(), *port))
+                    .await
+                    .map_err(bind_err)?,
+                identity.http_acceptor()?,
+            )
+        }
         Address::Unix(path) => {
             if std::fs::symlink_metadata(path).is_ok_and(|m| {
                 use std::os::unix::fs::FileTypeExt;
@@ -387,6 +433,14 @@ impl Bound {
                     let _ = tcp.set_nodelay(true);
                 });
                 tokio::spawn(listener::serve(listener, router, limits, stop))
+            }
+            Bound::Tls(listener, acceptor) => {
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                tokio::spawn(listener::serve_tls(
+                    listener, acceptor, router, limits, stop,
+                ))
             }
             Bound::Unix(listener) => tokio::spawn(listener::serve(listener, router, limits, stop)),
         }

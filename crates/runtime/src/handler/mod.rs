@@ -21,7 +21,7 @@ use tchserve_mar::handler::{
 };
 
 pub use image_input::{Rgb, decode as decode_image, preprocess as preprocess_image};
-pub use tensor_input::{Decoded, Wrap};
+pub use tensor_input::{Decoded, Wrap, decode as decode_tensor};
 
 use crate::error::RuntimeError;
 use crate::job::{Payload, PredictError, Prediction, RawTensor};

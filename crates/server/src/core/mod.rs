@@ -4,6 +4,7 @@
 
 pub mod bounds;
 pub mod error;
+pub mod fetch;
 pub mod infer;
 pub mod registry;
 pub mod settings;

@@ -13,6 +13,7 @@ use tchserve_backend::{Backend, ModelSpec, WorkerState, Workers};
 use tchserve_mar::{Archive, HandlerManifest, ModelStore, RuntimeType, serving};
 
 use super::error::ApiError;
+use super::fetch::{self, Fetched, Fetcher};
 use super::settings::{ServingSettings, Sources};
 use crate::config::Config;
 
@@ -139,6 +140,8 @@ pub struct Registry {
     scratch_root: PathBuf,
     backend: Arc<dyn Backend>,
     config: Arc<Config>,
+    /// Downloads archives registered by URL into the store; `Err` says why it cannot.
+    fetcher: Result<Fetcher, String>,
 }
 
 impl Registry {
@@ -149,12 +152,39 @@ impl Registry {
         scratch_root: PathBuf,
         backend: Arc<dyn Backend>,
     ) -> Self {
+        let fetcher = match &store {
+            Some(store) => Fetcher::new(
+                store.root().to_path_buf(),
+                &config.allowed_urls,
+                config.max_archive_size,
+                config.archive_download_timeout,
+            ),
+            None => Err("Model store has not been configured.".into()),
+        };
         Registry {
             models: RwLock::default(),
             store,
             scratch_root,
             backend,
             config,
+            fetcher,
+        }
+    }
+
+    /// Downloads a remote archive into the model store (see [`super::fetch`]).
+    pub async fn fetch_archive(&self, url: &str) -> Result<Fetched, ApiError> {
+        match &self.fetcher {
+            Ok(f) => Ok(f.fetch(url).await?),
+            Err(why) => Err(ApiError::bad_request(format!(
+                "Failed to download archive from: {url}: {why}"
+            ))),
+        }
+    }
+
+    /// Removes an archive [`Registry::fetch_archive`] just downloaded.
+    pub fn discard_download(&self, name: &str) {
+        if let Ok(f) = &self.fetcher {
+            f.discard(name);
         }
     }
 
@@ -369,9 +399,11 @@ impl Registry {
                 "Relative path is not allowed in url: {url}"
             )));
         }
-        if url.starts_with("http://") || url.starts_with("https://") || url.starts_with("s3://") {
+        // Remote archives are fetched into the store before they reach here.
+        if fetch::is_remote(url) || url.starts_with("s3://") {
             return Err(ApiError::bad_request(format!(
-                "Failed to download archive from: {url}: tchserve does not download archives; copy it into the model store and register it by name"
+                "Failed to download archive from: {url}: archives are downloaded only by the \
+                 management API's POST /models; list the downloaded file instead"
             )));
         }
         match &self.store {

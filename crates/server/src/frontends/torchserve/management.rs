@@ -209,9 +209,16 @@ pub async fn register_model(st: &AppState, params: &HashMap<String, String>) -> 
     if !st.config.enable_model_api {
         return Err(ApiError::method_not_allowed());
     }
-    let Some(url) = params.get("url").cloned() else {
+    let Some(mut url) = params.get("url").cloned() else {
         return Err(ApiError::bad_request("Parameter url is required."));
     };
+    let mut fresh_download = None;
+    if crate::core::fetch::is_remote(&url) {
+        // The registry keeps the store's file name: a restart loads it from there.
+        let fetched = st.registry.fetch_archive(&url).await?;
+        url = fetched.name.clone();
+        fresh_download = fetched.fresh.then_some(fetched.name);
+    }
     let number = |key| int_param(params, key);
     let p = RegisterParams {
         url,
@@ -235,7 +242,18 @@ pub async fn register_model(st: &AppState, params: &HashMap<String, String>) -> 
     let sync = p.synchronous;
     let reg = tokio::task::spawn_blocking(move || registry.register(&p))
         .await
-        .map_err(|e| ApiError::internal(format!("registration failed: {e}")))??;
+        .map_err(|e| ApiError::internal(format!("registration failed: {e}")))
+        .and_then(|r| r);
+    let reg = match reg {
+        Ok(reg) => reg,
+        Err(e) => {
+            // As TorchServe does: an archive downloaded for a registration that failed goes.
+            if let Some(name) = fresh_download {
+                st.registry.discard_download(&name);
+            }
+            return Err(e);
+        }
+    };
     st.save_snapshot().await;
     let (m, v) = (&reg.model.name, &reg.model.version);
     tracing::info!(model = %m, version = %v, workers = reg.workers, "model registered");

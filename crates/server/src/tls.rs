@@ -1,0 +1,214 @@
+//! TLS for the listeners: the server's identity from PEM files, and the handshake that turns an
+//! accepted TCP connection into a TLS one.
+//!
+//! rustls with the ring provider: no OpenSSL, and the same code path for HTTP and gRPC.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+/// Why the TLS identity cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The certificate file holds no PEM certificate.
+    #[error("certificate_file {}: no PEM certificate in it ({source})", .path.display())]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What the PEM reader said.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The key file holds no PEM private key.
+    #[error("private_key_file {}: no PEM private key in it ({source})", .path.display())]
+    NoKey {
+        /// The file.
+        path: PathBuf,
+        /// What the PEM reader said.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// rustls refused the pair (the key does not match, or a kind it does not support).
+    #[error("certificate_file and private_key_file: {0}")]
+    Identity(#[from] rustls::Error),
+    /// The gRPC listeners' TLS could not be set up.
+    #[error("gRPC TLS: {0}")]
+    Grpc(String),
+}
+
+/// The server's certificate chain and key, read once at start.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The chain, PEM text as read (gRPC's TLS takes it this way).
+    pub cert_pem: Vec<u8>,
+    /// The key, PEM text as read.
+    pub key_pem: Vec<u8>,
+    certs: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+}
+
+impl Identity {
+    /// Reads and checks `certificate_file` and `private_key_file`.
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let (cert_pem, key_pem) = (read(cert_file)?, read(key_file)?);
+        let certs = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|c| {
+                if c.is_empty() {
+                    Err(rustls::pki_types::pem::Error::NoItemsFound)
+                } else {
+                    Ok(c)
+                }
+            })
+            .map_err(|source| TlsError::NoCertificate {
+                path: cert_file.to_path_buf(),
+                source,
+            })?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|source| TlsError::NoKey {
+            path: key_file.to_path_buf(),
+            source,
+        })?;
+        let identity = Identity {
+            cert_pem,
+            key_pem,
+            certs,
+            key: Arc::new(key),
+        };
+        // Fails here, at start, when the key does not belong to the certificate.
+        identity.server_config(&[])?;
+        Ok(identity)
+    }
+
+    /// A rustls server configuration offering `alpn` protocols.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(self.certs.clone(), self.key.clone_key())?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    /// The acceptor for an HTTP/1.1 listener.
+    pub fn http_acceptor(&self) -> Result<TlsAcceptor, TlsError> {
+        Ok(TlsAcceptor::from(self.server_config(&[b"http/1.1"])?))
+    }
+}
+
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Runs the TLS handshake on an accepted connection within `timeout`. A client that speaks
+/// plain HTTP to the TLS port is told so in JSON and closed; any other failure just closes.
+pub async fn accept(
+    acceptor: &TlsAcceptor,
+    mut tcp: TcpStream,
+    timeout: Duration,
+) -> Option<TlsStream<TcpStream>> {
+    let handshake = async {
+        let mut first = [0u8; 1];
+        let n = tcp.peek(&mut first).await.ok()?;
+        if n == 1 && first[0] != TLS_HANDSHAKE_RECORD && first[0].is_ascii_alphabetic() {
+            answer_plain_http(&mut tcp).await;
+            return None;
+        }
+        match acceptor.accept(tcp).await {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                tracing::debug!("TLS handshake failed: {e}");
+                None
+            }
+        }
+    };
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Answers a plain-HTTP request on a TLS port with 400 and closes: the client learns what to fix
+/// instead of reading a TLS alert as garbage.
+async fn answer_plain_http(tcp: &mut TcpStream) {
+    let body = crate::frontends::pretty_json(&serde_json::json!({
+        "code": 400,
+        "type": "BadRequestException",
+        "message": "this port speaks TLS: use https://",
+    }));
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.write_all(response.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_that_are_not_pem_are_named() {
+        let dir = std::env::temp_dir().join(format!("tchserve-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, "not a certificate").expect("write");
+        std::fs::write(&key, "not a key").expect("write");
+        let e = Identity::load(&cert, &key)
+            .expect_err("not PEM")
+            .to_string();
+        assert!(e.starts_with("certificate_file"), "{e}");
+        assert!(e.contains("cert.pem"), "{e}");
+        let e = Identity::load(&dir.join("missing.pem"), &key)
+            .expect_err("missing")
+            .to_string();
+        assert!(e.contains("missing.pem"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_key_must_match_its_certificate() {
+        let dir = std::env::temp_dir().join(format!("tchserve-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let other = rcgen::KeyPair::generate().expect("key");
+        let (cert, key, wrong) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("w.pem"));
+        std::fs::write(&cert, made.cert.pem()).expect("write");
+        std::fs::write(&key, made.signing_key.serialize_pem()).expect("write");
+        std::fs::write(&wrong, other.serialize_pem()).expect("write");
+        assert!(Identity::load(&cert, &key).is_ok());
+        let e = Identity::load(&cert, &wrong)
+            .expect_err("mismatch")
+            .to_string();
+        assert!(
+            e.starts_with("certificate_file and private_key_file"),
+            "{e}"
+        );
+        let e = Identity::load(&key, &key)
+            .expect_err("a key is no certificate")
+            .to_string();
+        assert!(e.starts_with("certificate_file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
