@@ -114,20 +114,27 @@ pub fn to_json(models: &std::collections::BTreeMap<String, ModelEntry>) -> Value
     json!({"name": FILE_NAME, "modelCount": count, "created": created, "models": out})
 }
 
-/// Writes `value` to `dir/snapshot.json` atomically.
+/// Writes `value` to `dir/snapshot.json` atomically. On failure (a full disk, say) the old
+/// snapshot is untouched and the partial file is removed.
 pub fn write(dir: &Path, value: &Value) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
     let final_path = dir.join(FILE_NAME);
     let tmp = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
-    let mut f = File::create(&tmp)?;
-    f.write_all(
-        serde_json::to_string_pretty(value)
-            .unwrap_or_default()
-            .as_bytes(),
-    )?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, &final_path)?;
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(
+            serde_json::to_string_pretty(value)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, &final_path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     // The rename itself is durable only once the folder is synced.
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
