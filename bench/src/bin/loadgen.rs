@@ -7,9 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tchserve_bench::http::{check_loopback, post, read_response};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[derive(Debug, Parser)]
@@ -60,20 +61,10 @@ mod pb {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let host = args.addr.split(':').next().unwrap_or("");
-    if !(host == "127.0.0.1" || host == "localhost" || host == "[::1]") {
-        bail!("loadgen only targets loopback addresses");
-    }
+    check_loopback(&args.addr)?;
     let body = std::fs::read(&args.body).with_context(|| args.body.display().to_string())?;
     let extra: String = args.headers.iter().map(|h| format!("{h}\r\n")).collect();
-    let mut request = format!(
-        "POST {} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {}\r\nContent-Length: {}\r\n{extra}\r\n",
-        args.path,
-        args.content_type,
-        body.len()
-    )
-    .into_bytes();
-    request.extend_from_slice(&body);
+    let request = post(&args.path, &args.content_type, &extra, &body);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
@@ -228,43 +219,4 @@ async fn connection(addr: &str, request: &[u8], window: Window) -> anyhow::Resul
         tally.record(window, sent, status == 200);
     }
     Ok(tally)
-}
-
-/// Reads one response with a Content-Length body; returns its status.
-async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u16> {
-    let mut filled = 0;
-    loop {
-        if filled == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-        let n = stream.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            bail!("connection closed");
-        }
-        filled += n;
-        if let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = std::str::from_utf8(&buf[..end])?;
-            let status: u16 = head.split_whitespace().nth(1).context("status")?.parse()?;
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .context("content-length")?;
-            let total = end + 4 + len;
-            while filled < total {
-                if filled == buf.len() {
-                    buf.resize(buf.len() * 2, 0);
-                }
-                let n = stream.read(&mut buf[filled..]).await?;
-                if n == 0 {
-                    bail!("connection closed");
-                }
-                filled += n;
-            }
-            return Ok(status);
-        }
-    }
 }

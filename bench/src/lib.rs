@@ -1,0 +1,3 @@
+//! Pieces the benchmark binaries share.
+
+pub mod http;
