@@ -11,9 +11,12 @@ cd "$root/fuzz"
 minutes=${1:-1}
 shift || true
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+# The image, tensor_input and http_request targets link libtorch; its rpath is set only for the
+# project's own binaries.
+export LD_LIBRARY_PATH="$root/.libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 seeds=$root/fuzz/seeds
-mkdir -p "$seeds"/{archive,manifest,handler_manifest,model_config,config_properties,v2_tensor}
+mkdir -p "$seeds"/{archive,manifest,handler_manifest,model_config,config_properties,v2_tensor,image,tensor_input,http_request}
 if [ ! -e "$seeds/.made" ]; then
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
@@ -54,6 +57,60 @@ CFG
     done
     { printf '\x0d'; printf '["a", "bc"]'; } > "$seeds/v2_tensor/strings"
     touch "$seeds/.made"
+fi
+
+# Requests: small images in every format (raw, and base64 in JSON), tensor bodies in JSON and raw
+# bytes, and whole HTTP bodies for each protocol. The first bytes of each seed are the target's
+# selector bytes (see the target's comment).
+if [ ! -e "$seeds/.made-requests" ]; then
+    "$root/.venv/bin/python" - "$seeds" <<'PY'
+import base64, io, json, struct, sys
+from pathlib import Path
+from PIL import Image
+
+seeds = Path(sys.argv[1])
+img = Image.new("RGB", (24, 16))
+for x in range(24):
+    for y in range(16):
+        img.putpixel((x, y), (x * 10, y * 15, (x * y) % 256))
+for fmt in ["JPEG", "PNG", "WEBP", "BMP", "GIF"]:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    (seeds / "image" / f"small.{fmt.lower()}").write_bytes(b"\x00" + buf.getvalue())
+    if fmt == "JPEG":
+        body = json.dumps({"data": base64.b64encode(buf.getvalue()).decode()}).encode()
+        (seeds / "image" / "b64.json").write_bytes(b"\x02" + body)
+        (seeds / "image" / "progressive.jpg").write_bytes(b"\x01" + buf.getvalue())
+
+t = seeds / "tensor_input"
+(t / "json").write_bytes(bytes([0, 1, 0]) + b"[[1.0, 2.5, -3.0, 4.0]]")
+(t / "instances").write_bytes(bytes([0, 2, 0]) + b'{"instances": [[[1, 2], [3, 4]]]}')
+raw = struct.pack("<6f", *range(6))
+(t / "raw").write_bytes(bytes([0, 3, 10]) + b"float32|2,3" + raw)
+(t / "raw_i64").write_bytes(bytes([4, 1, 11]) + b"int64|1,2" + struct.pack("<2q", 7, -7))
+
+h = seeds / "http_request"
+none = b"\xff\xff"
+v2 = {"id": "a", "inputs": [{"name": "input0", "shape": [1, 4], "datatype": "FP32",
+                              "data": [1, 2, 3, 4]}], "outputs": [{"name": "output0"}]}
+(h / "v2_json").write_bytes(bytes([0, 0]) + none + json.dumps(v2).encode())
+head = json.dumps({"inputs": [{"name": "input0", "shape": [1, 4], "datatype": "FP32",
+                               "parameters": {"binary_data_size": 16}}],
+                   "outputs": [{"name": "output0", "parameters": {"binary_data": True}}]}).encode()
+(h / "v2_binary").write_bytes(bytes([0, 1]) + struct.pack("<H", len(head)) + head
+                              + struct.pack("<4f", 1, 2, 3, 4))
+v2b = {"inputs": [{"name": "input0", "shape": [2], "datatype": "BYTES", "data": ["x", "yz"]}]}
+(h / "v2_bytes").write_bytes(bytes([1, 0]) + none + json.dumps(v2b).encode())
+(h / "v1").write_bytes(bytes([2, 0]) + none + b'{"instances": [[1, 2, 3, 4], {"b64": "AAE="}]}')
+form = (b"--XyZ\r\nContent-Disposition: form-data; name=\"data\"; filename=\"a.bin\"\r\n"
+        b"Content-Type: application/octet-stream\r\n\r\n[1, 2, 3, 4]\r\n"
+        b"--XyZ\r\nContent-Disposition: form-data; name=\"extra\"\r\n\r\nvalue\r\n--XyZ--\r\n")
+(h / "multipart").write_bytes(bytes([3, 2]) + none + form)
+(h / "form").write_bytes(bytes([4, 3]) + none + b"data=%5B1%2C2%5D&x=y")
+(h / "raw").write_bytes(bytes([3, 1]) + none + b"[1, 2, 3, 4]")
+(h / "index").write_bytes(bytes([5, 0]) + none + b'{"ready": true}')
+PY
+    touch "$seeds/.made-requests"
 fi
 
 targets=("$@")

@@ -715,6 +715,21 @@ fn malformed_tensors_fail_alone_with_400() {
     let r = parse(&common::http::send_raw(&s.inference, &raw, Duration::from_secs(10)).unwrap())
         .unwrap();
     assert_error(&r, 400, "BadRequestException", "X-Tensor-Dtype");
+    // Found by fuzzing: sizes whose product wraps around to the number of values sent.
+    assert_error(
+        &s.infer(
+            "POST",
+            "/predictions/scale",
+            &[
+                ("Content-Type", "application/octet-stream"),
+                ("X-Tensor-Shape", "7,7905747460161236407"),
+            ],
+            &[0u8; 4],
+        ),
+        400,
+        "InvalidInputException",
+        "does not hold the 1 values sent",
+    );
     let ok = s.infer(
         "POST",
         "/predictions/scale",

@@ -120,6 +120,11 @@ pub fn decode(
     Ok(decoded)
 }
 
+/// The number of elements of `dims`, if it fits in an `i64`.
+fn checked_product(dims: &[i64]) -> Option<i64> {
+    dims.iter().try_fold(1i64, |acc, d| acc.checked_mul(*d))
+}
+
 fn looks_like_json(part: &Part) -> bool {
     if let Some(ct) = &part.content_type {
         if ct.contains("json") {
@@ -280,6 +285,9 @@ fn decode_raw(
         )));
     }
     let n = (part.data.len() / size) as i64;
+    if n == 0 {
+        return Err(bad("the request holds no values"));
+    }
     let (wrap, full): (Wrap, Vec<i64>) = match payload.shape.as_deref() {
         Some(text) => {
             let dims: Vec<i64> = text
@@ -291,7 +299,9 @@ fn decode_raw(
                         "X-Tensor-Shape: expected comma-separated sizes, got {text:?}"
                     ))
                 })?;
-            if dims.iter().any(|d| *d < 0) || dims.iter().product::<i64>() != n {
+            // Checked: a product that wraps around to `n` would make the tensor claim far more
+            // memory than the body holds.
+            if dims.iter().any(|d| *d < 0) || checked_product(&dims) != Some(n) {
                 return Err(bad(format!(
                     "X-Tensor-Shape {} does not hold the {n} values sent",
                     shape_text(&dims)
@@ -308,8 +318,13 @@ fn decode_raw(
                     "a raw tensor body needs an X-Tensor-Shape header (the model's shape is not fixed)",
                 ));
             };
-            let per_n: i64 = per.iter().product();
-            if n % per_n != 0 || n == 0 {
+            let Some(per_n) = checked_product(per) else {
+                return Err(bad(format!(
+                    "the model's per-example shape {} is too large",
+                    shape_text(per)
+                )));
+            };
+            if n % per_n != 0 {
                 return Err(bad(format!(
                     "{n} values are not a whole number of examples of shape {}",
                     shape_text(per)
@@ -372,6 +387,30 @@ mod tests {
 
     fn values(t: &Tensor) -> Vec<f32> {
         Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap()
+    }
+
+    /// Found by the tensor_input fuzz target: an X-Tensor-Shape whose product overflows.
+    /// 7 x 7905747460161236407 wraps around to 1, which once matched a one-value body and
+    /// described a tensor of 5.5e19 elements over 4 bytes.
+    #[test]
+    fn shapes_whose_size_overflows_are_refused() {
+        let one = bytes::Bytes::copy_from_slice(&1.5f32.to_le_bytes());
+        for shape in [
+            "7,7905747460161236407",
+            "4611686018427387904,4,1",
+            "444,88,4,44,88,4,448",
+        ] {
+            let e = decode(&raw_payload(one.clone(), Some(shape)), DType::Float32, None)
+                .expect_err(shape);
+            assert!(e.to_string().contains("does not hold"), "{shape}: {e}");
+        }
+        let e = decode(
+            &raw_payload(bytes::Bytes::new(), Some("444,88,4,44,88,4,448,4")),
+            DType::Int64,
+            None,
+        )
+        .expect_err("empty");
+        assert!(e.to_string().contains("no values"), "{e}");
     }
 
     #[test]
