@@ -358,6 +358,8 @@ pub struct Fetcher {
     /// One download per URL at a time: a second registration of the same URL waits for the
     /// first and then finds the file.
     in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Downloads of different URLs finish at once: one ledger update at a time.
+    ledger: Mutex<()>,
 }
 
 impl Fetcher {
@@ -408,6 +410,7 @@ impl Fetcher {
             store,
             max_size,
             in_flight: Mutex::new(HashMap::new()),
+            ledger: Mutex::new(()),
         })
     }
 
@@ -434,7 +437,15 @@ impl Fetcher {
             };
         }
         self.download(&url, raw, &target).await?;
-        ledger_put(&self.store, &name, url.as_str()).map_err(|e| FetchError::Download {
+        let recorded = {
+            let _one = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+            ledger_put(&self.store, &name, url.as_str())
+        };
+        if recorded.is_err() {
+            // Unrecorded, the file would block its own URL later: it goes.
+            let _ = std::fs::remove_file(&target);
+        }
+        recorded.map_err(|e| FetchError::Download {
             url: raw.to_string(),
             why: format!("cannot record the download: {e}"),
         })?;
@@ -445,6 +456,7 @@ impl Fetcher {
     /// fails on a fresh download leaves nothing behind.
     pub fn discard(&self, name: &str) {
         let _ = std::fs::remove_file(self.store.join(name));
+        let _one = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
         let mut ledger = ledger_read(&self.store);
         if ledger.remove(name).is_some() {
             let _ = ledger_write(&self.store, &ledger);
