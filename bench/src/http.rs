@@ -25,18 +25,27 @@ pub fn check_loopback(addr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads more of the response into `buf` after its first `filled` bytes, growing it as needed.
+async fn read_more(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    filled: usize,
+) -> anyhow::Result<usize> {
+    if filled == buf.len() {
+        buf.resize(buf.len() * 2, 0);
+    }
+    let n = stream.read(&mut buf[filled..]).await?;
+    if n == 0 {
+        bail!("connection closed");
+    }
+    Ok(filled + n)
+}
+
 /// Reads one response with a Content-Length body; returns its status.
 pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u16> {
     let mut filled = 0;
     loop {
-        if filled == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-        let n = stream.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            bail!("connection closed");
-        }
-        filled += n;
+        filled = read_more(stream, buf, filled).await?;
         if let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
             let head = std::str::from_utf8(&buf[..end])?;
             let status: u16 = head.split_whitespace().nth(1).context("status")?.parse()?;
@@ -50,14 +59,7 @@ pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow:
                 .context("content-length")?;
             let total = end + 4 + len;
             while filled < total {
-                if filled == buf.len() {
-                    buf.resize(buf.len() * 2, 0);
-                }
-                let n = stream.read(&mut buf[filled..]).await?;
-                if n == 0 {
-                    bail!("connection closed");
-                }
-                filled += n;
+                filled = read_more(stream, buf, filled).await?;
             }
             return Ok(status);
         }
