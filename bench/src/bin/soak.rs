@@ -210,7 +210,12 @@ async fn calibrate(args: &Args, requests: Arc<Requests>) -> anyhow::Result<f64> 
 }
 
 /// One management cycle: every call must succeed.
-async fn management_cycle(args: &Args, n: u64, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+async fn management_cycle(
+    args: &Args,
+    mlp_body: &[u8],
+    n: u64,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<()> {
     let name = format!("soak_{n}");
     let get = |method: &str, path: String| {
         format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
@@ -233,7 +238,7 @@ async fn management_cycle(args: &Args, n: u64, buf: &mut Vec<u8>) -> anyhow::Res
                 &format!("/predictions/{name}"),
                 "application/json",
                 "",
-                &std::fs::read(&args.mlp_body)?,
+                mlp_body,
             ),
         ),
         (
@@ -329,6 +334,8 @@ async fn soak(args: Args, requests: Arc<Requests>) -> anyhow::Result<()> {
     }
     {
         let (record, args) = (Arc::clone(&record), args.clone());
+        // Read once here: the cycle runs on the async threads.
+        let mlp_body = std::fs::read(&args.mlp_body)?;
         let args_management = args.management_every;
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 1 << 16];
@@ -336,7 +343,7 @@ async fn soak(args: Args, requests: Arc<Requests>) -> anyhow::Result<()> {
             let mut at = record.start + Duration::from_secs(args_management);
             while at < end {
                 tokio::time::sleep_until(at.into()).await;
-                let result = management_cycle(&args, n, &mut buf).await;
+                let result = management_cycle(&args, &mlp_body, n, &mut buf).await;
                 if let Err(e) = &result {
                     eprintln!("management cycle {n}: {e}");
                 }

@@ -144,14 +144,36 @@ async fn accept_loop<L, S, SF, R, RF>(
 }
 
 /// Answers a connection over the cap with 503 and closes it.
-async fn refuse<I: AsyncWrite + Unpin>(mut io: I, max: usize) {
+async fn refuse<I: AsyncWrite + Unpin>(io: I, max: usize) {
+    answer_and_close(
+        io,
+        "503 Service Unavailable",
+        "ServiceUnavailableException",
+        &format!("too many open connections (max_connections is {max}); try again later"),
+    )
+    .await;
+}
+
+/// Writes one JSON error response, TorchServe's shape, without reading the request, and closes
+/// the connection; gives up after a second on a client that does not read.
+pub(crate) async fn answer_and_close<I: AsyncWrite + Unpin>(
+    mut io: I,
+    status: &str,
+    kind: &str,
+    message: &str,
+) {
+    let code: u16 = status
+        .split_whitespace()
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(500);
     let body = crate::frontends::pretty_json(&serde_json::json!({
-        "code": 503,
-        "type": "ServiceUnavailableException",
-        "message": format!("too many open connections (max_connections is {max}); try again later"),
+        "code": code,
+        "type": kind,
+        "message": message,
     }));
     let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -131,7 +130,14 @@ pub async fn accept(
         let mut first = [0u8; 1];
         let n = tcp.peek(&mut first).await.ok()?;
         if n == 1 && first[0] != TLS_HANDSHAKE_RECORD && first[0].is_ascii_alphabetic() {
-            answer_plain_http(&mut tcp).await;
+            // The client learns what to fix instead of reading a TLS alert as garbage.
+            crate::listener::answer_and_close(
+                &mut tcp,
+                "400 Bad Request",
+                "BadRequestException",
+                "this port speaks TLS: use https://",
+            )
+            .await;
             return None;
         }
         match acceptor.accept(tcp).await {
@@ -146,22 +152,6 @@ pub async fn accept(
         .await
         .ok()
         .flatten()
-}
-
-/// Answers a plain-HTTP request on a TLS port with 400 and closes: the client learns what to fix
-/// instead of reading a TLS alert as garbage.
-async fn answer_plain_http(tcp: &mut TcpStream) {
-    let body = crate::frontends::pretty_json(&serde_json::json!({
-        "code": 400,
-        "type": "BadRequestException",
-        "message": "this port speaks TLS: use https://",
-    }));
-    let response = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tcp.write_all(response.as_bytes()).await;
-    let _ = tcp.shutdown().await;
 }
 
 #[cfg(test)]
