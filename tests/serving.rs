@@ -676,6 +676,114 @@ fn graceful_stop_finishes_requests_in_flight() {
 }
 
 #[test]
+fn sigterm_under_load_answers_every_accepted_request() {
+    // One worker at batch 1 and requests of about 0.1 s each: most of them still wait in the
+    // queue when the signal comes.
+    let mut s = Server::new("job_queue_size=100");
+    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
+    s.start(&["--models", &format!("slow={slow}")]);
+    let ready = |addr: &str| {
+        common::http::try_request(
+            addr,
+            "GET",
+            "/v2/health/ready",
+            &[],
+            b"",
+            Duration::from_secs(5),
+        )
+    };
+    assert_eq!(ready(&s.inference).unwrap().status, 200);
+    const CLIENTS: usize = 24;
+    let (answers, signalled, refused) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                let addr = s.inference.clone();
+                scope.spawn(move || {
+                    let body = format!("[1000, {i}]");
+                    let r = common::http::try_request(
+                        &addr,
+                        "POST",
+                        "/predictions/slow",
+                        &[("Content-Type", "application/json")],
+                        body.as_bytes(),
+                        Duration::from_secs(60),
+                    );
+                    (i, r, Instant::now())
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let signalled = Instant::now();
+        s.signal_stop();
+        // Once the server has seen the signal, readiness never says yes again, and new
+        // connections are refused soon.
+        let mut unready = false;
+        let refused = loop {
+            match ready(&s.inference) {
+                Ok(r) if r.status == 200 => assert!(!unready, "ready again while stopping"),
+                Ok(_) => unready = true,
+                Err(_) => break Instant::now(),
+            }
+            assert!(
+                signalled.elapsed() < Duration::from_secs(10),
+                "still accepting"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let answers: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        (answers, signalled, refused)
+    });
+    let status = s.wait();
+    for (i, r, _) in &answers {
+        let r = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("request {i} lost: {e}"));
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(floats(&r.json()), [1000.0, *i as f64]);
+    }
+    // The test means something only when the queue outlived the listener.
+    let after_refusal = answers.iter().filter(|(_, _, at)| *at > refused).count();
+    assert!(
+        after_refusal >= 5,
+        "only {after_refusal} answers came after the listener closed ({:?} after the signal)",
+        refused - signalled
+    );
+    assert!(status.success(), "{status}\n{}", s.log());
+    assert!(s.log().contains("stopped"), "{}", s.log());
+}
+
+#[test]
+fn graceful_shutdown_timeout_bounds_a_stop() {
+    let mut s = Server::new("graceful_shutdown_timeout=1");
+    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
+    s.start(&["--models", &format!("slow={slow}")]);
+    let inference = s.inference.clone();
+    // About 6 s of work: far past the grace period.
+    let in_flight = std::thread::spawn(move || {
+        common::http::try_request(
+            &inference,
+            "POST",
+            "/predictions/slow",
+            &[("Content-Type", "application/json")],
+            b"[60000, 1]",
+            Duration::from_secs(60),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let status = s.stop();
+    let took = t.elapsed();
+    assert!(status.success(), "{status}\n{}", s.log());
+    assert!(took < Duration::from_secs(4), "the stop took {took:?}");
+    assert!(in_flight.join().unwrap().is_err(), "cut off, not answered");
+    assert!(
+        s.log().contains("graceful_shutdown_timeout passed"),
+        "{}",
+        s.log()
+    );
+}
+
+#[test]
 fn token_authorization_guards_inference_and_management() {
     let (mut s, v1, _) = scale_server("disable_token_authorization=false");
     s.start(&["--models", &format!("scale={v1}"), "--ncs"]);

@@ -269,6 +269,17 @@ impl Server {
         child.wait().unwrap()
     }
 
+    /// Sends SIGTERM and returns at once; `wait` reaps the server.
+    pub fn signal_stop(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+    }
+
+    /// Waits for the server to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.take().expect("running").wait().unwrap()
+    }
+
     /// Kills the server with SIGKILL, as a crash would, and reaps it.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");

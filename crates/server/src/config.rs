@@ -203,12 +203,14 @@ pub struct Config {
     pub max_archive_size: u64,
     /// `archive_download_timeout`: the longest a URL registration's download may take.
     pub archive_download_timeout: Duration,
+    /// `graceful_shutdown_timeout`: how long a stop waits for requests in flight and queued.
+    pub graceful_shutdown_timeout: Duration,
     /// Keys that were present but are not used by tchserve.
     pub ignored_keys: Vec<String>,
 }
 
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
-const ENV_KEYS: [&str; 31] = [
+const ENV_KEYS: [&str; 32] = [
     "grpc_inference_address",
     "grpc_inference_port",
     "grpc_management_address",
@@ -240,6 +242,7 @@ const ENV_KEYS: [&str; 31] = [
     "enable_grpc_ssl",
     "max_archive_size",
     "archive_download_timeout",
+    "graceful_shutdown_timeout",
 ];
 
 /// Keys TorchServe knows that tchserve reads but does not act on, which are not worth a warning.
@@ -292,6 +295,7 @@ impl Default for Config {
             allowed_urls: Vec::new(),
             max_archive_size: 2 << 30,
             archive_download_timeout: Duration::from_secs(1200),
+            graceful_shutdown_timeout: Duration::from_secs(30),
             ignored_keys: Vec::new(),
         }
     }
@@ -346,13 +350,39 @@ fn unescape(s: &str) -> String {
     out
 }
 
+/// Reads and parses a `config.properties` file.
+pub fn read_properties(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(parse_properties(&text))
+}
+
 impl Config {
     /// Builds the configuration from properties (already read) and the environment.
     pub fn from_properties(
         props: &BTreeMap<String, String>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
+        Self::layered(props, &BTreeMap::new(), env)
+    }
+
+    /// Builds the configuration from a file's properties (or none), the environment's `TS_`
+    /// variables where the file allows them, and then `overrides` (the command line's), which
+    /// win over both.
+    pub fn layered(
+        props: &BTreeMap<String, String>,
+        overrides: &BTreeMap<String, String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let mut props = props.clone();
+        // Whether TS_ variables apply is itself set by keys the command line may set.
+        for key in ["enable_envvars_config", "use_env_allowed_urls"] {
+            if let Some(v) = overrides.get(key) {
+                props.insert(key.into(), v.clone());
+            }
+        }
         let envvars = props
             .get("enable_envvars_config")
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
@@ -372,6 +402,7 @@ impl Config {
         {
             props.insert("allowed_urls".into(), v);
         }
+        props.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut cfg = Config::default();
         for (key, raw) in &props {
             let value = substitute_env(key, raw, env)?;
@@ -536,6 +567,14 @@ impl Config {
                     };
                     cfg.archive_download_timeout = Duration::from_secs(bounded(&b)?);
                 }
+                "graceful_shutdown_timeout" => {
+                    let b = bounds::Bound {
+                        name: "graceful_shutdown_timeout",
+                        range: 0..=3_600,
+                        unit: " s",
+                    };
+                    cfg.graceful_shutdown_timeout = Duration::from_secs(bounded(&b)?);
+                }
                 k if QUIET_KEYS.contains(&k) => {}
                 _ => cfg.ignored_keys.push(key.clone()),
             }
@@ -584,11 +623,7 @@ impl Config {
         path: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_properties(&parse_properties(&text), env)
+        Self::from_properties(&read_properties(path)?, env)
     }
 
     /// Workers for a model loaded at start-up when nothing else says: the configured default,
@@ -745,6 +780,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!(on.job_queue_size, 42);
+    }
+
+    #[test]
+    fn command_line_overrides_win_over_file_and_environment() {
+        let env = |k: &str| (k == "TS_JOB_QUEUE_SIZE").then(|| "42".to_string());
+        // KServe's layout puts two listeners on one port; the runtime moves them apart.
+        let file = parse_properties(
+            "job_queue_size=5\nenable_envvars_config=true\n\
+             inference_address=http://0.0.0.0:8085\nmanagement_address=http://0.0.0.0:8085\n",
+        );
+        let overrides: BTreeMap<String, String> = [
+            ("job_queue_size", "7"),
+            ("inference_address", "http://0.0.0.0:8080"),
+            ("graceful_shutdown_timeout", "5"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = Config::layered(&file, &overrides, &env).unwrap();
+        assert_eq!(c.job_queue_size, 7);
+        assert_eq!(c.inference_address.to_string(), "http://0.0.0.0:8080");
+        assert_eq!(c.management_address.to_string(), "http://0.0.0.0:8085");
+        assert_eq!(c.graceful_shutdown_timeout, Duration::from_secs(5));
+        // Turning the environment off from the command line takes TS_ away.
+        let off: BTreeMap<String, String> =
+            [("enable_envvars_config".to_string(), "false".to_string())].into();
+        assert_eq!(
+            Config::layered(&file, &off, &env).unwrap().job_queue_size,
+            5
+        );
+        assert_eq!(
+            Config::default().graceful_shutdown_timeout,
+            Duration::from_secs(30)
+        );
     }
 
     #[test]

@@ -16,4 +16,4 @@ pub mod tls;
 
 pub use crate::core::ApiError;
 pub use config::{Address, Config, ConfigError};
-pub use server::{Options, ServerError, run};
+pub use server::{Options, ServerError, Stopped, run};

@@ -65,8 +65,9 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
 }
 
-/// Runs the server until `shutdown` completes, then stops gracefully: listeners stop accepting,
-/// in-flight requests finish, queued jobs are answered, workers exit.
+/// Runs the server until `shutdown` completes, then stops gracefully: readiness turns false,
+/// listeners stop accepting, in-flight requests finish, queued jobs are answered, workers exit,
+/// all within `graceful_shutdown_timeout`.
 ///
 /// `ready` is called once the listeners are bound and the start-up models loaded, when the
 /// server starts answering.
@@ -74,7 +75,7 @@ pub async fn run(
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(),
-) -> Result<(), ServerError> {
+) -> Result<Stopped, ServerError> {
     let started = Instant::now();
     let config = Arc::new(opts.config);
     for key in &config.ignored_keys {
@@ -287,20 +288,56 @@ pub async fn run(
     ready();
 
     shutdown.await;
-    tracing::info!("stopping: no new connections; finishing requests in flight");
+    let grace = config.graceful_shutdown_timeout;
+    let deadline = tokio::time::Instant::now() + grace;
+    // Unready first, so that a load balancer polling readiness stops sending here even before
+    // the listeners close.
+    state.infer.begin_stop();
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "stopping: unready, no new connections; answering the requests in flight and queued"
+    );
     let _ = stop_tx.send(true);
-    for s in servers {
-        let _ = s.await;
+    let aborts: Vec<_> = servers.iter().map(|s| s.abort_handle()).collect();
+    let listeners_done = tokio::time::timeout_at(deadline, futures_util::future::join_all(servers))
+        .await
+        .is_ok();
+    if !listeners_done {
+        for a in aborts {
+            a.abort();
+        }
     }
     let models = registry.drain();
-    let _ = tokio::task::spawn_blocking(move || {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    // Workers drain what is still queued (nothing, when every listener finished) and exit;
+    // a forward that outlives the grace period is not waited for.
+    let workers = tokio::task::spawn_blocking(move || {
         for m in models {
-            m.pool.shutdown(Duration::from_secs(5));
+            m.pool.shutdown(left);
         }
-    })
-    .await;
-    tracing::info!("stopped");
-    Ok(())
+    });
+    let workers_done = tokio::time::timeout(left.max(Duration::from_millis(100)), workers)
+        .await
+        .is_ok();
+    if listeners_done && workers_done {
+        tracing::info!("stopped");
+        Ok(Stopped::Drained)
+    } else {
+        tracing::warn!(
+            grace_s = grace.as_secs(),
+            "graceful_shutdown_timeout passed with work unfinished; cutting it off"
+        );
+        Ok(Stopped::GraceExpired)
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every accepted request was answered and every worker exited.
+    Drained,
+    /// `graceful_shutdown_timeout` passed first; worker threads may still be running a forward.
+    GraceExpired,
 }
 
 /// The gRPC inference listener's services (TorchServe's and the v2 protocol's) and the gRPC

@@ -369,6 +369,24 @@ async fn torchserve_predictions_and_errors() {
 }
 
 #[tokio::test]
+async fn a_stopping_server_is_unready_but_alive() {
+    let h = harness();
+    h.register("mlp").await;
+    let get = |uri: &'static str| call(h.inference(), "GET", uri, Body::empty());
+    assert_eq!(get("/v2/health/ready").await.status, 200);
+    h.state.infer.begin_stop();
+    // Load balancers stop sending; liveness must not restart a server that is draining.
+    assert_eq!(
+        get("/v2/health/ready").await.json(),
+        json!({"ready": false})
+    );
+    assert_eq!(get("/v2/health/ready").await.status, 503);
+    assert_eq!(get("/v1/models/mlp").await.status, 503);
+    assert_eq!(get("/v2/health/live").await.status, 200);
+    assert_eq!(get("/ping").await.status, 200);
+}
+
+#[tokio::test]
 async fn kserve_v1_ready_and_predict() {
     let h = harness();
     h.register("mlp").await;

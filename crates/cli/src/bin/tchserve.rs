@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tchserve_cli::{control, startup_check};
 use tchserve_runtime::{DevicePolicy, TorchBackend};
-use tchserve_server::{Config, Options};
+use tchserve_server::{Config, Options, Stopped};
 
 /// Serves TorchScript models from TorchServe model archives.
 #[derive(Debug, Parser)]
@@ -53,6 +53,10 @@ pub struct Args {
     /// Allow registering and unregistering models through the management API.
     #[arg(long)]
     enable_model_api: bool,
+    /// Set a config.properties key over the file and the TS_ variables (repeatable), e.g.
+    /// `--set inference_address=http://0.0.0.0:8080`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Folder for logs, the PID file and snapshots (default: LOG_LOCATION or ./logs).
     #[arg(long, value_name = "DIR")]
     log_dir: Option<PathBuf>,
@@ -136,10 +140,18 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
                 .exists()
                 .then(|| PathBuf::from("config.properties"))
         });
-    let mut cfg = match &file {
-        Some(f) => Config::from_file(f, &env)?,
-        None => Config::from_properties(&Default::default(), &env)?,
+    let props = match &file {
+        Some(f) => tchserve_server::config::read_properties(f)?,
+        None => Default::default(),
     };
+    let mut overrides = std::collections::BTreeMap::new();
+    for item in &args.set {
+        let Some((key, value)) = item.split_once('=') else {
+            bail!("--set {item}: expected KEY=VALUE");
+        };
+        overrides.insert(key.trim().to_string(), value.trim().to_string());
+    }
+    let mut cfg = Config::layered(&props, &overrides, &env)?;
     if let Some(store) = &args.model_store {
         cfg.model_store = Some(store.clone());
     }
@@ -188,7 +200,7 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
         None => tracing::info!(gpus = backend.cuda().devices, "CUDA available"),
         Some(why) => tracing::info!("serving on CPU: {why}"),
     }
-    runtime.block_on(tchserve_server::run(
+    let stopped = runtime.block_on(tchserve_server::run(
         Options {
             config,
             backend: std::sync::Arc::new(backend),
@@ -199,6 +211,14 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
         control::shutdown_signal(),
         control::signal_ready,
     ))?;
+    if stopped == Stopped::GraceExpired {
+        // A worker may still be inside a forward: running libtorch's static destructors
+        // under it could crash the exit, so leave without them.
+        use std::io::Write;
+        let _ = std::io::stderr().flush();
+        // SAFETY: _exit ends the process at once; nothing after this point needs to run.
+        unsafe { libc::_exit(0) };
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
     tracing::debug!(uptime_s = started.elapsed().as_secs(), "exit");
     Ok(())

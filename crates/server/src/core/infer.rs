@@ -2,6 +2,7 @@
 //! an answer for one request. Frontends translate their wire format to and from these calls.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tchserve_backend::job::{Job, Payload, Prediction};
@@ -57,6 +58,8 @@ pub struct Infer {
     registry: Arc<Registry>,
     metrics: Metrics,
     max_response_size: usize,
+    /// Set when the server begins to stop: load balancers must see it unready at once.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Infer {
@@ -66,7 +69,13 @@ impl Infer {
             registry,
             metrics,
             max_response_size,
+            stopping: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Marks the server as stopping: readiness answers false from now on.
+    pub fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
     }
 
     /// How many requests the version's queue holds: the most items one request may carry.
@@ -74,8 +83,9 @@ impl Infer {
         Ok(self.registry.get(name, version)?.job_queue_size)
     }
 
-    /// True when every model's default version has its minimum workers ready.
-    pub fn server_ready(&self) -> bool {
+    /// True when every model's default version has its minimum workers ready: TorchServe's
+    /// health, which stays true while the server drains (liveness must not restart it then).
+    pub fn server_healthy(&self) -> bool {
         self.registry.snapshot_entries().values().all(|entry| {
             entry
                 .versions
@@ -84,10 +94,15 @@ impl Infer {
         })
     }
 
+    /// True when healthy and not stopping: whether new requests should come here.
+    pub fn server_ready(&self) -> bool {
+        !self.stopping.load(Ordering::SeqCst) && self.server_healthy()
+    }
+
     /// True when the version (or the default) has a worker ready to answer.
     pub fn model_ready(&self, name: &str, version: Option<&str>) -> Result<bool, ApiError> {
         let m = self.registry.get(name, version)?;
-        Ok(m.pool.ready_count() > 0)
+        Ok(!self.stopping.load(Ordering::SeqCst) && m.pool.ready_count() > 0)
     }
 
     /// What the version (or the default) takes and gives, from its handler manifest.

@@ -84,7 +84,7 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<PredictionResponse, Statu
 #[tonic::async_trait]
 impl InferenceApIsService for Inference {
     async fn ping(&self, _: Request<()>) -> Result<Response<TorchServeHealthResponse>, Status> {
-        let status = if self.0.infer.server_ready() {
+        let status = if self.0.infer.server_healthy() {
             "Healthy"
         } else {
             "Unhealthy"

@@ -60,7 +60,7 @@ fn doc() -> serde_json::Value {
 }
 
 async fn ping(State(st): State<AppState>) -> Response {
-    if st.infer.server_ready() {
+    if st.infer.server_healthy() {
         status_message(StatusCode::OK, "Healthy")
     } else {
         status_message(StatusCode::INTERNAL_SERVER_ERROR, "Unhealthy")
