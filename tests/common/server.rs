@@ -84,7 +84,7 @@ pub fn fixture_handler(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(name)
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
