@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::core::bounds;
+use crate::core::store_poll::VersionPolicy;
 
 /// Where a listener binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,12 +206,19 @@ pub struct Config {
     pub archive_download_timeout: Duration,
     /// `graceful_shutdown_timeout`: how long a stop waits for requests in flight and queued.
     pub graceful_shutdown_timeout: Duration,
+    /// `model_store_poll_interval`: how often the model store is read for new, changed and
+    /// removed archives; off when unset.
+    pub model_store_poll_interval: Option<Duration>,
+    /// `model_version_policy`: which versions of each model serve when the store is polled.
+    pub version_policy: VersionPolicy,
+    /// `model_version_policy.<model>`: the same for one model.
+    pub version_policies: BTreeMap<String, VersionPolicy>,
     /// Keys that were present but are not used by tchserve.
     pub ignored_keys: Vec<String>,
 }
 
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
-const ENV_KEYS: [&str; 32] = [
+const ENV_KEYS: [&str; 34] = [
     "grpc_inference_address",
     "grpc_inference_port",
     "grpc_management_address",
@@ -243,6 +251,8 @@ const ENV_KEYS: [&str; 32] = [
     "max_archive_size",
     "archive_download_timeout",
     "graceful_shutdown_timeout",
+    "model_store_poll_interval",
+    "model_version_policy",
 ];
 
 /// Keys TorchServe knows that tchserve reads but does not act on, which are not worth a warning.
@@ -296,6 +306,9 @@ impl Default for Config {
             max_archive_size: 2 << 30,
             archive_download_timeout: Duration::from_secs(1200),
             graceful_shutdown_timeout: Duration::from_secs(30),
+            model_store_poll_interval: None,
+            version_policy: VersionPolicy::default(),
+            version_policies: BTreeMap::new(),
             ignored_keys: Vec::new(),
         }
     }
@@ -574,6 +587,23 @@ impl Config {
                         unit: " s",
                     };
                     cfg.graceful_shutdown_timeout = Duration::from_secs(bounded(&b)?);
+                }
+                "model_store_poll_interval" => {
+                    let b = bounds::Bound {
+                        name: "model_store_poll_interval",
+                        range: 0..=86_400,
+                        unit: " s",
+                    };
+                    let s = bounded(&b)?;
+                    cfg.model_store_poll_interval = (s > 0).then(|| Duration::from_secs(s));
+                }
+                "model_version_policy" => {
+                    cfg.version_policy = VersionPolicy::parse(value).map_err(|e| bad(&e))?;
+                }
+                k if k.starts_with("model_version_policy.") => {
+                    let model = &k["model_version_policy.".len()..];
+                    let policy = VersionPolicy::parse(value).map_err(|e| bad(&e))?;
+                    cfg.version_policies.insert(model.to_string(), policy);
                 }
                 k if QUIET_KEYS.contains(&k) => {}
                 _ => cfg.ignored_keys.push(key.clone()),

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::{KeyFileGuard, Tokens};
 use crate::config::{Address, Config};
+use crate::core::store_poll::{self, StorePoller};
 use crate::core::{Infer, RegisterParams, Registry};
 use crate::frontends::{self, AppState};
 use crate::listener::{self, ConnectionLimits};
@@ -197,7 +198,15 @@ pub async fn run(
                 .unwrap_or_else(|e| vec![format!("loading panicked: {e}")]),
         );
     }
-    if !failed.is_empty() {
+    let polling = config.model_store_poll_interval.is_some() && store.is_some();
+    if !failed.is_empty() && polling {
+        // The store decides what serves: a snapshot naming an archive removed while the server
+        // was down must not keep it from starting.
+        tracing::warn!(
+            "{} start-up model(s) not loaded; the model store's poller serves what the store holds",
+            failed.len()
+        );
+    } else if !failed.is_empty() {
         let hint = if from_snapshot {
             "fix or restore the archives, or start with --ncs to leave the snapshot out"
         } else {
@@ -209,7 +218,28 @@ pub async fn run(
             failed.join("\n  ")
         )));
     }
-    if !from_snapshot {
+    // With polling on, the store's archives serve from the start, as they will after each poll.
+    let poller = match (config.model_store_poll_interval, &store) {
+        (Some(every), Some(store)) => {
+            let poller = Arc::new(StorePoller::new(
+                Arc::clone(&registry),
+                store.clone(),
+                config.version_policy.clone(),
+                config.version_policies.clone(),
+            ));
+            let first = Arc::clone(&poller);
+            if let Ok(changes) = tokio::task::spawn_blocking(move || first.poll_once()).await {
+                let _ = tokio::task::spawn_blocking(move || store_poll::drain(changes.unloaded));
+            }
+            Some((poller, every))
+        }
+        (Some(_), None) => {
+            tracing::warn!("model_store_poll_interval is set but there is no model store to poll");
+            None
+        }
+        _ => None,
+    };
+    if !from_snapshot || poller.is_some() {
         state.save_snapshot().await;
     }
 
@@ -275,6 +305,14 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
+    if let Some((poller, every)) = poller {
+        servers.push(tokio::spawn(poll_store(
+            poller,
+            every,
+            state.clone(),
+            stop_rx.clone(),
+        )));
+    }
     tracing::info!(
         inference = %config.inference_address,
         management = %config.management_address,
@@ -328,6 +366,34 @@ pub async fn run(
             "graceful_shutdown_timeout passed with work unfinished; cutting it off"
         );
         Ok(Stopped::GraceExpired)
+    }
+}
+
+/// Polls the model store every `every` until the server stops; see [`store_poll`].
+async fn poll_store(
+    poller: Arc<StorePoller>,
+    every: Duration,
+    state: AppState,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // A slow poll (a large model loading) is not followed by a burst of catch-up polls.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let p = Arc::clone(&poller);
+        let Ok(changes) = tokio::task::spawn_blocking(move || p.poll_once()).await else {
+            continue;
+        };
+        if changes.is_empty() {
+            continue;
+        }
+        state.save_snapshot().await;
+        // Unloaded versions answer what they have queued while the next poll goes on.
+        tokio::task::spawn_blocking(move || store_poll::drain(changes.unloaded));
     }
 }
 

@@ -8,6 +8,7 @@ pub mod fetch;
 pub mod infer;
 pub mod registry;
 pub mod settings;
+pub mod store_poll;
 
 pub use error::{ApiError, GrpcCode};
 pub use infer::{DataType, Infer, ModelMetadata, TensorMeta};
