@@ -228,9 +228,11 @@ pub async fn run(
                 config.version_policies.clone(),
             ));
             let first = Arc::clone(&poller);
-            if let Ok(changes) = tokio::task::spawn_blocking(move || first.poll_once()).await {
-                let _ = tokio::task::spawn_blocking(move || store_poll::drain(changes.unloaded));
-            }
+            let _ = tokio::task::spawn_blocking(move || {
+                // Nothing serves yet but what a snapshot restored: no traffic to wait for.
+                store_poll::drain(first.poll_once().unloaded)
+            })
+            .await;
             Some((poller, every))
         }
         (Some(_), None) => {
