@@ -88,6 +88,10 @@ pub struct Timings {
     pub handler_us: u64,
     /// Number of requests in that batch.
     pub batch_size: usize,
+    /// Of `handler_us`, the part spent turning the batch's requests into model input.
+    pub decode_us: u64,
+    /// Of `handler_us`, the part spent running the model and writing the answers.
+    pub run_us: u64,
 }
 
 /// What a worker sends back.

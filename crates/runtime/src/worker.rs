@@ -263,7 +263,6 @@ fn decode_all(
 fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, threads: usize, cost: &mut DecodeCost) {
     let (module, pipeline) = (&model.module, &model.pipeline);
     let started = Instant::now();
-    // Metrics report the batch as gathered, even when a failure makes it run request by request.
     let gathered = jobs.len();
     let timeout = ctx.spec.response_timeout;
     let mut fresh = Vec::with_capacity(jobs.len());
@@ -281,11 +280,16 @@ fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, threads: usize, cost: 
     let width = cost.width(payloads.len(), threads);
     let decoded = decode_all(pipeline, &payloads, width, cost);
     drop(payloads);
+    let clock = BatchClock {
+        started,
+        decoded: Instant::now(),
+        gathered,
+    };
     let mut live: Vec<(Job, Decoded)> = Vec::with_capacity(fresh.len());
     for (job, d) in fresh.into_iter().zip(decoded) {
         match d {
             Ok(d) => live.push((job, d)),
-            Err(e) => answer(job, Err(e), started, gathered),
+            Err(e) => clock.answer(job, Err(e), None),
         }
     }
     if live.is_empty() {
@@ -306,36 +310,50 @@ fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, threads: usize, cost: 
     let inputs: Vec<&Decoded> = live.iter().map(|(_, d)| d).collect();
     match run(&inputs) {
         Ok(bodies) => {
+            let ran = Some(Instant::now());
             for ((job, _), body) in live.into_iter().zip(bodies) {
-                answer(job, Ok(body), started, gathered);
+                clock.answer(job, Ok(body), ran);
             }
         }
         // One request the model cannot take must not fail the others: retry each alone.
         Err(_) if live.len() > 1 => {
             for (job, d) in live {
                 let result = run(&[&d]).map(|mut b| b.remove(0));
-                answer(job, result, started, gathered);
+                clock.answer(job, result, Some(Instant::now()));
             }
         }
         Err(e) => {
+            let ran = Some(Instant::now());
             for (job, _) in live {
-                answer(job, Err(e.clone()), started, gathered);
+                clock.answer(job, Err(e.clone()), ran);
             }
         }
     }
 }
 
-fn timings(job: &Job, started: Instant, batch_size: usize) -> Timings {
-    Timings {
-        queue_us: started.saturating_duration_since(job.enqueued).as_micros() as u64,
-        handler_us: started.elapsed().as_micros() as u64,
-        batch_size,
-    }
+/// When a batch's stages ended, for each request's timings.
+struct BatchClock {
+    started: Instant,
+    decoded: Instant,
+    /// Requests in the batch as gathered: metrics report it even when a failure makes it run
+    /// request by request.
+    gathered: usize,
 }
 
-fn answer(job: Job, result: Result<Prediction, PredictError>, started: Instant, batch_size: usize) {
-    let t = timings(&job, started, batch_size);
-    let _ = job.reply.send((result, t));
+impl BatchClock {
+    /// Sends a job its answer with its timings; `ran` is when the model run that answered it
+    /// ended, if one did.
+    fn answer(&self, job: Job, result: Result<Prediction, PredictError>, ran: Option<Instant>) {
+        let us = |d: Duration| d.as_micros() as u64;
+        let t = Timings {
+            queue_us: us(self.started.saturating_duration_since(job.enqueued)),
+            handler_us: us(self.started.elapsed()),
+            batch_size: self.gathered,
+            decode_us: us(self.decoded.saturating_duration_since(self.started)),
+            run_us: ran.map_or(0, |r| us(r.saturating_duration_since(self.decoded))),
+        };
+        let _ = job.reply.send((result, t));
+    }
 }
 
 #[cfg(test)]

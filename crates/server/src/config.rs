@@ -213,12 +213,16 @@ pub struct Config {
     pub version_policy: VersionPolicy,
     /// `model_version_policy.<model>`: the same for one model.
     pub version_policies: BTreeMap<String, VersionPolicy>,
+    /// `otlp_endpoint`: the OTLP/HTTP collector traces go to (its base URL); off when unset.
+    pub otlp_endpoint: Option<String>,
+    /// `log_format`: `json` for one JSON object per log line, else text.
+    pub json_logs: bool,
     /// Keys that were present but are not used by tchserve.
     pub ignored_keys: Vec<String>,
 }
 
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
-const ENV_KEYS: [&str; 34] = [
+const ENV_KEYS: [&str; 36] = [
     "grpc_inference_address",
     "grpc_inference_port",
     "grpc_management_address",
@@ -253,6 +257,8 @@ const ENV_KEYS: [&str; 34] = [
     "graceful_shutdown_timeout",
     "model_store_poll_interval",
     "model_version_policy",
+    "otlp_endpoint",
+    "log_format",
 ];
 
 /// Keys TorchServe knows that tchserve reads but does not act on, which are not worth a warning.
@@ -309,6 +315,8 @@ impl Default for Config {
             model_store_poll_interval: None,
             version_policy: VersionPolicy::default(),
             version_policies: BTreeMap::new(),
+            otlp_endpoint: None,
+            json_logs: false,
             ignored_keys: Vec::new(),
         }
     }
@@ -599,6 +607,20 @@ impl Config {
                 }
                 "model_version_policy" => {
                     cfg.version_policy = VersionPolicy::parse(value).map_err(|e| bad(&e))?;
+                }
+                "otlp_endpoint" => {
+                    let url = url::Url::parse(value).map_err(|e| bad(&e.to_string()))?;
+                    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                        return Err(bad("an http:// or https:// URL is needed"));
+                    }
+                    cfg.otlp_endpoint = Some(value.to_string());
+                }
+                "log_format" => {
+                    cfg.json_logs = match value.to_ascii_lowercase().as_str() {
+                        "json" => true,
+                        "text" => false,
+                        _ => return Err(bad("use json or text")),
+                    };
                 }
                 k if k.starts_with("model_version_policy.") => {
                     let model = &k["model_version_policy.".len()..];

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod scratch;
 pub mod server;
 pub mod snapshot;
+pub mod telemetry;
 pub mod tls;
 
 pub use crate::core::ApiError;

@@ -291,6 +291,7 @@ pub async fn run(
         .into_iter()
         .zip(routers)
         .map(|(listener, router)| {
+            let router = router.layer(axum::middleware::from_fn(crate::telemetry::trace_requests));
             let router = frontends::ignoring_trailing_slash(router);
             listener.serve(router, limits, stop_rx.clone())
         })

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tchserve_cli::{control, startup_check};
 use tchserve_runtime::{DevicePolicy, TorchBackend};
+use tchserve_server::telemetry::Telemetry;
 use tchserve_server::{Config, Options, Stopped};
 
 /// Serves TorchScript models from TorchServe model archives.
@@ -180,19 +181,32 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
     let config = load_config(args)?;
     let dir = log_dir(args);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    if config.json_logs {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     for flag in args.ignored_flags() {
         tracing::warn!("{flag} is TorchServe's and not used by tchserve; ignoring it");
     }
     let _pid = control::PidFile::create(&dir)?;
     let runtime = tokio::runtime::Runtime::new()?;
+    let telemetry = match &config.otlp_endpoint {
+        Some(endpoint) => Some(Telemetry::start(endpoint, runtime.handle().clone())?),
+        None => None,
+    };
     let started = Instant::now();
     // The GPU probe may load libtorch's CUDA half: before the listeners, off the async threads.
     let backend = TorchBackend::new(DevicePolicy::Auto, config.cpu_threads);
@@ -210,7 +224,12 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
         },
         control::shutdown_signal(),
         control::signal_ready,
-    ))?;
+    ));
+    // The last spans go out while the runtime that sends them still runs.
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    let stopped = stopped?;
     if stopped == Stopped::GraceExpired {
         // A worker may still be inside a forward: running libtorch's static destructors
         // under it could crash the exit, so leave without them.

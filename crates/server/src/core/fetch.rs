@@ -372,17 +372,8 @@ impl Fetcher {
     ) -> Result<Self, String> {
         let policy = Arc::new(UrlPolicy::new(allowed_urls).map_err(|e| e.to_string())?);
         let redirect_policy = Arc::clone(&policy);
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
+            .use_preconfigured_tls(client_tls()?)
             // A proxy from the environment would move the connection out of the address
             // checks' sight.
             .no_proxy()
@@ -648,6 +639,20 @@ fn ledger_write(
     let tmp = store.join(format!("{LEDGER}.{}.tmp", uuid::Uuid::new_v4()));
     std::fs::write(&tmp, serde_json::to_vec_pretty(ledger).unwrap_or_default())?;
     std::fs::rename(&tmp, store.join(LEDGER))
+}
+
+/// TLS for the server's own HTTP clients: rustls with the ring provider and the web's root
+/// certificates (the platform's store is not read, so a container needs no CA bundle).
+pub(crate) fn client_tls() -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 #[cfg(test)]

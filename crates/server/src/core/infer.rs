@@ -146,6 +146,7 @@ impl Infer {
             )));
         }
         let (job, rx) = Job::new(uuid::Uuid::new_v4().to_string(), payload);
+        let enqueued = job.enqueued;
         if mv.pool.submit(job).is_err() {
             return Err(ApiError::unavailable(format!(
                 "Model \"{name}\" has too many requests waiting (job queue of {} is full); try again later",
@@ -163,6 +164,7 @@ impl Infer {
             Ok(Err(_)) => return Err(ApiError::internal("Worker died.")),
             Ok(Ok(reply)) => reply,
         };
+        crate::telemetry::record_job(enqueued, &timings);
         let mlabels = [name, mv.version.as_str()];
         let m = &self.metrics;
         m.queue_latency_us

@@ -1,0 +1,244 @@
+//! OpenTelemetry traces, on when `otlp_endpoint` is set: a server span per REST request (a child
+//! of the caller's when the request carries a W3C `traceparent`, which the response then names),
+//! with children for the time queued, the batch that held the request (its size an attribute),
+//! the batch's preprocessing and model run, and the reply. Spans go to an OTLP/HTTP collector in
+//! batches, from a thread of their own.
+//!
+//! The worker threads know nothing of this: they report when each stage ended, and the spans
+//! are written with those times once the answer is back. Off, it costs one check per request.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _,
+    TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_http::{Bytes, HeaderExtractor, HttpClient, HttpError};
+use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use tchserve_backend::job::Timings;
+
+/// The tracer, once [`Telemetry::start`] has run.
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+tokio::task_local! {
+    /// The request being served on this task, when traces are on.
+    static CURRENT: RequestTrace;
+}
+
+struct RequestTrace {
+    /// The server span's context: the parent of every span of this request.
+    cx: Context,
+    /// When the last worker answer arrived: the reply span runs from there to the response.
+    replied: Cell<Option<Instant>>,
+}
+
+/// Why traces cannot be sent.
+#[derive(Debug, thiserror::Error)]
+#[error("otlp_endpoint {endpoint}: {why}")]
+pub struct TelemetryError {
+    endpoint: String,
+    why: String,
+}
+
+/// The trace pipeline; [`Telemetry::shutdown`] sends what is still buffered.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Telemetry {
+    /// Starts sending traces to the collector at `endpoint` (its base URL, e.g.
+    /// `http://127.0.0.1:4318`), over `runtime`.
+    pub fn start(endpoint: &str, runtime: tokio::runtime::Handle) -> Result<Self, TelemetryError> {
+        let err = |why: String| TelemetryError {
+            endpoint: endpoint.to_string(),
+            why,
+        };
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(crate::core::fetch::client_tls().map_err(err)?)
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            // Used as given: the signal's path is not appended to an explicit endpoint.
+            .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+            .with_timeout(Duration::from_secs(10))
+            .with_http_client(OtlpHttp { client, runtime })
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(Resource::builder().with_service_name("tchserve").build())
+            .build();
+        // A second start (tests run several servers in one process) keeps the first tracer.
+        let _ = TRACER.set(provider.tracer("tchserve"));
+        tracing::info!(endpoint, "sending traces over OTLP/HTTP");
+        Ok(Telemetry { provider })
+    }
+
+    /// Sends the spans still buffered and stops. Blocking: call it outside the async threads,
+    /// while the runtime given to [`Telemetry::start`] still runs.
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!("traces not all sent: {e}");
+        }
+    }
+}
+
+/// The exporter's HTTP client: the server's reqwest. The exporter runs on a thread of its own
+/// with no async runtime, so each request runs as a task on the server's runtime and that thread
+/// waits for it.
+#[derive(Debug, Clone)]
+struct OtlpHttp {
+    client: reqwest::Client,
+    runtime: tokio::runtime::Handle,
+}
+
+#[async_trait::async_trait]
+impl HttpClient for OtlpHttp {
+    async fn send_bytes(
+        &self,
+        request: axum::http::Request<Bytes>,
+    ) -> Result<axum::http::Response<Bytes>, HttpError> {
+        let client = self.client.clone();
+        self.runtime
+            .spawn(async move {
+                let response = client.execute(reqwest::Request::try_from(request)?).await?;
+                // Answers other than 2xx go back as they are: the exporter decides on retries.
+                let mut out = axum::http::Response::new(Bytes::new());
+                *out.status_mut() = response.status();
+                *out.headers_mut() = response.headers().clone();
+                *out.body_mut() = response.bytes().await?;
+                Ok::<_, HttpError>(out)
+            })
+            .await?
+    }
+}
+
+/// W3C trace context for a span: `00-<trace id>-<span id>-<flags>`.
+pub fn traceparent(sc: &SpanContext) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    )
+}
+
+/// Middleware: a server span around each request, continuing the caller's trace.
+pub async fn trace_requests(request: Request, next: Next) -> Response {
+    let Some(tracer) = TRACER.get() else {
+        return next.run(request).await;
+    };
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let span = tracer
+        .span_builder(format!("{method} {path}"))
+        .with_kind(SpanKind::Server)
+        .with_attributes([
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("url.path", path),
+        ])
+        .start_with_context(tracer, &parent);
+    let cx = parent.with_span(span);
+    let trace = RequestTrace {
+        cx: cx.clone(),
+        replied: Cell::new(None),
+    };
+    let (mut response, replied) = CURRENT
+        .scope(trace, async {
+            let response = next.run(request).await;
+            (response, CURRENT.with(|t| t.replied.get()))
+        })
+        .await;
+    if let Some(at) = replied {
+        let reply = tracer
+            .span_builder("reply")
+            .with_start_time(wall(at))
+            .start_with_context(tracer, &cx);
+        end_now(reply);
+    }
+    let status = response.status();
+    let span = cx.span();
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status.as_u16()),
+    ));
+    if status.is_server_error() {
+        span.set_status(Status::error(status.to_string()));
+    }
+    let sc = span.span_context().clone();
+    span.end();
+    if sc.is_valid()
+        && let Ok(v) = HeaderValue::from_str(&traceparent(&sc))
+    {
+        response.headers_mut().insert("traceparent", v);
+    }
+    response
+}
+
+/// Records the stages of one answered job under the current request's span: queued, then the
+/// batch that held it, split into preprocessing and the model run.
+pub fn record_job(enqueued: Instant, t: &Timings) {
+    let Some(tracer) = TRACER.get() else {
+        return;
+    };
+    let _ = CURRENT.try_with(|trace| {
+        let now = Instant::now();
+        trace.replied.set(Some(now));
+        let us = |n: u64| Duration::from_micros(n);
+        let started = enqueued + us(t.queue_us);
+        let decoded = started + us(t.decode_us);
+        interval(tracer, &trace.cx, "queue", enqueued, started);
+        let batch = tracer
+            .span_builder("batch")
+            .with_start_time(wall(started))
+            .with_attributes([KeyValue::new("batch.size", t.batch_size as i64)])
+            .start_with_context(tracer, &trace.cx);
+        let batch_cx = trace.cx.with_span(batch);
+        interval(tracer, &batch_cx, "preprocess", started, decoded);
+        if t.run_us > 0 {
+            let ran = decoded + us(t.run_us);
+            interval(tracer, &batch_cx, "forward", decoded, ran);
+        }
+        batch_cx
+            .span()
+            .end_with_timestamp(wall(started + us(t.handler_us)));
+    });
+}
+
+fn interval(tracer: &SdkTracer, parent: &Context, name: &'static str, from: Instant, to: Instant) {
+    let mut span = tracer
+        .span_builder(name)
+        .with_start_time(wall(from))
+        .start_with_context(tracer, parent);
+    span.end_with_timestamp(wall(to));
+}
+
+fn end_now(mut span: impl opentelemetry::trace::Span) {
+    span.end();
+}
+
+/// The wall-clock time of a monotonic instant.
+fn wall(at: Instant) -> SystemTime {
+    let (now, wall_now) = (Instant::now(), SystemTime::now());
+    match now.checked_duration_since(at) {
+        Some(ago) => wall_now - ago,
+        None => wall_now + at.duration_since(now),
+    }
+}
