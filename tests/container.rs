@@ -151,6 +151,19 @@ fn shared_dir(path: &Path) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// A model store holding the fixtures' MLP as `mlp-1.0.mar`.
+fn store_with_mlp(store: &Path) {
+    shared_dir(store);
+    archive(
+        &store,
+        "mlp",
+        "1.0",
+        &fixtures().join("mlp.pt"),
+        &fixture_handler("vec784.json"),
+        &[],
+    );
+}
+
 /// The first `docker run` command of docs/deploy.md, its continuation lines joined.
 fn documented_run_line() -> String {
     let doc = fs::read_to_string(repo_root().join("docs/deploy.md")).unwrap();
@@ -213,15 +226,7 @@ fn the_documented_docker_run_serves_and_stops_cleanly() {
 
     let home = tempfile::tempdir().unwrap();
     let store = home.path().join("model-store");
-    shared_dir(&store);
-    archive(
-        &store,
-        "mlp",
-        "1.0",
-        &fixtures().join("mlp.pt"),
-        &fixture_handler("vec784.json"),
-        &[],
-    );
+    store_with_mlp(&store);
     let name = unique("tchserve-test");
     let (http, mgmt, metrics) = (free_port(), free_port(), free_port());
     let line = documented_run_line()
@@ -336,19 +341,29 @@ fn runtime_container() -> (String, Vec<String>) {
                   rt = [d for d in docs if d['kind'] == 'ClusterServingRuntime'][0]\n\
                   c = rt['spec']['containers'][0]\n\
                   print(json.dumps({'image': c['image'], 'args': c.get('args', [])}))";
+    let v = yaml_facts(script, &[repo_root().join("deploy/kserve/runtime.yaml")]);
+    (
+        v["image"].as_str().unwrap().to_string(),
+        strings(&v["args"]),
+    )
+}
+
+/// What a Python `script` prints as JSON about the YAML `files` it is given.
+fn yaml_facts(script: &str, files: &[PathBuf]) -> Value {
     let out = run_ok(
         Command::new(clients_venv_bin("python"))
             .args(["-c", script])
-            .arg(repo_root().join("deploy/kserve/runtime.yaml")),
+            .args(files),
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let args = v["args"]
-        .as_array()
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn strings(list: &Value) -> Vec<String> {
+    list.as_array()
         .unwrap()
         .iter()
         .map(|a| a.as_str().unwrap().to_string())
-        .collect();
-    (v["image"].as_str().unwrap().to_string(), args)
+        .collect()
 }
 
 /// A folder laid out as KServe's storage initializer leaves `/mnt/models` for a TorchServe
@@ -357,16 +372,8 @@ fn kserve_model_dir(root: &Path) -> PathBuf {
     let dir = root.join("models");
     let store = dir.join("model-store");
     shared_dir(&dir);
-    shared_dir(&store);
     shared_dir(&dir.join("config"));
-    archive(
-        &store,
-        "mlp",
-        "1.0",
-        &fixtures().join("mlp.pt"),
-        &fixture_handler("vec784.json"),
-        &[],
-    );
+    store_with_mlp(&store);
     fs::rename(store.join("mlp-1.0.mar"), store.join("mlp.mar")).unwrap();
     let labels = root.join("index_to_name.json");
     fs::copy(vision_fixtures().join("imagenet_labels.json"), &labels).unwrap();
@@ -464,6 +471,100 @@ fn the_kserve_runtime_serves_kserve_clients_as_written() {
     assert!(out.status.success(), "{text}\ncontainer log:\n{}", c.logs());
     assert!(text.contains("checks of kserve"), "{text}");
     eprintln!("{}", text.trim());
+    run_ok(Command::new("docker").args(["stop", c.name()]));
+    assert_eq!(c.inspect("{{.State.ExitCode}}"), "0", "{}", c.logs());
+}
+
+/// The CPU Deployment's container and its ConfigMap's config.properties, read with a YAML
+/// parser: (image, args, config text, where the config and the model store are mounted).
+fn kubernetes_container() -> (String, Vec<String>, String, String, String) {
+    let script = "import json, sys, yaml\n\
+                  d = yaml.safe_load(open(sys.argv[1]))\n\
+                  cm = yaml.safe_load(open(sys.argv[2]))\n\
+                  c = d['spec']['template']['spec']['containers'][0]\n\
+                  mounts = {m['name']: m['mountPath'] for m in c['volumeMounts']}\n\
+                  print(json.dumps({'image': c['image'], 'args': c['args'],\n\
+                      'config': cm['data']['config.properties'],\n\
+                      'config_dir': mounts['config'], 'store': mounts['model-store']}))";
+    let dir = repo_root().join("deploy/kubernetes");
+    let v = yaml_facts(
+        script,
+        &[dir.join("deployment.yaml"), dir.join("configmap.yaml")],
+    );
+    let s = |k: &str| v[k].as_str().unwrap().to_string();
+    (
+        s("image"),
+        strings(&v["args"]),
+        s("config"),
+        s("config_dir"),
+        s("store"),
+    )
+}
+
+#[test]
+fn the_kubernetes_deployment_runs_as_written_on_a_read_only_root() {
+    if !docker_ready("the_kubernetes_deployment_runs_as_written_on_a_read_only_root") {
+        return;
+    }
+    let built = image();
+    let (image, args, config, config_dir, store_path) = kubernetes_container();
+    assert_eq!(image, built);
+    let root = tempfile::tempdir().unwrap();
+    let (config_host, store) = (root.path().join("config"), root.path().join("store"));
+    shared_dir(&config_host);
+    store_with_mlp(&store);
+    fs::write(config_host.join("config.properties"), &config).unwrap();
+    let (http, mgmt, metrics) = (free_port(), free_port(), free_port());
+    let c = Container(unique("tchserve-k8s"));
+    // As the kubelet runs it: a read-only root with an empty /tmp, the ConfigMap and the
+    // model store mounted read-only, uid 1000.
+    let mut cmd = Command::new("docker");
+    cmd.args([
+        "run",
+        "-d",
+        "--name",
+        c.name(),
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--user",
+        "1000:1000",
+    ])
+    .args(["--cap-drop", "ALL", "--security-opt", "no-new-privileges"])
+    .args(["-p", &format!("127.0.0.1:{http}:8080")])
+    .args(["-p", &format!("127.0.0.1:{mgmt}:8081")])
+    .args(["-p", &format!("127.0.0.1:{metrics}:8082")])
+    .arg("-v")
+    .arg(format!("{}:{config_dir}:ro", config_host.display()))
+    .arg("-v")
+    .arg(format!("{}:{store_path}:ro", store.display()))
+    .arg(&image)
+    .args(&args);
+    run_ok(&mut cmd);
+    let (http, mgmt, metrics) = (
+        format!("127.0.0.1:{http}"),
+        format!("127.0.0.1:{mgmt}"),
+        format!("127.0.0.1:{metrics}"),
+    );
+    wait_ping(&http, &c);
+    let ready = request(&http, "GET", "/v2/health/ready", &[], b"");
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    let x: Vec<f32> = (0..784).map(|i| (i % 5) as f32).collect();
+    let r = request(
+        &http,
+        "POST",
+        "/predictions/mlp",
+        &[],
+        &serde_json::to_vec(&x).unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = request(&metrics, "GET", "/metrics", &[], b"").text();
+    assert!(m.contains("ts_inference_requests_total"), "{m}");
+    // Management listens on the pod's loopback only: published or not, it does not answer.
+    assert!(
+        try_request(&mgmt, "GET", "/models", &[], b"", Duration::from_secs(5)).is_err(),
+        "management answered from outside the container"
+    );
     run_ok(Command::new("docker").args(["stop", c.name()]));
     assert_eq!(c.inspect("{{.State.ExitCode}}"), "0", "{}", c.logs());
 }

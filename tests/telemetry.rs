@@ -170,6 +170,26 @@ fn requests_are_traced_over_otlp_and_continue_the_callers_trace() {
     );
     assert_eq!(r.status, 200);
 
+    // A gRPC caller's context travels in its metadata (tritonclient's v2 gRPC client).
+    let grpc_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let script = "import sys, numpy as np, tritonclient.grpc as g\n\
+                  c = g.InferenceServerClient(sys.argv[1])\n\
+                  h = {'traceparent': sys.argv[2]}\n\
+                  x = g.InferInput('input0', [1, 784], 'FP32')\n\
+                  x.set_data_from_numpy(np.full((1, 784), 0.25, np.float32))\n\
+                  print(c.infer('mlp', [x], headers=h).as_numpy('output0').shape)";
+    let out = Command::new(clients_venv_bin("python"))
+        .args(["-c", script, &s.grpc_inference])
+        .arg(format!("00-{grpc_trace}-{caller_span}-01"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "(1, 10)");
+
     // The last spans leave when the server stops.
     assert!(s.stop().success());
     let spans = collector.spans();
@@ -226,6 +246,27 @@ fn requests_are_traced_over_otlp_and_continue_the_callers_trace() {
         largest_batch >= 2,
         "the four requests were never batched together"
     );
+    let grpc: Vec<&Value> = spans
+        .iter()
+        .filter(|s| s["trace_id"] == grpc_trace)
+        .collect();
+    let call = grpc
+        .iter()
+        .find(|s| s["name"] == "inference.GRPCInferenceService/ModelInfer")
+        .unwrap_or_else(|| panic!("no gRPC span: {grpc:?}"));
+    assert_eq!(call["parent_span_id"], caller_span);
+    assert_eq!(call["attributes"]["rpc.system"], "grpc");
+    let under: Vec<&str> = grpc
+        .iter()
+        .filter(|s| s["parent_span_id"] == call["span_id"])
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    for stage in ["queue", "batch", "reply"] {
+        assert!(
+            under.contains(&stage),
+            "{stage} under the gRPC call: {under:?}"
+        );
+    }
 
     // JSON logs: one object a line, with the level and the message's fields.
     let log = s.log();

@@ -415,7 +415,7 @@ fn grpc_routers(
     state: &AppState,
     identity: Option<&crate::tls::Identity>,
     handshake_timeout: Duration,
-) -> Result<[tonic::transport::server::Router; 2], ServerError> {
+) -> Result<[frontends::grpc::TracedRouter; 2], ServerError> {
     use crate::auth::Scope;
     use frontends::grpc::require_key;
     use tonic::service::interceptor::InterceptedService;
@@ -441,6 +441,7 @@ fn grpc_routers(
             .map_err(|e| ServerError::Tls(crate::tls::TlsError::Grpc(e.to_string())))
     };
     let inference = builder()?
+        .layer(crate::telemetry::TraceLayer)
         .add_service(InterceptedService::new(
             frontends::torchserve::grpc::inference_service(state.clone()),
             require_key(tokens.clone(), Scope::Inference),
@@ -448,10 +449,13 @@ fn grpc_routers(
         // Health is open, as /ping is; the v2 service checks keys per call, since its
         // repository calls take the management key.
         .add_service(frontends::v2::grpc::service(state.clone()));
-    let management = builder()?.add_service(InterceptedService::new(
-        frontends::torchserve::grpc::management_service(state.clone()),
-        require_key(tokens, Scope::Management),
-    ));
+    let management =
+        builder()?
+            .layer(crate::telemetry::TraceLayer)
+            .add_service(InterceptedService::new(
+                frontends::torchserve::grpc::management_service(state.clone()),
+                require_key(tokens, Scope::Management),
+            ));
     Ok([inference, management])
 }
 

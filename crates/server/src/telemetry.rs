@@ -8,11 +8,12 @@
 //! are written with those times once the answer is back. Off, it costs one check per request.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::Request;
-use axum::http::HeaderValue;
+use axum::http::{self as http, HeaderMap, HeaderValue, Method, Uri};
 use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::propagation::TextMapPropagator as _;
@@ -139,33 +140,75 @@ pub fn traceparent(sc: &SpanContext) -> String {
     )
 }
 
-/// Middleware: a server span around each request, continuing the caller's trace.
+/// Middleware: a server span around each REST request, continuing the caller's trace.
 pub async fn trace_requests(request: Request, next: Next) -> Response {
-    let Some(tracer) = TRACER.get() else {
-        return next.run(request).await;
+    let head = (
+        request.method().clone(),
+        request.uri().clone(),
+        request.headers().clone(),
+    );
+    match TRACER.get() {
+        None => next.run(request).await,
+        Some(tracer) => {
+            let serve = async { Ok::<_, std::convert::Infallible>(next.run(request).await) };
+            match traced(tracer, head, serve).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    }
+}
+
+/// Runs `serve` (one request's handling) under a server span continuing the trace in the
+/// request's headers, and names that span in the response's `traceparent`.
+async fn traced<B, E>(
+    tracer: &SdkTracer,
+    (method, uri, headers): (Method, Uri, HeaderMap),
+    serve: impl Future<Output = Result<http::Response<B>, E>>,
+) -> Result<http::Response<B>, E> {
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(&headers));
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let path = uri.path().to_string();
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", method.to_string()),
+        KeyValue::new("url.path", path.clone()),
+    ];
+    if grpc {
+        attributes.push(KeyValue::new("rpc.system", "grpc"));
+    }
+    // gRPC names its span by service and method, as OpenTelemetry's conventions do.
+    let name = if grpc {
+        path.trim_start_matches('/').to_string()
+    } else {
+        format!("{method} {path}")
     };
-    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
-    let method = request.method().to_string();
-    let path = request.uri().path().to_string();
     let span = tracer
-        .span_builder(format!("{method} {path}"))
+        .span_builder(name)
         .with_kind(SpanKind::Server)
-        .with_attributes([
-            KeyValue::new("http.request.method", method),
-            KeyValue::new("url.path", path),
-        ])
+        .with_attributes(attributes)
         .start_with_context(tracer, &parent);
     let cx = parent.with_span(span);
     let trace = RequestTrace {
         cx: cx.clone(),
         replied: Cell::new(None),
     };
-    let (mut response, replied) = CURRENT
+    let (served, replied) = CURRENT
         .scope(trace, async {
-            let response = next.run(request).await;
-            (response, CURRENT.with(|t| t.replied.get()))
+            let served = serve.await;
+            (served, CURRENT.with(|t| t.replied.get()))
         })
         .await;
+    let span = cx.span();
+    let mut response = match served {
+        Ok(r) => r,
+        Err(e) => {
+            span.set_status(Status::error("the service failed"));
+            span.end();
+            return Err(e);
+        }
+    };
     if let Some(at) = replied {
         let reply = tracer
             .span_builder("reply")
@@ -174,12 +217,19 @@ pub async fn trace_requests(request: Request, next: Next) -> Response {
         end_now(reply);
     }
     let status = response.status();
-    let span = cx.span();
     span.set_attribute(KeyValue::new(
         "http.response.status_code",
         i64::from(status.as_u16()),
     ));
-    if status.is_server_error() {
+    // A unary gRPC call that fails answers its status in the headers.
+    let grpc_status = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok()?.parse::<i64>().ok());
+    if let Some(code) = grpc_status {
+        span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
+    }
+    if status.is_server_error() || grpc_status.is_some_and(|c| c != 0) {
         span.set_status(Status::error(status.to_string()));
     }
     let sc = span.span_context().clone();
@@ -189,7 +239,58 @@ pub async fn trace_requests(request: Request, next: Next) -> Response {
     {
         response.headers_mut().insert("traceparent", v);
     }
-    response
+    Ok(response)
+}
+
+/// The same for gRPC listeners: a tower layer around tonic's router.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceLayer;
+
+impl<S> tower::Layer<S> for TraceLayer {
+    type Service = Traced<S>;
+    fn layer(&self, inner: S) -> Traced<S> {
+        Traced { inner }
+    }
+}
+
+/// A service whose calls are traced (see [`TraceLayer`]).
+#[derive(Debug, Clone)]
+pub struct Traced<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Traced<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The clone that was polled ready serves this call; a fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(tracer) = TRACER.get() else {
+            return Box::pin(inner.call(request));
+        };
+        let head = (
+            request.method().clone(),
+            request.uri().clone(),
+            request.headers().clone(),
+        );
+        Box::pin(traced(tracer, head, inner.call(request)))
+    }
 }
 
 /// Records the stages of one answered job under the current request's span: queued, then the

@@ -68,10 +68,15 @@ pub fn require_key(
     }
 }
 
+/// A gRPC listener's services, each call traced (see [`crate::telemetry::TraceLayer`]).
+pub type TracedRouter = tonic::transport::server::Router<
+    tower::layer::util::Stack<crate::telemetry::TraceLayer, tower::layer::util::Identity>,
+>;
+
 /// Serves `router` on `listener` until `stop` turns true; calls in flight finish first.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    router: tonic::transport::server::Router,
+    router: TracedRouter,
     mut stop: watch::Receiver<bool>,
 ) {
     use tokio_stream::StreamExt as _;
