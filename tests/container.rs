@@ -155,7 +155,7 @@ fn shared_dir(path: &Path) {
 fn store_with_mlp(store: &Path) {
     shared_dir(store);
     archive(
-        &store,
+        store,
         "mlp",
         "1.0",
         &fixtures().join("mlp.pt"),
