@@ -142,20 +142,18 @@ pub fn traceparent(sc: &SpanContext) -> String {
 
 /// Middleware: a server span around each REST request, continuing the caller's trace.
 pub async fn trace_requests(request: Request, next: Next) -> Response {
+    let Some(tracer) = TRACER.get() else {
+        return next.run(request).await;
+    };
     let head = (
         request.method().clone(),
         request.uri().clone(),
         request.headers().clone(),
     );
-    match TRACER.get() {
-        None => next.run(request).await,
-        Some(tracer) => {
-            let serve = async { Ok::<_, std::convert::Infallible>(next.run(request).await) };
-            match traced(tracer, head, serve).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            }
-        }
+    let serve = async { Ok::<_, std::convert::Infallible>(next.run(request).await) };
+    match traced(tracer, head, serve).await {
+        Ok(response) => response,
+        Err(never) => match never {},
     }
 }
 
