@@ -291,7 +291,13 @@ pub async fn run(
         .into_iter()
         .zip(routers)
         .map(|(listener, router)| {
-            let router = router.layer(axum::middleware::from_fn(crate::telemetry::trace_requests));
+            // Only with traces on: even an idle middleware costs a busy server a tenth of
+            // its small-model throughput.
+            let router = if config.otlp_endpoint.is_some() {
+                router.layer(axum::middleware::from_fn(crate::telemetry::trace_requests))
+            } else {
+                router
+            };
             let router = frontends::ignoring_trailing_slash(router);
             listener.serve(router, limits, stop_rx.clone())
         })
@@ -440,8 +446,10 @@ fn grpc_routers(
             .tls_config(tls)
             .map_err(|e| ServerError::Tls(crate::tls::TlsError::Grpc(e.to_string())))
     };
+    let tracing_on = state.config.otlp_endpoint.is_some();
+    let traced = || tower::util::option_layer(tracing_on.then_some(crate::telemetry::TraceLayer));
     let inference = builder()?
-        .layer(crate::telemetry::TraceLayer)
+        .layer(traced())
         .add_service(InterceptedService::new(
             frontends::torchserve::grpc::inference_service(state.clone()),
             require_key(tokens.clone(), Scope::Inference),
@@ -449,13 +457,12 @@ fn grpc_routers(
         // Health is open, as /ping is; the v2 service checks keys per call, since its
         // repository calls take the management key.
         .add_service(frontends::v2::grpc::service(state.clone()));
-    let management =
-        builder()?
-            .layer(crate::telemetry::TraceLayer)
-            .add_service(InterceptedService::new(
-                frontends::torchserve::grpc::management_service(state.clone()),
-                require_key(tokens, Scope::Management),
-            ));
+    let management = builder()?
+        .layer(traced())
+        .add_service(InterceptedService::new(
+            frontends::torchserve::grpc::management_service(state.clone()),
+            require_key(tokens, Scope::Management),
+        ));
     Ok([inference, management])
 }
 

@@ -68,9 +68,13 @@ pub fn require_key(
     }
 }
 
-/// A gRPC listener's services, each call traced (see [`crate::telemetry::TraceLayer`]).
+/// A gRPC listener's services, each call traced when traces are on (see
+/// [`crate::telemetry::TraceLayer`]).
 pub type TracedRouter = tonic::transport::server::Router<
-    tower::layer::util::Stack<crate::telemetry::TraceLayer, tower::layer::util::Identity>,
+    tower::layer::util::Stack<
+        tower::util::Either<crate::telemetry::TraceLayer, tower::layer::util::Identity>,
+        tower::layer::util::Identity,
+    >,
 >;
 
 /// Serves `router` on `listener` until `stop` turns true; calls in flight finish first.
