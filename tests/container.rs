@@ -164,12 +164,13 @@ fn store_with_mlp(store: &Path) {
     );
 }
 
-/// The first `docker run` command of docs/deploy.md, its continuation lines joined.
-fn documented_run_line() -> String {
-    let doc = fs::read_to_string(repo_root().join("docs/deploy.md")).unwrap();
+/// The first `docker run` command of a document, its continuation lines joined and its
+/// spacing made single.
+fn run_line_in(file: &str) -> String {
+    let doc = fs::read_to_string(repo_root().join(file)).unwrap();
     let start = doc
         .find("docker run ")
-        .expect("docs/deploy.md has a docker run line");
+        .unwrap_or_else(|| panic!("{file} has no docker run line"));
     let mut line = String::new();
     for l in doc[start..].lines() {
         let l = l.trim();
@@ -180,7 +181,15 @@ fn documented_run_line() -> String {
                 break;
             }
         }
+        line.push(' ');
     }
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The `docker run` line users copy: docs/deploy.md's, which the README repeats.
+fn documented_run_line() -> String {
+    let line = run_line_in("docs/deploy.md");
+    assert_eq!(run_line_in("README.md"), line, "README.md and docs/deploy.md differ");
     line
 }
 
