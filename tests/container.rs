@@ -189,7 +189,11 @@ fn run_line_in(file: &str) -> String {
 /// The `docker run` line users copy: docs/deploy.md's, which the README repeats.
 fn documented_run_line() -> String {
     let line = run_line_in("docs/deploy.md");
-    assert_eq!(run_line_in("README.md"), line, "README.md and docs/deploy.md differ");
+    assert_eq!(
+        run_line_in("README.md"),
+        line,
+        "README.md and docs/deploy.md differ"
+    );
     line
 }
 
