@@ -164,6 +164,21 @@ fn the_store_decides_what_serves() {
     eventually(&s, "mlp 2.0 replaces 1.0", || {
         versions(&s, "mlp") == (vec!["2.0".into()], Some("2.0".into()))
     });
+    // Its archive overwritten in place by something unreadable (a copy still running, or
+    // damage): 2.0 keeps serving.
+    fs::write(s.store.join("mlp-2.0.mar"), b"half a zip").unwrap();
+    eventually(&s, "the damaged archive is reported", || {
+        s.log().contains("cannot read mlp-2.0.mar")
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        versions(&s, "mlp"),
+        (vec!["2.0".into()], Some("2.0".into()))
+    );
+    assert_eq!(
+        floats(&post_json(&s.inference, "/predictions/mlp", &x)).len(),
+        10
+    );
 
     // Archives vanish: the default moves to the highest version left, and a model with no
     // archive left is gone.

@@ -181,7 +181,7 @@ pub async fn run(
                         Ok(r) => tracing::info!(model = %r.model.name, version = %r.model.version, workers = r.workers, "model loaded"),
                         Err(e) => {
                             tracing::error!(url = %p.url, "cannot load model: {e}");
-                            failed.push(format!("{}: {e}", p.url));
+                            failed.push((p.url.clone(), format!("{}: {e}", p.url)));
                         }
                     }
                 }
@@ -195,18 +195,23 @@ pub async fn run(
     for l in loads {
         failed.extend(
             l.await
-                .unwrap_or_else(|e| vec![format!("loading panicked: {e}")]),
+                .unwrap_or_else(|e| vec![(String::new(), format!("loading panicked: {e}"))]),
         );
     }
-    let polling = config.model_store_poll_interval.is_some() && store.is_some();
-    if !failed.is_empty() && polling {
-        // The store decides what serves: a snapshot naming an archive removed while the server
-        // was down must not keep it from starting.
-        tracing::warn!(
-            "{} start-up model(s) not loaded; the model store's poller serves what the store holds",
-            failed.len()
-        );
-    } else if !failed.is_empty() {
+    // With polling on, the store decides what serves: a model whose archive left the store
+    // while the server was down must not keep it from starting. Any other failure still does.
+    if let (Some(_), Some(store)) = (config.model_store_poll_interval, &store) {
+        failed.retain(|(url, why)| {
+            let gone =
+                !url.is_empty() && !url.contains(['/', '\\']) && !store.root().join(url).exists();
+            if gone {
+                tracing::warn!("{why}; its archive is no longer in the model store");
+            }
+            !gone
+        });
+    }
+    let failed: Vec<String> = failed.into_iter().map(|(_, why)| why).collect();
+    if !failed.is_empty() {
         let hint = if from_snapshot {
             "fix or restore the archives, or start with --ncs to leave the snapshot out"
         } else {
@@ -390,19 +395,32 @@ async fn poll_store(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            // A stop wins over a tick that is due at the same moment.
+            biased;
             _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
         }
         let p = Arc::clone(&poller);
-        let Ok(changes) = tokio::task::spawn_blocking(move || p.poll_once()).await else {
+        // A stop ends a poll between two loads rather than after all of them.
+        let watcher = tokio::spawn({
+            let (poller, mut stop) = (Arc::clone(&poller), stop.clone());
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+                poller.stop();
+            }
+        });
+        let polled = tokio::task::spawn_blocking(move || p.poll_once()).await;
+        watcher.abort();
+        let Ok(changes) = polled else {
             continue;
         };
         if changes.is_empty() {
             continue;
         }
         state.save_snapshot().await;
-        // Unloaded versions answer what they have queued while the next poll goes on.
-        tokio::task::spawn_blocking(move || store_poll::drain(changes.unloaded));
+        // Unloaded versions answer what they have queued before the next poll, and before a
+        // stop lets the process exit under them.
+        let _ = tokio::task::spawn_blocking(move || store_poll::drain(changes.unloaded)).await;
     }
 }
 

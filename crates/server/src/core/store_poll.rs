@@ -11,6 +11,7 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -136,6 +137,15 @@ pub struct Serving {
     pub file: Option<String>,
 }
 
+/// What the store holds, as one poll read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreView {
+    /// The archives whose manifests could be read.
+    pub candidates: Vec<Candidate>,
+    /// Files present whose manifest cannot be read: being copied in, or damaged.
+    pub unreadable: BTreeSet<String>,
+}
+
 /// What one poll does.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -146,13 +156,15 @@ pub struct Plan {
 }
 
 /// Decides what to load and unload so that each model serves what its policy picks from the
-/// loadable archives. A model whose archives are all broken keeps what it serves: a bad upload
-/// must not take a working model away.
+/// loadable archives. A bad archive never takes a working version away: a version whose file
+/// is unreadable, or now holds a version that cannot load, keeps serving, and so does a model
+/// none of whose archives loads.
 pub fn plan(
-    candidates: &[Candidate],
+    store: &StoreView,
     serving: &[Serving],
     policy: &dyn Fn(&str) -> VersionPolicy,
 ) -> Plan {
+    let candidates = &store.candidates;
     let mut names: BTreeSet<&str> = candidates.iter().map(|c| c.name.as_str()).collect();
     names.extend(
         serving
@@ -163,22 +175,42 @@ pub fn plan(
     let mut out = Plan::default();
     for name in names {
         let mine: Vec<&Candidate> = candidates.iter().filter(|c| c.name == name).collect();
-        // The first archive (by file name) of a version is the one that counts.
-        let mut by_version: BTreeMap<&str, &Candidate> = BTreeMap::new();
-        for c in &mine {
-            by_version.entry(c.version.as_str()).or_insert(c);
-        }
-        let loadable: Vec<&str> = by_version
-            .iter()
-            .filter(|(_, c)| c.loadable)
-            .map(|(v, _)| *v)
-            .collect();
-        let chosen = policy(name).select(loadable);
         let served: BTreeSet<&str> = serving
             .iter()
             .filter(|s| s.name == name)
             .map(|s| s.version.as_str())
             .collect();
+        // The first archive (by file name) of a version is the one that counts.
+        let mut by_version: BTreeMap<&str, &Candidate> = BTreeMap::new();
+        for c in &mine {
+            by_version.entry(c.version.as_str()).or_insert(c);
+        }
+        // Serving versions whose archive is unreadable for now (being copied over, damaged)
+        // or was overwritten by a version that cannot load: they stay, and count as present.
+        let held: BTreeSet<&str> = serving
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                s.file.as_ref().is_some_and(|file| {
+                    store.unreadable.contains(file)
+                        || candidates.iter().any(|c| {
+                            &c.file == file
+                                && c.name == name
+                                && c.version != s.version
+                                && !c.loadable
+                        })
+                })
+            })
+            .map(|s| s.version.as_str())
+            .collect();
+        // A version that serves has loaded, whatever a later attempt said.
+        let mut loadable: Vec<&str> = by_version
+            .iter()
+            .filter(|(v, c)| c.loadable || served.contains(*v))
+            .map(|(v, _)| *v)
+            .collect();
+        loadable.extend(held.iter().copied());
+        let chosen = policy(name).select(loadable);
         for v in &chosen {
             if !served.contains(v.as_str()) {
                 let c = by_version[v.as_str()];
@@ -191,6 +223,9 @@ pub fn plan(
         }
         for s in serving.iter().filter(|s| s.name == name) {
             let Some(file) = &s.file else { continue };
+            if held.contains(s.version.as_str()) {
+                continue;
+            }
             let holder = candidates.iter().find(|c| &c.file == file);
             // Registered under a name of its own (model_name=...): not the store's to decide
             // while its archive stays.
@@ -227,6 +262,7 @@ pub struct StorePoller {
     default_policy: VersionPolicy,
     policies: BTreeMap<String, VersionPolicy>,
     seen: Mutex<HashMap<String, Seen>>,
+    stopping: AtomicBool,
 }
 
 /// What a poll changed.
@@ -259,6 +295,7 @@ impl StorePoller {
             default_policy,
             policies,
             seen: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -273,8 +310,16 @@ impl StorePoller {
     /// loads models): run it off the async threads.
     pub fn poll_once(&self) -> Changes {
         let mut changes = Changes::default();
-        let first = self.decide();
+        // A store that cannot be listed (a remount, a network file system's hiccup) says
+        // nothing about what it holds: nothing changes until it can be read again.
+        let Some(mut store) = self.scan() else {
+            return changes;
+        };
+        let first = plan(&store, &self.serving(), &|name| self.policy(name));
         for (file, name, version) in first.load {
+            if self.stopping.load(AtomicOrdering::SeqCst) {
+                return changes;
+            }
             // Loaded by the server on its own, as start-up models are: their workers come from
             // `models` or default_workers_per_model, not the API's default of none.
             let p = RegisterParams {
@@ -298,17 +343,23 @@ impl StorePoller {
                     }
                     changes.loaded.push((name, version));
                 }
+                // Registered meanwhile through the management API: it serves, nothing failed.
+                Err(e) if e.status() == axum::http::StatusCode::CONFLICT => {}
                 Err(e) => {
                     tracing::error!(model = %name, version = %version, archive = %file, "model store: cannot load {file}: {e}; what serves keeps serving");
                     if let Some(s) = self.lock().get_mut(&file) {
                         s.failed = true;
                     }
+                    for c in store.candidates.iter_mut().filter(|c| c.file == file) {
+                        c.loadable = false;
+                    }
                 }
             }
         }
-        // Decided again with what loaded and what failed, so that a version is retired only
-        // once its successor serves.
-        let second = self.decide();
+        // Decided again on the same reading of the store, with what loaded and what failed,
+        // so that a version is retired only once its successor serves (an archive that
+        // arrived meanwhile waits for the next poll).
+        let second = plan(&store, &self.serving(), &|name| self.policy(name));
         for (name, version) in second.unload {
             self.move_default_off(&name, &version);
             match self.registry.unregister(&name, Some(&version)) {
@@ -322,6 +373,11 @@ impl StorePoller {
             }
         }
         changes
+    }
+
+    /// Makes a poll in progress stop before its next load (the server is stopping).
+    pub fn stop(&self) {
+        self.stopping.store(true, AtomicOrdering::SeqCst);
     }
 
     /// Before the default version goes, the highest version that stays becomes the default.
@@ -347,10 +403,8 @@ impl StorePoller {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn decide(&self) -> Plan {
-        let candidates = self.scan();
-        let serving: Vec<Serving> = self
-            .registry
+    fn serving(&self) -> Vec<Serving> {
+        self.registry
             .snapshot_entries()
             .values()
             .flat_map(|e| e.versions.values())
@@ -359,8 +413,7 @@ impl StorePoller {
                 version: v.version.clone(),
                 file: self.store_file(&v.url),
             })
-            .collect();
-        plan(&candidates, &serving, &|name| self.policy(name))
+            .collect()
     }
 
     /// The store file a registration url names, if it names one.
@@ -383,21 +436,22 @@ impl StorePoller {
         Some(file)
     }
 
-    /// The store's archives, their manifests read once per change.
-    fn scan(&self) -> Vec<Candidate> {
+    /// The store's archives, their manifests read once per change; None when the store
+    /// cannot be listed.
+    fn scan(&self) -> Option<StoreView> {
         let paths = match self.store.all() {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(
-                    "model store: cannot list {}: {e}",
+                    "model store: cannot list {}: {e}; nothing changes until it can",
                     self.store.root().display()
                 );
-                return Vec::new();
+                return None;
             }
         };
         let mut seen = self.lock();
         let mut present = BTreeSet::new();
-        let mut out = Vec::new();
+        let mut view = StoreView::default();
         for path in paths {
             let Some(file) = path.file_name().map(|f| f.to_string_lossy().into_owned()) else {
                 continue;
@@ -422,17 +476,20 @@ impl StorePoller {
                 );
             }
             let s = &seen[&file];
-            if let Ok((name, version)) = &s.identity {
-                out.push(Candidate {
+            match &s.identity {
+                Ok((name, version)) => view.candidates.push(Candidate {
                     file,
                     name: name.clone(),
                     version: version.clone(),
                     loadable: !s.failed,
-                });
+                }),
+                Err(_) => {
+                    view.unreadable.insert(file);
+                }
             }
         }
         seen.retain(|f, _| present.contains(f));
-        out
+        Some(view)
     }
 }
 
@@ -468,6 +525,13 @@ mod tests {
             name: name.into(),
             version: version.into(),
             file: file.map(String::from),
+        }
+    }
+
+    fn view(c: &[Candidate]) -> StoreView {
+        StoreView {
+            candidates: c.to_vec(),
+            unreadable: BTreeSet::new(),
         }
     }
 
@@ -512,7 +576,7 @@ mod tests {
             cand("a.mar", "a", "1.0", true),
             cand("b.mar", "b", "1.0", true),
         ];
-        let p = plan(&c, &[], &latest);
+        let p = plan(&view(&c), &[], &latest);
         assert_eq!(
             p.load,
             owned(&[("a.mar", "a", "1.0"), ("b.mar", "b", "1.0")])
@@ -524,16 +588,16 @@ mod tests {
             cand("a2.mar", "a", "2.0", true),
         ];
         let s = [serv("a", "1.0", Some("a.mar"))];
-        let p = plan(&c, &s, &latest);
+        let p = plan(&view(&c), &s, &latest);
         assert_eq!(p.load, owned(&[("a2.mar", "a", "2.0")]));
         assert_eq!(p.unload, pairs(&[("a", "1.0")]));
         let s = [
             serv("a", "1.0", Some("a.mar")),
             serv("a", "2.0", Some("a2.mar")),
         ];
-        assert_eq!(plan(&c, &s, &latest).unload, pairs(&[("a", "1.0")]));
+        assert_eq!(plan(&view(&c), &s, &latest).unload, pairs(&[("a", "1.0")]));
         // With latest:2 both stay.
-        let p = plan(&c, &s, &|_| VersionPolicy::Latest(2));
+        let p = plan(&view(&c), &s, &|_| VersionPolicy::Latest(2));
         assert_eq!(p, Plan::default());
     }
 
@@ -548,11 +612,11 @@ mod tests {
             serv("a-copy", "1.0", Some("b.mar")),
         ];
         let c = [cand("b.mar", "b", "1.0", true)];
-        let p = plan(&c, &s, &latest);
+        let p = plan(&view(&c), &s, &latest);
         assert_eq!(p.load, owned(&[("b.mar", "b", "1.0")]));
         assert_eq!(p.unload, pairs(&[("a", "1.0")]));
         // Once its archive goes, the renamed registration goes too.
-        let p = plan(&[], &s, &latest);
+        let p = plan(&view(&[]), &s, &latest);
         assert_eq!(p.unload, pairs(&[("a", "1.0"), ("a-copy", "1.0")]));
     }
 
@@ -565,15 +629,41 @@ mod tests {
             cand("a2.mar", "a", "2.0", false),
         ];
         let s = [serv("a", "1.0", Some("a.mar"))];
-        assert_eq!(plan(&c, &s, &latest), Plan::default());
+        assert_eq!(plan(&view(&c), &s, &latest), Plan::default());
         // The archive of 1.0 overwritten by a broken 2.0: 1.0 keeps serving from memory.
         let c = [cand("a.mar", "a", "2.0", false)];
-        assert_eq!(plan(&c, &s, &latest), Plan::default());
+        assert_eq!(plan(&view(&c), &s, &latest), Plan::default());
         // Overwritten by a good 2.0: it loads, and 1.0 goes.
         let c = [cand("a.mar", "a", "2.0", true)];
-        let p = plan(&c, &s, &latest);
+        let p = plan(&view(&c), &s, &latest);
         assert_eq!(p.load, owned(&[("a.mar", "a", "2.0")]));
         assert_eq!(p.unload, pairs(&[("a", "1.0")]));
+    }
+
+    #[test]
+    fn an_archive_being_rewritten_keeps_its_version_serving() {
+        let latest = |_: &str| VersionPolicy::Latest(1);
+        let s = [serv("a", "1.0", Some("a.mar"))];
+        // a.mar half-copied over, its manifest unreadable: 1.0 stays, and counts as the
+        // latest, so an older archive beside it does not load in its place.
+        let store = StoreView {
+            candidates: vec![cand("a0.mar", "a", "0.9", true)],
+            unreadable: ["a.mar".to_string()].into(),
+        };
+        assert_eq!(plan(&store, &s, &latest), Plan::default());
+        // A version that serves counts as loadable even if a later attempt on its archive
+        // failed (registered meanwhile through the API, say).
+        let c = [cand("a.mar", "a", "1.0", false)];
+        assert_eq!(plan(&view(&c), &s, &latest), Plan::default());
+        // With latest:2, a broken 2.0 beside the serving 1.0 leaves 1.0 alone.
+        let c = [
+            cand("a.mar", "a", "1.0", true),
+            cand("b.mar", "a", "2.0", false),
+        ];
+        assert_eq!(
+            plan(&view(&c), &s, &|_| VersionPolicy::Latest(2)),
+            Plan::default()
+        );
     }
 
     #[test]
@@ -584,7 +674,7 @@ mod tests {
             cand("a2.mar", "a", "2.0", true),
         ];
         let s = [serv("a", "2.0", Some("a2.mar"))];
-        let p = plan(&c, &s, &pick);
+        let p = plan(&view(&c), &s, &pick);
         assert_eq!(p.load, owned(&[("a1.mar", "a", "1.0")]));
         assert_eq!(p.unload, pairs(&[("a", "2.0")]));
         // Two archives of one version: the first by file name counts.
@@ -592,6 +682,9 @@ mod tests {
             cand("a1.mar", "a", "1.0", true),
             cand("a1b.mar", "a", "1.0", true),
         ];
-        assert_eq!(plan(&c, &[], &pick).load, owned(&[("a1.mar", "a", "1.0")]));
+        assert_eq!(
+            plan(&view(&c), &[], &pick).load,
+            owned(&[("a1.mar", "a", "1.0")])
+        );
     }
 }
