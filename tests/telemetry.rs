@@ -170,6 +170,18 @@ fn requests_are_traced_over_otlp_and_continue_the_callers_trace() {
     );
     assert_eq!(r.status, 200);
 
+    // A KServe v1 request of two instances: two jobs, each with its stages, one reply.
+    let v1_trace = "6bf92f3577b34da6a3ce929d0e0e4738";
+    let instances = serde_json::json!({"instances": [vec![0.5f32; 784], vec![0.75f32; 784]]});
+    let r = request(
+        &s.inference,
+        "POST",
+        "/v1/models/mlp:predict",
+        &[("traceparent", &format!("00-{v1_trace}-{caller_span}-01"))],
+        instances.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+
     // A gRPC caller's context travels in its metadata (tritonclient's v2 gRPC client).
     let grpc_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
     let script = "import sys, numpy as np, tritonclient.grpc as g\n\
@@ -245,6 +257,18 @@ fn requests_are_traced_over_otlp_and_continue_the_callers_trace() {
     assert!(
         largest_batch >= 2,
         "the four requests were never batched together"
+    );
+    let v1: Vec<&Value> = spans.iter().filter(|s| s["trace_id"] == v1_trace).collect();
+    let count = |n: &str| v1.iter().filter(|s| s["name"] == n).count();
+    assert_eq!(
+        (
+            count("queue"),
+            count("batch"),
+            count("forward"),
+            count("reply")
+        ),
+        (2, 2, 2, 1),
+        "{v1:?}"
     );
     let grpc: Vec<&Value> = spans
         .iter()

@@ -7,9 +7,8 @@
 //! The worker threads know nothing of this: they report when each stage ended, and the spans
 //! are written with those times once the answer is back. Off, it costs one check per request.
 
-use std::cell::Cell;
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::Request;
@@ -37,11 +36,36 @@ tokio::task_local! {
     static CURRENT: RequestTrace;
 }
 
+#[derive(Clone)]
 struct RequestTrace {
     /// The server span's context: the parent of every span of this request.
     cx: Context,
     /// When the last worker answer arrived: the reply span runs from there to the response.
-    replied: Cell<Option<Instant>>,
+    /// Shared with the tasks a request spreads its items over.
+    replied: Arc<Mutex<Option<Instant>>>,
+}
+
+impl RequestTrace {
+    fn replied(&self) -> Option<Instant> {
+        *self.replied.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an answer's arrival; the last one counts.
+    fn answered(&self, at: Instant) {
+        let mut r = self.replied.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none_or(|prev| prev < at) {
+            *r = Some(at);
+        }
+    }
+}
+
+/// `fut`, run on a task of its own, still belongs to the current request's trace (a request
+/// whose items are answered as separate jobs).
+pub fn in_current_trace<F: Future>(fut: F) -> impl Future<Output = F::Output> {
+    match CURRENT.try_with(RequestTrace::clone) {
+        Ok(trace) => futures_util::future::Either::Left(CURRENT.scope(trace, fut)),
+        Err(_) => futures_util::future::Either::Right(fut),
+    }
 }
 
 /// Why traces cannot be sent.
@@ -77,7 +101,6 @@ impl Telemetry {
             .with_protocol(Protocol::HttpBinary)
             // Used as given: the signal's path is not appended to an explicit endpoint.
             .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
-            .with_timeout(Duration::from_secs(10))
             .with_http_client(OtlpHttp { client, runtime })
             .build()
             .map_err(|e| err(e.to_string()))?;
@@ -190,12 +213,12 @@ async fn traced<B, E>(
     let cx = parent.with_span(span);
     let trace = RequestTrace {
         cx: cx.clone(),
-        replied: Cell::new(None),
+        replied: Arc::new(Mutex::new(None)),
     };
     let (served, replied) = CURRENT
         .scope(trace, async {
             let served = serve.await;
-            (served, CURRENT.with(|t| t.replied.get()))
+            (served, CURRENT.with(RequestTrace::replied))
         })
         .await;
     let span = cx.span();
@@ -210,7 +233,7 @@ async fn traced<B, E>(
     if let Some(at) = replied {
         let reply = tracer
             .span_builder("reply")
-            .with_start_time(wall(at))
+            .with_start_time(WallClock::now().at(at))
             .start_with_context(tracer, &cx);
         end_now(reply);
     }
@@ -299,45 +322,89 @@ pub fn record_job(enqueued: Instant, t: &Timings) {
     };
     let _ = CURRENT.try_with(|trace| {
         let now = Instant::now();
-        trace.replied.set(Some(now));
+        trace.answered(now);
+        // Refused before a worker took it (timed out in the queue): no stages to show.
+        if t.batch_size == 0 {
+            return;
+        }
+        // One reading of both clocks, so that the spans of a request nest exactly.
+        let clock = WallClock::now();
         let us = |n: u64| Duration::from_micros(n);
         let started = enqueued + us(t.queue_us);
         let decoded = started + us(t.decode_us);
-        interval(tracer, &trace.cx, "queue", enqueued, started);
+        interval(
+            tracer,
+            &trace.cx,
+            "queue",
+            clock.at(enqueued),
+            clock.at(started),
+        );
         let batch = tracer
             .span_builder("batch")
-            .with_start_time(wall(started))
+            .with_start_time(clock.at(started))
             .with_attributes([KeyValue::new("batch.size", t.batch_size as i64)])
             .start_with_context(tracer, &trace.cx);
         let batch_cx = trace.cx.with_span(batch);
-        interval(tracer, &batch_cx, "preprocess", started, decoded);
+        interval(
+            tracer,
+            &batch_cx,
+            "preprocess",
+            clock.at(started),
+            clock.at(decoded),
+        );
         if t.run_us > 0 {
             let ran = decoded + us(t.run_us);
-            interval(tracer, &batch_cx, "forward", decoded, ran);
+            interval(
+                tracer,
+                &batch_cx,
+                "forward",
+                clock.at(decoded),
+                clock.at(ran),
+            );
         }
         batch_cx
             .span()
-            .end_with_timestamp(wall(started + us(t.handler_us)));
+            .end_with_timestamp(clock.at(started + us(t.handler_us)));
     });
 }
 
-fn interval(tracer: &SdkTracer, parent: &Context, name: &'static str, from: Instant, to: Instant) {
+fn interval(
+    tracer: &SdkTracer,
+    parent: &Context,
+    name: &'static str,
+    from: SystemTime,
+    to: SystemTime,
+) {
     let mut span = tracer
         .span_builder(name)
-        .with_start_time(wall(from))
+        .with_start_time(from)
         .start_with_context(tracer, parent);
-    span.end_with_timestamp(wall(to));
+    span.end_with_timestamp(to);
 }
 
 fn end_now(mut span: impl opentelemetry::trace::Span) {
     span.end();
 }
 
-/// The wall-clock time of a monotonic instant.
-fn wall(at: Instant) -> SystemTime {
-    let (now, wall_now) = (Instant::now(), SystemTime::now());
-    match now.checked_duration_since(at) {
-        Some(ago) => wall_now - ago,
-        None => wall_now + at.duration_since(now),
+/// Both clocks read at one moment, to turn monotonic instants into wall-clock times.
+struct WallClock {
+    mono: Instant,
+    wall: SystemTime,
+}
+
+impl WallClock {
+    fn now() -> Self {
+        WallClock {
+            mono: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    /// The wall-clock time of `at`.
+    fn at(&self, at: Instant) -> SystemTime {
+        match self.mono.checked_duration_since(at) {
+            Some(ago) => self.wall - ago,
+            None => self.wall + at.duration_since(self.mono),
+        }
     }
 }

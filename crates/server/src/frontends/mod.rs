@@ -79,7 +79,9 @@ pub async fn infer_all(
     for (i, p) in payloads.into_iter().enumerate() {
         let infer = infer.clone();
         let (name, version) = (name.to_owned(), version.map(str::to_owned));
-        set.spawn(async move { (i, infer.infer(&name, version.as_deref(), p).await) });
+        set.spawn(crate::telemetry::in_current_trace(async move {
+            (i, infer.infer(&name, version.as_deref(), p).await)
+        }));
     }
     let mut out: Vec<Option<Prediction>> = vec![None; n];
     while let Some(joined) = set.join_next().await {
