@@ -72,28 +72,37 @@ fi
 
 # The container tests (tests/container.rs) build the image and run it: Docker's engine from
 # Debian's packages, started here when it is not running, and a Debian base image made here with
-# mmdebstrap, which needs no image registry. Without root and apt the tests skip, saying so.
+# mmdebstrap, which needs no image registry. Where that cannot be done (no root or apt, an engine
+# that will not start, or TCHSERVE_SKIP_DOCKER=1), build/docker/unavailable says why, and the
+# container tests skip, printing it.
 setup_docker() {
-    local root=0
+    local marker=build/docker/unavailable root=0
+    mkdir -p build/docker
+    unavailable() { say "$1: the container tests will skip"; echo "$1" > "$marker"; }
+    if [ -n "${TCHSERVE_SKIP_DOCKER:-}" ]; then
+        unavailable "TCHSERVE_SKIP_DOCKER is set"; return
+    fi
     [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && root=1
     if ! command -v dockerd >/dev/null || ! command -v mmdebstrap >/dev/null; then
-        [ "$root" = 1 ] || { say "no Docker engine or mmdebstrap: the container tests will skip"; return; }
+        [ "$root" = 1 ] || { unavailable "no Docker engine or mmdebstrap, and no root to install them"; return; }
         apt_install docker.io mmdebstrap
     fi
     if ! docker info >/dev/null 2>&1; then
-        [ "$root" = 1 ] || { say "Docker's engine is not running: the container tests will skip"; return; }
+        [ "$root" = 1 ] || { unavailable "Docker's engine is not running"; return; }
         say "starting Docker's engine (log: build/docker/dockerd.log)"
-        mkdir -p build/docker
         nohup dockerd >build/docker/dockerd.log 2>&1 &
         for _ in $(seq 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
-        docker info >/dev/null 2>&1 || { say "dockerd did not start: see build/docker/dockerd.log"; exit 1; }
+        docker info >/dev/null 2>&1 || {
+            unavailable "Docker's engine did not start ($(tail -1 build/docker/dockerd.log))"; return; }
     fi
     if ! docker image inspect local/debian:bookworm >/dev/null 2>&1; then
         say "making the base image local/debian:bookworm with mmdebstrap"
-        mkdir -p build/docker
-        mmdebstrap --quiet --variant=minbase bookworm build/docker/rootfs.tar
-        docker import build/docker/rootfs.tar local/debian:bookworm >/dev/null
+        mmdebstrap --quiet --variant=minbase bookworm build/docker/rootfs.tar \
+            && docker import build/docker/rootfs.tar local/debian:bookworm >/dev/null
         rm -f build/docker/rootfs.tar
+        docker image inspect local/debian:bookworm >/dev/null 2>&1 || {
+            unavailable "the base image could not be made"; return; }
     fi
+    rm -f "$marker"
 }
 setup_docker

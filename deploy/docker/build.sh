@@ -36,12 +36,26 @@ else
     done
     [ ${#build[@]} -gt 0 ] || { echo "build: needs docker buildx (or Docker 20.10's client)" >&2; exit 1; }
 fi
-deploy/docker/bundle.sh $([ "$cuda" = 1 ] && echo --cuda) build/docker/bundle
+# The build context is a folder of its own holding only what the prebuilt stage copies, so
+# that neither the checkout nor an old bundle is sent to the builder.
+context=build/docker/context
+rm -rf build/docker/bundle "$context"
+mkdir -p "$context/build/docker" "$context/deploy"
+deploy/docker/bundle.sh $([ "$cuda" = 1 ] && echo --cuda) "$context/build/docker/bundle"
+cp -r deploy/docker "$context/deploy/docker"
 "${build[@]}" -f deploy/docker/Dockerfile \
     --build-arg FROM=prebuilt --build-arg BASE_IMAGE="$base" --build-arg CUDA="$cuda" \
-    -t "$tag" .
+    -t "$tag" "$context"
+rm -rf "$context"
 # The image this tag named before, if any, is left untagged: remove it.
 docker image prune -f --filter label=org.opencontainers.image.title=tchserve >/dev/null
-# So is BuildKit's copy of each bundle it was sent (half a gigabyte a build).
-docker builder prune -f >/dev/null 2>&1 || true
+# So is BuildKit's copy of the context it was sent (half a gigabyte a build); other cached
+# layers stay.
+docker builder prune -f --filter type=source.local >/dev/null 2>&1 || true
+# Binaries built against a newer C library than the base image's would fail only at run time.
+if ! out=$(docker run --rm --entrypoint tchserve "$tag" --version 2>&1); then
+    echo "build: the image's tchserve does not run on $base:" >&2
+    echo "$out" >&2
+    exit 1
+fi
 echo "built $tag ($(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}'))"

@@ -232,8 +232,9 @@ fn not_running(dir: &Path) -> String {
     )
 }
 
-/// Stops the server gracefully and waits for it to exit; false when none was running.
-pub fn stop(dir: &Path) -> anyhow::Result<bool> {
+/// Stops the server gracefully and waits for it to exit (at most `grace` and a margin for the
+/// exit itself, or 180 s when the grace is not known); false when none was running.
+pub fn stop(dir: &Path, grace: Option<Duration>) -> anyhow::Result<bool> {
     let Some(pid) = running_pid(dir) else {
         if read_pid(&dir.join(PID_FILE)).is_some() {
             // Left by a server that died: it names no live server.
@@ -249,12 +250,13 @@ pub fn stop(dir: &Path) -> anyhow::Result<bool> {
             std::io::Error::last_os_error()
         );
     }
-    let deadline = Instant::now() + STOP_TIMEOUT;
+    let wait = grace.map_or(STOP_TIMEOUT, |g| g + Duration::from_secs(30));
+    let deadline = Instant::now() + wait;
     while alive(pid) {
         if Instant::now() > deadline {
             bail!(
                 "tchserve (pid {pid}) is still finishing requests after {} s",
-                STOP_TIMEOUT.as_secs()
+                wait.as_secs()
             );
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -342,8 +342,8 @@ pub async fn run(
     shutdown.await;
     let grace = config.graceful_shutdown_timeout;
     let deadline = tokio::time::Instant::now() + grace;
-    // Unready first, so that a load balancer polling readiness stops sending here even before
-    // the listeners close.
+    // Unready before anything else: from here on nothing answers ready, while /ping stays
+    // healthy so that liveness probes leave a draining server alone.
     state.infer.begin_stop();
     tracing::info!(
         grace_s = grace.as_secs(),

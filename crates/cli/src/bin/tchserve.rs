@@ -96,7 +96,9 @@ fn main() -> ExitCode {
     let result = if args.check {
         startup_check::run(args.model_store.as_deref(), &args.models)
     } else if args.stop {
-        control::stop(&log_dir(&args))
+        // The configuration's grace period, when it can be read, bounds the wait.
+        let grace = load_config(&args).ok().map(|c| c.graceful_shutdown_timeout);
+        control::stop(&log_dir(&args), grace)
     } else if args.status {
         control::status(&log_dir(&args))
     } else if args.start && !args.foreground {
