@@ -215,6 +215,42 @@ fn image_classifier_matches_torchvision() {
 }
 
 #[test]
+fn workers_sharing_one_model_answer_concurrent_requests_as_one() {
+    let fx = vision_fixtures();
+    let want = expected();
+    let mut s = Server::new("enable_model_api=true");
+    let resnet = real_archive(
+        &s.store,
+        "resnet",
+        &fx.join("resnet18.pt"),
+        "image_classifier",
+        &[&fx.join("index_to_name.json")],
+    );
+    s.start(&[]);
+    // Four workers, one copy of the weights: each request in flight runs the same module on
+    // a thread of its own.
+    let r = s.manage(
+        "POST",
+        &format!("/models?url={resnet}&initial_workers=4&synchronous=true"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let d = s.manage("GET", "/models/resnet").json();
+    assert_eq!(d[0]["workers"].as_array().unwrap().len(), 4, "{d}");
+    std::thread::scope(|scope| {
+        for round in 0..4 {
+            let (s, want) = (&s, &want);
+            scope.spawn(move || {
+                for file in PHOTOS.iter().cycle().skip(round * 3).take(PHOTOS.len()) {
+                    let r = post_image(s, "resnet", file);
+                    assert_eq!(r.status, 200, "{file}: {}", r.text());
+                    assert_top(&r.json(), &want[file]["top5"], file);
+                }
+            });
+        }
+    });
+}
+
+#[test]
 fn custom_manifest_in_the_archive() {
     let fx = vision_fixtures();
     let mut s = Server::new("");

@@ -14,7 +14,7 @@ use tchserve_backend::{ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers};
 
 use crate::batch::Batcher;
 use crate::job::Job;
-use crate::shared::{Shared, ThreadBudget, lock};
+use crate::shared::{Shared, SharedModules, ThreadBudget, lock};
 use crate::worker;
 
 #[derive(Debug)]
@@ -36,6 +36,7 @@ pub struct Pool {
     workers: Mutex<Vec<Handle>>,
     shared: Arc<Shared>,
     budget: Arc<ThreadBudget>,
+    modules: Arc<SharedModules>,
     spawned: AtomicUsize,
 }
 
@@ -53,6 +54,7 @@ impl Pool {
             workers: Mutex::new(Vec::new()),
             shared: Arc::default(),
             budget,
+            modules: Arc::default(),
             spawned: AtomicUsize::new(0),
         })
     }
@@ -114,6 +116,7 @@ impl Pool {
                 stop: Arc::clone(&stop),
                 shared: Arc::clone(&self.shared),
                 budget: Arc::clone(&self.budget),
+                modules: Arc::clone(&self.modules),
             };
             let name = format!("W-{id}-{}_{}", self.spec.name, self.spec.version);
             let thread = std::thread::Builder::new()

@@ -89,3 +89,84 @@ mod tests {
         assert_eq!(budget.enter().0, 2);
     }
 }
+
+/// One loaded module per device, shared by all the workers of a model version on it.
+///
+/// A TorchScript module in eval mode runs from several threads at once (its forward takes
+/// `&self`), so a worker beyond the first costs a thread and its activations, not another copy
+/// of the weights. The map holds weak references: when the last worker on a device stops, the
+/// module goes with it, and the next worker loads it afresh.
+pub(crate) struct SharedModules<M = tch::CModule> {
+    by_device: Mutex<BTreeMap<String, std::sync::Weak<M>>>,
+}
+
+impl<M> Default for SharedModules<M> {
+    fn default() -> Self {
+        SharedModules {
+            by_device: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl<M> std::fmt::Debug for SharedModules<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedModules")
+            .field("devices", &lock(&self.by_device).keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl<M> SharedModules<M> {
+    /// The module on `device`, loaded by `load` only when no worker holds it. The lock is held
+    /// while loading, so workers starting together load once and share.
+    pub(crate) fn get_or_load<E>(
+        &self,
+        device: tch::Device,
+        load: impl FnOnce() -> Result<M, E>,
+    ) -> Result<Arc<M>, E> {
+        let key = format!("{device:?}");
+        let mut map = lock(&self.by_device);
+        if let Some(module) = map.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(module);
+        }
+        let module = Arc::new(load()?);
+        map.insert(key, Arc::downgrade(&module));
+        Ok(module)
+    }
+}
+
+#[cfg(test)]
+mod shared_modules_tests {
+    use super::*;
+
+    #[test]
+    fn workers_on_one_device_share_one_load_until_the_last_one_goes() {
+        let modules: SharedModules<String> = SharedModules::default();
+        let loads = std::cell::Cell::new(0);
+        let load = || -> Result<String, ()> {
+            loads.set(loads.get() + 1);
+            Ok(format!("weights #{}", loads.get()))
+        };
+        let a = modules.get_or_load(tch::Device::Cpu, load).unwrap();
+        let b = modules.get_or_load(tch::Device::Cpu, load).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(loads.get(), 1);
+        // Another device has its own copy.
+        let gpu = modules.get_or_load(tch::Device::Cuda(0), load).unwrap();
+        assert_eq!(*gpu, "weights #2");
+        // A failed load leaves nothing behind, and the next worker tries again.
+        assert!(
+            modules
+                .get_or_load(tch::Device::Cuda(1), || Err::<String, _>(()))
+                .is_err()
+        );
+        assert_eq!(
+            *modules.get_or_load(tch::Device::Cuda(1), load).unwrap(),
+            "weights #3"
+        );
+        // Once every holder is gone, the weights are freed and a new worker loads them again.
+        drop((a, b));
+        let c = modules.get_or_load(tch::Device::Cpu, load).unwrap();
+        assert_eq!(*c, "weights #4");
+    }
+}

@@ -14,7 +14,7 @@ use crate::batch::{Batcher, Next};
 use crate::handler::{Decoded, Pipeline};
 use crate::job::{Job, Payload, PredictError, Prediction, Timings};
 use crate::model::load_module;
-use crate::shared::{Shared, ThreadBudget};
+use crate::shared::{Shared, SharedModules, ThreadBudget};
 
 /// How often an idle worker looks at its stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -37,6 +37,7 @@ pub(crate) struct Context {
     pub stop: Arc<AtomicBool>,
     pub shared: Arc<Shared>,
     pub budget: Arc<ThreadBudget>,
+    pub modules: Arc<SharedModules>,
 }
 
 enum Ended {
@@ -90,7 +91,7 @@ const SMALL_FORWARD: Duration = Duration::from_millis(1);
 
 /// A loaded model, its handler, and the most intra-op threads worth giving it.
 struct Loaded {
-    module: CModule,
+    module: Arc<CModule>,
     pipeline: Pipeline,
     max_threads: usize,
 }
@@ -103,7 +104,9 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // throughput to an idle MLP beside it). So a worker starts a team only once it is known to
     // need one: small models (see SMALL_FORWARD) never do.
     tch::set_num_threads(1);
-    let module = load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)?;
+    let module = ctx.modules.get_or_load(ctx.device, || {
+        load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)
+    })?;
     let pipeline = Pipeline::new(&ctx.spec.handler, &ctx.spec.model_dir)?;
     // TorchScript specialises its graph over the first calls; pay that before serving.
     let _guard = tch::no_grad_guard();
