@@ -8,7 +8,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use common::http::{Resp, post_json, request};
-use common::server::{Server, archive, fixture_handler, fixtures};
+use common::server::{Server, archive, fixture_handler, fixtures, mlp_archive};
 use serde_json::Value;
 
 fn floats(r: &Resp) -> Vec<f64> {
@@ -81,14 +81,7 @@ fn the_store_decides_what_serves() {
     );
 
     // A new model appears.
-    let mlp = archive(
-        &s.store,
-        "mlp",
-        "1.0",
-        &fixtures().join("mlp.pt"),
-        &fixture_handler("vec784.json"),
-        &[],
-    );
+    let mlp = mlp_archive(&s);
     eventually(&s, "mlp serves", || versions(&s, "mlp").0 == ["1.0"]);
     let x = serde_json::to_string(&vec![0.5f32; 784]).unwrap();
     assert_eq!(

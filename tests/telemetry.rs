@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::http::request;
-use common::server::{Server, archive, fixture_handler, fixtures};
+use common::server::{Server, mlp_archive};
 use common::{clients_venv_bin, repo_root};
 use serde_json::Value;
 
@@ -99,14 +99,7 @@ fn requests_are_traced_over_otlp_and_continue_the_callers_trace() {
         "enable_model_api=true\notlp_endpoint=http://127.0.0.1:{}\nlog_format=json",
         collector.port
     ));
-    let mlp = archive(
-        &s.store,
-        "mlp",
-        "1.0",
-        &fixtures().join("mlp.pt"),
-        &fixture_handler("vec784.json"),
-        &[],
-    );
+    let mlp = mlp_archive(&s);
     s.start(&[]);
     let r = s.manage(
         "POST",

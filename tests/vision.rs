@@ -30,6 +30,19 @@ const PHOTOS: [&str; 16] = [
     "cat999.png",
 ];
 
+/// The pretrained ResNet-18 behind the built-in image_classifier, archived by the real archiver
+/// as `resnet.mar`.
+fn resnet_archive(s: &Server) -> String {
+    let fx = vision_fixtures();
+    real_archive(
+        &s.store,
+        "resnet",
+        &fx.join("resnet18.pt"),
+        "image_classifier",
+        &[&fx.join("index_to_name.json")],
+    )
+}
+
 fn expected() -> Value {
     serde_json::from_slice(&fs::read(vision_fixtures().join("expected.json")).unwrap()).unwrap()
 }
@@ -102,13 +115,7 @@ fn image_classifier_matches_torchvision() {
     let want = expected();
     let mut s = Server::new("enable_model_api=true");
     // An archive from the real archiver with the built-in handler, served unchanged.
-    let resnet = real_archive(
-        &s.store,
-        "resnet",
-        &fx.join("resnet18.pt"),
-        "image_classifier",
-        &[&fx.join("index_to_name.json")],
-    );
+    let resnet = resnet_archive(&s);
     // The same preprocessing in front of a model that returns its input shows the tensor.
     let pre = changed_handler(s.dir.path(), "image_classifier", "preprocessed.json", |v| {
         v["postprocess"] = json!([]);
@@ -216,16 +223,9 @@ fn image_classifier_matches_torchvision() {
 
 #[test]
 fn workers_sharing_one_model_answer_concurrent_requests_as_one() {
-    let fx = vision_fixtures();
     let want = expected();
     let mut s = Server::new("enable_model_api=true");
-    let resnet = real_archive(
-        &s.store,
-        "resnet",
-        &fx.join("resnet18.pt"),
-        "image_classifier",
-        &[&fx.join("index_to_name.json")],
-    );
+    let resnet = resnet_archive(&s);
     s.start(&[]);
     // Four workers, one copy of the weights: each request in flight runs the same module on
     // a thread of its own.
