@@ -1,41 +1,86 @@
 #!/usr/bin/env bash
-# Memory per worker: ResNet-18 (47 MB of weights, tensor handler) scaled to 1, 4 and 16 CPU
-# workers in one server; after each scale, 3 s of load at concurrency 16 so that every worker
-# has run forwards, then the server's RSS. Prints JSON lines and the MB each worker beyond the
-# first costs.
-# Usage: bench/workers_memory.sh            (BIN=path/to/tchserve to measure another build)
+# Memory per worker, tchserve beside TorchServe 0.12.0: the pretrained-shape ResNet-18 (47 MB of
+# weights) archived once by the real torch-model-archiver with the built-in image_classifier
+# handler, served by each server in turn, scaled to 1, 4 and 16 CPU workers. After each scale,
+# 3 s of load at concurrency 16 (a 640x480 JPEG) so that every worker has run forwards, then the
+# memory of the server and all its processes (proportional set size). Prints JSON lines and the MB each worker
+# beyond the first costs.
+# TorchServe is installed on first use in build/torchserve-venv (torch, torchvision, torchserve,
+# the archiver, and PyYAML and Captum, which its workers import; from PyPI, about 5 GB).
+# Usage: bench/workers_memory.sh [tchserve|torchserve|both]   (BIN=... for another tchserve)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+which=${1:-both}
 bin=${BIN:-$root/target/release/tchserve}
 out=build/bench
 store=$out/workers-store
 home=$out/workers-home
+tsvenv=build/torchserve-venv
 
 cargo build --release -p tchserve-bench --bins >/dev/null 2>&1
 [ -f "$out/resnet18.pt" ] || .venv/bin/python bench/make_models.py "$out"
 rm -rf "$store" "$home"; mkdir -p "$store" "$home"
-target/release/tch-model-archiver --model-name resnet18 --version 1.0 --serialized-file "$out/resnet18.pt" \
-    --handler bench/resnet18_handler.json --export-path "$store" --force
+.venv/bin/torch-model-archiver --model-name resnet18 --version 1.0 --serialized-file "$out/resnet18.pt" \
+    --handler image_classifier --export-path "$store" --force
+if [ "$which" != tchserve ] && [ ! -x "$tsvenv/bin/torchserve" ]; then
+    python3 -m venv "$tsvenv"
+    req() { grep "^$1==" scripts/requirements.txt; }
+    "$tsvenv/bin/python" -m pip install -q --no-cache-dir "$(req torch)" "$(req torchvision)" \
+        "$(req pillow)" torchserve==0.12.0 torch-model-archiver==0.12.0 pyyaml captum
+fi
 cat > "$home/config.properties" <<CFG
 model_store=$root/$store
-enable_model_api=true
-disable_token_authorization=true
+default_workers_per_model=1
 CFG
+
+# Memory of a process and every process below it, in MB: the proportional set size, which
+# counts a page shared by several processes (libtorch's code in each of TorchServe's workers)
+# once in all, where summing resident sizes would count it in each.
+pss_tree() {
+    local total=0 p
+    for p in $(pstree -p -T "$1" | grep -o '([0-9]\+)' | tr -d '()'); do
+        total=$((total + $(awk '/^Pss:/{print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)))
+    done
+    echo $((total / 1024))
+}
+
+measure() {
+    local server=$1 pid=$2 first= n mb per
+    until curl -s -o /dev/null -w '%{http_code}' localhost:8080/ping | grep -q 200; do sleep 0.2; done
+    curl -s -o /dev/null -X POST "localhost:8081/models?url=resnet18.mar&initial_workers=1&synchronous=true"
+    for n in 1 4 16; do
+        curl -s -o /dev/null -X PUT "localhost:8081/models/resnet18?min_worker=$n&max_worker=$n&synchronous=true"
+        "$root/target/release/loadgen" --duration 3 --warmup 0 --path /predictions/resnet18 \
+            --body "$root/$out/cat640.jpg" --content-type image/jpeg -c 16 >/dev/null
+        mb=$(pss_tree "$pid")
+        first=${first:-$mb}
+        per=$([ "$n" -gt 1 ] && echo "scale=1; ($mb - $first) / ($n - 1)" | bc || echo 0)
+        echo "{\"bench\": \"resnet18_workers\", \"server\": \"$server\", \"workers\": $n, \"pss_mb\": $mb, \"mb_per_extra_worker\": $per}"
+    done
+}
+
 cd "$home"
-"$bin" --foreground --ncs --log-dir "$root/$home/logs" >"$root/$home/server.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
-until curl -s -o /dev/null localhost:8080/ping; do sleep 0.1; done
-curl -s -o /dev/null -X POST "localhost:8081/models?url=resnet18.mar&initial_workers=1&batch_size=1&synchronous=true"
-rss() { awk '/VmRSS/{print int($2/1024)}' "/proc/$pid/status"; }
-first=
-for n in 1 4 16; do
-    curl -s -o /dev/null -X PUT "localhost:8081/models/resnet18?min_worker=$n&max_worker=$n&synchronous=true"
-    "$root/target/release/loadgen" --duration 3 --warmup 0 --path /predictions/resnet18 \
-        --body "$root/$out/resnet18.bin" --content-type application/octet-stream -c 16 >/dev/null
-    mb=$(rss)
-    first=${first:-$mb}
-    per=$([ "$n" -gt 1 ] && echo "scale=1; ($mb - $first) / ($n - 1)" | bc || echo 0)
-    echo "{\"bench\": \"resnet18_workers\", \"workers\": $n, \"rss_mb\": $mb, \"mb_per_extra_worker\": $per}"
-done
+pid=
+cleanup() {
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null
+    [ "$which" = tchserve ] || "$root/$tsvenv/bin/torchserve" --stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+if [ "$which" != torchserve ]; then
+    "$bin" --foreground --ncs --disable-token-auth --enable-model-api --log-dir "$root/$home/logs" \
+        >"$root/$home/tchserve.log" 2>&1 &
+    pid=$!
+    measure tchserve "$pid"
+    kill "$pid"; wait "$pid" || true
+    pid=
+fi
+if [ "$which" != tchserve ]; then
+    # TorchServe's own foreground mode keeps the frontend as this shell's child.
+    "$root/$tsvenv/bin/torchserve" --start --foreground --ncs --disable-token-auth --enable-model-api \
+        --ts-config config.properties >"$root/$home/torchserve.log" 2>&1 &
+    pid=$!
+    measure torchserve "$pid"
+    "$root/$tsvenv/bin/torchserve" --stop >/dev/null 2>&1 || true
+    wait "$pid" 2>/dev/null || true
+fi
