@@ -3,8 +3,8 @@
 # weights) archived once by the real torch-model-archiver with the built-in image_classifier
 # handler, served by each server in turn, scaled to 1, 4 and 16 CPU workers. After each scale,
 # 3 s of load at concurrency 16 (a 640x480 JPEG) so that every worker has run forwards, then the
-# memory of the server and all its processes (proportional set size). Prints JSON lines and the MB each worker
-# beyond the first costs.
+# memory of the server and all its processes (proportional set size). Prints JSON lines and
+# the MB each worker beyond the first costs.
 # TorchServe is installed on first use in build/torchserve-venv (torch, torchvision, torchserve,
 # the archiver, and PyYAML and Captum, which its workers import; from PyPI, about 5 GB).
 # Usage: bench/workers_memory.sh [tchserve|torchserve|both]   (BIN=... for another tchserve)
