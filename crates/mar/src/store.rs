@@ -54,24 +54,30 @@ impl ModelStore {
             )));
         }
         let not_found = || MarError::Store(format!("Model not found at: {url}"));
-        let name = url.strip_prefix("file://").unwrap_or(url);
-        let direct = Path::new(name);
-        let path = if direct.is_absolute() {
-            let inside = direct.parent().is_some_and(|parent| self.is_root(parent));
-            match direct.file_name() {
-                Some(file) if inside => self.root.join(file),
-                _ => return Err(not_found()),
-            }
-        } else if name.contains(['/', '\\']) {
-            return Err(not_found());
-        } else {
-            self.root.join(name)
-        };
+        let path = self.root.join(self.entry_name(url).ok_or_else(not_found)?);
         // The store's owner may link archives in from elsewhere; what the link names must still
         // be a plain file or folder.
         match fs::metadata(&path) {
             Ok(meta) if meta.is_file() || meta.is_dir() => Ok(path),
             _ => Err(not_found()),
+        }
+    }
+
+    /// The name of the store entry a local `url` names, whether or not it exists: a name
+    /// directly inside the store (optionally after `file://`), or an absolute path to one.
+    /// None for anything else.
+    pub fn entry_name(&self, url: &str) -> Option<String> {
+        let name = url.strip_prefix("file://").unwrap_or(url);
+        let direct = Path::new(name);
+        if direct.is_absolute() {
+            if !direct.parent().is_some_and(|parent| self.is_root(parent)) {
+                return None;
+            }
+            direct.file_name().map(|f| f.to_string_lossy().into_owned())
+        } else if name.contains(['/', '\\']) {
+            None
+        } else {
+            Some(name.to_string())
         }
     }
 

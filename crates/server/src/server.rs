@@ -202,8 +202,9 @@ pub async fn run(
     // while the server was down must not keep it from starting. Any other failure still does.
     if let (Some(_), Some(store)) = (config.model_store_poll_interval, &store) {
         failed.retain(|(url, why)| {
-            let gone =
-                !url.is_empty() && !url.contains(['/', '\\']) && !store.root().join(url).exists();
+            let gone = store
+                .entry_name(url)
+                .is_some_and(|name| !store.root().join(name).exists());
             if gone {
                 tracing::warn!("{why}; its archive is no longer in the model store");
             }
@@ -319,14 +320,15 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
-    if let Some((poller, every)) = poller {
+    let poller = poller.map(|(poller, every)| {
         servers.push(tokio::spawn(poll_store(
-            poller,
+            Arc::clone(&poller),
             every,
             state.clone(),
             stop_rx.clone(),
         )));
-    }
+        poller
+    });
     tracing::info!(
         inference = %config.inference_address,
         management = %config.management_address,
@@ -350,6 +352,10 @@ pub async fn run(
         "stopping: unready, no new connections; answering the requests in flight and queued"
     );
     let _ = stop_tx.send(true);
+    // A poll under way ends before its next load rather than after all of them.
+    if let Some(p) = &poller {
+        p.stop();
+    }
     let aborts: Vec<_> = servers.iter().map(|s| s.abort_handle()).collect();
     let listeners_done = tokio::time::timeout_at(deadline, futures_util::future::join_all(servers))
         .await
@@ -401,17 +407,7 @@ async fn poll_store(
             _ = tick.tick() => {}
         }
         let p = Arc::clone(&poller);
-        // A stop ends a poll between two loads rather than after all of them.
-        let watcher = tokio::spawn({
-            let (poller, mut stop) = (Arc::clone(&poller), stop.clone());
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-                poller.stop();
-            }
-        });
-        let polled = tokio::task::spawn_blocking(move || p.poll_once()).await;
-        watcher.abort();
-        let Ok(changes) = polled else {
+        let Ok(changes) = tokio::task::spawn_blocking(move || p.poll_once()).await else {
             continue;
         };
         if changes.is_empty() {

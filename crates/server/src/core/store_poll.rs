@@ -411,29 +411,9 @@ impl StorePoller {
             .map(|v| Serving {
                 name: v.name.clone(),
                 version: v.version.clone(),
-                file: self.store_file(&v.url),
+                file: self.store.entry_name(&v.url),
             })
             .collect()
-    }
-
-    /// The store file a registration url names, if it names one.
-    fn store_file(&self, url: &str) -> Option<String> {
-        let name = url.strip_prefix("file://").unwrap_or(url);
-        let path = Path::new(name);
-        let file = if path.is_absolute() {
-            let inside = path.parent().is_some_and(|p| {
-                matches!((p.canonicalize(), self.store.root().canonicalize()), (Ok(a), Ok(b)) if a == b)
-            });
-            if !inside {
-                return None;
-            }
-            path.file_name()?.to_string_lossy().into_owned()
-        } else if name.contains(['/', '\\']) || name.contains("://") {
-            return None;
-        } else {
-            name.to_string()
-        };
-        Some(file)
     }
 
     /// The store's archives, their manifests read once per change; None when the store
