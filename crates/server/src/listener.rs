@@ -408,7 +408,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
 /// When `buf` starts hyper's own error answer (an error status, no body, and none of the
 /// headers every routed answer carries), the same answer with a JSON error body.
 fn json_error_answer(buf: &[u8]) -> Option<Vec<u8>> {
-    if !buf.starts_with(b"HTTP/1.") {
+    // Every answer passes here: a status below 400 ("HTTP/1.1 200") is let through before the
+    // head is searched.
+    if !buf.starts_with(b"HTTP/1.") || buf.get(9).is_none_or(|c| *c < b'4') {
         return None;
     }
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;

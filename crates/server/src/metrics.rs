@@ -1,13 +1,27 @@
 //! Prometheus metrics: TorchServe's names, plus histograms of queue time, handler time and
 //! batch size, queue depth and workers per model, and the process's CPU and memory.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
-/// Every metric the server exports.
+/// Every metric the server exports: a handle to one shared [`MetricSet`], cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<MetricSet>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricSet;
+    fn deref(&self) -> &MetricSet {
+        &self.0
+    }
+}
+
+/// The metrics behind [`Metrics`].
+#[derive(Debug)]
+pub struct MetricSet {
     registry: Registry,
     /// `ts_inference_requests_total{model_name, model_version, hostname}`.
     pub requests_total: IntCounterVec,
@@ -15,8 +29,6 @@ pub struct Metrics {
     pub latency_us: IntCounterVec,
     /// `ts_queue_latency_microseconds`: cumulative time queued.
     pub queue_latency_us: IntCounterVec,
-    /// `Requests2XX`, `Requests4XX`, `Requests5XX` by `Level` and `Hostname`.
-    status: [IntCounterVec; 3],
     /// Seconds queued, per model.
     pub queue_seconds: HistogramVec,
     /// Seconds the worker spent on the request's batch, per model.
@@ -28,6 +40,8 @@ pub struct Metrics {
     /// Workers, per model and state.
     pub workers: IntGaugeVec,
     hostname: String,
+    /// `status` with this host's labels, by class: counted on every response.
+    status_by_class: [IntCounter; 3],
 }
 
 const MODEL_LABELS: [&str; 3] = ["model_name", "model_version", "hostname"];
@@ -63,7 +77,27 @@ impl Metrics {
         };
         let time_buckets =
             prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("valid buckets");
-        let m = Metrics {
+        let hostname = hostname();
+        let status = [
+            counter(
+                "Requests2XX",
+                "Responses with a 2xx status.",
+                &["Level", "Hostname"],
+            ),
+            counter(
+                "Requests4XX",
+                "Responses with a 4xx status.",
+                &["Level", "Hostname"],
+            ),
+            counter(
+                "Requests5XX",
+                "Responses with any other status.",
+                &["Level", "Hostname"],
+            ),
+        ];
+        // `Requests2XX` and the others are labelled by `Level` and `Hostname`, which never change.
+        let status_by_class = status.map(|c| c.with_label_values(&["Host", &hostname]));
+        let m = MetricSet {
             requests_total: counter(
                 "ts_inference_requests_total",
                 "Inference requests received.",
@@ -79,23 +113,6 @@ impl Metrics {
                 "Cumulative time inference requests spent queued, in microseconds.",
                 &MODEL_LABELS,
             ),
-            status: [
-                counter(
-                    "Requests2XX",
-                    "Responses with a 2xx status.",
-                    &["Level", "Hostname"],
-                ),
-                counter(
-                    "Requests4XX",
-                    "Responses with a 4xx status.",
-                    &["Level", "Hostname"],
-                ),
-                counter(
-                    "Requests5XX",
-                    "Responses with any other status.",
-                    &["Level", "Hostname"],
-                ),
-            ],
             queue_seconds: histogram(
                 "tchserve_queue_seconds",
                 "Time a request waited for a worker.",
@@ -121,7 +138,8 @@ impl Metrics {
                 "Workers by state.",
                 &["model_name", "model_version", "state"],
             ),
-            hostname: hostname(),
+            hostname,
+            status_by_class,
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -129,9 +147,11 @@ impl Metrics {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
             let _ = m.registry.register(Box::new(pc));
         }
-        m
+        Metrics(Arc::new(m))
     }
+}
 
+impl MetricSet {
     /// The hostname label value.
     pub fn hostname(&self) -> &str {
         &self.hostname
@@ -144,9 +164,7 @@ impl Metrics {
             400..=499 => 1,
             _ => 2,
         };
-        self.status[class]
-            .with_label_values(&["Host", &self.hostname])
-            .inc();
+        self.status_by_class[class].inc();
     }
 
     /// The text exposition of every metric, optionally only those whose names are listed.
@@ -160,6 +178,55 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&families, &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// One model version's series, with their labels resolved: a request then counts without
+/// hashing label values.
+#[derive(Debug, Clone)]
+pub struct ModelSeries {
+    /// `ts_inference_requests_total`.
+    pub requests_total: IntCounter,
+    /// `ts_inference_latency_microseconds`.
+    pub latency_us: IntCounter,
+    /// `ts_queue_latency_microseconds`.
+    pub queue_latency_us: IntCounter,
+    /// `tchserve_queue_seconds`.
+    pub queue_seconds: Histogram,
+    /// `tchserve_handler_seconds`.
+    pub handler_seconds: Histogram,
+    /// `tchserve_batch_size`.
+    pub batch_size: Histogram,
+}
+
+/// A model version's [`ModelSeries`], made on first use. TorchServe labels the counters of a
+/// request that named no version `model_version="default"`, so a version has two sets.
+#[derive(Debug, Default)]
+pub struct SeriesCache {
+    as_default: OnceLock<ModelSeries>,
+    as_named: OnceLock<ModelSeries>,
+}
+
+impl SeriesCache {
+    /// The series for a request to `name` `version`, which named its version or not.
+    pub fn get(&self, metrics: &MetricSet, name: &str, version: &str, named: bool) -> &ModelSeries {
+        let (cell, label) = if named {
+            (&self.as_named, version)
+        } else {
+            (&self.as_default, "default")
+        };
+        cell.get_or_init(|| {
+            let counters = [name, label, metrics.hostname()];
+            let histograms = [name, version];
+            ModelSeries {
+                requests_total: metrics.requests_total.with_label_values(&counters),
+                latency_us: metrics.latency_us.with_label_values(&counters),
+                queue_latency_us: metrics.queue_latency_us.with_label_values(&counters),
+                queue_seconds: metrics.queue_seconds.with_label_values(&histograms),
+                handler_seconds: metrics.handler_seconds.with_label_values(&histograms),
+                batch_size: metrics.batch_size.with_label_values(&histograms),
+            }
+        })
     }
 }
 

@@ -16,7 +16,7 @@ use crate::auth::{KeyFileGuard, Tokens};
 use crate::config::{Address, Config};
 use crate::core::store_poll::{self, StorePoller};
 use crate::core::{Infer, RegisterParams, Registry};
-use crate::frontends::{self, AppState};
+use crate::frontends::{self, AppContext, AppState};
 use crate::listener::{self, ConnectionLimits};
 use crate::metrics::Metrics;
 use crate::scratch::{self, Scratch};
@@ -102,7 +102,7 @@ pub async fn run(
         opts.backend,
     ));
     let metrics = Metrics::new();
-    let mut state = AppState {
+    let mut state = AppContext {
         registry: Arc::clone(&registry),
         infer: Infer::new(
             Arc::clone(&registry),
@@ -279,6 +279,7 @@ pub async fn run(
         state.tokens = Some(Arc::new(t));
     }
     let _key_file = state.tokens.clone().map(KeyFileGuard);
+    let state = AppState::from(state);
     let open_files = listener::raise_open_files_limit();
     let limits = ConnectionLimits {
         header_read_timeout: config.header_read_timeout,

@@ -20,7 +20,7 @@ use tchserve_mar::handler::DType;
 use tchserve_server::Config;
 use tchserve_server::core::{Infer, Registry};
 use tchserve_server::frontends::v2::tensor::{self, Datatype};
-use tchserve_server::frontends::{self, AppState};
+use tchserve_server::frontends::{self, AppContext, AppState};
 use tchserve_server::metrics::Metrics;
 use tower::ServiceExt as _;
 
@@ -186,14 +186,14 @@ fn harness_with(tokens: Option<Arc<tchserve_server::auth::Tokens>>) -> Harness {
         Arc::clone(&backend) as Arc<dyn Backend>,
     ));
     let metrics = Metrics::new();
-    let state = AppState {
+    let state = AppState::from(AppContext {
         registry: Arc::clone(&registry),
         infer: Infer::new(registry, metrics.clone(), config.max_request_size),
         metrics,
         config,
         snapshots: None,
         tokens,
-    };
+    });
     Harness {
         state,
         backend,

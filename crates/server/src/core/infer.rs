@@ -133,9 +133,10 @@ impl Infer {
     ) -> Result<Prediction, ApiError> {
         let started = Instant::now();
         let mv = self.registry.get(name, version)?;
-        let version_label = version.unwrap_or("default");
-        let labels = [name, version_label, self.metrics.hostname()];
-        self.metrics.requests_total.with_label_values(&labels).inc();
+        let series = mv
+            .series
+            .get(&self.metrics, name, &mv.version, version.is_some());
+        series.requests_total.inc();
         if mv.pool.worker_count() == 0 {
             let who = match version {
                 Some(v) => format!("Model \"{name}\" Version {v}"),
@@ -165,21 +166,13 @@ impl Infer {
             Ok(Ok(reply)) => reply,
         };
         crate::telemetry::record_job(enqueued, &timings);
-        let mlabels = [name, mv.version.as_str()];
-        let m = &self.metrics;
-        m.queue_latency_us
-            .with_label_values(&labels)
-            .inc_by(timings.queue_us);
-        m.queue_seconds
-            .with_label_values(&mlabels)
-            .observe(timings.queue_us as f64 / 1e6);
-        m.handler_seconds
-            .with_label_values(&mlabels)
+        series.queue_latency_us.inc_by(timings.queue_us);
+        series.queue_seconds.observe(timings.queue_us as f64 / 1e6);
+        series
+            .handler_seconds
             .observe(timings.handler_us as f64 / 1e6);
         if timings.batch_size > 0 {
-            m.batch_size
-                .with_label_values(&mlabels)
-                .observe(timings.batch_size as f64);
+            series.batch_size.observe(timings.batch_size as f64);
         }
         let prediction = result?;
         let size = match &prediction {
@@ -192,8 +185,8 @@ impl Infer {
                 self.max_response_size
             )));
         }
-        m.latency_us
-            .with_label_values(&labels)
+        series
+            .latency_us
             .inc_by(started.elapsed().as_micros() as u64);
         Ok(prediction)
     }

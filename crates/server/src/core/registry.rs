@@ -54,6 +54,8 @@ pub struct ModelVersion {
     pub pool: Arc<dyn Workers>,
     /// When registered.
     pub registered: SystemTime,
+    /// Its metric series, resolved once.
+    pub series: crate::metrics::SeriesCache,
     scratch: Option<PathBuf>,
 }
 
@@ -343,6 +345,7 @@ impl Registry {
             workers: Mutex::new((min_workers, max_workers)),
             pool: Arc::clone(&pool),
             registered: SystemTime::now(),
+            series: Default::default(),
             scratch: owned_scratch,
         });
         pool.scale(min_workers);

@@ -25,9 +25,30 @@ use crate::core::{ApiError, Infer, Registry};
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshots;
 
-/// What every route can reach.
+/// The tracing target of the access log's lines, one per request.
+pub const ACCESS_LOG_TARGET: &str = "access";
+
+/// What every route can reach: one shared [`AppContext`], so the per-request clone that axum's
+/// state extraction makes is one reference count.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppContext>);
+
+impl From<AppContext> for AppState {
+    fn from(ctx: AppContext) -> Self {
+        AppState(Arc::new(ctx))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppContext;
+    fn deref(&self) -> &AppContext {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+#[derive(Debug)]
+pub struct AppContext {
     /// Registered models.
     pub registry: Arc<Registry>,
     /// Readiness, metadata and predictions.
@@ -42,7 +63,7 @@ pub struct AppState {
     pub tokens: Option<Arc<Tokens>>,
 }
 
-impl AppState {
+impl AppContext {
     /// Records the registry after a management change; returns once it is on disk.
     pub async fn save_snapshot(&self) {
         if let Some(s) = &self.snapshots {
@@ -94,12 +115,14 @@ pub async fn infer_all(
 /// The inference listener: TorchServe's routes, KServe v1 and the Open Inference Protocol v2,
 /// with one set of middleware.
 pub fn inference_router(state: AppState) -> axum::Router {
-    let keyed = kserve_v1::routes()
-        .merge(v2::rest::keyed_routes())
-        .route_layer(axum::middleware::from_fn_with_state(
+    let mut keyed = kserve_v1::routes().merge(v2::rest::keyed_routes());
+    // As for TorchServe's routes: no layer when there are no keys to check.
+    if state.tokens.is_some() {
+        keyed = keyed.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             inference_key_kserve,
         ));
+    }
     let router = torchserve::inference::routes(&state)
         .merge(keyed)
         .merge(v2::rest::open_routes())
@@ -114,13 +137,9 @@ pub fn inference_router(state: AppState) -> axum::Router {
 
 /// What every route of the inference and management listeners goes through: the body read
 /// within its limits and timeout, then TorchServe's headers, the status count and the access
-/// log.
+/// log. One layer for all of it: each layer costs every request a boxed future.
 pub fn with_listener_layers(router: axum::Router<AppState>, state: AppState) -> axum::Router {
     router
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            buffer_body,
-        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             common_headers,
@@ -128,12 +147,16 @@ pub fn with_listener_layers(router: axum::Router<AppState>, state: AppState) -> 
         .with_state(state)
 }
 
-/// Adds TorchServe's response headers, counts the status, and writes the access log line.
+/// Reads the body (see [`buffer_body`]), runs the route, adds TorchServe's response headers,
+/// counts the status, and writes the access log line.
 pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let started = std::time::Instant::now();
-    let mut resp = next.run(req).await;
+    let mut resp = match buffered(&st, req).await {
+        Ok(req) => next.run(req).await,
+        Err(refused) => refused,
+    };
     let id = uuid::Uuid::new_v4().to_string();
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -150,7 +173,7 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     );
     let status = resp.status().as_u16();
     st.metrics.count_status(status);
-    tracing::info!(target: "access", %method, %path, status, us = started.elapsed().as_micros() as u64, "request");
+    tracing::info!(target: ACCESS_LOG_TARGET, %method, %path, status, us = started.elapsed().as_micros() as u64, "request");
     resp
 }
 
@@ -182,20 +205,25 @@ fn without_trailing_slash(mut req: Request) -> Request {
 /// `max_request_size`: a client that sends its body slowly, or never, is answered 408 instead
 /// of holding the connection and its handler forever.
 pub async fn buffer_body(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    match buffered(&st, req).await {
+        Ok(req) => next.run(req).await,
+        Err(refused) => refused,
+    }
+}
+
+/// The request with its body read whole, or the answer refusing it.
+async fn buffered(st: &AppContext, req: Request) -> Result<Request, Response> {
     let (parts, body) = req.into_parts();
     let limit = st.config.max_request_size;
     let timeout = st.config.body_read_timeout;
     match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(bytes)) => {
-            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-                .await
-        }
-        Ok(Err(_)) => ApiError::too_large(limit).into_response(),
-        Err(_) => ApiError::timeout_reading(format!(
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
+        Ok(Err(_)) => Err(ApiError::too_large(limit).into_response()),
+        Err(_) => Err(ApiError::timeout_reading(format!(
             "the request body did not arrive within body_read_timeout ({} s)",
             timeout.as_secs()
         ))
-        .into_response(),
+        .into_response()),
     }
 }
 
