@@ -1,11 +1,12 @@
 //! The `tensor` handler's input: JSON numbers of any nesting, `{"instances": ...}`, or raw
 //! little-endian bytes described by `X-Tensor-Dtype` and `X-Tensor-Shape`, into a libtorch
-//! tensor. A refusal is a bad input; what decodes has as many rows as it says.
+//! tensor. A refusal is a bad input; what decodes has as many rows as it says; the fast JSON
+//! reading agrees with the general one.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tchserve_mar::handler::DType;
-use tchserve_runtime::handler::decode_tensor;
+use tchserve_runtime::handler::{check_json_reading, decode_tensor};
 use tchserve_runtime::job::{Part, Payload};
 
 const DTYPES: [DType; 10] = [
@@ -51,6 +52,8 @@ fuzz_target!(|data: &[u8]| {
         shape: shape_header,
         want_tensor: false,
     };
+    // The fast JSON reading must read every body it accepts as the general reading does.
+    check_json_reading(body);
     if let Ok(decoded) = decode_tensor(&payload, dtype, model_shape.as_deref()) {
         let size = decoded.tensor.size();
         assert_eq!(size.first().copied(), Some(decoded.examples as i64));

@@ -7,6 +7,7 @@
 
 mod image_input;
 mod jpeg;
+mod json_numbers;
 mod output;
 mod resample;
 mod tensor_input;
@@ -21,7 +22,7 @@ use tchserve_mar::handler::{
 };
 
 pub use image_input::{Rgb, decode as decode_image, preprocess as preprocess_image};
-pub use tensor_input::{Decoded, Wrap, decode as decode_tensor};
+pub use tensor_input::{Decoded, Wrap, check_json_reading, decode as decode_tensor};
 
 use crate::error::RuntimeError;
 use crate::job::{Payload, PredictError, Prediction, RawTensor};

@@ -4,6 +4,7 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 use tchserve_mar::handler::DType;
 
+use super::json_numbers::{self, Numbers};
 use crate::job::{Part, Payload, PredictError};
 
 /// How a request's examples are wrapped in its response.
@@ -141,25 +142,14 @@ fn looks_like_json(part: &Part) -> bool {
 }
 
 fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decoded, PredictError> {
-    let value: Value = serde_json::from_slice(&part.data)
-        .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
-    let (data, instances) = match value {
-        Value::Object(mut o) => {
-            if let Some(v) = o.remove("instances") {
-                (v, true)
-            } else if let Some(v) = o.remove("data") {
-                (v, false)
-            } else {
-                return Err(bad(
-                    "expected a JSON list, {\"data\": ...} or {\"instances\": [...]}",
-                ));
-            }
-        }
-        v => (v, false),
+    let Numbers {
+        dims,
+        flat,
+        instances,
+    } = match json_numbers::read(&part.data) {
+        Some(n) => n,
+        None => numbers_of_value(&part.data)?,
     };
-    let mut dims = Vec::new();
-    let mut flat = Vec::new();
-    flatten(&data, 0, &mut dims, &mut flat)?;
     let per_example_rank = shape.map(<[i64]>::len);
     let (wrap, tensor_shape) = if instances {
         if dims.is_empty() {
@@ -201,6 +191,44 @@ fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decod
         .and_then(|t| t.f_reshape(&tensor_shape))
         .map_err(|e| PredictError::ModelFailed(e.to_string()))?;
     Ok(Decoded::owned(tensor, examples, wrap))
+}
+
+/// Panics when [`json_numbers::read`] accepts `body` but reads it otherwise than the general
+/// reading: the fuzz target's check of the fast path.
+pub fn check_json_reading(body: &[u8]) {
+    if let Some(fast) = json_numbers::read(body) {
+        match numbers_of_value(body) {
+            Ok(general) => assert_eq!(fast, general, "the two readings of a JSON body differ"),
+            Err(e) => panic!("the fast reading accepts a body the general one refuses: {e}"),
+        }
+    }
+}
+
+/// The numbers of a JSON body through a `Value` tree: the general reading, which explains what
+/// is wrong with a body [`json_numbers::read`] declines.
+fn numbers_of_value(body: &[u8]) -> Result<Numbers, PredictError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+    let (data, instances) = match value {
+        Value::Object(mut o) => {
+            if let Some(v) = o.remove("instances") {
+                (v, true)
+            } else if let Some(v) = o.remove("data") {
+                (v, false)
+            } else {
+                return Err(bad(
+                    "expected a JSON list, {\"data\": ...} or {\"instances\": [...]}",
+                ));
+            }
+        }
+        v => (v, false),
+    };
+    let mut n = Numbers {
+        instances,
+        ..Numbers::default()
+    };
+    flatten(&data, 0, &mut n.dims, &mut n.flat)?;
+    Ok(n)
 }
 
 /// Flattens a rectangular nested list of numbers, recording its dimensions.
@@ -383,6 +411,71 @@ mod tests {
             shape: shape.map(str::to_owned),
             ..Payload::default()
         }
+    }
+
+    #[test]
+    fn the_fast_json_reading_agrees_with_the_general_one() {
+        let bodies = [
+            &b"[0.5, 1e-3, -2, 9999999999999999999, -9223372036854775809, 1e22, true]"[..],
+            b"[[1, 2, 3], [4, 5, 6]]",
+            b"{\"data\": [[[1], [2]], [[3], [4]]]}",
+            b"{\"instances\": [[1, 2]], \"data\": [[3]]}",
+            b"{\"data\": 3.25}",
+            b"[-0, -0.0, 0.000000000000000001, 123456789.0987654321]",
+            b"[[], []]",
+            b"[]",
+            b"{\"instances\": []}",
+        ];
+        for body in bodies {
+            assert!(json_numbers::read(body).is_some(), "{body:?}");
+            check_json_reading(body);
+        }
+        // Numbers of every length and exponent, in lists of a few shapes: whatever the fast
+        // reading takes must come out as the general reading's, bit for bit.
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut taken = 0;
+        for _ in 0..3000 {
+            let mut body = String::from("[");
+            for i in 0..8 {
+                if i > 0 {
+                    body.push_str(", ");
+                }
+                if next(2) == 0 {
+                    body.push('-');
+                }
+                // Mostly short numbers, now and then one too long for the fast reading.
+                let long = next(16) == 0;
+                let int_digits = 1 + next(if long { 21 } else { 6 });
+                body.push(char::from(b'1' + next(9) as u8));
+                for _ in 1..int_digits {
+                    body.push(char::from(b'0' + next(10) as u8));
+                }
+                if next(2) == 0 {
+                    body.push('.');
+                    for _ in 0..1 + next(if long { 20 } else { 9 }) {
+                        body.push(char::from(b'0' + next(10) as u8));
+                    }
+                }
+                if next(3) == 0 {
+                    body.push_str(["e", "E-", "e+"][next(3) as usize]);
+                    body.push_str(&next(if long { 400 } else { 12 }).to_string());
+                }
+            }
+            body.push(']');
+            taken += usize::from(json_numbers::read(body.as_bytes()).is_some());
+            check_json_reading(body.as_bytes());
+        }
+        // Most of them are short enough for the fast reading.
+        assert!(
+            taken > 300,
+            "the fast reading took only {taken} of 3000 bodies"
+        );
     }
 
     fn values(t: &Tensor) -> Vec<f32> {
