@@ -1,6 +1,7 @@
 //! Pieces of the `tchserve` binary: background start/stop and the archive check.
 
 pub mod control;
+pub mod log_writer;
 pub mod startup_check;
 
 /// An error with its causes, as one line. A cause whose text the message already contains is
