@@ -5,8 +5,7 @@
 # 3 s of load at concurrency 16 (a 640x480 JPEG) so that every worker has run forwards, then the
 # memory of the server and all its processes (proportional set size). Prints JSON lines and
 # the MB each worker beyond the first costs.
-# TorchServe is installed on first use in build/torchserve-venv (torch, torchvision, torchserve,
-# the archiver, and PyYAML and Captum, which its workers import; from PyPI, about 5 GB).
+# TorchServe is installed on first use in build/torchserve-venv (see bench/torchserve/common.sh).
 # Usage: bench/workers_memory.sh [tchserve|torchserve|both]   (BIN=... for another tchserve)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,27 +22,12 @@ cargo build --release -p tchserve-bench --bins >/dev/null 2>&1
 rm -rf "$store" "$home"; mkdir -p "$store" "$home"
 .venv/bin/torch-model-archiver --model-name resnet18 --version 1.0 --serialized-file "$out/resnet18.pt" \
     --handler image_classifier --export-path "$store" --force
-if [ "$which" != tchserve ] && [ ! -x "$tsvenv/bin/torchserve" ]; then
-    python3 -m venv "$tsvenv"
-    req() { grep "^$1==" scripts/requirements.txt; }
-    "$tsvenv/bin/python" -m pip install -q --no-cache-dir "$(req torch)" "$(req torchvision)" \
-        "$(req pillow)" torchserve==0.12.0 torch-model-archiver==0.12.0 pyyaml captum
-fi
+. bench/torchserve/common.sh
+[ "$which" = tchserve ] || ensure_torchserve
 cat > "$home/config.properties" <<CFG
 model_store=$root/$store
 default_workers_per_model=1
 CFG
-
-# Memory of a process and every process below it, in MB: the proportional set size, which
-# counts a page shared by several processes (libtorch's code in each of TorchServe's workers)
-# once in all, where summing resident sizes would count it in each.
-pss_tree() {
-    local total=0 p
-    for p in $(pstree -p -T "$1" | grep -o '([0-9]\+)' | tr -d '()'); do
-        total=$((total + $(awk '/^Pss:/{print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)))
-    done
-    echo $((total / 1024))
-}
 
 measure() {
     local server=$1 pid=$2 first= n mb per

@@ -264,8 +264,3 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
     tracing::debug!(uptime_s = started.elapsed().as_secs(), "exit");
     Ok(())
 }
-
-/// Rust's allocations (request bodies, JSON, futures) through mimalloc: glibc's malloc cost a
-/// busy server a tenth of its time per request. libtorch's own allocations still use malloc.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
