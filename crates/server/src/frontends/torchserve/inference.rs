@@ -122,8 +122,8 @@ fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
 
 /// The request as handler input: multipart and form fields by name, any other body as `body`.
 async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
-    let headers = req.headers().clone();
-    let content_type = header_str(&headers, "content-type");
+    let headers = req.headers();
+    let content_type = header_str(headers, "content-type");
     // Absent is fine; present but not text is the client's mistake, not a header to ignore.
     let tensor_header = |name: &str| match headers.get(name) {
         None => Ok(None),
