@@ -2,9 +2,9 @@
 # Memory per worker, tchserve beside TorchServe 0.12.0: the pretrained-shape ResNet-18 (47 MB of
 # weights) archived once by the real torch-model-archiver with the built-in image_classifier
 # handler, served by each server in turn, scaled to 1, 4 and 16 CPU workers. After each scale,
-# 3 s of load at concurrency 16 (a 640x480 JPEG) so that every worker has run forwards, then the
-# memory of the server and all its processes (proportional set size). Prints JSON lines and
-# the MB each worker beyond the first costs.
+# 3 s of load at concurrency 16 (a 640x480 JPEG) so that every worker has run forwards, 3 s of
+# rest, then the memory of the server and all its processes (proportional set size). Prints
+# JSON lines and the MB each worker beyond the first costs.
 # TorchServe is installed on first use in build/torchserve-venv (see bench/torchserve/common.sh).
 # Usage: bench/workers_memory.sh [tchserve|torchserve|both]   (BIN=... for another tchserve)
 set -euo pipefail
@@ -37,6 +37,8 @@ measure() {
         curl -s -o /dev/null -X PUT "localhost:8081/models/resnet18?min_worker=$n&max_worker=$n&synchronous=true"
         "$root/target/release/loadgen" --duration 3 --warmup 0 --path /predictions/resnet18 \
             --body "$root/$out/cat640.jpg" --content-type image/jpeg -c 16 >/dev/null
+        # Measured at rest: idle workers may hand memory back (tchserve's do after 1 s).
+        sleep 3
         mb=$(pss_tree "$pid")
         first=${first:-$mb}
         per=$([ "$n" -gt 1 ] && echo "scale=1; ($mb - $first) / ($n - 1)" | bc || echo 0)

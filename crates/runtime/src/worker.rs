@@ -23,6 +23,11 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 /// request; the poll yields the core at each turn, so under load it takes no time from threads
 /// with work, and a worker that went idle does not poll again until it has served something.
 const POLL_AFTER_BATCH: Duration = Duration::from_micros(250);
+/// After this long without work a worker hands the heap memory freed since back to the system.
+/// glibc keeps what a thread freed in that thread's arena for its next use: per worker, the
+/// activations of its largest forward and its decoded images, megabytes that an idle worker
+/// would otherwise hold for good.
+const TRIM_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// Forwards run on a fixed-shape model before it counts as ready.
 const WARMUP_FORWARDS: usize = 3;
 /// Seconds to wait before reloading after the n-th consecutive failure (TorchServe's schedule).
@@ -137,6 +142,8 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
     let mut threads = 0;
     let mut cost = DecodeCost::default();
     let mut poll = Duration::ZERO;
+    // When the worker last served a batch, until it has trimmed the heap after it.
+    let mut untrimmed_since: Option<Instant> = None;
     loop {
         if ctx.stop.load(Ordering::Relaxed) {
             return Ended::Stopped;
@@ -144,10 +151,15 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
         let jobs = match ctx.batcher.next_batch(&ctx.queue, IDLE_POLL, poll) {
             Next::Batch(jobs) => {
                 poll = POLL_AFTER_BATCH;
+                untrimmed_since = Some(Instant::now());
                 jobs
             }
             Next::Idle => {
                 poll = Duration::ZERO;
+                if untrimmed_since.is_some_and(|t| t.elapsed() >= TRIM_AFTER_IDLE) {
+                    release_free_heap();
+                    untrimmed_since = None;
+                }
                 continue;
             }
             Next::Closed => return Ended::Stopped,
@@ -166,6 +178,15 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
         {
             return Ended::Crashed("the handler panicked".into());
         }
+    }
+}
+
+/// Returns the free pages of every malloc arena to the system (glibc only; elsewhere nothing).
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists, under its locks.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
