@@ -1,5 +1,6 @@
 //! Links libtorch with an rpath (see `crates/link-libtorch.rs`) and compiles the operators that
-//! torchvision's scripted models need (`csrc/vision_ops.cpp`).
+//! torchvision's scripted models need (`csrc/vision_ops.cpp`) and the C interface to `.pt2`
+//! packages (`csrc/aoti.cpp`).
 
 #[path = "../link-libtorch.rs"]
 mod link_libtorch;
@@ -7,6 +8,7 @@ mod link_libtorch;
 fn main() {
     link_libtorch::main();
     println!("cargo:rerun-if-changed=csrc/vision_ops.cpp");
+    println!("cargo:rerun-if-changed=csrc/aoti.cpp");
     let Ok(root) = std::env::var("LIBTORCH") else {
         return;
     };
@@ -15,6 +17,7 @@ fn main() {
         .cpp(true)
         .std("c++17")
         .file("csrc/vision_ops.cpp")
+        .file("csrc/aoti.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", "1")

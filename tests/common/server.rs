@@ -44,6 +44,13 @@ pub fn vision_fixtures() -> &'static Path {
     DIR.get_or_init(|| made_by("make_vision.py", "test-fixtures-vision"))
 }
 
+/// AOTInductor packages and PyTorch's answers from `tests/fixtures/make_pt2.py`, built once
+/// (compiling the package takes about half a minute).
+pub fn pt2_fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| made_by("make_pt2.py", "test-fixtures-pt2"))
+}
+
 /// The digits example's build output (made by `make test` through examples/digits/build.sh).
 pub fn digits_build() -> PathBuf {
     let dir = repo_root().join("build/examples/digits");

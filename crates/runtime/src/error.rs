@@ -20,4 +20,12 @@ pub enum RuntimeError {
         /// libtorch's error.
         source: tch::TchError,
     },
+    /// A `.pt2` package could not be loaded.
+    #[error("loading {file}: {message}")]
+    Package {
+        /// The package file.
+        file: String,
+        /// Why.
+        message: String,
+    },
 }

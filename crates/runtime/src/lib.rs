@@ -2,6 +2,7 @@
 //! pools. Model code runs only on the worker threads of [`pool::Pool`]; callers hand it
 //! [`job::Job`]s and await each job's reply channel.
 
+pub mod aoti;
 pub mod batch;
 pub mod device;
 mod error;

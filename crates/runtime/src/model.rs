@@ -1,6 +1,8 @@
-//! Loading an archive's TorchScript module.
+//! Loading an archive's model: a TorchScript module, or a `.pt2` package (see [`crate::aoti`]).
 
 use std::path::{Path, PathBuf};
+
+use tch::IValue;
 
 use crate::error::RuntimeError;
 
@@ -16,13 +18,62 @@ pub fn vision_ops_version() -> i32 {
     unsafe { tchserve_vision_ops_version() }
 }
 
-/// Loads a TorchScript module from an unpacked archive onto `device`, in inference mode.
+/// A loaded model, whichever its format.
+#[derive(Debug)]
+pub enum Model {
+    /// A TorchScript module.
+    Script(tch::CModule),
+    /// An AOTInductor package.
+    Package(crate::aoti::Package),
+}
+
+impl Model {
+    /// `forward(args)`. A package takes tensors only and answers one tensor, or a tuple of them.
+    pub fn forward_is(&self, args: &[IValue]) -> Result<IValue, tch::TchError> {
+        match self {
+            Model::Script(m) => m.forward_is(args),
+            Model::Package(p) => {
+                let tensors = args
+                    .iter()
+                    .map(|a| match a {
+                        IValue::Tensor(t) => Ok(t),
+                        _ => Err(tch::TchError::Kind(
+                            "a .pt2 model takes tensors only; this handler feeds it a list".into(),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut out = p.run(&tensors).map_err(tch::TchError::Torch)?;
+                Ok(if out.len() == 1 {
+                    IValue::Tensor(out.remove(0))
+                } else {
+                    IValue::Tuple(out.into_iter().map(IValue::Tensor).collect())
+                })
+            }
+        }
+    }
+}
+
+/// Loads the model in `file` of an unpacked archive onto `device`, in inference mode: a `.pt2`
+/// package by its extension, anything else as TorchScript.
 pub fn load_module(
     model_dir: &Path,
     file: &str,
     device: tch::Device,
-) -> Result<tch::CModule, RuntimeError> {
+) -> Result<Model, RuntimeError> {
     let path: PathBuf = model_dir.join(file);
+    let is_package = Path::new(file)
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case(crate::aoti::EXTENSION));
+    if is_package {
+        // A runner per core: the workers that share the package can all run it at once.
+        let runners = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        return crate::aoti::Package::load(&path, device, runners)
+            .map(Model::Package)
+            .map_err(|message| RuntimeError::Package {
+                file: file.to_string(),
+                message,
+            });
+    }
     // Scripted torchvision detectors call torchvision's operators, registered by this object.
     std::hint::black_box(vision_ops_version());
     let mut module =
@@ -34,5 +85,5 @@ pub fn load_module(
         file: file.to_string(),
         source,
     })?;
-    Ok(module)
+    Ok(Model::Script(module))
 }

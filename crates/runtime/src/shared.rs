@@ -96,7 +96,7 @@ mod tests {
 /// `&self`), so a worker beyond the first costs a thread and its activations, not another copy
 /// of the weights. The map holds weak references: when the last worker on a device stops, the
 /// module goes with it, and the next worker loads it afresh.
-pub(crate) struct SharedModules<M = tch::CModule> {
+pub(crate) struct SharedModules<M = crate::model::Model> {
     by_device: Mutex<BTreeMap<String, std::sync::Weak<M>>>,
 }
 

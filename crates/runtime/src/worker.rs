@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::model::Model;
 use crossbeam_channel::Receiver;
-use tch::CModule;
 
 use tchserve_backend::{ModelSpec, WorkerState};
 
@@ -96,7 +96,7 @@ const SMALL_FORWARD: Duration = Duration::from_millis(1);
 
 /// A loaded model, its handler, and the most intra-op threads worth giving it.
 struct Loaded {
-    module: Arc<CModule>,
+    module: Arc<Model>,
     pipeline: Pipeline,
     max_threads: usize,
 }

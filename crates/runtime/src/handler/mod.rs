@@ -16,7 +16,9 @@ mod text_input;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use tch::{CModule, Device, IValue, Kind, Tensor};
+use tch::{Device, IValue, Kind, Tensor};
+
+use crate::model::Model;
 use tchserve_mar::handler::{
     Feed, HandlerManifest, Input, Output, Postprocess, Preprocess, Select,
 };
@@ -133,7 +135,7 @@ impl Pipeline {
     /// Runs the model on a batch of decoded requests and writes one answer per request.
     pub fn run_batch(
         &self,
-        module: &CModule,
+        module: &Model,
         device: Device,
         inputs: &[&Decoded],
     ) -> Result<Vec<Prediction>, PredictError> {
@@ -234,7 +236,7 @@ impl Pipeline {
     /// `forward([x1, x2, ...])` for models that take a list of examples (detectors).
     fn run_list(
         &self,
-        module: &CModule,
+        module: &Model,
         device: Device,
         inputs: &[&Decoded],
     ) -> Result<Vec<Prediction>, PredictError> {
@@ -327,7 +329,7 @@ impl Pipeline {
         body.into_bytes()
     }
 
-    fn forward(&self, module: &CModule, args: Vec<IValue>) -> Result<IValue, PredictError> {
+    fn forward(&self, module: &Model, args: Vec<IValue>) -> Result<IValue, PredictError> {
         let out = module
             .forward_is(&args)
             .map_err(|e| failed("the model failed", e))?;

@@ -1,0 +1,96 @@
+// A C interface over libtorch's AOTIModelPackageLoader, for `.pt2` packages made by
+// torch._inductor.aoti_compile_and_package. Tensors cross as `at::Tensor*`, the representation
+// the tch crate uses; every error comes back as a message the caller frees.
+
+#include <ATen/ATen.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+char* copy_message(const std::string& s) {
+  char* out = static_cast<char*>(std::malloc(s.size() + 1));
+  if (out != nullptr) {
+    std::memcpy(out, s.c_str(), s.size() + 1);
+  }
+  return out;
+}
+
+void set_error(char** err, const char* what) {
+  if (err != nullptr) {
+    *err = copy_message(what);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The package's metadata value for `key`, or null when it has none (err is then null) or the
+// package cannot be read (err set). Reads the metadata file only: no model code is loaded.
+char* tchserve_aoti_metadata(const char* path, const char* key, char** err) {
+  try {
+    auto meta = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model");
+    auto it = meta.find(key);
+    return it == meta.end() ? nullptr : copy_message(it->second);
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return nullptr;
+  }
+}
+
+// Loads the package for device index `device_index` (-1 for a CPU package) with `num_runners`
+// model instances, so that many threads can run it at once; null on failure.
+void* tchserve_aoti_load(const char* path, int device_index, int num_runners, char** err) {
+  try {
+    return new torch::inductor::AOTIModelPackageLoader(
+        path, "model", false, static_cast<size_t>(num_runners),
+        static_cast<c10::DeviceIndex>(device_index));
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return nullptr;
+  }
+}
+
+// Runs the model on `n_inputs` tensors. On success returns the number of outputs and stores a
+// malloc'd array of new tensors in *outputs; on failure returns -1 with err set.
+int tchserve_aoti_run(void* handle, at::Tensor** inputs, int n_inputs, at::Tensor*** outputs,
+                      char** err) {
+  try {
+    auto* loader = static_cast<torch::inductor::AOTIModelPackageLoader*>(handle);
+    std::vector<at::Tensor> in;
+    in.reserve(n_inputs);
+    for (int i = 0; i < n_inputs; ++i) {
+      in.push_back(*inputs[i]);
+    }
+    std::vector<at::Tensor> out = loader->run(in);
+    auto** array = static_cast<at::Tensor**>(std::malloc(sizeof(at::Tensor*) * (out.size() + 1)));
+    if (array == nullptr) {
+      set_error(err, "out of memory");
+      return -1;
+    }
+    for (size_t i = 0; i < out.size(); ++i) {
+      array[i] = new at::Tensor(std::move(out[i]));
+    }
+    *outputs = array;
+    return static_cast<int>(out.size());
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return -1;
+  }
+}
+
+void tchserve_aoti_free(void* handle) {
+  delete static_cast<torch::inductor::AOTIModelPackageLoader*>(handle);
+}
+
+void tchserve_aoti_free_outputs(at::Tensor** outputs) { std::free(outputs); }
+
+void tchserve_aoti_free_message(char* message) { std::free(message); }
+
+}  // extern "C"
