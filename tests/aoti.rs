@@ -1,6 +1,7 @@
 //! `.pt2` packages (torch.export + AOTInductor) served like TorchScript archives: the same
-//! handler manifest, PyTorch's eager answers through the server, batches equal to singles, and
-//! packages that cannot run refused at registration with a message.
+//! handler manifest, PyTorch's eager answers through the server, batches equal to singles, the
+//! package's batch bound held to, and packages that cannot run refused at registration with a
+//! message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -95,6 +96,33 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
         .and_then(|v| v.parse().ok())
         .expect("the batched model's batch sizes");
     assert!(sum > 8.0, "the eight requests were not batched: {metrics}");
+
+    // The package was exported for batches of at most 64: a registration that would gather more
+    // is refused, and so is one request holding more.
+    let r = register(
+        &s,
+        &format!("url={mar}&model_name=wide&initial_workers=1&batch_size=100"),
+    );
+    assert_ne!(r.status, 200);
+    assert!(r.text().contains("at most 64 examples"), "{}", r.text());
+    let many: Vec<&serde_json::Value> = inputs.iter().cycle().take(65).collect();
+    let r = s.infer(
+        "POST",
+        "/predictions/single",
+        &[("Content-Type", "application/json")],
+        serde_json::json!({ "data": many }).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("at most 64 examples"), "{}", r.text());
+    let r = s.infer(
+        "POST",
+        "/predictions/single",
+        &[("Content-Type", "application/json")],
+        serde_json::json!({ "data": &many[..64] })
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
 
     // A package for the other kind of device, and a damaged one, are refused with the reason.
     let r = register(&s, &format!("url={cuda}&initial_workers=1"));

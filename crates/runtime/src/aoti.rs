@@ -75,10 +75,54 @@ pub fn metadata(path: &Path, key: &str) -> Result<Option<String>, String> {
     Ok(Some(take_message(value)))
 }
 
+/// The most examples one forward of a package may hold, read from the input checks that
+/// AOTInductor writes into the package's generated source (`*.wrapper.cpp`): the upper bound of
+/// a dynamic first dimension, or the size of a fixed one. `None` when the source states neither.
+///
+/// The compiled model only runs those checks when `AOTI_RUNTIME_CHECK_INPUTS` is set, and then
+/// also refuses a batch of 1 for a dimension exported with `min=1` (its lower bound reads 2), so
+/// the server reads the bound and holds to it itself.
+pub fn max_batch(path: &Path) -> Result<Option<i64>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("not a .pt2 package: {e}"))?;
+    let wrapper = zip
+        .file_names()
+        .filter_map(Result::ok)
+        .find(|n| n.ends_with(".wrapper.cpp"))
+        .map(|n| n.into_owned());
+    let Some(name) = wrapper else {
+        return Ok(None);
+    };
+    let mut source = String::new();
+    std::io::Read::read_to_string(
+        &mut zip.by_name(&name).map_err(|e| format!("{name}: {e}"))?,
+        &mut source,
+    )
+    .map_err(|e| format!("{name}: {e}"))?;
+    Ok(bound_in_source(&source))
+}
+
+/// The first input's batch bound in generated source: see [`max_batch`].
+fn bound_in_source(source: &str) -> Option<i64> {
+    let number_after = |marker: &str, lead: &str| {
+        let rest = &source[source.find(marker)? + marker.len()..];
+        let rest = &rest[rest.find(lead)? + lead.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    number_after(
+        "input_handles[0]: dim value is too large at 0, ",
+        "expected to be <= ",
+    )
+    .or_else(|| number_after("input_handles[0]: unmatched dim value at 0, ", "expected: "))
+}
+
 /// A loaded package.
 #[derive(Debug)]
 pub struct Package {
     handle: NonNull<c_void>,
+    /// The most examples one forward may hold (see [`max_batch`]).
+    max_batch: Option<i64>,
 }
 
 // SAFETY: the loader's runners are taken from a pool under its own lock, so `run` may be called
@@ -106,18 +150,33 @@ impl Package {
                  export and compile it again for {wanted}"
             ));
         }
+        let max_batch = max_batch(path)?;
         let path = c_path(path)?;
         let mut err = std::ptr::null_mut();
         // SAFETY: the path outlives the call; err receives a message or stays null.
         let handle =
             unsafe { tchserve_aoti_load(path.as_ptr(), index, runners.max(1) as c_int, &mut err) };
         NonNull::new(handle)
-            .map(|handle| Package { handle })
+            .map(|handle| Package { handle, max_batch })
             .ok_or_else(|| take_message(err))
     }
 
-    /// Runs the model on `inputs`, giving its outputs.
+    /// The most examples one forward may hold, where the package states it.
+    pub fn max_batch(&self) -> Option<i64> {
+        self.max_batch
+    }
+
+    /// Runs the model on `inputs`, giving its outputs. A first input with more examples than the
+    /// package was compiled for is refused before it reaches the compiled code.
     pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+        if let (Some(max), Some(first)) = (self.max_batch, inputs.first()) {
+            let rows = first.size().first().copied().unwrap_or(1);
+            if rows > max {
+                return Err(format!(
+                    "the package takes at most {max} examples per forward (exported so); got {rows}"
+                ));
+            }
+        }
         // Tensors cross as `at::Tensor*`, tch's own representation.
         let ptrs: Vec<*mut c_void> = inputs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
         let mut outputs = std::ptr::null_mut();
@@ -150,5 +209,29 @@ impl Drop for Package {
     fn drop(&mut self) {
         // SAFETY: the handle came from tchserve_aoti_load and is freed once.
         unsafe { tchserve_aoti_free(self.handle.as_ptr()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_batch_bound_is_read_from_the_generated_checks() {
+        let dynamic = r#"
+            if (arg4_1_size[0] > 64) {
+                ss << "input_handles[0]: dim value is too large at 0, "
+                   << "expected to be <= 64, " << "but got: "
+            if (784 != arg4_1_size[1]) {
+                ss << "input_handles[0]: unmatched dim value at 1, "
+                   << "expected: 784, " << "but got: " << arg4_1_size[1]"#;
+        assert_eq!(bound_in_source(dynamic), Some(64));
+        let fixed = r#"
+                ss << "input_handles[0]: unmatched dim value at 0, "
+                   << "expected: 1, " << "but got: " << arg0_1_size[0]
+                ss << "input_handles[0]: unmatched dim value at 1, "
+                   << "expected: 784, " << "but got: " << arg0_1_size[1]"#;
+        assert_eq!(bound_in_source(fixed), Some(1));
+        assert_eq!(bound_in_source("no checks at all"), None);
     }
 }

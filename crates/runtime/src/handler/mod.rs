@@ -47,6 +47,15 @@ fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
     PredictError::ModelFailed(format!("{what}: {e}"))
 }
 
+/// A forward's error: a shape the model cannot take (more examples than a `.pt2` package was
+/// exported for) is bad input, anything else the model's failure.
+fn forward_failed(e: tch::TchError) -> PredictError {
+    match e {
+        tch::TchError::Shape(message) => PredictError::BadInput(message),
+        other => failed("the model failed", other),
+    }
+}
+
 impl Pipeline {
     /// Builds the stages of `manifest` for a model unpacked in `model_dir`.
     pub fn new(manifest: &HandlerManifest, model_dir: &Path) -> Result<Self, RuntimeError> {
@@ -330,9 +339,7 @@ impl Pipeline {
     }
 
     fn forward(&self, module: &Model, args: Vec<IValue>) -> Result<IValue, PredictError> {
-        let out = module
-            .forward_is(&args)
-            .map_err(|e| failed("the model failed", e))?;
+        let out = module.forward_is(&args).map_err(forward_failed)?;
         match &self.select {
             None => Ok(out),
             Some(sel) => select(out, sel),
