@@ -161,20 +161,17 @@ impl Package {
             .ok_or_else(|| take_message(err))
     }
 
-    /// The most examples one forward may hold, where the package states it.
-    pub fn max_batch(&self) -> Option<i64> {
-        self.max_batch
-    }
-
     /// Runs the model on `inputs`, giving its outputs. A first input with more examples than the
-    /// package was compiled for is refused before it reaches the compiled code.
-    pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+    /// package was compiled for is refused before it reaches the compiled code, as a shape error:
+    /// the request's doing, not the model's, which the handler answers as bad input.
+    pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
         if let (Some(max), Some(first)) = (self.max_batch, inputs.first()) {
             let rows = first.size().first().copied().unwrap_or(1);
             if rows > max {
-                return Err(format!(
-                    "the package takes at most {max} examples per forward (exported so); got {rows}"
-                ));
+                return Err(tch::TchError::Shape(format!(
+                    "the model takes at most {max} examples per forward (its package was \
+                     exported so); got {rows}"
+                )));
             }
         }
         // Tensors cross as `at::Tensor*`, tch's own representation.
@@ -193,7 +190,7 @@ impl Package {
             )
         };
         if n < 0 {
-            return Err(take_message(err));
+            return Err(tch::TchError::Torch(take_message(err)));
         }
         let tensors = (0..n as usize)
             // SAFETY: each pointer is an `at::Tensor*` from `new`, taken over once.

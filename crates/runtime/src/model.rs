@@ -42,18 +42,7 @@ impl Model {
                         )),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                // Too many examples is the request's doing, not the model's: a shape error,
-                // which the handler answers as bad input.
-                if let (Some(max), Some(first)) = (p.max_batch(), tensors.first()) {
-                    let rows = first.size().first().copied().unwrap_or(1);
-                    if rows > max {
-                        return Err(tch::TchError::Shape(format!(
-                            "the model takes at most {max} examples per forward (its package \
-                             was exported so); got {rows}"
-                        )));
-                    }
-                }
-                let mut out = p.run(&tensors).map_err(tch::TchError::Torch)?;
+                let mut out = p.run(&tensors)?;
                 Ok(if out.len() == 1 {
                     IValue::Tensor(out.remove(0))
                 } else {

@@ -78,6 +78,19 @@ impl Reader<'_> {
         (self.s.get(self.i..end)? == lit).then(|| self.i = end)
     }
 
+    /// After an item of a list or object: `Some(true)` past a comma, `Some(false)` past `close`,
+    /// `None` on anything else.
+    fn more(&mut self, close: u8) -> Option<bool> {
+        self.ws();
+        let c = self.peek()?;
+        self.i += 1;
+        match c {
+            b',' => Some(true),
+            c if c == close => Some(false),
+            _ => None,
+        }
+    }
+
     /// `{"instances": ..., "data": ...}` with either or both keys, each once.
     fn object(&mut self) -> Option<Numbers> {
         self.eat(b"{")?;
@@ -99,14 +112,8 @@ impl Reader<'_> {
             let mut n = Numbers::default();
             self.nest(0, &mut n.dims, &mut n.flat)?;
             *slot = Some(n);
-            self.ws();
-            match self.peek()? {
-                b',' => self.i += 1,
-                b'}' => {
-                    self.i += 1;
-                    break;
-                }
-                _ => return None,
+            if !self.more(b'}')? {
+                break;
             }
         }
         // As the general decoder: `instances` wins over `data`.
@@ -156,14 +163,8 @@ impl Reader<'_> {
                 self.ws();
                 self.nest(depth + 1, dims, flat)?;
                 count += 1;
-                self.ws();
-                match self.peek()? {
-                    b',' => self.i += 1,
-                    b']' => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return None,
+                if !self.more(b']')? {
+                    break;
                 }
             }
         }
