@@ -1,12 +1,17 @@
 //! `.pt2` packages (torch.export + AOTInductor) served like TorchScript archives: the same
 //! handler manifest, PyTorch's eager answers through the server, batches equal to singles, the
-//! package's batch bound held to, and packages that cannot run refused at registration with a
-//! message.
+//! package's batch range held to, inputs checked, and packages that cannot run refused at
+//! registration with a message. The examples' pretrained classifier and trained digits model
+//! answer as PyTorch does and as their TorchScript twins in the same server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use common::server::{Server, archive, fixture_handler, pt2_fixtures};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::repo_root;
+use common::server::{Server, archive, example_build, fixture_handler, pt2_fixtures};
 
 fn register(s: &Server, query: &str) -> common::http::Resp {
     s.manage("POST", &format!("/models?{query}&synchronous=true"))
@@ -36,6 +41,23 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
         "1.0",
         &dir.join("cuda_labelled.pt2"),
         &handler,
+        &[],
+    );
+    let fixed = archive(
+        &s.store,
+        "fixed",
+        "1.0",
+        &dir.join("mlp_b1.pt2"),
+        &handler,
+        &[],
+    );
+    // The built-in handler takes float32 tensors of any shape, so only the package checks them.
+    let any_shape = archive(
+        &s.store,
+        "any_shape",
+        "1.0",
+        &dir.join("mlp.pt2"),
+        Path::new("tensor"),
         &[],
     );
     let corrupt = archive(
@@ -124,6 +146,80 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
 
+    // A package exported for a fixed batch of 1 is run one request at a time, whatever the
+    // registration's batch_size, and a request of several examples one example at a time.
+    let r = register(
+        &s,
+        &format!("url={fixed}&model_name=fixed&initial_workers=1&batch_size=8&max_batch_delay=200"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answers: Vec<Vec<f64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .map(|x| scope.spawn(|| predict(&s, "fixed", x)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (got, want) in answers.iter().zip(&expected) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-5, "{got:?} against PyTorch's {want:?}");
+        }
+    }
+    let metrics = s.metrics_text();
+    let sum = metrics
+        .lines()
+        .find(|l| l.starts_with("tchserve_batch_size_sum{model_name=\"fixed\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(sum, Some(8.0), "the fixed-batch model batched: {metrics}");
+    let r = s.infer(
+        "POST",
+        "/predictions/fixed",
+        &[("Content-Type", "application/json")],
+        serde_json::json!({ "data": &inputs[..3] })
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let three: Vec<Vec<f64>> = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(three.len(), 3);
+    for (got, want) in three.iter().zip(&expected) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-5, "{got:?} against PyTorch's {want:?}");
+        }
+    }
+
+    // An input of the wrong shape is refused by the package's own checks, as bad input, before
+    // its kernels could read past the end of it.
+    let r = register(
+        &s,
+        &format!("url={any_shape}&model_name=any_shape&initial_workers=1"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.infer(
+        "POST",
+        "/predictions/any_shape",
+        &[("Content-Type", "application/json")],
+        serde_json::json!({ "data": vec![0.5; 100] })
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("unmatched dim value at 1, expected: 784, but got: 100"),
+        "{}",
+        r.text()
+    );
+    let good = predict(&s, "any_shape", &inputs[0]);
+    for (g, w) in good.iter().zip(&expected[0]) {
+        assert!(
+            (g - w).abs() <= 1e-5,
+            "{good:?} against PyTorch's {:?}",
+            expected[0]
+        );
+    }
+
     // A package for the other kind of device, and a damaged one, are refused with the reason.
     let r = register(&s, &format!("url={cuda}&initial_workers=1"));
     assert_ne!(r.status, 200);
@@ -138,4 +234,192 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
     assert!(r.text().contains("corrupt.pt2"), "{}", r.text());
     // The server still serves.
     predict(&s, "single", &inputs[0]);
+}
+
+/// Within 1e-5 of PyTorch's value, relative to it where it is above 1 (logits reach about 10).
+fn close(got: f64, want: f64) -> bool {
+    (got - want).abs() <= 1e-5 * want.abs().max(1.0)
+}
+
+fn post_json(s: &Server, model: &str, body: &serde_json::Value) -> serde_json::Value {
+    let r = s.infer(
+        "POST",
+        &format!("/predictions/{model}"),
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{model}: {}", r.text());
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn classify(s: &Server, model: &str, photo: &[u8]) -> BTreeMap<String, f64> {
+    let r = s.infer(
+        "POST",
+        &format!("/predictions/{model}"),
+        &[("Content-Type", "image/jpeg")],
+        photo,
+    );
+    assert_eq!(r.status, 200, "{model}: {}", r.text());
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn best(classes: &BTreeMap<String, f64>) -> &str {
+    classes
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(name, _)| name.as_str())
+        .unwrap()
+}
+
+#[test]
+fn the_pt2_examples_answer_as_pytorch_and_as_their_torchscript_twins() {
+    let pt2 = example_build("pt2", "efficientnet_lite0.pt2");
+    let script = example_build("image_classifier", "efficientnet_lite0.pt");
+    let labels = pt2.join("index_to_name.json");
+    let labels = ["--extra-files", labels.to_str().unwrap()];
+    let mut s = Server::new("enable_model_api=true");
+    let digits = archive(
+        &s.store,
+        "digits_pt2",
+        "1.0",
+        &pt2.join("digits.pt2"),
+        &repo_root().join("examples/digits/digits_handler.json"),
+        &[],
+    );
+    let classifier = archive(
+        &s.store,
+        "classifier_pt2",
+        "1.0",
+        &pt2.join("efficientnet_lite0.pt2"),
+        Path::new("image_classifier"),
+        &labels,
+    );
+    let twin = archive(
+        &s.store,
+        "classifier_ts",
+        "1.0",
+        &script.join("efficientnet_lite0.pt"),
+        Path::new("image_classifier"),
+        &labels,
+    );
+    let raw = archive(
+        &s.store,
+        "logits_pt2",
+        "1.0",
+        &pt2.join("efficientnet_lite0.pt2"),
+        Path::new("tensor"),
+        &[],
+    );
+    s.start(&[]);
+    for query in [
+        format!("url={digits}&model_name=digits_pt2&initial_workers=1&batch_size=8"),
+        format!("url={classifier}&model_name=classifier_pt2&initial_workers=1"),
+        format!(
+            "url={classifier}&model_name=classifier_pt2_b8&initial_workers=1&batch_size=8&max_batch_delay=500"
+        ),
+        format!("url={twin}&model_name=classifier_ts&initial_workers=1"),
+        format!("url={raw}&model_name=logits_pt2&initial_workers=1"),
+    ] {
+        let r = register(&s, &query);
+        assert_eq!(r.status, 200, "{query}: {}", r.text());
+    }
+    let eager: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pt2.join("eager.json")).unwrap()).unwrap();
+
+    // The trained digits model on every held-out digit, eight to a request, as PyTorch answers.
+    let inputs = eager["digits_inputs"].as_array().unwrap();
+    let logits = eager["digits_logits"].as_array().unwrap();
+    assert!(inputs.len() > 400);
+    for (chunk, want) in inputs.chunks(8).zip(logits.chunks(8)) {
+        let got = post_json(&s, "digits_pt2", &serde_json::json!({ "data": chunk }));
+        let got: Vec<Vec<f64>> = serde_json::from_value(got).unwrap();
+        assert_eq!(got.len(), chunk.len());
+        for (g, w) in got.iter().zip(want) {
+            let w: Vec<f64> = serde_json::from_value(w.clone()).unwrap();
+            assert!(
+                g.iter().zip(&w).all(|(a, b)| close(*a, *b)),
+                "{g:?} against PyTorch's {w:?}"
+            );
+        }
+    }
+
+    // The pretrained classifier's logits on the preprocessed cat, as PyTorch answers.
+    let cat_tensor: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pt2.join("cat_tensor.json")).unwrap()).unwrap();
+    let got: Vec<f64> = serde_json::from_value(post_json(
+        &s,
+        "logits_pt2",
+        &serde_json::json!({ "data": cat_tensor }),
+    ))
+    .unwrap();
+    let want: Vec<f64> = serde_json::from_value(eager["cat_logits"].clone()).unwrap();
+    assert_eq!(got.len(), 1000);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        got.iter().zip(&want).all(|(g, w)| close(*g, *w)),
+        "largest difference from PyTorch's logits: {worst}"
+    );
+
+    // Photos through the image_classifier handler: the package and the TorchScript file of the
+    // same model give the same classes and probabilities, one at a time and batched.
+    let photos: Vec<Vec<u8>> = ["cat.jpg", "coffee.jpg"]
+        .iter()
+        .map(|p| std::fs::read(pt2.join(p)).unwrap())
+        .collect();
+    let mut singles = Vec::new();
+    for photo in &photos {
+        let from_package = classify(&s, "classifier_pt2", photo);
+        let from_script = classify(&s, "classifier_ts", photo);
+        assert_eq!(from_package.len(), 5);
+        assert_eq!(
+            from_package.keys().collect::<Vec<_>>(),
+            from_script.keys().collect::<Vec<_>>()
+        );
+        for (name, p) in &from_package {
+            assert!(
+                (p - from_script[name]).abs() <= 1e-5,
+                "{name}: {p} from the package, {} from TorchScript",
+                from_script[name]
+            );
+        }
+        singles.push(from_package);
+    }
+    assert!(
+        ["Egyptian cat", "tabby", "tiger cat"].contains(&best(&singles[0])),
+        "{:?}",
+        singles[0]
+    );
+    assert_eq!(best(&singles[1]), "espresso");
+    let batched: Vec<BTreeMap<String, f64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let photo = &photos[i % 2];
+                let s = &s;
+                scope.spawn(move || classify(s, "classifier_pt2_b8", photo))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, b) in batched.iter().enumerate() {
+        let one = &singles[i % 2];
+        assert_eq!(b.keys().collect::<Vec<_>>(), one.keys().collect::<Vec<_>>());
+        for (name, p) in b {
+            assert!(
+                (p - one[name]).abs() <= 1e-5,
+                "batched {b:?} against single {one:?}"
+            );
+        }
+    }
+    let sum: f64 = s
+        .metrics_text()
+        .lines()
+        .find(|l| l.starts_with("tchserve_batch_size_sum{model_name=\"classifier_pt2_b8\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("the batched classifier's batch sizes");
+    assert!(sum > 8.0, "the eight photos were not batched");
 }

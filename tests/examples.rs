@@ -19,6 +19,8 @@ fn every_example_serves_and_answers() {
         "segmenter.mar",
         "minilm.mar",
         "sentiment.mar",
+        "digits_pt2.mar",
+        "efficientnet_lite0_pt2.mar",
     ] {
         assert!(
             store.join(archive).exists(),
@@ -50,18 +52,20 @@ fn every_example_serves_and_answers() {
     assert!(correct >= 36, "digits: {digits}");
 
     // A pretrained classifier with real names: the cat is a cat, the coffee an espresso.
-    let best = |photo: &str| {
-        let classes: serde_json::Value =
-            serde_json::from_str(&query("image_classifier", &[photo])).unwrap();
+    let best = |example: &str, photo: &str| {
+        let classes: serde_json::Value = serde_json::from_str(&query(example, &[photo])).unwrap();
         assert_eq!(classes.as_object().unwrap().len(), 5, "{classes}");
         classes.as_object().unwrap().keys().next().unwrap().clone()
     };
-    let cat = best("cat");
-    assert!(
-        ["Egyptian cat", "tabby", "tiger cat"].contains(&cat.as_str()),
-        "{cat}"
-    );
-    assert_eq!(best("coffee"), "espresso");
+    // The same classifier compiled into a .pt2 package agrees.
+    for example in ["image_classifier", "pt2"] {
+        let cat = best(example, "cat");
+        assert!(
+            ["Egyptian cat", "tabby", "tiger cat"].contains(&cat.as_str()),
+            "{example}: {cat}"
+        );
+        assert_eq!(best(example, "coffee"), "espresso", "{example}");
+    }
 
     let detections: serde_json::Value =
         serde_json::from_str(&query("object_detector", &[])).unwrap();

@@ -29,8 +29,8 @@ class DigitsMLP(torch.nn.Module):
         return self.layers(x / 16.0)
 
 
-def main(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def train() -> tuple:
+    """The trained classifier (in eval mode) and the held-out digits and labels."""
     torch.manual_seed(0)
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
@@ -38,7 +38,6 @@ def main(out: Path) -> None:
     )
     x_train = torch.tensor(x_train, dtype=torch.float32)
     y_train = torch.tensor(y_train, dtype=torch.int64)
-    x_test_t = torch.tensor(x_test, dtype=torch.float32)
 
     model = DigitsMLP()
     optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -47,8 +46,14 @@ def main(out: Path) -> None:
         loss = torch.nn.functional.cross_entropy(model(x_train), y_train)
         loss.backward()
         optimiser.step()
+    return model.eval(), x_test, y_test
 
-    model.eval()
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model, x_test, y_test = train()
+    x_test_t = torch.tensor(x_test, dtype=torch.float32)
+
     scripted = torch.jit.script(model)
     scripted.save(str(out / "digits.pt"))
     with torch.no_grad():

@@ -62,6 +62,18 @@ pub fn digits_build() -> PathBuf {
     dir
 }
 
+/// An example's build output (made by `make test` through examples/<name>/build.sh), checked
+/// for `file`.
+pub fn example_build(name: &str, file: &str) -> PathBuf {
+    let dir = repo_root().join("build/examples").join(name);
+    assert!(
+        dir.join(file).exists(),
+        "{} is missing: run `make test`",
+        dir.join(file).display()
+    );
+    dir
+}
+
 /// Archives `serialized` with our archiver into `store` as `<name>.mar` (or `file_name`).
 pub fn archive(
     store: &Path,

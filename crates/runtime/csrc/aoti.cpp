@@ -27,6 +27,12 @@ void set_error(char** err, const char* what) {
   }
 }
 
+// A compiled package checks each input's dtype, sizes, strides and device only when this
+// variable is set, and reads it once, at its first run. Unchecked, an input of the wrong shape
+// makes the generated kernels read and write past its end, so the server always turns the
+// checks on. Set while the process starts, before any thread could read the environment.
+[[maybe_unused]] const int checks_on = setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", 1);
+
 }  // namespace
 
 extern "C" {

@@ -28,6 +28,14 @@ pub enum Model {
 }
 
 impl Model {
+    /// The numbers of examples one forward takes, for a package; a TorchScript module takes any.
+    pub fn batch_range(&self) -> Option<crate::aoti::BatchRange> {
+        match self {
+            Model::Script(_) => None,
+            Model::Package(p) => Some(p.batch_range()),
+        }
+    }
+
     /// `forward(args)`. A package takes tensors only and answers one tensor, or a tuple of them.
     pub fn forward_is(&self, args: &[IValue]) -> Result<IValue, tch::TchError> {
         match self {

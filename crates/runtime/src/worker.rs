@@ -94,10 +94,12 @@ fn fail(ctx: &Context, name: &str, failures: &mut usize, why: String) {
 /// waking them costs more than they save, so such a worker keeps to one thread.
 const SMALL_FORWARD: Duration = Duration::from_millis(1);
 
-/// A loaded model, its handler, and the most intra-op threads worth giving it.
+/// A loaded model, its handler, how its requests are batched, and the most intra-op threads
+/// worth giving it.
 struct Loaded {
     module: Arc<Model>,
     pipeline: Pipeline,
+    batcher: Batcher,
     max_threads: usize,
 }
 
@@ -112,11 +114,12 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     let module = ctx.modules.get_or_load(ctx.device, || {
         load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)
     })?;
+    let batcher = fit_batcher(ctx, &module)?;
     let pipeline = Pipeline::new(&ctx.spec.handler, &ctx.spec.model_dir)?;
     // TorchScript specialises its graph over the first calls; pay that before serving.
     let _guard = tch::no_grad_guard();
     let mut last_forward = None;
-    for batch in [1, ctx.batcher.batch_size] {
+    for batch in [1, batcher.batch_size] {
         if let Some(input) = pipeline.warmup_input(batch, ctx.device) {
             for _ in 0..WARMUP_FORWARDS {
                 let t = Instant::now();
@@ -134,8 +137,60 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     Ok(Loaded {
         module,
         pipeline,
+        batcher,
         max_threads: if small { 1 } else { usize::MAX },
     })
+}
+
+/// The registration's batching, held to what a `.pt2` package was exported for: a package with
+/// a fixed batch of 1 is run one request at a time, and one whose dynamic batch range ends below
+/// the registration's `batch_size` is refused, since a full batch of one-example requests could
+/// not run.
+fn fit_batcher(ctx: &Context, module: &Model) -> Result<Batcher, crate::RuntimeError> {
+    let mut batcher = ctx.batcher;
+    let Some(range) = module.batch_range() else {
+        return Ok(batcher);
+    };
+    tracing::info!(
+        worker = ctx.id,
+        model = %ctx.spec.name,
+        min = range.min,
+        max = ?range.max,
+        "package batch range"
+    );
+    if range.fixed() == Some(1) {
+        if batcher.batch_size > 1 {
+            tracing::info!(
+                worker = ctx.id,
+                model = %ctx.spec.name,
+                batch_size = batcher.batch_size,
+                "the package was exported for a fixed batch of 1: requests run one at a time"
+            );
+        }
+        batcher.batch_size = 1;
+    } else if range.fixed().is_none() && range.min > 1 {
+        tracing::warn!(
+            worker = ctx.id,
+            model = %ctx.spec.name,
+            min = range.min,
+            "the package takes at least {} examples per forward, so smaller batches are padded \
+             up to it; export under backed_size_oblivious=True to run single examples as they are",
+            range.min
+        );
+    }
+    // A fixed size other than 1 takes any batch, cut into forwards of that size.
+    let upper = range.max.filter(|_| range.fixed().is_none());
+    if let Some(max) = upper.filter(|&max| (batcher.batch_size as i64) > max) {
+        return Err(crate::RuntimeError::Package {
+            file: ctx.spec.serialized_file.clone(),
+            message: format!(
+                "batch_size {} is too large: the model takes at most {max} examples per forward \
+                 (its package was exported so)",
+                batcher.batch_size
+            ),
+        });
+    }
+    Ok(batcher)
 }
 
 fn serve(ctx: &Context, model: &Loaded) -> Ended {
@@ -148,7 +203,7 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
         if ctx.stop.load(Ordering::Relaxed) {
             return Ended::Stopped;
         }
-        let jobs = match ctx.batcher.next_batch(&ctx.queue, IDLE_POLL, poll) {
+        let jobs = match model.batcher.next_batch(&ctx.queue, IDLE_POLL, poll) {
             Next::Batch(jobs) => {
                 poll = POLL_AFTER_BATCH;
                 untrimmed_since = Some(Instant::now());
