@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::http::{Resp, request, try_request};
 use common::server::{
-    archive, fixture_handler, fixtures, free_port, real_archive, text_fixtures, vision_fixtures,
+    archive, fixture_handler, fixtures, free_port, pt2_fixtures, real_archive, text_fixtures,
+    vision_fixtures,
 };
 use common::{clients_venv_bin, repo_root, run, run_ok};
 use serde_json::Value;
@@ -314,6 +315,59 @@ fn the_documented_docker_run_serves_and_stops_cleanly() {
         b"[1, 7]",
     );
     assert_eq!(floats(&r), [1.0, 7.0]);
+    // A .pt2 package: its compiled code loads libtorch.so, which the image provides without
+    // libtorch's CUDA half.
+    let pt2 = pt2_fixtures();
+    archive(
+        &store,
+        "packaged",
+        "1.0",
+        &pt2.join("mlp.pt2"),
+        &fixture_handler("vec784.json"),
+        &[],
+    );
+    let r = request(
+        &mgmt,
+        "POST",
+        "/models?url=packaged-1.0.mar&initial_workers=1&synchronous=true",
+        &[("Authorization", &mkey)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let inputs: Vec<Vec<f32>> =
+        serde_json::from_slice(&fs::read(pt2.join("inputs.json")).unwrap()).unwrap();
+    let expected: Vec<Vec<f64>> =
+        serde_json::from_slice(&fs::read(pt2.join("expected.json")).unwrap()).unwrap();
+    let r = request(
+        &http,
+        "POST",
+        "/predictions/packaged",
+        &[("Authorization", &ikey)],
+        &serde_json::to_vec(&inputs[0]).unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = floats(&r);
+    assert_eq!(got.len(), 10);
+    for (g, w) in got.iter().zip(&expected[0]) {
+        assert!(
+            (g - w).abs() <= 1e-5,
+            "{got:?} against PyTorch's {:?}",
+            expected[0]
+        );
+    }
+    let maps = run_ok(Command::new("docker").args([
+        "exec",
+        c.name(),
+        "bash",
+        "-c",
+        "grep -o 'libtorch[a-z_]*\\.so' /proc/1/maps | sort -u",
+    ]));
+    let maps = String::from_utf8_lossy(&maps.stdout).to_string();
+    assert!(
+        maps.contains("libtorch.so") && !maps.contains("libtorch_cuda"),
+        "{maps}"
+    );
+
     let m = request(&metrics, "GET", "/metrics", &[], b"").text();
     assert!(m.contains("ts_inference_requests_total"), "{m}");
 

@@ -61,6 +61,18 @@ for r in "${roots[@]}"; do
     done < <(ldd "$r" | grep '=> /')
 done
 
+# A .pt2 package's compiled code is linked against libtorch.so, which no binary here needs. The
+# wheel's libtorch.so is only a front for libtorch_cpu.so and libtorch_cuda.so, so the CUDA image
+# takes it as it is, and the CPU image a front of the same name for libtorch_cpu.so alone, which
+# keeps libtorch's CUDA half out of it.
+if [ "$cuda" = 1 ]; then
+    copy "$libtorch/libtorch.so"
+else
+    cc -shared -x c /dev/null -o "$out/lib/libtorch.so" -Wl,-soname,libtorch.so \
+        -Wl,-rpath,'$ORIGIN' -Wl,--no-as-needed -L"$out/lib" -l:libtorch_cpu.so -l:libc10.so
+    roots+=("$out/lib/libtorch.so")
+fi
+
 unresolved=$(for r in "${roots[@]}"; do ldd "$r" | grep 'not found' || true; done | sort -u)
 if [ -n "$unresolved" ]; then
     echo "bundle: unresolved libraries:" >&2
