@@ -24,12 +24,18 @@ class ChannelMean(torch.nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def main(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The MLP and ResNet-18, with the same weights every time (bench/make_pt2.py exports them)."""
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
-    torch.jit.script(mlp).save(str(out / "mlp.pt"))
     resnet = torchvision.models.resnet18(weights=None).eval()
+    return mlp, resnet
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    mlp, resnet = models()
+    torch.jit.script(mlp).save(str(out / "mlp.pt"))
     torch.jit.script(resnet).save(str(out / "resnet18.pt"))
     torch.jit.script(ChannelMean()).save(str(out / "pool.pt"))
     x = torch.rand(784)

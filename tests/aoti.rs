@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::repo_root;
-use common::server::{Server, archive, example_build, fixture_handler, pt2_fixtures};
+use common::server::{
+    Server, archive, example_build, fixture_handler, pt2_cuda_fixtures, pt2_fixtures,
+};
 
 fn register(s: &Server, query: &str) -> common::http::Resp {
     s.manage("POST", &format!("/models?{query}&synchronous=true"))
@@ -422,4 +424,67 @@ fn the_pt2_examples_answer_as_pytorch_and_as_their_torchscript_twins() {
         .and_then(|v| v.parse().ok())
         .expect("the batched classifier's batch sizes");
     assert!(sum > 8.0, "the eight photos were not batched");
+}
+
+#[test]
+fn a_cuda_package_runs_on_a_gpu_worker_and_a_cpu_one_is_refused_there() {
+    if !Path::new("/proc/driver/nvidia").exists() {
+        eprintln!("skipped: no NVIDIA GPU on this machine");
+        return;
+    }
+    let dir = pt2_cuda_fixtures();
+    let mut s = Server::new("enable_model_api=true");
+    let handler = fixture_handler("vec784.json");
+    let gpu = archive(
+        &s.store,
+        "gpu",
+        "1.0",
+        &dir.join("mlp_cuda.pt2"),
+        &handler,
+        &[],
+    );
+    let cpu = archive(
+        &s.store,
+        "cpu",
+        "1.0",
+        &pt2_fixtures().join("mlp.pt2"),
+        &handler,
+        &[],
+    );
+    s.start(&[]);
+    let r = register(
+        &s,
+        &format!("url={gpu}&model_name=gpu&initial_workers=1&batch_size=8&max_batch_delay=200"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let described = s.manage("GET", "/models/gpu").text();
+    assert!(
+        described.contains(r#""deviceType":"gpu""#) || described.contains(r#""deviceType": "gpu""#),
+        "not on a GPU: {described}"
+    );
+    let inputs: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
+    let expected: Vec<Vec<f64>> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let answers: Vec<Vec<f64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .map(|x| scope.spawn(|| predict(&s, "gpu", x)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (got, want) in answers.iter().zip(&expected) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-5, "{got:?} against PyTorch's {want:?}");
+        }
+    }
+    // A CPU package cannot run on the GPU worker this machine gives it.
+    let r = register(&s, &format!("url={cpu}&initial_workers=1"));
+    assert_ne!(r.status, 200);
+    assert!(
+        r.text()
+            .contains("compiled for cpu and this worker runs on cuda"),
+        "{}",
+        r.text()
+    );
 }

@@ -51,6 +51,12 @@ pub fn pt2_fixtures() -> &'static Path {
     DIR.get_or_init(|| made_by("make_pt2.py", "test-fixtures-pt2"))
 }
 
+/// A CUDA AOTInductor package from `tests/fixtures/make_pt2_cuda.py`: only on a GPU machine.
+pub fn pt2_cuda_fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| made_by("make_pt2_cuda.py", "test-fixtures-pt2-cuda"))
+}
+
 /// The digits example's build output (made by `make test` through examples/digits/build.sh).
 pub fn digits_build() -> PathBuf {
     let dir = repo_root().join("build/examples/digits");

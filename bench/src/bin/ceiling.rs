@@ -1,13 +1,16 @@
-//! The in-process ceiling: a TorchScript module's forward in a plain loop, no server.
+//! The in-process ceiling: a model's forward in a plain loop, no server. The model is loaded as
+//! the server loads it: a TorchScript file, or a `.pt2` package (run, like the server runs it,
+//! fitted to its batch range).
 
 use std::time::Instant;
 
 use clap::Parser;
-use tch::{CModule, Device, Kind, Tensor};
+use tch::{Device, IValue, Kind, Tensor};
+use tchserve_runtime::model::load_module;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// The TorchScript file.
+    /// The TorchScript file or `.pt2` package.
     #[arg(long)]
     model: std::path::PathBuf,
     /// Shape of one example, comma-separated.
@@ -29,20 +32,28 @@ fn main() -> anyhow::Result<()> {
     if let Some(t) = args.threads {
         tch::set_num_threads(t);
     }
-    let mut module = CModule::load_on_device(&args.model, Device::Cpu)?;
-    module.set_eval();
+    let dir = args.model.parent().unwrap_or(std::path::Path::new("."));
+    let file = args
+        .model
+        .file_name()
+        .and_then(|f| f.to_str())
+        .ok_or_else(|| anyhow::anyhow!("--model names no file"))?;
+    let module = load_module(dir, file, Device::Cpu)?;
     let _guard = tch::no_grad_guard();
     let dims: Vec<i64> = std::iter::once(args.batch)
         .chain(args.shape.iter().copied())
         .collect();
-    let input = Tensor::rand(&dims, (Kind::Float, Device::Cpu));
+    let input = [IValue::Tensor(Tensor::rand(
+        &dims,
+        (Kind::Float, Device::Cpu),
+    ))];
     for _ in 0..5 {
-        let _ = module.forward_ts(&[&input])?;
+        let _ = module.forward_is(&input)?;
     }
     let started = Instant::now();
     let mut batches = 0u64;
     while started.elapsed().as_secs_f64() < args.duration {
-        let _ = module.forward_ts(&[&input])?;
+        let _ = module.forward_is(&input)?;
         batches += 1;
     }
     let secs = started.elapsed().as_secs_f64();
