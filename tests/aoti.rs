@@ -12,7 +12,7 @@ use std::path::Path;
 
 use common::repo_root;
 use common::server::{
-    Server, archive, example_build, fixture_handler, pt2_cuda_fixtures, pt2_fixtures,
+    Server, archive, example_build, fixture_handler, pt2_cuda_fixtures, pt2_fixtures, text_fixtures,
 };
 
 fn register(s: &Server, query: &str) -> common::http::Resp {
@@ -487,4 +487,167 @@ fn a_cuda_package_runs_on_a_gpu_worker_and_a_cpu_one_is_refused_there() {
         "{}",
         r.text()
     );
+}
+
+/// Every number in two JSON answers, in order.
+fn numbers(v: &serde_json::Value, out: &mut Vec<f64>) {
+    match v {
+        serde_json::Value::Number(n) => out.push(n.as_f64().unwrap()),
+        serde_json::Value::Array(items) => items.iter().for_each(|i| numbers(i, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|i| numbers(i, out)),
+        _ => {}
+    }
+}
+
+/// The same answer within 1e-5 for every number (and the same keys and shape).
+fn same_answer(a: &serde_json::Value, b: &serde_json::Value, what: &str) {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    numbers(a, &mut x);
+    numbers(b, &mut y);
+    assert_eq!(x.len(), y.len(), "{what}: {a} against {b}");
+    let worst = x
+        .iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f64::max);
+    assert!(worst <= 1e-5, "{what}: differs by up to {worst}");
+    if let (Some(p), Some(q)) = (a.as_object(), b.as_object()) {
+        assert_eq!(
+            p.keys().collect::<Vec<_>>(),
+            q.keys().collect::<Vec<_>>(),
+            "{what}"
+        );
+    }
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+#[test]
+fn the_built_in_handlers_run_pt2_models_as_they_run_torchscript() {
+    let text = text_fixtures();
+    let pt2 = pt2_fixtures();
+    let photo = std::fs::read(example_build("pt2", "cat.jpg").join("cat.jpg")).unwrap();
+    let handlers = repo_root().join("handlers");
+    let tokenizer = text.join("tokenizer.json");
+    let labels = text.join("index_to_name.json");
+    let text_extra = [
+        "--extra-files",
+        &format!("{},{}", tokenizer.display(), labels.display()),
+    ];
+    let mut s = Server::new("enable_model_api=true");
+    let mut pairs = Vec::new();
+    for (name, dir, file, handler, extra) in [
+        (
+            "minilm",
+            text,
+            "minilm",
+            "text_embedding.json",
+            &text_extra[..],
+        ),
+        (
+            "classifier",
+            text,
+            "classifier",
+            "text_classifier.json",
+            &text_extra[..],
+        ),
+        (
+            "segmenter",
+            pt2,
+            "segmenter",
+            "image_segmenter.json",
+            &[][..],
+        ),
+    ] {
+        for ext in ["pt2", "pt"] {
+            let model = format!("{name}_{ext}");
+            let mar = archive(
+                &s.store,
+                &model,
+                "1.0",
+                &dir.join(format!("{file}.{ext}")),
+                &handlers.join(handler),
+                extra,
+            );
+            pairs.push((model, mar));
+        }
+    }
+    let detector = archive(
+        &s.store,
+        "detector_pt2",
+        "1.0",
+        &pt2.join("mlp.pt2"),
+        &handlers.join("object_detector.json"),
+        &[],
+    );
+    s.start(&[]);
+    for (model, mar) in &pairs {
+        let r = register(
+            &s,
+            &format!("url={mar}&model_name={model}&initial_workers=1"),
+        );
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+    }
+
+    // Text in, through the tokenizer: sentence embeddings and class probabilities, the package's
+    // as its TorchScript twin's, and the embeddings as sentence-transformers' own.
+    let want: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(text.join("expected.json")).unwrap()).unwrap();
+    let post_text = |model: &str, sentence: &str| -> serde_json::Value {
+        let r = s.infer(
+            "POST",
+            &format!("/predictions/{model}"),
+            &[("Content-Type", "text/plain; charset=utf-8")],
+            sentence.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{model} on {sentence:?}: {}", r.text());
+        serde_json::from_slice(&r.body).unwrap()
+    };
+    let sentences = want["sentences"].as_array().unwrap();
+    assert!(sentences.len() >= 20);
+    for (i, sentence) in sentences.iter().enumerate() {
+        let sentence = sentence.as_str().unwrap();
+        let embedding = post_text("minilm_pt2", sentence);
+        same_answer(&embedding, &post_text("minilm_pt", sentence), sentence);
+        let mut got = Vec::new();
+        numbers(&embedding, &mut got);
+        let mut reference = Vec::new();
+        numbers(&want["embeddings"][i], &mut reference);
+        let c = cosine(&got, &reference);
+        assert!(
+            c >= 0.9999,
+            "{sentence}: cosine {c} to sentence-transformers"
+        );
+        same_answer(
+            &post_text("classifier_pt2", sentence),
+            &post_text("classifier_pt", sentence),
+            sentence,
+        );
+    }
+
+    // A model returning a dict, as torchvision's segmenters do: the handler takes its "out".
+    let segment = |model: &str| -> serde_json::Value {
+        let r = s.infer(
+            "POST",
+            &format!("/predictions/{model}"),
+            &[("Content-Type", "image/jpeg")],
+            &photo,
+        );
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        serde_json::from_slice(&r.body).unwrap()
+    };
+    same_answer(
+        &segment("segmenter_pt2"),
+        &segment("segmenter_pt"),
+        "segmenter",
+    );
+
+    // The detector handler feeds the model a list of images, which a package cannot take.
+    let r = register(&s, &format!("url={detector}&initial_workers=1"));
+    assert_ne!(r.status, 200);
+    assert!(r.text().contains("tensors only"), "{}", r.text());
 }

@@ -91,6 +91,22 @@ int tchserve_aoti_run(void* handle, at::Tensor** inputs, int n_inputs, at::Tenso
   }
 }
 
+// The package's serialized pytree spec of its outputs (what `forward` returned: a tensor, a
+// tuple, a dict...), or null with err set.
+char* tchserve_aoti_out_spec(void* handle, char** err) {
+  try {
+    auto spec = static_cast<torch::inductor::AOTIModelPackageLoader*>(handle)->get_call_spec();
+    if (spec.size() < 2) {
+      set_error(err, "the package has no output spec");
+      return nullptr;
+    }
+    return copy_message(spec[1]);
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+    return nullptr;
+  }
+}
+
 void tchserve_aoti_free(void* handle) {
   delete static_cast<torch::inductor::AOTIModelPackageLoader*>(handle);
 }

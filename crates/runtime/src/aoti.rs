@@ -6,7 +6,7 @@ use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::Path;
 use std::ptr::NonNull;
 
-use tch::Tensor;
+use tch::{IValue, Tensor};
 
 unsafe extern "C" {
     fn tchserve_aoti_metadata(
@@ -27,6 +27,7 @@ unsafe extern "C" {
         outputs: *mut *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn tchserve_aoti_out_spec(handle: *mut c_void, err: *mut *mut c_char) -> *mut c_char;
     fn tchserve_aoti_free(handle: *mut c_void);
     fn tchserve_aoti_free_outputs(outputs: *mut *mut c_void);
     fn tchserve_aoti_free_message(message: *mut c_char);
@@ -238,12 +239,115 @@ fn run_in_pieces(
         .collect())
 }
 
+/// The structure of what a package's `forward` returned, read from its pytree output spec: the
+/// package itself answers a flat list of tensors, which [`OutTree::rebuild`] puts back in shape,
+/// so that a handler selecting `{"key": "out"}` works as it does on TorchScript.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutTree {
+    /// One tensor.
+    Tensor,
+    /// `None`.
+    Nothing,
+    /// A tuple, a list, or any other sequence.
+    Sequence(Vec<OutTree>),
+    /// A dict, or any mapping with string or integer keys.
+    Mapping(Vec<(IValueKey, OutTree)>),
+}
+
+/// A key of an output mapping.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IValueKey {
+    /// A string key.
+    Str(String),
+    /// An integer key.
+    Int(i64),
+}
+
+impl OutTree {
+    /// Reads torch's serialized spec (`[1, {"type": ..., "context": ..., "children_spec": ...}]`);
+    /// `None` for a form it does not know.
+    pub fn parse(spec: &str) -> Option<OutTree> {
+        let value: serde_json::Value = serde_json::from_str(spec).ok()?;
+        Self::node(value.get(1)?)
+    }
+
+    fn node(node: &serde_json::Value) -> Option<OutTree> {
+        let kind = node.get("type")?;
+        if kind.is_null() {
+            return Some(OutTree::Tensor);
+        }
+        let children = node
+            .get("children_spec")?
+            .as_array()?
+            .iter()
+            .map(Self::node)
+            .collect::<Option<Vec<_>>>()?;
+        if kind.as_str() == Some("builtins.NoneType") {
+            return Some(OutTree::Nothing);
+        }
+        // A mapping's context is its keys, as JSON text.
+        let keys = node
+            .get("context")
+            .and_then(|c| c.as_str())
+            .and_then(|c| serde_json::from_str::<Vec<serde_json::Value>>(c).ok())
+            .filter(|keys| keys.len() == children.len() && !keys.is_empty())
+            .and_then(|keys| {
+                keys.into_iter()
+                    .map(|k| match k {
+                        serde_json::Value::String(s) => Some(IValueKey::Str(s)),
+                        serde_json::Value::Number(n) => n.as_i64().map(IValueKey::Int),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+            });
+        Some(match keys {
+            Some(keys) => OutTree::Mapping(keys.into_iter().zip(children).collect()),
+            None => OutTree::Sequence(children),
+        })
+    }
+
+    /// How many tensors the structure holds.
+    pub fn leaves(&self) -> usize {
+        match self {
+            OutTree::Tensor => 1,
+            OutTree::Nothing => 0,
+            OutTree::Sequence(items) => items.iter().map(OutTree::leaves).sum(),
+            OutTree::Mapping(items) => items.iter().map(|(_, t)| t.leaves()).sum(),
+        }
+    }
+
+    /// Puts `outputs`, in order, into this structure.
+    pub fn rebuild(&self, outputs: &mut impl Iterator<Item = Tensor>) -> IValue {
+        match self {
+            OutTree::Tensor => outputs.next().map_or(IValue::None, IValue::Tensor),
+            OutTree::Nothing => IValue::None,
+            OutTree::Sequence(items) => {
+                IValue::Tuple(items.iter().map(|t| t.rebuild(outputs)).collect())
+            }
+            OutTree::Mapping(items) => IValue::GenericDict(
+                items
+                    .iter()
+                    .map(|(k, t)| {
+                        let key = match k {
+                            IValueKey::Str(s) => IValue::String(s.clone()),
+                            IValueKey::Int(i) => IValue::Int(*i),
+                        };
+                        (key, t.rebuild(outputs))
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}
+
 /// A loaded package.
 #[derive(Debug)]
 pub struct Package {
     handle: NonNull<c_void>,
     /// The numbers of examples one forward takes.
     range: BatchRange,
+    /// The structure of the outputs, where the package states one this side reads.
+    outputs: Option<OutTree>,
 }
 
 // SAFETY: the loader's runners are taken from a pool under its own lock, so `run` may be called
@@ -277,9 +381,35 @@ impl Package {
         // SAFETY: the path outlives the call; err receives a message or stays null.
         let handle =
             unsafe { tchserve_aoti_load(path.as_ptr(), index, runners.max(1) as c_int, &mut err) };
-        NonNull::new(handle)
-            .map(|handle| Package { handle, range })
-            .ok_or_else(|| take_message(err))
+        let handle = NonNull::new(handle).ok_or_else(|| take_message(err))?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: the handle is live; the spec is a new string this side frees.
+        let spec = unsafe { tchserve_aoti_out_spec(handle.as_ptr(), &mut err) };
+        let outputs = if spec.is_null() {
+            tracing::warn!(
+                "{}: no output spec: {}",
+                path.to_string_lossy(),
+                take_message(err)
+            );
+            None
+        } else {
+            OutTree::parse(&take_message(spec))
+        };
+        Ok(Package {
+            handle,
+            range,
+            outputs,
+        })
+    }
+
+    /// The package's outputs as the model's `forward` returned them: one tensor, or a tuple or
+    /// dict of them. Without a spec it knows, one tensor stays one and several make a tuple.
+    pub fn shape_outputs(&self, mut outputs: Vec<Tensor>) -> IValue {
+        match &self.outputs {
+            Some(tree) if tree.leaves() == outputs.len() => tree.rebuild(&mut outputs.into_iter()),
+            _ if outputs.len() == 1 => IValue::Tensor(outputs.remove(0)),
+            _ => IValue::Tuple(outputs.into_iter().map(IValue::Tensor).collect()),
+        }
     }
 
     /// The numbers of examples one forward takes.
@@ -293,10 +423,10 @@ impl Package {
     /// Either that, or an input the package's own checks refuse (dtype, sizes), is a shape error:
     /// the request's doing, not the model's, which the handler answers as bad input.
     pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
-        let rows = inputs
-            .first()
-            .and_then(|t| t.size().first().copied())
-            .unwrap_or(1);
+        // Without inputs there is nothing to fit: the package's own count check answers.
+        let Some(rows) = inputs.first().and_then(|t| t.size().first().copied()) else {
+            return self.run_as_is(inputs);
+        };
         match plan(self.range, rows) {
             Plan::Whole => self.run_as_is(inputs),
             Plan::Pieces { piece, pieces } => {
@@ -388,6 +518,43 @@ mod tests {
                    << "expected: 784, " << "but got: " << arg0_1_size[1]"#;
         assert_eq!(range_in_source(fixed).fixed(), Some(1));
         assert_eq!(range_in_source("no checks at all"), BatchRange::ANY);
+    }
+
+    #[test]
+    fn outputs_are_put_back_in_the_shape_forward_returned() {
+        let leaf = r#"{"type": null, "context": null, "children_spec": []}"#;
+        let dict = format!(
+            r#"[1, {{"type": "builtins.dict", "context": "[\"out\", \"aux\"]", "children_spec": [{leaf}, {leaf}]}}]"#
+        );
+        let tree = OutTree::parse(&dict).unwrap();
+        assert_eq!(tree.leaves(), 2);
+        let t = |v: f32| Tensor::from_slice(&[v]);
+        let IValue::GenericDict(items) = tree.rebuild(&mut vec![t(1.0), t(2.0)].into_iter()) else {
+            panic!("not a dict");
+        };
+        assert!(
+            matches!(&items[0], (IValue::String(k), IValue::Tensor(v)) if k == "out" && v.double_value(&[0]) == 1.0)
+        );
+        assert!(
+            matches!(&items[1], (IValue::String(k), IValue::Tensor(v)) if k == "aux" && v.double_value(&[0]) == 2.0)
+        );
+
+        let nested = format!(
+            r#"[1, {{"type": "builtins.tuple", "context": "null", "children_spec": [{leaf}, {{"type": "builtins.list", "context": "null", "children_spec": [{leaf}, {leaf}]}}]}}]"#
+        );
+        let tree = OutTree::parse(&nested).unwrap();
+        assert_eq!(
+            tree,
+            OutTree::Sequence(vec![
+                OutTree::Tensor,
+                OutTree::Sequence(vec![OutTree::Tensor, OutTree::Tensor])
+            ])
+        );
+        assert_eq!(
+            OutTree::parse(&format!("[1, {leaf}]")),
+            Some(OutTree::Tensor)
+        );
+        assert_eq!(OutTree::parse("not json"), None);
     }
 
     #[test]

@@ -28,6 +28,11 @@ pub enum Model {
 }
 
 impl Model {
+    /// Whether this is an AOTInductor package.
+    pub fn is_package(&self) -> bool {
+        matches!(self, Model::Package(_))
+    }
+
     /// The numbers of examples one forward takes, for a package; a TorchScript module takes any.
     pub fn batch_range(&self) -> Option<crate::aoti::BatchRange> {
         match self {
@@ -36,7 +41,7 @@ impl Model {
         }
     }
 
-    /// `forward(args)`. A package takes tensors only and answers one tensor, or a tuple of them.
+    /// `forward(args)`. A package takes tensors only and answers what its `forward` returned.
     pub fn forward_is(&self, args: &[IValue]) -> Result<IValue, tch::TchError> {
         match self {
             Model::Script(m) => m.forward_is(args),
@@ -50,12 +55,7 @@ impl Model {
                         )),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                let mut out = p.run(&tensors)?;
-                Ok(if out.len() == 1 {
-                    IValue::Tensor(out.remove(0))
-                } else {
-                    IValue::Tuple(out.into_iter().map(IValue::Tensor).collect())
-                })
+                Ok(p.shape_outputs(p.run(&tensors)?))
             }
         }
     }

@@ -116,6 +116,14 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     })?;
     let batcher = fit_batcher(ctx, &module)?;
     let pipeline = Pipeline::new(&ctx.spec.handler, &ctx.spec.model_dir)?;
+    if pipeline.feeds_list() && module.is_package() {
+        return Err(crate::RuntimeError::Package {
+            file: ctx.spec.serialized_file.clone(),
+            message: "the handler feeds the model a list of examples (\"feed\": \"list\"), \
+                      and a .pt2 model takes tensors only"
+                .into(),
+        });
+    }
     // TorchScript specialises its graph over the first calls; pay that before serving.
     let _guard = tch::no_grad_guard();
     let mut last_forward = None;

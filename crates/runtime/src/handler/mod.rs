@@ -91,6 +91,11 @@ impl Pipeline {
         })
     }
 
+    /// Whether the model is fed a list of examples rather than one batched tensor.
+    pub fn feeds_list(&self) -> bool {
+        self.feed == Feed::List
+    }
+
     /// Turns one request into model input. Errors here are the client's (400).
     pub fn decode(&self, payload: &Payload) -> Result<Decoded, PredictError> {
         let mut decoded = self.decode_input(payload)?;
