@@ -62,6 +62,14 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
         Path::new("tensor"),
         &[],
     );
+    let arm = archive(
+        &s.store,
+        "arm",
+        "1.0",
+        &dir.join("arm_labelled.pt2"),
+        &handler,
+        &[],
+    );
     let corrupt = archive(
         &s.store,
         "corrupt",
@@ -228,6 +236,16 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
     assert!(
         r.text()
             .contains("compiled for cuda and this worker runs on cpu"),
+        "{}",
+        r.text()
+    );
+    let r = register(&s, &format!("url={arm}&initial_workers=1"));
+    assert_ne!(r.status, 200);
+    assert!(
+        r.text().contains(&format!(
+            "compiled for linux aarch64 and this machine is linux {}",
+            std::env::consts::ARCH
+        )),
         "{}",
         r.text()
     );
