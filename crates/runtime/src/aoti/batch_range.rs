@@ -1,0 +1,303 @@
+//! The batch sizes a package takes, and fitting a batch to them.
+
+use std::path::Path;
+
+use tch::Tensor;
+
+/// The numbers of examples one forward of a package takes, as its first input's first
+/// dimension was exported: a range, or one fixed size when `min == max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchRange {
+    /// Fewest examples.
+    pub min: i64,
+    /// Most examples; `None` when the dimension was exported without an upper bound.
+    pub max: Option<i64>,
+}
+
+impl BatchRange {
+    /// Any number of examples: what a package whose source states no bound takes.
+    const ANY: BatchRange = BatchRange { min: 1, max: None };
+
+    /// The one batch size of a package exported with a static first dimension.
+    pub fn fixed(&self) -> Option<i64> {
+        self.max.filter(|&max| max == self.min)
+    }
+}
+
+/// The batch range of a package, read from the input checks that AOTInductor writes into its
+/// generated source (`*.wrapper.cpp`), the only place a package states it.
+///
+/// A dimension exported as `Dim(min=1)` usually reads `>= 2` there, since export assumes a
+/// size of 1 is special; exporting under `torch.fx.experimental._config.patch(
+/// backed_size_oblivious=True)` keeps the 1. [`super::Package::run`] pads a smaller batch up to the
+/// lower bound.
+pub fn batch_range(path: &Path) -> Result<BatchRange, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("not a .pt2 package: {e}"))?;
+    let wrapper = zip
+        .file_names()
+        .filter_map(Result::ok)
+        .find(|n| n.ends_with(".wrapper.cpp"))
+        .map(|n| n.into_owned());
+    let Some(name) = wrapper else {
+        return Ok(BatchRange::ANY);
+    };
+    let mut source = String::new();
+    std::io::Read::read_to_string(
+        &mut zip.by_name(&name).map_err(|e| format!("{name}: {e}"))?,
+        &mut source,
+    )
+    .map_err(|e| format!("{name}: {e}"))?;
+    Ok(range_in_source(&source))
+}
+
+/// The first input's batch range in generated source: see [`batch_range`].
+fn range_in_source(source: &str) -> BatchRange {
+    let number_after = |marker: &str, lead: &str| {
+        let rest = &source[source.find(marker)? + marker.len()..];
+        let rest = &rest[rest.find(lead)? + lead.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<i64>().ok()
+    };
+    if let Some(n) = number_after("input_handles[0]: unmatched dim value at 0, ", "expected: ") {
+        return BatchRange {
+            min: n,
+            max: Some(n),
+        };
+    }
+    BatchRange {
+        min: number_after(
+            "input_handles[0]: dim value is too small at 0, ",
+            "expected it to be >= ",
+        )
+        .unwrap_or(1)
+        .max(1),
+        max: number_after(
+            "input_handles[0]: dim value is too large at 0, ",
+            "expected to be <= ",
+        ),
+    }
+}
+
+/// How a forward of `rows` examples is run on a package of `range`: as it is, or as `pieces`
+/// forwards of `piece` examples each, the last padded by repeating its last example, whose
+/// outputs are joined and cut back to `rows`.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Plan {
+    Whole,
+    Pieces { piece: i64, pieces: i64 },
+    TooMany { max: i64 },
+}
+
+pub(super) fn plan(range: BatchRange, rows: i64) -> Plan {
+    if let Some(n) = range.fixed() {
+        if rows == n {
+            return Plan::Whole;
+        }
+        return Plan::Pieces {
+            piece: n,
+            pieces: ((rows + n - 1) / n).max(1),
+        };
+    }
+    match range.max {
+        Some(max) if rows > max => Plan::TooMany { max },
+        _ if rows < range.min => Plan::Pieces {
+            piece: range.min,
+            pieces: 1,
+        },
+        _ => Plan::Whole,
+    }
+}
+
+/// Runs `forward` on `inputs` in `pieces` forwards of `piece` examples (see [`Plan`]).
+pub(super) fn run_in_pieces(
+    inputs: &[&Tensor],
+    piece: i64,
+    pieces: i64,
+    mut forward: impl FnMut(&[&Tensor]) -> Result<Vec<Tensor>, tch::TchError>,
+) -> Result<Vec<Tensor>, tch::TchError> {
+    let rows = inputs
+        .first()
+        .map_or(0, |t| t.size().first().copied().unwrap_or(0));
+    if rows == 0 || inputs.iter().any(|t| t.size().first() != Some(&rows)) {
+        return Err(tch::TchError::Shape(format!(
+            "the package runs {piece} examples per forward, and the inputs do not all hold the \
+             same number of examples to divide"
+        )));
+    }
+    let mut joined: Vec<Vec<Tensor>> = Vec::new();
+    for p in 0..pieces {
+        let start = p * piece;
+        let take = piece.min(rows - start);
+        let part: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| {
+                let part = t.narrow(0, start, take);
+                if take == piece {
+                    return part;
+                }
+                // A copy of a real example, not zeros, which some models divide by.
+                let last = part.narrow(0, take - 1, 1);
+                let mut size = last.size();
+                size[0] = piece - take;
+                Tensor::cat(&[part, last.expand(&size, false)], 0)
+            })
+            .collect();
+        let part_refs: Vec<&Tensor> = part.iter().collect();
+        let outputs = forward(&part_refs)?;
+        for (i, out) in outputs.into_iter().enumerate() {
+            if out.size().first() != Some(&piece) {
+                return Err(tch::TchError::Shape(format!(
+                    "the package runs {piece} examples per forward and its output {i} is not \
+                     one row per example, so {rows} examples cannot be run in pieces"
+                )));
+            }
+            if joined.len() <= i {
+                joined.push(Vec::new());
+            }
+            joined[i].push(out.narrow(0, 0, take));
+        }
+    }
+    Ok(joined
+        .into_iter()
+        .map(|mut parts| match parts.len() {
+            1 => parts.remove(0),
+            _ => Tensor::cat(&parts, 0),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_batch_range_is_read_from_the_generated_checks() {
+        let dynamic = r#"
+            if (arg4_1_size[0] < 2) {
+                ss << "input_handles[0]: dim value is too small at 0, "
+                   << "expected it to be >= 2, " << "but got: "
+            if (arg4_1_size[0] > 64) {
+                ss << "input_handles[0]: dim value is too large at 0, "
+                   << "expected to be <= 64, " << "but got: "
+            if (784 != arg4_1_size[1]) {
+                ss << "input_handles[0]: unmatched dim value at 1, "
+                   << "expected: 784, " << "but got: " << arg4_1_size[1]"#;
+        let range = range_in_source(dynamic);
+        assert_eq!(
+            range,
+            BatchRange {
+                min: 2,
+                max: Some(64)
+            }
+        );
+        assert_eq!(range.fixed(), None);
+        let fixed = r#"
+                ss << "input_handles[0]: unmatched dim value at 0, "
+                   << "expected: 1, " << "but got: " << arg0_1_size[0]
+                ss << "input_handles[0]: unmatched dim value at 1, "
+                   << "expected: 784, " << "but got: " << arg0_1_size[1]"#;
+        assert_eq!(range_in_source(fixed).fixed(), Some(1));
+        assert_eq!(range_in_source("no checks at all"), BatchRange::ANY);
+    }
+
+    #[test]
+    fn batches_are_fitted_to_the_range() {
+        let dynamic = BatchRange {
+            min: 2,
+            max: Some(64),
+        };
+        assert_eq!(
+            plan(dynamic, 1),
+            Plan::Pieces {
+                piece: 2,
+                pieces: 1
+            }
+        );
+        assert_eq!(plan(dynamic, 2), Plan::Whole);
+        assert_eq!(plan(dynamic, 64), Plan::Whole);
+        assert_eq!(plan(dynamic, 65), Plan::TooMany { max: 64 });
+        assert_eq!(plan(BatchRange::ANY, 1000), Plan::Whole);
+        let four = BatchRange {
+            min: 4,
+            max: Some(4),
+        };
+        assert_eq!(plan(four, 4), Plan::Whole);
+        assert_eq!(
+            plan(four, 9),
+            Plan::Pieces {
+                piece: 4,
+                pieces: 3
+            }
+        );
+        assert_eq!(
+            plan(four, 1),
+            Plan::Pieces {
+                piece: 4,
+                pieces: 1
+            }
+        );
+    }
+
+    /// A stand-in forward that, like a fixed-size package, takes exactly `piece` rows: each
+    /// output row is its input row times 10, plus a second output of the row sums.
+    fn fixed_forward(
+        piece: i64,
+        calls: &mut Vec<Vec<f32>>,
+    ) -> impl FnMut(&[&Tensor]) -> Result<Vec<Tensor>, tch::TchError> + '_ {
+        move |inputs| {
+            let x = inputs[0];
+            assert_eq!(x.size()[0], piece, "a forward got another number of rows");
+            calls.push(Vec::<f32>::try_from(x.select(1, 0)).unwrap());
+            Ok(vec![
+                x * 10.0,
+                x.sum_dim_intlist(1, false, tch::Kind::Float),
+            ])
+        }
+    }
+
+    #[test]
+    fn pieces_are_padded_with_the_last_example_and_joined_in_order() {
+        let x = Tensor::arange(9 * 2, (tch::Kind::Float, tch::Device::Cpu)).reshape([9, 2]);
+        let mut calls = Vec::new();
+        let out = run_in_pieces(&[&x], 4, 3, fixed_forward(4, &mut calls)).unwrap();
+        assert_eq!(out.len(), 2);
+        assert!(out[0].equal(&(&x * 10.0)));
+        assert!(
+            out[1].equal(&x.sum_dim_intlist(1, false, tch::Kind::Float)),
+            "the padding rows were cut off again"
+        );
+        // First column of each forward: the ninth example fills the last piece.
+        assert_eq!(
+            calls,
+            vec![
+                vec![0., 2., 4., 6.],
+                vec![8., 10., 12., 14.],
+                vec![16., 16., 16., 16.]
+            ]
+        );
+
+        // One example padded up to a lower bound of 2.
+        let one = Tensor::from_slice(&[3.0f32, 4.0]).reshape([1, 2]);
+        let mut calls = Vec::new();
+        let out = run_in_pieces(&[&one], 2, 1, fixed_forward(2, &mut calls)).unwrap();
+        assert!(out[0].equal(&(&one * 10.0)));
+        assert_eq!(calls, vec![vec![3., 3.]]);
+    }
+
+    #[test]
+    fn an_output_without_a_row_per_example_cannot_be_joined() {
+        let x = Tensor::ones([3, 2], (tch::Kind::Float, tch::Device::Cpu));
+        let err = run_in_pieces(&[&x], 2, 2, |_| {
+            Ok(vec![Tensor::ones(
+                [5],
+                (tch::Kind::Float, tch::Device::Cpu),
+            )])
+        })
+        .unwrap_err();
+        assert!(matches!(err, tch::TchError::Shape(m) if m.contains("not one row per example")));
+        let y = Tensor::ones([2, 2], (tch::Kind::Float, tch::Device::Cpu));
+        let err = run_in_pieces(&[&x, &y], 2, 2, |_| unreachable!()).unwrap_err();
+        assert!(matches!(err, tch::TchError::Shape(m) if m.contains("same number of examples")));
+    }
+}

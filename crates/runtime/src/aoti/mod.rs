@@ -1,0 +1,234 @@
+//! `.pt2` packages: models exported with `torch.export` and compiled ahead of time by
+//! AOTInductor (`torch._inductor.aoti_compile_and_package`), run through libtorch's
+//! `AOTIModelPackageLoader` by the C functions of `csrc/aoti.cpp`.
+
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use tch::{IValue, Tensor};
+
+mod batch_range;
+mod machine;
+mod outputs;
+
+pub use batch_range::{BatchRange, batch_range};
+pub use outputs::{IValueKey, OutTree};
+
+use batch_range::{Plan, plan, run_in_pieces};
+use machine::check_machine;
+
+unsafe extern "C" {
+    fn tchserve_aoti_metadata(
+        path: *const c_char,
+        key: *const c_char,
+        err: *mut *mut c_char,
+    ) -> *mut c_char;
+    fn tchserve_aoti_load(
+        path: *const c_char,
+        device_index: c_int,
+        num_runners: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn tchserve_aoti_run(
+        handle: *mut c_void,
+        inputs: *const *mut c_void,
+        n_inputs: c_int,
+        outputs: *mut *mut *mut c_void,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn tchserve_aoti_out_spec(handle: *mut c_void, err: *mut *mut c_char) -> *mut c_char;
+    fn tchserve_aoti_free(handle: *mut c_void);
+    fn tchserve_aoti_free_outputs(outputs: *mut *mut c_void);
+    fn tchserve_aoti_free_message(message: *mut c_char);
+}
+
+/// The file extension of a package.
+pub const EXTENSION: &str = "pt2";
+
+/// A message returned by the C side, freed here.
+fn take_message(err: *mut c_char) -> String {
+    if err.is_null() {
+        return "unknown error".into();
+    }
+    // SAFETY: a non-null message is a NUL-terminated string malloc'd by csrc/aoti.cpp.
+    let mut text = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    // libtorch appends where it raised the error and a stack of addresses: noise for a user.
+    if let Some(cut) = text.find("\nException raised from") {
+        text.truncate(cut);
+    }
+    // SAFETY: freed once, by the allocator that made it.
+    unsafe { tchserve_aoti_free_message(err) };
+    text
+}
+
+fn c_path(path: &Path) -> Result<CString, String> {
+    CString::new(path.to_string_lossy().as_bytes())
+        .map_err(|_| format!("{}: a path with a NUL byte", path.display()))
+}
+
+/// A package's metadata value for `key`: `Ok(None)` when it has none.
+pub fn metadata(path: &Path, key: &str) -> Result<Option<String>, String> {
+    let path = c_path(path)?;
+    let key = CString::new(key).map_err(|_| "a key with a NUL byte".to_string())?;
+    let mut err = std::ptr::null_mut();
+    // SAFETY: both strings outlive the call; err receives a message or stays null.
+    let value = unsafe { tchserve_aoti_metadata(path.as_ptr(), key.as_ptr(), &mut err) };
+    if value.is_null() {
+        return if err.is_null() {
+            Ok(None)
+        } else {
+            Err(take_message(err))
+        };
+    }
+    Ok(Some(take_message(value)))
+}
+
+/// A loaded package.
+#[derive(Debug)]
+pub struct Package {
+    handle: NonNull<c_void>,
+    /// The numbers of examples one forward takes.
+    range: BatchRange,
+    /// The structure of the outputs, where the package states one this side reads.
+    outputs: Option<OutTree>,
+}
+
+// SAFETY: the loader's runners are taken from a pool under its own lock, so `run` may be called
+// from several threads at once; nothing else mutates it after loading.
+unsafe impl Send for Package {}
+// SAFETY: as above.
+unsafe impl Sync for Package {}
+
+impl Package {
+    /// Loads the package at `path` for `device`. A package is compiled for one kind of device,
+    /// written in its metadata: one for the other kind is refused before any of its code loads.
+    /// `runners` model instances let that many threads run it at once.
+    pub fn load(path: &Path, device: tch::Device, runners: usize) -> Result<Self, String> {
+        let kind = metadata(path, "AOTI_DEVICE_KEY")?.ok_or_else(|| {
+            "the package does not say which device it was compiled for".to_string()
+        })?;
+        let (wanted, index) = match device {
+            tch::Device::Cpu => ("cpu", -1),
+            tch::Device::Cuda(i) => ("cuda", i as c_int),
+            other => return Err(format!("{other:?} is not a device .pt2 packages run on")),
+        };
+        if kind != wanted {
+            return Err(format!(
+                "the package was compiled for {kind} and this worker runs on {wanted}: \
+                 export and compile it again for {wanted}"
+            ));
+        }
+        check_machine(path)?;
+        let range = batch_range(path)?;
+        let path = c_path(path)?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: the path outlives the call; err receives a message or stays null.
+        let handle =
+            unsafe { tchserve_aoti_load(path.as_ptr(), index, runners.max(1) as c_int, &mut err) };
+        let handle = NonNull::new(handle).ok_or_else(|| take_message(err))?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: the handle is live; the spec is a new string this side frees.
+        let spec = unsafe { tchserve_aoti_out_spec(handle.as_ptr(), &mut err) };
+        let outputs = if spec.is_null() {
+            tracing::warn!(
+                "{}: no output spec: {}",
+                path.to_string_lossy(),
+                take_message(err)
+            );
+            None
+        } else {
+            OutTree::parse(&take_message(spec))
+        };
+        Ok(Package {
+            handle,
+            range,
+            outputs,
+        })
+    }
+
+    /// The package's outputs as the model's `forward` returned them: one tensor, or a tuple or
+    /// dict of them. Without a spec it knows, one tensor stays one and several make a tuple.
+    pub fn shape_outputs(&self, mut outputs: Vec<Tensor>) -> IValue {
+        match &self.outputs {
+            Some(tree) if tree.leaves() == outputs.len() => tree.rebuild(&mut outputs.into_iter()),
+            _ if outputs.len() == 1 => IValue::Tensor(outputs.remove(0)),
+            _ => IValue::Tuple(outputs.into_iter().map(IValue::Tensor).collect()),
+        }
+    }
+
+    /// The numbers of examples one forward takes.
+    pub fn batch_range(&self) -> BatchRange {
+        self.range
+    }
+
+    /// Runs the model on `inputs`, giving its outputs. A batch the package was not exported for
+    /// is fitted to it: padded up to its lower bound, or run in pieces of its fixed size. One
+    /// with more examples than its upper bound is refused before it reaches the compiled code.
+    /// Either that, or an input the package's own checks refuse (dtype, sizes), is a shape error:
+    /// the request's doing, not the model's, which the handler answers as bad input.
+    pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
+        // Without inputs there is nothing to fit: the package's own count check answers.
+        let Some(rows) = inputs.first().and_then(|t| t.size().first().copied()) else {
+            return self.run_as_is(inputs);
+        };
+        match plan(self.range, rows) {
+            Plan::Whole => self.run_as_is(inputs),
+            Plan::Pieces { piece, pieces } => {
+                run_in_pieces(inputs, piece, pieces, |part| self.run_as_is(part))
+            }
+            Plan::TooMany { max } => Err(tch::TchError::Shape(format!(
+                "the model takes at most {max} examples per forward (its package was exported \
+                 so); got {rows}"
+            ))),
+        }
+    }
+
+    fn run_as_is(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
+        // The package checks strides as exported, which is contiguous for the tensors handlers
+        // make; a copy is only made for one that is not.
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.contiguous()).collect();
+        // Tensors cross as `at::Tensor*`, tch's own representation.
+        let ptrs: Vec<*mut c_void> = inputs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let mut outputs = std::ptr::null_mut();
+        let mut err = std::ptr::null_mut();
+        // SAFETY: the handle is live; the inputs are borrowed for the call and only read; on
+        // success `outputs` holds `n` new tensors that this side now owns.
+        let n = unsafe {
+            tchserve_aoti_run(
+                self.handle.as_ptr(),
+                ptrs.as_ptr(),
+                ptrs.len() as c_int,
+                &mut outputs,
+                &mut err,
+            )
+        };
+        if n < 0 {
+            let message = take_message(err);
+            // The package's own input checks name the input as `input_handles[i]`.
+            return Err(match message.strip_prefix("input_handles[") {
+                Some(rest) => tch::TchError::Shape(format!(
+                    "the input does not fit the model's package: input {}",
+                    rest.replacen(']', "", 1).trim_end()
+                )),
+                None => tch::TchError::Torch(message),
+            });
+        }
+        let tensors = (0..n as usize)
+            // SAFETY: each pointer is an `at::Tensor*` from `new`, taken over once.
+            .map(|i| unsafe { Tensor::from_ptr((*outputs.add(i)).cast()) })
+            .collect();
+        // SAFETY: the array itself, malloc'd by the C side; its tensors are owned above.
+        unsafe { tchserve_aoti_free_outputs(outputs) };
+        Ok(tensors)
+    }
+}
+
+impl Drop for Package {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from tchserve_aoti_load and is freed once.
+        unsafe { tchserve_aoti_free(self.handle.as_ptr()) };
+    }
+}
