@@ -129,6 +129,17 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
         .expect("the batched model's batch sizes");
     assert!(sum > 8.0, "the eight requests were not batched: {metrics}");
 
+    // The package's compiled code links to libtorch.so; on this CPU-only server that must not
+    // bring in libtorch's CUDA half (hundreds of MB of CUDA libraries).
+    if !Path::new("/proc/driver/nvidia").exists() {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", s.pid())).unwrap();
+        assert!(maps.contains("libtorch_cpu.so"));
+        assert!(
+            !maps.contains("libtorch_cuda"),
+            "serving a .pt2 package loaded libtorch_cuda.so"
+        );
+    }
+
     // The package was exported for batches of at most 64: a registration that would gather more
     // is refused, and so is one request holding more.
     let r = register(
