@@ -19,6 +19,7 @@
 
 pub fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=CC");
     let Ok(root) = std::env::var("LIBTORCH") else {
         return;
     };
@@ -34,18 +35,25 @@ pub fn main() {
 fn cpu_front(lib: &std::path::Path) -> Option<std::path::PathBuf> {
     let dir = std::path::PathBuf::from(std::env::var_os("OUT_DIR")?).join("torch-cpu-front");
     std::fs::create_dir_all(&dir).ok()?;
-    let made = std::process::Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let made = std::process::Command::new(&compiler)
         .args(["-shared", "-x", "c", "/dev/null", "-o"])
         .arg(dir.join("libtorch.so"))
         .args(["-Wl,-soname,libtorch.so", "-Wl,--no-as-needed"])
         .arg(format!("-L{}", lib.display()))
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .args(["-l:libtorch_cpu.so", "-l:libc10.so"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !made {
-        println!("cargo:warning=no C compiler: .pt2 packages will load libtorch's CUDA half too");
-        return None;
-    }
-    Some(dir)
+        .output();
+    let why = match made {
+        Ok(out) if out.status.success() => return Some(dir),
+        Ok(out) => String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .replace('\n', "; "),
+        Err(e) => format!("{compiler}: {e}"),
+    };
+    println!(
+        "cargo:warning=the libtorch_cpu front for .pt2 packages was not made, so they will load \
+         libtorch's CUDA half too: {why}"
+    );
+    None
 }

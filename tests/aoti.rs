@@ -136,7 +136,8 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
         assert!(maps.contains("libtorch_cpu.so"));
         assert!(
             !maps.contains("libtorch_cuda"),
-            "serving a .pt2 package loaded libtorch_cuda.so"
+            "serving a .pt2 package loaded libtorch_cuda.so: the build makes a libtorch.so front \
+             for libtorch_cpu.so (crates/link-libtorch.rs); see its warning"
         );
     }
 

@@ -47,6 +47,9 @@ char* tchserve_aoti_metadata(const char* path, const char* key, char** err) {
   } catch (const std::exception& e) {
     set_error(err, e.what());
     return nullptr;
+  } catch (...) {
+    set_error(err, "an unknown C++ exception");
+    return nullptr;
   }
 }
 
@@ -59,6 +62,9 @@ void* tchserve_aoti_load(const char* path, int device_index, int num_runners, ch
         static_cast<c10::DeviceIndex>(device_index));
   } catch (const std::exception& e) {
     set_error(err, e.what());
+    return nullptr;
+  } catch (...) {
+    set_error(err, "an unknown C++ exception");
     return nullptr;
   }
 }
@@ -80,13 +86,25 @@ int tchserve_aoti_run(void* handle, at::Tensor** inputs, int n_inputs, at::Tenso
       set_error(err, "out of memory");
       return -1;
     }
-    for (size_t i = 0; i < out.size(); ++i) {
-      array[i] = new at::Tensor(std::move(out[i]));
+    size_t made = 0;
+    try {
+      for (; made < out.size(); ++made) {
+        array[made] = new at::Tensor(std::move(out[made]));
+      }
+    } catch (...) {
+      for (size_t i = 0; i < made; ++i) {
+        delete array[i];
+      }
+      std::free(array);
+      throw;
     }
     *outputs = array;
     return static_cast<int>(out.size());
   } catch (const std::exception& e) {
     set_error(err, e.what());
+    return -1;
+  } catch (...) {
+    set_error(err, "an unknown C++ exception");
     return -1;
   }
 }
@@ -103,6 +121,9 @@ char* tchserve_aoti_out_spec(void* handle, char** err) {
     return copy_message(spec[1]);
   } catch (const std::exception& e) {
     set_error(err, e.what());
+    return nullptr;
+  } catch (...) {
+    set_error(err, "an unknown C++ exception");
     return nullptr;
   }
 }

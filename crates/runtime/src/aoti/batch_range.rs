@@ -119,8 +119,9 @@ pub(super) fn run_in_pieces(
     let rows = inputs
         .first()
         .map_or(0, |t| t.size().first().copied().unwrap_or(0));
+    // Inputs that do not share a batch dimension are the handler's and the model's mismatch.
     if rows == 0 || inputs.iter().any(|t| t.size().first() != Some(&rows)) {
-        return Err(tch::TchError::Shape(format!(
+        return Err(tch::TchError::Torch(format!(
             "the package runs {piece} examples per forward, and the inputs do not all hold the \
              same number of examples to divide"
         )));
@@ -147,7 +148,13 @@ pub(super) fn run_in_pieces(
         let outputs = forward(&part_refs)?;
         for (i, out) in outputs.into_iter().enumerate() {
             if out.size().first() != Some(&piece) {
-                return Err(tch::TchError::Shape(format!(
+                // One padded forward: an output without a row per example (a state, a scalar)
+                // goes out as the model gave it, as it would for a batch the package takes.
+                if pieces == 1 {
+                    joined.push(vec![out]);
+                    continue;
+                }
+                return Err(tch::TchError::Torch(format!(
                     "the package runs {piece} examples per forward and its output {i} is not \
                      one row per example, so {rows} examples cannot be run in pieces"
                 )));
@@ -286,6 +293,18 @@ mod tests {
     }
 
     #[test]
+    fn an_output_without_a_row_per_example_passes_one_padded_forward_unchanged() {
+        let one = Tensor::from_slice(&[3.0f32, 4.0]).reshape([1, 2]);
+        let state = Tensor::from_slice(&[7.0f32; 6]).reshape([3, 2]);
+        let out = run_in_pieces(&[&one], 2, 1, |inputs| {
+            Ok(vec![inputs[0] * 10.0, state.shallow_clone()])
+        })
+        .unwrap();
+        assert!(out[0].equal(&(&one * 10.0)));
+        assert!(out[1].equal(&state));
+    }
+
+    #[test]
     fn an_output_without_a_row_per_example_cannot_be_joined() {
         let x = Tensor::ones([3, 2], (tch::Kind::Float, tch::Device::Cpu));
         let err = run_in_pieces(&[&x], 2, 2, |_| {
@@ -295,9 +314,9 @@ mod tests {
             )])
         })
         .unwrap_err();
-        assert!(matches!(err, tch::TchError::Shape(m) if m.contains("not one row per example")));
+        assert!(matches!(err, tch::TchError::Torch(m) if m.contains("not one row per example")));
         let y = Tensor::ones([2, 2], (tch::Kind::Float, tch::Device::Cpu));
         let err = run_in_pieces(&[&x, &y], 2, 2, |_| unreachable!()).unwrap_err();
-        assert!(matches!(err, tch::TchError::Shape(m) if m.contains("same number of examples")));
+        assert!(matches!(err, tch::TchError::Torch(m) if m.contains("same number of examples")));
     }
 }

@@ -167,7 +167,7 @@ impl Package {
     /// Runs the model on `inputs`, giving its outputs. A batch the package was not exported for
     /// is fitted to it: padded up to its lower bound, or run in pieces of its fixed size. One
     /// with more examples than its upper bound is refused before it reaches the compiled code.
-    /// Either that, or an input the package's own checks refuse (dtype, sizes), is a shape error:
+    /// Either that, or an input whose sizes the package's own checks refuse, is a shape error:
     /// the request's doing, not the model's, which the handler answers as bad input.
     pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
         // Without inputs there is nothing to fit: the package's own count check answers.
@@ -207,12 +207,21 @@ impl Package {
         };
         if n < 0 {
             let message = take_message(err);
-            // The package's own input checks name the input as `input_handles[i]`.
+            // The package's own input checks name the input as `input_handles[i]`. Sizes come
+            // from the request; a dtype, stride or device the package refuses comes from the
+            // handler, which is the server's doing.
             return Err(match message.strip_prefix("input_handles[") {
-                Some(rest) => tch::TchError::Shape(format!(
-                    "the input does not fit the model's package: input {}",
-                    rest.replacen(']', "", 1).trim_end()
-                )),
+                Some(rest) => {
+                    let what = format!(
+                        "the input does not fit the model's package: input {}",
+                        rest.replacen(']', "", 1).trim_end()
+                    );
+                    if rest.contains("dim value") {
+                        tch::TchError::Shape(what)
+                    } else {
+                        tch::TchError::Torch(what)
+                    }
+                }
                 None => tch::TchError::Torch(message),
             });
         }
