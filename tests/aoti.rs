@@ -10,10 +10,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::repo_root;
 use common::server::{
     Server, archive, example_build, fixture_handler, pt2_cuda_fixtures, pt2_fixtures, text_fixtures,
 };
+use common::{cosine, repo_root};
 
 fn register(s: &Server, query: &str) -> common::http::Resp {
     s.manage("POST", &format!("/models?{query}&synchronous=true"))
@@ -548,12 +548,6 @@ fn same_answer(a: &serde_json::Value, b: &serde_json::Value, what: &str) {
             "{what}"
         );
     }
-}
-
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    dot / (norm(a) * norm(b))
 }
 
 #[test]

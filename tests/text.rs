@@ -6,6 +6,7 @@ mod common;
 
 use std::fs;
 
+use common::cosine;
 use common::http::{Resp, request};
 use common::server::{Server, archive, real_archive, text_fixtures};
 use serde_json::{Value, json};
@@ -20,13 +21,6 @@ fn vector(v: &Value) -> Vec<f64> {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect()
-}
-
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
-    dot / (na * nb)
 }
 
 fn post_text(s: &Server, model: &str, text: &str) -> Resp {

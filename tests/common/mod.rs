@@ -73,3 +73,10 @@ pub fn files_below(dir: &Path) -> Vec<String> {
 
 pub mod http;
 pub mod server;
+
+/// The cosine of the angle between two vectors.
+pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -33,47 +34,52 @@ void set_error(char** err, const char* what) {
 // checks on. Set while the process starts, before any thread could read the environment.
 [[maybe_unused]] const int checks_on = setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", 1);
 
+// Runs `body`, turning any exception into a message in *err and `failed` as the result: no
+// exception may cross the C interface.
+template <typename T, typename F>
+T guarded(char** err, T failed, F body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    set_error(err, e.what());
+  } catch (...) {
+    set_error(err, "an unknown C++ exception");
+  }
+  return failed;
+}
+
 }  // namespace
 
 extern "C" {
 
-// The package's metadata value for `key`, or null when it has none (err is then null) or the
-// package cannot be read (err set). Reads the metadata file only: no model code is loaded.
-char* tchserve_aoti_metadata(const char* path, const char* key, char** err) {
-  try {
-    auto meta = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model");
-    auto it = meta.find(key);
-    return it == meta.end() ? nullptr : copy_message(it->second);
-  } catch (const std::exception& e) {
-    set_error(err, e.what());
-    return nullptr;
-  } catch (...) {
-    set_error(err, "an unknown C++ exception");
-    return nullptr;
-  }
+// The package's metadata, one `key\tvalue\n` line per entry, or null with err set when the
+// package cannot be read. Reads the metadata file only: no model code is loaded.
+char* tchserve_aoti_metadata(const char* path, char** err) {
+  return guarded<char*>(err, nullptr, [&] {
+    std::string lines;
+    for (const auto& [key, value] :
+         torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model")) {
+      lines += key + "\t" + value + "\n";
+    }
+    return copy_message(lines);
+  });
 }
 
 // Loads the package for device index `device_index` (-1 for a CPU package) with `num_runners`
 // model instances, so that many threads can run it at once; null on failure.
 void* tchserve_aoti_load(const char* path, int device_index, int num_runners, char** err) {
-  try {
+  return guarded<void*>(err, nullptr, [&] {
     return new torch::inductor::AOTIModelPackageLoader(
         path, "model", false, static_cast<size_t>(num_runners),
         static_cast<c10::DeviceIndex>(device_index));
-  } catch (const std::exception& e) {
-    set_error(err, e.what());
-    return nullptr;
-  } catch (...) {
-    set_error(err, "an unknown C++ exception");
-    return nullptr;
-  }
+  });
 }
 
 // Runs the model on `n_inputs` tensors. On success returns the number of outputs and stores a
 // malloc'd array of new tensors in *outputs; on failure returns -1 with err set.
 int tchserve_aoti_run(void* handle, at::Tensor** inputs, int n_inputs, at::Tensor*** outputs,
                       char** err) {
-  try {
+  return guarded<int>(err, -1, [&] {
     auto* loader = static_cast<torch::inductor::AOTIModelPackageLoader*>(handle);
     std::vector<at::Tensor> in;
     in.reserve(n_inputs);
@@ -83,8 +89,7 @@ int tchserve_aoti_run(void* handle, at::Tensor** inputs, int n_inputs, at::Tenso
     std::vector<at::Tensor> out = loader->run(in);
     auto** array = static_cast<at::Tensor**>(std::malloc(sizeof(at::Tensor*) * (out.size() + 1)));
     if (array == nullptr) {
-      set_error(err, "out of memory");
-      return -1;
+      throw std::runtime_error("out of memory");
     }
     size_t made = 0;
     try {
@@ -100,32 +105,19 @@ int tchserve_aoti_run(void* handle, at::Tensor** inputs, int n_inputs, at::Tenso
     }
     *outputs = array;
     return static_cast<int>(out.size());
-  } catch (const std::exception& e) {
-    set_error(err, e.what());
-    return -1;
-  } catch (...) {
-    set_error(err, "an unknown C++ exception");
-    return -1;
-  }
+  });
 }
 
 // The package's serialized pytree spec of its outputs (what `forward` returned: a tensor, a
 // tuple, a dict...), or null with err set.
 char* tchserve_aoti_out_spec(void* handle, char** err) {
-  try {
+  return guarded<char*>(err, nullptr, [&] {
     auto spec = static_cast<torch::inductor::AOTIModelPackageLoader*>(handle)->get_call_spec();
     if (spec.size() < 2) {
-      set_error(err, "the package has no output spec");
-      return nullptr;
+      throw std::runtime_error("the package has no output spec");
     }
     return copy_message(spec[1]);
-  } catch (const std::exception& e) {
-    set_error(err, e.what());
-    return nullptr;
-  } catch (...) {
-    set_error(err, "an unknown C++ exception");
-    return nullptr;
-  }
+  });
 }
 
 void tchserve_aoti_free(void* handle) {

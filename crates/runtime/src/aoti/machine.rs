@@ -1,9 +1,7 @@
 //! Whether a package's machine code can run on this machine: its operating system,
 //! architecture and vector instructions.
 
-use std::path::Path;
-
-use super::metadata;
+use std::collections::HashMap;
 
 /// The CPU features a package's vector ISA (its `AOTI_CPU_ISA` metadata, as inductor names it)
 /// needs, as `/proc/cpuinfo` names them.
@@ -40,23 +38,23 @@ fn cpu_flags() -> Vec<String> {
 
 /// Refuses a package compiled for another kind of machine: its code would stop the whole
 /// process with an illegal instruction at the first forward, not fail the one registration.
-pub(super) fn check_machine(path: &Path) -> Result<(), String> {
+pub(super) fn check_machine(meta: &HashMap<String, String>) -> Result<(), String> {
     let (os, arch) = (std::env::consts::OS, std::env::consts::ARCH);
-    let platform = metadata(path, "AOTI_PLATFORM")?.unwrap_or_else(|| os.to_string());
-    let machine = metadata(path, "AOTI_MACHINE")?.unwrap_or_else(|| arch.to_string());
+    let platform = meta.get("AOTI_PLATFORM").map_or(os, String::as_str);
+    let machine = meta.get("AOTI_MACHINE").map_or(arch, String::as_str);
     if platform != os || machine != arch {
         return Err(format!(
             "the package was compiled for {platform} {machine} and this machine is {os} {arch}: \
              compile it again on this kind of machine"
         ));
     }
-    let isa = metadata(path, "AOTI_CPU_ISA")?.unwrap_or_default();
+    let isa = meta.get("AOTI_CPU_ISA").map_or("", String::as_str);
     let flags = cpu_flags();
     if flags.is_empty() {
         return Ok(());
     }
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let missing = missing_features(&isa, &flags);
+    let missing = missing_features(isa, &flags);
     if !missing.is_empty() {
         return Err(format!(
             "the package was compiled for a CPU with {isa} and this one lacks {}: compile it \

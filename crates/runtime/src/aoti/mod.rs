@@ -2,6 +2,7 @@
 //! AOTInductor (`torch._inductor.aoti_compile_and_package`), run through libtorch's
 //! `AOTIModelPackageLoader` by the C functions of `csrc/aoti.cpp`.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::Path;
 use std::ptr::NonNull;
@@ -19,11 +20,7 @@ use batch_range::{Plan, plan, run_in_pieces};
 use machine::check_machine;
 
 unsafe extern "C" {
-    fn tchserve_aoti_metadata(
-        path: *const c_char,
-        key: *const c_char,
-        err: *mut *mut c_char,
-    ) -> *mut c_char;
+    fn tchserve_aoti_metadata(path: *const c_char, err: *mut *mut c_char) -> *mut c_char;
     fn tchserve_aoti_load(
         path: *const c_char,
         device_index: c_int,
@@ -69,21 +66,21 @@ fn c_path(path: &Path) -> Result<CString, String> {
         .map_err(|_| format!("{}: a path with a NUL byte", path.display()))
 }
 
-/// A package's metadata value for `key`: `Ok(None)` when it has none.
-pub fn metadata(path: &Path, key: &str) -> Result<Option<String>, String> {
+/// A package's metadata (`AOTI_DEVICE_KEY`, `AOTI_CPU_ISA`, ... and the exporter's own keys),
+/// read without loading any of its code.
+pub fn metadata(path: &Path) -> Result<HashMap<String, String>, String> {
     let path = c_path(path)?;
-    let key = CString::new(key).map_err(|_| "a key with a NUL byte".to_string())?;
     let mut err = std::ptr::null_mut();
-    // SAFETY: both strings outlive the call; err receives a message or stays null.
-    let value = unsafe { tchserve_aoti_metadata(path.as_ptr(), key.as_ptr(), &mut err) };
-    if value.is_null() {
-        return if err.is_null() {
-            Ok(None)
-        } else {
-            Err(take_message(err))
-        };
+    // SAFETY: the path outlives the call; err receives a message or stays null.
+    let lines = unsafe { tchserve_aoti_metadata(path.as_ptr(), &mut err) };
+    if lines.is_null() {
+        return Err(take_message(err));
     }
-    Ok(Some(take_message(value)))
+    Ok(take_message(lines)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
 }
 
 /// A loaded package.
@@ -107,7 +104,8 @@ impl Package {
     /// written in its metadata: one for the other kind is refused before any of its code loads.
     /// `runners` model instances let that many threads run it at once.
     pub fn load(path: &Path, device: tch::Device, runners: usize) -> Result<Self, String> {
-        let kind = metadata(path, "AOTI_DEVICE_KEY")?.ok_or_else(|| {
+        let meta = metadata(path)?;
+        let kind = meta.get("AOTI_DEVICE_KEY").ok_or_else(|| {
             "the package does not say which device it was compiled for".to_string()
         })?;
         let (wanted, index) = match device {
@@ -121,7 +119,7 @@ impl Package {
                  export and compile it again for {wanted}"
             ));
         }
-        check_machine(path)?;
+        check_machine(&meta)?;
         let range = batch_range(path)?;
         let path = c_path(path)?;
         let mut err = std::ptr::null_mut();
