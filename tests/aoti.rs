@@ -13,7 +13,7 @@ use std::path::Path;
 use common::server::{
     Server, archive, example_build, fixture_handler, pt2_cuda_fixtures, pt2_fixtures, text_fixtures,
 };
-use common::{cosine, repo_root};
+use common::{cosine, nvidia_gpu, repo_root};
 
 fn register(s: &Server, query: &str) -> common::http::Resp {
     s.manage("POST", &format!("/models?{query}&synchronous=true"))
@@ -131,7 +131,7 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
 
     // The package's compiled code links to libtorch.so; on this CPU-only server that must not
     // bring in libtorch's CUDA half (hundreds of MB of CUDA libraries).
-    if !Path::new("/proc/driver/nvidia").exists() {
+    if !nvidia_gpu() {
         let maps = std::fs::read_to_string(format!("/proc/{}/maps", s.pid())).unwrap();
         assert!(maps.contains("libtorch_cpu.so"));
         assert!(
@@ -458,7 +458,7 @@ fn the_pt2_examples_answer_as_pytorch_and_as_their_torchscript_twins() {
 
 #[test]
 fn a_cuda_package_runs_on_a_gpu_worker_and_a_cpu_one_is_refused_there() {
-    if !Path::new("/proc/driver/nvidia").exists() {
+    if !nvidia_gpu() {
         eprintln!("skipped: no NVIDIA GPU on this machine");
         return;
     }

@@ -12,6 +12,13 @@ pub fn repo_root() -> PathBuf {
         .unwrap()
 }
 
+/// Whether this machine has an NVIDIA GPU and its driver (the tests that need one skip otherwise).
+pub fn nvidia_gpu() -> bool {
+    ["/proc/driver/nvidia", "/dev/nvidiactl"]
+        .iter()
+        .any(|p| Path::new(p).exists())
+}
+
 /// A program from the project's Python environment (made by `scripts/setup.sh`).
 pub fn venv_bin(name: &str) -> PathBuf {
     venv_program(".venv", name)

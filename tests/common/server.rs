@@ -57,6 +57,13 @@ pub fn pt2_cuda_fixtures() -> &'static Path {
     DIR.get_or_init(|| made_by("make_pt2_cuda.py", "test-fixtures-pt2-cuda"))
 }
 
+/// A TorchScript model and PyTorch's answers on the GPU from `tests/fixtures/make_gpu.py`: only
+/// on a GPU machine.
+pub fn gpu_fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| made_by("make_gpu.py", "test-fixtures-gpu"))
+}
+
 /// The digits example's build output (made by `make test` through examples/digits/build.sh).
 pub fn digits_build() -> PathBuf {
     let dir = repo_root().join("build/examples/digits");

@@ -46,7 +46,8 @@ fn main() -> anyhow::Result<()> {
     };
     let prepare = || -> anyhow::Result<Tensor> {
         let img = decode_image(&payload, max_pixels).map_err(|e| anyhow::anyhow!("{e}"))?;
-        preprocess_image(img, &manifest.preprocess, max_pixels).map_err(|e| anyhow::anyhow!("{e}"))
+        preprocess_image(img, &manifest.preprocess, max_pixels, false)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     };
     if args.preprocess_only {
         tch::set_num_threads(1);

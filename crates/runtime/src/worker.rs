@@ -115,7 +115,8 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
         load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)
     })?;
     let batcher = fit_batcher(ctx, &module)?;
-    let pipeline = Pipeline::new(&ctx.spec.handler, &ctx.spec.model_dir)?;
+    let mut pipeline = Pipeline::new(&ctx.spec.handler, &ctx.spec.model_dir)?;
+    pipeline.finish_images_on(ctx.device);
     if pipeline.feeds_list() && module.is_package() {
         return Err(crate::RuntimeError::Package {
             file: ctx.spec.serialized_file.clone(),

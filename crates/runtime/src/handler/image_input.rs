@@ -365,15 +365,24 @@ fn to_floats(img: &Rgb) -> Vec<f32> {
 }
 
 /// Runs the preprocess stages on one decoded image and returns a `[1, C, H, W]` tensor; no
-/// stage may make an image of more than `max_pixels` pixels.
+/// stage may make an image of more than `max_pixels` pixels. With `pixels_only` the stages from
+/// `ToTensor` on are left to [`finish`], and the answer is the image's `[1, H, W, 3]` bytes.
 pub fn preprocess(
     img: Rgb,
     stages: &[Preprocess],
     max_pixels: u64,
+    pixels_only: bool,
 ) -> Result<Tensor, PredictError> {
     check_sizes(img.width, img.height, stages, max_pixels)?;
+    let on_host = match stages
+        .iter()
+        .position(|s| matches!(s, Preprocess::ToTensor {}))
+    {
+        Some(i) if pixels_only => &stages[..i],
+        _ => stages,
+    };
     let mut stage = Stage::Pixels(img);
-    for op in stages {
+    for op in on_host {
         stage = match (stage, op) {
             (
                 Stage::Pixels(img),
@@ -408,12 +417,58 @@ pub fn preprocess(
         Stage::Floats(v, h, w) => Tensor::from_slice(&v)
             .f_reshape([1, 3, i64::from(h), i64::from(w)])
             .map_err(|e| PredictError::ModelFailed(e.to_string())),
-        Stage::Pixels(img) => Tensor::from_slice(&img.data)
-            .f_reshape([1, i64::from(img.height), i64::from(img.width), 3])
-            .and_then(|t| t.f_permute([0, 3, 1, 2]))
-            .and_then(|t| t.f_to_kind(Kind::Float))
-            .map_err(|e| PredictError::ModelFailed(e.to_string())),
+        Stage::Pixels(img) => {
+            let bytes = Tensor::from_slice(&img.data).f_reshape([
+                1,
+                i64::from(img.height),
+                i64::from(img.width),
+                3,
+            ]);
+            if pixels_only {
+                return bytes.map_err(|e| PredictError::ModelFailed(e.to_string()));
+            }
+            bytes
+                .and_then(|t| t.f_permute([0, 3, 1, 2]))
+                .and_then(|t| t.f_to_kind(Kind::Float))
+                .map_err(|e| PredictError::ModelFailed(e.to_string()))
+        }
     }
+}
+
+/// The stages from `ToTensor` on, for a batch of `[N, H, W, 3]` bytes that [`preprocess`] left
+/// as pixels, on the device the bytes are on. Each step is the host path's own arithmetic in
+/// float32 (a division by 255, then `(x - mean) / std`), so the answers are the same. The
+/// constants are tensors on that device: a CUDA kernel would multiply by the reciprocal of a
+/// host scalar, which rounds differently.
+pub fn finish(pixels: &Tensor, stages: &[Preprocess]) -> Result<Tensor, tch::TchError> {
+    let device = pixels.device();
+    let constant = |values: &[f32]| {
+        Tensor::from_slice(values)
+            .f_reshape([1, values.len() as i64, 1, 1])?
+            .f_to_device(device)
+    };
+    let start = stages
+        .iter()
+        .position(|s| matches!(s, Preprocess::ToTensor {}))
+        .unwrap_or(stages.len());
+    let mut x = pixels.f_permute([0, 3, 1, 2])?.f_to_kind(Kind::Float)?;
+    for op in &stages[start..] {
+        x = match op {
+            Preprocess::ToTensor {} => x.f_div(&constant(&[255.0])?)?,
+            Preprocess::Normalize { mean, std } => {
+                let per_channel =
+                    |v: &[f64]| -> Vec<f32> { (0..3).map(|c| v[c % v.len()] as f32).collect() };
+                x.f_sub(&constant(&per_channel(mean))?)?
+                    .f_div(&constant(&per_channel(std))?)?
+            }
+            other => {
+                return Err(tch::TchError::Convert(format!(
+                    "{other:?} cannot follow ToTensor"
+                )));
+            }
+        };
+    }
+    x.f_contiguous()
 }
 
 #[cfg(test)]
@@ -430,6 +485,44 @@ mod tests {
             resized_size(1, 1_000_000, Size::Scalar(256)),
             (256, 256_000_000)
         );
+    }
+
+    /// The device path (bytes batched, then `finish`) gives the host path's floats exactly, on
+    /// the CPU and, where there is one, on a GPU.
+    #[test]
+    fn finishing_on_the_device_matches_the_host() {
+        let classifier = tchserve_mar::handler::builtin("image_classifier").unwrap();
+        let image = |seed: u32| Rgb {
+            width: 300,
+            height: 260,
+            data: (0..300 * 260 * 3)
+                .map(|i: u32| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 24) as u8)
+                .collect(),
+        };
+        let stages = &classifier.preprocess;
+        let host: Vec<Tensor> = (0..2)
+            .map(|k| preprocess(image(k), stages, u64::MAX, false).unwrap())
+            .collect();
+        let host = Tensor::cat(&host, 0);
+        let bytes: Vec<Tensor> = (0..2)
+            .map(|k| preprocess(image(k), stages, u64::MAX, true).unwrap())
+            .collect();
+        let bytes = Tensor::cat(&bytes, 0);
+        assert_eq!(bytes.kind(), Kind::Uint8);
+        assert_eq!(bytes.size(), [2, 224, 224, 3]);
+        let status = crate::device::cuda(crate::device::DevicePolicy::Auto);
+        let mut devices = vec![tch::Device::Cpu];
+        if status.devices > 0 {
+            devices.push(tch::Device::Cuda(0));
+        }
+        for device in devices {
+            let pinned = crate::device::pinned_cat(&[&bytes]).unwrap();
+            let there = crate::device::upload(&pinned, device).unwrap();
+            let done = finish(&there, stages).unwrap().to_device(tch::Device::Cpu);
+            assert_eq!(done.size(), host.size());
+            let differ = done.ne_tensor(&host).sum(Kind::Int64).int64_value(&[]);
+            assert_eq!(differ, 0, "{differ} floats differ on {device:?}");
+        }
     }
 
     #[test]

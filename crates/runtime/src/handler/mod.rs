@@ -18,6 +18,7 @@ use std::path::Path;
 
 use tch::{Device, IValue, Kind, Tensor};
 
+use crate::device::{pinned_cat, upload};
 use crate::model::Model;
 use tchserve_mar::handler::{
     Feed, HandlerManifest, Input, Output, Postprocess, Preprocess, Select,
@@ -41,6 +42,9 @@ pub struct Pipeline {
     output: Output,
     labels: Option<Vec<String>>,
     text: Option<text_input::TextInput>,
+    /// Images stop at their bytes when decoded; `ToTensor` and `Normalize` run on the batch
+    /// once it is on the device (see [`Pipeline::finish_images_on`]).
+    pixels_to_device: bool,
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
@@ -88,7 +92,21 @@ impl Pipeline {
             output: manifest.output.clone(),
             labels,
             text,
+            pixels_to_device: false,
         })
+    }
+
+    /// Leaves an image handler's `ToTensor` and `Normalize` to the batch on `device` when that
+    /// is a GPU: the upload then carries one byte per channel instead of four, and the GPU does
+    /// the arithmetic. Resizing and cropping stay on the host, where they match PIL exactly.
+    pub fn finish_images_on(&mut self, device: Device) {
+        self.pixels_to_device = device.is_cuda()
+            && matches!(self.input, Input::Image { .. })
+            && self.feed == Feed::Stacked
+            && self
+                .preprocess
+                .iter()
+                .any(|s| matches!(s, Preprocess::ToTensor {}));
     }
 
     /// Whether the model is fed a list of examples rather than one batched tensor.
@@ -110,7 +128,12 @@ impl Pipeline {
             }
             Input::Image { max_pixels } => {
                 let img = image_input::decode(payload, *max_pixels)?;
-                let tensor = image_input::preprocess(img, &self.preprocess, *max_pixels)?;
+                let tensor = image_input::preprocess(
+                    img,
+                    &self.preprocess,
+                    *max_pixels,
+                    self.pixels_to_device,
+                )?;
                 Ok(Decoded::owned(tensor, 1, Wrap::Single))
             }
             Input::Text { .. } => match &self.text {
@@ -160,25 +183,32 @@ impl Pipeline {
         let (args, mask) = if self.feed == Feed::Tokens {
             let pad_id = self.text.as_ref().map_or(0, |t| t.pad_id);
             let (ids, mask) = text_input::pad_batch(inputs, pad_id)
-                .and_then(|(i, m)| Ok((i.f_to_device(device)?, m.f_to_device(device)?)))
+                .and_then(|(i, m)| Ok((upload(&i, device)?, upload(&m, device)?)))
                 .map_err(|e| failed("batching the tokens", e))?;
             (
                 vec![IValue::Tensor(ids), IValue::Tensor(mask.shallow_clone())],
                 Some(mask),
             )
         } else {
-            let batch = if inputs.len() == 1 {
+            let cannot_batch = |e| PredictError::BadInput(format!("cannot batch inputs: {e}"));
+            let batch = if device.is_cuda() {
+                // One copy of the requests' bytes, straight into memory the GPU copies from.
+                let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
+                pinned_cat(&parts).map_err(cannot_batch)?
+            } else if inputs.len() == 1 {
                 inputs[0]
                     .owned_tensor()
                     .map_err(|e| failed("copying the input", e))?
             } else {
                 let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
-                Tensor::f_cat(&parts, 0)
-                    .map_err(|e| PredictError::BadInput(format!("cannot batch inputs: {e}")))?
+                Tensor::f_cat(&parts, 0).map_err(cannot_batch)?
             };
-            let batch = batch
-                .f_to_device(device)
-                .map_err(|e| failed("moving input to the device", e))?;
+            let mut batch =
+                upload(&batch, device).map_err(|e| failed("moving input to the device", e))?;
+            if self.pixels_to_device {
+                batch = image_input::finish(&batch, &self.preprocess)
+                    .map_err(|e| failed("preprocessing on the device", e))?;
+            }
             (vec![IValue::Tensor(batch)], None)
         };
         let out = self.forward(module, args)?;
@@ -258,7 +288,7 @@ impl Pipeline {
         for d in inputs {
             let t = d
                 .owned_tensor()
-                .and_then(|t| t.f_to_device(device))
+                .and_then(|t| upload(&t, device))
                 .map_err(|e| failed("preparing the input", e))?;
             for i in 0..d.examples as i64 {
                 list.push(t.f_get(i).map_err(|e| failed("preparing the input", e))?);

@@ -1,0 +1,100 @@
+//! TorchScript on a GPU worker: PyTorch's answers from the same GPU through the server, batched
+//! across concurrent requests, with a bad request failing alone. Skipped where no NVIDIA GPU is
+//! present (the CPU paths are covered by every other test).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::nvidia_gpu;
+use common::server::{Server, archive, fixture_handler, gpu_fixtures};
+
+#[test]
+fn a_torchscript_model_on_gpu_workers_answers_as_pytorch_on_the_gpu() {
+    if !nvidia_gpu() {
+        eprintln!("skipped: no NVIDIA GPU on this machine");
+        return;
+    }
+    let dir = gpu_fixtures();
+    let mut s = Server::new("enable_model_api=true");
+    let mar = archive(
+        &s.store,
+        "cnn",
+        "1.0",
+        &dir.join("cnn.pt"),
+        &fixture_handler("vec3072.json"),
+        &[],
+    );
+    s.start(&[]);
+    let r = s.manage(
+        "POST",
+        &format!(
+            "/models?url={mar}&initial_workers=2&batch_size=8&max_batch_delay=200&synchronous=true"
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let described: serde_json::Value =
+        serde_json::from_slice(&s.manage("GET", "/models/cnn").body).unwrap();
+    let workers = described[0]["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 2, "{described}");
+    assert!(
+        workers.iter().all(|w| w["gpu"] == serde_json::json!(true)),
+        "not on a GPU: {described}"
+    );
+
+    let inputs: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
+    let expected: Vec<Vec<f64>> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    // Eight good requests and one of the wrong size, at once: the bad one fails alone.
+    let bad = serde_json::json!(vec![0.5; 100]);
+    let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .chain(std::iter::once(&bad))
+            .map(|x| {
+                let s = &s;
+                scope.spawn(move || {
+                    let body = serde_json::json!({ "data": x }).to_string();
+                    let r = s.infer(
+                        "POST",
+                        "/predictions/cnn",
+                        &[("Content-Type", "application/json")],
+                        body.as_bytes(),
+                    );
+                    (r.status, r.text())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (last, good) = answers.split_last().unwrap();
+    assert_eq!(last.0, 400, "{}", last.1);
+    for ((status, text), want) in good.iter().zip(&expected) {
+        assert_eq!(*status, 200, "{text}");
+        let got: Vec<f64> = serde_json::from_str(text).unwrap();
+        assert_eq!(got.len(), want.len());
+        // cuDNN may pick another convolution algorithm in another process: equal to rounding.
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                "{got:?} against PyTorch's {want:?}"
+            );
+        }
+    }
+    let metric = |name: &str| -> f64 {
+        s.metrics_text()
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{model_name=\"cnn\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} for cnn"))
+    };
+    let (examples, batches) = (
+        metric("tchserve_batch_size_sum"),
+        metric("tchserve_batch_size_count"),
+    );
+    assert!(
+        examples > batches,
+        "{examples} examples in {batches} batches: none was batched"
+    );
+}
