@@ -1,11 +1,13 @@
 //! The in-process ceiling: a model's forward in a plain loop, no server. The model is loaded as
 //! the server loads it: a TorchScript file, or a `.pt2` package (run, like the server runs it,
-//! fitted to its batch range).
+//! fitted to its batch range). On a GPU each batch is uploaded from host memory and its answer
+//! copied back, as a worker does, so the loop pays the same transfers as the server.
 
 use std::time::Instant;
 
 use clap::Parser;
 use tch::{Device, IValue, Kind, Tensor};
+use tchserve_runtime::device::{self, DevicePolicy};
 use tchserve_runtime::model::load_module;
 
 #[derive(Debug, Parser)]
@@ -25,6 +27,32 @@ struct Args {
     /// Intra-op threads (default: all cores).
     #[arg(long)]
     threads: Option<i32>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// On a GPU, upload from pageable host memory instead of the pinned memory the server uses.
+    #[arg(long)]
+    pageable: bool,
+}
+
+fn parse_device(name: &str) -> anyhow::Result<Device> {
+    let device = match name.split_once(':') {
+        None if name == "cpu" => return Ok(Device::Cpu),
+        None if name == "cuda" => Device::Cuda(0),
+        Some(("cuda", n)) => Device::Cuda(n.parse()?),
+        _ => anyhow::bail!("--device {name}: expected cpu, cuda or cuda:N"),
+    };
+    let status = device::cuda(DevicePolicy::Auto);
+    if let Device::Cuda(n) = device
+        && n >= status.devices
+    {
+        anyhow::bail!(
+            "--device {name}: this machine has {} GPU(s) ({})",
+            status.devices,
+            status.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(device)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,22 +66,39 @@ fn main() -> anyhow::Result<()> {
         .file_name()
         .and_then(|f| f.to_str())
         .ok_or_else(|| anyhow::anyhow!("--model names no file"))?;
-    let module = load_module(dir, file, Device::Cpu)?;
+    let dev = parse_device(&args.device)?;
+    let module = load_module(dir, file, dev)?;
     let _guard = tch::no_grad_guard();
     let dims: Vec<i64> = std::iter::once(args.batch)
         .chain(args.shape.iter().copied())
         .collect();
-    let input = [IValue::Tensor(Tensor::rand(
-        &dims,
-        (Kind::Float, Device::Cpu),
-    ))];
+    let host = Tensor::rand(&dims, (Kind::Float, Device::Cpu));
+    let step = || -> anyhow::Result<()> {
+        let input = if dev == Device::Cpu {
+            host.shallow_clone()
+        } else if args.pageable {
+            host.f_to_device(dev)?
+        } else {
+            device::upload(&device::pinned_cat(&[&host])?, dev)?
+        };
+        match module.forward_is(&[IValue::Tensor(input)])? {
+            // The answer's copy to the host also waits for the GPU's queued work.
+            IValue::Tensor(out) => drop(out.f_to_device(Device::Cpu)?),
+            _ => {
+                if let Device::Cuda(n) = dev {
+                    tch::Cuda::synchronize(n as i64);
+                }
+            }
+        }
+        Ok(())
+    };
     for _ in 0..5 {
-        let _ = module.forward_is(&input)?;
+        step()?;
     }
     let started = Instant::now();
     let mut batches = 0u64;
     while started.elapsed().as_secs_f64() < args.duration {
-        let _ = module.forward_is(&input)?;
+        step()?;
         batches += 1;
     }
     let secs = started.elapsed().as_secs_f64();

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# ResNet-18 on one GPU, everything over loopback on the GPU machine:
+# - a batch sweep 1..64: the served model (one GPU worker, raw float32 tensors per request, the
+#   tensor handler) against the in-process ceiling on the same GPU (upload, forward, answer back),
+#   and from batch 8 up with two workers on the GPU;
+# - the ceiling at batch 64 with pageable uploads, against the pinned uploads the server uses;
+# - the built-in image_classifier at batch 32 (a 640x480 JPEG per request), 1 and 2 workers;
+# - the server's RSS and the GPU's memory in use with 1 and 4 workers of the model.
+# Prints JSON lines, then a table of the sweep.
+# Usage: bench/gpu.sh [seconds per measurement, default 5]
+#   BIN: folder of the tchserve, tch-model-archiver, ceiling and loadgen binaries
+#   (default target/release); PY: a Python with torch and torchvision (default .venv/bin/python).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+secs=${1:-5}
+bin=${BIN:-$root/target/release}
+py=${PY:-$root/.venv/bin/python}
+out=build/bench-gpu
+store=$out/store
+home=$out/home
+[ -e /proc/driver/nvidia ] || [ -e /dev/nvidiactl ] || { echo "bench/gpu.sh needs an NVIDIA GPU" >&2; exit 1; }
+
+"$py" bench/make_models.py "$out" >/dev/null
+rm -rf "$store" "$home"; mkdir -p "$store" "$home"
+"$bin/tch-model-archiver" --model-name resnet18 --version 1.0 --serialized-file "$out/resnet18.pt" \
+    --handler bench/resnet18_handler.json --export-path "$store" --force
+"$bin/tch-model-archiver" --model-name pool --version 1.0 --serialized-file "$out/pool.pt" \
+    --handler bench/resnet18_handler.json --export-path "$store" --force
+"$bin/tch-model-archiver" --model-name resnet18_img --version 1.0 --serialized-file "$out/resnet18.pt" \
+    --handler image_classifier --export-path "$store" --force
+
+gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -n 1)
+echo "{\"machine\": \"$(lscpu | sed -n 's/^Model name: *//p')\", \"cores\": $(nproc), \"gpu\": \"$gpu\", \"seconds_per_run\": $secs}"
+
+cat > "$home/config.properties" <<CFG
+model_store=$root/$store
+enable_model_api=true
+default_workers_per_model=1
+disable_token_authorization=true
+# Room for every client's request: TorchServe's default of 100 answers 503 beyond it.
+job_queue_size=1000
+CFG
+log=$root/$out/results.jsonl
+: > "$log"
+emit() { echo "$1" | tee -a "$log"; }
+ceiling() { "$bin/ceiling" --model "$root/$out/resnet18.pt" --shape 3,224,224 --device cuda --duration "$secs" "$@"; }
+# Four client threads: one cannot send 600 KB bodies as fast as the server takes them.
+load() { "$bin/loadgen" --duration "$secs" --warmup 2 --threads 4 "$@"; }
+# The HTTP status of a request with no body (Python where curl is missing, as on some GPU images).
+if command -v curl >/dev/null; then
+    status() { curl -s -o /dev/null -w '%{http_code}' -X "$1" "$2"; }
+else
+    status() {
+        "$py" -c 'import sys, urllib.request as r, urllib.error as e
+try: print(r.urlopen(r.Request(sys.argv[2], method=sys.argv[1]), timeout=600).status)
+except e.HTTPError as x: print(x.code)
+except OSError: print(0)' "$1" "$2"
+    }
+fi
+manage() { status "$1" "http://localhost:8081$2"; }
+metrics() { "$py" -c 'import sys, urllib.request as r; print(r.urlopen(sys.argv[1]).read().decode())' http://localhost:8082/metrics; }
+# What the workers of MODEL did, from the metrics (observed once per request, so the means are
+# weighted by requests): the mean batch, the mean time a worker spent on one, and the workers'
+# busy time over the warm-up and the measurement (1.0: one worker never idle).
+workers_json() {
+    metrics | "$py" -c 'import json, re, sys
+model, secs = sys.argv[1], float(sys.argv[2])
+v = {}
+for line in sys.stdin:
+    m = re.match(r"(tchserve_(?:handler_seconds|batch_size)_(?:sum|count))\{model_name=\"" + model + r"\".*\} (\S+)", line)
+    if m:
+        v[m.group(1)] = float(m.group(2))
+batch = v["tchserve_batch_size_sum"] / v["tchserve_batch_size_count"]
+per_batch = v["tchserve_handler_seconds_sum"] / v["tchserve_handler_seconds_count"]
+busy = v["tchserve_handler_seconds_sum"] / batch / (secs + 2)
+print(json.dumps({"mean_batch": round(batch, 1), "worker_ms_per_batch": round(per_batch * 1000, 2), "worker_busy": round(busy, 2)}))' "$1" "$secs"
+}
+gpu_mb() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1; }
+
+cd "$home"
+"$bin/tchserve" --start --ncs --log-dir "$root/$home/logs" >/dev/null
+trap '"$bin/tchserve" --stop >/dev/null 2>&1 || true' EXIT
+until [ "$(status GET http://localhost:8080/ping)" = 200 ]; do sleep 0.1; done
+pid=$(head -n 1 logs/tchserve.pid)
+
+# served BATCH WORKERS: ResNet-18 registered with that batch size and workers on the one GPU,
+# under twice as many concurrent clients as the batches hold.
+served() {
+    local b=$1 n=$2 mar=${3:-resnet18} c=$((2 * $1 * $2 > 4 ? 2 * $1 * $2 : 4)) result
+    # A name of its own: the metrics of a name outlive its registration.
+    local name=${mar}_b${b}_w$n
+    [ "$(manage POST "/models?url=$mar.mar&model_name=$name&initial_workers=$n&batch_size=$b&max_batch_delay=20")" = 200 ]
+    result=$(load --path "/predictions/$name" --body "$root/$out/resnet18.bin" --content-type application/octet-stream -c "$c")
+    emit "{\"bench\": \"served\", \"model\": \"$mar\", \"batch\": $b, \"workers\": $n, \"result\": $result, \"worker\": $(workers_json "$name")}"
+    manage DELETE "/models/$name" >/dev/null
+}
+for b in ${BATCHES:-1 2 4 8 16 32 64}; do
+    emit "{\"bench\": \"ceiling\", \"batch\": $b, \"result\": $(ceiling --batch "$b")}"
+    served "$b" 1
+done
+# A worker copies its batch in and its answers out on the host while the GPU waits; more
+# workers on the same GPU (sharing the loaded model) keep the GPU busy meanwhile.
+for b in ${BATCHES2:-8 16 32 64}; do served "$b" 2; done
+for b in ${BATCHES4:-32}; do served "$b" 4; done
+# The same requests to a model that only averages each channel: the serving path alone.
+served 32 1 pool
+emit "{\"bench\": \"ceiling_pageable\", \"batch\": 64, \"result\": $(ceiling --batch 64 --pageable)}"
+emit "{\"bench\": \"ceiling_pinned\", \"batch\": 64, \"result\": $(ceiling --batch 64)}"
+
+# A worker decodes its batch's JPEGs on the host, then runs the forward: a second worker on the
+# same GPU decodes while the first one's forward runs.
+[ "$(manage POST "/models?url=resnet18_img.mar&model_name=img&initial_workers=1&batch_size=32&max_batch_delay=20")" = 200 ]
+for n in 1 2; do
+    [ "$(manage PUT "/models/img?min_worker=$n&max_worker=$n&synchronous=true")" = 200 ]
+    emit "{\"bench\": \"image_classifier_served\", \"batch\": 32, \"workers\": $n, \"result\": $(load --path /predictions/img --body "$root/$out/cat640.jpg" --content-type image/jpeg -c 64)}"
+done
+manage DELETE /models/img >/dev/null
+
+# Memory: the idle server, then one and four GPU workers of ResNet-18 after load.
+sleep 2
+emit "{\"bench\": \"memory\", \"workers\": 0, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
+[ "$(manage POST "/models?url=resnet18.mar&model_name=mem&initial_workers=1&batch_size=8&max_batch_delay=20")" = 200 ]
+for n in 1 4; do
+    [ "$(manage PUT "/models/mem?min_worker=$n&max_worker=$n&synchronous=true")" = 200 ]
+    load --path /predictions/mem --body "$root/$out/resnet18.bin" --content-type application/octet-stream -c 32 >/dev/null
+    sleep 2
+    emit "{\"bench\": \"memory\", \"workers\": $n, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
+done
+
+"$py" - "$log" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+ceil = {r["batch"]: r["result"]["examples_per_s"] for r in rows if r["bench"] == "ceiling"}
+print("| model | batch | workers | ceiling img/s | served img/s | served/ceiling | p50 ms | errors | mean batch | worker ms/batch | workers busy |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    if r["bench"] == "served":
+        b, n, s, w = r["batch"], r["workers"], r["result"], r["worker"]
+        c = ceil.get(b) if r["model"] == "resnet18" else None
+        ceiling, ratio = (f"{c:.0f}", f"{s['rps'] / c:.0%}") if c else ("", "")
+        print(f"| {r['model']} | {b} | {n} | {ceiling} | {s['rps']:.0f} | {ratio} | {s['p50_ms']} | {s['errors']} | {w['mean_batch']} | {w['worker_ms_per_batch']} | {w['worker_busy']} |")
+PY
