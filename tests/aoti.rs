@@ -608,6 +608,14 @@ fn the_built_in_handlers_run_pt2_models_as_they_run_torchscript() {
         &handlers.join("object_detector.json"),
         &[],
     );
+    let int32_text = archive(
+        &s.store,
+        "int32_text",
+        "1.0",
+        &pt2.join("text_int32.pt2"),
+        &handlers.join("text_embedding.json"),
+        &text_extra,
+    );
     s.start(&[]);
     for (model, mar) in &pairs {
         let r = register(
@@ -674,4 +682,10 @@ fn the_built_in_handlers_run_pt2_models_as_they_run_torchscript() {
     let r = register(&s, &format!("url={detector}&initial_workers=1"));
     assert_ne!(r.status, 200);
     assert!(r.text().contains("tensors only"), "{}", r.text());
+
+    // A text package exported for int32 ids is refused when registered, not at every request.
+    let r = register(&s, &format!("url={int32_text}&initial_workers=1"));
+    assert_ne!(r.status, 200);
+    assert!(r.text().contains("int64 token ids"), "{}", r.text());
+    assert_eq!(s.manage("GET", "/models/int32_text").status, 404);
 }

@@ -125,8 +125,28 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
                 .into(),
         });
     }
-    // TorchScript specialises its graph over the first calls; pay that before serving.
     let _guard = tch::no_grad_guard();
+    // Text inputs have no fixed shape to warm up with, but a package checks the dtypes it was
+    // exported for: one short forward finds a mismatch now rather than at every request. Its
+    // time is not a warm-up's and does not count towards SMALL_FORWARD.
+    if module.is_package()
+        && let Some(args) = pipeline.probe_tokens(ctx.device)
+    {
+        match module.forward_is(&args) {
+            // Lengths and batch sizes are checked, and answered, per request.
+            Ok(_) | Err(tch::TchError::Shape(_)) => {}
+            Err(e) => {
+                return Err(crate::RuntimeError::Package {
+                    file: ctx.spec.serialized_file.clone(),
+                    message: format!(
+                        "the package does not take the text handler's int64 token ids and \
+                         attention mask ([batch, length] each): {e}"
+                    ),
+                });
+            }
+        }
+    }
+    // TorchScript specialises its graph over the first calls; pay that before serving.
     let mut last_forward = None;
     for batch in [1, batcher.batch_size] {
         if let Some(input) = pipeline.warmup_input(batch, ctx.device) {

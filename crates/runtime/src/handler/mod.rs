@@ -169,6 +169,16 @@ impl Pipeline {
         })
     }
 
+    /// The arguments a text handler gives the model, for one short example: int64 token ids
+    /// and attention mask, `[1, 8]` each. None for other handlers.
+    pub fn probe_tokens(&self, device: Device) -> Option<Vec<IValue>> {
+        (self.feed == Feed::Tokens).then(|| {
+            let ids = Tensor::zeros([1, 8], (Kind::Int64, device));
+            let mask = Tensor::ones([1, 8], (Kind::Int64, device));
+            vec![IValue::Tensor(ids), IValue::Tensor(mask)]
+        })
+    }
+
     /// Runs the model on a batch of decoded requests and writes one answer per request.
     pub fn run_batch(
         &self,
