@@ -201,16 +201,15 @@ impl Pipeline {
             )
         } else {
             let cannot_batch = |e| PredictError::BadInput(format!("cannot batch inputs: {e}"));
+            let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
             let batch = if device.is_cuda() {
                 // One copy of the requests' bytes, straight into memory the GPU copies from.
-                let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
                 pinned_cat(&parts).map_err(cannot_batch)?
             } else if inputs.len() == 1 {
                 inputs[0]
                     .owned_tensor()
                     .map_err(|e| failed("copying the input", e))?
             } else {
-                let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
                 Tensor::f_cat(&parts, 0).map_err(cannot_batch)?
             };
             let mut batch =
