@@ -600,14 +600,6 @@ fn the_built_in_handlers_run_pt2_models_as_they_run_torchscript() {
             pairs.push((model, mar));
         }
     }
-    let detector = archive(
-        &s.store,
-        "detector_pt2",
-        "1.0",
-        &pt2.join("mlp.pt2"),
-        &handlers.join("object_detector.json"),
-        &[],
-    );
     let int32_text = archive(
         &s.store,
         "int32_text",
@@ -678,14 +670,208 @@ fn the_built_in_handlers_run_pt2_models_as_they_run_torchscript() {
         "segmenter",
     );
 
-    // The detector handler feeds the model a list of images, which a package cannot take.
-    let r = register(&s, &format!("url={detector}&initial_workers=1"));
-    assert_ne!(r.status, 200);
-    assert!(r.text().contains("tensors only"), "{}", r.text());
-
     // A text package exported for int32 ids is refused when registered, not at every request.
     let r = register(&s, &format!("url={int32_text}&initial_workers=1"));
     assert_ne!(r.status, 200);
     assert!(r.text().contains("int64 token ids"), "{}", r.text());
     assert_eq!(s.manage("GET", "/models/int32_text").status, 404);
+}
+
+/// The detections of one answer, `[{"<label>": [x1, y1, x2, y2], "score": s}, ...]`, as
+/// (label, box, score) in the order given.
+fn detections(v: &serde_json::Value) -> Vec<(String, Vec<f64>, f64)> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list of detections: {v}"))
+        .iter()
+        .map(|d| {
+            let o = d.as_object().unwrap();
+            let (label, bx) = o.iter().find(|(k, _)| *k != "score").unwrap();
+            let bx = bx
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            (label.clone(), bx, o["score"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Every number within 1e-5 of the other, relative to it where it is above 1.
+fn near(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-5 * b.abs().max(1.0)
+}
+
+fn same_detections(got: &[(String, Vec<f64>, f64)], want: &[(String, Vec<f64>, f64)], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: {got:?} against {want:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.0, w.0, "{what}: label");
+        assert!(
+            g.1.iter().zip(&w.1).all(|(p, q)| near(*p, *q)) && near(g.2, w.2),
+            "{what}: {g:?} against {w:?}"
+        );
+    }
+}
+
+#[test]
+fn the_object_detector_handler_runs_a_pt2_detector_as_pytorch() {
+    let dir = pt2_fixtures();
+    let handlers = repo_root().join("handlers");
+    let labels = dir.join("detector/index_to_name.json");
+    let extra = ["--extra-files", labels.to_str().unwrap()];
+    let mut s = Server::new("enable_model_api=true");
+    let detector = |name: &str, file: &str, handler: &str| {
+        archive(
+            &s.store,
+            name,
+            "1.0",
+            &dir.join(file),
+            &handlers.join(handler),
+            &extra,
+        )
+    };
+    let single = detector("single", "detector.pt2", "object_detector.json");
+    let pair = detector("pair", "detector_pair.pt2", "object_detector.json");
+    let script = detector("script", "detector.pt", "object_detector.json");
+    let mlp = detector("mlp_detector", "mlp.pt2", "object_detector.json");
+    let classifier = detector(
+        "detector_classifier",
+        "detector.pt2",
+        "image_classifier.json",
+    );
+    s.start(&[]);
+    for (mar, batching) in [
+        (&single, "&batch_size=8&max_batch_delay=300"),
+        (&pair, "&batch_size=8&max_batch_delay=300"),
+        (&script, ""),
+    ] {
+        let r = register(&s, &format!("url={mar}&initial_workers=1{batching}"));
+        assert_eq!(r.status, 200, "{mar}: {}", r.text());
+    }
+
+    // PyTorch eager's detections scoring at least the handler's 0.5, named by index_to_name.json.
+    let names: BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(&labels).unwrap()).unwrap();
+    let eager: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("detector_expected.json")).unwrap())
+            .unwrap();
+    let scenes = ["scene_a.png", "scene_b.png"];
+    let photos: Vec<Vec<u8>> = scenes
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
+    let mut want = Vec::new();
+    for found in eager.as_array().unwrap() {
+        let scores = found["scores"].as_array().unwrap();
+        let kept: Vec<_> = (0..scores.len())
+            .filter_map(|i| {
+                let score = scores[i].as_f64().unwrap();
+                assert!(
+                    (score - 0.5).abs() > 1e-4,
+                    "a score of {score} is too close to the threshold to test"
+                );
+                (score >= 0.5).then(|| {
+                    let label = found["labels"][i].as_i64().unwrap().to_string();
+                    let bx = found["boxes"][i]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap())
+                        .collect();
+                    (names[&label].clone(), bx, score)
+                })
+            })
+            .collect();
+        assert!(
+            !kept.is_empty() && kept.len() < scores.len(),
+            "the threshold keeps some detections and drops others"
+        );
+        want.push(kept);
+    }
+    let detect = |model: &str, photo: &[u8]| {
+        let r = s.infer(
+            "POST",
+            &format!("/predictions/{model}"),
+            &[("Content-Type", "image/png")],
+            photo,
+        );
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        detections(&r.json())
+    };
+    for model in ["single", "pair", "script"] {
+        for (i, photo) in photos.iter().enumerate() {
+            same_detections(
+                &detect(model, photo),
+                &want[i],
+                &format!("{model} on {}", scenes[i]),
+            );
+        }
+    }
+
+    // Seven pictures of two sizes at once: batched, the pair package runs them two by two, the
+    // last forward padded, and each answer is the one it gives alone. A picture smaller than the
+    // packages were exported for, sent with them, is refused alone.
+    let tiny = std::fs::read(dir.join("scene_tiny.png")).unwrap();
+    for model in ["single", "pair"] {
+        let (burst, refused) = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..7)
+                .map(|i| {
+                    let photo = &photos[i % 2];
+                    let detect = &detect;
+                    scope.spawn(move || detect(model, photo))
+                })
+                .collect();
+            let refused = scope.spawn(|| {
+                s.infer(
+                    "POST",
+                    &format!("/predictions/{model}"),
+                    &[("Content-Type", "image/png")],
+                    &tiny,
+                )
+            });
+            let burst: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            (burst, refused.join().unwrap())
+        });
+        for (i, got) in burst.iter().enumerate() {
+            same_detections(
+                got,
+                &want[i % 2],
+                &format!("{model} in a burst, picture {i}"),
+            );
+        }
+        assert_eq!(refused.status, 400, "{model}: {}", refused.text());
+        assert!(
+            refused.text().contains("too small"),
+            "{model}: {}",
+            refused.text()
+        );
+    }
+    let metrics = s.metrics_text();
+    // Each request records the size of the batch it ran in.
+    let batch_sizes = |model: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("tchserve_batch_size_sum{{model_name=\"{model}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no batch sizes for {model}: {metrics}"))
+    };
+    // 10 requests each: the pair package took the burst's in batches, the one exported for a
+    // single picture ran each request alone.
+    assert!(
+        batch_sizes("pair") > 10.0,
+        "the pair package did not batch: {metrics}"
+    );
+    assert_eq!(batch_sizes("single"), 10.0, "{metrics}");
+
+    // A package and a handler that disagree on taking a list are refused, saying why.
+    let r = register(&s, &format!("url={mlp}&initial_workers=1"));
+    assert_ne!(r.status, 200);
+    assert!(r.text().contains("list[Tensor]"), "{}", r.text());
+    let r = register(&s, &format!("url={classifier}&initial_workers=1"));
+    assert_ne!(r.status, 200);
+    assert!(
+        r.text().contains("\\\"feed\\\": \\\"list\\\""),
+        "{}",
+        r.text()
+    );
 }

@@ -108,15 +108,16 @@ int tchserve_aoti_run(void* handle, at::Tensor** inputs, int n_inputs, at::Tenso
   });
 }
 
-// The package's serialized pytree spec of its outputs (what `forward` returned: a tensor, a
-// tuple, a dict...), or null with err set.
-char* tchserve_aoti_out_spec(void* handle, char** err) {
+// One of the package's serialized pytree specs: 0 for its inputs (`forward`'s arguments, as
+// `(args, kwargs)`), 1 for its outputs (what `forward` returned: a tensor, a tuple, a dict...);
+// null with err set when the package has none.
+char* tchserve_aoti_call_spec(void* handle, int which, char** err) {
   return guarded<char*>(err, nullptr, [&] {
     auto spec = static_cast<torch::inductor::AOTIModelPackageLoader*>(handle)->get_call_spec();
-    if (spec.size() < 2) {
-      throw std::runtime_error("the package has no output spec");
+    if (which < 0 || static_cast<size_t>(which) >= spec.size()) {
+      throw std::runtime_error("the package has no such call spec");
     }
-    return copy_message(spec[1]);
+    return copy_message(spec[which]);
   });
 }
 

@@ -41,17 +41,31 @@ impl Model {
         }
     }
 
-    /// `forward(args)`. A package takes tensors only and answers what its `forward` returned.
+    /// How many examples one forward of a package exported as `forward(images: list[Tensor])`
+    /// takes; `None` for a TorchScript module, which takes lists of any length, and for a
+    /// package that takes tensors.
+    pub fn list_len(&self) -> Option<usize> {
+        match self {
+            Model::Script(_) => None,
+            Model::Package(p) => p.list_len(),
+        }
+    }
+
+    /// `forward(args)`. A package takes tensors, or one list of them, and answers what its
+    /// `forward` returned.
     pub fn forward_is(&self, args: &[IValue]) -> Result<IValue, tch::TchError> {
         match self {
             Model::Script(m) => m.forward_is(args),
             Model::Package(p) => {
+                if let [IValue::TensorList(items)] = args {
+                    return Ok(p.shape_outputs(p.run_list(items)?));
+                }
                 let tensors = args
                     .iter()
                     .map(|a| match a {
                         IValue::Tensor(t) => Ok(t),
                         _ => Err(tch::TchError::Kind(
-                            "a .pt2 model takes tensors only; this handler feeds it a list".into(),
+                            "a .pt2 model takes tensors, or one list of them".into(),
                         )),
                     })
                     .collect::<Result<Vec<_>, _>>()?;

@@ -117,12 +117,17 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     let batcher = fit_batcher(ctx, &module)?;
     let mut pipeline = Pipeline::new(&ctx.spec.handler, &ctx.spec.model_dir)?;
     pipeline.finish_images_on(ctx.device);
-    if pipeline.feeds_list() && module.is_package() {
+    if module.is_package() && pipeline.feeds_list() != module.list_len().is_some() {
+        let message = if pipeline.feeds_list() {
+            "the handler feeds the model a list of images (\"feed\": \"list\"), and this \
+             package takes tensors: export forward(images: list[Tensor]) for it"
+        } else {
+            "the package takes a list of tensors, as a detector does, and this handler feeds \
+             the model tensors: use a handler with \"feed\": \"list\", such as object_detector"
+        };
         return Err(crate::RuntimeError::Package {
             file: ctx.spec.serialized_file.clone(),
-            message: "the handler feeds the model a list of examples (\"feed\": \"list\"), \
-                      and a .pt2 model takes tensors only"
-                .into(),
+            message: message.into(),
         });
     }
     let _guard = tch::no_grad_guard();
@@ -149,6 +154,8 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // TorchScript specialises its graph over the first calls; pay that before serving.
     let mut last_forward = None;
     for batch in [1, batcher.batch_size] {
+        // A package that takes a list takes at most its length per forward.
+        let batch = module.list_len().map_or(batch, |n| batch.min(n));
         if let Some(input) = pipeline.warmup_input(batch, ctx.device) {
             for _ in 0..WARMUP_FORWARDS {
                 let t = Instant::now();

@@ -11,10 +11,10 @@ use tch::{IValue, Tensor};
 
 mod batch_range;
 mod machine;
-mod outputs;
+mod tree;
 
 pub use batch_range::{BatchRange, batch_range};
-pub use outputs::{IValueKey, OutTree};
+pub use tree::{IValueKey, Tree};
 
 use batch_range::{Plan, plan, run_in_pieces};
 use machine::check_machine;
@@ -34,7 +34,11 @@ unsafe extern "C" {
         outputs: *mut *mut *mut c_void,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn tchserve_aoti_out_spec(handle: *mut c_void, err: *mut *mut c_char) -> *mut c_char;
+    fn tchserve_aoti_call_spec(
+        handle: *mut c_void,
+        which: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut c_char;
     fn tchserve_aoti_free(handle: *mut c_void);
     fn tchserve_aoti_free_outputs(outputs: *mut *mut c_void);
     fn tchserve_aoti_free_message(message: *mut c_char);
@@ -90,7 +94,10 @@ pub struct Package {
     /// The numbers of examples one forward takes.
     range: BatchRange,
     /// The structure of the outputs, where the package states one this side reads.
-    outputs: Option<OutTree>,
+    outputs: Option<Tree>,
+    /// How many tensors `forward` takes as its one list argument, for a model exported as
+    /// `forward(images: list[Tensor])`; `None` for one that takes tensors.
+    list_len: Option<usize>,
 }
 
 // SAFETY: the loader's runners are taken from a pool under its own lock, so `run` may be called
@@ -127,24 +134,65 @@ impl Package {
         let handle =
             unsafe { tchserve_aoti_load(path.as_ptr(), index, runners.max(1) as c_int, &mut err) };
         let handle = NonNull::new(handle).ok_or_else(|| take_message(err))?;
-        let mut err = std::ptr::null_mut();
-        // SAFETY: the handle is live; the spec is a new string this side frees.
-        let spec = unsafe { tchserve_aoti_out_spec(handle.as_ptr(), &mut err) };
-        let outputs = if spec.is_null() {
-            tracing::warn!(
-                "{}: no output spec: {}",
-                path.to_string_lossy(),
-                take_message(err)
-            );
-            None
-        } else {
-            OutTree::parse(&take_message(spec))
+        let spec = |which: c_int| {
+            let mut err = std::ptr::null_mut();
+            // SAFETY: the handle is live; the spec is a new string this side frees.
+            let spec = unsafe { tchserve_aoti_call_spec(handle.as_ptr(), which, &mut err) };
+            if spec.is_null() {
+                tracing::warn!(
+                    "{}: no call spec {which}: {}",
+                    path.to_string_lossy(),
+                    take_message(err)
+                );
+                None
+            } else {
+                Tree::parse(&take_message(spec))
+            }
         };
+        let list_len = spec(0).and_then(|t| t.first_argument_list());
+        let outputs = spec(1);
         Ok(Package {
             handle,
-            range,
+            // A list's tensors are examples, whatever their sizes; the generated checks speak
+            // of the first one's channels.
+            range: list_len.map_or(range, |n| BatchRange {
+                min: n as i64,
+                max: Some(n as i64),
+            }),
             outputs,
+            list_len,
         })
+    }
+
+    /// How many tensors `forward` takes as one list, for a package exported as
+    /// `forward(images: list[Tensor])`; `None` for one that takes tensors.
+    pub fn list_len(&self) -> Option<usize> {
+        self.list_len
+    }
+
+    /// Runs a package that takes a list (see [`Package::list_len`]) on `items`: a shorter list is
+    /// padded with copies of its last item, whose answers stay in the output for the caller to
+    /// drop, and a longer one is refused.
+    pub fn run_list(&self, items: &[Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
+        let Some(n) = self.list_len else {
+            return Err(tch::TchError::Kind(
+                "this .pt2 model takes tensors, and the handler feeds it a list".into(),
+            ));
+        };
+        let Some(last) = items.last() else {
+            return Err(tch::TchError::Shape("an empty list of inputs".into()));
+        };
+        if items.len() > n {
+            return Err(tch::TchError::Shape(format!(
+                "the model takes a list of {n} per forward (its package was exported so); got {}",
+                items.len()
+            )));
+        }
+        let padded: Vec<&Tensor> = items
+            .iter()
+            .chain(std::iter::repeat_n(last, n - items.len()))
+            .collect();
+        self.run_as_is(&padded)
     }
 
     /// The package's outputs as the model's `forward` returned them: one tensor, or a tuple or
@@ -168,6 +216,12 @@ impl Package {
     /// Either that, or an input whose sizes the package's own checks refuse, is a shape error:
     /// the request's doing, not the model's, which the handler answers as bad input.
     pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
+        if let Some(n) = self.list_len {
+            return Err(tch::TchError::Kind(format!(
+                "this .pt2 model takes a list of {n} tensors, and the handler feeds it tensors: \
+                 use a handler with \"feed\": \"list\""
+            )));
+        }
         // Without inputs there is nothing to fit: the package's own count check answers.
         let Some(rows) = inputs.first().and_then(|t| t.size().first().copied()) else {
             return self.run_as_is(inputs);

@@ -304,19 +304,38 @@ impl Pipeline {
             }
         }
         let total = list.len();
-        let out = self.forward(module, vec![IValue::TensorList(list)])?;
-        let items = match out {
-            IValue::GenericList(items) | IValue::Tuple(items) if items.len() == total => items,
-            IValue::TensorList(items) if items.len() == total => {
-                items.into_iter().map(IValue::Tensor).collect()
-            }
-            other => {
+        // A package exported for a list of n runs n at a time, its last forward padded; a
+        // TorchScript module takes the whole list.
+        let piece = module.list_len().unwrap_or(total).max(1);
+        let mut items = Vec::with_capacity(total);
+        for part in list.chunks(piece) {
+            let part_list = part.iter().map(Tensor::shallow_clone).collect();
+            let out = self.forward(module, vec![IValue::TensorList(part_list)])?;
+            let got = match out {
+                IValue::GenericList(got) | IValue::Tuple(got) => got,
+                IValue::TensorList(got) => got.into_iter().map(IValue::Tensor).collect(),
+                other => {
+                    return Err(PredictError::ModelFailed(format!(
+                        "the model returned {} where a list of {} results was expected",
+                        ivalue_kind(&other),
+                        part.len()
+                    )));
+                }
+            };
+            // A padded forward answers its copies too; a model answering too few is wrong.
+            let expected = if part.len() < piece && module.list_len().is_some() {
+                piece
+            } else {
+                part.len()
+            };
+            if got.len() != expected {
                 return Err(PredictError::ModelFailed(format!(
-                    "the model returned {} where a list of {total} results was expected",
-                    ivalue_kind(&other)
+                    "the model returned a list of {} results for {expected} inputs",
+                    got.len()
                 )));
             }
-        };
+            items.extend(got.into_iter().take(part.len()));
+        }
         let mut answers = Vec::with_capacity(inputs.len());
         let mut items = items.into_iter();
         for d in inputs {

@@ -1,23 +1,24 @@
-//! Putting a package's flat outputs back into the structure its model's `forward` returned.
+//! The structure of a package's inputs and outputs, read from its pytree specs: the package
+//! itself takes and answers flat lists of tensors.
 
 use tch::{IValue, Tensor};
 
-/// The structure of what a package's `forward` returned, read from its pytree output spec: the
-/// package itself answers a flat list of tensors, which [`OutTree::rebuild`] puts back in shape,
-/// so that a handler selecting `{"key": "out"}` works as it does on TorchScript.
+/// The structure of what a package's `forward` takes or returns, read from a pytree spec. The
+/// flat outputs are put back in shape by [`Tree::rebuild`], so that a handler selecting
+/// `{"key": "out"}` works as it does on TorchScript.
 #[derive(Debug, Clone, PartialEq)]
-pub enum OutTree {
+pub enum Tree {
     /// One tensor.
     Tensor,
     /// `None`.
     Nothing,
     /// A tuple, a list, or any other sequence.
-    Sequence(Vec<OutTree>),
+    Sequence(Vec<Tree>),
     /// A dict, or any mapping with string or integer keys.
-    Mapping(Vec<(IValueKey, OutTree)>),
+    Mapping(Vec<(IValueKey, Tree)>),
 }
 
-/// A key of an output mapping.
+/// A key of a mapping.
 #[derive(Debug, Clone, PartialEq)]
 pub enum IValueKey {
     /// A string key.
@@ -26,18 +27,18 @@ pub enum IValueKey {
     Int(i64),
 }
 
-impl OutTree {
+impl Tree {
     /// Reads torch's serialized spec (`[1, {"type": ..., "context": ..., "children_spec": ...}]`);
     /// `None` for a form it does not know.
-    pub fn parse(spec: &str) -> Option<OutTree> {
+    pub fn parse(spec: &str) -> Option<Tree> {
         let value: serde_json::Value = serde_json::from_str(spec).ok()?;
         Self::node(value.get(1)?)
     }
 
-    fn node(node: &serde_json::Value) -> Option<OutTree> {
+    fn node(node: &serde_json::Value) -> Option<Tree> {
         let kind = node.get("type")?;
         if kind.is_null() {
-            return Some(OutTree::Tensor);
+            return Some(Tree::Tensor);
         }
         let children = node
             .get("children_spec")?
@@ -46,7 +47,7 @@ impl OutTree {
             .map(Self::node)
             .collect::<Option<Vec<_>>>()?;
         if kind.as_str() == Some("builtins.NoneType") {
-            return Some(OutTree::Nothing);
+            return Some(Tree::Nothing);
         }
         // A mapping's context is its keys, as JSON text.
         let keys = node
@@ -64,30 +65,49 @@ impl OutTree {
                     .collect::<Option<Vec<_>>>()
             });
         Some(match keys {
-            Some(keys) => OutTree::Mapping(keys.into_iter().zip(children).collect()),
-            None => OutTree::Sequence(children),
+            Some(keys) => Tree::Mapping(keys.into_iter().zip(children).collect()),
+            None => Tree::Sequence(children),
         })
     }
 
     /// How many tensors the structure holds.
     pub fn leaves(&self) -> usize {
         match self {
-            OutTree::Tensor => 1,
-            OutTree::Nothing => 0,
-            OutTree::Sequence(items) => items.iter().map(OutTree::leaves).sum(),
-            OutTree::Mapping(items) => items.iter().map(|(_, t)| t.leaves()).sum(),
+            Tree::Tensor => 1,
+            Tree::Nothing => 0,
+            Tree::Sequence(items) => items.iter().map(Tree::leaves).sum(),
+            Tree::Mapping(items) => items.iter().map(|(_, t)| t.leaves()).sum(),
+        }
+    }
+
+    /// For an input spec (`(args, kwargs)`): the length of `forward`'s first argument when it is
+    /// a list (or tuple) of tensors, as a detector's `forward(images: list[Tensor])` takes.
+    pub fn first_argument_list(&self) -> Option<usize> {
+        let Tree::Sequence(call) = self else {
+            return None;
+        };
+        let Some(Tree::Sequence(args)) = call.first() else {
+            return None;
+        };
+        match args.first() {
+            Some(Tree::Sequence(items))
+                if !items.is_empty() && items.iter().all(|i| *i == Tree::Tensor) =>
+            {
+                Some(items.len())
+            }
+            _ => None,
         }
     }
 
     /// Puts `outputs`, in order, into this structure.
     pub fn rebuild(&self, outputs: &mut impl Iterator<Item = Tensor>) -> IValue {
         match self {
-            OutTree::Tensor => outputs.next().map_or(IValue::None, IValue::Tensor),
-            OutTree::Nothing => IValue::None,
-            OutTree::Sequence(items) => {
+            Tree::Tensor => outputs.next().map_or(IValue::None, IValue::Tensor),
+            Tree::Nothing => IValue::None,
+            Tree::Sequence(items) => {
                 IValue::Tuple(items.iter().map(|t| t.rebuild(outputs)).collect())
             }
-            OutTree::Mapping(items) => IValue::GenericDict(
+            Tree::Mapping(items) => IValue::GenericDict(
                 items
                     .iter()
                     .map(|(k, t)| {
@@ -113,7 +133,7 @@ mod tests {
         let dict = format!(
             r#"[1, {{"type": "builtins.dict", "context": "[\"out\", \"aux\"]", "children_spec": [{leaf}, {leaf}]}}]"#
         );
-        let tree = OutTree::parse(&dict).unwrap();
+        let tree = Tree::parse(&dict).unwrap();
         assert_eq!(tree.leaves(), 2);
         let t = |v: f32| Tensor::from_slice(&[v]);
         let IValue::GenericDict(items) = tree.rebuild(&mut vec![t(1.0), t(2.0)].into_iter()) else {
@@ -129,18 +149,39 @@ mod tests {
         let nested = format!(
             r#"[1, {{"type": "builtins.tuple", "context": "null", "children_spec": [{leaf}, {{"type": "builtins.list", "context": "null", "children_spec": [{leaf}, {leaf}]}}]}}]"#
         );
-        let tree = OutTree::parse(&nested).unwrap();
+        let tree = Tree::parse(&nested).unwrap();
         assert_eq!(
             tree,
-            OutTree::Sequence(vec![
-                OutTree::Tensor,
-                OutTree::Sequence(vec![OutTree::Tensor, OutTree::Tensor])
+            Tree::Sequence(vec![
+                Tree::Tensor,
+                Tree::Sequence(vec![Tree::Tensor, Tree::Tensor])
             ])
         );
-        assert_eq!(
-            OutTree::parse(&format!("[1, {leaf}]")),
-            Some(OutTree::Tensor)
-        );
-        assert_eq!(OutTree::parse("not json"), None);
+        assert_eq!(Tree::parse(&format!("[1, {leaf}]")), Some(Tree::Tensor));
+        assert_eq!(Tree::parse("not json"), None);
+    }
+
+    #[test]
+    fn a_list_argument_is_found_in_the_input_spec() {
+        let leaf = r#"{"type": null, "context": null, "children_spec": []}"#;
+        let kwargs = r#"{"type": "builtins.dict", "context": "[]", "children_spec": []}"#;
+        let call = |args: &str| {
+            Tree::parse(&format!(
+                r#"[1, {{"type": "builtins.tuple", "context": "null", "children_spec": [{{"type": "builtins.tuple", "context": "null", "children_spec": [{args}]}}, {kwargs}]}}]"#
+            ))
+            .unwrap()
+        };
+        let list = |n: usize| {
+            format!(
+                r#"{{"type": "builtins.list", "context": "null", "children_spec": [{}]}}"#,
+                vec![leaf; n].join(", ")
+            )
+        };
+        assert_eq!(call(&list(1)).first_argument_list(), Some(1));
+        assert_eq!(call(&list(3)).first_argument_list(), Some(3));
+        // forward(x) and forward(ids, mask) take tensors.
+        assert_eq!(call(leaf).first_argument_list(), None);
+        assert_eq!(call(&format!("{leaf}, {leaf}")).first_argument_list(), None);
+        assert_eq!(call(&list(0)).first_argument_list(), None);
     }
 }
