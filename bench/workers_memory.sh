@@ -2,9 +2,10 @@
 # Memory per worker, tchserve beside TorchServe 0.12.0: the pretrained-shape ResNet-18 (47 MB of
 # weights) archived once by the real torch-model-archiver with the built-in image_classifier
 # handler, served by each server in turn, scaled to 1, 4 and 16 CPU workers. After each scale,
-# 3 s of load at concurrency 16 (a 640x480 JPEG) so that every worker has run forwards, 3 s of
-# rest, then the memory of the server and all its processes (proportional set size). Prints
-# JSON lines and the MB each worker beyond the first costs.
+# 3 s of load at concurrency 16 (a 640x480 JPEG) so that every worker runs forwards, then 3 s of
+# rest; the memory of the server and all its processes (proportional set size) is measured
+# 2.5 s into the load and after the rest. Prints JSON lines and the MB each worker beyond the
+# first costs, under load and at rest.
 # TorchServe is installed on first use in build/torchserve-venv (see bench/torchserve/common.sh).
 # Usage: bench/workers_memory.sh [tchserve|torchserve|both]   (BIN=... for another tchserve)
 set -euo pipefail
@@ -30,19 +31,26 @@ default_workers_per_model=1
 CFG
 
 measure() {
-    local server=$1 pid=$2 first= n mb per
+    local server=$1 pid=$2 first= first_busy= n mb per busy per_busy load
     until curl -s -o /dev/null -w '%{http_code}' localhost:8080/ping | grep -q 200; do sleep 0.2; done
     curl -s -o /dev/null -X POST "localhost:8081/models?url=resnet18.mar&initial_workers=1&synchronous=true"
     for n in 1 4 16; do
         curl -s -o /dev/null -X PUT "localhost:8081/models/resnet18?min_worker=$n&max_worker=$n&synchronous=true"
         "$root/target/release/loadgen" --duration 3 --warmup 0 --path /predictions/resnet18 \
-            --body "$root/$out/cat640.jpg" --content-type image/jpeg -c 16 >/dev/null
-        # Measured at rest: idle workers may hand memory back (tchserve's do after 1 s).
+            --body "$root/$out/cat640.jpg" --content-type image/jpeg -c 16 >/dev/null &
+        load=$!
+        # Once under load, with every worker's buffers in use, and once at rest: idle workers
+        # may hand memory back (tchserve's do after 1 s).
+        sleep 2.5
+        busy=$(pss_tree "$pid")
+        wait "$load"
         sleep 3
         mb=$(pss_tree "$pid")
         first=${first:-$mb}
-        per=$([ "$n" -gt 1 ] && echo "scale=1; ($mb - $first) / ($n - 1)" | bc || echo 0)
-        echo "{\"bench\": \"resnet18_workers\", \"server\": \"$server\", \"workers\": $n, \"pss_mb\": $mb, \"mb_per_extra_worker\": $per}"
+        first_busy=${first_busy:-$busy}
+        per=$([ "$n" -gt 1 ] && echo "scale=1; ($mb - $first) / ($n - 1)" | bc | sed "s/^\./0./; s/^-\./-0./" || echo 0)
+        per_busy=$([ "$n" -gt 1 ] && echo "scale=1; ($busy - $first_busy) / ($n - 1)" | bc | sed "s/^\./0./; s/^-\./-0./" || echo 0)
+        echo "{\"bench\": \"resnet18_workers\", \"server\": \"$server\", \"workers\": $n, \"pss_mb\": $mb, \"mb_per_extra_worker\": $per, \"pss_mb_under_load\": $busy, \"mb_per_extra_worker_under_load\": $per_busy}"
     done
 }
 

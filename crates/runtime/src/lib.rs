@@ -7,6 +7,7 @@ pub mod batch;
 pub mod device;
 mod error;
 pub mod handler;
+mod heap;
 pub mod model;
 pub mod pool;
 mod shared;

@@ -118,6 +118,8 @@ impl Pool {
                 budget: Arc::clone(&self.budget),
                 modules: Arc::clone(&self.modules),
             };
+            // Before the first worker allocates, so that every buffer follows the same rules.
+            crate::heap::fix_thresholds();
             let name = format!("W-{id}-{}_{}", self.spec.name, self.spec.version);
             let thread = std::thread::Builder::new()
                 .name(name)

@@ -23,10 +23,8 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 /// request; the poll yields the core at each turn, so under load it takes no time from threads
 /// with work, and a worker that went idle does not poll again until it has served something.
 const POLL_AFTER_BATCH: Duration = Duration::from_micros(250);
-/// After this long without work a worker hands the heap memory freed since back to the system.
-/// glibc keeps what a thread freed in that thread's arena for its next use: per worker, the
-/// activations of its largest forward and its decoded images, megabytes that an idle worker
-/// would otherwise hold for good.
+/// After this long without work a worker hands the heap memory freed since back to the system
+/// (see [`crate::heap`]): megabytes per worker that an idle one would otherwise hold for good.
 const TRIM_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// Forwards run on a fixed-shape model before it counts as ready.
 const WARMUP_FORWARDS: usize = 3;
@@ -248,7 +246,7 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
             Next::Idle => {
                 poll = Duration::ZERO;
                 if untrimmed_since.is_some_and(|t| t.elapsed() >= TRIM_AFTER_IDLE) {
-                    release_free_heap();
+                    crate::heap::release_free();
                     untrimmed_since = None;
                 }
                 continue;
@@ -269,15 +267,6 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
         {
             return Ended::Crashed("the handler panicked".into());
         }
-    }
-}
-
-/// Returns the free pages of every malloc arena to the system (glibc only; elsewhere nothing).
-fn release_free_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists, under its locks.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
