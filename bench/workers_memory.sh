@@ -10,9 +10,10 @@
 # Usage: bench/workers_memory.sh [tchserve|torchserve|both]   (BIN=... for another tchserve)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# BIN may be relative to where the script was started.
+bin=$(realpath "${BIN:-$root/target/release/tchserve}")
 cd "$root"
 which=${1:-both}
-bin=${BIN:-$root/target/release/tchserve}
 out=build/bench
 store=$out/workers-store
 home=$out/workers-home
@@ -32,7 +33,10 @@ CFG
 
 measure() {
     local server=$1 pid=$2 first= first_busy= n mb per busy per_busy load
-    until curl -s -o /dev/null -w '%{http_code}' localhost:8080/ping | grep -q 200; do sleep 0.2; done
+    until curl -s -o /dev/null -w '%{http_code}' localhost:8080/ping | grep -q 200; do
+        kill -0 "$pid" 2>/dev/null || { echo "$server exited before answering: see $home" >&2; exit 1; }
+        sleep 0.2
+    done
     curl -s -o /dev/null -X POST "localhost:8081/models?url=resnet18.mar&initial_workers=1&synchronous=true"
     for n in 1 4 16; do
         curl -s -o /dev/null -X PUT "localhost:8081/models/resnet18?min_worker=$n&max_worker=$n&synchronous=true"

@@ -11,7 +11,7 @@
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod glibc {
-    use std::sync::Once;
+    use std::sync::OnceLock;
 
     /// Buffers up to this size come from the arenas, where they are reused from one forward to
     /// the next; larger ones get their own mapping. glibc's own ceiling for the value it would
@@ -20,28 +20,75 @@ mod glibc {
     /// Free space at the top of an arena kept while serving: twice the mapping threshold, as
     /// glibc would set it, so that a forward never returns and faults in its own buffers again.
     const TRIM_THRESHOLD: i32 = 2 * MMAP_THRESHOLD;
+    /// glibc's trim threshold when it is not adjusting it (`DEFAULT_TRIM_THRESHOLD`).
+    const GLIBC_TRIM_THRESHOLD: i32 = 128 << 10;
     /// A free of at least this size (glibc's FASTBIN_CONSOLIDATION_THRESHOLD) makes glibc look
     /// at the top of the freeing thread's arena.
     const PROBE: usize = 256 << 10;
 
-    static FIXED: Once = Once::new();
+    /// The trim threshold kept while serving, once [`fix_thresholds`] has run.
+    static SERVING_TRIM: OnceLock<i32> = OnceLock::new();
 
-    /// Sets the thresholds once. glibc stops moving them on its own as soon as one is set, so
-    /// both are fixed, at the values it would reach itself, before [`release_free`] sets one.
-    pub fn fix_thresholds() {
-        FIXED.call_once(|| {
+    /// A threshold the operator set for the process: `MALLOC_<NAME>_` or `glibc.malloc.<name>`
+    /// in `GLIBC_TUNABLES`, which glibc read at start-up. `Some(None)` when set to something
+    /// this side does not read as a number.
+    fn operator_set(env: &str, tunable: &str) -> Option<Option<i32>> {
+        setting(
+            std::env::var(env).ok(),
+            std::env::var("GLIBC_TUNABLES").ok(),
+            tunable,
+        )
+    }
+
+    /// [`operator_set`] on the two variables' values.
+    pub(super) fn setting(
+        variable: Option<String>,
+        tunables: Option<String>,
+        tunable: &str,
+    ) -> Option<Option<i32>> {
+        if let Some(value) = variable {
+            return Some(value.trim().parse().ok());
+        }
+        tunables?.split(':').find_map(|t| {
+            Some(
+                t.strip_prefix(tunable)?
+                    .strip_prefix('=')?
+                    .trim()
+                    .parse()
+                    .ok(),
+            )
+        })
+    }
+
+    /// Sets the thresholds once, unless the operator set them. glibc stops moving them on its
+    /// own as soon as one is set (the environment variables do the same), so both are fixed,
+    /// at the values it would reach itself, before [`release_free`] sets one.
+    pub fn fix_thresholds() -> i32 {
+        *SERVING_TRIM.get_or_init(|| {
+            let mmap = operator_set("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold");
+            let trim = operator_set("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold");
             // SAFETY: mallopt only sets the allocator's tunables, under its lock.
             unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+                if mmap.is_none() {
+                    libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+                }
+                // What glibc holds now, restated: the operator's, or its default once they
+                // fixed the other one, or this side's.
+                let serving = match (trim, mmap) {
+                    (Some(Some(t)), _) => t,
+                    (Some(None), _) | (None, Some(_)) => GLIBC_TRIM_THRESHOLD,
+                    (None, None) => TRIM_THRESHOLD,
+                };
+                libc::mallopt(libc::M_TRIM_THRESHOLD, serving);
+                serving
             }
-        });
+        })
     }
 
     /// See the module's documentation. Other threads freeing in the same microseconds may trim
     /// their arenas too, which costs them page faults, never memory or correctness.
     pub fn release_free() {
-        fix_thresholds();
+        let serving = fix_thresholds();
         // SAFETY: mallopt sets tunables under the allocator's lock; the probe is allocated and
         // freed here and never read or written; malloc_trim walks the allocator's own lists.
         unsafe {
@@ -49,13 +96,14 @@ mod glibc {
             // black_box: the compiler may otherwise drop a malloc whose memory is never used.
             let probe = std::hint::black_box(libc::malloc(PROBE));
             libc::free(probe);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, serving);
             libc::malloc_trim(0);
         }
     }
 }
 
-/// Fixes the allocator's thresholds before any worker allocates (glibc only).
+/// Fixes the allocator's thresholds before any worker allocates, where the operator has not
+/// (glibc only).
 pub fn fix_thresholds() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     glibc::fix_thresholds();
@@ -87,6 +135,24 @@ mod tests {
             }
         }
         panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn the_operators_malloc_settings_are_found() {
+        use super::glibc::setting;
+        let some = |s: &str| Some(s.to_string());
+        let mmap = "glibc.malloc.mmap_threshold";
+        assert_eq!(setting(some("1048576"), None, mmap), Some(Some(1048576)));
+        assert_eq!(setting(some("lots"), None, mmap), Some(None));
+        let tunables = some("glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=65536");
+        assert_eq!(setting(None, tunables.clone(), mmap), Some(Some(65536)));
+        assert_eq!(setting(None, tunables, "glibc.malloc.trim_threshold"), None);
+        // A longer name that starts with the one asked for is another tunable.
+        assert_eq!(
+            setting(None, some("glibc.malloc.mmap_threshold_x=1"), mmap),
+            None
+        );
+        assert_eq!(setting(None, None, mmap), None);
     }
 
     #[test]
