@@ -13,7 +13,7 @@ use std::path::Path;
 use common::server::{
     Server, archive, example_build, fixture_handler, pt2_cuda_fixtures, pt2_fixtures, text_fixtures,
 };
-use common::{cosine, nvidia_gpu, repo_root};
+use common::{cosine, detections, nvidia_gpu, repo_root};
 
 fn register(s: &Server, query: &str) -> common::http::Resp {
     s.manage("POST", &format!("/models?{query}&synchronous=true"))
@@ -675,26 +675,6 @@ fn the_built_in_handlers_run_pt2_models_as_they_run_torchscript() {
     assert_ne!(r.status, 200);
     assert!(r.text().contains("int64 token ids"), "{}", r.text());
     assert_eq!(s.manage("GET", "/models/int32_text").status, 404);
-}
-
-/// The detections of one answer, `[{"<label>": [x1, y1, x2, y2], "score": s}, ...]`, as
-/// (label, box, score) in the order given.
-fn detections(v: &serde_json::Value) -> Vec<(String, Vec<f64>, f64)> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("not a list of detections: {v}"))
-        .iter()
-        .map(|d| {
-            let o = d.as_object().unwrap();
-            let (label, bx) = o.iter().find(|(k, _)| *k != "score").unwrap();
-            let bx = bx
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect();
-            (label.clone(), bx, o["score"].as_f64().unwrap())
-        })
-        .collect()
 }
 
 /// Every number within 1e-5 of the other, relative to it where it is above 1.

@@ -7,6 +7,7 @@ use std::fs;
 use std::path::Path;
 
 use base64::Engine as _;
+use common::detections;
 use common::http::{Resp, request};
 use common::server::{Server, archive, real_archive, vision_fixtures};
 use serde_json::{Value, json};
@@ -402,24 +403,8 @@ fn object_detector_and_image_segmenter_match_pytorch() {
     // equal scores, whose relative order libtorch's sort leaves open, so both sides are compared
     // sorted.
     let r = post_image(&s, "detector_all", "coffee.png");
-    let got = r.json();
-    let got = got.as_array().unwrap_or_else(|| panic!("{}", r.text()));
-    assert_eq!(got.len(), scores.len());
-    let key = |label: String, bx: Vec<f64>, score: f64| (label, bx, score);
-    let mut served: Vec<(String, Vec<f64>, f64)> = got
-        .iter()
-        .map(|d| {
-            let o = d.as_object().unwrap();
-            let (label, bx) = o.iter().find(|(k, _)| *k != "score").unwrap();
-            let bx = bx
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .collect();
-            key(label.clone(), bx, o["score"].as_f64().unwrap())
-        })
-        .collect();
+    let mut served = detections(&r.json());
+    assert_eq!(served.len(), scores.len(), "{}", r.text());
     let mut pytorch: Vec<(String, Vec<f64>, f64)> = (0..scores.len())
         .map(|i| {
             let bx = dets["boxes"][i]
@@ -428,7 +413,7 @@ fn object_detector_and_image_segmenter_match_pytorch() {
                 .iter()
                 .map(|v| v.as_f64().unwrap())
                 .collect();
-            key(
+            (
                 dets["labels"][i].as_i64().unwrap().to_string(),
                 bx,
                 scores[i],

@@ -87,3 +87,23 @@ pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     dot / (norm(a) * norm(b))
 }
+
+/// The detections of one answer, `[{"<label>": [x1, y1, x2, y2], "score": s}, ...]`, as
+/// (label, box, score) in the order given.
+pub fn detections(v: &serde_json::Value) -> Vec<(String, Vec<f64>, f64)> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list of detections: {v}"))
+        .iter()
+        .map(|d| {
+            let o = d.as_object().unwrap();
+            let (label, bx) = o.iter().find(|(k, _)| *k != "score").unwrap();
+            let bx = bx
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            (label.clone(), bx, o["score"].as_f64().unwrap())
+        })
+        .collect()
+}
