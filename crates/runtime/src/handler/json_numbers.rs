@@ -20,13 +20,24 @@ pub struct Numbers {
     pub instances: bool,
 }
 
+impl Numbers {
+    /// Room for the numbers of a body of `len` bytes, which seldom take under 8 bytes each
+    /// (`0.123456, `): growing the buffer number by number cost more than reading them.
+    fn for_body(len: usize) -> Self {
+        Numbers {
+            flat: Vec::with_capacity(len / 8),
+            ..Numbers::default()
+        }
+    }
+}
+
 /// The numbers of `body`, or `None` when it is not in a shape this reader takes.
 pub fn read(body: &[u8]) -> Option<Numbers> {
     let mut r = Reader { s: body, i: 0 };
     r.ws();
     let numbers = match r.peek()? {
         b'[' => {
-            let mut n = Numbers::default();
+            let mut n = Numbers::for_body(body.len());
             r.nest(0, &mut n.dims, &mut n.flat)?;
             n
         }
@@ -55,6 +66,46 @@ fn digits(s: &[u8], i: &mut usize, acc: &mut u64) -> usize {
         *i += 1;
     }
     *i - start
+}
+
+/// The usual number, `-?(0|[1-9][0-9]*)(\.[0-9]+)?` with 18 digits at most, as serde_json
+/// reads it; `None`, leaving `i` alone, for anything else (the general `number` reads it).
+#[inline(always)]
+fn plain_number(s: &[u8], i: &mut usize) -> Option<f64> {
+    let mut j = *i;
+    let negative = s.get(j) == Some(&b'-');
+    j += usize::from(negative);
+    let int_start = j;
+    let mut m: u64 = 0;
+    while let Some(d) = s.get(j).map(|b| b.wrapping_sub(b'0')).filter(|d| *d < 10) {
+        m = m.wrapping_mul(10).wrapping_add(u64::from(d));
+        j += 1;
+    }
+    let int_len = j - int_start;
+    let mut frac_len = 0;
+    if s.get(j) == Some(&b'.') {
+        j += 1;
+        let frac_start = j;
+        while let Some(d) = s.get(j).map(|b| b.wrapping_sub(b'0')).filter(|d| *d < 10) {
+            m = m.wrapping_mul(10).wrapping_add(u64::from(d));
+            j += 1;
+        }
+        frac_len = j - frac_start;
+        if frac_len == 0 {
+            return None;
+        }
+    }
+    let odd = int_len == 0
+        || (int_len > 1 && s[int_start] == b'0')
+        || int_len + frac_len > 18
+        || matches!(s.get(j), Some(b'e' | b'E'));
+    if odd {
+        return None;
+    }
+    *i = j;
+    let f = m as i64 as f64;
+    let magnitude = if frac_len > 0 { f / POW10[frac_len] } else { f };
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 struct Reader<'a> {
@@ -109,7 +160,7 @@ impl Reader<'_> {
             self.ws();
             self.eat(b":")?;
             self.ws();
-            let mut n = Numbers::default();
+            let mut n = Numbers::for_body(self.s.len());
             self.nest(0, &mut n.dims, &mut n.flat)?;
             *slot = Some(n);
             if !self.more(b'}')? {
@@ -129,17 +180,24 @@ impl Reader<'_> {
     /// A value `depth` lists deep, with the general decoder's rules: the first list met at a
     /// depth sets that level's size, every later one must match it, numbers only innermost.
     fn nest(&mut self, depth: usize, dims: &mut Vec<i64>, flat: &mut Vec<f64>) -> Option<()> {
-        let x = match self.peek()? {
-            b'[' => return self.list(depth, dims, flat),
-            b't' => self.eat(b"true").map(|()| 1.0)?,
-            b'f' => self.eat(b"false").map(|()| 0.0)?,
-            _ => self.number()?,
-        };
+        if self.peek()? == b'[' {
+            return self.list(depth, dims, flat);
+        }
         if dims.len() != depth {
             return None;
         }
-        flat.push(x);
+        flat.push(self.scalar()?);
         Some(())
+    }
+
+    /// A number, or a boolean as 0 or 1.
+    #[inline(always)]
+    fn scalar(&mut self) -> Option<f64> {
+        match self.peek()? {
+            b't' => self.eat(b"true").map(|()| 1.0),
+            b'f' => self.eat(b"false").map(|()| 0.0),
+            _ => self.number(),
+        }
     }
 
     fn list(&mut self, depth: usize, dims: &mut Vec<i64>, flat: &mut Vec<f64>) -> Option<()> {
@@ -156,16 +214,52 @@ impl Reader<'_> {
         }
         let mut count: i64 = 0;
         self.ws();
-        if self.peek()? == b']' {
-            self.i += 1;
-        } else {
-            loop {
+        match self.peek()? {
+            b']' => self.i += 1,
+            b'[' => loop {
                 self.ws();
-                self.nest(depth + 1, dims, flat)?;
+                self.list(depth + 1, dims, flat)?;
                 count += 1;
                 if !self.more(b']')? {
                     break;
                 }
+            },
+            // The innermost level: the loop that reads almost every byte of a tensor body, kept
+            // free of the recursion above and of `self` (its fields in registers).
+            _ => {
+                if dims.len() != depth + 1 {
+                    return None;
+                }
+                let s = self.s;
+                let mut i = self.i;
+                loop {
+                    while let Some(b' ' | b'\n' | b'\t' | b'\r') = s.get(i) {
+                        i += 1;
+                    }
+                    let x = match plain_number(s, &mut i) {
+                        Some(x) => x,
+                        None => {
+                            self.i = i;
+                            let x = self.scalar()?;
+                            i = self.i;
+                            x
+                        }
+                    };
+                    flat.push(x);
+                    count += 1;
+                    while let Some(b' ' | b'\n' | b'\t' | b'\r') = s.get(i) {
+                        i += 1;
+                    }
+                    match s.get(i) {
+                        Some(b',') => i += 1,
+                        Some(b']') => {
+                            i += 1;
+                            break;
+                        }
+                        _ => return None,
+                    }
+                }
+                self.i = i;
             }
         }
         if first {
@@ -178,6 +272,7 @@ impl Reader<'_> {
 
     /// A JSON number, as serde_json computes it: an integer as `u64` or `i64` converted to
     /// `f64`, anything else as the significand's `f64` multiplied or divided by a power of ten.
+    #[inline(always)]
     fn number(&mut self) -> Option<f64> {
         // Locals rather than `self.i`: the loops below are the hot path of a JSON request.
         let s = self.s;
@@ -223,12 +318,18 @@ impl Reader<'_> {
             exponent += if sign == Some(b'-') { -exp } else { exp };
         }
         self.i = i;
-        let magnitude = if float {
-            let pow = *POW10.get(exponent.unsigned_abs() as usize)?;
-            let f = significand as f64;
-            if exponent >= 0 { f * pow } else { f / pow }
+        // Below 10^18 the significand is also an `i64`, the same value, converted in one
+        // instruction where a `u64` takes several.
+        let f = if total <= 18 {
+            significand as i64 as f64
         } else {
             significand as f64
+        };
+        let magnitude = if float {
+            let pow = *POW10.get(exponent.unsigned_abs() as usize)?;
+            if exponent >= 0 { f * pow } else { f / pow }
+        } else {
+            f
         };
         Some(if negative { -magnitude } else { magnitude })
     }

@@ -180,16 +180,41 @@ fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decod
         dtype,
         DType::Float32 | DType::Float64 | DType::Float16 | DType::Bfloat16
     );
-    if let Some(x) = flat.iter().find(|x| !is_float && x.fract() != 0.0) {
+    if !is_float && let Some(x) = flat.iter().find(|x| x.fract() != 0.0) {
         return Err(bad(format!(
             "the model takes {} input; {x} is not one",
             dtype_name(dtype)
         )));
     }
-    let tensor = Tensor::from_slice(&flat)
-        .f_to_kind(kind)
-        .and_then(|t| t.f_reshape(&tensor_shape))
-        .map_err(|e| PredictError::ModelFailed(e.to_string()))?;
+    if checked_product(&tensor_shape) != Some(flat.len() as i64) {
+        return Err(PredictError::ModelFailed(format!(
+            "{} numbers read for shape {}",
+            flat.len(),
+            shape_text(&tensor_shape)
+        )));
+    }
+    // float32 and float64 bodies become their tensor in one libtorch call; three calls (a
+    // float64 tensor, its conversion, a reshape) cost more than reading the numbers did.
+    let tensor = match dtype {
+        DType::Float32 => {
+            let mut bytes = Vec::with_capacity(flat.len() * 4);
+            for &x in &flat {
+                bytes.extend_from_slice(&(x as f32).to_ne_bytes());
+            }
+            Tensor::f_from_data_size(&bytes, &tensor_shape, kind)
+        }
+        DType::Float64 => {
+            let mut bytes = Vec::with_capacity(flat.len() * 8);
+            for x in &flat {
+                bytes.extend_from_slice(&x.to_ne_bytes());
+            }
+            Tensor::f_from_data_size(&bytes, &tensor_shape, kind)
+        }
+        _ => Tensor::from_slice(&flat)
+            .f_to_kind(kind)
+            .and_then(|t| t.f_reshape(&tensor_shape)),
+    }
+    .map_err(|e| PredictError::ModelFailed(e.to_string()))?;
     Ok(Decoded::owned(tensor, examples, wrap))
 }
 
@@ -566,5 +591,49 @@ mod tests {
             e.to_string().contains("input shape [3] does not match"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn json_tensors_equal_libtorchs_own_conversion() {
+        // Values that round in float32 (0.1), fall below its normal range (1e-40), keep their
+        // sign (-0.0), an integer past float32's exact ones; the second body overflows float32
+        // (1e39), which the general reader reads.
+        for body in [
+            "[[0.1, 1e-40, 2e-5, -0.0, 16777217, -2.5], [1, 0, 7, 3.25, -1e-7, 123456789.125]]",
+            "[[0.1, 1e-40, 1e39, -0.0, 16777217, -2.5], [1, 0, 7, 3.25, -1e-7, 123456789.125]]",
+        ] {
+            let payload = Payload {
+                parts: vec![Part {
+                    name: "body".into(),
+                    content_type: Some("application/json".into()),
+                    data: body.as_bytes().to_vec().into(),
+                }],
+                ..Payload::default()
+            };
+            let numbers = numbers_of_value(body.as_bytes()).unwrap();
+            for dtype in [
+                DType::Float32,
+                DType::Float64,
+                DType::Float16,
+                DType::Bfloat16,
+            ] {
+                let d = decode(&payload, dtype, Some(&[6])).unwrap();
+                let expected = Tensor::from_slice(&numbers.flat)
+                    .to_kind(kind_of(dtype))
+                    .reshape([2, 6]);
+                assert_eq!(d.tensor.size(), [2, 6], "{dtype:?}");
+                assert_eq!(d.tensor.kind(), kind_of(dtype), "{dtype:?}");
+                // Bit for bit, so that infinities, subnormals and -0.0 all count.
+                let bits =
+                    |t: &Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1));
+                let (got, want) = (bits(&d.tensor).unwrap(), bits(&expected).unwrap());
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "{dtype:?}: {got:?} against {want:?}"
+                );
+            }
+        }
     }
 }
