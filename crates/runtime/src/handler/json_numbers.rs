@@ -59,6 +59,7 @@ const POW10: [f64; 23] = [
 
 /// Appends the run of ASCII digits at `s[*i..]` to `acc` (wrapping on overflow, which the
 /// caller rules out by counting) and returns its length.
+#[inline(always)]
 fn digits(s: &[u8], i: &mut usize, acc: &mut u64) -> usize {
     let start = *i;
     while let Some(d) = s.get(*i).map(|b| b.wrapping_sub(b'0')).filter(|d| *d < 10) {
@@ -77,20 +78,11 @@ fn plain_number(s: &[u8], i: &mut usize) -> Option<f64> {
     j += usize::from(negative);
     let int_start = j;
     let mut m: u64 = 0;
-    while let Some(d) = s.get(j).map(|b| b.wrapping_sub(b'0')).filter(|d| *d < 10) {
-        m = m.wrapping_mul(10).wrapping_add(u64::from(d));
-        j += 1;
-    }
-    let int_len = j - int_start;
+    let int_len = digits(s, &mut j, &mut m);
     let mut frac_len = 0;
     if s.get(j) == Some(&b'.') {
         j += 1;
-        let frac_start = j;
-        while let Some(d) = s.get(j).map(|b| b.wrapping_sub(b'0')).filter(|d| *d < 10) {
-            m = m.wrapping_mul(10).wrapping_add(u64::from(d));
-            j += 1;
-        }
-        frac_len = j - frac_start;
+        frac_len = digits(s, &mut j, &mut m);
         if frac_len == 0 {
             return None;
         }
