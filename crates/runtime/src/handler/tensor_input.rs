@@ -186,6 +186,8 @@ fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decod
             dtype_name(dtype)
         )));
     }
+    // `f_from_data_size` copies as many bytes as the shape holds without looking at the
+    // slice's length, so the two must agree.
     if checked_product(&tensor_shape) != Some(flat.len() as i64) {
         return Err(PredictError::ModelFailed(format!(
             "{} numbers read for shape {}",
