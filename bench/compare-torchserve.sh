@@ -52,13 +52,6 @@ default_workers_per_model=1
 disable_token_authorization=true
 enable_model_api=true
 CFG
-cat > "$work/post.lua" <<'LUA'
-local f = io.open(os.getenv("BODY"), "rb")
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = os.getenv("CTYPE")
-LUA
 
 machine="$(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GB"
 echo "{\"machine\": \"$machine\", \"seconds_per_run\": $secs, \"date\": \"$(date -u +%FT%TZ)\"}" | tee "$results"
@@ -73,9 +66,9 @@ register() {
 # load SERVER PID CASE PATH BODY CONTENT_TYPE CONCURRENCY
 load() {
     local server=$1 pid=$2 case=$3 path=$4 body=$5 ctype=$6 c=$7 before after report
-    BODY=$body CTYPE=$ctype wrk -t1 -c"$c" -d2s -s "$work/post.lua" "http://127.0.0.1:8080$path" >/dev/null
+    BODY=$body CTYPE=$ctype wrk -t1 -c"$c" -d2s -s "$root/bench/wrk_post.lua" "http://127.0.0.1:8080$path" >/dev/null
     before=$(cpu_tree "$pid")
-    report=$(BODY=$body CTYPE=$ctype wrk -t1 -c"$c" -d"${secs}s" --latency -s "$work/post.lua" "http://127.0.0.1:8080$path")
+    report=$(BODY=$body CTYPE=$ctype wrk -t1 -c"$c" -d"${secs}s" --latency -s "$root/bench/wrk_post.lua" "http://127.0.0.1:8080$path")
     after=$(cpu_tree "$pid")
     echo "$report" | awk -v server="$server" -v case="$case" -v c="$c" -v cpu="$(( after - before ))" \
         -v tck="$tck" -v secs="$secs" '

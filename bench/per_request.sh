@@ -31,13 +31,6 @@ model_store=$work/store
 enable_model_api=true
 disable_token_authorization=true
 CFG
-cat > "$work/post.lua" <<'LUA'
-local f = io.open(os.getenv("BODY"), "rb")
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = "application/json"
-LUA
 echo "{\"machine\": \"$(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores\", \"seconds_per_run\": $secs, \"date\": \"$(date -u +%FT%TZ)\"}"
 tck=$(getconf CLK_TCK)
 # CPU ticks of the server and its threads (utime + stime of the process).
@@ -56,9 +49,9 @@ for round in $(seq "$rounds"); do
         code=$(curl -s -o /dev/null -w '%{http_code}' -X POST \
             "127.0.0.1:8081/models?url=mlp.mar&model_name=mlp_b8&initial_workers=1&batch_size=8&max_batch_delay=5&synchronous=true")
         [ "$code" = 200 ] || { echo "registration answered $code" >&2; kill $pid; exit 1; }
-        BODY=$out/mlp.json wrk -t1 -c64 -d2s -s post.lua http://127.0.0.1:8080/predictions/mlp_b8 >/dev/null
+        BODY=$out/mlp.json wrk -t1 -c64 -d2s -s "$root/bench/wrk_post.lua" http://127.0.0.1:8080/predictions/mlp_b8 >/dev/null
         before=$(ticks $pid)
-        report=$(BODY=$out/mlp.json wrk -t1 -c64 -d"${secs}s" --latency -s post.lua http://127.0.0.1:8080/predictions/mlp_b8)
+        report=$(BODY=$out/mlp.json wrk -t1 -c64 -d"${secs}s" --latency -s "$root/bench/wrk_post.lua" http://127.0.0.1:8080/predictions/mlp_b8)
         after=$(ticks $pid)
         kill $pid; wait $pid || true
         echo "$report" | awk -v round="$round" -v bin="$bin" -v secs="$secs" -v tck="$tck" \
