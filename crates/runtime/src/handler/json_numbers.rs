@@ -100,6 +100,14 @@ fn plain_number(s: &[u8], i: &mut usize) -> Option<f64> {
     Some(if negative { -magnitude } else { magnitude })
 }
 
+/// Moves `i` past JSON whitespace.
+#[inline(always)]
+fn skip_ws(s: &[u8], i: &mut usize) {
+    while let Some(b' ' | b'\n' | b'\t' | b'\r') = s.get(*i) {
+        *i += 1;
+    }
+}
+
 struct Reader<'a> {
     s: &'a [u8],
     i: usize,
@@ -111,9 +119,7 @@ impl Reader<'_> {
     }
 
     fn ws(&mut self) {
-        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
-            self.i += 1;
-        }
+        skip_ws(self.s, &mut self.i);
     }
 
     fn eat(&mut self, lit: &[u8]) -> Option<()> {
@@ -225,9 +231,7 @@ impl Reader<'_> {
                 let s = self.s;
                 let mut i = self.i;
                 loop {
-                    while let Some(b' ' | b'\n' | b'\t' | b'\r') = s.get(i) {
-                        i += 1;
-                    }
+                    skip_ws(s, &mut i);
                     let x = match plain_number(s, &mut i) {
                         Some(x) => x,
                         None => {
@@ -239,9 +243,7 @@ impl Reader<'_> {
                     };
                     flat.push(x);
                     count += 1;
-                    while let Some(b' ' | b'\n' | b'\t' | b'\r') = s.get(i) {
-                        i += 1;
-                    }
+                    skip_ws(s, &mut i);
                     match s.get(i) {
                         Some(b',') => i += 1,
                         Some(b']') => {
