@@ -186,8 +186,8 @@ fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decod
             dtype_name(dtype)
         )));
     }
-    // `f_from_data_size` copies as many bytes as the shape holds without looking at the
-    // slice's length, so the two must agree.
+    // The tensor below is written from the numbers read, element for element, so the shape
+    // must hold exactly that many.
     if checked_product(&tensor_shape) != Some(flat.len() as i64) {
         return Err(PredictError::ModelFailed(format!(
             "{} numbers read for shape {}",
@@ -195,29 +195,43 @@ fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decod
             shape_text(&tensor_shape)
         )));
     }
-    // float32 and float64 bodies become their tensor in one libtorch call; three calls (a
-    // float64 tensor, its conversion, a reshape) cost more than reading the numbers did.
+    // float32 and float64 bodies are written straight into their tensor: converting them
+    // through a float64 tensor took three libtorch calls, and `from_data_size` two more copies
+    // (it zero-fills the tensor, then copies a buffer into it).
     let tensor = match dtype {
-        DType::Float32 => {
-            let mut bytes = Vec::with_capacity(flat.len() * 4);
-            for &x in &flat {
-                bytes.extend_from_slice(&(x as f32).to_ne_bytes());
-            }
-            Tensor::f_from_data_size(&bytes, &tensor_shape, kind)
-        }
-        DType::Float64 => {
-            let mut bytes = Vec::with_capacity(flat.len() * 8);
-            for x in &flat {
-                bytes.extend_from_slice(&x.to_ne_bytes());
-            }
-            Tensor::f_from_data_size(&bytes, &tensor_shape, kind)
-        }
+        DType::Float32 => filled(&tensor_shape, Kind::Float, &flat, |x| x as f32),
+        DType::Float64 => filled(&tensor_shape, Kind::Double, &flat, |x| x),
         _ => Tensor::from_slice(&flat)
             .f_to_kind(kind)
             .and_then(|t| t.f_reshape(&tensor_shape)),
     }
     .map_err(|e| PredictError::ModelFailed(e.to_string()))?;
     Ok(Decoded::owned(tensor, examples, wrap))
+}
+
+/// A new CPU tensor of `shape` and `kind` holding `values` converted by `convert`, written in
+/// place. The caller has checked that `shape` holds `values.len()` elements.
+fn filled<T: Copy>(
+    shape: &[i64],
+    kind: Kind,
+    values: &[f64],
+    convert: impl Fn(f64) -> T,
+) -> Result<Tensor, tch::TchError> {
+    let tensor = Tensor::f_empty(shape, (kind, tch::Device::Cpu))?;
+    assert_eq!(tensor.numel(), values.len(), "shape and values disagree");
+    assert_eq!(kind.elt_size_in_bytes(), std::mem::size_of::<T>());
+    if values.is_empty() {
+        return Ok(tensor);
+    }
+    // SAFETY: `empty` gives a fresh, contiguous tensor that nothing else references, of exactly
+    // `values.len()` elements of `T`'s size (both asserted above), so its storage is a valid,
+    // aligned, exclusive `[T]` of that length while `tensor` lives.
+    let out =
+        unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr().cast::<T>(), values.len()) };
+    for (o, &x) in out.iter_mut().zip(values) {
+        *o = convert(x);
+    }
+    Ok(tensor)
 }
 
 /// Panics when [`json_numbers::read`] accepts `body` but reads it otherwise than the general
