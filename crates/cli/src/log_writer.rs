@@ -3,13 +3,15 @@
 //! The access log writes a line per request; a write system call each cost a busy server more
 //! than a tenth of its time per request. Access lines therefore wait, up to [`FLUSH_EVERY`] or
 //! until [`FLUSH_AT`] bytes wait; every other line goes out at once, with the access lines
-//! before it, so the order holds.
+//! before it, so the order holds. In the plain, uncoloured format the access lines are also
+//! formatted here ([`access_line`]), the same text as `tracing`'s formatter writes for less than
+//! a fifth of its work.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use tchserve_server::frontends::ACCESS_LOG_TARGET;
+use tchserve_server::frontends::{ACCESS_LOG_TARGET, AccessEntry, AccessSink};
 use tracing::Metadata;
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -57,6 +59,89 @@ impl BatchedStderr {
     pub fn flush(&self) {
         self.shared.flush();
     }
+
+    /// A sink for the access log that formats each line itself, as [`access_line`], straight
+    /// into the waiting batch. Only for the plain, uncoloured format outside any span.
+    pub fn access_sink(&self) -> AccessSink {
+        let shared = self.shared.clone();
+        let batching = self.batching;
+        Box::new(move |entry| {
+            let waiting = {
+                let mut pending = shared
+                    .pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                access_line(&mut pending, SystemTime::now(), entry);
+                pending.len()
+            };
+            if !batching || waiting >= FLUSH_AT {
+                shared.flush();
+            }
+        })
+    }
+}
+
+/// Appends `entry`'s line at `now` as `tracing-subscriber`'s plain formatter writes the access
+/// log's event (a test holds the two to the same text):
+/// `2026-11-27T02:08:11.772751Z  INFO access: request method=GET path=/ping status=200 us=28`.
+pub fn access_line(out: &mut Vec<u8>, now: SystemTime, entry: &AccessEntry<'_>) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_date(secs / 86_400);
+    let of_day = secs % 86_400;
+    push_padded(out, year, 4);
+    for (sep, value) in [
+        (b'-', month),
+        (b'-', day),
+        (b'T', of_day / 3600),
+        (b':', of_day / 60 % 60),
+        (b':', of_day % 60),
+    ] {
+        out.push(sep);
+        push_padded(out, value, 2);
+    }
+    out.push(b'.');
+    push_padded(out, u64::from(since.subsec_micros()), 6);
+    out.extend_from_slice(b"Z  INFO ");
+    out.extend_from_slice(ACCESS_LOG_TARGET.as_bytes());
+    out.extend_from_slice(b": request method=");
+    out.extend_from_slice(entry.method.as_bytes());
+    out.extend_from_slice(b" path=");
+    out.extend_from_slice(entry.path.as_bytes());
+    out.extend_from_slice(b" status=");
+    push_padded(out, u64::from(entry.status), 1);
+    out.extend_from_slice(b" us=");
+    push_padded(out, entry.micros, 1);
+    out.push(b'\n');
+}
+
+/// The year, month and day of the `days`th day after 1970-01-01, in the proleptic Gregorian
+/// calendar (the usual conversion through 400-year eras starting on March 1st).
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Appends `value` in decimal, zero-padded to `width` digits.
+fn push_padded(out: &mut Vec<u8>, mut value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut n = 0;
+    while value > 0 || n < width {
+        digits[19 - n] = b'0' + (value % 10) as u8;
+        value /= 10;
+        n += 1;
+    }
+    out.extend_from_slice(&digits[20 - n..]);
 }
 
 impl Shared {
@@ -150,5 +235,80 @@ mod tests {
             line(false, b"info line\n");
         }
         assert!(pending() < FLUSH_AT);
+    }
+
+    fn line_at(now: SystemTime, entry: &AccessEntry<'_>) -> String {
+        let mut out = Vec::new();
+        access_line(&mut out, now, entry);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn access_lines_read_as_tracing_writes_them() {
+        #[derive(Clone, Default)]
+        struct Capture(Arc<Mutex<Vec<u8>>>);
+        impl Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Capture::default();
+        let sink = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        let entry = AccessEntry {
+            method: "POST",
+            path: "/predictions/mlp%20b8/2.0",
+            status: 503,
+            micros: 1_234_567,
+        };
+        let before = SystemTime::now();
+        // The event as `frontends::log_access` sends it when no sink is set.
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(
+                target: ACCESS_LOG_TARGET,
+                method = %entry.method,
+                path = %entry.path,
+                status = entry.status,
+                us = entry.micros,
+                "request"
+            );
+        });
+        let after = SystemTime::now();
+        let theirs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let (early, late) = (line_at(before, &entry), line_at(after, &entry));
+        // Everything past the timestamp is the same text; the timestamp lies between the two
+        // taken around the event (the fixed-width format sorts as time does).
+        assert_eq!(theirs[27..], early[27..], "{theirs:?} against {early:?}");
+        assert!(early[..27] <= theirs[..27] && theirs[..27] <= late[..27]);
+    }
+
+    #[test]
+    fn access_line_dates_are_the_calendar_dates() {
+        let entry = AccessEntry {
+            method: "GET",
+            path: "/ping",
+            status: 200,
+            micros: 0,
+        };
+        let at = |secs: u64, micros: u64| {
+            let now = SystemTime::UNIX_EPOCH + Duration::from_micros(secs * 1_000_000 + micros);
+            line_at(now, &entry)[..27].to_string()
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
+        assert_eq!(at(1_795_999_999, 120_000), "2026-11-30T00:53:19.120000Z");
+        assert_eq!(at(1_798_761_599, 999_999), "2026-12-31T23:59:59.999999Z");
+        assert_eq!(at(4_102_444_800, 0), "2100-01-01T00:00:00.000000Z");
+        assert_eq!(
+            line_at(SystemTime::UNIX_EPOCH, &entry),
+            "1970-01-01T00:00:00.000000Z  INFO access: request method=GET path=/ping status=200 us=0\n"
+        );
     }
 }

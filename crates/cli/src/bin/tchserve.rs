@@ -213,11 +213,17 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
             .with_writer(log.clone())
             .init();
     } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
         tracing_subscriber::fmt()
             .with_env_filter(filter())
             .with_writer(log.clone())
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_ansi(ansi)
             .init();
+        // Access lines carry no colours and, without traces, are written outside any span: the
+        // sink then writes the very text the formatter would.
+        if !ansi && config.otlp_endpoint.is_none() {
+            tchserve_server::frontends::set_access_sink(log.access_sink());
+        }
     }
     for flag in args.ignored_flags() {
         tracing::warn!("{flag} is TorchServe's and not used by tchserve; ignoring it");
