@@ -4,8 +4,8 @@
 //! than a tenth of its time per request. Access lines therefore wait, up to [`FLUSH_EVERY`] or
 //! until [`FLUSH_AT`] bytes wait; every other line goes out at once, with the access lines
 //! before it, so the order holds. In the plain, uncoloured format the access lines are also
-//! formatted here ([`access_line`]), the same text as `tracing`'s formatter writes for less than
-//! a fifth of its work.
+//! formatted here ([`access_line`]), the same text as `tracing`'s formatter writes for about a
+//! fifth of its work.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
