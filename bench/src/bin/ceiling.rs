@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use tch::{Device, IValue, Kind, Tensor};
+use tchserve_bench::load_model_file;
 use tchserve_runtime::device::{self, DevicePolicy};
-use tchserve_runtime::model::load_module;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -60,14 +60,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(t) = args.threads {
         tch::set_num_threads(t);
     }
-    let dir = args.model.parent().unwrap_or(std::path::Path::new("."));
-    let file = args
-        .model
-        .file_name()
-        .and_then(|f| f.to_str())
-        .ok_or_else(|| anyhow::anyhow!("--model names no file"))?;
     let dev = parse_device(&args.device)?;
-    let module = load_module(dir, file, dev)?;
+    let module = load_model_file(&args.model, dev)?;
     let _guard = tch::no_grad_guard();
     let dims: Vec<i64> = std::iter::once(args.batch)
         .chain(args.shape.iter().copied())

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tch::Device;
+use tchserve_bench::load_model_file;
 use tchserve_mar::handler::HandlerManifest;
 use tchserve_runtime::handler::Pipeline;
 use tchserve_runtime::job::{Part, Payload};
-use tchserve_runtime::model::load_module;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -48,14 +48,11 @@ fn main() -> anyhow::Result<()> {
         &args.handler.display().to_string(),
         &std::fs::read(&args.handler)?,
     )?;
-    let dir = args.model.parent().unwrap_or(std::path::Path::new("."));
-    let file = args
-        .model
-        .file_name()
-        .and_then(|f| f.to_str())
-        .ok_or_else(|| anyhow::anyhow!("--model names no file"))?;
-    let module = load_module(dir, file, Device::Cpu)?;
-    let pipeline = Pipeline::new(&manifest, dir)?;
+    let module = load_model_file(&args.model, Device::Cpu)?;
+    let pipeline = Pipeline::new(
+        &manifest,
+        args.model.parent().unwrap_or(std::path::Path::new(".")),
+    )?;
     let payload = Payload {
         parts: vec![Part {
             name: "body".into(),

@@ -269,16 +269,8 @@ mod tests {
             micros: 1_234_567,
         };
         let before = SystemTime::now();
-        // The event as `frontends::log_access` sends it when no sink is set.
         tracing::subscriber::with_default(subscriber, || {
-            tracing::info!(
-                target: ACCESS_LOG_TARGET,
-                method = %entry.method,
-                path = %entry.path,
-                status = entry.status,
-                us = entry.micros,
-                "request"
-            );
+            tchserve_server::frontends::access_event(&entry);
         });
         let after = SystemTime::now();
         let theirs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();

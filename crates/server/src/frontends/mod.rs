@@ -60,15 +60,21 @@ fn log_access(entry: &AccessEntry<'_>) {
     }
     match ACCESS_SINK.get() {
         Some(sink) => sink(entry),
-        None => tracing::info!(
-            target: ACCESS_LOG_TARGET,
-            method = %entry.method,
-            path = %entry.path,
-            status = entry.status,
-            us = entry.micros,
-            "request"
-        ),
+        None => access_event(entry),
     }
+}
+
+/// The access line for `entry` as a `tracing` event, for every log format but the one a sink
+/// writes.
+pub fn access_event(entry: &AccessEntry<'_>) {
+    tracing::info!(
+        target: ACCESS_LOG_TARGET,
+        method = %entry.method,
+        path = %entry.path,
+        status = entry.status,
+        us = entry.micros,
+        "request"
+    );
 }
 
 /// What every route can reach: one shared [`AppContext`], so the per-request clone that axum's
