@@ -220,8 +220,10 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
             .with_ansi(ansi)
             .init();
         // Access lines carry no colours and, without traces, are written outside any span: the
-        // sink then writes the very text the formatter would.
-        if !ansi && config.otlp_endpoint.is_none() {
+        // sink then writes the very text the formatter would. A filter on span or field values
+        // (`access[{status=500}]`) can only be applied to the event itself, so it keeps it.
+        let filters_on_values = std::env::var("RUST_LOG").is_ok_and(|f| f.contains('['));
+        if !ansi && config.otlp_endpoint.is_none() && !filters_on_values {
             tchserve_server::frontends::set_access_sink(log.access_sink());
         }
     }
