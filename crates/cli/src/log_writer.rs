@@ -74,9 +74,7 @@ impl BatchedStderr {
                 access_line(&mut pending, SystemTime::now(), entry);
                 pending.len()
             };
-            if !batching || waiting >= FLUSH_AT {
-                shared.flush();
-            }
+            shared.flush_if_due(!batching, waiting);
         })
     }
 }
@@ -145,6 +143,14 @@ fn push_padded(out: &mut Vec<u8>, mut value: u64, width: usize) {
 }
 
 impl Shared {
+    /// After a line was added: writes the batch now when the line is `urgent` or `waiting`
+    /// bytes are enough to go.
+    fn flush_if_due(&self, urgent: bool, waiting: usize) {
+        if urgent || waiting >= FLUSH_AT {
+            self.flush();
+        }
+    }
+
     fn flush(&self) {
         let _out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
         let batch =
@@ -187,9 +193,7 @@ impl Drop for Line<'_> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len();
-        if self.urgent || waiting >= FLUSH_AT {
-            self.shared.flush();
-        }
+        self.shared.flush_if_due(self.urgent, waiting);
     }
 }
 

@@ -199,8 +199,8 @@ fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decod
     // through a float64 tensor took three libtorch calls, and `from_data_size` two more copies
     // (it zero-fills the tensor, then copies a buffer into it).
     let tensor = match dtype {
-        DType::Float32 => filled(&tensor_shape, Kind::Float, &flat, |x| x as f32),
-        DType::Float64 => filled(&tensor_shape, Kind::Double, &flat, |x| x),
+        DType::Float32 => filled(&tensor_shape, kind, &flat, |x| x as f32),
+        DType::Float64 => filled(&tensor_shape, kind, &flat, |x| x),
         _ => Tensor::from_slice(&flat)
             .f_to_kind(kind)
             .and_then(|t| t.f_reshape(&tensor_shape)),
