@@ -106,3 +106,13 @@ setup_docker() {
     rm -f "$marker"
 }
 setup_docker
+
+# A first build needs room beyond the Python environments: target/ (about 2.5 GB with the test
+# fixtures), the container image and its build (up to 2.4 GB), the examples and the tests' own
+# files (about 2 GB at the peak). Running out halfway shows up as an unrelated-looking failure.
+if [ ! -e target/release/tchserve ]; then
+    free_gb=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
+    if [ "$free_gb" -lt 8 ]; then
+        say "warning: only ${free_gb} GB free here; building and testing need about 8 GB more"
+    fi
+fi
