@@ -100,8 +100,6 @@ pub type Reply = (Result<Prediction, PredictError>, Timings);
 /// A queued request.
 #[derive(Debug)]
 pub struct Job {
-    /// Request id (for logs).
-    pub id: String,
     /// The payload.
     pub payload: Payload,
     /// Where the answer goes; closed when the client has gone.
@@ -112,11 +110,10 @@ pub struct Job {
 
 impl Job {
     /// A new job and the receiver its answer arrives on.
-    pub fn new(id: String, payload: Payload) -> (Self, oneshot::Receiver<Reply>) {
+    pub fn new(payload: Payload) -> (Self, oneshot::Receiver<Reply>) {
         let (tx, rx) = oneshot::channel();
         (
             Job {
-                id,
                 payload,
                 reply: tx,
                 enqueued: Instant::now(),

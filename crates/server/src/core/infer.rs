@@ -146,7 +146,7 @@ impl Infer {
                 "{who} has no worker to serve inference request. Please use scale workers API to add workers."
             )));
         }
-        let (job, rx) = Job::new(uuid::Uuid::new_v4().to_string(), payload);
+        let (job, rx) = Job::new(payload);
         let enqueued = job.enqueued;
         if mv.pool.submit(job).is_err() {
             return Err(ApiError::unavailable(format!(
