@@ -14,3 +14,27 @@ pub fn load_model_file(
         .ok_or_else(|| anyhow::anyhow!("--model names no file"))?;
     Ok(tchserve_runtime::model::load_module(dir, file, device)?)
 }
+
+/// The device a `--device` flag names (`cpu`, `cuda` or `cuda:N`), refused when this machine
+/// has no such GPU.
+pub fn parse_device(name: &str) -> anyhow::Result<tch::Device> {
+    use tch::Device;
+    use tchserve_runtime::device::{self, DevicePolicy};
+    let device = match name.split_once(':') {
+        None if name == "cpu" => return Ok(Device::Cpu),
+        None if name == "cuda" => Device::Cuda(0),
+        Some(("cuda", n)) => Device::Cuda(n.parse()?),
+        _ => anyhow::bail!("--device {name}: expected cpu, cuda or cuda:N"),
+    };
+    let status = device::cuda(DevicePolicy::Auto);
+    if let Device::Cuda(n) = device
+        && n >= status.devices
+    {
+        anyhow::bail!(
+            "--device {name}: this machine has {} GPU(s) ({})",
+            status.devices,
+            status.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(device)
+}

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use tch::{Device, IValue, Kind, Tensor};
-use tchserve_bench::load_model_file;
-use tchserve_runtime::device::{self, DevicePolicy};
+use tchserve_bench::{load_model_file, parse_device};
+use tchserve_runtime::device;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -33,26 +33,6 @@ struct Args {
     /// On a GPU, upload from pageable host memory instead of the pinned memory the server uses.
     #[arg(long)]
     pageable: bool,
-}
-
-fn parse_device(name: &str) -> anyhow::Result<Device> {
-    let device = match name.split_once(':') {
-        None if name == "cpu" => return Ok(Device::Cpu),
-        None if name == "cuda" => Device::Cuda(0),
-        Some(("cuda", n)) => Device::Cuda(n.parse()?),
-        _ => anyhow::bail!("--device {name}: expected cpu, cuda or cuda:N"),
-    };
-    let status = device::cuda(DevicePolicy::Auto);
-    if let Device::Cuda(n) = device
-        && n >= status.devices
-    {
-        anyhow::bail!(
-            "--device {name}: this machine has {} GPU(s) ({})",
-            status.devices,
-            status.reason.as_deref().unwrap_or("")
-        );
-    }
-    Ok(device)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1,13 +1,14 @@
 //! What a worker thread spends per request, in process, without HTTP: a request body decoded
 //! by the handler, then batches run through the model and answered, as a worker does. Its
 //! figures move less than a server's on a shared machine, so two builds' worker paths can be
-//! compared with it; `bench/per_request.sh` measures the whole server.
+//! compared with it; `bench/per_request.sh` measures the whole server. On a GPU
+//! (`--device cuda`) the batch time holds what a GPU worker adds: the copy into pinned memory,
+//! the upload, and the wait for the answer.
 
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use tch::Device;
-use tchserve_bench::load_model_file;
+use tchserve_bench::{load_model_file, parse_device};
 use tchserve_mar::handler::HandlerManifest;
 use tchserve_runtime::handler::Pipeline;
 use tchserve_runtime::job::{Part, Payload};
@@ -39,6 +40,9 @@ struct Args {
     /// Intra-op threads (a server's worker default is one).
     #[arg(long, default_value_t = 1)]
     threads: i32,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,11 +52,14 @@ fn main() -> anyhow::Result<()> {
         &args.handler.display().to_string(),
         &std::fs::read(&args.handler)?,
     )?;
-    let module = load_model_file(&args.model, Device::Cpu)?;
-    let pipeline = Pipeline::new(
+    let device = parse_device(&args.device)?;
+    let module = load_model_file(&args.model, device)?;
+    let mut pipeline = Pipeline::new(
         &manifest,
         args.model.parent().unwrap_or(std::path::Path::new(".")),
     )?;
+    // As a worker sets it up: an image handler's last steps run on the GPU.
+    pipeline.finish_images_on(device);
     let payload = Payload {
         parts: vec![Part {
             name: "body".into(),
@@ -71,7 +78,7 @@ fn main() -> anyhow::Result<()> {
         let t1 = Instant::now();
         let inputs: Vec<_> = decoded.iter().collect();
         let answers = pipeline
-            .run_batch(&module, Device::Cpu, &inputs)
+            .run_batch(&module, device, &inputs)
             .map_err(|e| anyhow::anyhow!("running: {e:?}"))?;
         std::hint::black_box(answers);
         if measure {
