@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Everything a GPU machine is needed for, in one go, with the binaries that
+# bench/build-against-torch.sh made for that machine's PyTorch (carried there as
+# build/torch-VERSION-bin.tar.xz, the only build output needed):
+# - the CUDA tests (tests/gpu.rs, and tests/aoti.rs with its CUDA package);
+# - what a GPU worker's batch costs on the host, in process (worker_cost --device cuda): the
+#   decoding of the requests, then the batch (pinned copy, upload, forward, answers), for
+#   ResNet-18 and for a model that only averages each channel;
+# - bench/gpu.sh: the batch sweep against the in-process ceiling, memory per worker.
+# Uses the machine's own python3 (with torch and torchvision) for the models and its libtorch.
+# Writes its logs under OUT (default build/gpu-check).
+# Usage: bench/gpu-check.sh VERSION [seconds per measurement, default 3]
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+version=${1:?usage: bench/gpu-check.sh VERSION [seconds]}
+secs=${2:-3}
+out=${OUT:-$root/build/gpu-check}
+mkdir -p "$out"
+stage=$root/build/torch-$version-bin
+rm -rf "$stage"; mkdir -p "$stage"
+tar -C "$stage" -xJf "build/torch-$version-bin.tar.xz" || exit 1
+
+# The test binaries name the checkout and the binaries by the paths they were built at.
+built_at=$(cat "$stage/root")
+if [ "$built_at" != "$root" ] && [ ! -e "$built_at" ]; then
+    mkdir -p "$(dirname "$built_at")" && ln -s "$root" "$built_at"
+fi
+bin=$root/build/target-torch-$version/release
+mkdir -p "$bin"
+cp "$stage"/* "$bin"/ 2>/dev/null
+py=$(command -v python3)
+torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# The tests make their models with .venv's Python: here, the machine's. A script, not a link:
+# a link would make Python look for its environment beside the link.
+if [ ! -e .venv/bin/python ] && [ ! -L .venv/bin/python ]; then
+    mkdir -p .venv/bin
+    printf '#!/bin/sh\nexec %s "$@"\n' "$py" > .venv/bin/python
+    chmod +x .venv/bin/python
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  "$py" -c 'import torch; print("torch", torch.__version__)'; } | tee "$out/machine.txt"
+
+# Of tests/aoti.rs, the CUDA test: the others need the text models .venv brings.
+for t in "gpu" "aoti cuda"; do
+    echo "== tests/$t"
+    # shellcheck disable=SC2086
+    timeout 300 "$stage"/tests/$t 2>&1 | tee "$out/test-${t%% *}.log" | grep -E "^test |test result|panicked"
+done
+
+echo "== worker_cost on the GPU"
+"$py" bench/make_models.py build/bench-gpu >/dev/null
+for model in resnet18 pool; do
+    for b in 8 32; do
+        printf '%s batch %s: ' "$model" "$b"
+        "$bin/worker_cost" --model "build/bench-gpu/$model.pt" --handler bench/resnet18_handler.json \
+            --body build/bench-gpu/resnet18.bin --content-type application/octet-stream \
+            --batch "$b" --device cuda --duration "$secs"
+    done
+done 2>&1 | tee "$out/worker_cost.txt"
+
+echo "== bench/gpu.sh"
+BIN=$bin PY=$py timeout 400 bench/gpu.sh "$secs" 2>&1 | tee "$out/gpu.log" | grep -v '^{'
+cp build/bench-gpu/results.jsonl "$out/gpu.jsonl" 2>/dev/null
