@@ -31,6 +31,12 @@ command -v c++ >/dev/null || apt_install g++
 [ -e /usr/include/turbojpeg.h ] || apt_install libturbojpeg0-dev
 command -v "$PYTHON" >/dev/null || apt_install python3 python3-venv
 
+# warn_if_short DIR GB WHY: says so when the disk holding DIR has less than GB gigabytes free.
+warn_if_short() {
+    local free_gb=$(( $(df -Pk "$1" | awk 'NR==2 {print $4}') / 1048576 ))
+    [ "$free_gb" -ge "$2" ] || say "warning: only ${free_gb} GB free under $1; $3"
+}
+
 make_venv() {
     if [ ! -x "$1/bin/python" ]; then
         say "creating $1"
@@ -46,10 +52,7 @@ if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
     say "installing Python packages (PyTorch is about 5 GB with its CUDA libraries; a few minutes)"
     # The packages take about 6 GB installed, and the downloads need room of their own while
     # they unpack; a full disk otherwise shows up as a bare pip OSError halfway through.
-    free_gb=$(( $(df -Pk "$VENV" | awk 'NR==2 {print $4}') / 1048576 ))
-    if [ "$free_gb" -lt 8 ]; then
-        say "warning: only ${free_gb} GB free under $VENV; the install needs about 8 GB"
-    fi
+    warn_if_short "$VENV" 8 "the install needs about 8 GB"
     pip_install "$VENV" --upgrade pip
     pip_install "$VENV" -r "$REQUIREMENTS"
     echo "$want" > "$VENV/.requirements.sha256"
@@ -110,9 +113,4 @@ setup_docker
 # A first build needs room beyond the Python environments: target/ (about 2.5 GB with the test
 # fixtures), the container image and its build (up to 2.4 GB), the examples and the tests' own
 # files (about 2 GB at the peak). Running out halfway shows up as an unrelated-looking failure.
-if [ ! -e target/release/tchserve ]; then
-    free_gb=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
-    if [ "$free_gb" -lt 8 ]; then
-        say "warning: only ${free_gb} GB free here; building and testing need about 8 GB more"
-    fi
-fi
+[ -e target/release/tchserve ] || warn_if_short . 8 "building and testing need about 8 GB more"
