@@ -26,9 +26,10 @@ built_at=$(cat "$stage/root")
 if [ "$built_at" != "$root" ] && [ ! -e "$built_at" ]; then
     mkdir -p "$(dirname "$built_at")" && ln -s "$root" "$built_at"
 fi
-bin=$root/build/target-torch-$version/release
+# Where the test binaries look for tchserve and the archiver.
+bin=$built_at/build/target-torch-$version/release
 mkdir -p "$bin"
-cp "$stage"/* "$bin"/ 2>/dev/null
+find "$stage" -maxdepth 1 -type f -exec cp -t "$bin" {} +
 py=$(command -v python3)
 torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
