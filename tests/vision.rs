@@ -251,6 +251,61 @@ fn workers_sharing_one_model_answer_concurrent_requests_as_one() {
     });
 }
 
+/// Threads of process `pid` named after the worker `id` (threads take their starter's name).
+fn worker_threads(pid: u32, id: &str) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|comm| comm.starts_with(&format!("W-{id}-")))
+        .count()
+}
+
+#[test]
+fn an_idle_worker_gives_back_its_openmp_team() {
+    // Once the process holds more OpenMP team threads than cores, GNU OpenMP sleeps at every
+    // barrier instead of spinning: a second ResNet-18 that had served one request and gone idle
+    // cost the first 30% of its throughput. Two threads for the forward make a team of two, the
+    // worker's own thread and one more, which must go once the worker has nothing to do.
+    let mut s = Server::new("enable_model_api=true\ncpu_threads=2");
+    let resnet = resnet_archive(&s);
+    s.start(&["--models", &format!("resnet={resnet}")]);
+    let d = s.manage("GET", "/models/resnet").json();
+    let id = d[0]["workers"][0]["id"].as_str().unwrap().to_string();
+    let busy = std::sync::atomic::AtomicBool::new(true);
+    let most = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut served = 0;
+            while busy.load(std::sync::atomic::Ordering::Relaxed) || served == 0 {
+                let r = post_image(&s, "resnet", "cat173.jpg");
+                assert_eq!(r.status, 200, "{}", r.text());
+                served += 1;
+            }
+        });
+        let mut most = 0;
+        for _ in 0..100 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            most = most.max(worker_threads(s.pid(), &id));
+        }
+        busy.store(false, std::sync::atomic::Ordering::Relaxed);
+        most
+    });
+    // The worker looks at its queue every 50 ms when idle.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut now = worker_threads(s.pid(), &id);
+    while now != most - 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        now = worker_threads(s.pid(), &id);
+    }
+    assert_eq!(
+        now,
+        most - 1,
+        "{most} threads while serving, {now} once idle: the team is still there"
+    );
+    // And the next request starts a team again and is answered.
+    let r = post_image(&s, "resnet", "cat173.jpg");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 #[test]
 fn custom_manifest_in_the_archive() {
     let fx = vision_fixtures();

@@ -9,6 +9,7 @@ mod error;
 pub mod handler;
 mod heap;
 pub mod model;
+mod openmp;
 pub mod pool;
 mod shared;
 mod torch_backend;

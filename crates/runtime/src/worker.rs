@@ -103,11 +103,11 @@ struct Loaded {
 
 fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // Warm-up runs on this thread alone. libtorch's OpenMP gives every thread that runs a
-    // parallel region a team of its own that lives as long as the thread, and once the process
-    // holds more team threads than cores, GNU OpenMP stops spinning at its barriers and sleeps
-    // instead, which slows every model's forward for good (ResNet-18 lost a quarter of its
-    // throughput to an idle MLP beside it). So a worker starts a team only once it is known to
-    // need one: small models (see SMALL_FORWARD) never do.
+    // parallel region a team of its own, and once the process holds more team threads than
+    // cores, GNU OpenMP stops spinning at its barriers and sleeps instead, which slows every
+    // model's forward (ResNet-18 lost a quarter of its throughput to an MLP beside it). So a
+    // worker starts a team only once it is known to need one: small models (see SMALL_FORWARD)
+    // never do, and the others end theirs whenever they go idle (see crate::openmp).
     tch::set_num_threads(1);
     let module = ctx.modules.get_or_load(ctx.device, || {
         load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)
@@ -233,6 +233,9 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
     let mut poll = Duration::ZERO;
     // When the worker last served a batch, until it has trimmed the heap after it.
     let mut untrimmed_since: Option<Instant> = None;
+    // Whether a forward since the last idle spell ran on more than one thread, and so may have
+    // left an OpenMP team behind.
+    let mut team = false;
     loop {
         if ctx.stop.load(Ordering::Relaxed) {
             return Ended::Stopped;
@@ -245,6 +248,12 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
             }
             Next::Idle => {
                 poll = Duration::ZERO;
+                // An idle worker's team would make every other model's forward sleep and wake
+                // at each barrier (see crate::openmp); the next batch starts a new one.
+                if team {
+                    crate::openmp::release_team();
+                    team = false;
+                }
                 if untrimmed_since.is_some_and(|t| t.elapsed() >= TRIM_AFTER_IDLE) {
                     crate::heap::release_free();
                     untrimmed_since = None;
@@ -259,6 +268,7 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
             threads = share;
             tch::set_num_threads(threads as i32);
         }
+        team |= share > 1;
         // A panic drops the batch's reply channels, so each waiting client learns the worker died.
         if catch_unwind(AssertUnwindSafe(|| {
             process(ctx, model, jobs, share, &mut cost)
