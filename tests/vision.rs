@@ -261,49 +261,56 @@ fn worker_threads(pid: u32, id: &str) -> usize {
 }
 
 #[test]
-fn an_idle_worker_gives_back_its_openmp_team() {
+fn a_waiting_worker_ends_its_openmp_team_for_one_at_work() {
     // Once the process holds more OpenMP team threads than cores, GNU OpenMP sleeps at every
     // barrier instead of spinning: a second ResNet-18 that had served one request and gone idle
-    // cost the first 30% of its throughput. Two threads for the forward make a team of two, the
-    // worker's own thread and one more, which must go once the worker has nothing to do.
-    let mut s = Server::new("enable_model_api=true\ncpu_threads=2");
+    // cost the first 30% of its throughput. With the intra-op threads left at the number of
+    // cores, one team fits and two do not.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        eprintln!("one core: no worker starts an OpenMP team");
+        return;
+    }
+    let mut s = Server::new("enable_model_api=true");
     let resnet = resnet_archive(&s);
     s.start(&["--models", &format!("resnet={resnet}")]);
-    let d = s.manage("GET", "/models/resnet").json();
-    let id = d[0]["workers"][0]["id"].as_str().unwrap().to_string();
-    let busy = std::sync::atomic::AtomicBool::new(true);
-    let most = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            let mut served = 0;
-            while busy.load(std::sync::atomic::Ordering::Relaxed) || served == 0 {
-                let r = post_image(&s, "resnet", "cat173.jpg");
-                assert_eq!(r.status, 200, "{}", r.text());
-                served += 1;
-            }
-        });
-        let mut most = 0;
-        for _ in 0..100 {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            most = most.max(worker_threads(s.pid(), &id));
-        }
-        busy.store(false, std::sync::atomic::Ordering::Relaxed);
-        most
-    });
-    // The worker looks at its queue every 50 ms when idle.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let mut now = worker_threads(s.pid(), &id);
-    while now != most - 1 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        now = worker_threads(s.pid(), &id);
-    }
-    assert_eq!(
-        now,
-        most - 1,
-        "{most} threads while serving, {now} once idle: the team is still there"
+    let r = s.manage(
+        "POST",
+        &format!("/models?url={resnet}&model_name=resnet2&initial_workers=1&synchronous=true"),
     );
-    // And the next request starts a team again and is answered.
-    let r = post_image(&s, "resnet", "cat173.jpg");
     assert_eq!(r.status, 200, "{}", r.text());
+    let worker = |model: &str| {
+        let d = s.manage("GET", &format!("/models/{model}")).json();
+        d[0]["workers"][0]["id"].as_str().unwrap().to_string()
+    };
+    let (first, second) = (worker("resnet"), worker("resnet2"));
+    let predict = |model: &str| {
+        let r = post_image(&s, model, "cat173.jpg");
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    predict("resnet");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let held = worker_threads(s.pid(), &first);
+    assert!(
+        held >= 2,
+        "the first model's worker started no team ({held} threads)"
+    );
+    // The second model's team does not fit beside the first's: the idle first one gives way.
+    predict("resnet2");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut now = worker_threads(s.pid(), &first);
+    while now != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        now = worker_threads(s.pid(), &first);
+    }
+    assert_eq!(now, 1, "{held} threads while it held a team, {now} after");
+    let second_held = worker_threads(s.pid(), &second);
+    assert!(
+        second_held >= 2,
+        "the model at work lost its team ({second_held} threads)"
+    );
+    // And the first one starts a team again when its turn comes.
+    predict("resnet");
 }
 
 #[test]

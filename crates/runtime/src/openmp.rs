@@ -1,23 +1,105 @@
-//! Ending the OpenMP team of a worker that has gone idle, so that only workers with work hold one.
+//! Keeping the OpenMP teams that workers hold within the process's cores.
 //!
 //! libtorch's CPU kernels run their parallel regions on GNU OpenMP, which gives each thread that
 //! starts a region a team of its own; the team's threads outlive the region and wait for the next
 //! one. Once the process holds more of them than it has cores, GNU OpenMP cuts the spinning at
 //! its barriers to almost nothing, so every parallel region of every forward puts its threads to
-//! sleep and wakes them again. A second ResNet-18 that had answered one request and then sat idle
-//! cost the first 30% of its throughput at batch size 1 (53 against 38 req/s on two cores), for
-//! as long as the process lived.
+//! sleep and wakes them again. On two cores, a second ResNet-18 that had answered one request and
+//! then sat idle cost the first 30% of its throughput at batch size 1 (53 against 38 req/s), and
+//! two workers of one ResNet-18 taking turns at concurrency 1 cost as much.
 //!
-//! OpenMP 5's `omp_pause_resource_all` ends the calling thread's team in GNU OpenMP (its threads
-//! exit and stop counting), and the next parallel region starts a new one, which costs a thread
-//! start, tens of microseconds against a forward of a millisecond or more. The call is looked up
+//! So each worker keeps a [`Team`] in step with a process-wide count of the team threads held,
+//! and ends its team when it has no work and the teams held no longer fit the cores. OpenMP 5's
+//! `omp_pause_resource_all` ends the calling thread's team in GNU OpenMP (its threads exit and
+//! stop counting), and the next parallel region starts a new one, which costs a thread start per
+//! thread, tens of microseconds against a forward of a millisecond or more. The call is looked up
 //! at run time because the OpenMP runtime is whichever one libtorch was built with: LLVM's and
 //! Intel's runtimes pause the whole process's threads rather than the caller's, so with them
 //! nothing is done.
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Team threads held by all workers, beyond the workers' own threads.
+static EXTRA_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// The cores GNU OpenMP counts: those the process may run on.
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: sched_getaffinity fills the zeroed set it is given, of the size given.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
+                {
+                    return (libc::CPU_COUNT(&set) as usize).max(1);
+                }
+            }
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    })
+}
+
+/// Whether the teams held, with the process's first thread (which GNU OpenMP counts too),
+/// exceed the cores.
+fn crowded() -> bool {
+    1 + EXTRA_THREADS.load(Ordering::Relaxed) > cores()
+}
+
+/// The OpenMP team of one worker thread, if it holds one. Lives on that thread: the team can
+/// only be ended from it.
+#[derive(Debug, Default)]
+pub struct Team {
+    /// The team's size, the worker's own thread included; 0 when it holds none.
+    threads: usize,
+}
+
+impl Team {
+    /// Before a forward on `threads` intra-op threads. A team takes the size of each parallel
+    /// region, and one thread runs no region at all, so a team held then is only in the way.
+    pub fn before_forward(&mut self, threads: usize) {
+        if threads <= 1 {
+            self.end();
+            return;
+        }
+        let (held, wanted) = (self.threads.saturating_sub(1), threads - 1);
+        if wanted > held {
+            EXTRA_THREADS.fetch_add(wanted - held, Ordering::Relaxed);
+        } else {
+            EXTRA_THREADS.fetch_sub(held - wanted, Ordering::Relaxed);
+        }
+        self.threads = threads;
+    }
+
+    /// The worker has no work: its team goes if the teams held do not fit the cores, since a
+    /// worker at work then sleeps at every barrier. The first to start waiting gives way.
+    pub fn waiting(&mut self) {
+        if self.threads > 0 && crowded() {
+            self.end();
+        }
+    }
+
+    /// Ends the team now.
+    pub fn end(&mut self) {
+        if self.threads > 0 {
+            release_team();
+            EXTRA_THREADS.fetch_sub(self.threads - 1, Ordering::Relaxed);
+            self.threads = 0;
+        }
+    }
+}
+
+impl Drop for Team {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
 /// Ends the calling thread's OpenMP team, if it has one and the runtime is GNU OpenMP. Returns
 /// whether the runtime did it. Must not be called from inside a parallel region.
-pub fn release_team() -> bool {
+fn release_team() -> bool {
     #[cfg(target_os = "linux")]
     {
         gnu::release_team()
@@ -89,26 +171,31 @@ mod tests {
                 let before = threads_named("omp-team-test");
                 let x = tch::Tensor::ones([1 << 20], (tch::Kind::Float, tch::Device::Cpu));
                 let sum = || f64::try_from((&x * 2.0).sum(tch::Kind::Double)).unwrap();
+                let mut team = super::Team::default();
+                team.before_forward(2);
                 assert_eq!(sum(), 2.0 * (1 << 20) as f64);
                 assert_eq!(
                     threads_named("omp-team-test"),
                     before + 1,
                     "no team started"
                 );
-                assert!(super::release_team(), "the OpenMP runtime is not GNU's");
+                team.end();
                 assert_eq!(
                     threads_named("omp-team-test"),
                     before,
                     "the team is still there"
                 );
+                team.before_forward(2);
                 assert_eq!(sum(), 2.0 * (1 << 20) as f64);
                 assert_eq!(
                     threads_named("omp-team-test"),
                     before + 1,
                     "no new team started"
                 );
-                assert!(super::release_team());
+                // One thread runs no parallel region: a team held then is ended.
+                team.before_forward(1);
                 assert_eq!(threads_named("omp-team-test"), before);
+                assert!(super::release_team(), "the OpenMP runtime is not GNU's");
             })
             .unwrap()
             .join()

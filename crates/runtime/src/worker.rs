@@ -14,6 +14,7 @@ use crate::batch::{Batcher, Next};
 use crate::handler::{Decoded, Pipeline};
 use crate::job::{Job, Payload, PredictError, Prediction, Timings};
 use crate::model::load_module;
+use crate::openmp::Team;
 use crate::shared::{Shared, SharedModules, ThreadBudget};
 
 /// How often an idle worker looks at its stop flag.
@@ -107,7 +108,8 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // cores, GNU OpenMP stops spinning at its barriers and sleeps instead, which slows every
     // model's forward (ResNet-18 lost a quarter of its throughput to an MLP beside it). So a
     // worker starts a team only once it is known to need one: small models (see SMALL_FORWARD)
-    // never do, and the others end theirs whenever they go idle (see crate::openmp).
+    // never do, and the others end theirs when they wait while others need the cores (see
+    // crate::openmp).
     tch::set_num_threads(1);
     let module = ctx.modules.get_or_load(ctx.device, || {
         load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)
@@ -233,14 +235,19 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
     let mut poll = Duration::ZERO;
     // When the worker last served a batch, until it has trimmed the heap after it.
     let mut untrimmed_since: Option<Instant> = None;
-    // Whether a forward since the last idle spell ran on more than one thread, and so may have
-    // left an OpenMP team behind.
-    let mut team = false;
+    let mut team = Team::default();
     loop {
         if ctx.stop.load(Ordering::Relaxed) {
             return Ended::Stopped;
         }
-        let jobs = match model.batcher.next_batch(&ctx.queue, IDLE_POLL, poll) {
+        // Right after a batch, only the short poll: what the worker does before it sleeps
+        // happens in between.
+        let wait = if poll.is_zero() {
+            IDLE_POLL
+        } else {
+            Duration::ZERO
+        };
+        let jobs = match model.batcher.next_batch(&ctx.queue, wait, poll) {
             Next::Batch(jobs) => {
                 poll = POLL_AFTER_BATCH;
                 untrimmed_since = Some(Instant::now());
@@ -248,12 +255,9 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
             }
             Next::Idle => {
                 poll = Duration::ZERO;
-                // An idle worker's team would make every other model's forward sleep and wake
-                // at each barrier (see crate::openmp); the next batch starts a new one.
-                if team {
-                    crate::openmp::release_team();
-                    team = false;
-                }
+                // Another worker at work may need the cores this one's team holds (see
+                // crate::openmp); checked as the worker goes to sleep and at each idle poll.
+                team.waiting();
                 if untrimmed_since.is_some_and(|t| t.elapsed() >= TRIM_AFTER_IDLE) {
                     crate::heap::release_free();
                     untrimmed_since = None;
@@ -268,7 +272,7 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
             threads = share;
             tch::set_num_threads(threads as i32);
         }
-        team |= share > 1;
+        team.before_forward(share);
         // A panic drops the batch's reply channels, so each waiting client learns the worker died.
         if catch_unwind(AssertUnwindSafe(|| {
             process(ctx, model, jobs, share, &mut cost)
