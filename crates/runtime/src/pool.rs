@@ -9,10 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, Sender, bounded};
 use tchserve_backend::{ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers};
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Submitter, Taker, queue};
 use crate::job::Job;
 use crate::shared::{Shared, SharedModules, ThreadBudget, lock};
 use crate::worker;
@@ -31,8 +30,8 @@ struct Handle {
 pub struct Pool {
     spec: Arc<ModelSpec>,
     devices: Vec<tch::Device>,
-    tx: Sender<Job>,
-    rx: Receiver<Job>,
+    tx: Submitter<Job>,
+    rx: Taker<Job>,
     workers: Mutex<Vec<Handle>>,
     shared: Arc<Shared>,
     budget: Arc<ThreadBudget>,
@@ -45,7 +44,7 @@ static NEXT_WORKER_ID: AtomicUsize = AtomicUsize::new(9000);
 impl Pool {
     /// A pool with no workers yet, whose workers take `devices` in turn.
     pub fn new(spec: ModelSpec, devices: Vec<tch::Device>, budget: Arc<ThreadBudget>) -> Arc<Self> {
-        let (tx, rx) = bounded(spec.job_queue_size.max(1));
+        let (tx, rx) = queue(spec.job_queue_size.max(1));
         Arc::new(Pool {
             spec: Arc::new(spec),
             devices,

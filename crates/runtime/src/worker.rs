@@ -6,11 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::model::Model;
-use crossbeam_channel::Receiver;
 
 use tchserve_backend::{ModelSpec, WorkerState};
 
-use crate::batch::{Batcher, Next};
+use crate::batch::{Batcher, Next, Taker};
 use crate::handler::{Decoded, Pipeline};
 use crate::job::{Job, Payload, PredictError, Prediction, Timings};
 use crate::model::load_module;
@@ -37,7 +36,7 @@ pub(crate) struct Context {
     pub device: tch::Device,
     pub spec: Arc<ModelSpec>,
     pub batcher: Batcher,
-    pub queue: Receiver<Job>,
+    pub queue: Taker<Job>,
     pub stop: Arc<AtomicBool>,
     pub shared: Arc<Shared>,
     pub budget: Arc<ThreadBudget>,
@@ -229,7 +228,17 @@ fn fit_batcher(ctx: &Context, module: &Model) -> Result<Batcher, crate::RuntimeE
     Ok(batcher)
 }
 
+/// Takes a worker that stops serving off its queue's list of waiting threads.
+struct StopWaiting<'a>(&'a Taker<Job>);
+
+impl Drop for StopWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.stop_waiting();
+    }
+}
+
 fn serve(ctx: &Context, model: &Loaded) -> Ended {
+    let _listed = StopWaiting(&ctx.queue);
     let mut threads = 0;
     let mut cost = DecodeCost::default();
     let mut poll = Duration::ZERO;
