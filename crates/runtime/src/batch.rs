@@ -246,6 +246,14 @@ mod tests {
         }
     }
 
+    /// A batcher that sends what it has at once.
+    fn no_delay(batch_size: usize) -> Batcher {
+        Batcher {
+            batch_size,
+            max_delay: Duration::ZERO,
+        }
+    }
+
     fn batch_of(next: Next<Item>) -> Vec<u32> {
         match next {
             Next::Batch(b) => b.into_iter().map(|i| i.0).collect(),
@@ -313,10 +321,7 @@ mod tests {
         for (i, wanted) in [(0, false), (1, true), (2, false), (3, true)] {
             tx.try_send(Item(i, wanted)).unwrap();
         }
-        let b = Batcher {
-            batch_size: 8,
-            max_delay: Duration::ZERO,
-        };
+        let b = no_delay(8);
         assert_eq!(
             batch_of(b.next_batch(&rx, Duration::from_secs(1), Duration::ZERO)),
             [1, 3]
@@ -326,10 +331,7 @@ mod tests {
     #[test]
     fn polling_keeps_the_semantics() {
         let (tx, rx) = queue::<Item>(4);
-        let b = Batcher {
-            batch_size: 2,
-            max_delay: Duration::ZERO,
-        };
+        let b = no_delay(2);
         let poll = Duration::from_millis(5);
         assert!(matches!(
             b.next_batch(&rx, Duration::from_millis(10), poll),
@@ -359,10 +361,7 @@ mod tests {
     #[test]
     fn idle_and_closed() {
         let (tx, rx) = queue::<Item>(1);
-        let b = Batcher {
-            batch_size: 2,
-            max_delay: Duration::ZERO,
-        };
+        let b = no_delay(2);
         assert!(matches!(
             b.next_batch(&rx, Duration::from_millis(10), Duration::ZERO),
             Next::Idle
@@ -377,10 +376,7 @@ mod tests {
     #[test]
     fn the_worker_that_began_waiting_last_is_woken_first() {
         let (tx, rx) = queue::<Item>(4);
-        let b = Batcher {
-            batch_size: 1,
-            max_delay: Duration::ZERO,
-        };
+        let b = no_delay(1);
         let waiter = |name: &'static str| {
             let rx = rx.clone();
             std::thread::spawn(move || {
@@ -402,10 +398,7 @@ mod tests {
     #[test]
     fn a_worker_waiting_through_timeouts_keeps_its_place() {
         let (tx, rx) = queue::<Item>(4);
-        let b = Batcher {
-            batch_size: 1,
-            max_delay: Duration::ZERO,
-        };
+        let b = no_delay(1);
         let early = {
             let rx = rx.clone();
             std::thread::spawn(move || {
