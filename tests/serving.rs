@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::http::{Resp, assert_error, post_json, request};
-use common::run;
 use common::server::{Server, archive, digits_build, fixture_handler, fixtures, mlp_archive};
+use common::{run, worker_threads};
 use serde_json::{Value, json};
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -1277,15 +1277,6 @@ fn request_size_limit_covers_raw_and_multipart_bodies() {
 }
 
 /// Names of the server's threads that belong to worker `id` (the worker and any OpenMP team
-/// threads it started, which inherit its name).
-fn worker_threads(pid: u32, id: &str) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
-        .filter(|comm| comm.starts_with(&format!("W-{id}-")))
-        .count()
-}
-
 #[test]
 fn a_small_model_never_starts_an_openmp_team() {
     // A team's threads outlive its work, and once the process holds more of them than cores,

@@ -7,9 +7,9 @@ use std::fs;
 use std::path::Path;
 
 use base64::Engine as _;
-use common::detections;
 use common::http::{Resp, request};
 use common::server::{Server, archive, real_archive, vision_fixtures};
+use common::{detections, worker_threads};
 use serde_json::{Value, json};
 
 const PHOTOS: [&str; 16] = [
@@ -249,15 +249,6 @@ fn workers_sharing_one_model_answer_concurrent_requests_as_one() {
             });
         }
     });
-}
-
-/// Threads of process `pid` named after the worker `id` (threads take their starter's name).
-fn worker_threads(pid: u32, id: &str) -> usize {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| fs::read_to_string(t.unwrap().path().join("comm")).ok())
-        .filter(|comm| comm.starts_with(&format!("W-{id}-")))
-        .count()
 }
 
 #[test]
