@@ -180,8 +180,9 @@ impl Batcher {
             }
             match got {
                 Ok(item) if item.is_wanted() => return self.gather(queue, item),
+                // Back on the list before the next look, polling or not.
                 Ok(_) => {
-                    listed = false;
+                    taker.waiters.join();
                     continue;
                 }
                 Err(TryRecvError::Disconnected) => return Next::Closed,
