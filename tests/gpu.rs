@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::nvidia_gpu;
 use common::server::{Server, archive, fixture_handler, gpu_fixtures};
+use common::{nvidia_gpu, threads_named};
 
 #[test]
 fn a_torchscript_model_on_gpu_workers_answers_as_pytorch_on_the_gpu() {
@@ -40,6 +40,8 @@ fn a_torchscript_model_on_gpu_workers_answers_as_pytorch_on_the_gpu() {
         workers.iter().all(|w| w["gpu"] == serde_json::json!(true)),
         "not on a GPU: {described}"
     );
+    // Both workers hand their forwards to the model's one forward thread on the GPU.
+    assert_eq!(threads_named(s.pid(), "forward-cuda0"), 1);
 
     let inputs: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();

@@ -108,12 +108,17 @@ pub fn detections(v: &serde_json::Value) -> Vec<(String, Vec<f64>, f64)> {
         .collect()
 }
 
-/// Threads of process `pid` named after the worker `id`: a worker's threads and the OpenMP team
-/// threads it starts, which take their starter's name.
-pub fn worker_threads(pid: u32, id: &str) -> usize {
+/// Threads of process `pid` whose name starts with `prefix`.
+pub fn threads_named(pid: u32, prefix: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
-        .filter(|comm| comm.starts_with(&format!("W-{id}-")))
+        .filter(|comm| comm.starts_with(prefix))
         .count()
+}
+
+/// Threads of process `pid` named after the worker `id`: a worker's threads and the OpenMP team
+/// threads it starts, which take their starter's name.
+pub fn worker_threads(pid: u32, id: &str) -> usize {
+    threads_named(pid, &format!("W-{id}-"))
 }

@@ -1,7 +1,8 @@
 //! The in-process ceiling: a model's forward in a plain loop, no server. The model is loaded as
 //! the server loads it: a TorchScript file, or a `.pt2` package (run, like the server runs it,
 //! fitted to its batch range). On a GPU each batch is uploaded from host memory and its answer
-//! copied back, as a worker does, so the loop pays the same transfers as the server.
+//! copied back, as a worker does, so the loop pays the same transfers as the server. The forward
+//! runs on the loop's own thread, not on the forward thread a GPU model has in the server.
 
 use std::time::Instant;
 
@@ -55,7 +56,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             device::upload(&device::pinned_cat(&[&host])?, dev)?
         };
-        match module.forward_is(&[IValue::Tensor(input)])? {
+        match module.forward_on_this_thread(&[IValue::Tensor(input)])? {
             // The answer's copy to the host also waits for the GPU's queued work.
             IValue::Tensor(out) => drop(out.f_to_device(Device::Cpu)?),
             _ => {

@@ -28,4 +28,12 @@ pub enum RuntimeError {
         /// Why.
         message: String,
     },
+    /// The thread that runs a GPU model's forwards could not be started.
+    #[error("starting the forward thread for {file}: {source}")]
+    Thread {
+        /// The serialized file.
+        file: String,
+        /// Why the thread did not start.
+        source: std::io::Error,
+    },
 }

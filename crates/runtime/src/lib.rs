@@ -6,6 +6,7 @@ pub mod aoti;
 pub mod batch;
 pub mod device;
 mod error;
+mod forward_thread;
 pub mod handler;
 mod heap;
 pub mod model;

@@ -1,10 +1,12 @@
 //! Loading an archive's model: a TorchScript module, or a `.pt2` package (see [`crate::aoti`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tch::IValue;
 
 use crate::error::RuntimeError;
+use crate::forward_thread::ForwardThread;
 
 unsafe extern "C" {
     /// Defined next to the torchvision operators in `csrc/vision_ops.cpp`.
@@ -18,9 +20,17 @@ pub fn vision_ops_version() -> i32 {
     unsafe { tchserve_vision_ops_version() }
 }
 
-/// A loaded model, whichever its format.
+/// A loaded model, whichever its format; on a GPU, with the thread that runs its forwards (see
+/// [`crate::forward_thread`]).
 #[derive(Debug)]
-pub enum Model {
+pub struct Model {
+    format: Arc<Format>,
+    thread: Option<ForwardThread>,
+}
+
+/// What a model file holds.
+#[derive(Debug)]
+enum Format {
     /// A TorchScript module.
     Script(tch::CModule),
     /// An AOTInductor package.
@@ -28,16 +38,35 @@ pub enum Model {
 }
 
 impl Model {
+    /// A model whose forwards run on the calling thread.
+    fn here(format: Format) -> Self {
+        Model {
+            format: Arc::new(format),
+            thread: None,
+        }
+    }
+
+    /// A model whose forwards run on a thread of its own, named `name`.
+    fn on_own_thread(format: Format, name: String) -> std::io::Result<Self> {
+        let format = Arc::new(format);
+        let there = Arc::clone(&format);
+        let thread = ForwardThread::spawn(name, move |args| there.forward(args))?;
+        Ok(Model {
+            format,
+            thread: Some(thread),
+        })
+    }
+
     /// Whether this is an AOTInductor package.
     pub fn is_package(&self) -> bool {
-        matches!(self, Model::Package(_))
+        matches!(*self.format, Format::Package(_))
     }
 
     /// The numbers of examples one forward takes, for a package; a TorchScript module takes any.
     pub fn batch_range(&self) -> Option<crate::aoti::BatchRange> {
-        match self {
-            Model::Script(_) => None,
-            Model::Package(p) => Some(p.batch_range()),
+        match &*self.format {
+            Format::Script(_) => None,
+            Format::Package(p) => Some(p.batch_range()),
         }
     }
 
@@ -45,18 +74,33 @@ impl Model {
     /// takes; `None` for a TorchScript module, which takes lists of any length, and for a
     /// package that takes tensors.
     pub fn list_len(&self) -> Option<usize> {
-        match self {
-            Model::Script(_) => None,
-            Model::Package(p) => p.list_len(),
+        match &*self.format {
+            Format::Script(_) => None,
+            Format::Package(p) => p.list_len(),
         }
     }
 
-    /// `forward(args)`. A package takes tensors, or one list of them, and answers what its
-    /// `forward` returned.
+    /// `forward(args)`, on the model's forward thread where it has one. A package takes
+    /// tensors, or one list of them, and answers what its `forward` returned.
     pub fn forward_is(&self, args: &[IValue]) -> Result<IValue, tch::TchError> {
+        match &self.thread {
+            Some(thread) => thread.forward(args),
+            None => self.format.forward(args),
+        }
+    }
+
+    /// `forward(args)` on the calling thread, whatever the model's device: the in-process
+    /// ceiling measures the device without the hop to the forward thread.
+    pub fn forward_on_this_thread(&self, args: &[IValue]) -> Result<IValue, tch::TchError> {
+        self.format.forward(args)
+    }
+}
+
+impl Format {
+    fn forward(&self, args: &[IValue]) -> Result<IValue, tch::TchError> {
         match self {
-            Model::Script(m) => m.forward_is(args),
-            Model::Package(p) => {
+            Format::Script(m) => m.forward_is(args),
+            Format::Package(p) => {
                 if let [IValue::TensorList(items)] = args {
                     return Ok(p.shape_outputs(p.run_list(items)?));
                 }
@@ -86,20 +130,40 @@ pub fn load_module(
     let is_package = Path::new(file)
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case(crate::aoti::EXTENSION));
-    if is_package {
-        // A runner per core: the workers that share the package can all run it at once.
-        let runners = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-        return crate::aoti::Package::load(&path, device, runners)
-            .map(Model::Package)
+    let format = if is_package {
+        // On the CPU a runner per core, so that the workers sharing the package can all run it
+        // at once; on a GPU its forward thread is the only caller.
+        let runners = match device {
+            tch::Device::Cpu => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            _ => 1,
+        };
+        crate::aoti::Package::load(&path, device, runners)
+            .map(Format::Package)
             .map_err(|message| RuntimeError::Package {
                 file: file.to_string(),
                 message,
-            });
+            })?
+    } else {
+        Format::Script(load_script(&path, file, device)?)
+    };
+    match device {
+        tch::Device::Cuda(i) => {
+            Model::on_own_thread(format, format!("forward-cuda{i}")).map_err(|source| {
+                RuntimeError::Thread {
+                    file: file.to_string(),
+                    source,
+                }
+            })
+        }
+        _ => Ok(Model::here(format)),
     }
+}
+
+fn load_script(path: &Path, file: &str, device: tch::Device) -> Result<tch::CModule, RuntimeError> {
     // Scripted torchvision detectors call torchvision's operators, registered by this object.
     std::hint::black_box(vision_ops_version());
     let mut module =
-        tch::CModule::load_on_device(&path, device).map_err(|source| RuntimeError::Torch {
+        tch::CModule::load_on_device(path, device).map_err(|source| RuntimeError::Torch {
             file: file.to_string(),
             source,
         })?;
@@ -107,5 +171,41 @@ pub fn load_module(
         file: file.to_string(),
         source,
     })?;
-    Ok(Model::Script(module))
+    Ok(module)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TorchScript module made here by tracing `x @ w + 1`, with `w` a constant.
+    fn traced() -> tch::CModule {
+        let w = tch::Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0, 4.0, -1.0]).view([3, 2]);
+        let x = tch::Tensor::ones([1, 3], (tch::Kind::Float, tch::Device::Cpu));
+        tch::CModule::create_by_tracing("Affine", "forward", &[x], &mut |xs| {
+            vec![xs[0].matmul(&w) + 1.0]
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_model_on_its_own_thread_answers_as_one_run_here() {
+        let here = Model::here(Format::Script(traced()));
+        let there = Model::on_own_thread(Format::Script(traced()), "forward-test".into()).unwrap();
+        let x = tch::Tensor::from_slice(&[0.5f32, 1.0, -1.5, 2.0, 0.0, 1.0]).view([2, 3]);
+        let out = |m: &Model| match m.forward_is(&[IValue::Tensor(x.shallow_clone())]) {
+            Ok(IValue::Tensor(t)) => Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(out(&here), [-4.0, 4.5, 7.0, -4.0]);
+        assert_eq!(out(&there), out(&here));
+        match there.forward_on_this_thread(&[IValue::Tensor(x.shallow_clone())]) {
+            Ok(IValue::Tensor(t)) => assert_eq!(t.size(), [2, 2]),
+            other => panic!("{other:?}"),
+        }
+        // libtorch's errors come back as errors, and the thread serves on.
+        let wrong = tch::Tensor::ones([2, 5], (tch::Kind::Float, tch::Device::Cpu));
+        assert!(there.forward_is(&[IValue::Tensor(wrong)]).is_err());
+        assert_eq!(out(&there), [-4.0, 4.5, 7.0, -4.0]);
+    }
 }

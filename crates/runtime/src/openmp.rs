@@ -97,6 +97,17 @@ impl Drop for Team {
     }
 }
 
+/// Makes the calling thread run its parallel regions alone, so that it never starts a team: for
+/// a thread whose work is not on the CPU, such as a GPU model's forward thread, which no
+/// [`Team`] counts.
+pub fn run_alone_here() {
+    // libtorch sets a thread's OpenMP thread count at its first parallel region, to the count
+    // last set by any thread: have that happen now, then lower it for this thread alone.
+    let _ = tch::get_num_threads();
+    #[cfg(target_os = "linux")]
+    gnu::set_num_threads_here(1);
+}
+
 /// Ends the calling thread's OpenMP team, if it has one and the runtime is GNU OpenMP. Returns
 /// whether the runtime did it. Must not be called from inside a parallel region.
 fn release_team() -> bool {
@@ -138,6 +149,18 @@ mod gnu {
             (gnu && !pause.is_null())
                 .then(|| unsafe { std::mem::transmute::<*mut c_void, PauseAll>(pause) })
         })
+    }
+
+    type SetNumThreads = unsafe extern "C" fn(c_int);
+
+    /// `omp_set_num_threads`, which every OpenMP runtime applies to the calling thread alone.
+    pub(super) fn set_num_threads_here(n: c_int) {
+        let set = symbol(c"omp_set_num_threads");
+        if !set.is_null() {
+            // SAFETY: the symbol is OpenMP's `void omp_set_num_threads(int)`, called outside
+            // any parallel region.
+            unsafe { std::mem::transmute::<*mut c_void, SetNumThreads>(set)(n) }
+        }
     }
 
     pub(super) fn release_team() -> bool {
@@ -196,6 +219,25 @@ mod tests {
                 team.before_forward(1);
                 assert_eq!(threads_named("omp-team-test"), before);
                 assert!(super::release_team(), "the OpenMP runtime is not GNU's");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_thread_run_alone_starts_no_team() {
+        std::thread::Builder::new()
+            .name("omp-alone-test".into())
+            .spawn(|| {
+                tch::set_num_threads(2);
+                super::run_alone_here();
+                let before = threads_named("omp-alone-test");
+                let x = tch::Tensor::ones([1 << 20], (tch::Kind::Float, tch::Device::Cpu));
+                let sum = f64::try_from((&x * 2.0).sum(tch::Kind::Double)).unwrap();
+                assert_eq!(sum, 2.0 * (1 << 20) as f64);
+                assert_eq!(threads_named("omp-alone-test"), before, "a team started");
             })
             .unwrap()
             .join()

@@ -1,0 +1,198 @@
+//! The thread that runs a GPU model's forwards for all the workers that share it.
+//!
+//! cuBLAS and cuDNN give every thread that calls them a handle of its own, and libtorch a
+//! workspace per handle (cuBLAS alone takes 32 MiB on Hopper GPUs). When each worker ran its own
+//! forwards, every extra worker of a GPU model paid that, and several forwards in flight each
+//! held their activations at once. Queued to one thread per model and GPU, the handles exist
+//! once. The cost is small: a forward on a GPU mostly queues kernels and returns, so one thread
+//! keeps up with several workers, each of which then copies its batch in and its answers out
+//! on its own thread.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tch::{IValue, TchError};
+
+/// A thread that runs forwards, one at a time, for any thread that asks.
+#[derive(Debug)]
+pub(crate) struct ForwardThread {
+    calls: Option<mpsc::Sender<Call>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A forward asked of the thread: arguments borrowed from the asking thread, which waits for
+/// the answer.
+struct Call {
+    args: *const [IValue],
+    reply: mpsc::SyncSender<Answer>,
+}
+
+// SAFETY: `args` points into the asking thread's arguments, which that thread neither touches
+// nor drops until it has the answer, or knows the call was dropped unanswered (see `forward`).
+// The values are libtorch's, reference-counted atomically, as tch assumes for `Tensor`.
+unsafe impl Send for Call {}
+
+/// A forward's result, made on the forward thread and handed to the thread that asked.
+struct Answer(Result<IValue, TchError>);
+
+// SAFETY: the result is used by one thread at a time: made here, then moved to the asking
+// thread, as tch moves tensors between threads.
+unsafe impl Send for Answer {}
+
+impl ForwardThread {
+    /// Starts a thread named `name` that answers each call with `forward(args)`, with autograd
+    /// off, as the workers run it.
+    pub(crate) fn spawn<F>(name: String, forward: F) -> std::io::Result<Self>
+    where
+        F: Fn(&[IValue]) -> Result<IValue, TchError> + Send + 'static,
+    {
+        let (calls, queue) = mpsc::channel::<Call>();
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            // Grad mode is per thread: the workers' guards do not reach this one.
+            let _no_grad = tch::no_grad_guard();
+            // A forward on a GPU has no host work worth a team of threads, and a team here,
+            // which no worker counts, could crowd the CPU models' teams (see crate::openmp).
+            crate::openmp::run_alone_here();
+            for call in queue {
+                // SAFETY: see `Call`: the asking thread waits while this borrow lives.
+                let args = unsafe { &*call.args };
+                let result =
+                    catch_unwind(AssertUnwindSafe(|| forward(args))).unwrap_or_else(|_| {
+                        Err(TchError::Torch("the model's forward panicked".into()))
+                    });
+                let _ = call.reply.send(Answer(result));
+            }
+        })?;
+        Ok(ForwardThread {
+            calls: Some(calls),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `forward(args)` on the thread and waits for its result.
+    pub(crate) fn forward(&self, args: &[IValue]) -> Result<IValue, TchError> {
+        let gone = || TchError::Torch("the model's forward thread has stopped".into());
+        let (reply, answer) = mpsc::sync_channel(1);
+        let call = Call {
+            args: std::ptr::from_ref(args),
+            reply,
+        };
+        self.calls
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(call)
+            .map_err(|_| gone())?;
+        // Returns only once the call has been answered or dropped, so `args` outlives its use.
+        answer.recv().map(|a| a.0).map_err(|_| gone())?
+    }
+}
+
+impl Drop for ForwardThread {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread; waiting for it frees the model's memory on the
+        // device before whoever dropped the last reference goes on (perhaps to load it again).
+        drop(self.calls.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    fn echo_thread(seen: Arc<Mutex<Vec<std::thread::ThreadId>>>) -> ForwardThread {
+        ForwardThread::spawn("forward-test".into(), move |args| {
+            seen.lock().unwrap().push(std::thread::current().id());
+            match args {
+                [IValue::Int(n)] if *n < 0 => Err(TchError::Shape(format!("bad input {n}"))),
+                [IValue::Int(0)] => panic!("a model that panics"),
+                [IValue::Int(n)] => Ok(IValue::Int(n * 10)),
+                [IValue::Tensor(t)] => Ok(IValue::Tensor(t * 2)),
+                _ => Err(TchError::Kind("unexpected arguments".into())),
+            }
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn forwards_run_on_the_thread_and_answer_each_caller() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let thread = echo_thread(Arc::clone(&seen));
+        let callers: Vec<i64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (1..=8i64)
+                .map(|n| {
+                    let thread = &thread;
+                    s.spawn(move || {
+                        (0..50)
+                            .map(|_| match thread.forward(&[IValue::Int(n)]) {
+                                Ok(IValue::Int(v)) => v,
+                                other => panic!("{other:?}"),
+                            })
+                            .sum::<i64>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(callers, (1..=8).map(|n| n * 10 * 50).collect::<Vec<_>>());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 8 * 50);
+        assert!(seen.iter().all(|id| *id == seen[0]));
+        assert_ne!(seen[0], std::thread::current().id());
+    }
+
+    #[test]
+    fn tensors_go_there_and_back() {
+        let thread = echo_thread(Arc::default());
+        // Autograd is off there, as on the workers: a forward records no graph.
+        let t = tch::Tensor::from_slice(&[1.0f32, 2.5, -3.0]).set_requires_grad(true);
+        match thread.forward(&[IValue::Tensor(t)]).unwrap() {
+            IValue::Tensor(out) => {
+                assert_eq!(Vec::<f32>::try_from(&out).unwrap(), [2.0, 5.0, -6.0]);
+                assert!(!out.requires_grad());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_error_or_a_panic_fails_that_call_alone() {
+        let thread = echo_thread(Arc::default());
+        assert!(matches!(
+            thread.forward(&[IValue::Int(-1)]),
+            Err(TchError::Shape(m)) if m == "bad input -1"
+        ));
+        assert!(matches!(
+            thread.forward(&[IValue::Int(0)]),
+            Err(TchError::Torch(m)) if m.contains("panicked")
+        ));
+        assert!(matches!(
+            thread.forward(&[IValue::Int(3)]),
+            Ok(IValue::Int(30))
+        ));
+    }
+
+    #[test]
+    fn dropping_it_ends_the_thread_and_what_it_held() {
+        let held = Arc::new(());
+        let inside = Arc::clone(&held);
+        let thread = ForwardThread::spawn("forward-test".into(), move |_| {
+            let _ = &inside;
+            Ok(IValue::None)
+        })
+        .unwrap();
+        assert!(matches!(thread.forward(&[]), Ok(IValue::None)));
+        assert_eq!(Arc::strong_count(&held), 2);
+        drop(thread);
+        assert_eq!(
+            Arc::strong_count(&held),
+            1,
+            "joined, and the closure dropped"
+        );
+    }
+}
