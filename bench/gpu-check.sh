@@ -52,12 +52,15 @@ done
 
 echo "== worker_cost on the GPU"
 "$py" bench/make_models.py build/bench-gpu >/dev/null
+# One intra-op thread, then one per core as a lone worker in the server has.
 for model in resnet18 pool; do
     for b in 8 32; do
-        printf '%s batch %s: ' "$model" "$b"
-        "$bin/worker_cost" --model "build/bench-gpu/$model.pt" --handler bench/resnet18_handler.json \
-            --body build/bench-gpu/resnet18.bin --content-type application/octet-stream \
-            --batch "$b" --device cuda --duration "$secs"
+        for threads in 1 "$(nproc)"; do
+            printf '%s batch %s, %s threads: ' "$model" "$b" "$threads"
+            "$bin/worker_cost" --model "build/bench-gpu/$model.pt" --handler bench/resnet18_handler.json \
+                --body build/bench-gpu/resnet18.bin --content-type application/octet-stream \
+                --batch "$b" --device cuda --duration "$secs" --threads "$threads"
+        done
     done
 done 2>&1 | tee "$out/worker_cost.txt"
 

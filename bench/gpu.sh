@@ -5,7 +5,9 @@
 #   and from batch 8 up with two workers on the GPU;
 # - the ceiling at batch 64 with pageable uploads, against the pinned uploads the server uses;
 # - the built-in image_classifier at batch 32 (a 640x480 JPEG per request), 1 and 2 workers;
-# - the server's RSS and the GPU's memory in use with 1 and 4 workers of the model.
+# - the server's RSS and the GPU's memory in use with 1 and 4 workers of the model;
+# - the server again with one intra-op thread in all (cpu_threads=1), batch 32: whether the
+#   workers' copies on the host gain or lose by spreading over the cores.
 # Prints JSON lines, then a table of the sweep.
 # Usage: bench/gpu.sh [seconds per measurement, default 5]
 #   BIN: folder of the tchserve, tch-model-archiver, ceiling and loadgen binaries
@@ -33,14 +35,20 @@ rm -rf "$store" "$home"; mkdir -p "$store" "$home"
 gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -n 1)
 echo "{\"machine\": \"$(lscpu | sed -n 's/^Model name: *//p')\", \"cores\": $(nproc), \"gpu\": \"$gpu\", \"seconds_per_run\": $secs}"
 
-cat > "$home/config.properties" <<CFG
+# write_config [cpu_threads]: intra-op threads shared by the workers, by default one per core.
+write_config() {
+    cat > "$home/config.properties" <<CFG
 model_store=$root/$store
 enable_model_api=true
 default_workers_per_model=1
 disable_token_authorization=true
 # Room for every client's request: TorchServe's default of 100 answers 503 beyond it.
 job_queue_size=1000
+${1:+cpu_threads=$1}
 CFG
+}
+write_config
+threads=all
 log=$root/$out/results.jsonl
 : > "$log"
 emit() { echo "$1" | tee -a "$log"; }
@@ -79,10 +87,13 @@ print(json.dumps({"mean_batch": round(batch, 1), "worker_ms_per_batch": round(pe
 gpu_mb() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -n 1; }
 
 cd "$home"
-"$bin/tchserve" --start --ncs --log-dir "$root/$home/logs" >/dev/null
+start() {
+    "$bin/tchserve" --start --ncs --log-dir "$root/$home/logs" >/dev/null
+    until [ "$(status GET http://localhost:8080/ping)" = 200 ]; do sleep 0.1; done
+    pid=$(head -n 1 logs/tchserve.pid)
+}
 trap '"$bin/tchserve" --stop >/dev/null 2>&1 || true' EXIT
-until [ "$(status GET http://localhost:8080/ping)" = 200 ]; do sleep 0.1; done
-pid=$(head -n 1 logs/tchserve.pid)
+start
 
 # served BATCH WORKERS: ResNet-18 registered with that batch size and workers on the one GPU,
 # under twice as many concurrent clients as the batches hold.
@@ -92,7 +103,7 @@ served() {
     local name=${mar}_b${b}_w$n
     [ "$(manage POST "/models?url=$mar.mar&model_name=$name&initial_workers=$n&batch_size=$b&max_batch_delay=20")" = 200 ]
     result=$(load --path "/predictions/$name" --body "$root/$out/resnet18.bin" --content-type application/octet-stream -c "$c")
-    emit "{\"bench\": \"served\", \"model\": \"$mar\", \"batch\": $b, \"workers\": $n, \"result\": $result, \"worker\": $(workers_json "$name")}"
+    emit "{\"bench\": \"served\", \"model\": \"$mar\", \"batch\": $b, \"workers\": $n, \"cpu_threads\": \"$threads\", \"result\": $result, \"worker\": $(workers_json "$name")}"
     manage DELETE "/models/$name" >/dev/null
 }
 for b in ${BATCHES:-1 2 4 8 16 32 64}; do
@@ -128,16 +139,27 @@ for n in 1 4; do
     emit "{\"bench\": \"memory\", \"workers\": $n, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
 done
 
+# A GPU worker's host work is copies: with every core it copies a batch in parallel, but a
+# team of threads waits at each copy's end for its slowest thread, which the HTTP threads and
+# the clients keep off the cores. The same runs with one thread in all:
+"$bin/tchserve" --stop >/dev/null
+write_config 1
+threads=1
+start
+served 32 1
+served 32 1 pool
+served 32 4
+
 "$py" - "$log" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 ceil = {r["batch"]: r["result"]["examples_per_s"] for r in rows if r["bench"] == "ceiling"}
-print("| model | batch | workers | ceiling img/s | served img/s | served/ceiling | p50 ms | errors | mean batch | worker ms/batch | workers busy |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| model | batch | workers | cpu_threads | ceiling img/s | served img/s | served/ceiling | p50 ms | errors | mean batch | worker ms/batch | workers busy |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if r["bench"] == "served":
         b, n, s, w = r["batch"], r["workers"], r["result"], r["worker"]
         c = ceil.get(b) if r["model"] == "resnet18" else None
         ceiling, ratio = (f"{c:.0f}", f"{s['rps'] / c:.0%}") if c else ("", "")
-        print(f"| {r['model']} | {b} | {n} | {ceiling} | {s['rps']:.0f} | {ratio} | {s['p50_ms']} | {s['errors']} | {w['mean_batch']} | {w['worker_ms_per_batch']} | {w['worker_busy']} |")
+        print(f"| {r['model']} | {b} | {n} | {r.get('cpu_threads', 'all')} | {ceiling} | {s['rps']:.0f} | {ratio} | {s['p50_ms']} | {s['errors']} | {w['mean_batch']} | {w['worker_ms_per_batch']} | {w['worker_busy']} |")
 PY

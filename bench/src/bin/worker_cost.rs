@@ -37,7 +37,8 @@ struct Args {
     /// a fixed amount of work, for counting instructions (`valgrind --tool=callgrind`).
     #[arg(long)]
     batches: Option<u64>,
-    /// Intra-op threads (a server's worker default is one).
+    /// Intra-op threads: a worker in the server has the cores shared among the busy workers, one
+    /// for a model whose forward takes under a millisecond on the CPU.
     #[arg(long, default_value_t = 1)]
     threads: i32,
     /// `cpu`, `cuda` or `cuda:N`.
