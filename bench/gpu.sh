@@ -7,7 +7,7 @@
 # - the built-in image_classifier at batch 32 (a 640x480 JPEG per request), 1 and 2 workers;
 # - the server's RSS and the GPU's memory in use with 1 and 4 workers of the model;
 # - the server again with one intra-op thread in all (cpu_threads=1), batch 32: whether the
-#   workers' copies on the host gain or lose by spreading over the cores.
+#   workers' host work gains or loses by spreading over the cores.
 # Prints JSON lines, then a table of the sweep.
 # Usage: bench/gpu.sh [seconds per measurement, default 5]
 #   BIN: folder of the tchserve, tch-model-archiver, ceiling and loadgen binaries
@@ -139,9 +139,9 @@ for n in 1 4; do
     emit "{\"bench\": \"memory\", \"workers\": $n, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
 done
 
-# A GPU worker's host work is copies: with every core it copies a batch in parallel, but a
-# team of threads waits at each copy's end for its slowest thread, which the HTTP threads and
-# the clients keep off the cores. The same runs with one thread in all:
+# A worker's parallel regions wait for their slowest thread, which the HTTP threads and the
+# clients keep off the cores under load (the batch copy is a plain one for that reason; see
+# bench/src/bin/batch_copy.rs). Whether any that remain cost a GPU worker: one thread in all.
 "$bin/tchserve" --stop >/dev/null
 write_config 1
 threads=1

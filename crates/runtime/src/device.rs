@@ -109,30 +109,72 @@ unsafe extern "C" {
 /// memory when no pinned memory can be had. libtorch's caching host allocator keeps a pinned
 /// block until the copies queued from it are done.
 pub fn pinned_cat(parts: &[&tch::Tensor]) -> Result<tch::Tensor, tch::TchError> {
-    let Some(first) = parts.first() else {
+    cat_batch(parts, true)
+}
+
+/// Concatenates host tensors along their first axis into a new host tensor, in pinned memory
+/// when `pinned` and CUDA can give it (see [`pinned_cat`]).
+pub fn cat_batch(parts: &[&tch::Tensor], pinned: bool) -> Result<tch::Tensor, tch::TchError> {
+    let Some(first) = parts.first().filter(|t| t.dim() > 0) else {
         return tch::Tensor::f_cat(parts, 0);
     };
     let mut dims = first.size();
-    if let Some(rows) = dims.first_mut() {
-        *rows = parts
-            .iter()
-            .map(|t| t.size().first().copied().unwrap_or(1))
-            .sum();
-    }
-    // SAFETY: `first` is a live tensor and `dims` outlives the call; a non-null result is a new
-    // heap tensor whose ownership passes to the `Tensor` made from it.
-    let pinned = unsafe {
-        let t = tchserve_empty_pinned(
-            first.as_ptr().cast(),
-            dims.as_ptr(),
-            dims.len() as libc::c_int,
-        );
-        (!t.is_null()).then(|| tch::Tensor::from_ptr(t.cast()))
+    dims[0] = parts
+        .iter()
+        .map(|t| t.size().first().copied().unwrap_or(1))
+        .sum();
+    let page_locked = pinned
+        .then(|| {
+            // SAFETY: `first` is a live tensor and `dims` outlives the call; a non-null result
+            // is a new heap tensor whose ownership passes to the `Tensor` made from it.
+            unsafe {
+                let t = tchserve_empty_pinned(
+                    first.as_ptr().cast(),
+                    dims.as_ptr(),
+                    dims.len() as libc::c_int,
+                );
+                (!t.is_null()).then(|| tch::Tensor::from_ptr(t.cast()))
+            }
+        })
+        .flatten();
+    let out = match page_locked {
+        Some(out) => out,
+        None => tch::Tensor::f_empty(&dims, (first.kind(), tch::Device::Cpu))?,
     };
-    match pinned {
-        Some(out) => tch::Tensor::f_cat_out(&out, parts, 0),
-        None => tch::Tensor::f_cat(parts, 0),
+    cat_into(out, parts)
+}
+
+/// Concatenates `parts` along their first axis into `out`, a new contiguous host tensor of the
+/// total size. Parts of one dtype and row shape, laid out contiguously on the host (a request's
+/// tensor always is), are copied in one plain pass; libtorch's `cat` would copy each part as a
+/// parallel region of its own, and a batch of 32 large requests then waits 32 times for the
+/// slowest of the worker's threads, which the HTTP threads keep off the cores under load.
+fn cat_into(out: tch::Tensor, parts: &[&tch::Tensor]) -> Result<tch::Tensor, tch::TchError> {
+    let rows = &out.size()[1..];
+    let plain = parts.iter().all(|t| {
+        t.device() == tch::Device::Cpu
+            && t.kind() == out.kind()
+            && t.dim() == out.dim()
+            && &t.size()[1..] == rows
+            && t.is_contiguous()
+    });
+    if !plain {
+        return tch::Tensor::f_cat_out(&out, parts, 0);
     }
+    let size = out.kind().elt_size_in_bytes();
+    let mut at = 0;
+    let dst = out.data_ptr().cast::<u8>();
+    for t in parts {
+        let n = t.numel() * size;
+        // SAFETY: each part is a contiguous host tensor of `out`'s dtype and row shape, so the
+        // parts' bytes fill `out` (allocated for their total rows) exactly, in order; `out` is
+        // new, so no part shares its memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(t.data_ptr().cast::<u8>(), dst.add(at), n);
+        }
+        at += n;
+    }
+    Ok(out)
 }
 
 /// Copies a host tensor to `device`; to a GPU without waiting for the copy, which is queued on
@@ -174,6 +216,39 @@ mod tests {
             device_for_worker(&status, Some(&[1]), 0),
             tch::Device::Cuda(1)
         );
+    }
+
+    #[test]
+    fn batches_are_concatenated_as_libtorch_does() {
+        let f = |n: i64, start: f64| {
+            tch::Tensor::arange_start(
+                start,
+                start + (n * 6) as f64,
+                (tch::Kind::Float, tch::Device::Cpu),
+            )
+            .reshape([n, 2, 3])
+        };
+        let (a, b, c) = (f(1, 0.0), f(3, 100.0), f(2, -50.0));
+        let want = tch::Tensor::cat(&[&a, &b, &c], 0);
+        // Plain parts, and parts that take libtorch's path: a transposed view, another dtype.
+        let t = f(2, 7.0).transpose(1, 2).contiguous().transpose(1, 2);
+        assert!(!t.is_contiguous());
+        for parts in [vec![&a, &b, &c], vec![&a], vec![&t, &a]] {
+            for got in [
+                pinned_cat(&parts).unwrap(),
+                cat_batch(&parts, false).unwrap(),
+            ] {
+                assert_eq!(got, tch::Tensor::cat(&parts, 0));
+                assert!(got.is_contiguous());
+            }
+        }
+        assert_eq!(pinned_cat(&[&a, &b, &c]).unwrap(), want);
+        // A request whose rows differ cannot join the batch: an error, as from libtorch.
+        let other = tch::Tensor::zeros([1, 3, 2], (tch::Kind::Float, tch::Device::Cpu));
+        assert!(pinned_cat(&[&a, &other]).is_err());
+        let double = f(1, 0.0).to_kind(tch::Kind::Double);
+        assert!(pinned_cat(&[&a, &double]).is_ok_and(|t| t == tch::Tensor::cat(&[&a, &a], 0)));
+        assert!(pinned_cat(&[]).is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use tch::{Device, IValue, Kind, Tensor};
 
-use crate::device::{pinned_cat, upload};
+use crate::device::{cat_batch, pinned_cat, upload};
 use crate::model::Model;
 use tchserve_mar::handler::{
     Feed, HandlerManifest, Input, Output, Postprocess, Preprocess, Select,
@@ -210,7 +210,7 @@ impl Pipeline {
                     .owned_tensor()
                     .map_err(|e| failed("copying the input", e))?
             } else {
-                Tensor::f_cat(&parts, 0).map_err(cannot_batch)?
+                cat_batch(&parts, false).map_err(cannot_batch)?
             };
             let mut batch =
                 upload(&batch, device).map_err(|e| failed("moving input to the device", e))?;
