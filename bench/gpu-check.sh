@@ -6,6 +6,8 @@
 # - what a GPU worker's batch costs on the host, in process (worker_cost --device cuda): the
 #   decoding of the requests, then the batch (pinned copy, upload, forward, answers), for
 #   ResNet-18 and for a model that only averages each channel;
+# - batch_copy: copying a batch of 32 requests into pinned memory, libtorch's cat against the
+#   workers' plain copy, with the cores idle and busy;
 # - bench/gpu.sh: the batch sweep against the in-process ceiling, memory per worker.
 # Uses the machine's own python3 (with torch and torchvision) for the models and its libtorch.
 # Writes its logs under OUT (default build/gpu-check).
@@ -63,6 +65,11 @@ for model in resnet18 pool; do
         done
     done
 done 2>&1 | tee "$out/worker_cost.txt"
+
+echo "== batch_copy: libtorch's cat against the workers' plain copy, 32 ResNet-18 inputs"
+for busy in 0 "$(nproc)"; do
+    timeout 120 "$bin/batch_copy" --threads "$(nproc)" --busy "$busy" --batches 20 --rounds 2
+done 2>&1 | tee "$out/batch_copy.txt"
 
 echo "== bench/gpu.sh"
 BIN=$bin PY=$py timeout 400 bench/gpu.sh "$secs" 2>&1 | tee "$out/gpu.log" | grep -v '^{'

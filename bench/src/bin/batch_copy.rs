@@ -1,13 +1,14 @@
 //! What copying a batch's requests into one tensor costs, libtorch's `cat` against the plain
-//! copy the workers use (`device::pinned_cat`, into pinned memory where CUDA is present), with
-//! optional busy threads in the process standing in for the HTTP threads of a loaded server.
+//! copy the workers use (`device::cat_batch`), both into ordinary memory, and the plain copy
+//! into pinned memory as a GPU worker makes it (where CUDA is present), with optional busy
+//! threads in the process standing in for the HTTP threads of a loaded server.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clap::Parser;
 use tch::{Device, Kind, Tensor};
-use tchserve_runtime::device::pinned_cat;
+use tchserve_runtime::device::{cat_batch, pinned_cat};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -55,13 +56,20 @@ fn main() -> anyhow::Result<()> {
             Ok(t.elapsed().as_secs_f64() * 1e3 / f64::from(args.batches))
         };
         // One unmeasured pass each, for the allocators.
-        ms_per_batch(&|| Ok(Tensor::f_cat(&refs, 0)?))?;
-        ms_per_batch(&|| Ok(pinned_cat(&refs)?))?;
+        let cat = || Ok(Tensor::f_cat(&refs, 0)?);
+        let plain = || Ok(cat_batch(&refs, false)?);
+        let pinned = || Ok(pinned_cat(&refs)?);
+        for f in [&cat as &dyn Fn() -> _, &plain, &pinned] {
+            ms_per_batch(f)?;
+        }
         for _ in 0..args.rounds {
-            let cat = ms_per_batch(&|| Ok(Tensor::f_cat(&refs, 0)?))?;
-            let plain = ms_per_batch(&|| Ok(pinned_cat(&refs)?))?;
+            let (cat, plain, pinned) = (
+                ms_per_batch(&cat)?,
+                ms_per_batch(&plain)?,
+                ms_per_batch(&pinned)?,
+            );
             println!(
-                "{{\"batch\": {}, \"threads\": {}, \"busy\": {}, \"cat_ms\": {cat:.3}, \"plain_ms\": {plain:.3}}}",
+                "{{\"batch\": {}, \"threads\": {}, \"busy\": {}, \"cat_ms\": {cat:.3}, \"plain_ms\": {plain:.3}, \"plain_pinned_ms\": {pinned:.3}}}",
                 args.batch, args.threads, args.busy
             );
         }
