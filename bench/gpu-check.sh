@@ -65,6 +65,12 @@ for model in resnet18 pool; do
         done
     done
 done 2>&1 | tee "$out/worker_cost.txt"
+# A 640x480 JPEG per request: decode_us is one core's decoding and resizing of one image (the
+# server spreads a batch's images over the worker's cores).
+printf 'image_classifier batch 32: '
+"$bin/worker_cost" --model build/bench-gpu/resnet18.pt --handler handlers/image_classifier.json \
+    --body build/bench-gpu/cat640.jpg --content-type image/jpeg \
+    --batch 32 --device cuda --duration "$secs" --threads "$(nproc)" 2>&1 | tee -a "$out/worker_cost.txt"
 
 echo "== batch_copy: libtorch's cat against the workers' plain copy, 32 ResNet-18 inputs"
 for busy in 0 "$(nproc)"; do
