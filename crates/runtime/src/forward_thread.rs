@@ -55,12 +55,14 @@ impl ForwardThread {
             // which no worker counts, could crowd the CPU models' teams (see crate::openmp).
             crate::openmp::run_alone_here();
             for call in queue {
-                // SAFETY: see `Call`: the asking thread waits while this borrow lives.
-                let args = unsafe { &*call.args };
-                let result =
+                let result = {
+                    // SAFETY: see `Call`: the asking thread waits while this borrow lives, and
+                    // it ends here, before the answer lets that thread go on.
+                    let args = unsafe { &*call.args };
                     catch_unwind(AssertUnwindSafe(|| forward(args))).unwrap_or_else(|_| {
                         Err(TchError::Torch("the model's forward panicked".into()))
-                    });
+                    })
+                };
                 let _ = call.reply.send(Answer(result));
             }
         })?;
