@@ -37,7 +37,7 @@ echo "{\"machine\": \"$(lscpu | sed -n 's/^Model name: *//p')\", \"cores\": $(np
 
 # write_config [cpu_threads]: intra-op threads shared by the workers, by default one per core.
 write_config() {
-    cat > "$home/config.properties" <<CFG
+    cat > "$root/$home/config.properties" <<CFG
 model_store=$root/$store
 enable_model_api=true
 default_workers_per_model=1
