@@ -114,11 +114,24 @@ pub fn pinned_cat(parts: &[&tch::Tensor]) -> Result<tch::Tensor, tch::TchError> 
 
 /// Concatenates host tensors along their first axis into a new host tensor, in pinned memory
 /// when `pinned` and CUDA can give it (see [`pinned_cat`]).
+///
+/// Parts of one dtype and row shape, laid out contiguously on the host (a request's tensor
+/// always is), are copied in one plain pass. libtorch's `cat` copies each part as a parallel
+/// region of its own, and each region waits for the slowest of the worker's threads, which the
+/// HTTP threads keep off the cores under load: 32 times for a batch of 32 (`bench` batch_copy).
+/// Other parts go through libtorch's `cat`, with its type promotion.
 pub fn cat_batch(parts: &[&tch::Tensor], pinned: bool) -> Result<tch::Tensor, tch::TchError> {
     let Some(first) = parts.first().filter(|t| t.dim() > 0) else {
         return tch::Tensor::f_cat(parts, 0);
     };
     let mut dims = first.size();
+    let plain = parts.iter().all(|t| {
+        t.device() == tch::Device::Cpu
+            && t.kind() == first.kind()
+            && t.dim() == first.dim()
+            && t.size()[1..] == dims[1..]
+            && t.is_contiguous()
+    });
     dims[0] = parts
         .iter()
         .map(|t| t.size().first().copied().unwrap_or(1))
@@ -137,33 +150,15 @@ pub fn cat_batch(parts: &[&tch::Tensor], pinned: bool) -> Result<tch::Tensor, tc
             }
         })
         .flatten();
-    let out = match page_locked {
-        Some(out) => out,
-        None => tch::Tensor::f_empty(&dims, (first.kind(), tch::Device::Cpu))?,
+    let out = match (page_locked, plain) {
+        (Some(out), false) => return tch::Tensor::f_cat_out(&out, parts, 0),
+        (None, false) => return tch::Tensor::f_cat(parts, 0),
+        (Some(out), true) => out,
+        (None, true) => tch::Tensor::f_empty(&dims, (first.kind(), tch::Device::Cpu))?,
     };
-    cat_into(out, parts)
-}
-
-/// Concatenates `parts` along their first axis into `out`, a new contiguous host tensor of the
-/// total size. Parts of one dtype and row shape, laid out contiguously on the host (a request's
-/// tensor always is), are copied in one plain pass; libtorch's `cat` would copy each part as a
-/// parallel region of its own, and a batch of 32 large requests then waits 32 times for the
-/// slowest of the worker's threads, which the HTTP threads keep off the cores under load.
-fn cat_into(out: tch::Tensor, parts: &[&tch::Tensor]) -> Result<tch::Tensor, tch::TchError> {
-    let rows = &out.size()[1..];
-    let plain = parts.iter().all(|t| {
-        t.device() == tch::Device::Cpu
-            && t.kind() == out.kind()
-            && t.dim() == out.dim()
-            && &t.size()[1..] == rows
-            && t.is_contiguous()
-    });
-    if !plain {
-        return tch::Tensor::f_cat_out(&out, parts, 0);
-    }
     let size = out.kind().elt_size_in_bytes();
-    let mut at = 0;
     let dst = out.data_ptr().cast::<u8>();
+    let mut at = 0;
     for t in parts {
         let n = t.numel() * size;
         // SAFETY: each part is a contiguous host tensor of `out`'s dtype and row shape, so the
@@ -246,8 +241,11 @@ mod tests {
         // A request whose rows differ cannot join the batch: an error, as from libtorch.
         let other = tch::Tensor::zeros([1, 3, 2], (tch::Kind::Float, tch::Device::Cpu));
         assert!(pinned_cat(&[&a, &other]).is_err());
+        // Mixed dtypes: libtorch's promotion, as before.
         let double = f(1, 0.0).to_kind(tch::Kind::Double);
-        assert!(pinned_cat(&[&a, &double]).is_ok_and(|t| t == tch::Tensor::cat(&[&a, &a], 0)));
+        let promoted = cat_batch(&[&a, &double], false).unwrap();
+        assert_eq!(promoted.kind(), tch::Kind::Double);
+        assert_eq!(promoted, tch::Tensor::cat(&[&a, &double], 0));
         assert!(pinned_cat(&[]).is_err());
     }
 
