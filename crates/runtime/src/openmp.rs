@@ -171,7 +171,18 @@ mod gnu {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::sync::{Mutex, MutexGuard};
+    use std::time::{Duration, Instant};
+
+    /// Held by the tests that count threads or change libtorch's thread counts, which are
+    /// process-wide: libtorch's pool for its mobile kernels is made again by whichever thread
+    /// changes the count, and takes that thread's name.
+    pub(crate) fn thread_counts_lock() -> MutexGuard<'static, ()> {
+        static LOCK: Mutex<()> = Mutex::new(());
+        LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Threads of this process whose name is `name`.
     fn threads_named(name: &str) -> usize {
         std::fs::read_dir("/proc/self/task")
@@ -181,16 +192,33 @@ mod tests {
             .count()
     }
 
+    /// Threads named `name` once the count is `want`, or after two seconds: the threads of an
+    /// ended team leave its barrier before the call returns, and exit just after.
+    fn threads_named_settled(name: &str, want: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let n = threads_named(name);
+            if n == want || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     #[cfg(target_os = "linux")]
     fn a_threads_team_ends_and_starts_again() {
+        let _serial = thread_counts_lock();
         // Team threads take the name of the thread that started them.
         std::thread::Builder::new()
             .name("omp-team-test".into())
             .spawn(|| {
                 // Setting the thread count may start libtorch's own pool for its mobile
                 // kernels, which is not OpenMP's: it is counted before any parallel region runs.
+                // Asking for the count settles it for this thread now: libtorch otherwise sets
+                // it again at the first parallel region, to whatever another test set last.
                 tch::set_num_threads(2);
+                let _ = tch::get_num_threads();
                 let before = threads_named("omp-team-test");
                 let x = tch::Tensor::ones([1 << 20], (tch::Kind::Float, tch::Device::Cpu));
                 let sum = || f64::try_from((&x * 2.0).sum(tch::Kind::Double)).unwrap();
@@ -204,7 +232,7 @@ mod tests {
                 );
                 team.end();
                 assert_eq!(
-                    threads_named("omp-team-test"),
+                    threads_named_settled("omp-team-test", before),
                     before,
                     "the team is still there"
                 );
@@ -217,7 +245,7 @@ mod tests {
                 );
                 // One thread runs no parallel region: a team held then is ended.
                 team.before_forward(1);
-                assert_eq!(threads_named("omp-team-test"), before);
+                assert_eq!(threads_named_settled("omp-team-test", before), before);
                 assert!(super::release_team(), "the OpenMP runtime is not GNU's");
             })
             .unwrap()
@@ -228,6 +256,7 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn a_thread_run_alone_starts_no_team() {
+        let _serial = thread_counts_lock();
         std::thread::Builder::new()
             .name("omp-alone-test".into())
             .spawn(|| {
