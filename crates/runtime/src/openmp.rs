@@ -171,16 +171,22 @@ mod gnu {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use std::sync::{Mutex, MutexGuard};
+mod tests {
+    use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
-    /// Held by the tests that count threads or change libtorch's thread counts, which are
-    /// process-wide: libtorch's pool for its mobile kernels is made again by whichever thread
-    /// changes the count, and takes that thread's name.
-    pub(crate) fn thread_counts_lock() -> MutexGuard<'static, ()> {
+    /// Runs `test` on a thread named `name`, one such test at a time: they count threads and
+    /// change libtorch's thread counts, which are process-wide (libtorch's pool for its mobile
+    /// kernels is made again by whichever thread changes the count, and takes its name).
+    fn on_thread_named(name: &str, test: impl FnOnce() + Send + 'static) {
         static LOCK: Mutex<()> = Mutex::new(());
-        LOCK.lock().unwrap_or_else(|e| e.into_inner())
+        let _serial = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(test)
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     /// Threads of this process whose name is `name`.
@@ -208,68 +214,56 @@ pub(crate) mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn a_threads_team_ends_and_starts_again() {
-        let _serial = thread_counts_lock();
         // Team threads take the name of the thread that started them.
-        std::thread::Builder::new()
-            .name("omp-team-test".into())
-            .spawn(|| {
-                // Setting the thread count may start libtorch's own pool for its mobile
-                // kernels, which is not OpenMP's: it is counted before any parallel region runs.
-                // Asking for the count settles it for this thread now: libtorch otherwise sets
-                // it again at the first parallel region, to whatever another test set last.
-                tch::set_num_threads(2);
-                let _ = tch::get_num_threads();
-                let before = threads_named("omp-team-test");
-                let x = tch::Tensor::ones([1 << 20], (tch::Kind::Float, tch::Device::Cpu));
-                let sum = || f64::try_from((&x * 2.0).sum(tch::Kind::Double)).unwrap();
-                let mut team = super::Team::default();
-                team.before_forward(2);
-                assert_eq!(sum(), 2.0 * (1 << 20) as f64);
-                assert_eq!(
-                    threads_named("omp-team-test"),
-                    before + 1,
-                    "no team started"
-                );
-                team.end();
-                assert_eq!(
-                    threads_named_settled("omp-team-test", before),
-                    before,
-                    "the team is still there"
-                );
-                team.before_forward(2);
-                assert_eq!(sum(), 2.0 * (1 << 20) as f64);
-                assert_eq!(
-                    threads_named("omp-team-test"),
-                    before + 1,
-                    "no new team started"
-                );
-                // One thread runs no parallel region: a team held then is ended.
-                team.before_forward(1);
-                assert_eq!(threads_named_settled("omp-team-test", before), before);
-                assert!(super::release_team(), "the OpenMP runtime is not GNU's");
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+        on_thread_named("omp-team-test", || {
+            // Setting the thread count may start libtorch's own pool for its mobile
+            // kernels, which is not OpenMP's: it is counted before any parallel region runs.
+            // Asking for the count settles it for this thread now: libtorch otherwise sets
+            // it again at the first parallel region, to whatever another test set last.
+            tch::set_num_threads(2);
+            let _ = tch::get_num_threads();
+            let before = threads_named("omp-team-test");
+            let x = tch::Tensor::ones([1 << 20], (tch::Kind::Float, tch::Device::Cpu));
+            let sum = || f64::try_from((&x * 2.0).sum(tch::Kind::Double)).unwrap();
+            let mut team = super::Team::default();
+            team.before_forward(2);
+            assert_eq!(sum(), 2.0 * (1 << 20) as f64);
+            assert_eq!(
+                threads_named("omp-team-test"),
+                before + 1,
+                "no team started"
+            );
+            team.end();
+            assert_eq!(
+                threads_named_settled("omp-team-test", before),
+                before,
+                "the team is still there"
+            );
+            team.before_forward(2);
+            assert_eq!(sum(), 2.0 * (1 << 20) as f64);
+            assert_eq!(
+                threads_named("omp-team-test"),
+                before + 1,
+                "no new team started"
+            );
+            // One thread runs no parallel region: a team held then is ended.
+            team.before_forward(1);
+            assert_eq!(threads_named_settled("omp-team-test", before), before);
+            assert!(super::release_team(), "the OpenMP runtime is not GNU's");
+        });
     }
 
     #[test]
     #[cfg(target_os = "linux")]
     fn a_thread_run_alone_starts_no_team() {
-        let _serial = thread_counts_lock();
-        std::thread::Builder::new()
-            .name("omp-alone-test".into())
-            .spawn(|| {
-                tch::set_num_threads(2);
-                super::run_alone_here();
-                let before = threads_named("omp-alone-test");
-                let x = tch::Tensor::ones([1 << 20], (tch::Kind::Float, tch::Device::Cpu));
-                let sum = f64::try_from((&x * 2.0).sum(tch::Kind::Double)).unwrap();
-                assert_eq!(sum, 2.0 * (1 << 20) as f64);
-                assert_eq!(threads_named("omp-alone-test"), before, "a team started");
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+        on_thread_named("omp-alone-test", || {
+            tch::set_num_threads(2);
+            super::run_alone_here();
+            let before = threads_named("omp-alone-test");
+            let x = tch::Tensor::ones([1 << 20], (tch::Kind::Float, tch::Device::Cpu));
+            let sum = f64::try_from((&x * 2.0).sum(tch::Kind::Double)).unwrap();
+            assert_eq!(sum, 2.0 * (1 << 20) as f64);
+            assert_eq!(threads_named("omp-alone-test"), before, "a team started");
+        });
     }
 }
