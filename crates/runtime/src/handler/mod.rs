@@ -18,7 +18,7 @@ use std::path::Path;
 
 use tch::{Device, IValue, Kind, Tensor};
 
-use crate::device::{cat_batch, pinned_cat, upload};
+use crate::device::{cat_batch, upload};
 use crate::model::Model;
 use tchserve_mar::handler::{
     Feed, HandlerManifest, Input, Output, Postprocess, Preprocess, Select,
@@ -202,15 +202,13 @@ impl Pipeline {
         } else {
             let cannot_batch = |e| PredictError::BadInput(format!("cannot batch inputs: {e}"));
             let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
-            let batch = if device.is_cuda() {
-                // One copy of the requests' bytes, straight into memory the GPU copies from.
-                pinned_cat(&parts).map_err(cannot_batch)?
-            } else if inputs.len() == 1 {
+            let batch = if inputs.len() == 1 && !device.is_cuda() {
                 inputs[0]
                     .owned_tensor()
                     .map_err(|e| failed("copying the input", e))?
             } else {
-                cat_batch(&parts, false).map_err(cannot_batch)?
+                // One copy of the requests' bytes; for a GPU, straight into memory it copies from.
+                cat_batch(&parts, device.is_cuda()).map_err(cannot_batch)?
             };
             let mut batch =
                 upload(&batch, device).map_err(|e| failed("moving input to the device", e))?;
