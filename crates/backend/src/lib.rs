@@ -6,6 +6,7 @@
 //! `tchserve-runtime` provides the real one.
 
 pub mod job;
+pub mod json;
 
 use std::fmt::Debug;
 use std::path::PathBuf;

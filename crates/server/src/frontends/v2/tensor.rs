@@ -1,9 +1,8 @@
 //! Tensor data of the Open Inference Protocol: datatype names, JSON `data` to little-endian
 //! bytes and back, and BYTES elements. Shared by the REST and gRPC frontends.
 
-use std::fmt::Write as _;
-
 use serde_json::Value;
+use tchserve_backend::json;
 use tchserve_mar::handler::DType;
 
 /// A datatype of the protocol.
@@ -205,32 +204,27 @@ pub fn decode_json(datatype: Datatype, bytes: &[u8]) -> String {
         if i > 0 {
             out.push(',');
         }
-        let _ = match datatype {
-            Datatype::Bool => write!(out, "{}", c[0] != 0),
-            Datatype::Uint8 => write!(out, "{}", c[0]),
-            Datatype::Int8 => write!(out, "{}", c[0] as i8),
-            Datatype::Uint16 => write!(out, "{}", u16::from_le_bytes([c[0], c[1]])),
-            Datatype::Int16 => write!(out, "{}", i16::from_le_bytes([c[0], c[1]])),
-            Datatype::Uint32 => write!(out, "{}", u32::from_le_bytes(arr(c))),
-            Datatype::Int32 => write!(out, "{}", i32::from_le_bytes(arr(c))),
-            Datatype::Uint64 => write!(out, "{}", u64::from_le_bytes(arr(c))),
-            Datatype::Int64 => write!(out, "{}", i64::from_le_bytes(arr(c))),
-            Datatype::Fp16 => write_float(&mut out, f16_to_f32(u16::from_le_bytes([c[0], c[1]]))),
-            Datatype::Bf16 => write_float(
+        match datatype {
+            Datatype::Bool => out.push_str(if c[0] != 0 { "true" } else { "false" }),
+            Datatype::Uint8 => json::write_int(&mut out, c[0]),
+            Datatype::Int8 => json::write_int(&mut out, c[0] as i8),
+            Datatype::Uint16 => json::write_int(&mut out, u16::from_le_bytes([c[0], c[1]])),
+            Datatype::Int16 => json::write_int(&mut out, i16::from_le_bytes([c[0], c[1]])),
+            Datatype::Uint32 => json::write_int(&mut out, u32::from_le_bytes(arr(c))),
+            Datatype::Int32 => json::write_int(&mut out, i32::from_le_bytes(arr(c))),
+            Datatype::Uint64 => json::write_int(&mut out, u64::from_le_bytes(arr(c))),
+            Datatype::Int64 => json::write_int(&mut out, i64::from_le_bytes(arr(c))),
+            Datatype::Fp16 => {
+                json::write_f32(&mut out, f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            }
+            Datatype::Bf16 => json::write_f32(
                 &mut out,
                 f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16),
             ),
-            Datatype::Fp32 => write_float(&mut out, f32::from_le_bytes(arr(c))),
-            Datatype::Fp64 => {
-                let v = f64::from_le_bytes(arr(c));
-                if v.is_finite() {
-                    write!(out, "{v:?}")
-                } else {
-                    write!(out, "null")
-                }
-            }
-            Datatype::Bytes => Ok(()),
-        };
+            Datatype::Fp32 => json::write_f32(&mut out, f32::from_le_bytes(arr(c))),
+            Datatype::Fp64 => json::write_f64(&mut out, f64::from_le_bytes(arr(c))),
+            Datatype::Bytes => {}
+        }
     }
     out.push(']');
     out
@@ -240,15 +234,6 @@ fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
     let mut a = [0u8; N];
     a.copy_from_slice(&c[..N]);
     a
-}
-
-/// Shortest exact form, `null` where JSON has no number.
-fn write_float(out: &mut String, v: f32) -> std::fmt::Result {
-    if v.is_finite() {
-        write!(out, "{v:?}")
-    } else {
-        write!(out, "null")
-    }
 }
 
 /// Splits the binary form of BYTES (each element a 4-byte little-endian length, then its bytes).
