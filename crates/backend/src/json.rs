@@ -19,7 +19,7 @@ pub fn write_int<I: itoa::Integer>(out: &mut String, v: I) {
 }
 
 // Not `fmt`: a batch can answer tens of thousands of floats on the worker's thread, and zmij
-// writes them in a third of the time (`worker_cost` with bench's wide.pt, docs/benchmarks.md).
+// and itoa take well under half the time (`worker_cost` with bench's wide.pt, docs/benchmarks.md).
 fn write_float<F: zmij::Float>(out: &mut String, v: F, finite: bool) {
     if finite {
         out.push_str(zmij::Buffer::new().format_finite(v));
