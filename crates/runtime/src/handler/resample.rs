@@ -148,9 +148,9 @@ pub fn resize_rgb(
     out
 }
 
-// PIL sums in 32-bit ints (`int ss0` in Resample.c); its 2 bits of headroom keep every sum in
-// range, and wrapping arithmetic keeps its results even where they would not be. Thirty-two
-// bits, unlike sixty-four, let the compiler run eight or sixteen pixels at once.
+// PIL sums in 32-bit ints (`int ss0` in Resample.c), whose 2 bits of headroom keep every sum in
+// range; the passes here do the same, with wrapping operations so that no input can panic.
+// Thirty-two bits, unlike sixty-four, let one register hold eight sums.
 
 /// One row of the horizontal pass: each output pixel a weighted sum of neighbouring pixels.
 fn horizontal_row(src: &[u8], dst: &mut [u8], c: &Coefficients) {
@@ -187,8 +187,8 @@ fn horizontal_row_plain(src: &[u8], dst: &mut [u8], c: &Coefficients) {
     }
 }
 
-/// The horizontal pass with a pixel's three sums in one register: the same arithmetic, and the
-/// same bytes out, in about a third of the instructions.
+/// The horizontal pass with a pixel's three sums in one register: the same arithmetic and the
+/// same bytes out, with one multiply and one add per tap instead of three of each.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.1")]
 fn horizontal_row_sse41(src: &[u8], dst: &mut [u8], c: &Coefficients) {
