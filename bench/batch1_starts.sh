@@ -55,7 +55,7 @@ threads() {
 }
 # The worker's total handler seconds and requests so far.
 handled() {
-    python3 -c 'import re, sys, urllib.request as r
+    python3 -c 'import re, urllib.request as r
 v = {}
 for line in r.urlopen("http://127.0.0.1:8082/metrics").read().decode().splitlines():
     m = re.match(r"tchserve_handler_seconds_(sum|count)\{model_name=\"image_b1\".*\} (\S+)", line)
