@@ -9,7 +9,9 @@
 # for each of the worker's threads (itself and its OpenMP team) the CPU seconds it ran and the
 # times it went to sleep during the measurement.
 # Usage: bench/batch1_starts.sh [starts, default 10] [seconds per measurement, default 4]
-# TCHSERVE="PATH..." alternates several builds of the server (absolute paths), start by start.
+# TCHSERVE="PATH..." alternates several builds of the server (absolute paths), start by start;
+# the word `torchserve` among them is TorchServe 0.12.0 set up the same way (installed as
+# bench/compare-torchserve.sh installs it), for which only requests/s are printed.
 # ALONE=1 serves image_b1 alone instead: no other model, no MLP load.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +21,9 @@ secs=${2:-4}
 bin=target/release
 out=build/bench
 store=$out/starts-store
+ts_store=$out/starts-ts-store
 home=$out/starts-home
+tsvenv=build/torchserve-venv
 
 command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null
 cargo build --release -p tchserve-cli --bins >/dev/null 2>&1
@@ -29,15 +33,29 @@ rm -rf "$store" "$home"; mkdir -p "$store" "$home"
     --handler bench/mlp_handler.json --export-path "$store" --force
 "$bin/tch-model-archiver" --model-name resnet18 --version 1.0 --serialized-file "$out/resnet18.pt" \
     --handler image_classifier --export-path "$store" --force
-cat > "$home/config.properties" <<CFG
+read -r -a builds <<< "${TCHSERVE:-$root/$bin/tchserve}"
+if [[ " ${builds[*]} " == *" torchserve "* ]]; then
+    . bench/torchserve/common.sh
+    ensure_torchserve
+    rm -rf "$ts_store"; mkdir -p "$ts_store"
+    # Each server's own archiver; TorchServe has no built-in handler for the MLP's JSON tensor.
+    "$tsvenv/bin/torch-model-archiver" --model-name mlp --version 1.0 --serialized-file "$out/mlp.pt" \
+        --handler bench/torchserve/mlp_handler.py --export-path "$ts_store"
+    "$tsvenv/bin/torch-model-archiver" --model-name resnet18 --version 1.0 --serialized-file "$out/resnet18.pt" \
+        --handler image_classifier --export-path "$ts_store"
+fi
+# config STORE: the one config.properties both servers read, with its model store.
+config() {
+    cat > "$root/$home/config.properties" <<CFG
 inference_address=http://127.0.0.1:8080
 management_address=http://127.0.0.1:8081
 metrics_address=http://127.0.0.1:8082
-model_store=$root/$store
+model_store=$root/$1
 default_workers_per_model=1
 disable_token_authorization=true
 enable_model_api=true
 CFG
+}
 
 post() { BODY=$1 CTYPE=$2 wrk -t1 -c"$3" -d"$4"s -s "$root/bench/wrk_post.lua" "http://127.0.0.1:8080/predictions/$5"; }
 register() {
@@ -65,12 +83,19 @@ print(v["sum"], v["count"])'
 }
 
 cd "$home"
-read -r -a builds <<< "${TCHSERVE:-$root/$bin/tchserve}"
 for i in $(seq 1 "$starts"); do
     for server in "${builds[@]}"; do
         if [ -n "${ALONE:-}" ]; then models=(); else models=(--models mlp=mlp.mar resnet18=resnet18.mar); fi
-        "$server" --foreground --ncs --ts-config config.properties --log-dir logs "${models[@]}" \
-            > server.log 2>&1 &
+        if [ "$server" = torchserve ]; then
+            config "$ts_store"
+            # Foreground mode keeps TorchServe's frontend as this shell's child.
+            "$root/$tsvenv/bin/torchserve" --start --foreground --ncs --ts-config config.properties \
+                "${models[@]}" > server.log 2>&1 &
+        else
+            config "$store"
+            "$server" --foreground --ncs --ts-config config.properties --log-dir logs "${models[@]}" \
+                > server.log 2>&1 &
+        fi
         pid=$!
         # Ready once it answers: ResNet-18 answers once, as in the head-to-head's timing.
         if [ -n "${ALONE:-}" ]; then ready=(127.0.0.1:8080/ping); else
@@ -86,8 +111,15 @@ for i in $(seq 1 "$starts"); do
             post "$root/$out/mlp.json" application/json 16 3 mlp_b1 >/dev/null
         fi
         post "$root/$out/cat640.jpg" image/jpeg 1 2 image_b1 >/dev/null
+        measure() { post "$root/$out/cat640.jpg" image/jpeg 1 "$secs" image_b1 | awk '/Requests\/sec/ { print $2 }'; }
+        if [ "$server" = torchserve ]; then
+            echo "{\"start\": $i, \"server\": \"torchserve\", \"rps\": $(measure)}"
+            "$root/$tsvenv/bin/torchserve" --stop >/dev/null 2>&1 || true
+            wait "$pid" 2>/dev/null || true
+            continue
+        fi
         before=$(threads "$pid"); read -r s0 n0 <<< "$(handled)"
-        rps=$(post "$root/$out/cat640.jpg" image/jpeg 1 "$secs" image_b1 | awk '/Requests\/sec/ { print $2 }')
+        rps=$(measure)
         after=$(threads "$pid"); read -r s1 n1 <<< "$(handled)"
         per_thread=$(join <(echo "$before" | sort) <(echo "$after" | sort) \
             | awk '{ printf "%s{\"cpu_s\": %.2f, \"sleeps\": %d}", (NR > 1 ? ", " : ""), $4 - $2, $5 - $3 }')
