@@ -42,6 +42,8 @@ fn a_torchscript_model_on_gpu_workers_answers_as_pytorch_on_the_gpu() {
     );
     // Both workers hand their forwards to the model's one forward thread on the GPU.
     assert_eq!(threads_named(s.pid(), "forward-cuda0"), 1);
+    // Each GPU worker answers its batches on a thread of its own while it starts the next.
+    assert_eq!(threads_named(s.pid(), "A-"), 2);
 
     let inputs: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();

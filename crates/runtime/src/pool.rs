@@ -116,6 +116,7 @@ impl Pool {
                 shared: Arc::clone(&self.shared),
                 budget: Arc::clone(&self.budget),
                 modules: Arc::clone(&self.modules),
+                answers_apart: device.is_cuda(),
             };
             // Before the first worker allocates, so that every buffer follows the same rules.
             crate::heap::fix_thresholds();

@@ -3,6 +3,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::model::Model;
@@ -10,7 +11,7 @@ use crate::model::Model;
 use tchserve_backend::{ModelSpec, WorkerState};
 
 use crate::batch::{Batcher, Next, Taker};
-use crate::handler::{Decoded, Pipeline};
+use crate::handler::{Decoded, Launched, Pipeline};
 use crate::job::{Job, Payload, PredictError, Prediction, Timings};
 use crate::model::load_module;
 use crate::openmp::Team;
@@ -41,6 +42,9 @@ pub(crate) struct Context {
     pub shared: Arc<Shared>,
     pub budget: Arc<ThreadBudget>,
     pub modules: Arc<SharedModules>,
+    /// Whether the batches' answers are read and written on a thread of their own (see
+    /// [`Finisher`]): for GPU workers.
+    pub answers_apart: bool,
 }
 
 enum Ended {
@@ -238,6 +242,86 @@ impl Drop for StopWaiting<'_> {
 }
 
 fn serve(ctx: &Context, model: &Loaded) -> Ended {
+    if !ctx.answers_apart {
+        return serve_batches(ctx, model, None);
+    }
+    std::thread::scope(|s| {
+        let (finisher, batches) = mpsc::sync_channel(FINISHING_AHEAD);
+        // Named as the worker's thread is, A for answers: "W-9000-resnet_1.0", "A-9000-resnet_1.0".
+        let name = format!("A-{}-{}_{}", ctx.id, ctx.spec.name, ctx.spec.version);
+        let pipeline = &model.pipeline;
+        let spawned = std::thread::Builder::new()
+            .name(name)
+            .spawn_scoped(s, move || finish_batches(pipeline, batches));
+        // Without that thread the worker answers its batches itself, as a CPU worker does.
+        let finisher = spawned.is_ok().then(|| Finisher(finisher));
+        // Returning drops the sender, which ends the thread once it has answered what it holds;
+        // the scope waits for that.
+        serve_batches(ctx, model, finisher.as_ref())
+    })
+}
+
+/// Batches handed to a worker's answer thread and not yet taken by it. One: the worker starts
+/// a batch while the thread answers the one before, and waits if it gets further ahead, which
+/// keeps what a slow device holds in check.
+const FINISHING_AHEAD: usize = 1;
+
+/// The sending end of a worker's answer thread.
+///
+/// On a GPU, a batch's forward returns once its kernels are queued; the wait for the device,
+/// the copy of the output back and the writing of the answers follow. Done on the worker's
+/// thread, they stall its next batch, and the GPU idles while the next batch is gathered,
+/// decoded and copied. Handed to a thread of their own, they overlap with that, so one worker
+/// keeps a GPU busy. A CPU worker has no device to wait for: the answer thread would only take
+/// cores from its forward.
+struct Finisher(mpsc::SyncSender<Finishing>);
+
+/// A launched batch on its way to its answers.
+struct Finishing {
+    live: Vec<(Job, Decoded)>,
+    launched: Launched,
+    clock: BatchClock,
+}
+
+/// The answer thread's body: answers each batch handed to it, until the worker closes the
+/// channel.
+fn finish_batches(pipeline: &Pipeline, batches: mpsc::Receiver<Finishing>) {
+    // Reading an output may run host operations (a dtype conversion): one thread, not a team
+    // of its own that no worker counts (see crate::openmp).
+    crate::openmp::run_alone_here();
+    for batch in batches {
+        finish(pipeline, batch);
+    }
+}
+
+/// Reads a launched batch's output and answers each of its requests.
+fn finish(pipeline: &Pipeline, batch: Finishing) {
+    let Finishing {
+        live,
+        launched,
+        clock,
+    } = batch;
+    let inputs: Vec<&Decoded> = live.iter().map(|(_, d)| d).collect();
+    let result = guarded(|| pipeline.answer(launched, &inputs));
+    drop(inputs);
+    let ran = Some(Instant::now());
+    match result {
+        Ok(bodies) => {
+            for ((job, _), body) in live.into_iter().zip(bodies) {
+                clock.answer(job, Ok(body), ran);
+            }
+        }
+        Err(e) => {
+            for (job, _) in live {
+                clock.answer(job, Err(e.clone()), ran);
+            }
+        }
+    }
+}
+
+/// The worker's loop: takes batches and serves them until stopped, handing their answers to
+/// `finisher` where there is one.
+fn serve_batches(ctx: &Context, model: &Loaded, finisher: Option<&Finisher>) -> Ended {
     let _listed = StopWaiting(&ctx.queue);
     let mut threads = 0;
     let mut cost = DecodeCost::default();
@@ -284,7 +368,7 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
         team.before_forward(share);
         // A panic drops the batch's reply channels, so each waiting client learns the worker died.
         if catch_unwind(AssertUnwindSafe(|| {
-            process(ctx, model, jobs, share, &mut cost)
+            process(ctx, model, jobs, share, &mut cost, finisher)
         }))
         .is_err()
         {
@@ -387,7 +471,14 @@ fn decode_all(
 
 /// Serves one batch: decode each request (bad ones fail alone, on up to `threads` threads), run
 /// the model once for all, and answer each request on its own channel.
-fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, threads: usize, cost: &mut DecodeCost) {
+fn process(
+    ctx: &Context,
+    model: &Loaded,
+    jobs: Vec<Job>,
+    threads: usize,
+    cost: &mut DecodeCost,
+    finisher: Option<&Finisher>,
+) {
     let (module, pipeline) = (&model.module, &model.pipeline);
     let started = Instant::now();
     let gathered = jobs.len();
@@ -422,40 +513,53 @@ fn process(ctx: &Context, model: &Loaded, jobs: Vec<Job>, threads: usize, cost: 
     if live.is_empty() {
         return;
     }
-    // A panic while the output is read or written (a bug, or a model whose outputs disagree in
-    // a way no check foresaw) fails this batch, not the worker: the module itself is untouched.
-    let run = |inputs: &[&Decoded]| {
-        catch_unwind(AssertUnwindSafe(|| {
-            pipeline.run_batch(module, ctx.device, inputs)
-        }))
-        .unwrap_or_else(|_| {
-            Err(PredictError::ModelFailed(
-                "the handler crashed on the model's output".into(),
-            ))
-        })
-    };
     let inputs: Vec<&Decoded> = live.iter().map(|(_, d)| d).collect();
-    match run(&inputs) {
-        Ok(bodies) => {
-            let ran = Some(Instant::now());
-            for ((job, _), body) in live.into_iter().zip(bodies) {
-                clock.answer(job, Ok(body), ran);
+    match guarded(|| pipeline.launch(module, ctx.device, &inputs)) {
+        Ok(launched) => {
+            drop(inputs);
+            let batch = Finishing {
+                live,
+                launched,
+                clock,
+            };
+            match finisher {
+                // The thread is gone only if it panicked outside `finish`: answer here then.
+                Some(f) => {
+                    if let Err(mpsc::SendError(batch)) = f.0.send(batch) {
+                        finish(pipeline, batch);
+                    }
+                }
+                None => finish(pipeline, batch),
             }
         }
         // One request the model cannot take must not fail the others: retry each alone.
         Err(_) if live.len() > 1 => {
+            drop(inputs);
             for (job, d) in live {
-                let result = run(&[&d]).map(|mut b| b.remove(0));
+                let result = guarded(|| pipeline.run_batch(module, ctx.device, &[&d]))
+                    .map(|mut b| b.remove(0));
                 clock.answer(job, result, Some(Instant::now()));
             }
         }
         Err(e) => {
+            drop(inputs);
             let ran = Some(Instant::now());
             for (job, _) in live {
                 clock.answer(job, Err(e.clone()), ran);
             }
         }
     }
+}
+
+/// Runs a stage of a batch's handling. A panic in it (a bug, or a model whose outputs disagree in
+/// a way no check foresaw) fails that batch, not the worker or its answer thread: the module
+/// itself is untouched.
+fn guarded<T>(stage: impl FnOnce() -> Result<T, PredictError>) -> Result<T, PredictError> {
+    catch_unwind(AssertUnwindSafe(stage)).unwrap_or_else(|_| {
+        Err(PredictError::ModelFailed(
+            "the handler crashed on the model's output".into(),
+        ))
+    })
 }
 
 /// When a batch's stages ended, for each request's timings.
@@ -541,6 +645,148 @@ mod tests {
                 [Some(1.0), None, Some(3.0), Some(4.0), Some(5.0)],
                 "width {width}"
             );
+        }
+    }
+
+    /// Serves `x @ w + 1` (w 3x2) from a traced TorchScript file with the tensor handler, on a
+    /// worker thread whose answers are written apart from it or not.
+    fn affine_worker(
+        dir: &std::path::Path,
+        answers_apart: bool,
+    ) -> (
+        crate::batch::Submitter<Job>,
+        Arc<AtomicBool>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let w = tch::Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0, 4.0, -1.0]).view([3, 2]);
+        let x = tch::Tensor::ones([1, 3], (tch::Kind::Float, tch::Device::Cpu));
+        tch::CModule::create_by_tracing("Affine", "forward", &[x], &mut |xs| {
+            vec![xs[0].matmul(&w) + 1.0]
+        })
+        .unwrap()
+        .save(dir.join("affine.pt"))
+        .unwrap();
+        let batcher = Batcher {
+            batch_size: 8,
+            max_delay: Duration::from_millis(300),
+        };
+        let (submit, queue) = crate::batch::queue(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
+        shared.insert(1, WorkerState::Starting);
+        let ctx = Context {
+            id: 1,
+            device: tch::Device::Cpu,
+            spec: Arc::new(ModelSpec {
+                name: "affine".into(),
+                version: "1.0".into(),
+                model_dir: dir.to_path_buf(),
+                serialized_file: "affine.pt".into(),
+                handler: tchserve_mar::handler::builtin("tensor").unwrap(),
+                batch_size: batcher.batch_size,
+                max_batch_delay: batcher.max_delay,
+                job_queue_size: 64,
+                response_timeout: Duration::from_secs(60),
+                placement: tchserve_backend::Placement::Cpu,
+            }),
+            batcher,
+            queue,
+            stop: Arc::clone(&stop),
+            shared,
+            budget: ThreadBudget::new(1),
+            modules: Arc::default(),
+            answers_apart,
+        };
+        let worker = std::thread::spawn(move || run(ctx));
+        (submit, stop, worker)
+    }
+
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn answers_written_apart_are_the_answers_written_by_the_worker() {
+        let rows: [&str; 6] = [
+            "[0.5, 1.0, -1.5]",
+            "[2.0, 0.0, 1.0]",
+            // The wrong size: it cannot join the batch, and fails alone.
+            "[1.0, 2.0]",
+            "[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]",
+            "[-1.0, 0.25, 4.0]",
+            "not json",
+        ];
+        let mut answers = Vec::new();
+        for apart in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (submit, stop, worker) = affine_worker(dir.path(), apart);
+            // Rounds of requests queued at once, so that each round is served as one batch.
+            let mut got = Vec::new();
+            let mut largest_batch = 0;
+            for _ in 0..3 {
+                let replies: Vec<_> = rows
+                    .iter()
+                    .map(|body| {
+                        let (job, reply) = Job::new(Payload {
+                            parts: vec![crate::job::Part {
+                                name: "body".into(),
+                                content_type: Some("application/json".into()),
+                                data: body.as_bytes().to_vec().into(),
+                            }],
+                            ..Payload::default()
+                        });
+                        submit.try_send(job).unwrap();
+                        reply
+                    })
+                    .collect();
+                let round: Vec<Result<String, String>> = replies
+                    .into_iter()
+                    .map(|r| {
+                        let (result, timings) = r.blocking_recv().expect("an answer");
+                        largest_batch = largest_batch.max(timings.batch_size);
+                        match result {
+                            Ok(Prediction::Json(body)) => Ok(String::from_utf8(body).unwrap()),
+                            Ok(other) => panic!("{other:?}"),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    })
+                    .collect();
+                got.push(round);
+            }
+            assert!(largest_batch > 1, "no batch was gathered");
+            let answering = thread_names().iter().any(|n| n.starts_with("A-1-affine"));
+            assert_eq!(answering, apart, "{:?}", thread_names());
+            stop.store(true, Ordering::Relaxed);
+            drop(submit);
+            worker.join().unwrap();
+            answers.push(got);
+        }
+        let round = &answers[0][0];
+        let parsed: Vec<Option<serde_json::Value>> = round
+            .iter()
+            .map(|r| r.as_ref().ok().map(|b| serde_json::from_str(b).unwrap()))
+            .collect();
+        assert_eq!(
+            parsed,
+            [
+                Some(serde_json::json!([-4.0, 4.5])),
+                Some(serde_json::json!([7.0, -4.0])),
+                None,
+                Some(serde_json::json!([[6.5, 1.0], [1.0, 1.0]])),
+                Some(serde_json::json!([16.125, -0.25])),
+                None,
+            ],
+            "{round:?}"
+        );
+        // Every round, with the answers written by the worker and apart from it, the same.
+        for got in &answers {
+            for r in got {
+                assert_eq!(r, round);
+            }
         }
     }
 

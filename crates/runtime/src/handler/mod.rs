@@ -2,8 +2,10 @@
 //!
 //! A [`Pipeline`] is built once per worker from the archive's handler manifest. Per request it
 //! decodes the payload and runs the preprocess stages ([`Pipeline::decode`]); per batch it runs
-//! the model and the postprocess operations on all requests at once and writes each request's
-//! answer ([`Pipeline::run_batch`]).
+//! the model and the postprocess operations on all requests at once ([`Pipeline::launch`]) and
+//! writes each request's answer ([`Pipeline::answer`]); [`Pipeline::run_batch`] does both. The
+//! two halves may run on different threads: on a GPU the second waits for the device while the
+//! first already takes the next batch.
 
 mod image_input;
 mod jpeg;
@@ -45,6 +47,17 @@ pub struct Pipeline {
     /// Images stop at their bytes when decoded; `ToTensor` and `Normalize` run on the batch
     /// once it is on the device (see [`Pipeline::finish_images_on`]).
     pixels_to_device: bool,
+}
+
+/// A batch whose model run has been started, between [`Pipeline::launch`] and
+/// [`Pipeline::answer`].
+#[derive(Debug)]
+pub enum Launched {
+    /// Answers already written: a model fed a list answers as it runs.
+    Answered(Vec<Prediction>),
+    /// The batch's output after postprocessing, `[examples, ...]`, on the model's device and
+    /// perhaps still being computed there.
+    Output(Tensor),
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
@@ -186,9 +199,24 @@ impl Pipeline {
         device: Device,
         inputs: &[&Decoded],
     ) -> Result<Vec<Prediction>, PredictError> {
+        let launched = self.launch(module, device, inputs)?;
+        self.answer(launched, inputs)
+    }
+
+    /// Runs the model on a batch of decoded requests, up to the output it leaves on `device`:
+    /// on a GPU that queues the batch's work and returns while it runs. Whatever may fail one
+    /// request and not its batch-mates fails here, so the caller can retry them one by one.
+    pub fn launch(
+        &self,
+        module: &Model,
+        device: Device,
+        inputs: &[&Decoded],
+    ) -> Result<Launched, PredictError> {
         let _guard = tch::no_grad_guard();
         if self.feed == Feed::List {
-            return self.run_list(module, device, inputs);
+            return self
+                .run_list(module, device, inputs)
+                .map(Launched::Answered);
         }
         let (args, mask) = if self.feed == Feed::Tokens {
             let pad_id = self.text.as_ref().map_or(0, |t| t.pad_id);
@@ -240,7 +268,22 @@ impl Pipeline {
                 "the model returned shape {dims:?} for a batch of {total}: its first axis must be the batch"
             )));
         }
+        Ok(Launched::Output(out))
+    }
 
+    /// Reads a launched batch's output back to the host, waiting for the device if it is still
+    /// running, and writes one answer per request of `inputs`.
+    pub fn answer(
+        &self,
+        launched: Launched,
+        inputs: &[&Decoded],
+    ) -> Result<Vec<Prediction>, PredictError> {
+        let out = match launched {
+            Launched::Answered(answers) => return Ok(answers),
+            Launched::Output(out) => out,
+        };
+        let _guard = tch::no_grad_guard();
+        let dims = out.size();
         // Typed protocols take a tensor output as it is; everything else is written as JSON.
         let raw =
             if matches!(self.output, Output::Tensor {}) && inputs.iter().any(|d| d.want_tensor) {
