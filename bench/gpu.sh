@@ -100,9 +100,11 @@ trap '"$bin/tchserve" --stop >/dev/null 2>&1 || true' EXIT
 start
 
 # served BATCH WORKERS: ResNet-18 registered with that batch size and workers on the one GPU,
-# under twice as many concurrent clients as the batches hold.
+# under three times as many concurrent clients as the batches hold: a worker has a batch being
+# answered and one being prepared, and while the first one's clients send their next requests,
+# a third batch's worth waits in the queue for it.
 served() {
-    local b=$1 n=$2 mar=${3:-resnet18} c=$((2 * $1 * $2 > 4 ? 2 * $1 * $2 : 4)) result
+    local b=$1 n=$2 mar=${3:-resnet18} c=$((3 * $1 * $2 > 4 ? 3 * $1 * $2 : 4)) result
     # A name of its own: the metrics of a name outlive its registration.
     local name=${mar}_b${b}_w$n
     [ "$(manage POST "/models?url=$mar.mar&model_name=$name&initial_workers=$n&batch_size=$b&max_batch_delay=20")" = 200 ]

@@ -71,7 +71,6 @@ pub(crate) fn run(ctx: Context) {
             }
         };
         tracing::info!(worker = ctx.id, model = %name, device = ?ctx.device, load_ms = started.elapsed().as_millis() as u64, "worker ready");
-        ctx.shared.set(ctx.id, WorkerState::Ready);
         failures = 0;
         match serve(&ctx, &model) {
             Ended::Stopped => break,
@@ -322,6 +321,9 @@ fn finish(pipeline: &Pipeline, batch: Finishing) {
 /// The worker's loop: takes batches and serves them until stopped, handing their answers to
 /// `finisher` where there is one.
 fn serve_batches(ctx: &Context, model: &Loaded, finisher: Option<&Finisher>) -> Ended {
+    // Ready only now that the answer thread, where there is one, runs: a registration that
+    // waits for its workers then finds every thread of theirs.
+    ctx.shared.set(ctx.id, WorkerState::Ready);
     let _listed = StopWaiting(&ctx.queue);
     let mut threads = 0;
     let mut cost = DecodeCost::default();
