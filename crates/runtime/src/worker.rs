@@ -244,6 +244,14 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
     if !ctx.answers_apart {
         return serve_batches(ctx, model, None);
     }
+    // The scope passes on a panic of the answer thread (outside the guarded stages, so a bug)
+    // once the worker's loop has ended: that is a crash, and the worker reloads.
+    let scoped = catch_unwind(AssertUnwindSafe(|| serve_apart(ctx, model)));
+    scoped.unwrap_or_else(|_| Ended::Crashed("the answer thread panicked".into()))
+}
+
+/// [`serve`] with an answer thread beside the worker.
+fn serve_apart(ctx: &Context, model: &Loaded) -> Ended {
     std::thread::scope(|s| {
         let (finisher, batches) = mpsc::sync_channel(FINISHING_AHEAD);
         // Named as the worker's thread is, A for answers: "W-9000-resnet_1.0", "A-9000-resnet_1.0".
@@ -260,10 +268,11 @@ fn serve(ctx: &Context, model: &Loaded) -> Ended {
     })
 }
 
-/// Batches handed to a worker's answer thread and not yet taken by it. One: the worker starts
-/// a batch while the thread answers the one before, and waits if it gets further ahead, which
-/// keeps what a slow device holds in check.
-const FINISHING_AHEAD: usize = 1;
+/// Batches handed to a worker's answer thread and not yet taken by it: none. The worker starts
+/// a batch while the thread answers the one before, then waits to hand it over, so a worker has
+/// two batches in flight at most: on a slow device, queued clients do not wait an extra batch
+/// and the device holds one batch's output less.
+const FINISHING_AHEAD: usize = 0;
 
 /// The sending end of a worker's answer thread.
 ///
@@ -289,6 +298,8 @@ fn finish_batches(pipeline: &Pipeline, batches: mpsc::Receiver<Finishing>) {
     // of its own that no worker counts (see crate::openmp).
     crate::openmp::run_alone_here();
     for batch in batches {
+        #[cfg(test)]
+        tests::ANSWERED_APART.fetch_add(batch.live.len(), Ordering::Relaxed);
         finish(pipeline, batch);
     }
 }
@@ -301,7 +312,7 @@ fn finish(pipeline: &Pipeline, batch: Finishing) {
         clock,
     } = batch;
     let inputs: Vec<&Decoded> = live.iter().map(|(_, d)| d).collect();
-    let result = guarded(|| pipeline.answer(launched, &inputs));
+    let result = guarded(CRASHED_ANSWERING, || pipeline.answer(launched, &inputs));
     drop(inputs);
     let ran = Some(Instant::now());
     match result {
@@ -516,7 +527,9 @@ fn process(
         return;
     }
     let inputs: Vec<&Decoded> = live.iter().map(|(_, d)| d).collect();
-    match guarded(|| pipeline.launch(module, ctx.device, &inputs)) {
+    match guarded(CRASHED_RUNNING, || {
+        pipeline.launch(module, ctx.device, &inputs)
+    }) {
         Ok(launched) => {
             drop(inputs);
             let batch = Finishing {
@@ -538,8 +551,10 @@ fn process(
         Err(_) if live.len() > 1 => {
             drop(inputs);
             for (job, d) in live {
-                let result = guarded(|| pipeline.run_batch(module, ctx.device, &[&d]))
-                    .map(|mut b| b.remove(0));
+                let result = guarded(CRASHED_RUNNING, || {
+                    pipeline.run_batch(module, ctx.device, &[&d])
+                })
+                .map(|mut b| b.remove(0));
                 clock.answer(job, result, Some(Instant::now()));
             }
         }
@@ -556,13 +571,18 @@ fn process(
 /// Runs a stage of a batch's handling. A panic in it (a bug, or a model whose outputs disagree in
 /// a way no check foresaw) fails that batch, not the worker or its answer thread: the module
 /// itself is untouched.
-fn guarded<T>(stage: impl FnOnce() -> Result<T, PredictError>) -> Result<T, PredictError> {
-    catch_unwind(AssertUnwindSafe(stage)).unwrap_or_else(|_| {
-        Err(PredictError::ModelFailed(
-            "the handler crashed on the model's output".into(),
-        ))
-    })
+fn guarded<T>(
+    crashed: &str,
+    stage: impl FnOnce() -> Result<T, PredictError>,
+) -> Result<T, PredictError> {
+    catch_unwind(AssertUnwindSafe(stage))
+        .unwrap_or_else(|_| Err(PredictError::ModelFailed(crashed.into())))
 }
+
+/// What a request is told when the handler panicked while running its batch.
+const CRASHED_RUNNING: &str = "the handler crashed while running the batch";
+/// What a request is told when the handler panicked while writing the answers.
+const CRASHED_ANSWERING: &str = "the handler crashed on the model's output";
 
 /// When a batch's stages ended, for each request's timings.
 struct BatchClock {
@@ -684,7 +704,14 @@ mod tests {
                 version: "1.0".into(),
                 model_dir: dir.to_path_buf(),
                 serialized_file: "affine.pt".into(),
-                handler: tchserve_mar::handler::builtin("tensor").unwrap(),
+                // Three numbers per example, so that a request may hold several.
+                handler: tchserve_mar::HandlerManifest::parse(
+                    "affine.json",
+                    br#"{"schema": 1, "name": "affine",
+                         "input": {"tensor": {"dtype": "float32", "shape": [3]}},
+                         "model": {"feed": "stacked"}, "output": {"tensor": {}}}"#,
+                )
+                .unwrap(),
                 batch_size: batcher.batch_size,
                 max_batch_delay: batcher.max_delay,
                 job_queue_size: 64,
@@ -711,25 +738,39 @@ mod tests {
             .collect()
     }
 
+    /// Requests answered on a worker's answer thread, over the whole test binary (only the test
+    /// below starts workers with one).
+    pub(super) static ANSWERED_APART: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
+
     #[test]
     fn answers_written_apart_are_the_answers_written_by_the_worker() {
-        let rows: [&str; 6] = [
+        let good: [&str; 4] = [
             "[0.5, 1.0, -1.5]",
             "[2.0, 0.0, 1.0]",
-            // The wrong size: it cannot join the batch, and fails alone.
-            "[1.0, 2.0]",
             "[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]",
             "[-1.0, 0.25, 4.0]",
-            "not json",
         ];
-        let mut answers = Vec::new();
+        let want = [
+            Some(serde_json::json!([-4.0, 4.5])),
+            Some(serde_json::json!([7.0, -4.0])),
+            Some(serde_json::json!([[6.5, 1.0], [1.0, 1.0]])),
+            Some(serde_json::json!([16.125, -0.25])),
+        ];
+        // The good requests again, with one of the wrong size, which cannot join the batch and
+        // fails alone once the batch has failed, and one that is not JSON, which fails alone
+        // when decoded.
+        let mixed: Vec<&str> = [&good[..2], &["[1.0, 2.0]"], &good[2..], &["not json"]].concat();
+        let mut want_mixed = want.to_vec();
+        want_mixed.insert(2, None);
+        want_mixed.push(None);
         for apart in [false, true] {
+            let before = ANSWERED_APART.load(Ordering::Relaxed);
             let dir = tempfile::tempdir().unwrap();
             let (submit, stop, worker) = affine_worker(dir.path(), apart);
-            // Rounds of requests queued at once, so that each round is served as one batch.
-            let mut got = Vec::new();
             let mut largest_batch = 0;
-            for _ in 0..3 {
+            // Each round is queued at once, so that it is served as one batch.
+            let mut round = |rows: &[&str]| -> Vec<Option<serde_json::Value>> {
                 let replies: Vec<_> = rows
                     .iter()
                     .map(|body| {
@@ -745,49 +786,37 @@ mod tests {
                         reply
                     })
                     .collect();
-                let round: Vec<Result<String, String>> = replies
+                replies
                     .into_iter()
                     .map(|r| {
                         let (result, timings) = r.blocking_recv().expect("an answer");
                         largest_batch = largest_batch.max(timings.batch_size);
                         match result {
-                            Ok(Prediction::Json(body)) => Ok(String::from_utf8(body).unwrap()),
+                            Ok(Prediction::Json(body)) => {
+                                Some(serde_json::from_slice(&body).unwrap())
+                            }
                             Ok(other) => panic!("{other:?}"),
-                            Err(e) => Err(e.to_string()),
+                            Err(_) => None,
                         }
                     })
-                    .collect();
-                got.push(round);
+                    .collect()
+            };
+            for _ in 0..2 {
+                assert_eq!(round(&good), want, "answers apart: {apart}");
             }
+            assert_eq!(round(&mixed), want_mixed, "answers apart: {apart}");
             assert!(largest_batch > 1, "no batch was gathered");
             let answering = thread_names().iter().any(|n| n.starts_with("A-1-affine"));
             assert_eq!(answering, apart, "{:?}", thread_names());
             stop.store(true, Ordering::Relaxed);
             drop(submit);
             worker.join().unwrap();
-            answers.push(got);
-        }
-        let round = &answers[0][0];
-        let parsed: Vec<Option<serde_json::Value>> = round
-            .iter()
-            .map(|r| r.as_ref().ok().map(|b| serde_json::from_str(b).unwrap()))
-            .collect();
-        assert_eq!(
-            parsed,
-            [
-                Some(serde_json::json!([-4.0, 4.5])),
-                Some(serde_json::json!([7.0, -4.0])),
-                None,
-                Some(serde_json::json!([[6.5, 1.0], [1.0, 1.0]])),
-                Some(serde_json::json!([16.125, -0.25])),
-                None,
-            ],
-            "{round:?}"
-        );
-        // Every round, with the answers written by the worker and apart from it, the same.
-        for got in &answers {
-            for r in got {
-                assert_eq!(r, round);
+            // The two rounds of good requests at least were answered there.
+            let there = ANSWERED_APART.load(Ordering::Relaxed) - before;
+            if apart {
+                assert!(there >= 2 * good.len(), "{there} answered apart");
+            } else {
+                assert_eq!(there, 0);
             }
         }
     }
