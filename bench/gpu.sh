@@ -12,6 +12,8 @@
 # Usage: bench/gpu.sh [seconds per measurement, default 5]
 #   BIN: folder of the tchserve, tch-model-archiver, ceiling and loadgen binaries
 #   (default target/release); PY: a Python with torch and torchvision (default .venv/bin/python).
+#   BATCHES, BATCHES2, BATCHES4: the batch sizes run with one, two and four workers (default
+#   "1 2 4 8 16 32 64", "8 16 32 64", "8 32"); CLIENT_THREADS: loadgen's threads (default 6).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
