@@ -527,11 +527,12 @@ fn process(
         return;
     }
     let inputs: Vec<&Decoded> = live.iter().map(|(_, d)| d).collect();
-    match guarded(CRASHED_RUNNING, || {
+    let launched = guarded(CRASHED_RUNNING, || {
         pipeline.launch(module, ctx.device, &inputs)
-    }) {
+    });
+    drop(inputs);
+    match launched {
         Ok(launched) => {
-            drop(inputs);
             let batch = Finishing {
                 live,
                 launched,
@@ -549,7 +550,6 @@ fn process(
         }
         // One request the model cannot take must not fail the others: retry each alone.
         Err(_) if live.len() > 1 => {
-            drop(inputs);
             for (job, d) in live {
                 let result = guarded(CRASHED_RUNNING, || {
                     pipeline.run_batch(module, ctx.device, &[&d])
@@ -559,7 +559,6 @@ fn process(
             }
         }
         Err(e) => {
-            drop(inputs);
             let ran = Some(Instant::now());
             for (job, _) in live {
                 clock.answer(job, Err(e.clone()), ran);
