@@ -171,7 +171,7 @@ mod gnu {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
@@ -190,7 +190,7 @@ mod tests {
     }
 
     /// Threads of this process whose name is `name`.
-    fn threads_named(name: &str) -> usize {
+    pub(crate) fn threads_named(name: &str) -> usize {
         std::fs::read_dir("/proc/self/task")
             .unwrap()
             .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())

@@ -729,14 +729,6 @@ mod tests {
         (submit, stop, worker)
     }
 
-    fn thread_names() -> Vec<String> {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|n| n.trim().to_string())
-            .collect()
-    }
-
     /// Requests answered on a worker's answer thread, over the whole test binary (only the test
     /// below starts workers with one).
     pub(super) static ANSWERED_APART: std::sync::atomic::AtomicUsize =
@@ -805,8 +797,8 @@ mod tests {
             }
             assert_eq!(round(&mixed), want_mixed, "answers apart: {apart}");
             assert!(largest_batch > 1, "no batch was gathered");
-            let answering = thread_names().iter().any(|n| n.starts_with("A-1-affine"));
-            assert_eq!(answering, apart, "{:?}", thread_names());
+            let answering = crate::openmp::tests::threads_named("A-1-affine_1.0");
+            assert_eq!(answering, usize::from(apart));
             stop.store(true, Ordering::Relaxed);
             drop(submit);
             worker.join().unwrap();
