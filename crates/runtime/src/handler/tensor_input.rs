@@ -186,6 +186,21 @@ fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decod
             dtype_name(dtype)
         )));
     }
+    // A whole number outside the dtype would be wrapped or saturated by the conversion below
+    // (300 as uint8 is 44): the client gets no error and a wrong answer.
+    if let Some((lo, hi)) = integer_range(dtype)
+        && let Some(x) = flat.iter().find(|&&x| x < lo || x > hi)
+    {
+        let beyond = if dtype == DType::Int64 {
+            " (JSON numbers carry int64 exactly up to 2^53 - 1; send larger ones as a raw tensor)"
+        } else {
+            ""
+        };
+        return Err(bad(format!(
+            "the model takes {} input; {x} is out of its range, {lo} to {hi}{beyond}",
+            dtype_name(dtype)
+        )));
+    }
     // The tensor below is written from the numbers read, element for element, so the shape
     // must hold exactly that many.
     if checked_product(&tensor_shape) != Some(flat.len() as i64) {
@@ -207,6 +222,22 @@ fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decod
     }
     .map_err(|e| PredictError::ModelFailed(e.to_string()))?;
     Ok(Decoded::owned(tensor, examples, wrap))
+}
+
+/// The whole numbers an integer (or bool) dtype holds that a JSON number read as `f64` carries
+/// exactly; `None` for floating-point dtypes.
+fn integer_range(dtype: DType) -> Option<(f64, f64)> {
+    // Past 2^53 an f64 no longer holds every integer, so a larger int64 would arrive rounded.
+    const EXACT: f64 = 9_007_199_254_740_991.0;
+    Some(match dtype {
+        DType::Float32 | DType::Float64 | DType::Float16 | DType::Bfloat16 => return None,
+        DType::Int64 => (-EXACT, EXACT),
+        DType::Int32 => (i32::MIN.into(), i32::MAX.into()),
+        DType::Int16 => (i16::MIN.into(), i16::MAX.into()),
+        DType::Int8 => (i8::MIN.into(), i8::MAX.into()),
+        DType::Uint8 => (0.0, u8::MAX.into()),
+        DType::Bool => (0.0, 1.0),
+    })
 }
 
 /// A new CPU tensor of `shape` and `kind` holding `values` converted by `convert`, written in
@@ -602,6 +633,44 @@ mod tests {
             e,
             PredictError::BadInput("the model takes int64 input; 1.5 is not one".into())
         );
+        // Whole numbers outside the dtype are refused, not wrapped or saturated; its bounds pass.
+        for (dtype, body, value) in [
+            (DType::Uint8, "[3, 300]", "300"),
+            (DType::Uint8, "[-1, 2]", "-1"),
+            (DType::Uint8, "[1e10, 2]", "10000000000"),
+            (DType::Bool, "[2, 0]", "2"),
+            (DType::Int8, "[-129, 0]", "-129"),
+            (DType::Int32, "[2147483648, 0]", "2147483648"),
+            (DType::Int64, "[1e30, 0]", "1000000000000000000000000000000"),
+            (DType::Int64, "[9007199254740993, 0]", "9007199254740992"),
+        ] {
+            let e = decode(&p(body), dtype, Some(&[2])).unwrap_err().to_string();
+            let want = format!(
+                "the model takes {} input; {value} is out of its range",
+                dtype_name(dtype)
+            );
+            assert!(e.starts_with(&want), "{body} as {dtype:?}: {e}");
+        }
+        for (dtype, body, kind, ends) in [
+            (DType::Uint8, "[0, 255]", Kind::Uint8, [0, 255]),
+            (DType::Int8, "[-128, 127]", Kind::Int8, [-128, 127]),
+            (DType::Bool, "[true, 0]", Kind::Bool, [1, 0]),
+            (
+                DType::Int64,
+                "[-9007199254740991, 9007199254740991]",
+                Kind::Int64,
+                [-9007199254740991, 9007199254740991],
+            ),
+        ] {
+            let d = decode(&p(body), dtype, Some(&[2])).unwrap();
+            let t = d.tensor.to_kind(Kind::Int64);
+            assert_eq!(d.tensor.kind(), kind);
+            assert_eq!(
+                Vec::<i64>::try_from(t.flatten(0, -1)).unwrap(),
+                ends.to_vec(),
+                "{body}"
+            );
+        }
         let e = decode(&p("[[1, 2, 3]]"), DType::Float32, Some(&[2])).unwrap_err();
         assert!(
             e.to_string().contains("input shape [3] does not match"),
