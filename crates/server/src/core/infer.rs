@@ -131,11 +131,23 @@ impl Infer {
         version: Option<&str>,
         payload: Payload,
     ) -> Result<Prediction, ApiError> {
+        self.infer_counted(name, version, version.is_some(), payload)
+            .await
+    }
+
+    /// As [`Infer::infer`], counted in the metrics as a request that named its version or not
+    /// (`named`): the typed protocols resolve the default version first, to check the request
+    /// against what it takes, then run that version.
+    pub async fn infer_counted(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        named: bool,
+        payload: Payload,
+    ) -> Result<Prediction, ApiError> {
         let started = Instant::now();
         let mv = self.registry.get(name, version)?;
-        let series = mv
-            .series
-            .get(&self.metrics, name, &mv.version, version.is_some());
+        let series = mv.series.get(&self.metrics, name, &mv.version, named);
         series.requests_total.inc();
         if mv.pool.worker_count() == 0 {
             let who = match version {

@@ -124,15 +124,17 @@ impl AppContext {
 /// Answers several requests to one model at once: each is its own job, so the model's batcher
 /// batches them like any others. The first failure fails them all, and the others are dropped
 /// (their jobs are then skipped by the workers), as they are when the client goes away.
+/// `named`: whether the client named the version, for the metrics (see [`Infer::infer_counted`]).
 pub async fn infer_all(
     infer: &Infer,
     name: &str,
     version: Option<&str>,
+    named: bool,
     mut payloads: Vec<Payload>,
 ) -> Result<Vec<Prediction>, ApiError> {
     if payloads.len() == 1 {
         let p = payloads.pop().unwrap_or_default();
-        return Ok(vec![infer.infer(name, version, p).await?]);
+        return Ok(vec![infer.infer_counted(name, version, named, p).await?]);
     }
     let n = payloads.len();
     // Items past the queue's capacity could never all be queued at once; refusing them here
@@ -150,7 +152,12 @@ pub async fn infer_all(
         let infer = infer.clone();
         let (name, version) = (name.to_owned(), version.map(str::to_owned));
         set.spawn(crate::telemetry::in_current_trace(async move {
-            (i, infer.infer(&name, version.as_deref(), p).await)
+            (
+                i,
+                infer
+                    .infer_counted(&name, version.as_deref(), named, p)
+                    .await,
+            )
         }));
     }
     let mut out: Vec<Option<Prediction>> = vec![None; n];
@@ -176,7 +183,7 @@ pub fn inference_router(state: AppState) -> axum::Router {
         .merge(keyed)
         .merge(v2::rest::open_routes())
         .merge(v2::rest::repository_routes(&state))
-        .fallback(not_found)
+        .fallback(not_found_by_protocol)
         // Multipart bodies are read by axum's extractor, which applies this limit.
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.max_request_size,
@@ -204,7 +211,8 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     let started = std::time::Instant::now();
     let mut resp = match buffered(&st, req).await {
         Ok(req) => next.run(req).await,
-        Err(refused) => refused,
+        Err(refused) if is_kserve_path(&path) => kserve_error_response(&refused),
+        Err(refused) => refused.into_response(),
     };
     let id = uuid::Uuid::new_v4().to_string();
     let h = resp.headers_mut();
@@ -261,24 +269,32 @@ fn without_trailing_slash(mut req: Request) -> Request {
 pub async fn buffer_body(State(st): State<AppState>, req: Request, next: Next) -> Response {
     match buffered(&st, req).await {
         Ok(req) => next.run(req).await,
-        Err(refused) => refused,
+        Err(refused) => refused.into_response(),
     }
 }
 
-/// The request with its body read whole, or the answer refusing it.
-async fn buffered(st: &AppContext, req: Request) -> Result<Request, Response> {
+/// The request with its body read whole, or the error refusing it.
+async fn buffered(st: &AppContext, req: Request) -> Result<Request, ApiError> {
     let (parts, body) = req.into_parts();
     let limit = st.config.max_request_size;
     let timeout = st.config.body_read_timeout;
     match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
         Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
-        Ok(Err(_)) => Err(ApiError::too_large(limit).into_response()),
+        Ok(Err(_)) => Err(ApiError::too_large(limit)),
         Err(_) => Err(ApiError::timeout_reading(format!(
             "the request body did not arrive within body_read_timeout ({} s)",
             timeout.as_secs()
-        ))
-        .into_response()),
+        ))),
     }
+}
+
+/// Whether a path of the inference listener belongs to the KServe protocols (v1 or v2), whose
+/// clients read errors as `{"error": "..."}`: tritonclient fails to decode TorchServe's shape.
+fn is_kserve_path(path: &str) -> bool {
+    ["/v1", "/v2"].iter().any(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
 }
 
 /// Lets a request through only with the inference key (when token authorization is on).
@@ -416,6 +432,16 @@ pub fn status_message(code: StatusCode, message: impl Into<String>) -> Response 
 /// 404 for unknown paths.
 pub async fn not_found() -> ApiError {
     ApiError::resource_not_found()
+}
+
+/// 404 for unknown paths of the inference listener, in the shape of the protocol the path
+/// belongs to (`/v2/models/m/config`, which Triton has and tchserve does not, among them).
+async fn not_found_by_protocol(uri: axum::http::Uri) -> Response {
+    if is_kserve_path(uri.path()) {
+        kserve_error_response(&ApiError::resource_not_found())
+    } else {
+        ApiError::resource_not_found().into_response()
+    }
 }
 
 /// 405 for known paths with the wrong method.

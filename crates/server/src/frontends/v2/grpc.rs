@@ -153,6 +153,7 @@ impl V2 {
     async fn infer(&self, req: pb::ModelInferRequest) -> Result<pb::ModelInferResponse, ApiError> {
         let st = &self.0;
         let v = non_empty(&req.model_version);
+        let named = v.is_some();
         let meta: ModelMetadata = st.infer.metadata(&req.model_name, v)?;
         if !req.raw_input_contents.is_empty() && req.raw_input_contents.len() != req.inputs.len() {
             return Err(ApiError::bad_request(format!(
@@ -209,7 +210,7 @@ impl V2 {
                 })
                 .collect()
         });
-        let done = run_infer(&st.infer, &meta, inputs, outputs, true).await?;
+        let done = run_infer(&st.infer, &meta, named, inputs, outputs, true).await?;
         let mut response = pb::ModelInferResponse {
             model_name: meta.name.clone(),
             model_version: meta.version.clone(),
@@ -260,11 +261,13 @@ impl GrpcInferenceService for V2 {
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         check_key(self.0.tokens.as_deref(), Scope::Inference, req.metadata())?;
         let r = req.into_inner();
-        let ready = self
-            .0
-            .infer
-            .model_ready(&r.name, non_empty(&r.version))
-            .map_err(err)?;
+        // As Triton answers: a model (or version) that is not there is not ready, rather than an
+        // error, so that a client polling for a model being loaded sees `false` until it is.
+        let ready = match self.0.infer.model_ready(&r.name, non_empty(&r.version)) {
+            Ok(ready) => ready,
+            Err(e) if e.status() == axum::http::StatusCode::NOT_FOUND => false,
+            Err(e) => return Err(err(e)),
+        };
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 

@@ -106,10 +106,11 @@ fn manifest_dtype(d: tchserve_mar::handler::DType) -> String {
 }
 
 /// Checks `inputs` against the model version `meta` describes, runs that version, and returns
-/// the outputs asked for.
+/// the outputs asked for. `named`: whether the client named the version, for the metrics.
 pub async fn run_infer(
     infer: &Infer,
     meta: &ModelMetadata,
+    named: bool,
     mut inputs: Vec<InferInput>,
     outputs: Option<Vec<RequestedOutput>>,
     binary_default: bool,
@@ -246,7 +247,7 @@ pub async fn run_infer(
                 shape: Some(shape_header),
                 want_tensor: true,
             };
-            match infer.infer(model, version, payload).await? {
+            match infer.infer_counted(model, version, named, payload).await? {
                 Prediction::Tensor(t) => (Datatype::of(t.dtype), t.shape, OutputData::Raw(t.data)),
                 Prediction::Json(body) => (Datatype::Bytes, vec![1], OutputData::Items(vec![body])),
             }
@@ -299,7 +300,7 @@ pub async fn run_infer(
                     ..Payload::default()
                 })
                 .collect();
-            let answers = infer_all(infer, model, version, payloads).await?;
+            let answers = infer_all(infer, model, version, named, payloads).await?;
             let n = answers.len() as i64;
             let items = answers
                 .into_iter()

@@ -315,7 +315,15 @@ async fn infer_inner(
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
-    let done = run_infer(&st.infer, &meta, inputs, outputs, binary_default).await?;
+    let done = run_infer(
+        &st.infer,
+        &meta,
+        version.is_some(),
+        inputs,
+        outputs,
+        binary_default,
+    )
+    .await?;
     Ok(write_response(&meta, request.id, done))
 }
 
