@@ -106,6 +106,14 @@ def same_floats(got, want, what):
     check(got.tobytes() == want.tobytes(), f"{what}: bitwise equal to the REST route")
 
 
+def big_input(client):
+    """An input whose body is larger than the server's max_request_size (6553500 bytes)."""
+    x = np.zeros((1, 2_000_000), dtype=np.float32)
+    i = client.InferInput("input0", list(x.shape), "FP32")
+    i.set_data_from_numpy(x, binary_data=True)
+    return i
+
+
 def still_serving(what):
     status, _ = rest("/ping")
     check(status == 200, f"still serving after {what}")
@@ -154,6 +162,19 @@ def triton():
         check(e.status() == "400", f"http: wrong datatype is 400 ({e.status()})")
         check("input0" in e.message(), f"http: the error names the input: {e.message()}")
     still_serving("a bad HTTP request")
+    # Routes Triton has and tchserve does not, and a body over max_request_size: the client
+    # reads the error (it cannot decode TorchServe's error shape).
+    for what, call in (
+        ("model config", lambda: h.get_model_config("mlp")),
+        ("too large a body", lambda: h.infer("mlp", [big_input(thttp)])),
+    ):
+        try:
+            call()
+            check(False, f"http: {what} is refused")
+        except InferenceServerException as e:
+            check(e.status() in ("404", "413"), f"http: {what} is refused ({e})")
+            # tritonclient says it could not decode an error body not in the protocol's shape.
+            check("decoding the response" not in e.message(), f"http: {what}: the protocol's shape ({e})")
     # Text as a BYTES element in JSON, to the text handler.
     want_txt = text_reference()
     i = thttp.InferInput("input0", [1], "BYTES")
@@ -167,6 +188,8 @@ def triton():
     check(g.is_server_live(), "grpc: server live")
     check(g.is_server_ready(), "grpc: server ready")
     check(g.is_model_ready("mlp"), "grpc: model ready")
+    # As Triton answers: a model that is not there is not ready, rather than an error.
+    check(g.is_model_ready("nope") is False, "grpc: an unknown model is not ready")
     gmd = g.get_model_metadata("mlp", as_json=True)
     check(gmd["inputs"][0]["datatype"] == "FP32", f"grpc: metadata {gmd}")
     check(g.get_server_metadata(as_json=True)["name"] == "tchserve", "grpc: server metadata")
@@ -345,6 +368,16 @@ def torchserve_grpc():
     # min_worker left unset (proto3's 0) means TorchServe's default of 1, not none.
     r = m.ScaleWorker(mgmt.ScaleWorkerRequest(model_name="mlp2", synchronous=True)).msg
     check(r == "Workers scaled to 1 for model: mlp2", f"ScaleWorker without min_worker {r!r}")
+    # Values the REST API refuses are refused here too; proto3's unset (0, "") is not a value.
+    for what, call in (
+        ("a negative min_worker", lambda: m.ScaleWorker(mgmt.ScaleWorkerRequest(model_name="mlp2", min_worker=-1))),
+        ("no url", lambda: m.RegisterModel(mgmt.RegisterModelRequest(model_name="mlp3"))),
+    ):
+        try:
+            call()
+            check(False, f"{what} is refused")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{what}: INVALID_ARGUMENT ({e.code()}, {e.details()})")
     r = m.SetDefault(mgmt.SetDefaultRequest(model_name="mlp2", model_version="1.0")).msg
     check(r == 'Default version successfully updated for model "mlp2" to "1.0"', f"SetDefault {r!r}")
     r = m.UnregisterModel(mgmt.UnregisterModelRequest(model_name="mlp2")).msg

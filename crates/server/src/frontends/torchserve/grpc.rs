@@ -234,7 +234,8 @@ impl ManagementApIsService for Management {
     ) -> Result<Response<ManagementResponse>, Status> {
         let r = req.into_inner();
         let mut q = HashMap::new();
-        q.insert("url".to_string(), r.url.clone());
+        // An empty url is proto3's unset: the REST API's 400 "Parameter url is required.".
+        put(&mut q, "url", &r.url, !r.url.is_empty());
         put(
             &mut q,
             "model_name",
@@ -244,24 +245,25 @@ impl ManagementApIsService for Management {
         put(&mut q, "handler", &r.handler, !r.handler.is_empty());
         put(&mut q, "runtime", &r.runtime, !r.runtime.is_empty());
         // proto3 cannot tell 0 from unset: 0 means TorchServe's default, as in its gRPC API.
-        put(&mut q, "batch_size", r.batch_size, r.batch_size > 0);
+        // A negative value is passed on, to be refused as the REST API refuses it.
+        put(&mut q, "batch_size", r.batch_size, r.batch_size != 0);
         put(
             &mut q,
             "max_batch_delay",
             r.max_batch_delay,
-            r.max_batch_delay > 0,
+            r.max_batch_delay != 0,
         );
         put(
             &mut q,
             "initial_workers",
             r.initial_workers,
-            r.initial_workers > 0,
+            r.initial_workers != 0,
         );
         put(
             &mut q,
             "response_timeout",
             r.response_timeout,
-            r.response_timeout > 0,
+            r.response_timeout != 0,
         );
         q.insert("synchronous".into(), r.synchronous.to_string());
         msg(ops::register_model(&self.0, &q).await)
@@ -273,9 +275,10 @@ impl ManagementApIsService for Management {
     ) -> Result<Response<ManagementResponse>, Status> {
         let r = req.into_inner();
         let mut q = HashMap::new();
-        // 0 is proto3's unset: TorchServe's default of 1, not a scale to nothing.
-        put(&mut q, "min_worker", r.min_worker, r.min_worker > 0);
-        put(&mut q, "max_worker", r.max_worker, r.max_worker > 0);
+        // 0 is proto3's unset: TorchServe's default of 1, not a scale to nothing. A negative
+        // count is passed on, to be refused as the REST API refuses it.
+        put(&mut q, "min_worker", r.min_worker, r.min_worker != 0);
+        put(&mut q, "max_worker", r.max_worker, r.max_worker != 0);
         q.insert("synchronous".into(), r.synchronous.to_string());
         let version = non_empty(&r.model_version).map(str::to_owned);
         let in_path = version.is_some();
