@@ -103,11 +103,13 @@ fn main() -> ExitCode {
     } else if args.status {
         control::status(&log_dir(&args))
     } else if args.start && !args.foreground {
+        note_ignored_models(&args);
         // The configuration is checked here, so a bad key fails before anything starts.
         load_config(&args)
             .and_then(|_| control::start(&log_dir(&args)))
             .map(|()| true)
     } else if args.foreground || args.start {
+        note_ignored_models(&args);
         foreground(&args).map(|()| true)
     } else {
         eprintln!(
@@ -122,6 +124,23 @@ fn main() -> ExitCode {
             eprintln!("tchserve: {}", tchserve_cli::describe(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Says so when `--models` will not be loaded because the last snapshot is restored instead:
+/// the server logs it, but someone adding a model to their command line reads the terminal.
+fn note_ignored_models(args: &Args) {
+    if args.models.is_empty() || args.no_config_snapshots {
+        return;
+    }
+    let dir = log_dir(args).join("config");
+    if let Ok(Some(_)) = tchserve_server::snapshot::read(&dir) {
+        eprintln!(
+            "tchserve: note: restoring the models registered before, from the snapshot in {}; \
+             --models is not loaded (--ncs loads --models alone, and register a model with the \
+             management API to add it to the snapshot)",
+            dir.display()
+        );
     }
 }
 
