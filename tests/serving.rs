@@ -570,6 +570,59 @@ fn a_full_queue_answers_503_at_once() {
 }
 
 #[test]
+fn requests_queued_when_scaled_to_no_worker_are_answered_at_once() {
+    let mut s = Server::new("enable_model_api=true");
+    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
+    s.start(&[]);
+    assert_eq!(
+        register(
+            &s,
+            &format!("url={slow}&initial_workers=1&response_timeout=120")
+        )
+        .status,
+        200
+    );
+    let timed = |body: &'static str| {
+        let r = post_json(&s.inference, "/predictions/slow", body);
+        (r, Instant::now())
+    };
+    let (running, queued) = std::thread::scope(|scope| {
+        // The one worker runs a forward of about 3 s; two requests queue behind it.
+        let running = scope.spawn(|| timed("[30000, 0]"));
+        std::thread::sleep(Duration::from_millis(300));
+        let queued: Vec<_> = (0..2).map(|_| scope.spawn(|| timed("[1, 0]"))).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            s.manage("PUT", "/models/slow?min_worker=0&max_worker=0")
+                .status,
+            202
+        );
+        let queued: Vec<_> = queued.into_iter().map(|h| h.join().unwrap()).collect();
+        (running.join().unwrap(), queued)
+    });
+    // The stopping worker answers what it runs; what waited for it is answered before that,
+    // not after its response_timeout.
+    assert_eq!(floats(&running.0.json()), [30000.0, 0.0]);
+    for (r, done) in &queued {
+        assert_error(r, 503, "ServiceUnavailableException", "scaled to no worker");
+        assert!(*done < running.1, "answered only after the running forward");
+    }
+    assert_eq!(
+        s.manage("GET", "/models/slow").json()[0]["jobQueueStatus"]["pendingRequests"],
+        0
+    );
+    assert_eq!(
+        s.manage("PUT", "/models/slow?min_worker=1&synchronous=true")
+            .status,
+        200
+    );
+    assert_eq!(
+        floats(&post_json(&s.inference, "/predictions/slow", "[1, 2]").json()),
+        [1.0, 2.0]
+    );
+}
+
+#[test]
 fn response_timeout_answers_the_client_and_frees_the_worker() {
     let mut s = Server::new("enable_model_api=true");
     let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
@@ -946,6 +999,15 @@ fn metrics_count_what_was_sent() {
             400
         );
     }
+    // The v2 protocol counts as TorchServe's routes do: under "default" unless the version is
+    // named in the request.
+    let v2 = r#"{"inputs": [{"name": "input0", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}"#;
+    for path in [
+        "/v2/models/scale/infer",
+        "/v2/models/scale/versions/1.0/infer",
+    ] {
+        assert_eq!(post_json(&s.inference, path, v2).status, 200);
+    }
     let text = s.metrics_text();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap()
@@ -956,8 +1018,8 @@ fn metrics_count_what_was_sent() {
             "ts_inference_requests_total{{hostname=\"{host}\",model_name=\"scale\",model_version=\"{v}\"}}"
         )
     };
-    assert_eq!(metric(&text, &series("default")), 5.0);
-    assert_eq!(metric(&text, &series("1.0")), 2.0);
+    assert_eq!(metric(&text, &series("default")), 6.0);
+    assert_eq!(metric(&text, &series("1.0")), 3.0);
     assert!(
         metric(
             &text,
@@ -1203,29 +1265,40 @@ fn workers_that_cannot_load_fail_registration_and_ping() {
         .status,
         202
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let worker = loop {
-        let w = s.manage("GET", "/models/broken").json()[0]["workers"][0].clone();
-        if w["status"] == "FAILED" || Instant::now() > deadline {
-            break w;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let broken_and_the_other_serving = |s: &Server| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let worker = loop {
+            let w = s.manage("GET", "/models/broken").json()[0]["workers"][0].clone();
+            if w["status"] == "FAILED" || Instant::now() > deadline {
+                break w;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(worker["status"], "FAILED", "{worker}");
+        assert!(
+            worker["error"].as_str().unwrap().contains("broken.pt"),
+            "{worker}"
+        );
+        let ping = s.infer("GET", "/ping", &[], b"");
+        assert_eq!(
+            (ping.status, ping.json()),
+            (500, json!({"status": "Unhealthy"}))
+        );
+        // The other model is untouched.
+        assert_eq!(
+            floats(&post_json(&s.inference, "/predictions/scale", "[1, 1, 1, 1]").json()),
+            [2.0; 4]
+        );
     };
-    assert_eq!(worker["status"], "FAILED", "{worker}");
-    assert!(
-        worker["error"].as_str().unwrap().contains("broken.pt"),
-        "{worker}"
-    );
-    let ping = s.infer("GET", "/ping", &[], b"");
-    assert_eq!(
-        (ping.status, ping.json()),
-        (500, json!({"status": "Unhealthy"}))
-    );
-    // The other model is untouched.
-    assert_eq!(
-        floats(&post_json(&s.inference, "/predictions/scale", "[1, 1, 1, 1]").json()),
-        [2.0; 4]
-    );
+    broken_and_the_other_serving(&s);
+
+    // A restart restores it from the snapshot, its workers failing as before, instead of
+    // refusing to start and serving nothing. --models is not loaded then, and the terminal
+    // says so.
+    assert!(s.stop().success());
+    s.start(&["--models", &format!("scale={ok}")]);
+    broken_and_the_other_serving(&s);
+    assert!(s.log().contains("--models is not loaded"), "{}", s.log());
     // Unregistering the broken model makes the server healthy again.
     assert_eq!(s.manage("DELETE", "/models/broken").status, 200);
     assert_eq!(s.infer("GET", "/ping", &[], b"").status, 200);

@@ -74,6 +74,9 @@ pub enum PredictError {
     /// The worker died while serving the request (500).
     #[error("Worker died.")]
     WorkerDied,
+    /// No worker is left to serve the request (503): its model was scaled to none.
+    #[error("{0}")]
+    Unavailable(String),
     /// The request waited past its response timeout.
     #[error("Prediction timed out after {0} s")]
     Timeout(u64),

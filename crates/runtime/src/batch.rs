@@ -78,6 +78,11 @@ impl<T> Taker<T> {
         self.rx.is_empty()
     }
 
+    /// An item, if one is queued, without waiting.
+    pub fn try_take(&self) -> Option<T> {
+        self.rx.try_recv().ok()
+    }
+
     /// Takes the calling thread off the list of those waiting, where [`Batcher::next_batch`]
     /// left it on returning [`Next::Idle`]; a thread that stops taking items must call this, or
     /// an item could wake it in vain and wait for another thread's timeout.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use tchserve_backend::job::PredictError;
 use tchserve_backend::{ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers};
 
 use crate::batch::{Batcher, Submitter, Taker, queue};
@@ -142,6 +143,22 @@ impl Pool {
             if let Some(h) = workers.pop() {
                 h.stop.store(true, Ordering::Relaxed);
                 lock(&self.shared.states).remove(&h.id);
+            }
+        }
+        if n == 0 {
+            // No worker will take what is queued: answer it now, as a request arriving now is
+            // answered, rather than when each one's response_timeout runs out. A stopping worker
+            // still answers the batch it holds.
+            drop(workers);
+            while let Some(job) = self.rx.try_take() {
+                let _ = job.reply.send((
+                    Err(PredictError::Unavailable(format!(
+                        "Model \"{}\" was scaled to no worker while this request waited. \
+                         Please use scale workers API to add workers.",
+                        self.spec.name
+                    ))),
+                    Default::default(),
+                ));
             }
         }
     }

@@ -229,6 +229,7 @@ impl From<PredictError> for ApiError {
             PredictError::BadInput(m) => ApiError::InvalidInput(m),
             PredictError::ModelFailed(m) => ApiError::Internal(m),
             PredictError::WorkerDied => ApiError::internal("Worker died."),
+            PredictError::Unavailable(m) => ApiError::unavailable(m),
             PredictError::Timeout(s) => {
                 ApiError::timeout(format!("Prediction timed out after {s} s"))
             }
