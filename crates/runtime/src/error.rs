@@ -13,7 +13,7 @@ pub enum RuntimeError {
     #[error("{0}")]
     NoModel(String),
     /// libtorch refused the model.
-    #[error("loading {file}: {source}")]
+    #[error("loading {file}: {}", concise(&source.to_string()))]
     Torch {
         /// The serialized file.
         file: String,
@@ -36,4 +36,57 @@ pub enum RuntimeError {
         /// Why the thread did not start.
         source: std::io::Error,
     },
+}
+
+/// libtorch's message as a client should read it: without the C++ stack frames that follow
+/// "Exception raised from" (kilobytes of symbols and the server's library paths), and of a
+/// TorchScript interpreter's failure only the error it ends with, not the traceback through
+/// generated code and the paths the model was exported from. The log keeps the whole message.
+pub fn concise(text: &str) -> String {
+    let text = text
+        .find("\nException raised from")
+        .map_or(text, |at| &text[..at])
+        .trim_end();
+    const INTERPRETER: &str = "The following operation failed in the TorchScript interpreter.";
+    if let Some(start) = text.find(INTERPRETER) {
+        let lines: Vec<&str> = text[start..].lines().collect();
+        // The traceback's lines are indented; the error it ends with starts its line.
+        if let Some(i) = lines
+            .iter()
+            .rposition(|l| !l.starts_with(char::is_whitespace) && l.contains("Error"))
+        {
+            return format!("{}{}", &text[..start], lines[i..].join("\n"));
+        }
+    }
+    text.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::concise;
+
+    #[test]
+    fn libtorch_messages_lose_their_stack_frames_and_tracebacks() {
+        let load = "Internal torch error: PytorchStreamReader failed reading zip archive: failed \
+            finding central directory.\nException raised from valid at inline_container.cc:242 \
+            (most recent call first):\nframe #0: c10::Error::Error() + 0x9d (0x7f in /x/libc10.so)\n";
+        assert_eq!(
+            concise(load),
+            "Internal torch error: PytorchStreamReader failed reading zip archive: failed \
+            finding central directory."
+        );
+        let forward = "Internal torch error: The following operation failed in the TorchScript \
+            interpreter.\nTraceback of TorchScript, serialized code (most recent call last):\n  \
+            File \"code/__torch__/linear.py\", line 14, in forward\n    return torch.linear(input)\n\n\
+            Traceback of TorchScript, original code (most recent call last):\n  File \
+            \"/home/me/.venv/torch/nn/modules/linear.py\", line 134, in forward\n        return \
+            F.linear(input, self.weight, self.bias)\n               ~~~~~~~~ <--- HERE\n\
+            RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3 and 4x2)\n";
+        assert_eq!(
+            concise(forward),
+            "Internal torch error: RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3 and 4x2)"
+        );
+        // Anything else is left as it is.
+        assert_eq!(concise("shape mismatch\n"), "shape mismatch");
+    }
 }

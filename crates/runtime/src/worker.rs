@@ -62,6 +62,9 @@ pub(crate) fn run(ctx: Context) {
         let model = match loaded {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
+                if let crate::RuntimeError::Torch { source, .. } = &e {
+                    tracing::error!(worker = ctx.id, model = %name, "libtorch's whole message: {source}");
+                }
                 fail(&ctx, &name, &mut failures, format!("loading failed: {e}"));
                 continue;
             }

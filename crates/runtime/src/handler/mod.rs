@@ -61,14 +61,19 @@ pub enum Launched {
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
-    PredictError::ModelFailed(format!("{what}: {e}"))
+    let whole = e.to_string();
+    let brief = crate::error::concise(&whole);
+    if brief.len() < whole.len() {
+        tracing::warn!("{what}: {whole}");
+    }
+    PredictError::ModelFailed(format!("{what}: {brief}"))
 }
 
 /// A forward's error: a shape the model cannot take (more examples than a `.pt2` package was
 /// exported for) is bad input, anything else the model's failure.
 fn forward_failed(e: tch::TchError) -> PredictError {
     match e {
-        tch::TchError::Shape(message) => PredictError::BadInput(message),
+        tch::TchError::Shape(message) => PredictError::BadInput(crate::error::concise(&message)),
         other => failed("the model failed", other),
     }
 }
