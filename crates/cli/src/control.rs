@@ -31,7 +31,10 @@ impl PidFile {
     pub fn create(dir: &Path) -> anyhow::Result<Self> {
         let me = std::process::id();
         if let Some(pid) = running_pid(dir).filter(|&p| p != me) {
-            bail!("tchserve is already running (pid {pid}); stop it with `tchserve --stop`");
+            bail!(
+                "tchserve is already running (pid {pid}); {}",
+                stop_hint(dir)
+            );
         }
         let path = dir.join(PID_FILE);
         let started = start_time(me).map(|t| t.to_string()).unwrap_or_default();
@@ -134,12 +137,24 @@ pub fn signal_ready() {
     let _ = pipe.write_all(b"ready\n");
 }
 
+/// How to stop the server whose log folder is `dir`: `--stop` finds it only by the same folder.
+fn stop_hint(dir: &Path) -> String {
+    if dir == Path::new("logs") {
+        "stop it with `tchserve --stop`".into()
+    } else {
+        format!("stop it with `tchserve --stop --log-dir {}`", dir.display())
+    }
+}
+
 /// Starts `tchserve --foreground` with the same arguments in the background and waits until
 /// that very process says it answers (its listeners bound, its models loaded). A server that
 /// exits instead, because its ports are taken or a model cannot load, is reported with its log.
 pub fn start(dir: &Path) -> anyhow::Result<()> {
     if let Some(pid) = running_pid(dir) {
-        bail!("tchserve is already running (pid {pid}); stop it with `tchserve --stop`");
+        bail!(
+            "tchserve is already running (pid {pid}); {}",
+            stop_hint(dir)
+        );
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join(LOG_FILE);

@@ -29,9 +29,14 @@ pub fn resolve_handler(archive: &Archive, override_name: Option<&str>) -> Result
         let bytes = archive.read_file(name)?;
         return HandlerManifest::parse(name, &bytes);
     }
+    // A name with no file behind it is a misspelt built-in more often than Python code.
+    let what = if name.ends_with(".py") || name.contains(':') || archive.read_file(name).is_ok() {
+        format!("handler {name} is Python code, which tchserve cannot run.")
+    } else {
+        format!("handler {name} is neither a built-in handler nor a file in the archive.")
+    };
     Err(MarError::Unservable(format!(
-        "handler {name} is Python code, which tchserve cannot run. Use a built-in handler ({}) or \
-         a handler manifest (.json); see docs/handlers.md",
+        "{what} Use a built-in handler ({}) or a handler manifest (.json); see docs/handlers.md",
         handler::BUILTIN_HANDLERS.map(|(n, _)| n).join(", ")
     )))
 }

@@ -415,7 +415,16 @@ fn decode_raw(
         None => {
             let Some(per) = shape.filter(|s| s.iter().all(|d| *d > 0)) else {
                 return Err(bad(
-                    "a raw tensor body needs an X-Tensor-Shape header (the model's shape is not fixed)",
+                    if part
+                        .content_type
+                        .as_deref()
+                        .is_some_and(|c| c.contains("octet-stream"))
+                    {
+                        "a raw tensor body needs an X-Tensor-Shape header (the model's shape is not fixed)"
+                    } else {
+                        "the body is neither JSON (a list, {\"data\": ...} or {\"instances\": [...]}) nor a \
+                     raw tensor (Content-Type application/octet-stream with an X-Tensor-Shape header)"
+                    },
                 ));
             };
             let Some(per_n) = checked_product(per) else {
