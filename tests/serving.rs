@@ -527,15 +527,20 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
 }
 
-#[test]
-fn a_full_queue_answers_503_at_once() {
-    let mut s = Server::new("enable_model_api=true\njob_queue_size=2");
+/// A server with the slow fixture model registered as `slow`, one worker, with `query` added
+/// to the registration.
+fn slow_server(config: &str, query: &str) -> Server {
+    let mut s = Server::new(config);
     let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
     s.start(&[]);
-    assert_eq!(
-        register(&s, &format!("url={slow}&initial_workers=1")).status,
-        200
-    );
+    let r = register(&s, &format!("url={slow}&initial_workers=1{query}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    s
+}
+
+#[test]
+fn a_full_queue_answers_503_at_once() {
+    let s = slow_server("enable_model_api=true\njob_queue_size=2", "");
     let results: Vec<(u16, Duration)> = std::thread::scope(|scope| {
         let first =
             scope.spawn(|| post_json(&s.inference, "/predictions/slow", "[30000, 0]").status);
@@ -571,17 +576,7 @@ fn a_full_queue_answers_503_at_once() {
 
 #[test]
 fn requests_queued_when_scaled_to_no_worker_are_answered_at_once() {
-    let mut s = Server::new("enable_model_api=true");
-    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
-    s.start(&[]);
-    assert_eq!(
-        register(
-            &s,
-            &format!("url={slow}&initial_workers=1&response_timeout=120")
-        )
-        .status,
-        200
-    );
+    let s = slow_server("enable_model_api=true", "&response_timeout=120");
     let timed = |body: &'static str| {
         let r = post_json(&s.inference, "/predictions/slow", body);
         (r, Instant::now())
@@ -624,17 +619,7 @@ fn requests_queued_when_scaled_to_no_worker_are_answered_at_once() {
 
 #[test]
 fn response_timeout_answers_the_client_and_frees_the_worker() {
-    let mut s = Server::new("enable_model_api=true");
-    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
-    s.start(&[]);
-    assert_eq!(
-        register(
-            &s,
-            &format!("url={slow}&initial_workers=1&response_timeout=1")
-        )
-        .status,
-        200
-    );
+    let s = slow_server("enable_model_api=true", "&response_timeout=1");
     let t = Instant::now();
     assert_error(
         &post_json(&s.inference, "/predictions/slow", "[40000, 0]"),
@@ -1174,13 +1159,7 @@ fn digits_through_the_server_equal_pytorch() {
 
 #[test]
 fn requests_whose_client_left_are_dropped_before_inference() {
-    let mut s = Server::new("enable_model_api=true");
-    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
-    s.start(&[]);
-    assert_eq!(
-        register(&s, &format!("url={slow}&initial_workers=1&batch_size=1")).status,
-        200
-    );
+    let s = slow_server("enable_model_api=true", "&batch_size=1");
     std::thread::scope(|scope| {
         // Occupies the only worker for about two seconds.
         let busy = scope.spawn(|| post_json(&s.inference, "/predictions/slow", "[20000, 0]"));
