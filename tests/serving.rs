@@ -969,6 +969,69 @@ fn extraction_folders_go_away_even_after_a_crash() {
 }
 
 #[test]
+fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
+    let (mut s, v1, v2) = scale_server("enable_model_api=true");
+    s.start(&["--models", &format!("scale={v1}")]);
+    // With one model registered, /invocations needs no name.
+    for path in [
+        "/invocations?model_name=scale",
+        "/invocations",
+        "/models/scale/invoke",
+        "/scale/predict",
+        "/scale/1.0/predict",
+    ] {
+        let r = post_json(&s.inference, path, "[1, 1, 1, 1]");
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(floats(&r.json()), [2.0; 4], "{path}");
+    }
+    for path in ["/explanations/scale", "/explanations/scale/1.0"] {
+        assert_error(
+            &post_json(&s.inference, path, "[1, 1, 1, 1]"),
+            501,
+            "NotImplementedException",
+            "explanations are not supported",
+        );
+    }
+    assert_error(
+        &post_json(&s.inference, "/explanations/nope", "[1]"),
+        404,
+        "ModelNotFoundException",
+        "nope",
+    );
+    let r = post_json(
+        &s.inference,
+        "/v1/models/scale:explain",
+        r#"{"instances": [[1, 1, 1, 1]]}"#,
+    );
+    assert_eq!(r.status, 501);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("explanations are not supported"),
+        "{}",
+        r.text()
+    );
+    // With two, it must be told which.
+    assert_eq!(
+        register(&s, &format!("url={v2}&model_name=other&initial_workers=1")).status,
+        200
+    );
+    assert_error(
+        &post_json(&s.inference, "/invocations", "[1, 1, 1, 1]"),
+        400,
+        "BadRequestException",
+        "Parameter model_name is required.",
+    );
+    let r = post_json(
+        &s.inference,
+        "/invocations?model_name=other",
+        "[1, 1, 1, 1]",
+    );
+    assert_eq!(floats(&r.json()), [3.0; 4]);
+}
+
+#[test]
 fn metrics_count_what_was_sent() {
     let (mut s, v1, _) = scale_server("");
     s.start(&["--models", &format!("scale={v1}")]);

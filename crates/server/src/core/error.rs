@@ -52,6 +52,9 @@ pub enum ApiError {
     /// No worker, or a full queue: try again later.
     #[error("{0}")]
     Unavailable(String),
+    /// A feature of TorchServe's that tchserve does not have (explanations).
+    #[error("{0}")]
+    NotImplemented(String),
     /// The server or the model failed.
     #[error("{0}")]
     Internal(String),
@@ -104,6 +107,7 @@ impl ApiError {
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -124,6 +128,7 @@ impl ApiError {
             ApiError::ReadTimeout(_) | ApiError::Timeout(_) => "RequestTimeoutException",
             ApiError::Unavailable(_) => "ServiceUnavailableException",
             ApiError::Internal(_) => "InternalServerException",
+            ApiError::NotImplemented(_) => "NotImplementedException",
         }
     }
 
@@ -144,6 +149,7 @@ impl ApiError {
             ApiError::ReadTimeout(_) | ApiError::Timeout(_) => GrpcCode::DeadlineExceeded,
             ApiError::Unavailable(_) => GrpcCode::Unavailable,
             ApiError::Internal(_) => GrpcCode::Internal,
+            ApiError::NotImplemented(_) => GrpcCode::Unimplemented,
         }
     }
 
@@ -200,6 +206,13 @@ impl ApiError {
     /// 503 ServiceUnavailableException.
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError::Unavailable(message.into())
+    }
+
+    /// 501: explanations, which tchserve's handlers do not have.
+    pub fn no_explanations() -> Self {
+        ApiError::NotImplemented(
+            "explanations are not supported: tchserve's handlers have no explain step".into(),
+        )
     }
 
     /// 500 InternalServerException.

@@ -198,6 +198,11 @@ impl Registry {
         self.models.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The registered models' names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
     /// A version of a model, or its default version.
     pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelVersion>, ApiError> {
         let models = self.read();

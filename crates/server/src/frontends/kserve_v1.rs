@@ -57,7 +57,11 @@ async fn dispatch(st: AppState, spec: String, version: Option<String>, req: Requ
     let result = match (req.method().clone(), verb) {
         (Method::GET, None) => model_readiness(&st, name, version.as_deref()),
         (Method::POST, Some("predict")) => predict(&st, name, version.as_deref(), req).await,
-        // `:explain` included: tchserve has no explainers.
+        (Method::POST, Some("explain")) => st
+            .registry
+            .get(name, version.as_deref())
+            .and(Err(ApiError::no_explanations()))
+            .map_err(Into::into),
         _ => Err(ApiError::method_not_allowed().into()),
     };
     result.unwrap_or_else(IntoResponse::into_response)

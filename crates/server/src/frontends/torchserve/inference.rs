@@ -16,7 +16,15 @@ use crate::frontends::{
 pub fn routes(state: &AppState) -> Router<AppState> {
     let mut keyed = Router::new()
         .route("/predictions/{model}", any(predict_default))
-        .route("/predictions/{model}/{version}", any(predict_version));
+        .route("/predictions/{model}/{version}", any(predict_version))
+        // The same prediction under the other names TorchServe answers it by: SageMaker's
+        // routes and the legacy `/m/predict`.
+        .route("/invocations", any(invocations))
+        .route("/models/{model}/invoke", any(predict_default))
+        .route("/{model}/predict", any(predict_default))
+        .route("/{model}/{version}/predict", any(predict_version))
+        .route("/explanations/{model}", any(explain_default))
+        .route("/explanations/{model}/{version}", any(explain_version));
     // Without keys the check would pass every request: leaving the layer out spares each one
     // its cost. The state's keys cannot change once the routers are built.
     if state.tokens.is_some() {
@@ -58,6 +66,26 @@ fn doc() -> serde_json::Value {
                 &["POST"],
                 "Prediction from one version.",
             ),
+            (
+                "/invocations",
+                &["POST"],
+                "Prediction from the default version of model_name (query), or of the only model.",
+            ),
+            (
+                "/models/{model_name}/invoke",
+                &["POST"],
+                "Prediction from the model's default version.",
+            ),
+            (
+                "/v1/models/{model_name}:predict",
+                &["POST"],
+                "KServe v1 prediction.",
+            ),
+            (
+                "/v2/models/{model_name}/infer",
+                &["POST"],
+                "Open Inference Protocol v2 inference.",
+            ),
             ("/api-description", &["GET"], "This API description."),
         ],
     )
@@ -89,6 +117,47 @@ async fn predict_version(
     predict(st, model, Some(version), req)
         .await
         .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `/invocations?model_name=m`; without a name, the one model registered, if there is one.
+async fn invocations(
+    State(st): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+    req: Request,
+) -> Response {
+    let name = match q.get("model_name") {
+        Some(name) => Some(name.clone()),
+        None => match st.registry.names().as_slice() {
+            [only] => Some(only.clone()),
+            _ => None,
+        },
+    };
+    match name {
+        Some(name) => predict(st, name, None, req)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        None => ApiError::bad_request("Parameter model_name is required.").into_response(),
+    }
+}
+
+async fn explain_default(State(st): State<AppState>, Path(model): Path<String>) -> ApiError {
+    explain(&st, &model, None)
+}
+
+async fn explain_version(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiError {
+    explain(&st, &model, Some(&version))
+}
+
+/// An unknown model or version is still a 404; a known one learns that there are no
+/// explanations rather than that the route does not exist.
+fn explain(st: &AppState, model: &str, version: Option<&str>) -> ApiError {
+    match st.registry.get(model, version) {
+        Ok(_) => ApiError::no_explanations(),
+        Err(e) => e,
+    }
 }
 
 async fn predict(
