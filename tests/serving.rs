@@ -1032,6 +1032,48 @@ fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
 }
 
 #[test]
+fn v2_metadata_names_the_output_type_the_model_gives() {
+    let (mut s, v1, _) = scale_server("");
+    let argmax = fixture_archive(&s, "argmax", "argmax.pt", "vec4.json");
+    s.start(&[
+        "--models",
+        &format!("scale={v1}"),
+        &format!("argmax={argmax}"),
+    ]);
+    // Known from the workers' warm-up, before any request: float32 rows of 4, and one int64
+    // per example.
+    let output = |model: &str| {
+        request(
+            &s.inference,
+            "GET",
+            &format!("/v2/models/{model}"),
+            &[],
+            b"",
+        )
+        .json()["outputs"][0]
+            .clone()
+    };
+    assert_eq!(
+        output("scale"),
+        json!({"name": "output0", "datatype": "FP32", "shape": [-1, 4]})
+    );
+    assert_eq!(
+        output("argmax"),
+        json!({"name": "output0", "datatype": "INT64", "shape": [-1]})
+    );
+    // The answers carry the same type.
+    let r = post_json(
+        &s.inference,
+        "/v2/models/argmax/infer",
+        r#"{"inputs": [{"name": "input0", "shape": [2, 4], "datatype": "FP32", "data": [1, 5, 2, 0, 9, 1, 1, 1]}]}"#,
+    );
+    assert_eq!(
+        r.json()["outputs"][0],
+        json!({"name": "output0", "datatype": "INT64", "shape": [2], "data": [1, 0]})
+    );
+}
+
+#[test]
 fn metrics_count_what_was_sent() {
     let (mut s, v1, _) = scale_server("");
     s.start(&["--models", &format!("scale={v1}")]);

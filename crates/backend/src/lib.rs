@@ -137,6 +137,12 @@ pub trait Workers: Send + Sync + Debug {
     /// Whether the workers run on GPUs.
     fn on_gpu(&self) -> bool;
 
+    /// The element type and per-example shape of the model's output tensor, as its workers
+    /// have seen it (a dimension that varied is -1); `None` until one ran the model.
+    fn output_signature(&self) -> Option<(tchserve_mar::handler::DType, Vec<i64>)> {
+        None
+    }
+
     /// Stops every worker once the queue is empty (or `drain` has passed) and waits for them.
     fn shutdown(&self, drain: Duration);
 }

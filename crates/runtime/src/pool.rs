@@ -259,6 +259,9 @@ impl Workers for Pool {
     fn on_gpu(&self) -> bool {
         self.devices.iter().any(|d| *d != tch::Device::Cpu)
     }
+    fn output_signature(&self) -> Option<(tchserve_mar::handler::DType, Vec<i64>)> {
+        lock(&self.shared.output).clone()
+    }
     fn shutdown(&self, drain: Duration) {
         Pool::shutdown(self, drain)
     }

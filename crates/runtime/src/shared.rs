@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tchserve_backend::WorkerState;
+use tchserve_mar::handler::DType;
 
 /// The intra-op thread budget shared by every worker of the process.
 ///
@@ -48,6 +49,9 @@ impl Drop for BusyGuard<'_> {
 pub(crate) struct Shared {
     pub(crate) states: Mutex<BTreeMap<usize, WorkerState>>,
     pub(crate) changed: Condvar,
+    /// The output tensors' element type and per-example shape, as the workers saw them: what
+    /// the typed protocols' metadata reports, since the model alone knows its output type.
+    pub(crate) output: Mutex<Option<(DType, Vec<i64>)>>,
 }
 
 impl Shared {
@@ -58,6 +62,26 @@ impl Shared {
             *s = state;
         }
         self.changed.notify_all();
+    }
+
+    /// Records an output of `[examples, ...]`; a dimension that differs from earlier outputs
+    /// becomes -1. Outputs of a type the protocols have no name for are not recorded.
+    pub(crate) fn saw_output(&self, t: &tch::Tensor) {
+        let Some(dtype) = crate::handler::tensor_input::dtype_of(t.kind()) else {
+            return;
+        };
+        let dims = t.size().split_off(1.min(t.dim()));
+        let mut seen = lock(&self.output);
+        match &mut *seen {
+            Some((d, known)) if *d == dtype && known.len() == dims.len() => {
+                for (k, n) in known.iter_mut().zip(dims) {
+                    if *k != n {
+                        *k = -1;
+                    }
+                }
+            }
+            other => *other = Some((dtype, dims)),
+        }
     }
 
     pub(crate) fn insert(&self, id: usize, state: WorkerState) {
@@ -75,6 +99,35 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outputs_seen_keep_their_type_and_the_dimensions_that_never_varied() {
+        let shared = Shared::default();
+        let seen = || lock(&shared.output).clone();
+        assert_eq!(seen(), None);
+        shared.saw_output(&tch::Tensor::zeros(
+            [2, 3, 7],
+            (tch::Kind::Float, tch::Device::Cpu),
+        ));
+        assert_eq!(seen(), Some((DType::Float32, vec![3, 7])));
+        shared.saw_output(&tch::Tensor::zeros(
+            [5, 4, 7],
+            (tch::Kind::Float, tch::Device::Cpu),
+        ));
+        assert_eq!(seen(), Some((DType::Float32, vec![-1, 7])));
+        // Another type or rank starts afresh.
+        shared.saw_output(&tch::Tensor::zeros(
+            [5],
+            (tch::Kind::Int64, tch::Device::Cpu),
+        ));
+        assert_eq!(seen(), Some((DType::Int64, vec![])));
+        // A type the protocols cannot name leaves what was seen.
+        shared.saw_output(&tch::Tensor::zeros(
+            [5],
+            (tch::Kind::ComplexFloat, tch::Device::Cpu),
+        ));
+        assert_eq!(seen(), Some((DType::Int64, vec![])));
+    }
 
     #[test]
     fn busy_workers_share_the_cores() {

@@ -158,21 +158,27 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     }
     // TorchScript specialises its graph over the first calls; pay that before serving.
     let mut last_forward = None;
+    let mut last_output = None;
     for batch in [1, batcher.batch_size] {
         // A package that takes a list takes at most its length per forward.
         let batch = module.list_len().map_or(batch, |n| batch.min(n));
         if let Some(input) = pipeline.warmup_input(batch, ctx.device) {
             for _ in 0..WARMUP_FORWARDS {
                 let t = Instant::now();
-                module
+                let out = module
                     .forward_is(std::slice::from_ref(&input))
                     .map_err(|source| crate::RuntimeError::Torch {
                         file: format!("{} (warm-up forward)", ctx.spec.serialized_file),
                         source,
                     })?;
                 last_forward = Some(t.elapsed());
+                last_output = Some(out);
             }
         }
+    }
+    // The typed protocols' metadata can name the output's type before the first request.
+    if let Some(t) = last_output.and_then(|o| pipeline.warmup_output(o)) {
+        ctx.shared.saw_output(&t);
     }
     let small = ctx.device == tch::Device::Cpu && last_forward.is_some_and(|t| t < SMALL_FORWARD);
     Ok(Loaded {
@@ -536,6 +542,9 @@ fn process(
     drop(inputs);
     match launched {
         Ok(launched) => {
+            if let Launched::Output(t) = &launched {
+                ctx.shared.saw_output(t);
+            }
             let batch = Finishing {
                 live,
                 launched,

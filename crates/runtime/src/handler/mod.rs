@@ -12,7 +12,7 @@ mod jpeg;
 mod json_numbers;
 mod output;
 mod resample;
-mod tensor_input;
+pub(crate) mod tensor_input;
 mod text_input;
 
 use std::fmt::Write as _;
@@ -185,6 +185,19 @@ impl Pipeline {
             Feed::List => IValue::TensorList((0..batch as i64).map(|i| zeros.get(i)).collect()),
             Feed::Stacked | Feed::Tokens => IValue::Tensor(zeros),
         })
+    }
+
+    /// A warm-up forward's output as a batch's output is answered, after the postprocessing
+    /// steps; `None` where the handler answers with something else than the tensor, or needs a
+    /// request to postprocess (a text handler's attention mask).
+    pub fn warmup_output(&self, out: IValue) -> Option<Tensor> {
+        if self.feed == Feed::Tokens || !matches!(self.output, Output::Tensor {}) {
+            return None;
+        }
+        match out {
+            IValue::Tensor(t) => self.postprocess(t, None).ok(),
+            _ => None,
+        }
     }
 
     /// The arguments a text handler gives the model, for one short example: int64 token ids

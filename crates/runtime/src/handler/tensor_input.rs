@@ -76,6 +76,23 @@ pub fn kind_of(d: DType) -> Kind {
     }
 }
 
+/// The manifest dtype of a libtorch kind, where there is one.
+pub fn dtype_of(k: Kind) -> Option<DType> {
+    Some(match k {
+        Kind::Float => DType::Float32,
+        Kind::Double => DType::Float64,
+        Kind::Half => DType::Float16,
+        Kind::BFloat16 => DType::Bfloat16,
+        Kind::Int64 => DType::Int64,
+        Kind::Int => DType::Int32,
+        Kind::Int16 => DType::Int16,
+        Kind::Int8 => DType::Int8,
+        Kind::Uint8 => DType::Uint8,
+        Kind::Bool => DType::Bool,
+        _ => return None,
+    })
+}
+
 fn parse_dtype(s: &str) -> Option<DType> {
     serde_json::from_value(Value::String(s.trim().to_ascii_lowercase())).ok()
 }

@@ -222,12 +222,19 @@ pub fn signature(m: &ModelVersion) -> (TensorMeta, TensorMeta) {
         },
     };
     let output = match &m.manifest.output {
-        // The model decides its output's type; float is what regressors and classifiers give.
-        Output::Tensor {} => TensorMeta {
-            name: OUTPUT_NAME.into(),
-            datatype: DataType::Tensor(DType::Float32),
-            shape: vec![-1, -1],
-        },
+        // The model decides its output's type: as its workers have seen it, else float, what
+        // regressors and classifiers give, until a worker has run it.
+        Output::Tensor {} => {
+            let (dtype, dims) = m
+                .pool
+                .output_signature()
+                .unwrap_or((DType::Float32, vec![-1]));
+            TensorMeta {
+                name: OUTPUT_NAME.into(),
+                datatype: DataType::Tensor(dtype),
+                shape: std::iter::once(-1).chain(dims).collect(),
+            }
+        }
         _ => TensorMeta {
             name: OUTPUT_NAME.into(),
             datatype: DataType::Bytes,
