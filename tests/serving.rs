@@ -1431,6 +1431,58 @@ fn request_size_limit_covers_raw_and_multipart_bodies() {
     );
     let r = s.infer("POST", "/predictions/picky", &ct, &form(b"[1, 2, 3, 4]"));
     assert_eq!(floats(&r.json()), [2.0, 3.0, 4.0, 5.0]);
+
+    // A compressed body is read decompressed, and held to the same limit once decompressed: 2,000
+    // spaces compress to a few bytes.
+    let json = [("Content-Type", "application/json")];
+    for coding in ["gzip", "deflate"] {
+        let body = compress(coding, b"[1, 2, 3, 4]");
+        let headers = [json[0], ("Content-Encoding", coding)];
+        let r = s.infer("POST", "/predictions/picky", &headers, &body);
+        assert_eq!(floats(&r.json()), [2.0, 3.0, 4.0, 5.0], "{coding}");
+        let mut bomb = vec![b' '; 2000];
+        bomb[..12].copy_from_slice(b"[1, 2, 3, 4]");
+        let body = compress(coding, &bomb);
+        assert!(body.len() < 1000);
+        let r = s.infer("POST", "/predictions/picky", &headers, &body);
+        assert_error(&r, 413, "RequestTooLargeException", "max_request_size");
+    }
+    let r = s.infer(
+        "POST",
+        "/predictions/picky",
+        &[json[0], ("Content-Encoding", "br")],
+        b"[1, 2, 3, 4]",
+    );
+    assert_error(
+        &r,
+        400,
+        "BadRequestException",
+        "Content-Encoding \"br\" is not supported",
+    );
+    let r = s.infer(
+        "POST",
+        "/predictions/picky",
+        &[json[0], ("Content-Encoding", "gzip")],
+        b"[1, 2, 3, 4]",
+    );
+    assert_error(&r, 400, "BadRequestException", "cannot be decompressed");
+}
+
+/// `body` compressed as HTTP's `gzip` or `deflate` (zlib) content coding.
+fn compress(coding: &str, body: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    match coding {
+        "gzip" => {
+            let mut w = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+            w.write_all(body).unwrap();
+            w.finish().unwrap()
+        }
+        _ => {
+            let mut w = flate2::write::ZlibEncoder::new(Vec::new(), Default::default());
+            w.write_all(body).unwrap();
+            w.finish().unwrap()
+        }
+    }
 }
 
 /// Names of the server's threads that belong to worker `id` (the worker and any OpenMP team

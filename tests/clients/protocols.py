@@ -146,6 +146,12 @@ def triton():
             r = h.infer("mlp", [i], outputs=[o], request_id="abc")
             same_floats(r.as_numpy("output0"), want, f"http mlp binary={binary} rows={len(x)}")
             check(r.get_response()["id"] == "abc", "http: the id is echoed")
+    # Request bodies compressed as tritonclient compresses them (Content-Encoding).
+    for algorithm in ("gzip", "deflate"):
+        i = thttp.InferInput("input0", list(x4.shape), "FP32")
+        i.set_data_from_numpy(x4, binary_data=True)
+        r = h.infer("mlp", [i], request_compression_algorithm=algorithm)
+        same_floats(r.as_numpy("output0"), want4, f"http mlp, body compressed with {algorithm}")
     # A JPEG as a BYTES element, as Triton's image client sends it.
     i = thttp.InferInput("input0", [1], "BYTES")
     i.set_data_from_numpy(np.array([jpeg], dtype=np.object_), binary_data=True)

@@ -12,9 +12,10 @@ pub mod v2;
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::auth::{Scope, Tokens};
@@ -273,19 +274,79 @@ pub async fn buffer_body(State(st): State<AppState>, req: Request, next: Next) -
     }
 }
 
-/// The request with its body read whole, or the error refusing it.
+/// The request with its body read whole (and decompressed, for a gzip or deflate
+/// `Content-Encoding`), or the error refusing it.
 async fn buffered(st: &AppContext, req: Request) -> Result<Request, ApiError> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let limit = st.config.max_request_size;
     let timeout = st.config.body_read_timeout;
-    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
-        Ok(Err(_)) => Err(ApiError::too_large(limit)),
-        Err(_) => Err(ApiError::timeout_reading(format!(
-            "the request body did not arrive within body_read_timeout ({} s)",
-            timeout.as_secs()
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return Err(ApiError::too_large(limit)),
+        Err(_) => {
+            return Err(ApiError::timeout_reading(format!(
+                "the request body did not arrive within body_read_timeout ({} s)",
+                timeout.as_secs()
+            )));
+        }
+    };
+    let bytes = match content_coding(&parts.headers)? {
+        None => bytes,
+        Some(coding) => {
+            let inflated = tokio::task::spawn_blocking(move || decompress(coding, &bytes, limit))
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))??;
+            // The route sees the body as if it had been sent plain.
+            parts.headers.remove(header::CONTENT_ENCODING);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, inflated.len().into());
+            inflated
+        }
+    };
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
+}
+
+/// A request body's compression, as tritonclient's `request_compression_algorithm` sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coding {
+    Gzip,
+    /// HTTP's "deflate": zlib's format (RFC 1950).
+    Deflate,
+}
+
+fn content_coding(headers: &axum::http::HeaderMap) -> Result<Option<Coding>, ApiError> {
+    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    match text.as_str() {
+        "" | "identity" => Ok(None),
+        "gzip" | "x-gzip" => Ok(Some(Coding::Gzip)),
+        "deflate" => Ok(Some(Coding::Deflate)),
+        _ => Err(ApiError::bad_request(format!(
+            "Content-Encoding {text:?} is not supported: send the body plain, gzip or deflate"
         ))),
     }
+}
+
+/// The body decompressed, refused once it grows past `limit`: a small body must not expand
+/// into more memory than a plain one may take.
+fn decompress(coding: Coding, body: &[u8], limit: usize) -> Result<Bytes, ApiError> {
+    use std::io::Read as _;
+    let reader: Box<dyn std::io::Read + '_> = match coding {
+        Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        Coding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
+    };
+    let mut out = Vec::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::bad_request(format!("the body cannot be decompressed: {e}")))?;
+    if out.len() > limit {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(out.into())
 }
 
 /// Whether a path of the inference listener belongs to the KServe protocols (v1 or v2), whose
