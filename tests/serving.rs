@@ -459,6 +459,12 @@ fn bad_inputs_and_model_failures_keep_the_server_serving() {
         "{doc}"
     );
     assert_eq!(s.infer("GET", "/api-description", &[], b"").json(), doc);
+    // The metrics listener describes its one route too, as TorchServe's does.
+    let metrics_doc = request(&s.metrics, "OPTIONS", "/", &[], b"").json();
+    assert!(
+        metrics_doc["paths"]["/metrics"]["get"].is_object(),
+        "{metrics_doc}"
+    );
     ok(&s);
 }
 

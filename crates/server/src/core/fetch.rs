@@ -42,7 +42,7 @@ pub enum FetchError {
     #[error("Relative path is not allowed in url: {0}")]
     Relative(String),
     /// The URL cannot be parsed, or has a part tchserve refuses.
-    #[error("Invalid url {url}: {why}")]
+    #[error("Failed to download archive from: {url}: invalid url: {why}")]
     Invalid {
         /// The URL as given.
         url: String,

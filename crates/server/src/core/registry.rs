@@ -408,7 +408,13 @@ impl Registry {
             )));
         }
         // Remote archives are fetched into the store before they reach here.
-        if fetch::is_remote(url) || url.starts_with("s3://") {
+        if url.starts_with("s3://") {
+            return Err(ApiError::bad_request(format!(
+                "Failed to download archive from: {url}: s3:// URLs are not supported; \
+                 download the archive into the model store, or serve it over https"
+            )));
+        }
+        if fetch::is_remote(url) {
             return Err(ApiError::bad_request(format!(
                 "Failed to download archive from: {url}: archives are downloaded only by the \
                  management API's POST /models; list the downloaded file instead"

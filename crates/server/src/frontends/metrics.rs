@@ -6,18 +6,29 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::{AppState, buffer_body, not_allowed, not_found};
+use super::{AppState, buffer_body, not_allowed, not_found, openapi, with_description};
 
-/// The metrics listener's routes.
+/// The metrics listener's routes, with `OPTIONS /` describing them as TorchServe's does.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics).fallback(not_allowed))
+    let routes = Router::new().route("/metrics", get(metrics).fallback(not_allowed));
+    with_description(routes, doc)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             buffer_body,
         ))
         .with_state(state)
+}
+
+fn doc() -> serde_json::Value {
+    openapi(
+        "metrics",
+        &[(
+            "/metrics",
+            &["GET"],
+            "Prometheus text; `name[]` selects series by name.",
+        )],
+    )
 }
 
 async fn metrics(State(st): State<AppState>, RawQuery(q): RawQuery) -> Response {
