@@ -691,6 +691,16 @@ async fn v2_bytes_inputs_reach_the_image_handler_one_by_one() {
         answers,
         [json!({"echo": "first"}), json!({"echo": "second"})]
     );
+    // An element the handler refuses fails the request, which names the input and the element.
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v2/models/cls/infer",
+        v2_input("BYTES", json!([3]), json!(["first", "second", "fail"])),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "input 'input0': item 2: fake: bad");
 
     // Binary BYTES: each element length-prefixed.
     let mut blob = Vec::new();

@@ -158,6 +158,20 @@ impl ApiError {
         self.to_string()
     }
 
+    /// The same error, its message led by `prefix` (which part of a request it concerns).
+    pub fn prefixed(self, prefix: &str) -> Self {
+        let lead = |m: String| format!("{prefix}{m}");
+        match self {
+            ApiError::BadRequest(m) => ApiError::BadRequest(lead(m)),
+            ApiError::InvalidModel(m) => ApiError::InvalidModel(lead(m)),
+            ApiError::InvalidInput(m) => ApiError::InvalidInput(lead(m)),
+            ApiError::Unavailable(m) => ApiError::Unavailable(lead(m)),
+            ApiError::Timeout(m) => ApiError::Timeout(lead(m)),
+            ApiError::Internal(m) => ApiError::Internal(lead(m)),
+            other => other,
+        }
+    }
+
     /// 400 BadRequestException.
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::BadRequest(message.into())

@@ -164,7 +164,7 @@ pub async fn infer_all(
     let mut out: Vec<Option<Prediction>> = vec![None; n];
     while let Some(joined) = set.join_next().await {
         let (i, answer) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
-        out[i] = Some(answer?);
+        out[i] = Some(answer.map_err(|e| e.prefixed(&format!("item {i}: ")))?);
     }
     Ok(out.into_iter().flatten().collect())
 }

@@ -300,7 +300,9 @@ pub async fn run_infer(
                     ..Payload::default()
                 })
                 .collect();
-            let answers = infer_all(infer, model, version, named, payloads).await?;
+            let answers = infer_all(infer, model, version, named, payloads)
+                .await
+                .map_err(|e| e.prefixed(&format!("input '{name}': ")))?;
             let n = answers.len() as i64;
             let items = answers
                 .into_iter()
