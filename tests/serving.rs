@@ -1111,7 +1111,7 @@ fn metrics_count_what_was_sent() {
         .to_string();
     let series = |v: &str| {
         format!(
-            "ts_inference_requests_total{{hostname=\"{host}\",model_name=\"scale\",model_version=\"{v}\"}}"
+            "ts_inference_requests_total{{model_name=\"scale\",model_version=\"{v}\",hostname=\"{host}\",}}"
         )
     };
     assert_eq!(metric(&text, &series("default")), 6.0);
@@ -1119,13 +1119,13 @@ fn metrics_count_what_was_sent() {
     assert!(
         metric(
             &text,
-            &format!("Requests2XX{{Hostname=\"{host}\",Level=\"Host\"}}")
+            &format!("Requests2XX{{Level=\"Host\",Hostname=\"{host}\",}}")
         ) >= 5.0
     );
     assert_eq!(
         metric(
             &text,
-            &format!("Requests4XX{{Hostname=\"{host}\",Level=\"Host\"}}")
+            &format!("Requests4XX{{Level=\"Host\",Hostname=\"{host}\",}}")
         ),
         2.0
     );
@@ -1133,7 +1133,7 @@ fn metrics_count_what_was_sent() {
         metric(
             &text,
             &format!(
-                "ts_inference_latency_microseconds{{hostname=\"{host}\",model_name=\"scale\",model_version=\"default\"}}"
+                "ts_inference_latency_microseconds{{model_name=\"scale\",model_version=\"default\",hostname=\"{host}\",}}"
             )
         ) > 0.0
     );
@@ -1144,6 +1144,25 @@ fn metrics_count_what_was_sent() {
         "{text}"
     );
     assert!(text.contains("process_resident_memory_bytes"));
+    // TorchServe's own test suite (its Postman collection) matches
+    // `Requests2XX\{Level="Host",Hostname=".*",\} \d+\.\d+`: labels in that order, a trailing
+    // comma, a float.
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Requests2XX{"))
+        .unwrap_or_else(|| panic!("no Requests2XX in:\n{text}"));
+    let value = line
+        .strip_prefix(&format!(
+            "Requests2XX{{Level=\"Host\",Hostname=\"{host}\",}} "
+        ))
+        .unwrap_or_else(|| panic!("{line}"));
+    let (whole, fraction) = value.split_once('.').unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        [whole, fraction]
+            .iter()
+            .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())),
+        "{line}"
+    );
     let only = request(&s.metrics, "GET", "/metrics?name[]=Requests4XX", &[], b"").text();
     assert!(
         only.contains("Requests4XX") && !only.contains("Requests2XX"),

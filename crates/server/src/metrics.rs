@@ -168,16 +168,77 @@ impl MetricSet {
     }
 
     /// The text exposition of every metric, optionally only those whose names are listed.
+    /// TorchServe's own metrics are written as TorchServe writes them (see
+    /// [`write_torchserve_style`]); the others in the usual form.
     pub fn render(&self, names: &[String]) -> String {
-        let families: Vec<_> = self
+        let mut out = Vec::new();
+        for family in self
             .registry
             .gather()
             .into_iter()
             .filter(|f| names.is_empty() || names.iter().any(|n| n == f.name()))
-            .collect();
-        let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&families, &mut out);
+        {
+            match TORCHSERVE_LABEL_ORDER
+                .iter()
+                .find(|(n, _)| *n == family.name())
+            {
+                Some((_, order)) => write_torchserve_style(&family, order, &mut out),
+                None => {
+                    let _ = TextEncoder::new().encode(std::slice::from_ref(&family), &mut out);
+                }
+            }
+        }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// TorchServe's metrics and the order its metric definitions give their labels.
+const TORCHSERVE_LABEL_ORDER: [(&str, &[&str]); 6] = [
+    ("Requests2XX", &["Level", "Hostname"]),
+    ("Requests4XX", &["Level", "Hostname"]),
+    ("Requests5XX", &["Level", "Hostname"]),
+    ("ts_inference_requests_total", &MODEL_LABELS),
+    ("ts_inference_latency_microseconds", &MODEL_LABELS),
+    ("ts_queue_latency_microseconds", &MODEL_LABELS),
+];
+
+/// Writes a counter or gauge family as TorchServe's Prometheus client (simpleclient 0.9) does:
+/// labels in their declared order with a trailing comma, values as floats
+/// (`Requests2XX{Level="Host",Hostname="h",} 3.0`). Scrapers read either form; checks written
+/// against TorchServe's output (its own test suite matches that line with a regex) need this one.
+fn write_torchserve_style(
+    family: &prometheus::proto::MetricFamily,
+    order: &[&str],
+    out: &mut Vec<u8>,
+) {
+    use prometheus::proto::MetricType;
+    use std::io::Write as _;
+    let kind = match family.get_field_type() {
+        MetricType::COUNTER => "counter",
+        MetricType::GAUGE => "gauge",
+        _ => "untyped",
+    };
+    let name = family.name();
+    let _ = writeln!(out, "# HELP {name} {}", family.help().replace('\n', "\\n"));
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for m in family.get_metric() {
+        let value = match family.get_field_type() {
+            MetricType::GAUGE => m.get_gauge().get_value(),
+            _ => m.get_counter().get_value(),
+        };
+        let _ = write!(out, "{name}{{");
+        for label in order {
+            if let Some(pair) = m.get_label().iter().find(|p| p.name() == *label) {
+                let v = pair
+                    .value()
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(out, "{label}=\"{v}\",");
+            }
+        }
+        // Debug writes a whole float with its ".0", as Java does.
+        let _ = writeln!(out, "}} {value:?}");
     }
 }
 
