@@ -1018,6 +1018,11 @@ fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
         "{}",
         r.text()
     );
+    // KServe v1's readiness is answered on the management listener too, as TorchServe does.
+    assert_eq!(
+        s.manage("GET", "/v1/models/scale").json(),
+        json!({"name": "scale", "ready": true})
+    );
     // With two, it must be told which.
     assert_eq!(
         register(&s, &format!("url={v2}&model_name=other&initial_workers=1")).status,

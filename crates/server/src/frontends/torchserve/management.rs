@@ -58,6 +58,11 @@ pub fn router(state: AppState) -> Router {
             "/models/{model}/{version}/set-default",
             put(set_default).fallback(not_allowed),
         )
+        // KServe v1's readiness, which TorchServe also answers here.
+        .route(
+            "/v1/models/{model}",
+            get(kserve_readiness).fallback(not_allowed),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             management_key,
@@ -202,6 +207,11 @@ async fn register(State(st): State<AppState>, Query(q): Params, req: Request) ->
         q
     };
     respond(register_model(&st, &params).await)
+}
+
+async fn kserve_readiness(State(st): State<AppState>, Path(model): Path<String>) -> Response {
+    crate::frontends::kserve_v1::model_readiness(&st, &model, None)
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Registers an archive (`url`, `model_name`, `handler`, `runtime`, `batch_size`, ...).
