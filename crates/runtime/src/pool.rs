@@ -4,7 +4,7 @@
 //! Workers share one queue, so scaling down never drops a queued request: a stopped worker
 //! finishes its batch and leaves the rest to the others.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -38,6 +38,8 @@ pub struct Pool {
     budget: Arc<ThreadBudget>,
     modules: Arc<SharedModules>,
     spawned: AtomicUsize,
+    /// Workers that will take jobs: `workers.len()`, readable without the lock by `submit`.
+    live: AtomicUsize,
 }
 
 static NEXT_WORKER_ID: AtomicUsize = AtomicUsize::new(9000);
@@ -56,12 +58,35 @@ impl Pool {
             budget,
             modules: Arc::default(),
             spawned: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
         })
     }
 
     /// Queues a job; refuses it when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), QueueFull> {
-        self.tx.try_send(job).map_err(|_| QueueFull)
+        self.tx.try_send(job).map_err(|_| QueueFull)?;
+        // A scale to no worker that drained the queue just before this job arrived leaves it
+        // to nobody: answer it (and anything else queued) now. The fences pair with the one in
+        // `scale`: either this sees no worker left, or the scale's drain sees this job.
+        fence(Ordering::SeqCst);
+        if self.live.load(Ordering::SeqCst) == 0 {
+            self.fail_queued();
+        }
+        Ok(())
+    }
+
+    /// Answers every queued job 503: no worker is left to take it.
+    fn fail_queued(&self) {
+        while let Some(job) = self.rx.try_take() {
+            let _ = job.reply.send((
+                Err(PredictError::Unavailable(format!(
+                    "Model \"{}\" was scaled to no worker while this request waited. \
+                     Please use scale workers API to add workers.",
+                    self.spec.name
+                ))),
+                Default::default(),
+            ));
+        }
     }
 
     /// Requests waiting in the queue.
@@ -145,21 +170,14 @@ impl Pool {
                 lock(&self.shared.states).remove(&h.id);
             }
         }
+        self.live.store(workers.len(), Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         if n == 0 {
             // No worker will take what is queued: answer it now, as a request arriving now is
             // answered, rather than when each one's response_timeout runs out. A stopping worker
-            // still answers the batch it holds.
-            drop(workers);
-            while let Some(job) = self.rx.try_take() {
-                let _ = job.reply.send((
-                    Err(PredictError::Unavailable(format!(
-                        "Model \"{}\" was scaled to no worker while this request waited. \
-                         Please use scale workers API to add workers.",
-                        self.spec.name
-                    ))),
-                    Default::default(),
-                ));
-            }
+            // still answers the batch it holds. Under the lock, so that a scale up cannot start
+            // a worker for jobs this is failing.
+            self.fail_queued();
         }
     }
 
