@@ -4,12 +4,13 @@ use axum::Router;
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, post};
 use tchserve_backend::job::{Part, Payload, Prediction};
 
 use crate::core::ApiError;
 use crate::frontends::{
-    AppState, inference_key, json_response, openapi, status_message, with_description,
+    AppState, inference_key, json_response, kserve_error_response, not_allowed, openapi,
+    status_message, with_description,
 };
 
 /// TorchServe's inference routes; the listener adds the others and its middleware.
@@ -21,10 +22,16 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         // routes and the legacy `/m/predict`.
         .route("/invocations", any(invocations))
         .route("/models/{model}/invoke", any(predict_default))
-        .route("/{model}/predict", any(predict_default))
-        .route("/{model}/{version}/predict", any(predict_version))
-        .route("/explanations/{model}", any(explain_default))
-        .route("/explanations/{model}/{version}", any(explain_version));
+        .route("/{model}/predict", any(legacy_default))
+        .route("/{model}/{version}/predict", any(legacy_version))
+        .route(
+            "/explanations/{model}",
+            post(explain_default).fallback(not_allowed),
+        )
+        .route(
+            "/explanations/{model}/{version}",
+            post(explain_version).fallback(not_allowed),
+        );
     // Without keys the check would pass every request: leaving the layer out spares each one
     // its cost. The state's keys cannot change once the routers are built.
     if state.tokens.is_some() {
@@ -77,6 +84,21 @@ fn doc() -> serde_json::Value {
                 "Prediction from the model's default version.",
             ),
             (
+                "/{model_name}/predict",
+                &["POST"],
+                "Prediction from the model's default version (TorchServe's legacy name).",
+            ),
+            (
+                "/{model_name}/{model_version}/predict",
+                &["POST"],
+                "Prediction from one version (TorchServe's legacy name).",
+            ),
+            (
+                "/explanations/{model_name}",
+                &["POST"],
+                "501: tchserve's handlers have no explain step.",
+            ),
+            (
                 "/v1/models/{model_name}:predict",
                 &["POST"],
                 "KServe v1 prediction.",
@@ -117,6 +139,31 @@ async fn predict_version(
     predict(st, model, Some(version), req)
         .await
         .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `/m/predict`. The route also catches `/v2/predict` and the like, where the router found no
+/// KServe route: those are the KServe protocols' unknown paths, answered in their shape.
+async fn legacy_default(st: State<AppState>, Path(model): Path<String>, req: Request) -> Response {
+    if is_kserve_prefix(&model) {
+        return kserve_error_response(&ApiError::resource_not_found());
+    }
+    predict_default(st, Path(model), req).await
+}
+
+/// `/m/v/predict`; see [`legacy_default`].
+async fn legacy_version(
+    st: State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    if is_kserve_prefix(&model) {
+        return kserve_error_response(&ApiError::resource_not_found());
+    }
+    predict_version(st, Path((model, version)), req).await
+}
+
+fn is_kserve_prefix(segment: &str) -> bool {
+    segment == "v1" || segment == "v2"
 }
 
 /// `/invocations?model_name=m`; without a name, the one model registered, if there is one.
