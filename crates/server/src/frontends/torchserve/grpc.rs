@@ -244,26 +244,26 @@ impl ManagementApIsService for Management {
         );
         put(&mut q, "handler", &r.handler, !r.handler.is_empty());
         put(&mut q, "runtime", &r.runtime, !r.runtime.is_empty());
-        // proto3 cannot tell 0 from unset: 0 means TorchServe's default, as in its gRPC API.
-        // A negative value is passed on, to be refused as the REST API refuses it.
-        put(&mut q, "batch_size", r.batch_size, r.batch_size != 0);
+        // proto3 cannot tell 0 from unset: 0 means TorchServe's default, as in its gRPC API,
+        // and so does a negative value, as the REST API takes one for these.
+        put(&mut q, "batch_size", r.batch_size, r.batch_size > 0);
         put(
             &mut q,
             "max_batch_delay",
             r.max_batch_delay,
-            r.max_batch_delay != 0,
+            r.max_batch_delay > 0,
         );
         put(
             &mut q,
             "initial_workers",
             r.initial_workers,
-            r.initial_workers != 0,
+            r.initial_workers > 0,
         );
         put(
             &mut q,
             "response_timeout",
             r.response_timeout,
-            r.response_timeout != 0,
+            r.response_timeout > 0,
         );
         q.insert("synchronous".into(), r.synchronous.to_string());
         msg(ops::register_model(&self.0, &q).await)
