@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::http::StatusCode;
 use axum::serve::ListenerExt;
 use tchserve_backend::Backend;
 use tchserve_mar::ModelStore;
@@ -147,11 +146,6 @@ pub async fn run(
     // The last snapshot wins, then the configuration's model_snapshot, then load_models, as in
     // TorchServe (where a snapshot is a configuration file holding a model_snapshot).
     let from_snapshot = restored.is_some();
-    // What a snapshot holds was registered and served: a model among it whose workers no
-    // longer start (a worker count its memory cannot hold, a library gone) is restored with
-    // its workers failing, as TorchServe restores it, rather than keeping every other model
-    // from serving. Models named by load_models or --models still must load.
-    let restoring = from_snapshot || config.model_snapshot.is_some();
     let registrations = match (&restored, &config.model_snapshot) {
         (Some(s), _) => {
             tracing::info!(
@@ -183,21 +177,7 @@ pub async fn run(
             tokio::task::spawn_blocking(move || {
                 let mut failed = Vec::new();
                 for p in regs {
-                    let registered = registry.register(&p).or_else(|e| {
-                        if !(restoring && p.synchronous && e.status() == StatusCode::INTERNAL_SERVER_ERROR) {
-                            return Err(e);
-                        }
-                        let again = RegisterParams { synchronous: false, ..p.clone() };
-                        let r = registry.register(&again)?;
-                        tracing::error!(
-                            model = %r.model.name,
-                            version = %r.model.version,
-                            "restored from the snapshot, but its workers do not start ({e}); \
-                             they keep retrying: fix the archive or unregister the model"
-                        );
-                        Ok(r)
-                    });
-                    match registered {
+                    match registry.register(&p) {
                         Ok(r) => tracing::info!(model = %r.model.name, version = %r.model.version, workers = r.workers, "model loaded"),
                         Err(e) => {
                             tracing::error!(url = %p.url, "cannot load model: {e}");

@@ -185,6 +185,11 @@ pub fn registrations(snapshot: &Value) -> Vec<RegisterParams> {
                 startup_timeout: int("startupTimeout"),
                 synchronous: true,
                 loaded_at_startup: true,
+                // What a snapshot holds was registered and served: a model whose workers no
+                // longer start (libtorch cannot load it, a worker count the memory cannot hold)
+                // is restored with its workers failing, as TorchServe restores it, rather than
+                // keeping every other model from serving.
+                keep_failing: true,
                 make_default: v
                     .get("defaultVersion")
                     .and_then(Value::as_bool)

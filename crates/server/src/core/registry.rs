@@ -112,6 +112,9 @@ pub struct RegisterParams {
     pub loaded_at_startup: bool,
     /// Make this the default version even if others exist (snapshot restore).
     pub make_default: bool,
+    /// Register it even if its workers fail to start (a snapshot restore: what was registered
+    /// stays registered, its workers retrying, rather than keeping the server from starting).
+    pub keep_failing: bool,
 }
 
 /// What a registration did.
@@ -360,10 +363,18 @@ impl Registry {
                 let why = pool_failure(pool.as_ref()).unwrap_or_else(|| {
                     format!(": not ready within startup_timeout ({startup_timeout_s} s)")
                 });
-                pool.shutdown(Duration::ZERO);
-                return Err(ApiError::internal(format!(
-                    "Failed to start workers for model {name} version: {version}{why}"
-                )));
+                if !p.keep_failing {
+                    pool.shutdown(Duration::ZERO);
+                    return Err(ApiError::internal(format!(
+                        "Failed to start workers for model {name} version: {version}{why}"
+                    )));
+                }
+                tracing::error!(
+                    model = %name,
+                    version = %version,
+                    "registered, but its workers do not start{why}; they keep retrying: fix \
+                     the archive or unregister the model"
+                );
             }
         }
         let mut models = self.write();

@@ -247,6 +247,7 @@ pub async fn register_model(st: &AppState, params: &HashMap<String, String>) -> 
             .is_none_or(|s| s.eq_ignore_ascii_case("true")),
         loaded_at_startup: false,
         make_default: false,
+        keep_failing: false,
     };
     let registry = Arc::clone(&st.registry);
     let sync = p.synchronous;
