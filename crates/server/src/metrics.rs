@@ -219,7 +219,8 @@ fn write_torchserve_style(
         _ => "untyped",
     };
     let name = family.name();
-    let _ = writeln!(out, "# HELP {name} {}", family.help().replace('\n', "\\n"));
+    let help = family.help().replace('\\', "\\\\").replace('\n', "\\n");
+    let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
     for m in family.get_metric() {
         let value = match family.get_field_type() {

@@ -315,18 +315,34 @@ enum Coding {
     Deflate,
 }
 
+/// The body's one content coding; several (in one field or several) are refused rather than
+/// half undone.
 fn content_coding(headers: &axum::http::HeaderMap) -> Result<Option<Coding>, ApiError> {
-    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
-        return Ok(None);
-    };
-    let text = value.to_str().unwrap_or("").trim().to_ascii_lowercase();
-    match text.as_str() {
-        "" | "identity" => Ok(None),
-        "gzip" | "x-gzip" => Ok(Some(Coding::Gzip)),
-        "deflate" => Ok(Some(Coding::Deflate)),
-        _ => Err(ApiError::bad_request(format!(
+    let refuse = |text: &str| {
+        ApiError::bad_request(format!(
             "Content-Encoding {text:?} is not supported: send the body plain, gzip or deflate"
-        ))),
+        ))
+    };
+    let mut codings = Vec::new();
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let text = value
+            .to_str()
+            .map_err(|_| refuse(&String::from_utf8_lossy(value.as_bytes())))?;
+        for coding in text.split(',').map(|c| c.trim().to_ascii_lowercase()) {
+            match coding.as_str() {
+                "" | "identity" => {}
+                "gzip" | "x-gzip" => codings.push(Coding::Gzip),
+                "deflate" => codings.push(Coding::Deflate),
+                _ => return Err(refuse(&coding)),
+            }
+        }
+    }
+    match codings[..] {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        _ => Err(ApiError::bad_request(
+            "the body names several Content-Encodings; send it compressed once, gzip or deflate",
+        )),
     }
 }
 
