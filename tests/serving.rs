@@ -592,7 +592,12 @@ fn requests_queued_when_scaled_to_no_worker_are_answered_at_once() {
         let running = scope.spawn(|| timed("[30000, 0]"));
         std::thread::sleep(Duration::from_millis(300));
         let queued: Vec<_> = (0..2).map(|_| scope.spawn(|| timed("[1, 0]"))).collect();
-        std::thread::sleep(Duration::from_millis(300));
+        // Batches of one: two waiting means the first one runs.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while s.manage("GET", "/models/slow").json()[0]["jobQueueStatus"]["pendingRequests"] != 2 {
+            assert!(Instant::now() < deadline, "the two requests never queued");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(
             s.manage("PUT", "/models/slow?min_worker=0&max_worker=0")
                 .status,
@@ -1017,6 +1022,18 @@ fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
             .contains("explanations are not supported"),
         "{}",
         r.text()
+    );
+    // The legacy route leaves the KServe protocols' unknown paths their own shape of 404.
+    for path in ["/v2/predict", "/v1/scale/predict"] {
+        let r = post_json(&s.inference, path, "[1, 1, 1, 1]");
+        assert_eq!(r.status, 404, "{path}");
+        assert!(r.json()["error"].is_string(), "{path}: {}", r.text());
+    }
+    assert_error(
+        &s.infer("GET", "/explanations/scale", &[], b""),
+        405,
+        "MethodNotAllowedException",
+        "not allowed",
     );
     // KServe v1's readiness is answered on the management listener too, as TorchServe does.
     assert_eq!(
@@ -1461,6 +1478,18 @@ fn request_size_limit_covers_raw_and_multipart_bodies() {
     );
     let r = s.infer("POST", "/predictions/picky", &ct, &form(b"[1, 2, 3, 4]"));
     assert_eq!(floats(&r.json()), [2.0, 3.0, 4.0, 5.0]);
+    // The KServe routes refuse it in their own shape, which their clients read.
+    for path in ["/v2/models/picky/infer", "/v1/models/picky:predict"] {
+        let r = s.infer("POST", path, &[], &[b' '; 2000]);
+        assert_eq!(r.status, 413, "{path}");
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .is_some_and(|m| m.contains("max_request_size")),
+            "{path}: {}",
+            r.text()
+        );
+    }
 
     // A compressed body is read decompressed, and held to the same limit once decompressed: 2,000
     // spaces compress to a few bytes.
@@ -1496,6 +1525,18 @@ fn request_size_limit_covers_raw_and_multipart_bodies() {
         b"[1, 2, 3, 4]",
     );
     assert_error(&r, 400, "BadRequestException", "cannot be decompressed");
+    let twice = compress("gzip", &compress("gzip", b"[1, 2, 3, 4]"));
+    let r = s.infer(
+        "POST",
+        "/predictions/picky",
+        &[
+            json[0],
+            ("Content-Encoding", "gzip"),
+            ("Content-Encoding", "gzip"),
+        ],
+        &twice,
+    );
+    assert_error(&r, 400, "BadRequestException", "several Content-Encodings");
 }
 
 /// `body` compressed as HTTP's `gzip` or `deflate` (zlib) content coding.
