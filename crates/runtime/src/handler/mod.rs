@@ -602,19 +602,8 @@ impl Pipeline {
 /// A tensor's elements as little-endian bytes with their dtype, or `None` for element types
 /// the typed protocols have no name for.
 fn raw_output(t: &Tensor) -> Result<Option<(tchserve_mar::handler::DType, Vec<u8>)>, PredictError> {
-    use tchserve_mar::handler::DType;
-    let dtype = match t.kind() {
-        Kind::Float => DType::Float32,
-        Kind::Double => DType::Float64,
-        Kind::Half => DType::Float16,
-        Kind::BFloat16 => DType::Bfloat16,
-        Kind::Int64 => DType::Int64,
-        Kind::Int => DType::Int32,
-        Kind::Int16 => DType::Int16,
-        Kind::Int8 => DType::Int8,
-        Kind::Uint8 => DType::Uint8,
-        Kind::Bool => DType::Bool,
-        _ => return Ok(None),
+    let Some(dtype) = tensor_input::dtype_of(t.kind()) else {
+        return Ok(None);
     };
     let flat = t
         .f_to_device(Device::Cpu)
