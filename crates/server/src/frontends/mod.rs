@@ -212,8 +212,7 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     let started = std::time::Instant::now();
     let mut resp = match buffered(&st, req).await {
         Ok(req) => next.run(req).await,
-        Err(refused) if is_kserve_path(&path) => kserve_error_response(&refused),
-        Err(refused) => refused.into_response(),
+        Err(refused) => error_by_protocol(&path, refused),
     };
     let id = uuid::Uuid::new_v4().to_string();
     let h = resp.headers_mut();
@@ -365,9 +364,19 @@ fn decompress(coding: Coding, body: &[u8], limit: usize) -> Result<Bytes, ApiErr
     Ok(out.into())
 }
 
-/// Whether a path of the inference listener belongs to the KServe protocols (v1 or v2), whose
-/// clients read errors as `{"error": "..."}`: tritonclient fails to decode TorchServe's shape.
-fn is_kserve_path(path: &str) -> bool {
+/// `e` in the shape of the protocol `path` belongs to: `{"error": "..."}` on the KServe
+/// protocols' paths, whose clients (tritonclient among them) cannot decode TorchServe's shape,
+/// and TorchServe's elsewhere.
+fn error_by_protocol(path: &str, e: ApiError) -> Response {
+    if is_kserve_path(path) {
+        kserve_error_response(&e)
+    } else {
+        e.into_response()
+    }
+}
+
+/// Whether a path belongs to the KServe protocols (v1 or v2).
+pub fn is_kserve_path(path: &str) -> bool {
     ["/v1", "/v2"].iter().any(|p| {
         path.strip_prefix(p)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
@@ -514,11 +523,7 @@ pub async fn not_found() -> ApiError {
 /// 404 for unknown paths of the inference listener, in the shape of the protocol the path
 /// belongs to (`/v2/models/m/config`, which Triton has and tchserve does not, among them).
 async fn not_found_by_protocol(uri: axum::http::Uri) -> Response {
-    if is_kserve_path(uri.path()) {
-        kserve_error_response(&ApiError::resource_not_found())
-    } else {
-        ApiError::resource_not_found().into_response()
-    }
+    error_by_protocol(uri.path(), ApiError::resource_not_found())
 }
 
 /// 405 for known paths with the wrong method.

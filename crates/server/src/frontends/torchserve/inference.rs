@@ -9,8 +9,8 @@ use tchserve_backend::job::{Part, Payload, Prediction};
 
 use crate::core::ApiError;
 use crate::frontends::{
-    AppState, inference_key, json_response, kserve_error_response, not_allowed, openapi,
-    status_message, with_description,
+    AppState, inference_key, is_kserve_path, json_response, kserve_error_response, not_allowed,
+    openapi, status_message, with_description,
 };
 
 /// TorchServe's inference routes; the listener adds the others and its middleware.
@@ -144,7 +144,7 @@ async fn predict_version(
 /// `/m/predict`. The route also catches `/v2/predict` and the like, where the router found no
 /// KServe route: those are the KServe protocols' unknown paths, answered in their shape.
 async fn legacy_default(st: State<AppState>, Path(model): Path<String>, req: Request) -> Response {
-    if is_kserve_prefix(&model) {
+    if is_kserve_path(req.uri().path()) {
         return kserve_error_response(&ApiError::resource_not_found());
     }
     predict_default(st, Path(model), req).await
@@ -156,14 +156,10 @@ async fn legacy_version(
     Path((model, version)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    if is_kserve_prefix(&model) {
+    if is_kserve_path(req.uri().path()) {
         return kserve_error_response(&ApiError::resource_not_found());
     }
     predict_version(st, Path((model, version)), req).await
-}
-
-fn is_kserve_prefix(segment: &str) -> bool {
-    segment == "v1" || segment == "v2"
 }
 
 /// `/invocations?model_name=m`; without a name, the one model registered, if there is one.
