@@ -542,7 +542,9 @@ fn process(
     drop(inputs);
     match launched {
         Ok(launched) => {
-            if let Launched::Output(t) = &launched {
+            if let Launched::Output(t) = &launched
+                && pipeline.answers_tensor()
+            {
                 ctx.shared.saw_output(t);
             }
             let batch = Finishing {

@@ -187,11 +187,17 @@ impl Pipeline {
         })
     }
 
+    /// Whether the answers are the output tensor itself, whose type the typed protocols'
+    /// metadata describes (other handlers answer labels, boxes or masks as JSON).
+    pub fn answers_tensor(&self) -> bool {
+        matches!(self.output, Output::Tensor {})
+    }
+
     /// A warm-up forward's output as a batch's output is answered, after the postprocessing
     /// steps; `None` where the handler answers with something else than the tensor, or needs a
     /// request to postprocess (a text handler's attention mask).
     pub fn warmup_output(&self, out: IValue) -> Option<Tensor> {
-        if self.feed == Feed::Tokens || !matches!(self.output, Output::Tensor {}) {
+        if self.feed == Feed::Tokens || !self.answers_tensor() {
             return None;
         }
         match out {
@@ -303,12 +309,11 @@ impl Pipeline {
         let _guard = tch::no_grad_guard();
         let dims = out.size();
         // Typed protocols take a tensor output as it is; everything else is written as JSON.
-        let raw =
-            if matches!(self.output, Output::Tensor {}) && inputs.iter().any(|d| d.want_tensor) {
-                raw_output(&out)?
-            } else {
-                None
-            };
+        let raw = if self.answers_tensor() && inputs.iter().any(|d| d.want_tensor) {
+            raw_output(&out)?
+        } else {
+            None
+        };
         let values = if inputs.iter().any(|d| !d.want_tensor || raw.is_none()) {
             Some(Values::of(&out)?)
         } else {
