@@ -1355,7 +1355,9 @@ fn requests_whose_client_left_are_dropped_before_inference() {
 
 #[test]
 fn workers_that_cannot_load_fail_registration_and_ping() {
-    let mut s = Server::new("enable_model_api=true");
+    // A short response timeout, so that a request left waiting fails as a 504 rather than
+    // holding the test for two minutes.
+    let mut s = Server::new("enable_model_api=true\ndefault_response_timeout=15");
     std::fs::write(s.dir.path().join("broken.pt"), b"not a TorchScript file").unwrap();
     let broken = archive(
         &s.store,
@@ -1415,6 +1417,16 @@ fn workers_that_cannot_load_fail_registration_and_ping() {
             (ping.status, ping.json()),
             (500, json!({"status": "Unhealthy"}))
         );
+        // A request for it is answered at once with the reason, not after its response
+        // timeout: no worker can take it.
+        let r = post_json(&s.inference, "/predictions/broken", "[1, 1, 1, 1]");
+        assert_error(
+            &r,
+            503,
+            "ServiceUnavailableException",
+            "Model \"broken\" version 1.0 has no worker that can serve it: loading failed",
+        );
+        assert!(r.text().contains("broken.pt"), "{}", r.text());
         // The other model is untouched.
         assert_eq!(
             floats(&post_json(&s.inference, "/predictions/scale", "[1, 1, 1, 1]").json()),

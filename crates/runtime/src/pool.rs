@@ -38,8 +38,6 @@ pub struct Pool {
     budget: Arc<ThreadBudget>,
     modules: Arc<SharedModules>,
     spawned: AtomicUsize,
-    /// Workers that will take jobs: `workers.len()`, readable without the lock by `submit`.
-    live: AtomicUsize,
 }
 
 static NEXT_WORKER_ID: AtomicUsize = AtomicUsize::new(9000);
@@ -58,35 +56,16 @@ impl Pool {
             budget,
             modules: Arc::default(),
             spawned: AtomicUsize::new(0),
-            live: AtomicUsize::new(0),
         })
     }
 
     /// Queues a job; refuses it when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), QueueFull> {
         self.tx.try_send(job).map_err(|_| QueueFull)?;
-        // A scale to no worker that drained the queue just before this job arrived leaves it
-        // to nobody: answer it (and anything else queued) now. The fences pair with the one in
-        // `scale`: either this sees no worker left, or the scale's drain sees this job.
-        fence(Ordering::SeqCst);
-        if self.live.load(Ordering::SeqCst) == 0 {
-            self.fail_queued();
-        }
+        // The last worker that could serve may have gone (scaled away, or failed) just before
+        // this job arrived, after its own check of the queue: see answer_unserved.
+        answer_unserved(&self.rx, &self.shared, &self.spec);
         Ok(())
-    }
-
-    /// Answers every queued job 503: no worker is left to take it.
-    fn fail_queued(&self) {
-        while let Some(job) = self.rx.try_take() {
-            let _ = job.reply.send((
-                Err(PredictError::Unavailable(format!(
-                    "Model \"{}\" was scaled to no worker while this request waited. \
-                     Please use scale workers API to add workers.",
-                    self.spec.name
-                ))),
-                Default::default(),
-            ));
-        }
     }
 
     /// Requests waiting in the queue.
@@ -167,18 +146,12 @@ impl Pool {
         while workers.len() > n {
             if let Some(h) = workers.pop() {
                 h.stop.store(true, Ordering::Relaxed);
-                lock(&self.shared.states).remove(&h.id);
+                self.shared.remove(h.id);
             }
         }
-        self.live.store(workers.len(), Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        if n == 0 {
-            // No worker will take what is queued: answer it now, as a request arriving now is
-            // answered, rather than when each one's response_timeout runs out. A stopping worker
-            // still answers the batch it holds. Under the lock, so that a scale up cannot start
-            // a worker for jobs this is failing.
-            self.fail_queued();
-        }
+        // Under the lock, so that a scale up cannot start a worker for jobs this is answering.
+        // A stopping worker still answers the batch it holds.
+        answer_unserved(&self.rx, &self.shared, &self.spec);
     }
 
     /// Waits until no worker is starting, or `timeout` passes; returns the number ready.
@@ -236,6 +209,40 @@ impl Pool {
                 let _ = t.join();
             }
         }
+    }
+}
+
+/// Answers every queued job 503 when no worker can take it: the pool was scaled to none, or
+/// every worker failed and waits to retry. Waiting out each request's response_timeout for a
+/// model that cannot load helps nobody; a 503 tells clients and load balancers to go elsewhere.
+///
+/// Called after every change that can leave no worker serving, and after every submit. The
+/// SeqCst fence pairs those two: either the submit sees no worker serving, or the change's
+/// call sees the job in the queue.
+pub(crate) fn answer_unserved(queue: &Taker<Job>, shared: &Shared, spec: &ModelSpec) {
+    fence(Ordering::SeqCst);
+    if shared.serving.load(Ordering::SeqCst) > 0 || queue.is_empty() {
+        return;
+    }
+    let Some(failed) = shared.none_serving() else {
+        return;
+    };
+    let message = match failed {
+        Some(why) => format!(
+            "Model \"{}\" version {} has no worker that can serve it: {why}. Its workers \
+             retry; fix the model or unregister it.",
+            spec.name, spec.version
+        ),
+        None => format!(
+            "Model \"{}\" was scaled to no worker while this request waited. \
+             Please use scale workers API to add workers.",
+            spec.name
+        ),
+    };
+    while let Some(job) = queue.try_take() {
+        let _ = job
+            .reply
+            .send((Err(PredictError::Unavailable(message.clone())), Default::default()));
     }
 }
 
@@ -297,27 +304,74 @@ impl Drop for Pool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn scaling_while_states_are_read_never_deadlocks() {
-        // Workers of a model that does not exist fail to load, which is enough: the test is
-        // about the pool's locks, which scale, describe and /ping take from different threads.
-        let dir = tempfile::tempdir().unwrap();
-        let pool = Pool::new(
+    /// A pool of a model file that does not exist, with no worker yet.
+    fn missing_model(dir: &std::path::Path) -> Arc<Pool> {
+        Pool::new(
             ModelSpec {
                 name: "m".into(),
                 version: "1.0".into(),
-                model_dir: dir.path().to_path_buf(),
+                model_dir: dir.to_path_buf(),
                 serialized_file: "missing.pt".into(),
                 handler: tchserve_mar::handler::builtin("tensor").unwrap(),
                 batch_size: 1,
                 max_batch_delay: Duration::ZERO,
-                job_queue_size: 1,
+                job_queue_size: 4,
                 response_timeout: Duration::from_secs(1),
                 placement: tchserve_backend::Placement::Cpu,
             },
             vec![tch::Device::Cpu],
             ThreadBudget::new(1),
-        );
+        )
+    }
+
+    #[test]
+    fn jobs_no_worker_can_serve_are_answered_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = missing_model(dir.path());
+        let submit = || {
+            let (job, reply) = Job::new(Default::default());
+            pool.submit(job).unwrap();
+            reply
+        };
+        let unavailable = |mut reply: tokio::sync::oneshot::Receiver<_>| match reply.try_recv() {
+            Ok((Err(PredictError::Unavailable(why)), _)) => why,
+            other => panic!("want a 503 now, got {other:?}"),
+        };
+        // States stand in for worker threads, so that the test decides when each one fails.
+        pool.shared.insert(1, WorkerState::Starting);
+        pool.shared.insert(2, WorkerState::Ready);
+        let mut queued = submit();
+        pool.shared.set(1, WorkerState::Failed("loading failed: first".into()));
+        answer_unserved(&pool.rx, &pool.shared, &pool.spec);
+        assert!(queued.try_recv().is_err(), "worker 2 still serves");
+        assert_eq!(pool.queue_len(), 1);
+
+        // The last one fails: what waits is answered with the reason, and so is what comes.
+        pool.shared.set(2, WorkerState::Failed("loading failed: second".into()));
+        answer_unserved(&pool.rx, &pool.shared, &pool.spec);
+        let why = unavailable(queued);
+        assert!(why.contains("\"m\" version 1.0") && why.contains("failed: second"), "{why}");
+        assert_eq!(pool.queue_len(), 0);
+        unavailable(submit());
+
+        // A worker that is loading again takes jobs.
+        pool.shared.set(1, WorkerState::Starting);
+        let mut waiting = submit();
+        assert!(waiting.try_recv().is_err());
+        assert_eq!(pool.queue_len(), 1);
+        // Scaled away (as `scale` does it), nobody is left, and the answer says so.
+        pool.shared.remove(1);
+        pool.shared.remove(2);
+        answer_unserved(&pool.rx, &pool.shared, &pool.spec);
+        assert!(unavailable(waiting).contains("scaled to no worker"));
+    }
+
+    #[test]
+    fn scaling_while_states_are_read_never_deadlocks() {
+        // Workers of a model that does not exist fail to load, which is enough: the test is
+        // about the pool's locks, which scale, describe and /ping take from different threads.
+        let dir = tempfile::tempdir().unwrap();
+        let pool = missing_model(dir.path());
         let done = Arc::new(AtomicBool::new(false));
         let readers: Vec<_> = (0..2)
             .map(|_| {

@@ -52,15 +52,21 @@ pub(crate) struct Shared {
     /// The output tensors' element type and per-example shape, as the workers saw them: what
     /// the typed protocols' metadata reports, since the model alone knows its output type.
     pub(crate) output: Mutex<Option<(DType, Vec<i64>)>>,
+    /// Workers that can take jobs (starting or ready, not failed), kept with `states` so that
+    /// a submit reads it without the lock.
+    pub(crate) serving: AtomicUsize,
 }
 
 impl Shared {
     /// Records a worker's new state; a worker already scaled away stays gone, so stopped
     /// workers never pile up in the map.
     pub(crate) fn set(&self, id: usize, state: WorkerState) {
-        if let Some(s) = lock(&self.states).get_mut(&id) {
+        let mut states = lock(&self.states);
+        if let Some(s) = states.get_mut(&id) {
             *s = state;
         }
+        self.recount(&states);
+        drop(states);
         self.changed.notify_all();
     }
 
@@ -85,8 +91,40 @@ impl Shared {
     }
 
     pub(crate) fn insert(&self, id: usize, state: WorkerState) {
-        lock(&self.states).insert(id, state);
+        let mut states = lock(&self.states);
+        states.insert(id, state);
+        self.recount(&states);
+        drop(states);
         self.changed.notify_all();
+    }
+
+    /// Forgets a worker that was scaled away.
+    pub(crate) fn remove(&self, id: usize) {
+        let mut states = lock(&self.states);
+        states.remove(&id);
+        self.recount(&states);
+    }
+
+    fn recount(&self, states: &BTreeMap<usize, WorkerState>) {
+        let serving = states
+            .values()
+            .filter(|s| !matches!(s, WorkerState::Failed(_)))
+            .count();
+        self.serving.store(serving, Ordering::SeqCst);
+    }
+
+    /// Why no worker can take a job, or None while one can: every worker failed (the last
+    /// reason is given), or there is no worker at all.
+    pub(crate) fn none_serving(&self) -> Option<Option<String>> {
+        let states = lock(&self.states);
+        let mut why = None;
+        for s in states.values() {
+            match s {
+                WorkerState::Failed(w) => why = Some(w.clone()),
+                _ => return None,
+            }
+        }
+        Some(why)
     }
 }
 

@@ -86,6 +86,7 @@ pub(crate) fn run(ctx: Context) {
 fn fail(ctx: &Context, name: &str, failures: &mut usize, why: String) {
     tracing::error!(worker = ctx.id, model = %name, "{why}; restarting");
     ctx.shared.set(ctx.id, WorkerState::Failed(why));
+    crate::pool::answer_unserved(&ctx.queue, &ctx.shared, &ctx.spec);
     let wait = Duration::from_secs(BACKOFF_S[(*failures).min(BACKOFF_S.len() - 1)]);
     *failures += 1;
     let until = Instant::now() + wait;
