@@ -73,7 +73,7 @@ img = Image.new("RGB", (24, 16))
 for x in range(24):
     for y in range(16):
         img.putpixel((x, y), (x * 10, y * 15, (x * y) % 256))
-for fmt in ["JPEG", "PNG", "WEBP", "BMP", "GIF"]:
+for fmt in ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]:
     buf = io.BytesIO()
     img.save(buf, fmt)
     (seeds / "image" / f"small.{fmt.lower()}").write_bytes(b"\x00" + buf.getvalue())

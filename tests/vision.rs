@@ -12,7 +12,7 @@ use common::server::{Server, archive, real_archive, vision_fixtures};
 use common::{detections, worker_threads};
 use serde_json::{Value, json};
 
-const PHOTOS: [&str; 16] = [
+const PHOTOS: [&str; 17] = [
     "chelsea.jpg",
     "chelsea.png",
     "astronaut.jpg",
@@ -25,6 +25,7 @@ const PHOTOS: [&str; 16] = [
     "odd_cat.webp",
     "odd_cat.bmp",
     "odd_cat.gif",
+    "odd_cat.tiff",
     "cat173.jpg",
     "cat173.png",
     "cat999.jpg",

@@ -89,7 +89,7 @@ pub enum Input {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         shape: Option<Vec<i64>>,
     },
-    /// An encoded image (JPEG, PNG, WebP, BMP, GIF), raw or base64, decoded to 8-bit RGB.
+    /// An encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF), raw or base64, decoded to 8-bit RGB.
     Image {
         /// Images with more pixels than this are refused before decoding.
         #[serde(default = "default_max_pixels")]

@@ -106,7 +106,7 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
     match reader.format() {
         None => {
             return Err(bad(
-                "the body is not an image tchserve can decode (JPEG, PNG, WebP, BMP or GIF)",
+                "the body is not an image tchserve can decode (JPEG, PNG, WebP, BMP, GIF or TIFF)",
             ));
         }
         // The JPEG decoder fills a cut-off scan with grey rather than fail; PIL refuses it.
