@@ -878,6 +878,24 @@ fn token_authorization_guards_inference_and_management() {
     let r = predict(Some(&inference));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(floats(&r.json()), [2.0, 4.0, 6.0, 8.0]);
+    // KServe paths are refused in KServe's shape, whether a route serves them or not.
+    for path in [
+        "/v2/models/scale/infer",
+        "/v1/models/scale:predict",
+        // TorchServe's /{model}/{version}/predict route would take it, were it not /v2.
+        "/v2/x/predict",
+    ] {
+        let r = s.infer("POST", path, &[], b"{}");
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert!(
+            r.json()["error"].as_str().unwrap().contains(refused),
+            "{path}: {}",
+            r.text()
+        );
+    }
+    let r = s.infer("POST", "/v2/repository/index", &[], b"{}");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json()["error"].as_str().unwrap().contains(refused), "{}", r.text());
     assert_error(
         &manage("/models", None),
         400,

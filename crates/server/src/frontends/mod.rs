@@ -177,7 +177,7 @@ pub fn inference_router(state: AppState) -> axum::Router {
     if state.tokens.is_some() {
         keyed = keyed.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            inference_key_kserve,
+            inference_key,
         ));
     }
     let router = torchserve::inference::routes(&state)
@@ -385,67 +385,24 @@ pub fn is_kserve_path(path: &str) -> bool {
 
 /// Lets a request through only with the inference key (when token authorization is on).
 pub async fn inference_key(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    require_key(
-        &st,
-        Scope::Inference,
-        req,
-        next,
-        IntoResponse::into_response,
-    )
-    .await
+    require_key(&st, Scope::Inference, req, next).await
 }
 
 /// Lets a request through only with the management key (when token authorization is on).
 pub async fn management_key(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    require_key(
-        &st,
-        Scope::Management,
-        req,
-        next,
-        IntoResponse::into_response,
-    )
-    .await
+    require_key(&st, Scope::Management, req, next).await
 }
 
 /// Runs the request when it carries `scope`'s key (or keys are off); else answers the refusal
-/// in the shape `refuse` writes.
-async fn require_key(
-    st: &AppState,
-    scope: Scope,
-    req: Request,
-    next: Next,
-    refuse: fn(ApiError) -> Response,
-) -> Response {
+/// in the shape of the path's protocol, so that a KServe client can read it even on a path
+/// that no route serves.
+async fn require_key(st: &AppState, scope: Scope, req: Request, next: Next) -> Response {
     if let Some(tokens) = &st.tokens
         && !tokens.allows(scope, authorization(req.headers()))
     {
-        return refuse(ApiError::invalid_key());
+        return error_by_protocol(req.uri().path(), ApiError::invalid_key());
     }
     next.run(req).await
-}
-
-/// As [`inference_key`], refusing in the KServe protocols' shape, `{"error": "..."}`.
-pub async fn inference_key_kserve(
-    State(st): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
-    require_key(&st, Scope::Inference, req, next, |e| {
-        kserve_error_response(&e)
-    })
-    .await
-}
-
-/// As [`management_key`], refusing in the KServe protocols' shape.
-pub async fn management_key_kserve(
-    State(st): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
-    require_key(&st, Scope::Management, req, next, |e| {
-        kserve_error_response(&e)
-    })
-    .await
 }
 
 /// The `Authorization` header's value, when it is text.

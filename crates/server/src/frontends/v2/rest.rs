@@ -14,7 +14,7 @@ use super::tensor::{self, Datatype};
 use super::{InferInput, InferOutput, Inferred, OutputData, RequestedOutput, run_infer};
 use crate::core::{ApiError, ModelMetadata, TensorMeta};
 use crate::frontends::kserve_v1::model_readiness;
-use crate::frontends::{AppState, KServeError, management_key_kserve};
+use crate::frontends::{AppState, KServeError, management_key};
 
 type V2Result = Result<Response, KServeError>;
 
@@ -79,7 +79,7 @@ pub fn repository_routes(state: &AppState) -> Router<AppState> {
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            management_key_kserve,
+            management_key,
         ))
 }
 
