@@ -258,6 +258,13 @@ async fn infer_inner(
             ))
         })?;
         let data = match input.parameters.get("binary_data_size") {
+            // Which of the two is the tensor would be a guess.
+            Some(_) if input.data.is_some() => {
+                return Err(bad(format!(
+                    "input '{}' has both data and binary_data_size: send one",
+                    input.name
+                )));
+            }
             Some(size) => {
                 let n = size.as_u64().ok_or_else(|| {
                     bad(format!(
