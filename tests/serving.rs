@@ -1144,6 +1144,16 @@ fn metrics_count_what_was_sent() {
     ] {
         assert_eq!(post_json(&s.inference, path, v2).status, 200);
     }
+    // A KServe v1 request is one request however many instances it holds, as TorchServe
+    // counts it.
+    let instances = r#"{"instances": [[1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]]}"#;
+    for path in [
+        "/v1/models/scale:predict",
+        "/v1/models/scale/versions/1.0:predict",
+    ] {
+        let r = post_json(&s.inference, path, instances);
+        assert_eq!(r.json()["predictions"].as_array().unwrap().len(), 3, "{}", r.text());
+    }
     let text = s.metrics_text();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap()
@@ -1154,8 +1164,8 @@ fn metrics_count_what_was_sent() {
             "ts_inference_requests_total{{model_name=\"scale\",model_version=\"{v}\",hostname=\"{host}\",}}"
         )
     };
-    assert_eq!(metric(&text, &series("default")), 6.0);
-    assert_eq!(metric(&text, &series("1.0")), 3.0);
+    assert_eq!(metric(&text, &series("default")), 7.0);
+    assert_eq!(metric(&text, &series("1.0")), 4.0);
     assert!(
         metric(
             &text,

@@ -78,11 +78,6 @@ impl Infer {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
-    /// How many requests the version's queue holds: the most items one request may carry.
-    pub fn queue_capacity(&self, name: &str, version: Option<&str>) -> Result<usize, ApiError> {
-        Ok(self.registry.get(name, version)?.job_queue_size)
-    }
-
     /// True when every model's default version has its minimum workers ready: TorchServe's
     /// health, which stays true while the server drains (liveness must not restart it then).
     pub fn server_healthy(&self) -> bool {
@@ -149,6 +144,75 @@ impl Infer {
         let mv = self.registry.get(name, version)?;
         let series = mv.series.get(&self.metrics, name, &mv.version, named);
         series.requests_total.inc();
+        let prediction = self.run(&mv, name, version, named, payload).await?;
+        series
+            .latency_us
+            .inc_by(started.elapsed().as_micros() as u64);
+        Ok(prediction)
+    }
+
+    /// Answers a request of several items (KServe v1 instances, v2 BYTES elements): each item
+    /// is its own job, so the model's batcher batches them like any others, and the request
+    /// counts once in the metrics, as one request. The first failure fails them all, naming
+    /// its item; the others are dropped (their jobs are then skipped by the workers), as they
+    /// are when the client goes away.
+    pub async fn infer_items(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        named: bool,
+        mut payloads: Vec<Payload>,
+    ) -> Result<Vec<Prediction>, ApiError> {
+        if payloads.len() == 1 {
+            let p = payloads.pop().unwrap_or_default();
+            return Ok(vec![self.infer_counted(name, version, named, p).await?]);
+        }
+        let started = Instant::now();
+        let mv = self.registry.get(name, version)?;
+        let series = mv.series.get(&self.metrics, name, &mv.version, named);
+        series.requests_total.inc();
+        let n = payloads.len();
+        // Items past the queue's capacity could never all be queued at once; refusing them here
+        // keeps one request from spawning millions of tasks.
+        let capacity = mv.job_queue_size;
+        if n > capacity {
+            return Err(ApiError::bad_request(format!(
+                "the request holds {n} items, more than model {name}'s job queue ({capacity}); \
+                 send at most {capacity} per request"
+            )));
+        }
+        // Dropping the set aborts its tasks, which drops their reply channels.
+        let mut set = tokio::task::JoinSet::new();
+        for (i, p) in payloads.into_iter().enumerate() {
+            let (infer, mv) = (self.clone(), Arc::clone(&mv));
+            let (name, version) = (name.to_owned(), version.map(str::to_owned));
+            set.spawn(crate::telemetry::in_current_trace(async move {
+                let answer = infer.run(&mv, &name, version.as_deref(), named, p).await;
+                (i, answer)
+            }));
+        }
+        let mut out: Vec<Option<Prediction>> = vec![None; n];
+        while let Some(joined) = set.join_next().await {
+            let (i, answer) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
+            out[i] = Some(answer.map_err(|e| e.prefixed(&format!("item {i}: ")))?);
+        }
+        series
+            .latency_us
+            .inc_by(started.elapsed().as_micros() as u64);
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Runs one job on `mv` and records its queue and handler times; the request it belongs
+    /// to is counted by the caller.
+    async fn run(
+        &self,
+        mv: &ModelVersion,
+        name: &str,
+        version: Option<&str>,
+        named: bool,
+        payload: Payload,
+    ) -> Result<Prediction, ApiError> {
+        let series = mv.series.get(&self.metrics, name, &mv.version, named);
         if mv.pool.worker_count() == 0 {
             let who = match version {
                 Some(v) => format!("Model \"{name}\" Version {v}"),
@@ -197,9 +261,6 @@ impl Infer {
                 self.max_response_size
             )));
         }
-        series
-            .latency_us
-            .inc_by(started.elapsed().as_micros() as u64);
         Ok(prediction)
     }
 }

@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tchserve_backend::job::{Part, Payload, Prediction};
 
-use super::{AppState, KServeError, infer_all};
+use super::{AppState, KServeError};
 use crate::core::ApiError;
 
 /// KServe v1's routes (behind the inference key).
@@ -131,7 +131,7 @@ async fn predict(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let answers =
-        json_bodies(infer_all(&st.infer, name, version, version.is_some(), payloads).await?)?;
+        json_bodies(st.infer.infer_items(name, version, version.is_some(), payloads).await?)?;
     let mut out = Vec::with_capacity(answers.iter().map(|a| a.len() + 1).sum::<usize>() + 20);
     out.extend_from_slice(b"{\"predictions\":[");
     for (i, a) in answers.iter().enumerate() {

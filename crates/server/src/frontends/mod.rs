@@ -20,7 +20,6 @@ use serde_json::{Value, json};
 
 use crate::auth::{Scope, Tokens};
 use crate::config::Config;
-use tchserve_backend::job::{Payload, Prediction};
 
 use crate::core::{ApiError, Infer, Registry};
 use crate::metrics::Metrics;
@@ -120,53 +119,6 @@ impl AppContext {
             s.save().await;
         }
     }
-}
-
-/// Answers several requests to one model at once: each is its own job, so the model's batcher
-/// batches them like any others. The first failure fails them all, and the others are dropped
-/// (their jobs are then skipped by the workers), as they are when the client goes away.
-/// `named`: whether the client named the version, for the metrics (see [`Infer::infer_counted`]).
-pub async fn infer_all(
-    infer: &Infer,
-    name: &str,
-    version: Option<&str>,
-    named: bool,
-    mut payloads: Vec<Payload>,
-) -> Result<Vec<Prediction>, ApiError> {
-    if payloads.len() == 1 {
-        let p = payloads.pop().unwrap_or_default();
-        return Ok(vec![infer.infer_counted(name, version, named, p).await?]);
-    }
-    let n = payloads.len();
-    // Items past the queue's capacity could never all be queued at once; refusing them here
-    // keeps one request from spawning millions of tasks.
-    let capacity = infer.queue_capacity(name, version)?;
-    if n > capacity {
-        return Err(ApiError::bad_request(format!(
-            "the request holds {n} items, more than model {name}'s job queue ({capacity}); \
-             send at most {capacity} per request"
-        )));
-    }
-    // Dropping the set aborts its tasks, which drops their reply channels.
-    let mut set = tokio::task::JoinSet::new();
-    for (i, p) in payloads.into_iter().enumerate() {
-        let infer = infer.clone();
-        let (name, version) = (name.to_owned(), version.map(str::to_owned));
-        set.spawn(crate::telemetry::in_current_trace(async move {
-            (
-                i,
-                infer
-                    .infer_counted(&name, version.as_deref(), named, p)
-                    .await,
-            )
-        }));
-    }
-    let mut out: Vec<Option<Prediction>> = vec![None; n];
-    while let Some(joined) = set.join_next().await {
-        let (i, answer) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
-        out[i] = Some(answer.map_err(|e| e.prefixed(&format!("item {i}: ")))?);
-    }
-    Ok(out.into_iter().flatten().collect())
 }
 
 /// The inference listener: TorchServe's routes, KServe v1 and the Open Inference Protocol v2,

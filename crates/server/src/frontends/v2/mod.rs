@@ -14,7 +14,7 @@ use tchserve_backend::job::{Part, Payload, Prediction};
 
 use crate::core::registry::RegisterParams;
 use crate::core::{ApiError, DataType, Infer, ModelMetadata};
-use crate::frontends::{AppState, infer_all};
+use crate::frontends::AppState;
 use tensor::Datatype;
 
 /// An input's elements as they arrived.
@@ -300,7 +300,7 @@ pub async fn run_infer(
                     ..Payload::default()
                 })
                 .collect();
-            let answers = infer_all(infer, model, version, named, payloads)
+            let answers = infer.infer_items(model, version, named, payloads)
                 .await
                 .map_err(|e| e.prefixed(&format!("input '{name}': ")))?;
             let n = answers.len() as i64;
