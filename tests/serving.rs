@@ -895,7 +895,11 @@ fn token_authorization_guards_inference_and_management() {
     }
     let r = s.infer("POST", "/v2/repository/index", &[], b"{}");
     assert_eq!(r.status, 400, "{}", r.text());
-    assert!(r.json()["error"].as_str().unwrap().contains(refused), "{}", r.text());
+    assert!(
+        r.json()["error"].as_str().unwrap().contains(refused),
+        "{}",
+        r.text()
+    );
     assert_error(
         &manage("/models", None),
         400,
@@ -1152,7 +1156,12 @@ fn metrics_count_what_was_sent() {
         "/v1/models/scale/versions/1.0:predict",
     ] {
         let r = post_json(&s.inference, path, instances);
-        assert_eq!(r.json()["predictions"].as_array().unwrap().len(), 3, "{}", r.text());
+        assert_eq!(
+            r.json()["predictions"].as_array().unwrap().len(),
+            3,
+            "{}",
+            r.text()
+        );
     }
     let text = s.metrics_text();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

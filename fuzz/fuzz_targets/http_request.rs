@@ -10,8 +10,10 @@ use std::time::{Duration, SystemTime};
 use axum::body::Body;
 use axum::http::Request;
 use libfuzzer_sys::fuzz_target;
-use tchserve_backend::job::{Job, Prediction, PredictError, RawTensor, Timings};
-use tchserve_backend::{Backend, LoadError, ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers};
+use tchserve_backend::job::{Job, PredictError, Prediction, RawTensor, Timings};
+use tchserve_backend::{
+    Backend, LoadError, ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers,
+};
 use tchserve_mar::handler::DType;
 use tchserve_server::Config;
 use tchserve_server::core::{Infer, Registry};
@@ -44,7 +46,9 @@ impl Workers for EchoWorkers {
                 data: p.data.to_vec(),
             })),
             Some(p) => Ok(Prediction::Json(
-                serde_json::json!({ "len": p.data.len() }).to_string().into_bytes(),
+                serde_json::json!({ "len": p.data.len() })
+                    .to_string()
+                    .into_bytes(),
             )),
         };
         let _ = job.reply.send((result, Timings::default()));
@@ -181,9 +185,7 @@ fuzz_target!(|data: &[u8]| {
     if binary_len != u16::MAX {
         request = request.header("inference-header-content-length", binary_len.to_string());
     }
-    let request = request
-        .body(Body::from(body.to_vec()))
-        .expect("request");
+    let request = request.body(Body::from(body.to_vec())).expect("request");
     let w = world();
     let (status, bytes) = w.runtime.block_on(async {
         let response = w.router.clone().oneshot(request).await.expect("infallible");

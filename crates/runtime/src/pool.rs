@@ -240,9 +240,10 @@ pub(crate) fn answer_unserved(queue: &Taker<Job>, shared: &Shared, spec: &ModelS
         ),
     };
     while let Some(job) = queue.try_take() {
-        let _ = job
-            .reply
-            .send((Err(PredictError::Unavailable(message.clone())), Default::default()));
+        let _ = job.reply.send((
+            Err(PredictError::Unavailable(message.clone())),
+            Default::default(),
+        ));
     }
 }
 
@@ -341,16 +342,21 @@ mod tests {
         pool.shared.insert(1, WorkerState::Starting);
         pool.shared.insert(2, WorkerState::Ready);
         let mut queued = submit();
-        pool.shared.set(1, WorkerState::Failed("loading failed: first".into()));
+        pool.shared
+            .set(1, WorkerState::Failed("loading failed: first".into()));
         answer_unserved(&pool.rx, &pool.shared, &pool.spec);
         assert!(queued.try_recv().is_err(), "worker 2 still serves");
         assert_eq!(pool.queue_len(), 1);
 
         // The last one fails: what waits is answered with the reason, and so is what comes.
-        pool.shared.set(2, WorkerState::Failed("loading failed: second".into()));
+        pool.shared
+            .set(2, WorkerState::Failed("loading failed: second".into()));
         answer_unserved(&pool.rx, &pool.shared, &pool.spec);
         let why = unavailable(queued);
-        assert!(why.contains("\"m\" version 1.0") && why.contains("failed: second"), "{why}");
+        assert!(
+            why.contains("\"m\" version 1.0") && why.contains("failed: second"),
+            "{why}"
+        );
         assert_eq!(pool.queue_len(), 0);
         unavailable(submit());
 

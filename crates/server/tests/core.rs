@@ -657,7 +657,13 @@ async fn v2_bad_input_is_400_and_names_the_input() {
     // Data in the JSON and in the binary part: which one is the tensor would be a guess.
     let header = json!({"inputs": [{"name": "input0", "datatype": "FP32", "shape": [1],
         "data": [1.0], "parameters": {"binary_data_size": 4}}]});
-    let r = post_binary(h.inference(), "/v2/models/mlp/infer", &header, &2f32.to_le_bytes()).await;
+    let r = post_binary(
+        h.inference(),
+        "/v2/models/mlp/infer",
+        &header,
+        &2f32.to_le_bytes(),
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     let msg = r.json()["error"].as_str().unwrap().to_string();
     assert!(msg.contains("input0") && msg.contains("both"), "{msg}");

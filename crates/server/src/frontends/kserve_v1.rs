@@ -130,8 +130,11 @@ async fn predict(
                 .map_err(|why| ApiError::bad_request(format!("instance {i}: {why}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let answers =
-        json_bodies(st.infer.infer_items(name, version, version.is_some(), payloads).await?)?;
+    let answers = json_bodies(
+        st.infer
+            .infer_items(name, version, version.is_some(), payloads)
+            .await?,
+    )?;
     let mut out = Vec::with_capacity(answers.iter().map(|a| a.len() + 1).sum::<usize>() + 20);
     out.extend_from_slice(b"{\"predictions\":[");
     for (i, a) in answers.iter().enumerate() {

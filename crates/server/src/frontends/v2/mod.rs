@@ -300,7 +300,8 @@ pub async fn run_infer(
                     ..Payload::default()
                 })
                 .collect();
-            let answers = infer.infer_items(model, version, named, payloads)
+            let answers = infer
+                .infer_items(model, version, named, payloads)
                 .await
                 .map_err(|e| e.prefixed(&format!("input '{name}': ")))?;
             let n = answers.len() as i64;
