@@ -144,6 +144,16 @@ fn register_version_rollback_scale_unregister() {
     );
     assert_eq!(d["workers"][0]["status"], "READY");
     assert_eq!(d["jobQueueStatus"]["remainingCapacity"], 100);
+    // customized=true adds what describes the handler: here, its manifest.
+    assert!(d.get("customizedMetadata").is_none(), "{d}");
+    let c = &s.manage("GET", "/models/scale/2.0?customized=true").json()[0];
+    assert_eq!(c["modelVersion"], "2.0");
+    assert_eq!(c["customizedMetadata"]["name"], "vec4", "{c}");
+    assert_eq!(
+        c["customizedMetadata"]["input"],
+        json!({"tensor": {"dtype": "float32", "shape": [4]}}),
+        "{c}"
+    );
 
     let r = s.manage("PUT", "/models/scale/2.0/set-default");
     assert_eq!(
@@ -191,6 +201,15 @@ fn register_version_rollback_scale_unregister() {
         "Workers scaled to 1 for model: scale, version: 2.0"
     );
     assert_eq!(s.manage("PUT", "/models/scale?min_worker=1").status, 202);
+    // With no worker there is nothing to describe the handler, as TorchServe answers.
+    let r = s.manage("PUT", "/models/scale/2.0?min_worker=0&synchronous=true");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_error(
+        &s.manage("GET", "/models/scale/2.0?customized=true"),
+        503,
+        "ServiceUnavailableException",
+        "Model \"scale\" has no worker to serve describe request.",
+    );
     assert_error(
         &s.manage("PUT", "/models/scale?min_worker=3&max_worker=1"),
         400,

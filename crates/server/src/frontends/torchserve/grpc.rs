@@ -209,6 +209,7 @@ impl ManagementApIsService for Management {
             &self.0,
             &r.model_name,
             non_empty(&r.model_version),
+            r.customized,
         ))
     }
 

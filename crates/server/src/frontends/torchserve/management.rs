@@ -349,28 +349,62 @@ fn describe_one(m: &ModelVersion) -> Value {
     })
 }
 
-fn describe_response(st: &AppState, name: &str, version: Option<&str>) -> Response {
-    respond(describe_model(st, name, version))
+fn describe_response(
+    st: &AppState,
+    name: &str,
+    version: Option<&str>,
+    q: &HashMap<String, String>,
+) -> Response {
+    let customized = q
+        .get("customized")
+        .is_some_and(|s| s.eq_ignore_ascii_case("true"));
+    respond(describe_model(st, name, version, customized))
 }
 
-/// Describes a version, the default, or every version (`all`).
-pub fn describe_model(st: &AppState, name: &str, version: Option<&str>) -> Outcome {
+/// Describes a version, the default, or every version (`all`). `customized` adds each
+/// version's `customizedMetadata`: where TorchServe asks the handler's Python code, the handler
+/// here is its manifest, so the manifest is what describes it.
+pub fn describe_model(
+    st: &AppState,
+    name: &str,
+    version: Option<&str>,
+    customized: bool,
+) -> Outcome {
     let models = st.registry.describe(name, version)?;
-    Ok((
-        StatusCode::OK,
-        Value::Array(models.iter().map(|m| describe_one(m)).collect()),
-    ))
+    let mut described = Vec::with_capacity(models.len());
+    for m in &models {
+        let mut one = describe_one(m);
+        if customized {
+            // As TorchServe: the handler's description comes from a worker, so none is a 503.
+            if m.pool.worker_count() == 0 {
+                return Err(ApiError::unavailable(format!(
+                    "Model \"{}\" has no worker to serve describe request. Please use scale \
+                     workers API to add workers.",
+                    m.name
+                )));
+            }
+            one["customizedMetadata"] = serde_json::to_value(&m.manifest)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
+        described.push(one);
+    }
+    Ok((StatusCode::OK, Value::Array(described)))
 }
 
-async fn describe(State(st): State<AppState>, Path(model): Path<String>) -> Response {
-    describe_response(&st, &model, None)
+async fn describe(
+    State(st): State<AppState>,
+    Path(model): Path<String>,
+    Query(q): Params,
+) -> Response {
+    describe_response(&st, &model, None, &q)
 }
 
 async fn describe_version(
     State(st): State<AppState>,
     Path((model, version)): Path<(String, String)>,
+    Query(q): Params,
 ) -> Response {
-    describe_response(&st, &model, Some(&version))
+    describe_response(&st, &model, Some(&version), &q)
 }
 
 async fn scale(
