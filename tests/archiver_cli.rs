@@ -375,3 +375,91 @@ fn validation_messages_are_the_ones_the_docs_quote() {
         );
     }
 }
+
+#[test]
+fn empty_values_count_as_not_given() {
+    // Scripts pass "$REQUIREMENTS" and the like with the variable unset; argparse reads an
+    // empty value as no value, and an empty --export-path as the current folder.
+    let dir = setup();
+    let out = archiver(
+        dir.path(),
+        &[
+            "--model-name",
+            "m",
+            "-v",
+            "1.0",
+            "--serialized-file",
+            "m.pt",
+            "--handler",
+            "tensor",
+            "-r",
+            "",
+            "-c",
+            "",
+            "--model-file",
+            "",
+            "--extra-files",
+            "",
+            "--export-path",
+            "",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mar = tchserve_mar::Archive::open(&dir.path().join("m.mar")).unwrap();
+    let model = &mar.manifest().model;
+    assert_eq!(
+        (&model.requirements_file, &model.config_file, &model.model_file),
+        (&None, &None, &None)
+    );
+}
+
+#[test]
+fn a_folder_given_as_a_file_is_named_as_one() {
+    let dir = setup();
+    let out = archiver(
+        dir.path(),
+        &[
+            "--model-name",
+            "m",
+            "-v",
+            "1.0",
+            "--serialized-file",
+            "out",
+            "--handler",
+            "tensor",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--serialized-file: out is a folder, not a file"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn torchserve_handlers_tchserve_lacks_are_packed_with_a_warning() {
+    let dir = setup();
+    for (handler, more) in [
+        ("dali_image_classifier", &[][..]),
+        ("vllm_handler", &[][..]),
+        ("TorchScriptHandler", &["--runtime", "LSP"][..]),
+    ] {
+        let mut a = args(handler, more);
+        a.push("-f");
+        let out = archiver(dir.path(), &a);
+        assert!(out.status.success(), "{handler}: {}", stderr(&out));
+        let e = stderr(&out);
+        assert!(
+            e.contains(&format!("warning: handler {handler} is built into TorchServe"))
+                && e.contains("image_classifier, "),
+            "{handler}: {e}"
+        );
+    }
+    // The ones tchserve serves pack without that warning.
+    for handler in ["image_classifier", "base_handler", "tensor"] {
+        let out = archiver(dir.path(), &args(handler, &["-f"]));
+        assert!(out.status.success(), "{handler}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("built into TorchServe"), "{handler}: {}", stderr(&out));
+    }
+}

@@ -45,26 +45,34 @@ fn make_inputs(dir: &Path) {
         b"minWorkers: 1\nmaxWorkers: 2\nbatchSize: 4\nmaxBatchDelay: 20\nhandler:\n  topk: 2\n",
     );
     w("requirements.txt", b"numpy\n");
+    // A script shipped with the model keeps its executable bit.
+    w("extra/bin/run.sh", b"#!/bin/sh\necho hi\n");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.join("extra/bin/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
     w(
         "my_handler.py",
         b"def handle(data, context):\n    return data\n",
     );
 }
 
+/// The same flags for both archivers, written as scripts write them for argparse: a flag
+/// shortened, a flag given twice (the last wins), empty items in a list.
 fn archiver_args(format: &str, export: &Path, handler: &str) -> Vec<String> {
     [
         "--model-name",
         "compat",
         "--version",
+        "0.1",
+        "--version",
         "2.5",
-        "--serialized-file",
+        "--serialized",
         "model.pt",
         "--model-file",
         "net.py",
         "--handler",
         handler,
         "--extra-files",
-        "index_to_name.json,extra,assets/*.txt",
+        "index_to_name.json,,extra,assets/*.txt,",
         "--config-file",
         "model-config.yaml",
         "--requirements-file",
@@ -77,6 +85,38 @@ fn archiver_args(format: &str, export: &Path, handler: &str) -> Vec<String> {
     .map(|s| s.to_string())
     .chain([export.to_string_lossy().into_owned()])
     .collect()
+}
+
+/// The entries that may be executed, by their stored names.
+fn executables(path: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut names: Vec<String> = if path.is_dir() {
+        files_below(path)
+            .into_iter()
+            .filter(|n| fs::metadata(path.join(n)).unwrap().permissions().mode() & 0o111 != 0)
+            .collect()
+    } else if path.to_string_lossy().ends_with(".tar.gz") {
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(File::open(path).unwrap()));
+        tar.entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.header().mode().unwrap() & 0o111 != 0)
+            .filter(|e| e.header().entry_type().is_file())
+            .map(|e| e.path().unwrap().to_string_lossy().into_owned())
+            .collect()
+    } else {
+        let mut zip = zip::ZipArchive::new(File::open(path).unwrap()).unwrap();
+        let mut exec = Vec::new();
+        for i in 0..zip.len() {
+            let f = zip.by_index(i).unwrap();
+            if f.unix_mode().unwrap_or(0) & 0o111 != 0 && !f.is_dir() {
+                exec.push(f.name().unwrap().to_string());
+            }
+        }
+        exec
+    };
+    names.sort();
+    names
 }
 
 /// Raw entry names as stored (tar names keep their `<model>/` prefix).
@@ -150,6 +190,10 @@ fn compare_format(format: &str, handler: &str) {
         raw_entries(&real_path),
         "{ctx}: entry names"
     );
+
+    let exec = executables(&our_path);
+    assert_eq!(exec, executables(&real_path), "{ctx}: executable entries");
+    assert!(exec.iter().any(|n| n.ends_with("bin/run.sh")), "{ctx}: {exec:?}");
 
     let real = Archive::open(&real_path)
         .unwrap_or_else(|e| panic!("{ctx}: reading the real archive: {e}"));

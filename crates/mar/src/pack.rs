@@ -156,6 +156,12 @@ impl PackRequest {
                         flag: &'static str,
                         path: &Path|
          -> Result<()> {
+            if path.is_dir() {
+                return Err(input_error(
+                    flag,
+                    format!("{} is a folder, not a file", path.display()),
+                ));
+            }
             if !path.is_file() {
                 return Err(input_error(
                     flag,
@@ -177,6 +183,14 @@ impl PackRequest {
         }
         let handler_kind = self.handler_kind();
         match handler_kind {
+            HandlerKind::Builtin if !self.served_builtin() => warnings.push(format!(
+                "handler {} is built into TorchServe, and tchserve has no handler of that name: \
+                 the archive works in TorchServe only. To serve it with tchserve, use one of \
+                 tchserve's built-in handlers ({}) or a handler manifest (.json); see \
+                 docs/handlers.md.",
+                self.handler,
+                builtin_names().join(", ")
+            )),
             HandlerKind::Builtin => {}
             HandlerKind::Manifest => {
                 let path = Path::new(&self.handler);
@@ -189,15 +203,13 @@ impl PackRequest {
                 let path = self.handler_code_path();
                 if !Path::new(&path).is_file() && !self.handler.contains(['/', '.', ':']) {
                     // A bare word that is not a file is most likely a built-in's name mistyped.
-                    let names: Vec<&str> =
-                        handler::BUILTIN_HANDLERS.iter().map(|(n, _)| *n).collect();
                     return Err(input_error(
                         "--handler",
                         format!(
                             "{} is not a built-in handler ({}, or TorchServe's base_handler) and \
                              there is no handler file {path}",
                             self.handler,
-                            names.join(", ")
+                            builtin_names().join(", ")
                         ),
                     ));
                 }
@@ -205,7 +217,9 @@ impl PackRequest {
             }
         }
         if let Some(list) = &self.extra_files {
-            for item in list.split(',') {
+            // An empty item (`--extra-files ""`, a trailing comma) names nothing, as the real
+            // archiver reads it.
+            for item in list.split(',').filter(|i| !i.is_empty()) {
                 add_extra(item, &mut files, &mut warnings)?;
             }
         }
@@ -261,6 +275,11 @@ impl PackRequest {
         }
     }
 
+    /// Whether a built-in handler name is one tchserve serves (TorchServe has a few more).
+    fn served_builtin(&self) -> bool {
+        self.runtime != RuntimeType::Lsp && handler::builtin(&self.handler).is_some()
+    }
+
     /// The file a code handler is packed from: `path.py:fn` -> `path.py`; a bare `x` -> `x.py`
     /// (`x.so` for the LSP runtime), as the real archiver does.
     fn handler_code_path(&self) -> String {
@@ -272,6 +291,11 @@ impl PackRequest {
             _ => format!("{file}.py"),
         }
     }
+}
+
+/// tchserve's built-in handler names.
+fn builtin_names() -> Vec<&'static str> {
+    handler::BUILTIN_HANDLERS.iter().map(|(n, _)| *n).collect()
 }
 
 /// Adds one `--extra-files` item: a file goes to the root; a directory's contents are merged
@@ -410,11 +434,11 @@ impl Plan {
             source: io::Error::other(e),
         };
         for (name, src) in &self.files {
-            let size = fs::metadata(src).at(src)?.len();
+            let meta = fs::metadata(src).at(src)?;
             let options = SimpleFileOptions::default()
                 .compression_method(method)
-                .unix_permissions(0o644)
-                .large_file(size >= u32::MAX as u64);
+                .unix_permissions(entry_mode(&meta))
+                .large_file(meta.len() >= u32::MAX as u64);
             zip.start_file(name.as_str(), options).map_err(zip_err)?;
             copy_with_progress(src, &mut zip, progress)?;
         }
@@ -437,7 +461,7 @@ impl Plan {
             let meta = fs::metadata(src).at(src)?;
             let mut header = tar::Header::new_gnu();
             header.set_size(meta.len());
-            header.set_mode(0o644);
+            header.set_mode(entry_mode(&meta));
             header.set_mtime(mtime(&meta));
             header.set_entry_type(tar::EntryType::Regular);
             let reader = ProgressReader {
@@ -473,11 +497,26 @@ impl Plan {
             }
             let mut out = File::create(&target).at(&target)?;
             copy_with_progress(src, &mut out, progress)?;
+            let mode = entry_mode(&fs::metadata(src).at(src)?);
+            fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .at(&target)?;
             finish_file(out, &target)?;
         }
         let manifest = dest.join(MANIFEST_PATH);
         fs::create_dir_all(dest.join("MAR-INF")).at(dest)?;
         fs::write(&manifest, self.manifest.to_json()).at(manifest)
+    }
+}
+
+/// An entry's permissions: 0755 when the source may be executed by anyone (a script, a shared
+/// library), else 0644. Keeping the executable bit matters to what runs from the archive;
+/// keeping the rest (a private 0600, say) would only make files unreadable to the server's user.
+fn entry_mode(meta: &fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    if meta.permissions().mode() & 0o111 != 0 {
+        0o755
+    } else {
+        0o644
     }
 }
 

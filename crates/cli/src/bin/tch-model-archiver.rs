@@ -1,6 +1,7 @@
 //! `tch-model-archiver`: packs a model into a `.mar` archive, flag for flag like
 //! torch-model-archiver.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +16,11 @@ use tchserve_mar::{ArchiveFormat, HandlerKind, PackRequest, RuntimeType};
 #[command(
     name = "tch-model-archiver",
     disable_version_flag = true,
+    // As argparse: a long flag may be shortened while it stays unambiguous (--model-n), and a
+    // flag given twice takes its last value, so wrapper scripts written for
+    // torch-model-archiver run unchanged.
+    infer_long_args = true,
+    args_override_self = true,
     after_help = "Examples:\n  tch-model-archiver --model-name digits -v 1.0 --serialized-file digits.pt \\\n      --handler tensor --export-path model-store\n  tch-model-archiver --model-name resnet18 -v 2.0 --serialized-file resnet18.pt \\\n      --handler image_classifier --extra-files index_to_name.json"
 )]
 struct Args {
@@ -27,12 +33,12 @@ struct Args {
     /// The model's weights: a TorchScript file (.pt) for tchserve; TorchServe also takes an
     /// eager-mode state_dict (.pth) with --model-file, or .onnx.
     #[arg(long, value_name = "SERIALIZED_FILE")]
-    serialized_file: Option<PathBuf>,
+    serialized_file: Option<OsString>,
 
     /// Python file defining the model class, for TorchServe's eager mode (tchserve serves
     /// TorchScript and ignores it).
     #[arg(long, value_name = "MODEL_FILE")]
-    model_file: Option<PathBuf>,
+    model_file: Option<OsString>,
 
     /// A built-in handler (tensor, image_classifier, image_segmenter, object_detector,
     /// text_classifier, text_embedding, or TorchServe's base_handler), a handler manifest
@@ -42,7 +48,7 @@ struct Args {
     handler: String,
 
     /// Comma-separated files or folders to add; wildcards allowed. A file lands at the
-    /// archive root; a folder's contents are merged into the root.
+    /// archive root; a folder's contents are merged into the root. Empty items are skipped.
     #[arg(long, value_name = "EXTRA_FILES")]
     extra_files: Option<String>,
 
@@ -52,7 +58,7 @@ struct Args {
 
     /// Folder the archive is written to (created when missing). Default: the current folder.
     #[arg(long, value_name = "EXPORT_PATH")]
-    export_path: Option<PathBuf>,
+    export_path: Option<OsString>,
 
     /// Output layout. default: <model-name>.mar, deflated zip. zip-store: .mar without
     /// compression (fastest to write and to load). tgz: <model-name>.tar.gz. no-archive: a
@@ -70,12 +76,12 @@ struct Args {
 
     /// A pip requirements file, packed for TorchServe (tchserve does not install Python packages).
     #[arg(short = 'r', long, value_name = "REQUIREMENTS_FILE")]
-    requirements_file: Option<PathBuf>,
+    requirements_file: Option<OsString>,
 
     /// A model-config.yaml with serving settings (batchSize, maxBatchDelay, minWorkers, ...) and
     /// a handler: section.
     #[arg(short = 'c', long, value_name = "CONFIG_FILE")]
-    config_file: Option<PathBuf>,
+    config_file: Option<OsString>,
 }
 
 /// Archives at least this large get a progress bar on a terminal.
@@ -92,23 +98,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// A path flag's value; an empty one counts as not given, as torch-model-archiver reads it
+/// (scripts pass `-r "$REQUIREMENTS"` with the variable unset).
+fn given(value: Option<OsString>) -> Option<PathBuf> {
+    value.filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let request = PackRequest {
         model_name: args.model_name,
         version: args.version,
-        serialized_file: args.serialized_file,
-        model_file: args.model_file,
+        serialized_file: given(args.serialized_file),
+        model_file: given(args.model_file),
         handler: args.handler,
         extra_files: args.extra_files,
         runtime: RuntimeType::parse(&args.runtime).unwrap_or_default(),
-        export_path: match args.export_path {
+        export_path: match given(args.export_path) {
             Some(p) => p,
             None => std::env::current_dir()?,
         },
         format: ArchiveFormat::parse(&args.archive_format).unwrap_or(ArchiveFormat::Default),
         force: args.force,
-        requirements_file: args.requirements_file,
-        config_file: args.config_file,
+        requirements_file: given(args.requirements_file),
+        config_file: given(args.config_file),
     };
     let plan = request.plan()?;
     for w in &plan.warnings {
