@@ -408,7 +408,11 @@ fn empty_values_count_as_not_given() {
     let mar = tchserve_mar::Archive::open(&dir.path().join("m.mar")).unwrap();
     let model = &mar.manifest().model;
     assert_eq!(
-        (&model.requirements_file, &model.config_file, &model.model_file),
+        (
+            &model.requirements_file,
+            &model.config_file,
+            &model.model_file
+        ),
         (&None, &None, &None)
     );
 }
@@ -451,8 +455,9 @@ fn torchserve_handlers_tchserve_lacks_are_packed_with_a_warning() {
         assert!(out.status.success(), "{handler}: {}", stderr(&out));
         let e = stderr(&out);
         assert!(
-            e.contains(&format!("warning: handler {handler} is built into TorchServe"))
-                && e.contains("image_classifier, "),
+            e.contains(&format!(
+                "warning: handler {handler} is built into TorchServe"
+            )) && e.contains("image_classifier, "),
             "{handler}: {e}"
         );
     }
@@ -460,6 +465,10 @@ fn torchserve_handlers_tchserve_lacks_are_packed_with_a_warning() {
     for handler in ["image_classifier", "base_handler", "tensor"] {
         let out = archiver(dir.path(), &args(handler, &["-f"]));
         assert!(out.status.success(), "{handler}: {}", stderr(&out));
-        assert!(!stderr(&out).contains("built into TorchServe"), "{handler}: {}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("built into TorchServe"),
+            "{handler}: {}",
+            stderr(&out)
+        );
     }
 }

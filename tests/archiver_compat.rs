@@ -48,7 +48,11 @@ fn make_inputs(dir: &Path) {
     // A script shipped with the model keeps its executable bit.
     w("extra/bin/run.sh", b"#!/bin/sh\necho hi\n");
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(dir.join("extra/bin/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(
+        dir.join("extra/bin/run.sh"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     w(
         "my_handler.py",
         b"def handle(data, context):\n    return data\n",
@@ -193,7 +197,10 @@ fn compare_format(format: &str, handler: &str) {
 
     let exec = executables(&our_path);
     assert_eq!(exec, executables(&real_path), "{ctx}: executable entries");
-    assert!(exec.iter().any(|n| n.ends_with("bin/run.sh")), "{ctx}: {exec:?}");
+    assert!(
+        exec.iter().any(|n| n.ends_with("bin/run.sh")),
+        "{ctx}: {exec:?}"
+    );
 
     let real = Archive::open(&real_path)
         .unwrap_or_else(|e| panic!("{ctx}: reading the real archive: {e}"));

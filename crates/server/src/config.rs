@@ -322,16 +322,16 @@ impl Default for Config {
     }
 }
 
-/// Parses Java `.properties` text: `key=value` or `key: value`, `#`/`!` comments, `\` line
-/// continuations and escapes.
+/// Parses Java `.properties` text as `java.util.Properties` reads it: `key=value`,
+/// `key: value` or `key value`; `#`/`!` comments; `\` line continuations; `\t`, `\n`, `\r`,
+/// `\f` and `\uXXXX` escapes. The last of duplicate keys wins.
 pub fn parse_properties(text: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let mut logical = String::new();
+    let mut pending = false;
     for line in text.lines() {
-        let trimmed = line.trim_start();
-        if logical.is_empty()
-            && (trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with('!'))
-        {
+        let trimmed = line.trim_start_matches(is_properties_space);
+        if !pending && (trimmed.is_empty() || trimmed.starts_with(['#', '!'])) {
             continue;
         }
         let continued = trimmed.chars().rev().take_while(|&c| c == '\\').count() % 2 == 1;
@@ -340,16 +340,45 @@ pub fn parse_properties(text: &str) -> BTreeMap<String, String> {
         } else {
             trimmed
         });
-        if continued {
-            continue;
+        pending = continued;
+        if !continued {
+            let (key, value) = key_and_value(&std::mem::take(&mut logical));
+            out.insert(key, value);
         }
-        let line = std::mem::take(&mut logical);
-        let split = line.find(['=', ':']).unwrap_or(line.len());
-        let key = unescape(line[..split].trim());
-        let value = unescape(line.get(split + 1..).unwrap_or("").trim_start());
+    }
+    // A continuation on the last line continues into nothing; the line still counts.
+    if pending {
+        let (key, value) = key_and_value(&logical);
         out.insert(key, value);
     }
     out
+}
+
+/// The whitespace `.properties` skips: space, tab and form feed.
+fn is_properties_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\u{c}')
+}
+
+/// Splits a logical line: the key ends at the first unescaped `=`, `:` or whitespace, and the
+/// value starts after that separator and the whitespace around it.
+fn key_and_value(line: &str) -> (String, String) {
+    let mut key_end = line.len();
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == '=' || c == ':' || is_properties_space(c) {
+            key_end = i;
+            break;
+        }
+    }
+    let mut rest = line[key_end..].trim_start_matches(is_properties_space);
+    if let Some(after) = rest.strip_prefix(['=', ':']) {
+        rest = after.trim_start_matches(is_properties_space);
+    }
+    (unescape(&line[..key_end]), unescape(rest))
 }
 
 fn unescape(s: &str) -> String {
@@ -364,6 +393,19 @@ fn unescape(s: &str) -> String {
             Some('n') => out.push('\n'),
             Some('t') => out.push('\t'),
             Some('r') => out.push('\r'),
+            Some('f') => out.push('\u{c}'),
+            Some('u') => {
+                let hex: String = chars.clone().take(4).collect();
+                match u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
+                    Some(decoded) if hex.len() == 4 => {
+                        out.push(decoded);
+                        chars.nth(3);
+                    }
+                    // Java refuses a malformed \u escape; keeping the text shows the user what
+                    // was written when the value is then refused.
+                    _ => out.push_str("\\u"),
+                }
+            }
             Some(other) => out.push(other),
             None => {}
         }
@@ -371,12 +413,17 @@ fn unescape(s: &str) -> String {
     out
 }
 
-/// Reads and parses a `config.properties` file.
+/// Reads and parses a `config.properties` file: UTF-8, or ISO-8859-1 (what Java reads
+/// `.properties` files as) when it is not valid UTF-8.
 pub fn read_properties(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => e.into_bytes().iter().map(|&b| char::from(b)).collect(),
+    };
     Ok(parse_properties(&text))
 }
 
@@ -740,6 +787,29 @@ mod tests {
         assert_eq!(p["c"], "xy");
         assert_eq!(p["d"], "tab\tend");
         assert_eq!(p["e"], "5 ");
+        // Java's other forms: whitespace as the separator, a separator escaped into the key,
+        // \u escapes, and a continuation on the last line.
+        let p = parse_properties(
+            "inference_address http://127.0.0.1:1\nx\\:y = 1\nt=\\u0039\\u0030\nbad=\\u00zz\nlast=a\\",
+        );
+        assert_eq!(p["inference_address"], "http://127.0.0.1:1");
+        assert_eq!(p["x:y"], "1");
+        assert_eq!(p["t"], "90");
+        assert_eq!(p["bad"], "\\u00zz");
+        assert_eq!(p["last"], "a");
+        assert_eq!(p.len(), 5, "{p:?}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_utf8_is_read_as_latin1() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.properties");
+        std::fs::write(&path, b"# caf\xe9\njob_queue_size=7\nname=caf\xe9\n").unwrap();
+        let p = read_properties(&path).unwrap();
+        assert_eq!(
+            (p["job_queue_size"].as_str(), p["name"].as_str()),
+            ("7", "caf\u{e9}")
+        );
     }
 
     #[test]

@@ -383,8 +383,8 @@ pub fn describe_model(
                     m.name
                 )));
             }
-            one["customizedMetadata"] = serde_json::to_value(&m.manifest)
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+            one["customizedMetadata"] =
+                serde_json::to_value(&m.manifest).map_err(|e| ApiError::internal(e.to_string()))?;
         }
         described.push(one);
     }
