@@ -1256,6 +1256,78 @@ fn unix_socket_listener() {
     s.start(&["--models", &format!("scale={v1}")]);
     let r = s.manage("GET", "/models");
     assert_eq!(r.json()["models"][0]["modelName"], "scale");
+
+    // A second server told to use the same socket refuses to start, rather than take the
+    // socket from the running one.
+    let mut other = Server::new("");
+    other.management = s.management.clone();
+    let mut child = other
+        .command()
+        .arg("--foreground")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the second server started on a socket in use");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("another process is listening"), "{err}");
+    let r = s.manage("GET", "/models");
+    assert_eq!(r.json()["models"][0]["modelName"], "scale", "still answering");
+}
+
+#[test]
+fn inference_and_management_can_share_one_address() {
+    let (mut s, v1, v2) = scale_server("enable_model_api=true");
+    s.management = s.inference.clone();
+    s.start(&["--models", &format!("scale={v1}")]);
+    let on_the_one = |method: &str, path: &str| s.infer(method, path, &[], b"");
+    assert_eq!(on_the_one("GET", "/ping").json(), json!({"status": "Healthy"}));
+    assert_eq!(
+        on_the_one("GET", "/models").json()["models"][0]["modelName"],
+        "scale"
+    );
+    let r = on_the_one("POST", &format!("/models?url={v2}&initial_workers=1"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(on_the_one("GET", "/models/scale/2.0").json()[0]["modelVersion"], "2.0");
+    assert_eq!(
+        floats(&post_json(&s.inference, "/predictions/scale/2.0", "[1, 1, 1, 1]").json()),
+        [3.0; 4]
+    );
+    // A model's invoke route is inference's, though it lies under /models.
+    assert_eq!(
+        floats(&post_json(&s.inference, "/models/scale/invoke", "[1, 1, 1, 1]").json()),
+        [2.0; 4]
+    );
+    assert_error(
+        &on_the_one("GET", "/nowhere"),
+        404,
+        "ResourceNotFoundException",
+        "",
+    );
+    assert!(s.metrics_text().contains("ts_inference_requests_total"));
+    assert!(s.stop().success());
+
+    // Metrics cannot share it.
+    s.metrics = s.inference.clone();
+    let out = run(s.command().arg("--foreground"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("metrics_address") && err.contains("metrics need a listener of their own"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -679,6 +679,7 @@ impl Config {
             }
         }
         cfg.check_tls()?;
+        cfg.check_listeners()?;
         Ok(cfg)
     }
 
@@ -710,6 +711,27 @@ impl Config {
                     },
                     reason: format!(
                         "TLS needs {name} (PEM); tchserve makes no self-signed certificate"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Inference and management may share an address (one listener answers both, as in
+    /// TorchServe); the metrics listener needs its own.
+    fn check_listeners(&self) -> Result<(), ConfigError> {
+        for (key, other) in [
+            ("inference_address", &self.inference_address),
+            ("management_address", &self.management_address),
+        ] {
+            if self.metrics_address == *other {
+                return Err(ConfigError::Value {
+                    key: "metrics_address".into(),
+                    value: self.metrics_address.to_string(),
+                    reason: format!(
+                        "it is also {key}; metrics need a listener of their own (inference and \
+                         management may share one)"
                     ),
                 });
             }

@@ -253,12 +253,16 @@ pub async fn run(
 
     // Bound only now, and before the key file is written: a start on taken ports fails here
     // and touches nothing the server that holds them owns (its key file above all).
+    // One listener for inference and management when they share an address, as TorchServe
+    // serves them.
+    let shared = config.inference_address == config.management_address;
+    let mut addresses = vec![&config.inference_address];
+    if !shared {
+        addresses.push(&config.management_address);
+    }
+    addresses.push(&config.metrics_address);
     let mut bound = Vec::new();
-    for address in [
-        &config.inference_address,
-        &config.management_address,
-        &config.metrics_address,
-    ] {
+    for address in addresses {
         bound.push(bind(address, identity.as_ref()).await?);
     }
     let mut grpc_bound = Vec::new();
@@ -289,11 +293,15 @@ pub async fn run(
             .unwrap_or_else(|| listener::default_max_connections(open_files)),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let routers = [
-        frontends::inference_router(state.clone()),
-        frontends::torchserve::management::router(state.clone()),
-        frontends::metrics::router(state.clone()),
-    ];
+    let mut routers = if shared {
+        vec![frontends::inference_and_management_router(state.clone())]
+    } else {
+        vec![
+            frontends::inference_router(state.clone()),
+            frontends::torchserve::management::router(state.clone()),
+        ]
+    };
+    routers.push(frontends::metrics::router(state.clone()));
     let mut servers: Vec<_> = bound
         .into_iter()
         .zip(routers)
@@ -543,6 +551,14 @@ async fn bind(
                 use std::os::unix::fs::FileTypeExt;
                 m.file_type().is_socket()
             }) {
+                // A socket someone answers on belongs to a running server; one nobody answers
+                // on was left by a server that died, and goes.
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(bind_err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another process is listening on this socket",
+                    )));
+                }
                 let _ = std::fs::remove_file(path);
             }
             Bound::Unix(tokio::net::UnixListener::bind(path).map_err(bind_err)?)

@@ -144,6 +144,34 @@ pub fn inference_router(state: AppState) -> axum::Router {
     with_listener_layers(router, state)
 }
 
+/// Inference and management on one listener, as TorchServe serves them when their addresses
+/// are the same: management's paths (`/models...` but a model's `invoke`, and `/token`) go to
+/// the management routes, everything else to the inference routes.
+pub fn inference_and_management_router(state: AppState) -> axum::Router {
+    use tower::ServiceExt;
+    let inference = inference_router(state.clone());
+    let management = torchserve::management::router(state);
+    axum::Router::new().fallback_service(tower::service_fn(move |req: Request| {
+        let routes = if is_management_path(req.uri().path()) {
+            management.clone()
+        } else {
+            inference.clone()
+        };
+        routes.oneshot(req)
+    }))
+}
+
+/// Whether a path on a shared listener is the management API's.
+fn is_management_path(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match segments.as_slice() {
+        ["token"] => true,
+        ["models", _, "invoke"] => false,
+        ["models", ..] => true,
+        _ => false,
+    }
+}
+
 /// What every route of the inference and management listeners goes through: the body read
 /// within its limits and timeout, then TorchServe's headers, the status count and the access
 /// log. One layer for all of it: each layer costs every request a boxed future.
@@ -481,6 +509,32 @@ pub fn openapi(title_suffix: &str, paths: &[(&str, &[&str], &str)]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_listener_sends_management_paths_to_management() {
+        for path in [
+            "/models",
+            "/models/",
+            "/models/m",
+            "/models/m/1.0",
+            "/models/m/1.0/set-default",
+            "/token",
+        ] {
+            assert!(is_management_path(path), "{path}");
+        }
+        for path in [
+            "/models/m/invoke",
+            "/predictions/m",
+            "/ping",
+            "/",
+            "/v1/models/m",
+            "/v2/models/m/infer",
+            "/modelsx",
+            "/api-description",
+        ] {
+            assert!(!is_management_path(path), "{path}");
+        }
+    }
 
     #[test]
     fn trailing_slashes_go_before_routing() {
