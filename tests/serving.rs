@@ -1284,7 +1284,11 @@ fn unix_socket_listener() {
     assert!(!status.success());
     assert!(err.contains("another process is listening"), "{err}");
     let r = s.manage("GET", "/models");
-    assert_eq!(r.json()["models"][0]["modelName"], "scale", "still answering");
+    assert_eq!(
+        r.json()["models"][0]["modelName"],
+        "scale",
+        "still answering"
+    );
 }
 
 #[test]
@@ -1293,14 +1297,20 @@ fn inference_and_management_can_share_one_address() {
     s.management = s.inference.clone();
     s.start(&["--models", &format!("scale={v1}")]);
     let on_the_one = |method: &str, path: &str| s.infer(method, path, &[], b"");
-    assert_eq!(on_the_one("GET", "/ping").json(), json!({"status": "Healthy"}));
+    assert_eq!(
+        on_the_one("GET", "/ping").json(),
+        json!({"status": "Healthy"})
+    );
     assert_eq!(
         on_the_one("GET", "/models").json()["models"][0]["modelName"],
         "scale"
     );
     let r = on_the_one("POST", &format!("/models?url={v2}&initial_workers=1"));
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(on_the_one("GET", "/models/scale/2.0").json()[0]["modelVersion"], "2.0");
+    assert_eq!(
+        on_the_one("GET", "/models/scale/2.0").json()[0]["modelVersion"],
+        "2.0"
+    );
     assert_eq!(
         floats(&post_json(&s.inference, "/predictions/scale/2.0", "[1, 1, 1, 1]").json()),
         [3.0; 4]
@@ -1719,4 +1729,56 @@ fn a_small_model_never_starts_an_openmp_team() {
         1,
         "the MLP's worker started threads of its own"
     );
+}
+
+#[test]
+fn cors_headers_when_configured_and_metrics_api_off() {
+    let (mut s, v1, _) = scale_server(
+        "cors_allowed_origin=https://app.example\ncors_allowed_methods=GET, POST, OPTIONS\n\
+         cors_allowed_headers=Content-Type, Authorization\nenable_metrics_api=false",
+    );
+    s.start(&["--models", &format!("scale={v1}")]);
+    // A browser's preflight is answered yes, with what is allowed, on any route.
+    let r = s.infer(
+        "OPTIONS",
+        "/predictions/scale",
+        &[
+            ("Origin", "https://app.example"),
+            ("Access-Control-Request-Method", "POST"),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        r.header("access-control-allow-methods"),
+        Some("GET, POST, OPTIONS")
+    );
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("Content-Type, Authorization")
+    );
+    // Every answer carries the origin, errors too.
+    let r = post_json(&s.inference, "/predictions/scale", "[1, 1, 1, 1]");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let r = s.manage("GET", "/models/nope");
+    assert_eq!(r.status, 404);
+    assert!(r.header("access-control-allow-origin").is_some());
+    // OPTIONS / without a preflight's header is still the API description.
+    assert!(s.infer("OPTIONS", "/", &[], b"").json()["openapi"].is_string());
+    // No metrics listener.
+    assert!(std::net::TcpStream::connect(&s.metrics).is_err());
+    assert!(s.log().contains("configuration read from"), "{}", s.log());
+
+    // Without the keys, no CORS header.
+    let (mut plain, v1, _) = scale_server("");
+    plain.start(&["--models", &format!("scale={v1}")]);
+    let r = post_json(&plain.inference, "/predictions/scale", "[1, 1, 1, 1]");
+    assert!(r.header("access-control-allow-origin").is_none());
 }

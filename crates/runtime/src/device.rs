@@ -15,6 +15,19 @@ pub enum DevicePolicy {
     Auto,
     /// The CPU only; CUDA is never loaded.
     CpuOnly,
+    /// At most this many GPUs, the first ones (TorchServe's `number_of_gpu`).
+    AtMost(usize),
+}
+
+impl DevicePolicy {
+    /// The policy `number_of_gpu` asks for: 0 is the CPU only, unset is every GPU.
+    pub fn from_number_of_gpu(n: Option<usize>) -> Self {
+        match n {
+            None => DevicePolicy::Auto,
+            Some(0) => DevicePolicy::CpuOnly,
+            Some(n) => DevicePolicy::AtMost(n),
+        }
+    }
 }
 
 /// What the process found when it looked for GPUs.
@@ -39,7 +52,7 @@ fn probe(policy: DevicePolicy) -> CudaStatus {
         reason: Some(reason),
     };
     if policy == DevicePolicy::CpuOnly {
-        return none("GPUs disabled by configuration".into());
+        return none("GPUs turned off by the configuration (number_of_gpu=0)".into());
     }
     // The driver library is tiny to open; its absence means no GPU and no reason to pay for
     // libtorch_cuda.
@@ -50,11 +63,14 @@ fn probe(policy: DevicePolicy) -> CudaStatus {
     if let Err(e) = dlopen("libtorch_cuda.so", libc::RTLD_NOW | libc::RTLD_GLOBAL) {
         return none(format!("libtorch_cuda.so could not be loaded: {e}"));
     }
-    let devices = if tch::Cuda::is_available() {
+    let mut devices = if tch::Cuda::is_available() {
         usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
     } else {
         0
     };
+    if let DevicePolicy::AtMost(n) = policy {
+        devices = devices.min(n);
+    }
     if devices == 0 {
         return none("the NVIDIA driver reports no usable device".into());
     }

@@ -56,7 +56,9 @@ impl Address {
             },
         };
         let port = match port {
-            Some(p) => p.parse().map_err(|_| bad("the port is not a number"))?,
+            Some(p) => p
+                .parse()
+                .map_err(|_| bad("expected a port number, 0 to 65535"))?,
             None if tls => 443,
             None => 80,
         };
@@ -217,12 +219,44 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// `log_format`: `json` for one JSON object per log line, else text.
     pub json_logs: bool,
+    /// `number_of_gpu`: the most GPUs to use (the first ones); 0 serves on the CPU only.
+    pub number_of_gpu: Option<usize>,
+    /// `enable_metrics_api`: whether the metrics listener is served.
+    pub enable_metrics_api: bool,
+    /// `cors_allowed_origin`, `cors_allowed_methods`, `cors_allowed_headers`: the CORS headers
+    /// every response carries, each only when set.
+    pub cors: Cors,
+    /// The file the settings were read from, if any.
+    pub source: Option<PathBuf>,
     /// Keys that were present but are not used by tchserve.
     pub ignored_keys: Vec<String>,
 }
 
+/// The CORS response headers, as TorchServe's `cors_allowed_*` keys set them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cors {
+    /// `Access-Control-Allow-Origin`.
+    pub origin: Option<String>,
+    /// `Access-Control-Allow-Methods`.
+    pub methods: Option<String>,
+    /// `Access-Control-Allow-Headers`.
+    pub headers: Option<String>,
+}
+
+impl Cors {
+    /// Whether any CORS header is configured.
+    pub fn is_on(&self) -> bool {
+        self.origin.is_some() || self.methods.is_some() || self.headers.is_some()
+    }
+}
+
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
-const ENV_KEYS: [&str; 36] = [
+const ENV_KEYS: [&str; 41] = [
+    "number_of_gpu",
+    "enable_metrics_api",
+    "cors_allowed_origin",
+    "cors_allowed_methods",
+    "cors_allowed_headers",
     "grpc_inference_address",
     "grpc_inference_port",
     "grpc_management_address",
@@ -317,6 +351,10 @@ impl Default for Config {
             version_policies: BTreeMap::new(),
             otlp_endpoint: None,
             json_logs: false,
+            number_of_gpu: None,
+            enable_metrics_api: true,
+            cors: Cors::default(),
+            source: None,
             ignored_keys: Vec::new(),
         }
     }
@@ -454,10 +492,13 @@ impl Config {
         let envvars = props
             .get("enable_envvars_config")
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        // Keys whose value came from the environment: a bad one names its variable.
+        let mut from_env = std::collections::BTreeSet::new();
         if envvars {
             for key in ENV_KEYS {
                 if let Some(v) = env(&format!("TS_{}", key.to_ascii_uppercase())) {
                     props.insert(key.to_string(), v);
+                    from_env.insert(key.to_string());
                 }
             }
         }
@@ -471,8 +512,15 @@ impl Config {
             props.insert("allowed_urls".into(), v);
         }
         props.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+        from_env.retain(|k| !overrides.contains_key(k));
         let mut cfg = Config::default();
-        for (key, raw) in &props {
+        for (name, raw) in &props {
+            let key = if from_env.contains(name) {
+                format!("{name} (from TS_{})", name.to_ascii_uppercase())
+            } else {
+                name.clone()
+            };
+            let key = &key;
             let value = substitute_env(key, raw, env)?;
             let value = value.trim();
             let bad = |reason: &str| ConfigError::Value {
@@ -496,7 +544,7 @@ impl Config {
                 "false" => Ok(false),
                 _ => Err(bad("expected true or false")),
             };
-            match key.as_str() {
+            match name.as_str() {
                 "inference_address" => cfg.inference_address = Address::parse(key, value)?,
                 "management_address" => cfg.management_address = Address::parse(key, value)?,
                 "metrics_address" => cfg.metrics_address = Address::parse(key, value)?,
@@ -545,7 +593,7 @@ impl Config {
                         unit: " s",
                     };
                     let d = Duration::from_secs(bounded(&b)?);
-                    match key.as_str() {
+                    match name.as_str() {
                         "header_read_timeout" => cfg.header_read_timeout = d,
                         "body_read_timeout" => cfg.body_read_timeout = d,
                         _ => cfg.keep_alive_timeout = d,
@@ -567,7 +615,7 @@ impl Config {
                         .trim_start_matches('[')
                         .trim_end_matches(']')
                         .to_string();
-                    match key.as_str() {
+                    match name.as_str() {
                         "grpc_inference_address" => cfg.grpc_inference.0 = host,
                         _ => cfg.grpc_management.0 = host,
                     }
@@ -576,7 +624,7 @@ impl Config {
                     let port = value
                         .parse::<u16>()
                         .map_err(|_| bad("expected a port number, 0 to 65535"))?;
-                    match key.as_str() {
+                    match name.as_str() {
                         "grpc_inference_port" => cfg.grpc_inference.1 = port,
                         _ => cfg.grpc_management.1 = port,
                     }
@@ -669,13 +717,27 @@ impl Config {
                         _ => return Err(bad("use json or text")),
                     };
                 }
+                "number_of_gpu" => cfg.number_of_gpu = Some(int()? as usize),
+                "enable_metrics_api" => cfg.enable_metrics_api = boolean()?,
+                "cors_allowed_origin" | "cors_allowed_methods" | "cors_allowed_headers" => {
+                    // Checked here, so that every response can carry it.
+                    if axum::http::HeaderValue::from_str(value).is_err() {
+                        return Err(bad("not a valid HTTP header value"));
+                    }
+                    let v = (!value.is_empty()).then(|| value.to_string());
+                    match name.as_str() {
+                        "cors_allowed_origin" => cfg.cors.origin = v,
+                        "cors_allowed_methods" => cfg.cors.methods = v,
+                        _ => cfg.cors.headers = v,
+                    }
+                }
                 k if k.starts_with("model_version_policy.") => {
                     let model = &k["model_version_policy.".len()..];
                     let policy = VersionPolicy::parse(value).map_err(|e| bad(&e))?;
                     cfg.version_policies.insert(model.to_string(), policy);
                 }
                 k if QUIET_KEYS.contains(&k) => {}
-                _ => cfg.ignored_keys.push(key.clone()),
+                _ => cfg.ignored_keys.push(name.clone()),
             }
         }
         cfg.check_tls()?;
@@ -721,6 +783,9 @@ impl Config {
     /// Inference and management may share an address (one listener answers both, as in
     /// TorchServe); the metrics listener needs its own.
     fn check_listeners(&self) -> Result<(), ConfigError> {
+        if !self.enable_metrics_api {
+            return Ok(());
+        }
         for (key, other) in [
             ("inference_address", &self.inference_address),
             ("management_address", &self.management_address),
@@ -883,6 +948,12 @@ mod tests {
         let e = Config::from_properties(&parse_properties("inference_address=ftp://x\n"), &no_env)
             .unwrap_err();
         assert!(e.to_string().contains("inference_address"), "{e}");
+        let e = Config::from_properties(
+            &parse_properties("inference_address=http://127.0.0.1:99999\n"),
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("expected a port number"), "{e}");
         let e = Config::from_properties(&parse_properties("model_store=$$NOPE$$\n"), &no_env)
             .unwrap_err();
         assert!(e.to_string().contains("NOPE is not set"), "{e}");
@@ -924,6 +995,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(on.job_queue_size, 42);
+        // A bad value names the variable it came from.
+        let env = |k: &str| (k == "TS_JOB_QUEUE_SIZE").then(|| "abc".to_string());
+        let e = Config::from_properties(&parse_properties("enable_envvars_config=true\n"), &env)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("config key job_queue_size (from TS_JOB_QUEUE_SIZE): bad value"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gpus_metrics_and_cors_keys() {
+        let cfg = Config::from_properties(
+            &parse_properties(
+                "number_of_gpu=0\nenable_metrics_api=false\ncors_allowed_origin=*\n\
+                 cors_allowed_methods=GET, POST\nmetrics_address=http://127.0.0.1:8080\n",
+            ),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(cfg.number_of_gpu, Some(0));
+        assert!(!cfg.enable_metrics_api);
+        assert_eq!(
+            cfg.cors,
+            Cors {
+                origin: Some("*".into()),
+                methods: Some("GET, POST".into()),
+                headers: None
+            }
+        );
+        assert!(cfg.ignored_keys.is_empty(), "{:?}", cfg.ignored_keys);
+        let defaults = Config::from_properties(&BTreeMap::new(), &no_env).unwrap();
+        assert!(defaults.enable_metrics_api && !defaults.cors.is_on());
+        assert_eq!(defaults.number_of_gpu, None);
+        // A served metrics listener needs an address of its own.
+        let e = Config::from_properties(
+            &parse_properties("metrics_address=http://127.0.0.1:8080\n"),
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("also inference_address"), "{e}");
+        let e =
+            Config::from_properties(&parse_properties("cors_allowed_origin=a\u{1}b\n"), &no_env)
+                .unwrap_err();
+        assert!(e.to_string().contains("cors_allowed_origin"), "{e}");
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub async fn run(
 ) -> Result<Stopped, ServerError> {
     let started = Instant::now();
     let config = Arc::new(opts.config);
+    match &config.source {
+        Some(file) => tracing::info!("configuration read from {}", file.display()),
+        None => tracing::info!("no configuration file; defaults and the command line"),
+    }
     for key in &config.ignored_keys {
         tracing::warn!("config key {key} is not used by tchserve");
     }
@@ -260,7 +264,9 @@ pub async fn run(
     if !shared {
         addresses.push(&config.management_address);
     }
-    addresses.push(&config.metrics_address);
+    if config.enable_metrics_api {
+        addresses.push(&config.metrics_address);
+    }
     let mut bound = Vec::new();
     for address in addresses {
         bound.push(bind(address, identity.as_ref()).await?);
@@ -301,7 +307,9 @@ pub async fn run(
             frontends::torchserve::management::router(state.clone()),
         ]
     };
-    routers.push(frontends::metrics::router(state.clone()));
+    if config.enable_metrics_api {
+        routers.push(frontends::metrics::router(state.clone()));
+    }
     let mut servers: Vec<_> = bound
         .into_iter()
         .zip(routers)

@@ -17,7 +17,8 @@ use tchserve_server::{Config, Options, Stopped};
 #[command(
     name = "tchserve",
     version,
-    about,
+    // As argparse: a flag given twice is no error (wrapper scripts append flags).
+    args_override_self = true,
     after_help = "Examples:\n  tchserve --start --model-store model-store --models all\n  tchserve --foreground --model-store model-store --models digits=digits.mar\n  tchserve --stop"
 )]
 pub struct Args {
@@ -104,9 +105,15 @@ fn main() -> ExitCode {
         control::status(&log_dir(&args))
     } else if args.start && !args.foreground {
         note_ignored_models(&args);
-        // The configuration is checked here, so a bad key fails before anything starts.
+        // The configuration is checked here, so a bad key fails before anything starts, and
+        // what the server will only log is said where the user is looking.
         load_config(&args)
-            .and_then(|_| control::start(&log_dir(&args)))
+            .and_then(|config| {
+                for key in &config.ignored_keys {
+                    eprintln!("tchserve: warning: config key {key} is not used by tchserve");
+                }
+                control::start(&log_dir(&args))
+            })
             .map(|()| true)
     } else if args.foreground || args.start {
         note_ignored_models(&args);
@@ -156,6 +163,7 @@ fn log_dir(args: &Args) -> PathBuf {
 fn load_config(args: &Args) -> anyhow::Result<Config> {
     let env = |k: &str| std::env::var(k).ok();
     let file = std::env::var_os("TS_CONFIG_FILE")
+        .filter(|f| !f.is_empty())
         .map(PathBuf::from)
         .or_else(|| args.ts_config.clone())
         .or_else(|| {
@@ -175,6 +183,7 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
         overrides.insert(key.trim().to_string(), value.trim().to_string());
     }
     let mut cfg = Config::layered(&props, &overrides, &env)?;
+    cfg.source = file;
     if let Some(store) = &args.model_store {
         cfg.model_store = Some(store.clone());
     }
@@ -194,7 +203,12 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     if let Some(store) = &cfg.model_store
         && !store.is_dir()
     {
-        bail!("--model-store {}: not a directory", store.display());
+        let named_by = if args.model_store.is_some() {
+            "--model-store"
+        } else {
+            "config key model_store:"
+        };
+        bail!("{named_by} {}: not a directory", store.display());
     }
     Ok(cfg)
 }
@@ -257,7 +271,10 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     // The GPU probe may load libtorch's CUDA half: before the listeners, off the async threads.
-    let backend = TorchBackend::new(DevicePolicy::Auto, config.cpu_threads);
+    let backend = TorchBackend::new(
+        DevicePolicy::from_number_of_gpu(config.number_of_gpu),
+        config.cpu_threads,
+    );
     match &backend.cuda().reason {
         None => tracing::info!(gpus = backend.cuda().devices, "CUDA available"),
         Some(why) => tracing::info!("serving on CPU: {why}"),

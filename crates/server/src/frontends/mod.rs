@@ -190,9 +190,19 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let started = std::time::Instant::now();
-    let mut resp = match buffered(&st, req).await {
-        Ok(req) => next.run(req).await,
-        Err(refused) => error_by_protocol(&path, refused),
+    let cors = &st.config.cors;
+    // A browser asks before a cross-origin request; with CORS configured, the answer is yes
+    // on every path, and the headers below say what is allowed.
+    let preflight = cors.is_on()
+        && method == axum::http::Method::OPTIONS
+        && req.headers().contains_key("access-control-request-method");
+    let mut resp = if preflight {
+        StatusCode::OK.into_response()
+    } else {
+        match buffered(&st, req).await {
+            Ok(req) => next.run(req).await,
+            Err(refused) => error_by_protocol(&path, refused),
+        }
     };
     let id = uuid::Uuid::new_v4().to_string();
     let h = resp.headers_mut();
@@ -208,6 +218,16 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
         "expires",
         HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 UTC"),
     );
+    for (name, value) in [
+        ("access-control-allow-origin", &cors.origin),
+        ("access-control-allow-methods", &cors.methods),
+        ("access-control-allow-headers", &cors.headers),
+    ] {
+        // The configuration checked each value.
+        if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            h.insert(name, v);
+        }
+    }
     let status = resp.status().as_u16();
     st.metrics.count_status(status);
     log_access(&AccessEntry {
