@@ -119,21 +119,46 @@ pub enum ConfigError {
 #[serde(rename_all = "camelCase")]
 pub struct ModelDefaults {
     /// minWorkers.
+    #[serde(default, deserialize_with = "number_or_numeric_text")]
     pub min_workers: Option<i64>,
     /// maxWorkers.
+    #[serde(default, deserialize_with = "number_or_numeric_text")]
     pub max_workers: Option<i64>,
     /// batchSize.
+    #[serde(default, deserialize_with = "number_or_numeric_text")]
     pub batch_size: Option<i64>,
     /// maxBatchDelay (ms).
+    #[serde(default, deserialize_with = "number_or_numeric_text")]
     pub max_batch_delay: Option<i64>,
     /// responseTimeout (s).
+    #[serde(default, deserialize_with = "number_or_numeric_text")]
     pub response_timeout: Option<i64>,
     /// startupTimeout (s).
+    #[serde(default, deserialize_with = "number_or_numeric_text")]
     pub startup_timeout: Option<i64>,
     /// defaultVersion.
     pub default_version: Option<bool>,
     /// marName.
     pub mar_name: Option<String>,
+}
+
+/// An integer written as a number or as text (`"4"`), as TorchServe's JSON reader takes both.
+fn number_or_numeric_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Int {
+        Number(i64),
+        Text(String),
+    }
+    match <Option<Int> as serde::Deserialize>::deserialize(d)? {
+        None => Ok(None),
+        Some(Int::Number(n)) => Ok(Some(n)),
+        Some(Int::Text(t)) => t
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("expected an integer, found {t:?}"))),
+    }
 }
 
 /// The server's settings.
@@ -742,6 +767,7 @@ impl Config {
         }
         cfg.check_tls()?;
         cfg.check_listeners()?;
+        cfg.check_workers()?;
         Ok(cfg)
     }
 
@@ -775,6 +801,33 @@ impl Config {
                         "TLS needs {name} (PEM); tchserve makes no self-signed certificate"
                     ),
                 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Worker counts above `max_workers_per_model` would be refused model by model at start;
+    /// say so once, naming the key that asks for them.
+    fn check_workers(&self) -> Result<(), ConfigError> {
+        let max = self.max_workers_per_model;
+        let too_many = |key: String, value: String| ConfigError::Value {
+            key,
+            value,
+            reason: format!("more workers than max_workers_per_model ({max})"),
+        };
+        if let Some(n) = self.default_workers_per_model.filter(|n| *n > max) {
+            return Err(too_many("default_workers_per_model".into(), n.to_string()));
+        }
+        for (model, versions) in &self.models {
+            for (version, d) in versions {
+                for (field, n) in [("minWorkers", d.min_workers), ("maxWorkers", d.max_workers)] {
+                    if let Some(n) = n.filter(|n| *n > 0 && *n as u64 > max as u64) {
+                        return Err(too_many(
+                            format!("models ({model} {version} {field})"),
+                            n.to_string(),
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -914,6 +967,23 @@ mod tests {
         assert!(cfg.enable_model_api);
         assert_eq!(cfg.default_response_timeout, Duration::from_secs(9));
         assert_eq!(cfg.models["a"]["1.0"].batch_size, Some(4));
+        // Numbers written as text are numbers, as TorchServe reads them.
+        let texty = Config::from_properties(
+            &parse_properties("models={\"a\": {\"1.0\": {\"batchSize\": \"8\"}}}\n"),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(texty.models["a"]["1.0"].batch_size, Some(8));
+        let e = Config::from_properties(
+            &parse_properties("models={\"a\": {\"1.0\": {\"batchSize\": \"many\"}}}\n"),
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("expected an integer, found \"many\""),
+            "{e}"
+        );
         assert_eq!(cfg.ignored_keys, ["something_new"]);
     }
 
@@ -1037,6 +1107,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("also inference_address"), "{e}");
+        for text in [
+            "default_workers_per_model=100000\n",
+            "models={\"m\": {\"1.0\": {\"minWorkers\": 5000}}}\n",
+        ] {
+            let e = Config::from_properties(&parse_properties(text), &no_env).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("more workers than max_workers_per_model (128)"),
+                "{e}"
+            );
+        }
         let e =
             Config::from_properties(&parse_properties("cors_allowed_origin=a\u{1}b\n"), &no_env)
                 .unwrap_err();

@@ -17,8 +17,10 @@ use tokio_rustls::server::TlsStream;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file cannot be read.
-    #[error("{}: {source}", path.display())]
+    #[error("{key} {}: {source}", path.display())]
     Read {
+        /// The configuration key that names it.
+        key: &'static str,
         /// The file.
         path: PathBuf,
         /// Why.
@@ -64,13 +66,17 @@ pub struct Identity {
 impl Identity {
     /// Reads and checks `certificate_file` and `private_key_file`.
     pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
-        let read = |path: &Path| {
+        let read = |key, path: &Path| {
             std::fs::read(path).map_err(|source| TlsError::Read {
+                key,
                 path: path.to_path_buf(),
                 source,
             })
         };
-        let (cert_pem, key_pem) = (read(cert_file)?, read(key_file)?);
+        let (cert_pem, key_pem) = (
+            read("certificate_file", cert_file)?,
+            read("private_key_file", key_file)?,
+        );
         let certs = CertificateDer::pem_slice_iter(&cert_pem)
             .collect::<Result<Vec<_>, _>>()
             .and_then(|c| {
@@ -173,7 +179,10 @@ mod tests {
         let e = Identity::load(&dir.join("missing.pem"), &key)
             .expect_err("missing")
             .to_string();
-        assert!(e.contains("missing.pem"), "{e}");
+        assert!(
+            e.starts_with("certificate_file ") && e.contains("missing.pem"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
