@@ -405,7 +405,7 @@ fn empty_values_count_as_not_given() {
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let mar = tchserve_mar::Archive::open(&dir.path().join("m.mar")).unwrap();
+    let mar = tchserve_mar::Archive::open(dir.path().join("m.mar")).unwrap();
     let model = &mar.manifest().model;
     assert_eq!(
         (
