@@ -472,3 +472,31 @@ fn torchserve_handlers_tchserve_lacks_are_packed_with_a_warning() {
         );
     }
 }
+
+#[test]
+fn files_a_handler_manifest_names_are_expected_in_the_archive() {
+    let dir = setup();
+    fs::write(
+        dir.path().join("cls.json"),
+        r#"{"schema": 1, "name": "cls", "input": {"tensor": {"dtype": "float32", "shape": [4]}},
+            "model": {"feed": "stacked"}, "postprocess": [{"softmax": {"dim": 1}}],
+            "output": {"classes": {"top_k": 2, "labels": "index_to_name.json"}}}"#,
+    )
+    .unwrap();
+    let out = archiver(dir.path(), &args("cls.json", &[]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "warning: the handler manifest names index_to_name.json, which is not in the archive"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    fs::write(dir.path().join("index_to_name.json"), r#"{"0": "a"}"#).unwrap();
+    let out = archiver(
+        dir.path(),
+        &args("cls.json", &["-f", "--extra-files", "index_to_name.json"]),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("not in the archive"), "{}", stderr(&out));
+}

@@ -1782,3 +1782,41 @@ fn cors_headers_when_configured_and_metrics_api_off() {
     let r = post_json(&plain.inference, "/predictions/scale", "[1, 1, 1, 1]");
     assert!(r.header("access-control-allow-origin").is_none());
 }
+
+#[test]
+fn handlers_whose_output_stages_do_not_fit_the_model_fail_registration() {
+    // The output stages run on a request of zeros at load: a mistake in them is a failed
+    // registration that says why, not a 500 on every request.
+    let mut s = Server::new("enable_model_api=true");
+    s.start(&[]);
+    let cases = [
+        (
+            "over_the_batch",
+            "argmax.pt",
+            r#""model": {"feed": "stacked"}, "postprocess": [{"softmax": {"dim": -1}}]"#,
+            "softmax over axis -1 of the model's 1-dimensional output is over the batch",
+        ),
+        (
+            "no_tuple",
+            "scale2.pt",
+            r#""model": {"feed": "stacked", "output": {"index": 1}}"#,
+            "model.output index 1 needs a tuple or list output; the model gave a tensor",
+        ),
+    ];
+    for (name, model, stages, why) in cases {
+        let handler = s.dir.path().join(format!("{name}.json"));
+        std::fs::write(
+            &handler,
+            format!(
+                r#"{{"schema": 1, "name": "{name}",
+                    "input": {{"tensor": {{"dtype": "float32", "shape": [4]}}}},
+                    {stages}, "output": {{"tensor": {{}}}}}}"#
+            ),
+        )
+        .unwrap();
+        let mar = archive(&s.store, name, "1.0", &fixtures().join(model), &handler, &[]);
+        let r = register(&s, &format!("url={mar}&initial_workers=1"));
+        assert_error(&r, 500, "InternalServerException", why);
+        assert!(r.text().contains("a request of zeros"), "{}", r.text());
+    }
+}

@@ -355,10 +355,16 @@ impl HandlerManifest {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let manifest: HandlerManifest = serde_path_to_error::deserialize(de).map_err(|e| {
             let at = e.path().to_string();
+            let mut reason = e.into_inner().to_string();
+            // `"sigmoid"` for `{"sigmoid": {}}`: serde's words for it name its own types.
+            if reason.contains("unit variant, expected struct variant") {
+                let stage = at.rsplit('.').next().unwrap_or("stage");
+                reason = format!("a stage is an object: write {{\"{stage}\": {{}}}}");
+            }
             MarError::Handler {
                 file: file.into(),
                 at: if at == "." { "(top level)".into() } else { at },
-                reason: e.into_inner().to_string(),
+                reason,
             }
         })?;
         manifest
@@ -500,10 +506,11 @@ impl HandlerManifest {
                     if !to_tensor_seen {
                         return fail(&at("normalize"), "must come after to_tensor");
                     }
-                    if mean.is_empty() || mean.len() != std.len() {
+                    if !matches!(mean.len(), 1 | 3) || mean.len() != std.len() {
                         return fail(
                             &at("normalize"),
-                            "mean and std need one value per channel, as many of each",
+                            "mean and std need one value for every channel or one per RGB \
+                             channel (3), as many of each",
                         );
                     }
                     if let Some(j) = std.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
@@ -540,7 +547,31 @@ impl HandlerManifest {
         {
             return fail("model.output.key", "must not be empty");
         }
+        if self.model.feed == Feed::List {
+            // Each example's result is answered as the model gives it.
+            if !self.postprocess.is_empty() {
+                return fail(
+                    "postprocess",
+                    "a model fed a list answers each example's result as it is; postprocess \
+                     stages need model.feed `stacked`",
+                );
+            }
+            if !matches!(self.output, Output::Tensor {} | Output::Detections { .. }) {
+                return fail(
+                    "output",
+                    "a model fed a list answers `tensor` or `detections`; the other outputs \
+                     need model.feed `stacked`",
+                );
+            }
+        }
         for (i, stage) in self.postprocess.iter().enumerate() {
+            if let Postprocess::Softmax { dim: 0 } = stage {
+                return fail(
+                    &format!("postprocess[{i}].softmax.dim"),
+                    "0 is the batch axis, whose rows are different requests: use 1 for the \
+                     classes of an [N, C] output, or -1 for the last axis",
+                );
+            }
             if matches!(stage, Postprocess::MeanPool {}) && self.model.feed != Feed::Tokens {
                 return fail(
                     &format!("postprocess[{i}].mean_pool"),
@@ -702,6 +733,11 @@ mod tests {
         );
         let e = err(&CLASSIFIER.replace(r#""feed": "stacked""#, r#""feed": 3"#));
         assert!(e.contains("model.feed"), "{e}");
+        let e = err(&CLASSIFIER.replace(r#"{"softmax": {"dim": 1}}"#, r#""sigmoid""#));
+        assert!(
+            e.contains(r#"postprocess[0].sigmoid: a stage is an object: write {"sigmoid": {}}"#),
+            "{e}"
+        );
         let e = err(
             r#"{"schema": 1, "name": "x", "model": {"feed": "stacked"}, "output": {"tensor": {}}}"#,
         );
@@ -728,11 +764,25 @@ mod tests {
                 "output.classes.labels",
             ),
             (r#""schema": 1"#, r#""schema": 2"#, "schema"),
+            // The batch axis would mix the requests of one batch.
+            (r#""dim": 1"#, r#""dim": 0"#, "postprocess[0].softmax.dim"),
+            // Two values for three channels would be cycled over them.
+            (
+                r#""mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]"#,
+                r#""mean": [0.5, 0.5], "std": [0.2, 0.2]"#,
+                "preprocess[3].normalize",
+            ),
+            // A model fed a list answers per example: no stacked postprocessing.
+            (r#""feed": "stacked""#, r#""feed": "list""#, "postprocess"),
         ];
         for (from, to, at) in cases {
             let e = err(&CLASSIFIER.replace(from, to));
             assert!(e.contains(&format!(": {at}: ")), "{at}: {e}");
         }
+        let listed = CLASSIFIER
+            .replace(r#""postprocess": [{"softmax": {"dim": 1}}],"#, "")
+            .replace(r#""feed": "stacked""#, r#""feed": "list""#);
+        assert!(err(&listed).contains(": output: a model fed a list answers `tensor`"));
         let no_fixed_size = CLASSIFIER.replace(r#"{"center_crop": {"size": 224}}, "#, "");
         assert!(err(&no_fixed_size).contains("model.feed: stacking images needs a fixed size"));
         let reordered = CLASSIFIER.replace(

@@ -182,6 +182,7 @@ impl PackRequest {
             add_flat(&mut files, "--serialized-file", p)?;
         }
         let handler_kind = self.handler_kind();
+        let mut manifest_files = Vec::new();
         match handler_kind {
             HandlerKind::Builtin if !self.served_builtin() => warnings.push(format!(
                 "handler {} is built into TorchServe, and tchserve has no handler of that name: \
@@ -196,7 +197,12 @@ impl PackRequest {
                 let path = Path::new(&self.handler);
                 let bytes = fs::read(path)
                     .map_err(|e| input_error("--handler", format!("{}: {e}", path.display())))?;
-                HandlerManifest::parse(base_name(&self.handler), &bytes)?;
+                let manifest = HandlerManifest::parse(base_name(&self.handler), &bytes)?;
+                manifest_files = manifest
+                    .referenced_files()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
                 add_flat(&mut files, "--handler", path)?;
             }
             HandlerKind::Code => {
@@ -235,6 +241,13 @@ impl PackRequest {
         }
         // A manifest under MAR-INF would be shadowed by the one written last.
         files.remove(MANIFEST_PATH);
+        for name in manifest_files.iter().filter(|n| !files.contains_key(n.as_str())) {
+            warnings.push(format!(
+                "the handler manifest names {name}, which is not in the archive: add it with \
+                 --extra-files (a missing label file means classes are reported by index; a \
+                 missing tokenizer fails the registration)"
+            ));
+        }
 
         let path_name = |p: &Option<PathBuf>| {
             p.as_ref()

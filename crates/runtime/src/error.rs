@@ -28,6 +28,15 @@ pub enum RuntimeError {
         /// Why.
         message: String,
     },
+    /// The handler cannot answer a request with what the model gives: found at load by
+    /// answering a request of zeros.
+    #[error("{file}: a request of zeros, answered at load, failed: {message}")]
+    Handler {
+        /// The serialized file.
+        file: String,
+        /// Why.
+        message: String,
+    },
     /// The thread that runs a GPU model's forwards could not be started.
     #[error("starting the forward thread for {file}: {source}")]
     Thread {

@@ -177,6 +177,16 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
             }
         }
     }
+    // Answer one request before serving, so that a handler whose output stages do not fit the
+    // model fails its registration rather than every request.
+    if let Some(probe) = pipeline.probe_request() {
+        pipeline
+            .run_batch(&module, ctx.device, &[&probe])
+            .map_err(|e| crate::RuntimeError::Handler {
+                file: ctx.spec.serialized_file.clone(),
+                message: e.to_string(),
+            })?;
+    }
     // The typed protocols' metadata can name the output's type before the first request.
     if let Some(t) = last_output.and_then(|o| pipeline.warmup_output(o)) {
         ctx.shared.saw_output(&t);

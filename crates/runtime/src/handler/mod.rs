@@ -187,6 +187,27 @@ impl Pipeline {
         })
     }
 
+    /// A request of one example of zeros, for a handler whose input has a fixed shape and whose
+    /// model takes a stacked batch. Answering it at load runs the output's selection, the
+    /// postprocess stages and the answer's writing, whose mistakes (an index past a tuple, a
+    /// softmax axis the output lacks) would otherwise fail every request. `None` for other
+    /// handlers.
+    pub fn probe_request(&self) -> Option<Decoded> {
+        let Input::Tensor {
+            dtype,
+            shape: Some(shape),
+        } = &self.input
+        else {
+            return None;
+        };
+        if self.feed != Feed::Stacked || shape.iter().any(|d| *d <= 0) {
+            return None;
+        }
+        let dims: Vec<i64> = std::iter::once(1).chain(shape.iter().copied()).collect();
+        let zeros = Tensor::zeros(&dims, (tensor_input::kind_of(*dtype), Device::Cpu));
+        Some(Decoded::owned(zeros, 1, Wrap::Single))
+    }
+
     /// Whether the answers are the output tensor itself, whose type the typed protocols'
     /// metadata describes (other handlers answer labels, boxes or masks as JSON).
     pub fn answers_tensor(&self) -> bool {
@@ -476,7 +497,19 @@ impl Pipeline {
     fn postprocess(&self, mut t: Tensor, mask: Option<&Tensor>) -> Result<Tensor, PredictError> {
         for op in &self.post {
             t = match op {
-                Postprocess::Softmax { dim } => t.f_softmax(*dim, Kind::Float),
+                Postprocess::Softmax { dim } => {
+                    // Over the first axis, the batch's requests would share one distribution.
+                    let axis = if *dim < 0 { dim + t.dim() as i64 } else { *dim };
+                    if axis == 0 {
+                        return Err(PredictError::ModelFailed(format!(
+                            "softmax over axis {dim} of the model's {}-dimensional output is \
+                             over the batch, whose rows are different requests: use an axis \
+                             past the first",
+                            t.dim()
+                        )));
+                    }
+                    t.f_softmax(*dim, Kind::Float)
+                }
                 Postprocess::Sigmoid {} => t.f_sigmoid(),
                 Postprocess::L2Normalize {} => t
                     .f_norm_scalaropt_dim(2, [-1i64].as_slice(), true)
@@ -694,8 +727,24 @@ fn select(out: IValue, sel: &Select) -> Result<IValue, PredictError> {
             .ok_or_else(|| {
                 PredictError::ModelFailed(format!("the model's output has no key {k:?}"))
             }),
-        (other, sel) => Err(PredictError::ModelFailed(format!(
-            "cannot take {sel:?} of the model's output ({})",
+        (IValue::Tuple(items), Select::Index(i)) => Err(PredictError::ModelFailed(format!(
+            "model.output index {i} is past the model's output, a tuple of {}",
+            items.len()
+        ))),
+        (IValue::GenericList(items), Select::Index(i)) => Err(PredictError::ModelFailed(format!(
+            "model.output index {i} is past the model's output, a list of {}",
+            items.len()
+        ))),
+        (IValue::TensorList(items), Select::Index(i)) => Err(PredictError::ModelFailed(format!(
+            "model.output index {i} is past the model's output, a list of {}",
+            items.len()
+        ))),
+        (other, Select::Index(i)) => Err(PredictError::ModelFailed(format!(
+            "model.output index {i} needs a tuple or list output; the model gave {}",
+            ivalue_kind(&other)
+        ))),
+        (other, Select::Key(k)) => Err(PredictError::ModelFailed(format!(
+            "model.output key {k:?} needs a dict output; the model gave {}",
             ivalue_kind(&other)
         ))),
     }
