@@ -498,5 +498,9 @@ fn files_a_handler_manifest_names_are_expected_in_the_archive() {
         &args("cls.json", &["-f", "--extra-files", "index_to_name.json"]),
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("not in the archive"), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("not in the archive"),
+        "{}",
+        stderr(&out)
+    );
 }

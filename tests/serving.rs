@@ -1814,7 +1814,14 @@ fn handlers_whose_output_stages_do_not_fit_the_model_fail_registration() {
             ),
         )
         .unwrap();
-        let mar = archive(&s.store, name, "1.0", &fixtures().join(model), &handler, &[]);
+        let mar = archive(
+            &s.store,
+            name,
+            "1.0",
+            &fixtures().join(model),
+            &handler,
+            &[],
+        );
         let r = register(&s, &format!("url={mar}&initial_workers=1"));
         assert_error(&r, 500, "InternalServerException", why);
         assert!(r.text().contains("a request of zeros"), "{}", r.text());

@@ -555,3 +555,56 @@ fn a_pretrained_classifier_names_what_is_in_the_photo() {
         }
     }
 }
+
+#[test]
+fn grey_images_match_pil_in_mode_l() {
+    let fx = vision_fixtures();
+    let mut s = Server::new("");
+    let grey = |file: &str, preprocess: Value| {
+        let path = s.dir.path().join(file);
+        let manifest = json!({"schema": 1, "name": "grey", "input": {"image": {"mode": "L"}},
+            "preprocess": preprocess, "model": {"feed": "stacked"}, "output": {"tensor": {}}});
+        fs::write(&path, manifest.to_string()).unwrap();
+        path
+    };
+    let mnist_like = grey(
+        "mnist_like.json",
+        json!([{"resize": {"size": 64}}, {"center_crop": {"size": 56}}, {"to_tensor": {}},
+               {"normalize": {"mean": [0.1307], "std": [0.3081]}}]),
+    );
+    let luma = grey(
+        "luma.json",
+        json!([{"center_crop": {"size": 200}}, {"to_tensor": {}}]),
+    );
+    let identity = fx.join("identity.pt");
+    let a = archive(&s.store, "mnist_like", "1.0", &identity, &mnist_like, &[]);
+    let b = archive(&s.store, "luma", "1.0", &identity, &luma, &[]);
+    s.start(&["--models", &format!("mnist_like={a}"), &format!("luma={b}")]);
+    for (model, file, side) in [
+        ("mnist_like", "odd_grey.png", 56),
+        ("luma", "chelsea.png", 200),
+    ] {
+        let r = post_image(&s, model, file);
+        assert_eq!(r.status, 200, "{file}: {}", r.text());
+        let v = r.json();
+        // One channel of side x side.
+        let rows = v.as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{file}: channels");
+        assert_eq!(rows[0].as_array().unwrap().len(), side, "{file}: height");
+        assert_eq!(rows[0][0].as_array().unwrap().len(), side, "{file}: width");
+        let mut got = Vec::new();
+        flat(&v, &mut got);
+        let pil: Vec<f64> = fs::read(fx.join("images").join(format!("grey_{file}.tensor")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+            .collect();
+        assert_eq!(got.len(), pil.len(), "{file}");
+        let worst = got
+            .iter()
+            .zip(&pil)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst <= 1e-6, "{file}: a value differs by {worst}");
+    }
+}

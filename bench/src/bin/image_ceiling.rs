@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let manifest = handler::builtin("image_classifier")
         .ok_or_else(|| anyhow::anyhow!("no built-in image_classifier"))?;
-    let Input::Image { max_pixels } = manifest.input else {
+    let Input::Image { max_pixels, mode } = manifest.input else {
         anyhow::bail!("image_classifier does not take images");
     };
     let payload = Payload {
@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     };
     let prepare = || -> anyhow::Result<Tensor> {
         let img = decode_image(&payload, max_pixels).map_err(|e| anyhow::anyhow!("{e}"))?;
-        preprocess_image(img, &manifest.preprocess, max_pixels, false)
+        preprocess_image(img, &manifest.preprocess, max_pixels, false, mode)
             .map_err(|e| anyhow::anyhow!("{e}"))
     };
     if args.preprocess_only {

@@ -89,11 +89,15 @@ pub enum Input {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         shape: Option<Vec<i64>>,
     },
-    /// An encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF), raw or base64, decoded to 8-bit RGB.
+    /// An encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF), raw or base64, decoded to 8-bit RGB
+    /// (or grey).
     Image {
         /// Images with more pixels than this are refused before decoding.
         #[serde(default = "default_max_pixels")]
         max_pixels: u64,
+        /// The channels the model takes, named as PIL names image modes.
+        #[serde(default, skip_serializing_if = "ImageMode::is_rgb")]
+        mode: ImageMode,
     },
     /// UTF-8 text, tokenized with a Hugging Face `tokenizer.json` from the archive.
     Text {
@@ -276,6 +280,32 @@ pub enum Output {
     Embedding {},
 }
 
+/// The channels of an image handler's tensor, named as PIL names image modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageMode {
+    /// Three channels, red, green and blue.
+    #[default]
+    #[serde(rename = "RGB")]
+    Rgb,
+    /// One grey channel, as PIL's `convert("L")` makes it (ITU-R 601-2 luma).
+    L,
+}
+
+impl ImageMode {
+    /// Whether this is the default, RGB.
+    pub fn is_rgb(&self) -> bool {
+        *self == ImageMode::Rgb
+    }
+
+    /// The number of channels.
+    pub fn channels(self) -> usize {
+        match self {
+            ImageMode::Rgb => 3,
+            ImageMode::L => 1,
+        }
+    }
+}
+
 /// Names of the handlers built into tchserve, each a manifest in `handlers/`.
 pub const BUILTIN_HANDLERS: [(&str, &str); 6] = [
     ("tensor", include_str!("../../../handlers/tensor.json")),
@@ -454,7 +484,7 @@ impl HandlerManifest {
                 }
             }
             Input::Tensor { .. } => {}
-            Input::Image { max_pixels } if *max_pixels == 0 => {
+            Input::Image { max_pixels, .. } if *max_pixels == 0 => {
                 return fail("input.image.max_pixels", "must be positive");
             }
             Input::Image { .. } => {}
@@ -505,6 +535,19 @@ impl HandlerManifest {
                 Preprocess::Normalize { mean, std } => {
                     if !to_tensor_seen {
                         return fail(&at("normalize"), "must come after to_tensor");
+                    }
+                    let grey = matches!(
+                        self.input,
+                        Input::Image {
+                            mode: ImageMode::L,
+                            ..
+                        }
+                    );
+                    if grey && mean.len() != 1 {
+                        return fail(
+                            &at("normalize"),
+                            "a grey (mode L) image has one channel: mean and std take one value",
+                        );
                     }
                     if !matches!(mean.len(), 1 | 3) || mean.len() != std.len() {
                         return fail(
@@ -779,6 +822,12 @@ mod tests {
             let e = err(&CLASSIFIER.replace(from, to));
             assert!(e.contains(&format!(": {at}: ")), "{at}: {e}");
         }
+        let grey_rgb_stats = CLASSIFIER.replace(r#""image": {}"#, r#""image": {"mode": "L"}"#);
+        assert!(
+            err(&grey_rgb_stats).contains("a grey (mode L) image has one channel"),
+            "{}",
+            err(&grey_rgb_stats)
+        );
         let listed = CLASSIFIER
             .replace(r#""postprocess": [{"softmax": {"dim": 1}}],"#, "")
             .replace(r#""feed": "stacked""#, r#""feed": "list""#);

@@ -241,7 +241,10 @@ impl PackRequest {
         }
         // A manifest under MAR-INF would be shadowed by the one written last.
         files.remove(MANIFEST_PATH);
-        for name in manifest_files.iter().filter(|n| !files.contains_key(n.as_str())) {
+        for name in manifest_files
+            .iter()
+            .filter(|n| !files.contains_key(n.as_str()))
+        {
             warnings.push(format!(
                 "the handler manifest names {name}, which is not in the archive: add it with \
                  --extra-files (a missing label file means classes are reported by index; a \

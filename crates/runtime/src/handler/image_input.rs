@@ -12,7 +12,7 @@ use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageDecoder, ImageReader};
 use tch::{Kind, Tensor};
-use tchserve_mar::handler::{Interpolation, Preprocess, Size};
+use tchserve_mar::handler::{ImageMode, Interpolation, Preprocess, Size};
 
 use super::{jpeg, resample};
 use crate::job::{Part, Payload, PredictError};
@@ -353,25 +353,41 @@ fn center_crop(img: &Rgb, size: Size) -> Rgb {
     }
 }
 
-fn to_floats(img: &Rgb) -> Vec<f32> {
+fn to_floats(img: &Rgb, mode: ImageMode) -> Vec<f32> {
     let plane = (img.width * img.height) as usize;
-    let mut out = vec![0f32; plane * 3];
+    let mut out = vec![0f32; plane * mode.channels()];
     for (i, px) in img.data.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * plane + i] = f32::from(px[c]) / 255.0;
+        match mode {
+            ImageMode::Rgb => {
+                for c in 0..3 {
+                    out[c * plane + i] = f32::from(px[c]) / 255.0;
+                }
+            }
+            ImageMode::L => out[i] = f32::from(luma(px)) / 255.0,
         }
     }
     out
 }
 
+/// PIL's `convert("L")` of one RGB pixel: ITU-R 601-2 luma in 16-bit fixed point, rounded. A
+/// grey pixel (r = g = b) keeps its value, so a grey image is read exactly as PIL opens it.
+fn luma(px: &[u8]) -> u8 {
+    let l = u32::from(px[0]) * 19595 + u32::from(px[1]) * 38470 + u32::from(px[2]) * 7471;
+    ((l + 0x8000) >> 16) as u8
+}
+
 /// Runs the preprocess stages on one decoded image and returns a `[1, C, H, W]` tensor; no
 /// stage may make an image of more than `max_pixels` pixels. With `pixels_only` the stages from
-/// `ToTensor` on are left to [`finish`], and the answer is the image's `[1, H, W, 3]` bytes.
+/// `ToTensor` on are left to [`finish`], and the answer is the image's `[1, H, W, 3]` bytes
+/// (RGB mode only). In mode L the grey channel is taken at `ToTensor`, after resizing and
+/// cropping: for a grey image that is PIL's answer exactly, and for a colour one resized on the
+/// way it may differ from converting first by one level of 255.
 pub fn preprocess(
     img: Rgb,
     stages: &[Preprocess],
     max_pixels: u64,
     pixels_only: bool,
+    mode: ImageMode,
 ) -> Result<Tensor, PredictError> {
     check_sizes(img.width, img.height, stages, max_pixels)?;
     let on_host = match stages
@@ -396,7 +412,7 @@ pub fn preprocess(
                 Stage::Pixels(center_crop(&img, *size))
             }
             (Stage::Pixels(img), Preprocess::ToTensor {}) => {
-                Stage::Floats(to_floats(&img), img.height, img.width)
+                Stage::Floats(to_floats(&img, mode), img.height, img.width)
             }
             (Stage::Floats(mut v, h, w), Preprocess::Normalize { mean, std }) => {
                 let plane = (h * w) as usize;
@@ -415,7 +431,7 @@ pub fn preprocess(
     }
     match stage {
         Stage::Floats(v, h, w) => Tensor::from_slice(&v)
-            .f_reshape([1, 3, i64::from(h), i64::from(w)])
+            .f_reshape([1, mode.channels() as i64, i64::from(h), i64::from(w)])
             .map_err(|e| PredictError::ModelFailed(e.to_string())),
         Stage::Pixels(img) => {
             let bytes = Tensor::from_slice(&img.data).f_reshape([
@@ -476,6 +492,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn luma_is_pils_and_keeps_grey_exact() {
+        // PIL: Image.new("RGB", (1, 1), c).convert("L").getpixel((0, 0)).
+        for (px, want) in [
+            ([255, 0, 0], 76),
+            ([0, 255, 0], 150),
+            ([0, 0, 255], 29),
+            ([12, 200, 99], 132),
+        ] {
+            assert_eq!(luma(&px), want, "{px:?}");
+        }
+        for v in 0..=255u8 {
+            assert_eq!(luma(&[v, v, v]), v);
+        }
+    }
+
+    #[test]
     fn output_sizes_follow_torchvision() {
         assert_eq!(resized_size(640, 480, Size::Scalar(256)), (341, 256));
         assert_eq!(resized_size(480, 640, Size::Scalar(256)), (256, 341));
@@ -501,11 +533,11 @@ mod tests {
         };
         let stages = &classifier.preprocess;
         let host: Vec<Tensor> = (0..2)
-            .map(|k| preprocess(image(k), stages, u64::MAX, false).unwrap())
+            .map(|k| preprocess(image(k), stages, u64::MAX, false, ImageMode::Rgb).unwrap())
             .collect();
         let host = Tensor::cat(&host, 0);
         let bytes: Vec<Tensor> = (0..2)
-            .map(|k| preprocess(image(k), stages, u64::MAX, true).unwrap())
+            .map(|k| preprocess(image(k), stages, u64::MAX, true, ImageMode::Rgb).unwrap())
             .collect();
         let bytes = Tensor::cat(&bytes, 0);
         assert_eq!(bytes.kind(), Kind::Uint8);

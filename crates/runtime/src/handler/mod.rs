@@ -23,7 +23,7 @@ use tch::{Device, IValue, Kind, Tensor};
 use crate::device::{cat_batch, upload};
 use crate::model::Model;
 use tchserve_mar::handler::{
-    Feed, HandlerManifest, Input, Output, Postprocess, Preprocess, Select,
+    Feed, HandlerManifest, ImageMode, Input, Output, Postprocess, Preprocess, Select,
 };
 
 pub use image_input::{Rgb, decode as decode_image, preprocess as preprocess_image};
@@ -118,8 +118,15 @@ impl Pipeline {
     /// is a GPU: the upload then carries one byte per channel instead of four, and the GPU does
     /// the arithmetic. Resizing and cropping stay on the host, where they match PIL exactly.
     pub fn finish_images_on(&mut self, device: Device) {
+        // Grey images are made on the host, where the luma matches PIL's.
         self.pixels_to_device = device.is_cuda()
-            && matches!(self.input, Input::Image { .. })
+            && matches!(
+                self.input,
+                Input::Image {
+                    mode: ImageMode::Rgb,
+                    ..
+                }
+            )
             && self.feed == Feed::Stacked
             && self
                 .preprocess
@@ -144,13 +151,14 @@ impl Pipeline {
             Input::Tensor { dtype, shape } => {
                 tensor_input::decode(payload, *dtype, shape.as_deref())
             }
-            Input::Image { max_pixels } => {
+            Input::Image { max_pixels, mode } => {
                 let img = image_input::decode(payload, *max_pixels)?;
                 let tensor = image_input::preprocess(
                     img,
                     &self.preprocess,
                     *max_pixels,
                     self.pixels_to_device,
+                    *mode,
                 )?;
                 Ok(Decoded::owned(tensor, 1, Wrap::Single))
             }
