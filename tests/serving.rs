@@ -1329,15 +1329,32 @@ fn inference_and_management_can_share_one_address() {
     assert!(s.metrics_text().contains("ts_inference_requests_total"));
     assert!(s.stop().success());
 
-    // Metrics cannot share it.
+    // All three on one address, with keys: each path still asks for its own API's key.
     s.metrics = s.inference.clone();
-    let out = run(s.command().arg("--foreground"));
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("metrics_address") && err.contains("metrics need a listener of their own"),
-        "{err}"
-    );
+    s.set_config("enable_model_api=true\ndisable_token_authorization=false");
+    s.start(&["--models", &format!("scale={v1}"), "--ncs"]);
+    let keys: Value =
+        serde_json::from_str(&std::fs::read_to_string(s.home().join("key_file.json")).unwrap())
+            .unwrap();
+    let bearer = |kind: &str| format!("Bearer {}", keys[kind]["key"].as_str().unwrap());
+    let (inference, management) = (bearer("inference"), bearer("management"));
+    let with = |path: &str, key: &str| s.infer("GET", path, &[("Authorization", key)], b"").status;
+    assert_eq!(with("/models", &management), 200);
+    assert_eq!(with("/models", &inference), 400);
+    let predict = |key: &str| {
+        s.infer(
+            "POST",
+            "/models/scale/invoke",
+            &[("Authorization", key), ("Content-Type", "application/json")],
+            b"[1, 1, 1, 1]",
+        )
+        .status
+    };
+    assert_eq!(predict(&inference), 200);
+    assert_eq!(predict(&management), 400);
+    let metrics = s.infer("GET", "/metrics", &[], b"");
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.text().contains("ts_inference_requests_total"));
 }
 
 #[test]

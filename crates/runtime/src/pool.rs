@@ -14,7 +14,7 @@ use tchserve_backend::{ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers};
 
 use crate::batch::{Batcher, Submitter, Taker, queue};
 use crate::job::Job;
-use crate::shared::{Shared, SharedModules, ThreadBudget, lock};
+use crate::shared::{Serving, Shared, SharedModules, ThreadBudget, lock};
 use crate::worker;
 
 #[derive(Debug)]
@@ -224,16 +224,17 @@ pub(crate) fn answer_unserved(queue: &Taker<Job>, shared: &Shared, spec: &ModelS
     if shared.serving.load(Ordering::SeqCst) > 0 || queue.is_empty() {
         return;
     }
-    let Some(failed) = shared.none_serving() else {
-        return;
-    };
-    let message = match failed {
-        Some(why) => format!(
+    // Held while draining: a worker added or recovering meanwhile must change its state under
+    // this lock, so no job it could take is answered here.
+    let states = lock(&shared.states);
+    let message = match Shared::serving_of(&states) {
+        Serving::Yes => return,
+        Serving::AllFailed(why) => format!(
             "Model \"{}\" version {} has no worker that can serve it: {why}. Its workers \
              retry; fix the model or unregister it.",
             spec.name, spec.version
         ),
-        None => format!(
+        Serving::NoWorker => format!(
             "Model \"{}\" was scaled to no worker while this request waited. \
              Please use scale workers API to add workers.",
             spec.name
@@ -360,8 +361,8 @@ mod tests {
         assert_eq!(pool.queue_len(), 0);
         unavailable(submit());
 
-        // A worker that is loading again takes jobs.
-        pool.shared.set(1, WorkerState::Starting);
+        // A worker whose retry loaded the model takes jobs.
+        pool.shared.set(1, WorkerState::Ready);
         let mut waiting = submit();
         assert!(waiting.try_recv().is_err());
         assert_eq!(pool.queue_len(), 1);

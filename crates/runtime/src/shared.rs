@@ -113,19 +113,28 @@ impl Shared {
         self.serving.store(serving, Ordering::SeqCst);
     }
 
-    /// Why no worker can take a job, or None while one can: every worker failed (the last
-    /// reason is given), or there is no worker at all.
-    pub(crate) fn none_serving(&self) -> Option<Option<String>> {
-        let states = lock(&self.states);
+    /// Whether any worker can take a job, read from `states` (held by the caller).
+    pub(crate) fn serving_of(states: &BTreeMap<usize, WorkerState>) -> Serving {
         let mut why = None;
         for s in states.values() {
             match s {
                 WorkerState::Failed(w) => why = Some(w.clone()),
-                _ => return None,
+                _ => return Serving::Yes,
             }
         }
-        Some(why)
+        why.map_or(Serving::NoWorker, Serving::AllFailed)
     }
+}
+
+/// Whether a pool's queue has a worker to take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Serving {
+    /// A worker is starting or ready.
+    Yes,
+    /// The pool was scaled to no worker.
+    NoWorker,
+    /// Every worker failed to load its model; one of their reasons.
+    AllFailed(String),
 }
 
 /// Locks `m`, even after a panic elsewhere: a worker that panicked while holding the lock left

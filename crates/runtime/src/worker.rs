@@ -65,11 +65,21 @@ pub(crate) fn run(ctx: Context) {
                 if let crate::RuntimeError::Torch { source, .. } = &e {
                     tracing::error!(worker = ctx.id, model = %name, "libtorch's whole message: {source}");
                 }
-                fail(&ctx, &name, &mut failures, format!("loading failed: {e}"));
+                fail(
+                    &ctx,
+                    &name,
+                    &mut failures,
+                    Down::LoadFailed(format!("loading failed: {e}")),
+                );
                 continue;
             }
             Err(_) => {
-                fail(&ctx, &name, &mut failures, "loading panicked".into());
+                fail(
+                    &ctx,
+                    &name,
+                    &mut failures,
+                    Down::LoadFailed("loading panicked".into()),
+                );
                 continue;
             }
         };
@@ -77,16 +87,34 @@ pub(crate) fn run(ctx: Context) {
         failures = 0;
         match serve(&ctx, &model) {
             Ended::Stopped => break,
-            Ended::Crashed(why) => fail(&ctx, &name, &mut failures, why),
+            Ended::Crashed(why) => fail(&ctx, &name, &mut failures, Down::Crashed(why)),
         }
     }
     tracing::info!(worker = ctx.id, model = %name, "worker stopped");
 }
 
-fn fail(ctx: &Context, name: &str, failures: &mut usize, why: String) {
-    tracing::error!(worker = ctx.id, model = %name, "{why}; restarting");
-    ctx.shared.set(ctx.id, WorkerState::Failed(why));
-    crate::pool::answer_unserved(&ctx.queue, &ctx.shared, &ctx.spec);
+/// How a worker went down, and so what its queue can expect.
+enum Down {
+    /// The model did not load: until a retry succeeds the worker serves nothing, and when no
+    /// worker serves, what is queued is answered 503 at once (see `answer_unserved`).
+    LoadFailed(String),
+    /// A bug crashed the worker while serving: it reloads at once, and what is queued waits
+    /// for it, as TorchServe keeps a restarted worker's queue.
+    Crashed(String),
+}
+
+fn fail(ctx: &Context, name: &str, failures: &mut usize, down: Down) {
+    match down {
+        Down::LoadFailed(why) => {
+            tracing::error!(worker = ctx.id, model = %name, "{why}; retrying");
+            ctx.shared.set(ctx.id, WorkerState::Failed(why));
+            crate::pool::answer_unserved(&ctx.queue, &ctx.shared, &ctx.spec);
+        }
+        Down::Crashed(why) => {
+            tracing::error!(worker = ctx.id, model = %name, "{why}; restarting");
+            ctx.shared.set(ctx.id, WorkerState::Starting);
+        }
+    }
     let wait = Duration::from_secs(BACKOFF_S[(*failures).min(BACKOFF_S.len() - 1)]);
     *failures += 1;
     let until = Instant::now() + wait;

@@ -766,7 +766,6 @@ impl Config {
             }
         }
         cfg.check_tls()?;
-        cfg.check_listeners()?;
         cfg.check_workers()?;
         Ok(cfg)
     }
@@ -828,30 +827,6 @@ impl Config {
                         ));
                     }
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// Inference and management may share an address (one listener answers both, as in
-    /// TorchServe); the metrics listener needs its own.
-    fn check_listeners(&self) -> Result<(), ConfigError> {
-        if !self.enable_metrics_api {
-            return Ok(());
-        }
-        for (key, other) in [
-            ("inference_address", &self.inference_address),
-            ("management_address", &self.management_address),
-        ] {
-            if self.metrics_address == *other {
-                return Err(ConfigError::Value {
-                    key: "metrics_address".into(),
-                    value: self.metrics_address.to_string(),
-                    reason: format!(
-                        "it is also {key}; metrics need a listener of their own (inference and \
-                         management may share one)"
-                    ),
-                });
             }
         }
         Ok(())
@@ -1100,13 +1075,6 @@ mod tests {
         let defaults = Config::from_properties(&BTreeMap::new(), &no_env).unwrap();
         assert!(defaults.enable_metrics_api && !defaults.cors.is_on());
         assert_eq!(defaults.number_of_gpu, None);
-        // A served metrics listener needs an address of its own.
-        let e = Config::from_properties(
-            &parse_properties("metrics_address=http://127.0.0.1:8080\n"),
-            &no_env,
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("also inference_address"), "{e}");
         for text in [
             "default_workers_per_model=100000\n",
             "models={\"m\": {\"1.0\": {\"minWorkers\": 5000}}}\n",

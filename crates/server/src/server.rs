@@ -257,18 +257,9 @@ pub async fn run(
 
     // Bound only now, and before the key file is written: a start on taken ports fails here
     // and touches nothing the server that holds them owns (its key file above all).
-    // One listener for inference and management when they share an address, as TorchServe
-    // serves them.
-    let shared = config.inference_address == config.management_address;
-    let mut addresses = vec![&config.inference_address];
-    if !shared {
-        addresses.push(&config.management_address);
-    }
-    if config.enable_metrics_api {
-        addresses.push(&config.metrics_address);
-    }
+    let listeners = listeners(&config);
     let mut bound = Vec::new();
-    for address in addresses {
+    for (address, _) in &listeners {
         bound.push(bind(address, identity.as_ref()).await?);
     }
     let mut grpc_bound = Vec::new();
@@ -299,17 +290,9 @@ pub async fn run(
             .unwrap_or_else(|| listener::default_max_connections(open_files)),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut routers = if shared {
-        vec![frontends::inference_and_management_router(state.clone())]
-    } else {
-        vec![
-            frontends::inference_router(state.clone()),
-            frontends::torchserve::management::router(state.clone()),
-        ]
-    };
-    if config.enable_metrics_api {
-        routers.push(frontends::metrics::router(state.clone()));
-    }
+    let routers = listeners
+        .iter()
+        .map(|(_, apis)| frontends::router_for(apis, state.clone()));
     let mut servers: Vec<_> = bound
         .into_iter()
         .zip(routers)
@@ -349,7 +332,11 @@ pub async fn run(
     tracing::info!(
         inference = %config.inference_address,
         management = %config.management_address,
-        metrics = %config.metrics_address,
+        metrics = %if config.enable_metrics_api {
+            config.metrics_address.to_string()
+        } else {
+            "off".into()
+        },
         grpc_inference = %format!("{}:{}", config.grpc_inference.0, config.grpc_inference.1),
         grpc_management = %format!("{}:{}", config.grpc_management.0, config.grpc_management.1),
         max_connections = limits.max_connections,
@@ -521,6 +508,30 @@ fn startup(model_name: Option<String>, url: String) -> RegisterParams {
     }
 }
 
+/// The REST listeners to bind, each with the APIs it serves. APIs given the same address share
+/// one listener, as TorchServe serves inference and management (and metrics) together when
+/// their addresses are equal; a port of 0 asks the system for a fresh port each time, so such
+/// addresses are never merged.
+fn listeners(config: &Config) -> Vec<(Address, Vec<frontends::Api>)> {
+    use frontends::Api;
+    let mut apis = vec![
+        (&config.inference_address, Api::Inference),
+        (&config.management_address, Api::Management),
+    ];
+    if config.enable_metrics_api {
+        apis.push((&config.metrics_address, Api::Metrics));
+    }
+    let mut out: Vec<(Address, Vec<Api>)> = Vec::new();
+    for (address, api) in apis {
+        let fresh_port = matches!(address, Address::Tcp(_, 0) | Address::Https(_, 0));
+        match out.iter_mut().find(|(a, _)| a == address && !fresh_port) {
+            Some((_, served)) => served.push(api),
+            None => out.push((address.clone(), vec![api])),
+        }
+    }
+    out
+}
+
 /// A listener bound to its address, not yet answering.
 enum Bound {
     Tcp(tokio::net::TcpListener),
@@ -600,5 +611,50 @@ impl Bound {
             }
             Bound::Unix(listener) => tokio::spawn(listener::serve(listener, router, limits, stop)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use frontends::Api;
+
+    #[test]
+    fn apis_on_one_address_share_a_listener_but_fresh_ports_never_do() {
+        let at = |port| Address::Tcp("127.0.0.1".into(), port);
+        let config = |i, m, x, metrics_on| Config {
+            inference_address: at(i),
+            management_address: at(m),
+            metrics_address: at(x),
+            enable_metrics_api: metrics_on,
+            ..Config::default()
+        };
+        assert_eq!(
+            listeners(&config(1, 2, 3, true)),
+            vec![
+                (at(1), vec![Api::Inference]),
+                (at(2), vec![Api::Management]),
+                (at(3), vec![Api::Metrics])
+            ]
+        );
+        assert_eq!(
+            listeners(&config(1, 1, 3, true)),
+            vec![
+                (at(1), vec![Api::Inference, Api::Management]),
+                (at(3), vec![Api::Metrics])
+            ]
+        );
+        assert_eq!(
+            listeners(&config(1, 2, 2, true)),
+            vec![
+                (at(1), vec![Api::Inference]),
+                (at(2), vec![Api::Management, Api::Metrics])
+            ]
+        );
+        assert_eq!(
+            listeners(&config(1, 1, 1, false)),
+            vec![(at(1), vec![Api::Inference, Api::Management])]
+        );
+        assert_eq!(listeners(&config(0, 0, 0, true)).len(), 3);
     }
 }

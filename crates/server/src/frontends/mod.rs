@@ -144,20 +144,45 @@ pub fn inference_router(state: AppState) -> axum::Router {
     with_listener_layers(router, state)
 }
 
-/// Inference and management on one listener, as TorchServe serves them when their addresses
-/// are the same: management's paths (`/models...` but a model's `invoke`, and `/token`) go to
-/// the management routes, everything else to the inference routes.
-pub fn inference_and_management_router(state: AppState) -> axum::Router {
+/// The REST APIs a listener may serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// Predictions, health, KServe v1 and v2.
+    Inference,
+    /// TorchServe's management API.
+    Management,
+    /// Prometheus metrics.
+    Metrics,
+}
+
+/// The router of a listener serving `apis`. Several APIs on one listener (their addresses are
+/// equal, as TorchServe allows) are told apart by path: `/metrics` is the metrics API's,
+/// `/models...` (but a model's `invoke`) and `/token` the management API's, everything else
+/// the inference API's, or, without it, the management API's.
+pub fn router_for(apis: &[Api], state: AppState) -> axum::Router {
     use tower::ServiceExt;
-    let inference = inference_router(state.clone());
-    let management = torchserve::management::router(state);
+    let router_of = |api: Api| match api {
+        Api::Inference => inference_router(state.clone()),
+        Api::Management => torchserve::management::router(state.clone()),
+        Api::Metrics => metrics::router(state.clone()),
+    };
+    if let [only] = apis {
+        return router_of(*only);
+    }
+    let pick = |api: Api| apis.contains(&api).then(|| router_of(api));
+    let (management, metrics) = (pick(Api::Management), pick(Api::Metrics));
+    // What no other API claims: inference's, else management's (metrics is never alone here).
+    let rest = pick(Api::Inference)
+        .or_else(|| management.clone())
+        .unwrap_or_else(|| router_of(Api::Metrics));
     axum::Router::new().fallback_service(tower::service_fn(move |req: Request| {
-        let routes = if is_management_path(req.uri().path()) {
-            management.clone()
-        } else {
-            inference.clone()
+        let path = req.uri().path();
+        let routes = match (&metrics, &management) {
+            (Some(m), _) if path == "/metrics" => m,
+            (_, Some(m)) if is_management_path(path) => m,
+            _ => &rest,
         };
-        routes.oneshot(req)
+        routes.clone().oneshot(req)
     }))
 }
 
