@@ -389,7 +389,7 @@ impl HandlerManifest {
             // `"sigmoid"` for `{"sigmoid": {}}`: serde's words for it name its own types.
             if reason.contains("unit variant, expected struct variant") {
                 let stage = at.rsplit('.').next().unwrap_or("stage");
-                reason = format!("a stage is an object: write {{\"{stage}\": {{}}}}");
+                reason = format!("write it as an object: {{\"{stage}\": {{}}}}");
             }
             MarError::Handler {
                 file: file.into(),
@@ -778,7 +778,7 @@ mod tests {
         assert!(e.contains("model.feed"), "{e}");
         let e = err(&CLASSIFIER.replace(r#"{"softmax": {"dim": 1}}"#, r#""sigmoid""#));
         assert!(
-            e.contains(r#"postprocess[0].sigmoid: a stage is an object: write {"sigmoid": {}}"#),
+            e.contains(r#"postprocess[0].sigmoid: write it as an object: {"sigmoid": {}}"#),
             "{e}"
         );
         let e = err(

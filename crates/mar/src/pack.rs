@@ -524,7 +524,7 @@ impl Plan {
     }
 }
 
-/// An entry's permissions: 0755 when the source may be executed by anyone (a script, a shared
+/// An entry's permissions: 0755 when the source has any execute bit (a script, a shared
 /// library), else 0644. Keeping the executable bit matters to what runs from the archive;
 /// keeping the rest (a private 0600, say) would only make files unreadable to the server's user.
 fn entry_mode(meta: &fs::Metadata) -> u32 {

@@ -56,7 +56,7 @@ impl Backend for TorchBackend {
             && let Some(bad) = ids.iter().find(|i| **i >= self.cuda.devices)
         {
             return Err(LoadError(format!(
-                "GPU {bad} does not exist: this machine has {} usable GPU(s)",
+                "GPU {bad} does not exist: {} GPU(s) are in use (this machine's usable GPUs, or number_of_gpu)",
                 self.cuda.devices
             )));
         }

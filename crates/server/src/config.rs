@@ -392,6 +392,8 @@ pub fn parse_properties(text: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let mut logical = String::new();
     let mut pending = false;
+    // Java ends a line at \n, \r or \r\n.
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
     for line in text.lines() {
         let trimmed = line.trim_start_matches(is_properties_space);
         if !pending && (trimmed.is_empty() || trimmed.starts_with(['#', '!'])) {
@@ -457,23 +459,43 @@ fn unescape(s: &str) -> String {
             Some('t') => out.push('\t'),
             Some('r') => out.push('\r'),
             Some('f') => out.push('\u{c}'),
-            Some('u') => {
-                let hex: String = chars.clone().take(4).collect();
-                match u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
-                    Some(decoded) if hex.len() == 4 => {
-                        out.push(decoded);
-                        chars.nth(3);
+            Some('u') => match hex4(&mut chars) {
+                // A UTF-16 surrogate pair, as Java writes characters outside the BMP.
+                Some(high @ 0xD800..=0xDBFF) => {
+                    let mut ahead = chars.clone();
+                    let low = (ahead.next() == Some('\\') && ahead.next() == Some('u'))
+                        .then(|| hex4(&mut ahead))
+                        .flatten()
+                        .filter(|low| (0xDC00..=0xDFFF).contains(low));
+                    match low {
+                        Some(low) => {
+                            chars = ahead;
+                            let c = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00);
+                            out.extend(char::from_u32(c));
+                        }
+                        None => out.push(char::REPLACEMENT_CHARACTER),
                     }
-                    // Java refuses a malformed \u escape; keeping the text shows the user what
-                    // was written when the value is then refused.
-                    _ => out.push_str("\\u"),
                 }
-            }
+                Some(code) => out.push(char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)),
+                // Java refuses a malformed \u escape; keeping the text shows the user what was
+                // written when the value is then refused.
+                None => out.push_str("\\u"),
+            },
             Some(other) => out.push(other),
             None => {}
         }
     }
     out
+}
+
+/// The four hex digits of a `\uXXXX` escape, consumed only when all four are there.
+fn hex4(chars: &mut std::str::Chars<'_>) -> Option<u32> {
+    let digits: String = chars.clone().take(4).collect();
+    if digits.len() != 4 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    chars.nth(3);
+    u32::from_str_radix(&digits, 16).ok()
 }
 
 /// Reads and parses a `config.properties` file: UTF-8, or ISO-8859-1 (what Java reads
@@ -913,6 +935,11 @@ mod tests {
         assert_eq!(p["bad"], "\\u00zz");
         assert_eq!(p["last"], "a");
         assert_eq!(p.len(), 5, "{p:?}");
+        // Four hex digits exactly, surrogate pairs joined, and \r alone ends a line.
+        let p = parse_properties("a=\\u+12a\rb=\\uD83D\\uDE00\r\nc=\\u00e9");
+        assert_eq!(p["a"], "\\u+12a");
+        assert_eq!(p["b"], "\u{1F600}");
+        assert_eq!(p["c"], "\u{e9}");
     }
 
     #[test]

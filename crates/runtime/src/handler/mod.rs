@@ -171,9 +171,8 @@ impl Pipeline {
         }
     }
 
-    /// The model's argument for `batch` zero examples, on `device`, for warming the model up
-    /// (only when the input's shape is fixed).
-    pub fn warmup_input(&self, batch: usize, device: Device) -> Option<IValue> {
+    /// `batch` examples of zeros on `device`, where the input is a tensor of fixed shape.
+    fn zeros(&self, batch: usize, device: Device) -> Option<Tensor> {
         let Input::Tensor {
             dtype,
             shape: Some(shape),
@@ -187,7 +186,16 @@ impl Pipeline {
         let dims: Vec<i64> = std::iter::once(batch as i64)
             .chain(shape.iter().copied())
             .collect();
-        let zeros = Tensor::zeros(&dims, (tensor_input::kind_of(*dtype), device));
+        Some(Tensor::zeros(
+            &dims,
+            (tensor_input::kind_of(*dtype), device),
+        ))
+    }
+
+    /// The model's argument for `batch` zero examples, on `device`, for warming the model up
+    /// (only when the input's shape is fixed).
+    pub fn warmup_input(&self, batch: usize, device: Device) -> Option<IValue> {
+        let zeros = self.zeros(batch, device)?;
         Some(match self.feed {
             // A model fed a list takes one tensor per example.
             Feed::List => IValue::TensorList((0..batch as i64).map(|i| zeros.get(i)).collect()),
@@ -201,18 +209,10 @@ impl Pipeline {
     /// softmax axis the output lacks) would otherwise fail every request. `None` for other
     /// handlers.
     pub fn probe_request(&self) -> Option<Decoded> {
-        let Input::Tensor {
-            dtype,
-            shape: Some(shape),
-        } = &self.input
-        else {
-            return None;
-        };
-        if self.feed != Feed::Stacked || shape.iter().any(|d| *d <= 0) {
+        if self.feed != Feed::Stacked {
             return None;
         }
-        let dims: Vec<i64> = std::iter::once(1).chain(shape.iter().copied()).collect();
-        let zeros = Tensor::zeros(&dims, (tensor_input::kind_of(*dtype), Device::Cpu));
+        let zeros = self.zeros(1, Device::Cpu)?;
         Some(Decoded::owned(zeros, 1, Wrap::Single))
     }
 
