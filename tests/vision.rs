@@ -62,6 +62,25 @@ fn flat(v: &Value, out: &mut Vec<f64>) {
     }
 }
 
+/// Asserts that a JSON answer holds the float32 values of `reference` (raw little-endian, as
+/// make_vision.py writes torchvision's tensors), each within 1e-6.
+fn assert_tensor_is(answer: &Value, reference: &Path, ctx: &str) {
+    let mut got = Vec::new();
+    flat(answer, &mut got);
+    let want: Vec<f64> = fs::read(reference)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+        .collect();
+    assert_eq!(got.len(), want.len(), "{ctx}");
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst <= 1e-6, "{ctx}: a value differs by {worst}");
+}
+
 /// A copy of a built-in handler with its fields changed, written to `dir/<file>`.
 fn changed_handler(
     dir: &Path,
@@ -140,21 +159,12 @@ fn image_classifier_matches_torchvision() {
     for file in PHOTOS {
         let r = post_image(&s, "identity", file);
         assert_eq!(r.status, 200, "{file}: {}", r.text());
-        let mut got = Vec::new();
-        flat(&r.json(), &mut got);
-        let torchvision: Vec<f64> = fs::read(fx.join("images").join(format!("{file}.tensor")))
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
-            .collect();
-        assert_eq!(got.len(), torchvision.len(), "{file}");
         // Pixel for pixel: PIL's JPEG decoder and resampling, reproduced.
-        let worst = got
-            .iter()
-            .zip(&torchvision)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
-        assert!(worst <= 1e-6, "{file}: a value differs by {worst}");
+        assert_tensor_is(
+            &r.json(),
+            &fx.join("images").join(format!("{file}.tensor")),
+            file,
+        );
 
         let r = post_image(&s, "resnet", file);
         assert_eq!(r.status, 200, "{file}: {}", r.text());
@@ -592,19 +602,10 @@ fn grey_images_match_pil_in_mode_l() {
         assert_eq!(rows.len(), 1, "{file}: channels");
         assert_eq!(rows[0].as_array().unwrap().len(), side, "{file}: height");
         assert_eq!(rows[0][0].as_array().unwrap().len(), side, "{file}: width");
-        let mut got = Vec::new();
-        flat(&v, &mut got);
-        let pil: Vec<f64> = fs::read(fx.join("images").join(format!("grey_{file}.tensor")))
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
-            .collect();
-        assert_eq!(got.len(), pil.len(), "{file}");
-        let worst = got
-            .iter()
-            .zip(&pil)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
-        assert!(worst <= 1e-6, "{file}: a value differs by {worst}");
+        assert_tensor_is(
+            &v,
+            &fx.join("images").join(format!("grey_{file}.tensor")),
+            file,
+        );
     }
 }
