@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::http::{Resp, assert_error, post_json, request};
+use common::http::{Resp, assert_error, assert_kserve_error, post_json, request};
 use common::server::{Server, archive, digits_build, fixture_handler, fixtures, mlp_archive};
 use common::{run, worker_threads};
 use serde_json::{Value, json};
@@ -904,20 +904,12 @@ fn token_authorization_guards_inference_and_management() {
         // TorchServe's /{model}/{version}/predict route would take it, were it not /v2.
         "/v2/x/predict",
     ] {
-        let r = s.infer("POST", path, &[], b"{}");
-        assert_eq!(r.status, 400, "{path}: {}", r.text());
-        assert!(
-            r.json()["error"].as_str().unwrap().contains(refused),
-            "{path}: {}",
-            r.text()
-        );
+        assert_kserve_error(&s.infer("POST", path, &[], b"{}"), 400, refused);
     }
-    let r = s.infer("POST", "/v2/repository/index", &[], b"{}");
-    assert_eq!(r.status, 400, "{}", r.text());
-    assert!(
-        r.json()["error"].as_str().unwrap().contains(refused),
-        "{}",
-        r.text()
+    assert_kserve_error(
+        &s.infer("POST", "/v2/repository/index", &[], b"{}"),
+        400,
+        refused,
     );
     assert_error(
         &manage("/models", None),
@@ -1055,20 +1047,10 @@ fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
         "/v1/models/scale:explain",
         r#"{"instances": [[1, 1, 1, 1]]}"#,
     );
-    assert_eq!(r.status, 501);
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("explanations are not supported"),
-        "{}",
-        r.text()
-    );
+    assert_kserve_error(&r, 501, "explanations are not supported");
     // The legacy route leaves the KServe protocols' unknown paths their own shape of 404.
     for path in ["/v2/predict", "/v1/scale/predict"] {
-        let r = post_json(&s.inference, path, "[1, 1, 1, 1]");
-        assert_eq!(r.status, 404, "{path}");
-        assert!(r.json()["error"].is_string(), "{path}: {}", r.text());
+        assert_kserve_error(&post_json(&s.inference, path, "[1, 1, 1, 1]"), 404, "");
     }
     assert_error(
         &s.infer("GET", "/explanations/scale", &[], b""),
@@ -1647,14 +1629,10 @@ fn request_size_limit_covers_raw_and_multipart_bodies() {
     assert_eq!(floats(&r.json()), [2.0, 3.0, 4.0, 5.0]);
     // The KServe routes refuse it in their own shape, which their clients read.
     for path in ["/v2/models/picky/infer", "/v1/models/picky:predict"] {
-        let r = s.infer("POST", path, &[], &[b' '; 2000]);
-        assert_eq!(r.status, 413, "{path}");
-        assert!(
-            r.json()["error"]
-                .as_str()
-                .is_some_and(|m| m.contains("max_request_size")),
-            "{path}: {}",
-            r.text()
+        assert_kserve_error(
+            &s.infer("POST", path, &[], &[b' '; 2000]),
+            413,
+            "max_request_size",
         );
     }
 

@@ -143,6 +143,19 @@ pub fn post_json(addr: &str, path: &str, json: &str) -> Resp {
     )
 }
 
+/// Asserts an answer is the KServe protocols' error body, `{"error": "..."}`, with this status
+/// and part of a message.
+pub fn assert_kserve_error(r: &Resp, status: u16, message_part: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let j = r.json();
+    assert!(
+        j["error"]
+            .as_str()
+            .is_some_and(|m| m.contains(message_part)),
+        "`{message_part}` not in {j}"
+    );
+}
+
 /// Asserts an answer is TorchServe's error body with this status, type and part of a message.
 pub fn assert_error(r: &Resp, status: u16, kind: &str, message_part: &str) {
     assert_eq!(r.status, status, "{}", r.text());
