@@ -298,7 +298,7 @@ fn settings_survive_a_restart_and_reach_the_handler() {
     assert_eq!(r.status, 200, "{}", r.text());
     let d = request(&s.management, "GET", "/models/plain", &[], b"").json();
     assert_eq!(d[0]["handler"], "image_classifier");
-    assert!(s.stop().success());
+    s.stop_ok();
     s.start(&[]);
     let d = request(&s.management, "GET", "/models/plain", &[], b"").json();
     assert_eq!(d[0]["handler"], "image_classifier");

@@ -210,7 +210,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         acknowledged >= 40,
         "only {acknowledged} calls were acknowledged in 20 rounds"
     );
-    assert!(s.stop().success());
+    s.stop_ok();
 }
 
 /// A tmpfs of `kib` KiB mounted on `dir`, unmounted when dropped; `None` where this process may
@@ -314,5 +314,5 @@ fn a_full_disk_fails_the_snapshot_write_and_keeps_the_last_one() {
             "{name} missing: {text}"
         );
     }
-    assert!(s.stop().success());
+    s.stop_ok();
 }

@@ -187,7 +187,7 @@ fn the_store_decides_what_serves() {
     fs::remove_file(s.store.join("mlp-2.0.mar")).unwrap();
     eventually(&s, "mlp is unloaded", || versions(&s, "mlp").0.is_empty());
     assert_eq!(post_json(&s.inference, "/predictions/mlp", &x).status, 404);
-    assert!(s.stop().success());
+    s.stop_ok();
 }
 
 #[test]

@@ -158,7 +158,7 @@ fn every_listener_speaks_tls_with_the_configured_certificate() {
 
     let (body, code) = curl_ok(&cert, &[&format!("https://{i}/ping")]);
     assert_eq!((code, body.contains("Healthy")), (200, true), "{body}");
-    assert!(s.stop().success());
+    s.stop_ok();
 }
 
 fn port(address: &str) -> &str {
@@ -415,7 +415,7 @@ fn archives_by_url_come_only_from_where_allowed_urls_says() {
         "does not match any allowed URL",
     );
     assert!(allowed.hits().is_empty(), "{:?}", allowed.hits());
-    assert!(plain.stop().success());
+    plain.stop_ok();
 
     let mut s = Server::new(&format!(
         "enable_model_api=true\nallowed_urls=http://127\\\\.0\\\\.0\\\\.1:{}/models/.*\n\

@@ -696,7 +696,7 @@ fn snapshot_restores_registrations_after_restart() {
         .status,
         200
     );
-    assert!(s.stop().success());
+    s.stop_ok();
 
     s.start(&[]);
     let all = s.manage("GET", "/models/scale/all").json();
@@ -720,7 +720,7 @@ fn snapshot_restores_registrations_after_restart() {
         floats(&post_json(&s.inference, "/predictions/scale", "[1,1,1,1]").json()),
         [3.0; 4]
     );
-    assert!(s.stop().success());
+    s.stop_ok();
 
     // --ncs neither restores nor writes.
     s.start(&["--ncs"]);
@@ -961,7 +961,7 @@ fn token_authorization_guards_inference_and_management() {
     );
     assert_eq!(predict(Some(&fresh)).status, 200);
 
-    assert!(s.stop().success());
+    s.stop_ok();
     assert!(!key_file.exists(), "the keys end with the server");
 
     // --disable-token-auth turns it all off.
@@ -1008,8 +1008,34 @@ fn extraction_folders_go_away_even_after_a_crash() {
     assert!(alive.exists());
     let current = s.temp_dir().join(format!("tchserve-{}", s.pid()));
     assert!(current.exists());
-    assert!(s.stop().success());
+    s.stop_ok();
     assert!(!current.exists(), "a graceful stop removes its own folder");
+}
+
+#[test]
+fn a_stop_sent_while_the_server_starts_is_graceful() {
+    let (mut s, v1, v2) = scale_server("");
+    let pid_file = s.home().join("logs").join("tchserve.pid");
+    // Once the PID file is there, a stop is caught: while the models load, between the
+    // listeners answering and the server waiting for a stop, and while it serves.
+    for delay_ms in [0, 20, 100, 400] {
+        s.spawn(&[
+            "--models",
+            &format!("scale={v1}"),
+            &format!("other={v2}"),
+            "--ncs",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !pid_file.exists() {
+            assert!(Instant::now() < deadline, "no PID file:\n{}", s.log());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let scratch = s.temp_dir().join(format!("tchserve-{}", s.pid()));
+        s.stop_ok();
+        assert!(!scratch.exists(), "after {delay_ms} ms: {}", s.log());
+        assert!(!pid_file.exists(), "after {delay_ms} ms: {}", s.log());
+    }
 }
 
 #[test]
@@ -1309,7 +1335,7 @@ fn inference_and_management_can_share_one_address() {
         "",
     );
     assert!(s.metrics_text().contains("ts_inference_requests_total"));
-    assert!(s.stop().success());
+    s.stop_ok();
 
     // All three on one address, with keys: each path still asks for its own API's key.
     s.metrics = s.inference.clone();
@@ -1575,7 +1601,7 @@ fn workers_that_cannot_load_fail_registration_and_ping() {
     // A restart restores it from the snapshot, its workers failing as before, instead of
     // refusing to start and serving nothing. --models is not loaded then, and the terminal
     // says so.
-    assert!(s.stop().success());
+    s.stop_ok();
     s.start(&["--models", &format!("scale={ok}")]);
     broken_and_the_other_serving(&s);
     assert!(s.log().contains("--models is not loaded"), "{}", s.log());

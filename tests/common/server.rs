@@ -140,7 +140,6 @@ pub struct Server {
     /// The gRPC management listener.
     pub grpc_management: String,
     extra_config: String,
-    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -161,7 +160,6 @@ impl Server {
             grpc_inference: format!("127.0.0.1:{gi}"),
             grpc_management: format!("127.0.0.1:{gm}"),
             extra_config: extra_config.to_string(),
-            args: Vec::new(),
             dir,
             child: None,
         }
@@ -213,20 +211,10 @@ impl Server {
 
     /// Starts in the foreground (as a child) with extra arguments and waits for /ping.
     pub fn start(&mut self, args: &[&str]) -> &mut Self {
-        self.args = args.iter().map(|s| s.to_string()).collect();
         // Between a stop and a restart, a client socket of a test running beside this one may
         // take one of the freed ports as its own: then the restart moves to fresh ports.
         for attempt in 0.. {
-            let log = fs::File::create(self.dir.path().join("server.log")).unwrap();
-            let child = self
-                .command()
-                .arg("--foreground")
-                .args(&self.args)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            self.child = Some(child);
+            self.spawn(args);
             match self.try_wait_ready() {
                 Ok(()) => break,
                 Err(log) if attempt < 3 && log.contains("Address already in use") => {
@@ -240,6 +228,20 @@ impl Server {
             }
         }
         self
+    }
+
+    /// Starts in the foreground (as a child) with extra arguments and returns at once.
+    pub fn spawn(&mut self, args: &[&str]) {
+        let log = fs::File::create(self.dir.path().join("server.log")).unwrap();
+        let child = self
+            .command()
+            .arg("--foreground")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
     }
 
     pub fn wait_ready(&mut self) {
@@ -299,6 +301,17 @@ impl Server {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         child.wait().unwrap()
+    }
+
+    /// Sends SIGTERM and asserts the server exited cleanly, showing its log when not.
+    #[track_caller]
+    pub fn stop_ok(&mut self) {
+        let status = self.stop();
+        assert!(
+            status.success(),
+            "tchserve stopped with {status}:\n{}",
+            self.log()
+        );
     }
 
     /// Sends SIGTERM and returns at once; `wait` reaps the server.

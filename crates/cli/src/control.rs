@@ -98,23 +98,22 @@ pub fn running_pid(dir: &Path) -> Option<u32> {
     (alive(pid) && is_our_server(pid, started)).then_some(pid)
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Catches Ctrl-C and SIGTERM from now on and returns what completes on either.
+///
+/// The handlers are installed here rather than when the future is first polled: a signal that
+/// comes between the listeners answering and the server waiting for it would otherwise kill the
+/// process outright. Must be called inside a Tokio runtime.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static>
+{
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
+    })
 }
 
 /// The environment variable that tells a server started by `--start` which file descriptor to

@@ -195,13 +195,35 @@ pub async fn run(
         .collect();
     // A server that starts without a model it was told to serve looks healthy and answers 404:
     // refuse to start instead, naming each model and why.
-    let mut failed = Vec::new();
-    for l in loads {
-        failed.extend(
-            l.await
-                .unwrap_or_else(|e| vec![(String::new(), format!("loading panicked: {e}"))]),
-        );
-    }
+    // A stop asked for while models load is not left waiting for the listeners: the loads
+    // get the grace period to end, then their workers stop.
+    let mut shutdown = Box::pin(shutdown);
+    let mut loading = std::pin::pin!(async {
+        let mut failed = Vec::new();
+        for l in loads {
+            failed.extend(
+                l.await
+                    .unwrap_or_else(|e| vec![(String::new(), format!("loading panicked: {e}"))]),
+            );
+        }
+        failed
+    });
+    let mut failed = tokio::select! {
+        failed = &mut loading => failed,
+        () = &mut shutdown => {
+            let grace = config.graceful_shutdown_timeout;
+            tracing::info!(grace_s = grace.as_secs(), "stopping while the start-up models load");
+            let deadline = tokio::time::Instant::now() + grace;
+            let loaded = tokio::time::timeout_at(deadline, loading).await.is_ok();
+            return Ok(if loaded && stop_workers(&registry, deadline).await {
+                tracing::info!("stopped");
+                Stopped::Drained
+            } else {
+                tracing::warn!(grace_s = grace.as_secs(), "graceful_shutdown_timeout passed with models still loading");
+                Stopped::GraceExpired
+            });
+        }
+    };
     // With polling on, the store decides what serves: a model whose archive left the store
     // while the server was down must not keep it from starting. Any other failure still does.
     if let (Some(_), Some(store)) = (config.model_store_poll_interval, &store) {
@@ -369,18 +391,7 @@ pub async fn run(
             a.abort();
         }
     }
-    let models = registry.drain();
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    // Workers drain what is still queued (nothing, when every listener finished) and exit;
-    // a forward that outlives the grace period is not waited for.
-    let workers = tokio::task::spawn_blocking(move || {
-        for m in models {
-            m.pool.shutdown(left);
-        }
-    });
-    let workers_done = tokio::time::timeout(left.max(Duration::from_millis(100)), workers)
-        .await
-        .is_ok();
+    let workers_done = stop_workers(&registry, deadline).await;
     if listeners_done && workers_done {
         tracing::info!("stopped");
         Ok(Stopped::Drained)
@@ -391,6 +402,22 @@ pub async fn run(
         );
         Ok(Stopped::GraceExpired)
     }
+}
+
+/// Stops every model's workers by `deadline`; false when some did not exit in time.
+async fn stop_workers(registry: &Registry, deadline: tokio::time::Instant) -> bool {
+    let models = registry.drain();
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    // Workers drain what is still queued (nothing, when every listener finished) and exit;
+    // a forward that outlives the grace period is not waited for.
+    let workers = tokio::task::spawn_blocking(move || {
+        for m in models {
+            m.pool.shutdown(left);
+        }
+    });
+    tokio::time::timeout(left.max(Duration::from_millis(100)), workers)
+        .await
+        .is_ok()
 }
 
 /// Polls the model store every `every` until the server stops; see [`store_poll`].
@@ -429,7 +456,8 @@ async fn poll_store(
 pub enum Stopped {
     /// Every accepted request was answered and every worker exited.
     Drained,
-    /// `graceful_shutdown_timeout` passed first; worker threads may still be running a forward.
+    /// `graceful_shutdown_timeout` passed first; worker threads may still be running a forward
+    /// or a load.
     GraceExpired,
 }
 

@@ -263,8 +263,14 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
     for flag in args.ignored_flags() {
         tracing::warn!("{flag} is TorchServe's and not used by tchserve; ignoring it");
     }
-    let _pid = control::PidFile::create(&dir)?;
     let runtime = tokio::runtime::Runtime::new()?;
+    // Caught from here on: a stop sent while the server starts is kept, not fatal. The PID
+    // file comes after, so whoever reads it to send a stop finds the signal caught.
+    let shutdown = {
+        let _in_runtime = runtime.enter();
+        control::shutdown_signal()?
+    };
+    let pid_file = control::PidFile::create(&dir)?;
     let telemetry = match &config.otlp_endpoint {
         Some(endpoint) => Some(Telemetry::start(endpoint, runtime.handle().clone())?),
         None => None,
@@ -287,7 +293,7 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
             log_dir: dir,
             key_file: PathBuf::from("key_file.json"),
         },
-        control::shutdown_signal(),
+        shutdown,
         control::signal_ready,
     ));
     // The last spans go out while the runtime that sends them still runs.
@@ -296,11 +302,12 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
     }
     let stopped = stopped?;
     if stopped == Stopped::GraceExpired {
-        // A worker may still be inside a forward: running libtorch's static destructors
-        // under it could crash the exit, so leave without them.
+        // A worker may still be inside a forward or a load: running libtorch's static
+        // destructors under it could crash the exit, so leave without them.
         use std::io::Write;
         log.flush();
         let _ = std::io::stderr().flush();
+        drop(pid_file);
         // SAFETY: _exit ends the process at once; nothing after this point needs to run.
         unsafe { libc::_exit(0) };
     }
