@@ -89,9 +89,57 @@ fn start_status_stop_through_the_cli() {
         status.status.success() && String::from_utf8_lossy(&status.stdout).contains("is running")
     );
 
-    let stop = run(s.command().arg("--stop"));
-    assert!(stop.status.success());
-    assert!(String::from_utf8_lossy(&stop.stdout).contains("tchserve has stopped"));
+    // From another folder, the one server running is found, as TorchServe's --stop finds it;
+    // a log folder named there is looked in alone.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let logs = s.dir.path().join("logs");
+    let status = run(s.command().current_dir(elsewhere.path()).arg("--status"));
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("logs in {}", logs.display())),
+        "{said}"
+    );
+    let named =
+        run(s
+            .command()
+            .current_dir(elsewhere.path())
+            .args(["--stop", "--log-dir", "logs"]));
+    assert!(!named.status.success());
+    assert!(std::net::TcpStream::connect(&s.inference).is_ok());
+    // With two running, --stop from elsewhere names both and stops neither.
+    let (second, mar2, _) = scale_server("");
+    let shared_tmp = |mut c: std::process::Command| {
+        c.env("TMPDIR", s.temp_dir());
+        c
+    };
+    let out = run(shared_tmp(second.command())
+        .args(["--start", "--ncs", "--models"])
+        .arg(format!("scale={mar2}")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let both = run(s.command().current_dir(elsewhere.path()).arg("--stop"));
+    let said = String::from_utf8_lossy(&both.stderr);
+    assert!(!both.status.success(), "{said}");
+    assert!(said.contains(&logs.display().to_string()), "{said}");
+    assert!(
+        said.contains(&second.dir.path().join("logs").display().to_string()),
+        "{said}"
+    );
+    assert!(
+        run(shared_tmp(second.command()).arg("--stop"))
+            .status
+            .success()
+    );
+
+    let stop = run(s.command().current_dir(elsewhere.path()).arg("--stop"));
+    let said = String::from_utf8_lossy(&stop.stdout);
+    assert!(stop.status.success(), "{said}");
+    assert!(said.contains(&logs.display().to_string()), "{said}");
+    assert!(said.contains("tchserve has stopped"), "{said}");
     assert!(!s.dir.path().join("logs/tchserve.pid").exists());
     assert!(
         std::net::TcpStream::connect(&s.inference).is_err(),

@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,7 +25,11 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(180);
 /// (clock ticks since boot, from `/proc`), so a pid reused by another process after a crash is
 /// never taken for the server.
 #[derive(Debug)]
-pub struct PidFile(PathBuf);
+pub struct PidFile {
+    path: PathBuf,
+    /// This server's entry in [`notes_dir`], when it could be written.
+    note: Option<PathBuf>,
+}
 
 impl PidFile {
     /// Writes this process's id, refusing if another live server owns the file.
@@ -40,15 +45,90 @@ impl PidFile {
         let started = start_time(me).map(|t| t.to_string()).unwrap_or_default();
         fs::write(&path, format!("{me}\n{started}\n"))
             .with_context(|| format!("writing {}", path.display()))?;
-        Ok(PidFile(path))
+        Ok(PidFile {
+            path,
+            note: write_note(me, dir),
+        })
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        if read_pid(&self.0).map(|(pid, _)| pid) == Some(std::process::id()) {
-            let _ = fs::remove_file(&self.0);
+        if read_pid(&self.path).map(|(pid, _)| pid) == Some(std::process::id()) {
+            let _ = fs::remove_file(&self.path);
         }
+        if let Some(note) = &self.note {
+            let _ = fs::remove_file(note);
+        }
+    }
+}
+
+/// Where each running server of this user notes its log folder, so that `--stop` and
+/// `--status` run from another folder still find it, as TorchServe's one PID file in the temp
+/// folder lets them.
+fn notes_dir() -> PathBuf {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("tchserve-servers-{uid}"))
+}
+
+/// Notes `dir` as the log folder of server `pid`; None when that cannot be written, which
+/// only costs finding the server from elsewhere.
+fn write_note(pid: u32, dir: &Path) -> Option<PathBuf> {
+    let notes = notes_dir();
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&notes);
+    let dir = std::path::absolute(dir).ok()?;
+    let note = notes.join(pid.to_string());
+    (made.is_ok() && fs::write(&note, dir.as_os_str().as_encoded_bytes()).is_ok()).then_some(note)
+}
+
+/// The live servers noted in [`notes_dir`], as (pid, log folder); notes of servers that are
+/// gone are removed.
+fn noted_servers() -> Vec<(u32, PathBuf)> {
+    let Ok(entries) = fs::read_dir(notes_dir()) else {
+        return Vec::new();
+    };
+    let mut live: Vec<(u32, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let dir = PathBuf::from(fs::read_to_string(e.path()).ok()?);
+            if running_pid(&dir) == Some(pid) {
+                Some((pid, dir))
+            } else {
+                let _ = fs::remove_file(e.path());
+                None
+            }
+        })
+        .collect();
+    live.sort();
+    live
+}
+
+/// The server to stop or report: the one logging to `dir`, else, when the user named no log
+/// folder, the only server of this user running anywhere. Errs when several run elsewhere.
+fn find_server(dir: &Path, dir_given: bool) -> anyhow::Result<Option<(u32, PathBuf)>> {
+    if let Some(pid) = running_pid(dir) {
+        return Ok(Some((pid, dir.to_path_buf())));
+    }
+    if dir_given {
+        return Ok(None);
+    }
+    match noted_servers().as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        many => bail!(
+            "none in {} but {} tchserve servers are running elsewhere; name one with --log-dir:\n  {}",
+            dir.display(),
+            many.len(),
+            many.iter()
+                .map(|(pid, d)| format!("--log-dir {} (pid {pid})", d.display()))
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        ),
     }
 }
 
@@ -238,24 +318,46 @@ fn log_tail(path: &Path, from: u64) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-fn not_running(dir: &Path) -> String {
-    format!(
-        "tchserve is not running (no live server in {}); a server started with --log-dir or \
-         LOG_LOCATION is found by giving the same to --stop and --status",
-        dir.join(PID_FILE).display()
-    )
+fn not_running(dir: &Path, dir_given: bool) -> String {
+    if dir_given {
+        format!(
+            "tchserve is not running (no live server in {}); give --stop and --status the \
+             --log-dir or LOG_LOCATION the server was started with, or neither to find the one \
+             server running",
+            dir.join(PID_FILE).display()
+        )
+    } else {
+        format!(
+            "tchserve is not running (no live server in {}, nor anywhere else for this user)",
+            dir.join(PID_FILE).display()
+        )
+    }
 }
 
 /// Stops the server gracefully and waits for it to exit (at most `grace` and a margin for the
 /// exit itself, or 180 s when the grace is not known); false when none was running.
-pub fn stop(dir: &Path, grace: Option<Duration>) -> anyhow::Result<bool> {
-    let Some(pid) = running_pid(dir) else {
+///
+/// Without a log folder named (`dir_given` false), a server started from another folder is
+/// found too when it is the only one this user runs.
+pub fn stop(dir: &Path, grace: Option<Duration>, dir_given: bool) -> anyhow::Result<bool> {
+    let Some((pid, found_in)) = find_server(dir, dir_given)? else {
         if read_pid(&dir.join(PID_FILE)).is_some() {
             // Left by a server that died: it names no live server.
             let _ = fs::remove_file(dir.join(PID_FILE));
         }
-        println!("{}", not_running(dir));
+        println!("{}", not_running(dir, dir_given));
         return Ok(false);
+    };
+    // The grace read here is this folder's configuration: not the one a server found
+    // elsewhere was started with.
+    let grace = if found_in == dir {
+        grace
+    } else {
+        println!(
+            "stopping the tchserve started with its logs in {} (pid {pid})",
+            found_in.display()
+        );
+        None
     };
     // SAFETY: plain kill(2) on a pid that `running_pid` has just confirmed is our server.
     if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
@@ -280,17 +382,27 @@ pub fn stop(dir: &Path, grace: Option<Duration>) -> anyhow::Result<bool> {
 }
 
 /// Prints whether a server runs; true when it runs.
-pub fn status(dir: &Path) -> anyhow::Result<bool> {
-    match running_pid(dir) {
-        Some(pid) => {
-            println!("tchserve is running (pid {pid})");
-            Ok(true)
-        }
-        None => {
-            println!("{}", not_running(dir));
-            Ok(false)
-        }
+pub fn status(dir: &Path, dir_given: bool) -> anyhow::Result<bool> {
+    if let Some(pid) = running_pid(dir) {
+        println!("tchserve is running (pid {pid})");
+        return Ok(true);
     }
+    let elsewhere = if dir_given {
+        Vec::new()
+    } else {
+        noted_servers()
+    };
+    for (pid, d) in &elsewhere {
+        println!(
+            "tchserve is running (pid {pid}); logs in {}, so --log-dir {} names it",
+            d.display(),
+            d.display()
+        );
+    }
+    if elsewhere.is_empty() {
+        println!("{}", not_running(dir, dir_given));
+    }
+    Ok(!elsewhere.is_empty())
 }
 
 #[cfg(test)]

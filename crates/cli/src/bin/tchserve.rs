@@ -100,9 +100,9 @@ fn main() -> ExitCode {
     } else if args.stop {
         // The configuration's grace period, when it can be read, bounds the wait.
         let grace = load_config(&args).ok().map(|c| c.graceful_shutdown_timeout);
-        control::stop(&log_dir(&args), grace)
+        control::stop(&log_dir(&args), grace, log_dir_given(&args))
     } else if args.status {
-        control::status(&log_dir(&args))
+        control::status(&log_dir(&args), log_dir_given(&args))
     } else if args.start && !args.foreground {
         note_ignored_models(&args);
         // The configuration is checked here, so a bad key fails before anything starts, and
@@ -156,6 +156,12 @@ fn log_dir(args: &Args) -> PathBuf {
         .clone()
         .or_else(|| std::env::var_os("LOG_LOCATION").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("logs"))
+}
+
+/// Whether the user named the log folder (`--log-dir` or LOG_LOCATION) rather than taking
+/// `./logs`.
+fn log_dir_given(args: &Args) -> bool {
+    args.log_dir.is_some() || std::env::var_os("LOG_LOCATION").is_some()
 }
 
 /// The configuration, located and overridden as TorchServe does: TS_CONFIG_FILE, else
