@@ -1137,6 +1137,11 @@ fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
         s.manage("GET", "/v1/models/scale").json(),
         json!({"name": "scale", "ready": true})
     );
+    // And the list of models, as KServe's model server answers it.
+    assert_eq!(
+        s.infer("GET", "/v1/models", &[], b"").json(),
+        json!({"models": ["scale"]})
+    );
     // With two, it must be told which.
     assert_eq!(
         register(&s, &format!("url={v2}&model_name=other&initial_workers=1")).status,
@@ -1302,6 +1307,108 @@ fn metrics_count_what_was_sent() {
         only.contains("Requests4XX") && !only.contains("Requests2XX"),
         "{only}"
     );
+}
+
+#[test]
+fn torchserve_default_metrics_are_served() {
+    let (mut s, v1, _) = scale_server("");
+    s.start(&["--models", &format!("scale={v1}")]);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    // Requests of four instances: each waits as long as its longest-queued item, never more
+    // than the request took.
+    let instances = r#"{"instances": [[1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3], [4, 4, 4, 4]]}"#;
+    for _ in 0..20 {
+        assert_eq!(
+            post_json(&s.inference, "/v1/models/scale:predict", instances).status,
+            200
+        );
+    }
+    // Failed requests add to neither, as in TorchServe.
+    for _ in 0..3 {
+        assert_eq!(
+            post_json(&s.inference, "/predictions/scale", "[1, 1]").status,
+            400
+        );
+    }
+    let text = s.metrics_text();
+    let labels = format!("model_name=\"scale\",model_version=\"default\",hostname=\"{host}\",");
+    let latency = metric(
+        &text,
+        &format!("ts_inference_latency_microseconds{{{labels}}}"),
+    );
+    let queued = metric(&text, &format!("ts_queue_latency_microseconds{{{labels}}}"));
+    assert!(queued > 0.0 && queued < latency, "{queued} vs {latency}");
+
+    // TorchServe's gauges, under its names and labels, in its style.
+    let host_labels = format!("{{Level=\"Host\",Hostname=\"{host}\",}}");
+    for name in ["QueueTime", "WorkerThreadTime"] {
+        assert!(metric(&text, &format!("{name}{host_labels}")) >= 0.0);
+    }
+    let model = format!("{{ModelName=\"scale\",Level=\"Model\",Hostname=\"{host}\",}}");
+    let handler = metric(&text, &format!("HandlerTime{model}"));
+    let prediction = metric(&text, &format!("PredictionTime{model}"));
+    assert!(
+        handler > 0.0 && handler <= prediction,
+        "{handler} {prediction}"
+    );
+    let workers = s.manage("GET", "/models/scale").json();
+    let id = workers[0]["workers"][0]["id"].as_str().unwrap().to_string();
+    let load = metric(
+        &text,
+        &format!(
+            "WorkerLoadTime{{WorkerName=\"W-{id}-scale_1.0\",Level=\"Host\",Hostname=\"{host}\",}}"
+        ),
+    );
+    assert!(load > 0.0, "{text}");
+
+    // Host metrics, as psutil reports them, compared with what the machine says.
+    let cpu = metric(&text, &format!("CPUUtilization{host_labels}"));
+    assert!((0.0..=100.0).contains(&cpu), "{cpu}");
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_mb = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+        / 1024.0;
+    let used = metric(&text, &format!("MemoryUsed{host_labels}"));
+    let available = metric(&text, &format!("MemoryAvailable{host_labels}"));
+    assert!(used > 0.0 && available > 0.0 && used + available <= total_mb * 1.01);
+    let percent = metric(&text, &format!("MemoryUtilization{host_labels}"));
+    assert!(
+        (percent - (total_mb - available) / total_mb * 100.0).abs() < 5.0,
+        "{percent}"
+    );
+    let disk = metric(&text, &format!("DiskUsage{host_labels}"));
+    let free = metric(&text, &format!("DiskAvailable{host_labels}"));
+    let disk_percent = metric(&text, &format!("DiskUtilization{host_labels}"));
+    assert!(disk > 0.0 && free > 0.0, "{disk} {free}");
+    assert!((disk_percent - disk / (disk + free) * 100.0).abs() < 0.5);
+
+    // The process's CPU time to the tick, not in whole seconds.
+    let cpu_seconds = text
+        .lines()
+        .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+        .unwrap()
+        .parse::<f64>()
+        .unwrap();
+    assert!(
+        cpu_seconds > 0.0 && cpu_seconds.fract() != 0.0,
+        "{cpu_seconds}"
+    );
+    s.stop_ok();
+
+    // disable_system_metrics leaves the host out, as in TorchServe.
+    s.set_config("disable_system_metrics=true");
+    s.start(&["--models", &format!("scale={v1}")]);
+    let text = s.metrics_text();
+    assert!(!text.contains("CPUUtilization{"), "{text}");
+    assert!(text.contains("Requests2XX"));
 }
 
 #[test]

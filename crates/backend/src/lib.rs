@@ -78,6 +78,8 @@ pub struct WorkerInfo {
     pub state: WorkerState,
     /// Its device, as a label (`cpu`, `cuda:0`).
     pub device: String,
+    /// Milliseconds its last model load took, once it has loaded.
+    pub load_ms: Option<u64>,
 }
 
 impl WorkerInfo {

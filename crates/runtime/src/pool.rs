@@ -182,6 +182,7 @@ impl Pool {
     pub fn workers(&self) -> Vec<WorkerInfo> {
         let workers = lock(&self.workers);
         let states = lock(&self.shared.states);
+        let load_ms = lock(&self.shared.load_ms);
         workers
             .iter()
             .map(|h| WorkerInfo {
@@ -189,6 +190,7 @@ impl Pool {
                 started: h.started,
                 state: states.get(&h.id).cloned().unwrap_or(WorkerState::Stopped),
                 device: device_label(h.device),
+                load_ms: load_ms.get(&h.id).copied(),
             })
             .collect()
     }

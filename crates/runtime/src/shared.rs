@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     /// Workers that can take jobs (starting or ready, not failed), kept with `states` so that
     /// a submit reads it without the lock.
     pub(crate) serving: AtomicUsize,
+    /// Milliseconds each worker's last model load took.
+    pub(crate) load_ms: Mutex<BTreeMap<usize, u64>>,
 }
 
 impl Shared {
@@ -103,6 +105,13 @@ impl Shared {
         let mut states = lock(&self.states);
         states.remove(&id);
         self.recount(&states);
+        drop(states);
+        lock(&self.load_ms).remove(&id);
+    }
+
+    /// Records how long a worker took to load its model.
+    pub(crate) fn loaded(&self, id: usize, took: std::time::Duration) {
+        lock(&self.load_ms).insert(id, took.as_millis() as u64);
     }
 
     fn recount(&self, states: &BTreeMap<usize, WorkerState>) {

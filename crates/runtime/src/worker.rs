@@ -83,6 +83,7 @@ pub(crate) fn run(ctx: Context) {
                 continue;
             }
         };
+        ctx.shared.loaded(ctx.id, started.elapsed());
         tracing::info!(worker = ctx.id, model = %name, device = ?ctx.device, load_ms = started.elapsed().as_millis() as u64, "worker ready");
         failures = 0;
         match serve(&ctx, &model) {

@@ -248,6 +248,8 @@ pub struct Config {
     pub number_of_gpu: Option<usize>,
     /// `enable_metrics_api`: whether the metrics listener is served.
     pub enable_metrics_api: bool,
+    /// `disable_system_metrics`: leave out the host's CPU, memory and disk metrics.
+    pub disable_system_metrics: bool,
     /// `cors_allowed_origin`, `cors_allowed_methods`, `cors_allowed_headers`: the CORS headers
     /// every response carries, each only when set.
     pub cors: Cors,
@@ -276,9 +278,10 @@ impl Cors {
 }
 
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
-const ENV_KEYS: [&str; 41] = [
+const ENV_KEYS: [&str; 42] = [
     "number_of_gpu",
     "enable_metrics_api",
+    "disable_system_metrics",
     "cors_allowed_origin",
     "cors_allowed_methods",
     "cors_allowed_headers",
@@ -378,6 +381,7 @@ impl Default for Config {
             json_logs: false,
             number_of_gpu: None,
             enable_metrics_api: true,
+            disable_system_metrics: false,
             cors: Cors::default(),
             source: None,
             ignored_keys: Vec::new(),
@@ -766,6 +770,7 @@ impl Config {
                 }
                 "number_of_gpu" => cfg.number_of_gpu = Some(int()? as usize),
                 "enable_metrics_api" => cfg.enable_metrics_api = boolean()?,
+                "disable_system_metrics" => cfg.disable_system_metrics = boolean()?,
                 "cors_allowed_origin" | "cors_allowed_methods" | "cors_allowed_headers" => {
                     // Checked here, so that every response can carry it.
                     if axum::http::HeaderValue::from_str(value).is_err() {

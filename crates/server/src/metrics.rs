@@ -1,12 +1,15 @@
-//! Prometheus metrics: TorchServe's names, plus histograms of queue time, handler time and
-//! batch size, queue depth and workers per model, and the process's CPU and memory.
+//! Prometheus metrics: TorchServe's default metrics under its names, plus histograms of queue
+//! time, handler time and batch size, queue depth and workers per model, and the process's CPU
+//! and memory.
 
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+mod host;
 
 /// Every metric the server exports: a handle to one shared [`MetricSet`], cheap to clone.
 #[derive(Debug, Clone)]
@@ -39,12 +42,28 @@ pub struct MetricSet {
     pub queue_depth: IntGaugeVec,
     /// Workers, per model and state.
     pub workers: IntGaugeVec,
+    /// `QueueTime`: milliseconds the last request waited for a worker.
+    pub queue_time_ms: Gauge,
+    /// `WorkerThreadTime`: milliseconds the last batch spent in its worker outside the handler.
+    pub worker_thread_time_ms: Gauge,
+    /// `WorkerLoadTime{WorkerName}`: milliseconds each worker took to load its model.
+    pub worker_load_time_ms: GaugeVec,
+    /// `HandlerTime{ModelName}`: milliseconds the handler took on the last batch.
+    pub handler_time_ms: GaugeVec,
+    /// `PredictionTime{ModelName}`: milliseconds the worker took on the last batch.
+    pub prediction_time_ms: GaugeVec,
+    /// TorchServe's host metrics: CPU, memory and disk.
+    host: host::HostGauges,
     hostname: String,
     /// `status` with this host's labels, by class: counted on every response.
     status_by_class: [IntCounter; 3],
 }
 
 const MODEL_LABELS: [&str; 3] = ["model_name", "model_version", "hostname"];
+/// TorchServe's labels of its host-level metrics (`Level` is always `Host`).
+const HOST_LABELS: [&str; 2] = ["Level", "Hostname"];
+/// TorchServe's labels of its per-model gauges (`Level` is always `Model`).
+const MODEL_GAUGE_LABELS: [&str; 3] = ["ModelName", "Level", "Hostname"];
 
 impl Metrics {
     /// Registers every metric.
@@ -75,6 +94,13 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
+        let float_gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
         let time_buckets =
             prometheus::exponential_buckets(0.000_05, 2.0, 18).expect("valid buckets");
         let hostname = hostname();
@@ -97,6 +123,21 @@ impl Metrics {
         ];
         // `Requests2XX` and the others are labelled by `Level` and `Hostname`, which never change.
         let status_by_class = status.map(|c| c.with_label_values(&["Host", &hostname]));
+        let host_gauge = |name: &str, help: &str| {
+            float_gauge(name, help, &HOST_LABELS).with_label_values(&["Host", &hostname])
+        };
+        let queue_time_ms = host_gauge(
+            "QueueTime",
+            "Milliseconds the last request waited for a worker.",
+        );
+        let worker_thread_time_ms = host_gauge(
+            "WorkerThreadTime",
+            "Milliseconds the last batch spent in its worker outside the handler.",
+        );
+        let host = host::HostGauges::new(
+            &|name, help| float_gauge(name, help, &HOST_LABELS),
+            &hostname,
+        );
         let m = MetricSet {
             requests_total: counter(
                 "ts_inference_requests_total",
@@ -138,6 +179,24 @@ impl Metrics {
                 "Workers by state.",
                 &["model_name", "model_version", "state"],
             ),
+            queue_time_ms,
+            worker_thread_time_ms,
+            worker_load_time_ms: float_gauge(
+                "WorkerLoadTime",
+                "Milliseconds each worker took to load its model.",
+                &["WorkerName", "Level", "Hostname"],
+            ),
+            handler_time_ms: float_gauge(
+                "HandlerTime",
+                "Milliseconds the handler took on the last batch (decoding, the model, the answers).",
+                &MODEL_GAUGE_LABELS,
+            ),
+            prediction_time_ms: float_gauge(
+                "PredictionTime",
+                "Milliseconds the worker took on the last batch.",
+                &MODEL_GAUGE_LABELS,
+            ),
+            host,
             hostname,
             status_by_class,
             registry,
@@ -157,6 +216,22 @@ impl MetricSet {
         &self.hostname
     }
 
+    /// Sets `WorkerLoadTime` to exactly these workers, as (worker name, milliseconds): workers
+    /// scaled away leave no series behind.
+    pub fn set_worker_load_times(&self, workers: &[(String, u64)]) {
+        self.worker_load_time_ms.reset();
+        for (name, ms) in workers {
+            self.worker_load_time_ms
+                .with_label_values(&[name, "Host", &self.hostname])
+                .set(*ms as f64);
+        }
+    }
+
+    /// Samples the host's CPU, memory and root file system into TorchServe's host metrics.
+    pub fn sample_host(&self) {
+        self.host.sample();
+    }
+
     /// Counts a response by status class.
     pub fn count_status(&self, status: u16) {
         let class = match status {
@@ -172,12 +247,15 @@ impl MetricSet {
     /// [`write_torchserve_style`]); the others in the usual form.
     pub fn render(&self, names: &[String]) -> String {
         let mut out = Vec::new();
-        for family in self
+        for mut family in self
             .registry
             .gather()
             .into_iter()
             .filter(|f| names.is_empty() || names.iter().any(|n| n == f.name()))
         {
+            if family.name() == "process_cpu_seconds_total" {
+                precise_cpu_seconds(&mut family);
+            }
             match TORCHSERVE_LABEL_ORDER
                 .iter()
                 .find(|(n, _)| *n == family.name())
@@ -193,14 +271,40 @@ impl MetricSet {
 }
 
 /// TorchServe's metrics and the order its metric definitions give their labels.
-const TORCHSERVE_LABEL_ORDER: [(&str, &[&str]); 6] = [
-    ("Requests2XX", &["Level", "Hostname"]),
-    ("Requests4XX", &["Level", "Hostname"]),
-    ("Requests5XX", &["Level", "Hostname"]),
+const TORCHSERVE_LABEL_ORDER: [(&str, &[&str]); 18] = [
+    ("Requests2XX", &HOST_LABELS),
+    ("Requests4XX", &HOST_LABELS),
+    ("Requests5XX", &HOST_LABELS),
     ("ts_inference_requests_total", &MODEL_LABELS),
     ("ts_inference_latency_microseconds", &MODEL_LABELS),
     ("ts_queue_latency_microseconds", &MODEL_LABELS),
+    ("QueueTime", &HOST_LABELS),
+    ("WorkerThreadTime", &HOST_LABELS),
+    ("WorkerLoadTime", &["WorkerName", "Level", "Hostname"]),
+    ("CPUUtilization", &HOST_LABELS),
+    ("MemoryUsed", &HOST_LABELS),
+    ("MemoryAvailable", &HOST_LABELS),
+    ("MemoryUtilization", &HOST_LABELS),
+    ("DiskUsage", &HOST_LABELS),
+    ("DiskUtilization", &HOST_LABELS),
+    ("DiskAvailable", &HOST_LABELS),
+    ("HandlerTime", &MODEL_GAUGE_LABELS),
+    ("PredictionTime", &MODEL_GAUGE_LABELS),
 ];
+
+/// Replaces the process collector's CPU time, which it keeps in whole seconds (an integer
+/// counter), with the exact time from `/proc/self/stat`: in whole seconds a lightly loaded
+/// server's `rate()` reads 0 most of the time.
+fn precise_cpu_seconds(family: &mut prometheus::proto::MetricFamily) {
+    let Some(seconds) = host::process_cpu_seconds() else {
+        return;
+    };
+    for m in family.mut_metric().iter_mut() {
+        let mut counter = prometheus::proto::Counter::default();
+        counter.set_value(seconds);
+        m.set_counter(counter);
+    }
+}
 
 /// Writes a counter or gauge family as TorchServe's Prometheus client (simpleclient 0.9) does:
 /// labels in their declared order with a trailing comma, values as floats
@@ -259,6 +363,10 @@ pub struct ModelSeries {
     pub handler_seconds: Histogram,
     /// `tchserve_batch_size`.
     pub batch_size: Histogram,
+    /// `HandlerTime`, labelled by model name only, as TorchServe labels it.
+    pub handler_time_ms: Gauge,
+    /// `PredictionTime`, likewise.
+    pub prediction_time_ms: Gauge,
 }
 
 /// A model version's [`ModelSeries`], made on first use. TorchServe labels the counters of a
@@ -287,6 +395,16 @@ impl SeriesCache {
                 queue_seconds: metrics.queue_seconds.with_label_values(&histograms),
                 handler_seconds: metrics.handler_seconds.with_label_values(&histograms),
                 batch_size: metrics.batch_size.with_label_values(&histograms),
+                handler_time_ms: metrics.handler_time_ms.with_label_values(&[
+                    name,
+                    "Model",
+                    metrics.hostname(),
+                ]),
+                prediction_time_ms: metrics.prediction_time_ms.with_label_values(&[
+                    name,
+                    "Model",
+                    metrics.hostname(),
+                ]),
             }
         })
     }

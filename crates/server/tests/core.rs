@@ -111,6 +111,7 @@ impl Workers for FakeWorkers {
                 started: SystemTime::now(),
                 state: WorkerState::Ready,
                 device: "cpu".into(),
+                load_ms: Some(5),
             })
             .collect()
     }

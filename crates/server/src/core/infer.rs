@@ -144,7 +144,10 @@ impl Infer {
         let mv = self.registry.get(name, version)?;
         let series = mv.series.get(&self.metrics, name, &mv.version, named);
         series.requests_total.inc();
-        let prediction = self.run(&mv, name, version, named, payload).await?;
+        let (prediction, queue_us) = self.run(&mv, name, version, named, payload).await?;
+        // Both only for an answered request, from one clock, as TorchServe counts them: the
+        // time queued is then never more than the latency.
+        series.queue_latency_us.inc_by(queue_us);
         series
             .latency_us
             .inc_by(started.elapsed().as_micros() as u64);
@@ -192,10 +195,15 @@ impl Infer {
             }));
         }
         let mut out: Vec<Option<Prediction>> = vec![None; n];
+        // The items wait side by side: the request waited as long as its longest-queued item.
+        let mut queue_us = 0;
         while let Some(joined) = set.join_next().await {
             let (i, answer) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
-            out[i] = Some(answer.map_err(|e| e.prefixed(&format!("item {i}: ")))?);
+            let (prediction, queued) = answer.map_err(|e| e.prefixed(&format!("item {i}: ")))?;
+            queue_us = queue_us.max(queued);
+            out[i] = Some(prediction);
         }
+        series.queue_latency_us.inc_by(queue_us);
         series
             .latency_us
             .inc_by(started.elapsed().as_micros() as u64);
@@ -203,7 +211,7 @@ impl Infer {
     }
 
     /// Runs one job on `mv` and records its queue and handler times; the request it belongs
-    /// to is counted by the caller.
+    /// to is counted by the caller, which gets the microseconds the job was queued.
     async fn run(
         &self,
         mv: &ModelVersion,
@@ -211,7 +219,7 @@ impl Infer {
         version: Option<&str>,
         named: bool,
         payload: Payload,
-    ) -> Result<Prediction, ApiError> {
+    ) -> Result<(Prediction, u64), ApiError> {
         let series = mv.series.get(&self.metrics, name, &mv.version, named);
         if mv.pool.worker_count() == 0 {
             let who = match version {
@@ -242,13 +250,24 @@ impl Infer {
             Ok(Ok(reply)) => reply,
         };
         crate::telemetry::record_job(enqueued, &timings);
-        series.queue_latency_us.inc_by(timings.queue_us);
         series.queue_seconds.observe(timings.queue_us as f64 / 1e6);
         series
             .handler_seconds
             .observe(timings.handler_us as f64 / 1e6);
         if timings.batch_size > 0 {
             series.batch_size.observe(timings.batch_size as f64);
+            // TorchServe's gauges hold the last batch's times, in milliseconds.
+            let handler_us = timings.decode_us + timings.run_us;
+            self.metrics
+                .queue_time_ms
+                .set(timings.queue_us as f64 / 1e3);
+            self.metrics
+                .worker_thread_time_ms
+                .set(timings.handler_us.saturating_sub(handler_us) as f64 / 1e3);
+            series.handler_time_ms.set(handler_us as f64 / 1e3);
+            series
+                .prediction_time_ms
+                .set(timings.handler_us as f64 / 1e3);
         }
         let prediction = result?;
         let size = match &prediction {
@@ -261,7 +280,7 @@ impl Infer {
                 self.max_response_size
             )));
         }
-        Ok(prediction)
+        Ok((prediction, timings.queue_us))
     }
 }
 

@@ -23,8 +23,17 @@ use crate::core::ApiError;
 /// KServe v1's routes (behind the inference key).
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .route("/v1/models", any(list_models))
         .route("/v1/models/{spec}", any(model))
         .route("/v1/models/{model}/versions/{spec}", any(model_version))
+}
+
+/// `{"models": [names]}`, as KServe's model server lists what it serves.
+async fn list_models(State(st): State<AppState>, method: Method) -> Response {
+    if method != Method::GET {
+        return KServeError::from(ApiError::method_not_allowed()).into_response();
+    }
+    axum::Json(json!({"models": st.registry.names()})).into_response()
 }
 
 async fn model(State(st): State<AppState>, Path(spec): Path<String>, req: Request) -> Response {

@@ -32,9 +32,14 @@ fn doc() -> serde_json::Value {
 }
 
 async fn metrics(State(st): State<AppState>, RawQuery(q): RawQuery) -> Response {
+    let mut load_times = Vec::new();
     for entry in st.registry.snapshot_entries().values() {
         for m in entry.versions.values() {
             let l = [m.name.as_str(), m.version.as_str()];
+            // Named as TorchServe names its workers: W-<id>-<model>_<version>.
+            load_times.extend(m.pool.workers().into_iter().filter_map(|w| {
+                Some((format!("W-{}-{}_{}", w.id, m.name, m.version), w.load_ms?))
+            }));
             st.metrics
                 .queue_depth
                 .with_label_values(&l)
@@ -49,6 +54,11 @@ async fn metrics(State(st): State<AppState>, RawQuery(q): RawQuery) -> Response 
                 .with_label_values(&[l[0], l[1], "not_ready"])
                 .set(m.pool.worker_count() as i64 - ready);
         }
+    }
+    st.metrics.set_worker_load_times(&load_times);
+    if !st.config.disable_system_metrics {
+        // A few small /proc reads and one statvfs: quick enough for an async thread.
+        st.metrics.sample_host();
     }
     // `?name[]=a&name[]=b` keeps only those metrics, as TorchServe's endpoint does.
     let names: Vec<String> =
