@@ -88,7 +88,11 @@ fn kserve_clients_v1_v2_and_grpc() {
 
 #[test]
 fn torchserve_grpc_inference_and_management() {
-    run_suite(server(), "torchserve-grpc");
+    // A queue deep enough for the 400 messages the suite sends ahead on one stream.
+    run_suite(
+        server_with("enable_model_api=true\njob_queue_size=1000"),
+        "torchserve-grpc",
+    );
 }
 
 #[test]

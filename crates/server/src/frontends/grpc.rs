@@ -23,14 +23,31 @@ pub fn message_limit(st: &crate::frontends::AppState) -> usize {
 
 /// The error as a gRPC status: the core's code and the REST API's message.
 pub fn status_of(e: &ApiError) -> Status {
-    Status::new(Code::from_i32(e.grpc_code() as i32), e.message())
+    Status::new(Code::from_i32(e.grpc_code() as i32), bounded(e.message()))
+}
+
+/// The longest status message sent. A status travels in a header, and clients refuse headers
+/// past 16 KiB: a message that repeats a huge model name would lose the error itself.
+const MAX_MESSAGE: usize = 4096;
+
+/// `message`, cut to [`MAX_MESSAGE`] bytes at a character boundary, marked when cut.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    message
 }
 
 /// The error as a `google.rpc.Status` message, for answers inside a stream.
 pub fn rpc_status(e: &ApiError) -> rpc::Status {
     rpc::Status {
         code: e.grpc_code() as i32,
-        message: e.message(),
+        message: bounded(e.message()),
         details: Vec::new(),
     }
 }
@@ -99,5 +116,29 @@ pub async fn serve(
     };
     if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
         tracing::error!("gRPC listener failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_messages_are_bounded_at_a_character_boundary() {
+        assert_eq!(bounded("short".into()), "short");
+        // 'é' is two bytes: a cut at MAX_MESSAGE would split the last one.
+        let long = format!("x{}", "é".repeat(MAX_MESSAGE));
+        let cut = bounded(long);
+        assert!(
+            cut.ends_with("...") && cut.len() <= MAX_MESSAGE + 3,
+            "{}",
+            cut.len()
+        );
+        let status = status_of(&ApiError::model_not_found(format!(
+            "Model not found: {}",
+            "m".repeat(900_000)
+        )));
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().len() <= MAX_MESSAGE + 3);
     }
 }

@@ -7,6 +7,7 @@ use std::pin::Pin;
 
 use tchserve_backend::job::{Part, Payload, Prediction};
 use tokio_stream::{Stream, StreamExt as _};
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::management as ops;
@@ -39,14 +40,21 @@ pub struct Management(pub AppState);
 pub fn inference_service(st: AppState) -> InferenceApIsServiceServer<Inference> {
     let limit = message_limit(&st);
     InferenceApIsServiceServer::new(Inference(st))
-        // A message's size is checked before it is read into memory.
+        // A message's size is checked before it is read into memory, and after decompression.
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
 }
 
 /// The management service, ready to serve.
 pub fn management_service(st: AppState) -> ManagementApIsServiceServer<Management> {
+    let limit = message_limit(&st);
     ManagementApIsServiceServer::new(Management(st))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
 }
 
 impl Inference {
@@ -90,7 +98,7 @@ impl InferenceApIsService for Inference {
             "Unhealthy"
         };
         Ok(Response::new(TorchServeHealthResponse {
-            health: pretty_json(&serde_json::json!({ "status": status })),
+            health: grpc_json(&serde_json::json!({ "status": status })),
         }))
     }
 
@@ -134,37 +142,57 @@ impl InferenceApIsService for Inference {
     ) -> Result<Response<Self::StreamPredictions2Stream>, Status> {
         let mut incoming = req.into_inner();
         let this = self.clone();
-        // Each request is answered in order; a failed one answers with its status and the
-        // stream goes on.
+        // Each message is queued as soon as it arrives, as TorchServe queues it, so a stream
+        // batches like separate calls. Reading only after answering would also leave a client
+        // that sends ahead with its messages unread, and past h2's limit on those the whole
+        // connection is closed. Answers go out in the order of the requests; a failed one
+        // answers with its status and the stream goes on.
         let answers = stream_from_task(move |tx| async move {
-            while let Some(next) = incoming.next().await {
-                let req = match next {
-                    Ok(r) => r,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
+            let this = &this;
+            let mut pending = futures_util::stream::FuturesOrdered::new();
+            let mut reading = true;
+            loop {
+                tokio::select! {
+                    next = incoming.next(), if reading => match next {
+                        Some(Ok(req)) => pending.push_back(async move {
+                            let sequence = req.sequence_id.clone();
+                            match this.predict(req).await {
+                                Ok(body) => PredictionResponse {
+                                    prediction: body.into(),
+                                    sequence_id: sequence,
+                                    status: None,
+                                },
+                                Err(e) => PredictionResponse {
+                                    prediction: Default::default(),
+                                    sequence_id: sequence,
+                                    status: Some(rpc_status(&e)),
+                                },
+                            }
+                        }),
+                        Some(Err(status)) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                        None => reading = false,
+                    },
+                    Some(answer) = pending.next(), if !pending.is_empty() => {
+                        if tx.send(Ok(answer)).await.is_err() {
+                            return;
+                        }
                     }
-                };
-                let sequence = req.sequence_id.clone();
-                let answer = match this.predict(req).await {
-                    Ok(body) => PredictionResponse {
-                        prediction: body.into(),
-                        sequence_id: sequence,
-                        status: None,
-                    },
-                    Err(e) => PredictionResponse {
-                        prediction: Default::default(),
-                        sequence_id: sequence,
-                        status: Some(rpc_status(&e)),
-                    },
-                };
-                if tx.send(Ok(answer)).await.is_err() {
-                    return;
+                    else => return,
                 }
             }
         });
         Ok(Response::new(answers))
     }
+}
+
+/// The REST API's pretty JSON without its final newline, as TorchServe's gRPC API writes it.
+fn grpc_json(value: &serde_json::Value) -> String {
+    let mut s = pretty_json(value);
+    s.truncate(s.trim_end().len());
+    s
 }
 
 /// A stream of what `body`, run as a task of its own, sends into its channel.
@@ -185,7 +213,7 @@ fn msg(o: ops::Outcome) -> Result<Response<ManagementResponse>, Status> {
         Ok((_, body)) => Ok(Response::new(ManagementResponse {
             msg: match body.get("status").and_then(|s| s.as_str()) {
                 Some(status) => status.to_string(),
-                None => pretty_json(&body),
+                None => grpc_json(&body),
             },
         })),
         Err(e) => Err(status_of(&e)),
@@ -265,6 +293,12 @@ impl ManagementApIsService for Management {
             "response_timeout",
             r.response_timeout,
             r.response_timeout > 0,
+        );
+        put(
+            &mut q,
+            "startup_timeout",
+            r.startup_timeout,
+            r.startup_timeout > 0,
         );
         q.insert("synchronous".into(), r.synchronous.to_string());
         msg(ops::register_model(&self.0, &q).await)

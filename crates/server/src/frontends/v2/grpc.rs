@@ -24,6 +24,10 @@ pub fn service(st: AppState) -> GrpcInferenceServiceServer<V2> {
         // A message's size is checked before it is read into memory.
         .max_decoding_message_size(st_limit)
         .max_encoding_message_size(usize::MAX)
+        // Compressed requests, as Triton's clients send them on request; the size limit
+        // applies to the decompressed message.
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .accept_compressed(tonic::codec::CompressionEncoding::Deflate)
 }
 
 fn err(e: ApiError) -> Status {
@@ -336,9 +340,12 @@ impl GrpcInferenceService for V2 {
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
         check_key(self.0.tokens.as_deref(), Scope::Management, req.metadata())?;
-        let model = req.into_inner().model_name;
+        let model = repository_model(req.into_inner().into());
         load(&self.0, &model).await.map_err(err)?;
-        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+        Ok(Response::new(pb::RepositoryModelLoadResponse {
+            model_name: model,
+            is_loaded: true,
+        }))
     }
 
     async fn repository_model_unload(
@@ -346,8 +353,34 @@ impl GrpcInferenceService for V2 {
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
         check_key(self.0.tokens.as_deref(), Scope::Management, req.metadata())?;
-        let model = req.into_inner().model_name;
+        let model = repository_model(req.into_inner().into());
         unload(&self.0, &model).await.map_err(err)?;
-        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {
+            model_name: model,
+            is_unloaded: true,
+        }))
     }
+}
+
+/// The two fields a repository request may name its model in: `(field 1, field 2)`.
+struct RepositoryRequest(String, String);
+
+impl From<pb::RepositoryModelLoadRequest> for RepositoryRequest {
+    fn from(r: pb::RepositoryModelLoadRequest) -> Self {
+        RepositoryRequest(r.repository_name, r.model_name)
+    }
+}
+
+impl From<pb::RepositoryModelUnloadRequest> for RepositoryRequest {
+    fn from(r: pb::RepositoryModelUnloadRequest) -> Self {
+        RepositoryRequest(r.repository_name, r.model_name)
+    }
+}
+
+/// The model a repository request names. Triton's protocol puts it in field 2, after the
+/// repository's name; KServe's, on the same method, in field 1 alone. A request with field 2
+/// empty is KServe's.
+fn repository_model(r: RepositoryRequest) -> String {
+    let RepositoryRequest(first, second) = r;
+    if second.is_empty() { first } else { second }
 }
