@@ -1122,6 +1122,18 @@ fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
         r#"{"instances": [[1, 1, 1, 1]]}"#,
     );
     assert_kserve_error(&r, 501, "explanations are not supported");
+    for path in [
+        "/v2/models/scale/explain",
+        "/v2/models/scale/versions/1.0/explain",
+    ] {
+        let r = post_json(&s.inference, path, "{}");
+        assert_kserve_error(&r, 501, "explanations are not supported");
+    }
+    assert_kserve_error(
+        &post_json(&s.inference, "/v2/models/nope/explain", "{}"),
+        404,
+        "nope",
+    );
     // The legacy route leaves the KServe protocols' unknown paths their own shape of 404.
     for path in ["/v2/predict", "/v1/scale/predict"] {
         assert_kserve_error(&post_json(&s.inference, path, "[1, 1, 1, 1]"), 404, "");
@@ -1201,6 +1213,21 @@ fn v2_metadata_names_the_output_type_the_model_gives() {
         r.json()["outputs"][0],
         json!({"name": "output0", "datatype": "INT64", "shape": [2], "data": [1, 0]})
     );
+    // The one input by another name, as KServe's TorchServe samples send it; the errors name it
+    // as sent.
+    let r = post_json(
+        &s.inference,
+        "/v2/models/argmax/infer",
+        r#"{"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32", "data": [1, 5, 2, 0]}]}"#,
+    );
+    assert_eq!(r.json()["outputs"][0]["data"], json!([1]), "{}", r.text());
+    let r = post_json(
+        &s.inference,
+        "/v2/models/argmax/infer",
+        r#"{"inputs": [{"name": "input-0", "shape": [1, 3], "datatype": "FP32", "data": [1, 5, 2]}]}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("input-0"), "{}", r.text());
 }
 
 #[test]

@@ -47,6 +47,19 @@ pub enum TlsError {
     /// rustls refused the pair (the key does not match, or a kind it does not support).
     #[error("certificate_file and private_key_file: {0}")]
     Identity(#[from] rustls::Error),
+    /// The key is RSA of a size refused for TLS (below 2048 bits, or past 8192).
+    #[error(
+        "private_key_file {}: an RSA key of {bits} bits; TLS here takes 2048 to 8192 bits \
+         (make a new pair with `openssl req -x509 -newkey rsa:2048 -nodes -keyout key.pem \
+         -out cert.pem`)",
+        .path.display()
+    )]
+    RsaKeySize {
+        /// The file.
+        path: PathBuf,
+        /// The modulus's size.
+        bits: usize,
+    },
     /// The gRPC listeners' TLS could not be set up.
     #[error("gRPC TLS: {0}")]
     Grpc(String),
@@ -101,7 +114,16 @@ impl Identity {
             key: Arc::new(key),
         };
         // Fails here, at start, when the key does not belong to the certificate.
-        identity.server_config(&[])?;
+        if let Err(e) = identity.server_config(&[]) {
+            // rustls says only that it cannot parse a key that is too small: say what is wrong.
+            return Err(match rsa_bits(&identity.key) {
+                Some(bits) if !(2048..=8192).contains(&bits) => TlsError::RsaKeySize {
+                    path: key_file.to_path_buf(),
+                    bits,
+                },
+                _ => e,
+            });
+        }
         Ok(identity)
     }
 
@@ -160,6 +182,61 @@ pub async fn accept(
         .flatten()
 }
 
+/// The modulus size of an RSA key, read from its DER without checking the key.
+fn rsa_bits(key: &PrivateKeyDer<'_>) -> Option<usize> {
+    const SEQUENCE: u8 = 0x30;
+    const INTEGER: u8 = 0x02;
+    const OCTET_STRING: u8 = 0x04;
+    // rsaEncryption, 1.2.840.113549.1.1.1, as an encoded OBJECT IDENTIFIER.
+    const RSA_OID: &[u8] = &[
+        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+    ];
+    let pkcs1 = match key {
+        PrivateKeyDer::Pkcs1(k) => k.secret_pkcs1_der(),
+        // PrivateKeyInfo: version, algorithm, then the PKCS#1 key in an OCTET STRING.
+        PrivateKeyDer::Pkcs8(k) => {
+            let (info, _) = der_take(k.secret_pkcs8_der(), SEQUENCE)?;
+            let (_, rest) = der_take(info, INTEGER)?;
+            let (algorithm, rest) = der_take(rest, SEQUENCE)?;
+            if !algorithm.starts_with(RSA_OID) {
+                return None;
+            }
+            der_take(rest, OCTET_STRING)?.0
+        }
+        _ => return None,
+    };
+    // RSAPrivateKey: version, then the modulus.
+    let (fields, _) = der_take(pkcs1, SEQUENCE)?;
+    let (_, rest) = der_take(fields, INTEGER)?;
+    let (n, _) = der_take(rest, INTEGER)?;
+    // A leading zero byte only keeps the integer positive.
+    let n = n.strip_prefix(&[0]).unwrap_or(n);
+    let top = *n.first()?;
+    Some(n.len() * 8 - top.leading_zeros() as usize)
+}
+
+/// Splits one DER element of type `tag` off `der`: (its content, what follows it).
+fn der_take(der: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&t, rest) = der.split_first()?;
+    if t != tag {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let count = (first & 0x7f) as usize;
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let len = rest[..count]
+            .iter()
+            .fold(0usize, |n, &b| (n << 8) | b as usize);
+        (len, &rest[count..])
+    };
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +260,57 @@ mod tests {
             e.starts_with("certificate_file ") && e.contains("missing.pem"),
             "{e}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_small_rsa_key_is_named_as_such() {
+        let dir = std::env::temp_dir().join(format!("tchserve-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        for (bits, traditional) in [(1024, true), (1024, false), (2048, false)] {
+            // openssl writes PKCS#8 by default, PKCS#1 with -traditional.
+            let run = |args: &[&str]| {
+                let out = std::process::Command::new("openssl")
+                    .args(args)
+                    .output()
+                    .expect("openssl");
+                assert!(out.status.success(), "{args:?}");
+            };
+            let (c, k) = (cert.to_str().expect("path"), key.to_str().expect("path"));
+            let size = bits.to_string();
+            let mut genrsa = vec!["genrsa", "-out", k];
+            if traditional {
+                genrsa.push("-traditional");
+            }
+            genrsa.push(&size);
+            run(&genrsa);
+            run(&[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                k,
+                "-out",
+                c,
+                "-subj",
+                "/CN=localhost",
+                "-days",
+                "1",
+            ]);
+            match Identity::load(&cert, &key) {
+                Ok(_) => assert_eq!(bits, 2048),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        bits == 1024
+                            && e.contains("an RSA key of 1024 bits")
+                            && e.contains("k.pem"),
+                        "{e}"
+                    );
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -126,12 +126,9 @@ pub async fn run_infer(
         )));
     }
     let input = inputs.pop().expect("one input");
+    // The one input may go by any name, as TorchServe takes it (KServe's samples send
+    // `input-0`); errors name it as the client did.
     let name = &input.name;
-    if name != want_name {
-        return Err(bad(format!(
-            "unexpected inference input '{name}' for model '{model}': its input is '{want_name}'"
-        )));
-    }
     let requested = match outputs {
         Some(mut list) if !list.is_empty() => {
             if let Some(o) = list.iter().find(|o| o.name != meta.output.name) {

@@ -60,6 +60,28 @@ pub fn keyed_routes() -> Router<AppState> {
             "/v2/models/{model}/versions/{version}/infer",
             post(infer_version).fallback(not_allowed),
         )
+        .route(
+            "/v2/models/{model}/explain",
+            post(explain).fallback(not_allowed),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/explain",
+            post(explain_version).fallback(not_allowed),
+        )
+}
+
+/// TorchServe's v2 explain route: 501 for a model that exists, as the other explain routes.
+async fn explain(State(st): State<AppState>, Path(model): Path<String>) -> V2Result {
+    st.registry.get(&model, None)?;
+    Err(ApiError::no_explanations().into())
+}
+
+async fn explain_version(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> V2Result {
+    st.registry.get(&model, Some(&version))?;
+    Err(ApiError::no_explanations().into())
 }
 
 /// The repository extension, behind the management key.
