@@ -376,6 +376,35 @@ mod tests {
     }
 
     #[test]
+    fn a_wait_for_workers_scaled_away_meanwhile_ends_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = missing_model(dir.path());
+        // A worker still loading, as a synchronous scale-up leaves it; a state stands in for
+        // its thread.
+        pool.shared.insert(7, WorkerState::Starting);
+        lock(&pool.workers).push(Handle {
+            id: 7,
+            started: SystemTime::now(),
+            device: tch::Device::Cpu,
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+        });
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                (pool.wait_started(Duration::from_secs(30)), t.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        // A scale-down overtakes it: nothing is left to wait for.
+        pool.scale(0);
+        let (ready, waited) = waiter.join().unwrap();
+        assert_eq!(ready, 0);
+        assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+    }
+
+    #[test]
     fn scaling_while_states_are_read_never_deadlocks() {
         // Workers of a model that does not exist fail to load, which is enough: the test is
         // about the pool's locks, which scale, describe and /ping take from different threads.

@@ -107,6 +107,8 @@ impl Shared {
         self.recount(&states);
         drop(states);
         lock(&self.load_ms).remove(&id);
+        // A synchronous scale waiting for this worker to start waits no more.
+        self.changed.notify_all();
     }
 
     /// Records how long a worker took to load its model.
