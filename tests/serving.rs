@@ -1087,6 +1087,21 @@ fn a_stop_sent_while_the_server_starts_is_graceful() {
 }
 
 #[test]
+fn a_hangup_stops_gracefully() {
+    let (mut s, v1, _) = scale_server("");
+    s.start(&["--models", &format!("scale={v1}"), "--ncs"]);
+    let scratch = s.temp_dir().join(format!("tchserve-{}", s.pid()));
+    assert!(scratch.exists());
+    // What a closed terminal sends a server in the foreground: a stop, not a crash.
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(s.pid() as i32, libc::SIGHUP) };
+    let status = s.wait();
+    assert!(status.success(), "{status}: {}", s.log());
+    assert!(s.log().contains("stopped"), "{}", s.log());
+    assert!(!scratch.exists());
+}
+
+#[test]
 fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
     let (mut s, v1, v2) = scale_server("enable_model_api=true");
     s.start(&["--models", &format!("scale={v1}")]);
@@ -1338,7 +1353,7 @@ fn metrics_count_what_was_sent() {
 
 #[test]
 fn torchserve_default_metrics_are_served() {
-    let (mut s, v1, _) = scale_server("");
+    let (mut s, v1, v2) = scale_server("enable_model_api=true");
     s.start(&["--models", &format!("scale={v1}")]);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap()
@@ -1428,10 +1443,30 @@ fn torchserve_default_metrics_are_served() {
         cpu_seconds > 0.0 && cpu_seconds.fract() != 0.0,
         "{cpu_seconds}"
     );
+
+    // An unregistered model's series go with it; the others stay.
+    let r = register(
+        &s,
+        &format!("url={v2}&model_name=brief&initial_workers=1&synchronous=true"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    for path in ["/predictions/brief", "/predictions/brief/2.0"] {
+        assert_eq!(post_json(&s.inference, path, "[1, 1, 1, 1]").status, 200);
+    }
+    let text = s.metrics_text();
+    assert!(
+        text.contains("model_name=\"brief\",model_version=\"2.0\""),
+        "{text}"
+    );
+    assert!(text.contains("ModelName=\"brief\""), "{text}");
+    assert_eq!(s.manage("DELETE", "/models/brief").status, 200);
+    let text = s.metrics_text();
+    assert!(!text.contains("brief"), "{text}");
+    assert!(text.contains("ModelName=\"scale\""), "{text}");
     s.stop_ok();
 
     // disable_system_metrics leaves the host out, as in TorchServe.
-    s.set_config("disable_system_metrics=true");
+    s.set_config("enable_model_api=true\ndisable_system_metrics=true");
     s.start(&["--models", &format!("scale={v1}")]);
     let text = s.metrics_text();
     assert!(!text.contains("CPUUtilization{"), "{text}");

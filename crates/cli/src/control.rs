@@ -178,7 +178,10 @@ pub fn running_pid(dir: &Path) -> Option<u32> {
     (alive(pid) && is_our_server(pid, started)).then_some(pid)
 }
 
-/// Catches Ctrl-C and SIGTERM from now on and returns what completes on either.
+/// Catches Ctrl-C, SIGTERM and SIGHUP from now on and returns what completes on any of them.
+///
+/// SIGHUP (a closed terminal, or a log rotation script's habit) stops gracefully too, as
+/// TorchServe's JVM takes it, rather than killing the server with requests in flight.
 ///
 /// The handlers are installed here rather than when the future is first polled: a signal that
 /// comes between the listeners answering and the server waiting for it would otherwise kill the
@@ -188,10 +191,12 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     Ok(async move {
         tokio::select! {
             _ = interrupt.recv() => {},
             _ = terminate.recv() => {},
+            _ = hangup.recv() => {},
         }
     })
 }
@@ -258,13 +263,12 @@ pub fn start(dir: &Path) -> anyhow::Result<()> {
     if !args.iter().any(|a| a == "--log-dir") {
         cmd.arg("--log-dir").arg(dir);
     }
-    // Its own process group: Ctrl-C in this terminal must not reach the server later.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    // SAFETY: dup2 is async-signal-safe; it gives the child the pipe's write end as READY_FD,
-    // without the close-on-exec flag.
+    // SAFETY: setsid and dup2 are async-signal-safe. The child gets a session of its own, so
+    // neither Ctrl-C nor the hangup of this terminal reaches the server later, and the pipe's
+    // write end as READY_FD, without the close-on-exec flag.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::dup2(writer_fd, READY_FD) < 0 {
+            if libc::setsid() < 0 || libc::dup2(writer_fd, READY_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -227,6 +227,37 @@ impl MetricSet {
         }
     }
 
+    /// Drops the series of a model version that is no longer registered and, with
+    /// `model_gone`, those of the model itself: a server that sees many versions come and go
+    /// (model-store polling) would otherwise export every one of them for ever.
+    pub fn forget(&self, name: &str, version: &str, model_gone: bool) {
+        let host = self.hostname.as_str();
+        let counters = [
+            &self.requests_total,
+            &self.latency_us,
+            &self.queue_latency_us,
+        ];
+        // Absent series (a version never asked for by name) are no error worth a word.
+        for c in counters {
+            let _ = c.remove_label_values(&[name, version, host]);
+        }
+        for h in [&self.queue_seconds, &self.handler_seconds, &self.batch_size] {
+            let _ = h.remove_label_values(&[name, version]);
+        }
+        let _ = self.queue_depth.remove_label_values(&[name, version]);
+        for state in ["ready", "not_ready"] {
+            let _ = self.workers.remove_label_values(&[name, version, state]);
+        }
+        if model_gone {
+            for c in counters {
+                let _ = c.remove_label_values(&[name, "default", host]);
+            }
+            for g in [&self.handler_time_ms, &self.prediction_time_ms] {
+                let _ = g.remove_label_values(&[name, "Model", host]);
+            }
+        }
+    }
+
     /// Samples the host's CPU, memory and root file system into TorchServe's host metrics.
     pub fn sample_host(&self) {
         self.host.sample();

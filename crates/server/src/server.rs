@@ -445,6 +445,7 @@ async fn poll_store(
             continue;
         }
         state.save_snapshot().await;
+        state.forget_metrics(&changes.unloaded);
         // Unloaded versions answer what they have queued before the next poll, and before a
         // stop lets the process exit under them.
         let _ = tokio::task::spawn_blocking(move || store_poll::drain(changes.unloaded)).await;

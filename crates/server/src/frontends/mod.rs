@@ -113,6 +113,15 @@ pub struct AppContext {
 }
 
 impl AppContext {
+    /// Drops the metric series of versions that were unregistered, and of their model once no
+    /// version of it is left.
+    pub fn forget_metrics(&self, removed: &[std::sync::Arc<crate::core::registry::ModelVersion>]) {
+        for m in removed {
+            let model_gone = self.registry.get(&m.name, None).is_err();
+            self.metrics.forget(&m.name, &m.version, model_gone);
+        }
+    }
+
     /// Records the registry after a management change; returns once it is on disk.
     pub async fn save_snapshot(&self) {
         if let Some(s) = &self.snapshots {

@@ -517,6 +517,7 @@ pub async fn unregister_model(st: &AppState, model: &str, version: Option<&str>)
     }
     let removed = st.registry.unregister(model, version)?;
     st.save_snapshot().await;
+    st.forget_metrics(std::slice::from_ref(&removed));
     // Queued requests are still answered; the workers then stop and the scratch files go.
     let drain = std::time::Duration::from_secs(removed.response_timeout_s);
     let _ = tokio::task::spawn_blocking(move || removed.pool.shutdown(drain)).await;

@@ -385,6 +385,7 @@ pub async fn unload(st: &AppState, model: &str) -> Result<(), ApiError> {
     }
     let removed = st.registry.unregister_all(model)?;
     st.save_snapshot().await;
+    st.forget_metrics(&removed);
     let _ = tokio::task::spawn_blocking(move || {
         for m in removed {
             m.pool
