@@ -7,6 +7,8 @@
 //!   complete within `header_read_timeout`. While a request is being served there is no such
 //!   deadline (a model may take its time); the body has its own timeout, applied where the body
 //!   is read ([`crate::frontends::buffer_body`]).
+//! - A deadline for writing: a client that takes none of its answer for `write_timeout` is
+//!   disconnected, and the answer's memory freed.
 //! - hyper's own error answers (a malformed request, a head too large, a URI too long) get
 //!   TorchServe's JSON error body instead of an empty one.
 
@@ -32,6 +34,9 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Longest an idle connection waits for its next request.
     pub keep_alive_timeout: Duration,
+    /// Longest a client may take none of its answer: a client that stops reading would
+    /// otherwise hold the answer's memory and its connection for ever.
+    pub write_timeout: Duration,
     /// Most connections open at once on one listener.
     pub max_connections: usize,
 }
@@ -299,6 +304,9 @@ struct Guarded<I> {
     sleep: Pin<Box<Sleep>>,
     /// A rewritten answer still to be written, and how much of it has been.
     pending: Option<(Vec<u8>, usize)>,
+    /// Since when writes have gone nowhere, if they have.
+    write_stalled_since: Option<Instant>,
+    write_sleep: Pin<Box<Sleep>>,
 }
 
 impl<I> Guarded<I> {
@@ -308,6 +316,33 @@ impl<I> Guarded<I> {
             clock,
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             pending: None,
+            write_stalled_since: None,
+            write_sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }
+    }
+
+    /// Follows a write's outcome: `Pending` past `write_timeout` since the last progress
+    /// becomes an error, which ends the connection.
+    fn timed_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.write_stalled_since = None;
+            return r;
+        }
+        let since = *self.write_stalled_since.get_or_insert_with(Instant::now);
+        let deadline = since + self.clock.limits.write_timeout;
+        if self.write_sleep.deadline() != deadline {
+            self.write_sleep.as_mut().reset(deadline);
+        }
+        match self.write_sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took none of its answer past write_timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -374,10 +409,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match this.poll_pending(cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
+        // Only a write that had something to write counts for the stall clock.
+        if this.pending.is_some() {
+            let before = this.poll_pending(cx);
+            match this.timed_write(cx, before) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
         }
         if let Some(answer) = json_error_answer(buf) {
             this.pending = Some((answer, 0));
@@ -385,15 +424,17 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
             let _ = this.poll_pending(cx);
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.timed_write(cx, written)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        match this.poll_pending(cx) {
+        let flushed = match this.poll_pending(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
             other => other,
-        }
+        };
+        this.timed_write(cx, flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -519,8 +560,49 @@ mod tests {
         ConnectionLimits {
             header_read_timeout: Duration::from_secs(5),
             keep_alive_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_millis(200),
             max_connections: 10,
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_takes_none_of_its_answer_is_let_go() {
+        let (server_end, mut client_end) = tokio::io::duplex(1024);
+        let clock = Arc::new(Clock::new(limits(), Instant::now()));
+        let mut io = Guarded::new(server_end, clock);
+        let answer = vec![b'x'; 64 * 1024];
+        let t = Instant::now();
+        // The client reads nothing: the duplex buffer fills, then the write stalls.
+        let e = io
+            .write_all(&answer)
+            .await
+            .expect_err("a stalled write fails");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        // A client that reads, however slowly, keeps its connection.
+        let (server_end, mut slow) = tokio::io::duplex(1024);
+        let clock = Arc::new(Clock::new(limits(), Instant::now()));
+        let mut io = Guarded::new(server_end, clock);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let mut total = 0;
+            while total < 8 * 1024 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                total += tokio::io::AsyncReadExt::read(&mut slow, &mut buf)
+                    .await
+                    .unwrap();
+            }
+            total
+        });
+        io.write_all(&answer[..8 * 1024])
+            .await
+            .expect("slow but going");
+        assert_eq!(reader.await.unwrap(), 8 * 1024);
+        drop(client_end.shutdown().await);
     }
 
     #[test]

@@ -307,6 +307,8 @@ pub async fn run(
     let limits = ConnectionLimits {
         header_read_timeout: config.header_read_timeout,
         keep_alive_timeout: config.keep_alive_timeout,
+        // A body may stall as long one way as the other.
+        write_timeout: config.body_read_timeout,
         max_connections: config
             .max_connections
             .unwrap_or_else(|| listener::default_max_connections(open_files)),
