@@ -1099,6 +1099,46 @@ fn a_hangup_stops_gracefully() {
     assert!(status.success(), "{status}: {}", s.log());
     assert!(s.log().contains("stopped"), "{}", s.log());
     assert!(!scratch.exists());
+
+    // Under nohup, SIGHUP is ignored as asked, and SIGTERM still stops.
+    let mut cmd = s.command();
+    cmd.args(["--foreground", "--ncs"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: signal(2) is async-signal-safe; this is what nohup does before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::http::try_request(
+        &s.inference,
+        "GET",
+        "/ping",
+        &[],
+        b"",
+        Duration::from_secs(5),
+    )
+    .map(|r| r.status)
+    .ok()
+        != Some(200)
+    {
+        assert!(Instant::now() < deadline, "never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a hangup stopped a nohup server"
+    );
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
 }
 
 #[test]
@@ -1439,9 +1479,18 @@ fn torchserve_default_metrics_are_served() {
         .unwrap()
         .parse::<f64>()
         .unwrap();
+    // As /proc says, read right after: whole seconds would be up to a second short.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid())).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let proc_seconds = ticks / per_second;
     assert!(
-        cpu_seconds > 0.0 && cpu_seconds.fract() != 0.0,
-        "{cpu_seconds}"
+        cpu_seconds > 0.0 && (0.0..0.2).contains(&(proc_seconds - cpu_seconds)),
+        "{cpu_seconds} vs {proc_seconds}"
     );
 
     // An unregistered model's series go with it; the others stay.

@@ -371,6 +371,18 @@ def torchserve_grpc():
         all(a.status.code == 0 and close(json.loads(a.prediction), want_txt) for a in answers),
         "400 sent ahead: each is the REST answer",
     )
+    # A message that cannot be read (past max_request_size) ends the stream with its error,
+    # after the answers owed for the messages before it.
+    huge = inf.PredictionsRequest(model_name="txt", input={"data": b"x" * (8 * 1024 * 1024)})
+    got = []
+    try:
+        for a in stub.StreamPredictions2(iter(ahead[:3] + [huge])):
+            got.append(a)
+        check(False, "a message past max_request_size ends the stream with an error")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.OUT_OF_RANGE or e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED,
+              f"too large: {e.code()}")
+    check([a.sequence_id for a in got] == ["0", "1", "2"], f"answers owed before it: {[a.sequence_id for a in got]}")
     # Compressed requests, as grpcio sends them when asked to.
     for compression in (grpc.Compression.Gzip, grpc.Compression.Deflate):
         r = stub.Predictions(

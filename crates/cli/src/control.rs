@@ -80,15 +80,33 @@ fn write_note(pid: u32, dir: &Path) -> Option<PathBuf> {
         .recursive(true)
         .mode(0o700)
         .create(&notes);
+    if made.is_err() || !private_to_us(&notes) {
+        return None;
+    }
     let dir = std::path::absolute(dir).ok()?;
     let note = notes.join(pid.to_string());
-    (made.is_ok() && fs::write(&note, dir.as_os_str().as_encoded_bytes()).is_ok()).then_some(note)
+    fs::write(&note, dir.as_os_str().as_encoded_bytes())
+        .is_ok()
+        .then_some(note)
+}
+
+/// Whether `dir` is a folder of this user's that nobody else may write to: a notes folder
+/// someone else made in a shared temp folder could point `--stop` anywhere.
+fn private_to_us(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o022 == 0)
 }
 
 /// The live servers noted in [`notes_dir`], as (pid, log folder); notes of servers that are
 /// gone are removed.
 fn noted_servers() -> Vec<(u32, PathBuf)> {
-    let Ok(entries) = fs::read_dir(notes_dir()) else {
+    let notes = notes_dir();
+    if !private_to_us(&notes) {
+        return Vec::new();
+    }
+    let Ok(entries) = fs::read_dir(notes) else {
         return Vec::new();
     };
     let mut live: Vec<(u32, PathBuf)> = entries
@@ -191,14 +209,36 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
+    // Under `nohup` SIGHUP is ignored on purpose: a handler would undo that.
+    let mut hangup = if hangup_ignored() {
+        None
+    } else {
+        Some(signal(SignalKind::hangup())?)
+    };
     Ok(async move {
+        let hangup = async {
+            match &mut hangup {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = interrupt.recv() => {},
             _ = terminate.recv() => {},
-            _ = hangup.recv() => {},
+            () = hangup => {},
         }
     })
+}
+
+/// Whether this process was started with SIGHUP ignored (`nohup`).
+fn hangup_ignored() -> bool {
+    let mut current = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a null new action only reads the current one into `current`.
+    let read = unsafe { libc::sigaction(libc::SIGHUP, std::ptr::null(), current.as_mut_ptr()) };
+    // SAFETY: sigaction filled it in when it returned 0; zeroed memory is a valid sigaction.
+    read == 0 && unsafe { current.assume_init() }.sa_sigaction == libc::SIG_IGN
 }
 
 /// The environment variable that tells a server started by `--start` which file descriptor to

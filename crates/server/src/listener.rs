@@ -439,10 +439,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Guarded<I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        match this.poll_pending(cx) {
+        // TLS writes its close_notify here: a client that reads nothing stalls this too.
+        let shut = match this.poll_pending(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
             other => other,
-        }
+        };
+        this.timed_write(cx, shut)
     }
 }
 

@@ -211,17 +211,7 @@ pub async fn run(
     let mut failed = tokio::select! {
         failed = &mut loading => failed,
         () = &mut shutdown => {
-            let grace = config.graceful_shutdown_timeout;
-            tracing::info!(grace_s = grace.as_secs(), "stopping while the start-up models load");
-            let deadline = tokio::time::Instant::now() + grace;
-            let loaded = tokio::time::timeout_at(deadline, loading).await.is_ok();
-            return Ok(if loaded && stop_workers(&registry, deadline).await {
-                tracing::info!("stopped");
-                Stopped::Drained
-            } else {
-                tracing::warn!(grace_s = grace.as_secs(), "graceful_shutdown_timeout passed with models still loading");
-                Stopped::GraceExpired
-            });
+            return Ok(stop_while_starting(&registry, config.graceful_shutdown_timeout, loading).await);
         }
     };
     // With polling on, the store decides what serves: a model whose archive left the store
@@ -260,11 +250,18 @@ pub async fn run(
                 config.version_policies.clone(),
             ));
             let first = Arc::clone(&poller);
-            let _ = tokio::task::spawn_blocking(move || {
+            let mut polling = tokio::task::spawn_blocking(move || {
                 // Nothing serves yet but what a snapshot restored: no traffic to wait for.
                 store_poll::drain(first.poll_once().unloaded)
-            })
-            .await;
+            });
+            tokio::select! {
+                _ = &mut polling => {}
+                () = &mut shutdown => {
+                    // The poll stops before its next load; the one under way gets the grace.
+                    poller.stop();
+                    return Ok(stop_while_starting(&registry, config.graceful_shutdown_timeout, polling).await);
+                }
+            }
             Some((poller, every))
         }
         (Some(_), None) => {
@@ -406,6 +403,31 @@ pub async fn run(
     }
 }
 
+/// A stop that came while the server started: `starting` (the loads under way) gets the
+/// grace period to end, then every worker stops.
+async fn stop_while_starting(
+    registry: &Registry,
+    grace: Duration,
+    starting: impl Future,
+) -> Stopped {
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "stopping while the start-up models load"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    let loaded = tokio::time::timeout_at(deadline, starting).await.is_ok();
+    if loaded && stop_workers(registry, deadline).await {
+        tracing::info!("stopped");
+        Stopped::Drained
+    } else {
+        tracing::warn!(
+            grace_s = grace.as_secs(),
+            "graceful_shutdown_timeout passed with models still loading"
+        );
+        Stopped::GraceExpired
+    }
+}
+
 /// Stops every model's workers by `deadline`; false when some did not exit in time.
 async fn stop_workers(registry: &Registry, deadline: tokio::time::Instant) -> bool {
     let models = registry.drain();
@@ -446,8 +468,8 @@ async fn poll_store(
         if changes.is_empty() {
             continue;
         }
-        state.save_snapshot().await;
         state.forget_metrics(&changes.unloaded);
+        state.save_snapshot().await;
         // Unloaded versions answer what they have queued before the next poll, and before a
         // stop lets the process exit under them.
         let _ = tokio::task::spawn_blocking(move || store_poll::drain(changes.unloaded)).await;

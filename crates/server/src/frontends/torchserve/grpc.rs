@@ -151,9 +151,11 @@ impl InferenceApIsService for Inference {
             let this = &this;
             let mut pending = futures_util::stream::FuturesOrdered::new();
             let mut reading = true;
+            // A message that could not be read ends the stream, after the answers owed before it.
+            let mut broken = None;
             loop {
                 tokio::select! {
-                    next = incoming.next(), if reading => match next {
+                    next = incoming.next(), if reading && pending.len() < STREAM_AHEAD => match next {
                         Some(Ok(req)) => pending.push_back(async move {
                             let sequence = req.sequence_id.clone();
                             match this.predict(req).await {
@@ -170,8 +172,8 @@ impl InferenceApIsService for Inference {
                             }
                         }),
                         Some(Err(status)) => {
-                            let _ = tx.send(Err(status)).await;
-                            return;
+                            broken = Some(status);
+                            reading = false;
                         }
                         None => reading = false,
                     },
@@ -180,13 +182,24 @@ impl InferenceApIsService for Inference {
                             return;
                         }
                     }
-                    else => return,
+                    else => {
+                        if let Some(status) = broken {
+                            let _ = tx.send(Err(status)).await;
+                        }
+                        return;
+                    }
                 }
             }
         });
         Ok(Response::new(answers))
     }
 }
+
+/// Messages of one StreamPredictions2 stream held at once, queued or answered and waiting for
+/// those before them: past it the stream is read no further until answers go out, so one
+/// client cannot grow the server's memory without bound. Far above any job queue, so a client
+/// that sends ahead within reason is never slowed.
+const STREAM_AHEAD: usize = 4096;
 
 /// The REST API's pretty JSON without its final newline, as TorchServe's gRPC API writes it.
 fn grpc_json(value: &serde_json::Value) -> String {

@@ -516,8 +516,9 @@ pub async fn unregister_model(st: &AppState, model: &str, version: Option<&str>)
         return Err(ApiError::method_not_allowed());
     }
     let removed = st.registry.unregister(model, version)?;
-    st.save_snapshot().await;
+    // Before any await, so that a registration of the same name meanwhile keeps its series.
     st.forget_metrics(std::slice::from_ref(&removed));
+    st.save_snapshot().await;
     // Queued requests are still answered; the workers then stop and the scratch files go.
     let drain = std::time::Duration::from_secs(removed.response_timeout_s);
     let _ = tokio::task::spawn_blocking(move || removed.pool.shutdown(drain)).await;

@@ -384,8 +384,8 @@ pub async fn unload(st: &AppState, model: &str) -> Result<(), ApiError> {
         return Err(ApiError::method_not_allowed());
     }
     let removed = st.registry.unregister_all(model)?;
-    st.save_snapshot().await;
     st.forget_metrics(&removed);
+    st.save_snapshot().await;
     let _ = tokio::task::spawn_blocking(move || {
         for m in removed {
             m.pool
