@@ -243,8 +243,8 @@ mod tests {
 
     #[test]
     fn files_that_are_not_pem_are_named() {
-        let dir = std::env::temp_dir().join(format!("tchserve-tls-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path();
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert, "not a certificate").expect("write");
         std::fs::write(&key, "not a key").expect("write");
@@ -260,13 +260,12 @@ mod tests {
             e.starts_with("certificate_file ") && e.contains("missing.pem"),
             "{e}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_small_rsa_key_is_named_as_such() {
-        let dir = std::env::temp_dir().join(format!("tchserve-tls-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path();
         let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
         for (bits, traditional) in [(1024, true), (1024, false), (2048, false)] {
             // openssl writes PKCS#8 by default, PKCS#1 with -traditional.
@@ -311,13 +310,12 @@ mod tests {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_key_must_match_its_certificate() {
-        let dir = std::env::temp_dir().join(format!("tchserve-tls-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path();
         let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
         let other = rcgen::KeyPair::generate().expect("key");
         let (cert, key, wrong) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("w.pem"));
@@ -336,6 +334,5 @@ mod tests {
             .expect_err("a key is no certificate")
             .to_string();
         assert!(e.starts_with("certificate_file"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
