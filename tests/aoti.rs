@@ -386,11 +386,7 @@ fn the_pt2_examples_answer_as_pytorch_and_as_their_torchscript_twins() {
     .unwrap();
     let want: Vec<f64> = serde_json::from_value(eager["cat_logits"].clone()).unwrap();
     assert_eq!(got.len(), 1000);
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0.0, f64::max);
+    let worst = common::max_abs_diff(&got, &want);
     assert!(
         got.iter().zip(&want).all(|(g, w)| close(*g, *w)),
         "largest difference from PyTorch's logits: {worst}"
@@ -535,11 +531,7 @@ fn same_answer(a: &serde_json::Value, b: &serde_json::Value, what: &str) {
     numbers(a, &mut x);
     numbers(b, &mut y);
     assert_eq!(x.len(), y.len(), "{what}: {a} against {b}");
-    let worst = x
-        .iter()
-        .zip(&y)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0.0, f64::max);
+    let worst = common::max_abs_diff(&x, &y);
     assert!(worst <= 1e-5, "{what}: differs by up to {worst}");
     if let (Some(p), Some(q)) = (a.as_object(), b.as_object()) {
         assert_eq!(

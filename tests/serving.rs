@@ -1704,7 +1704,7 @@ fn digits_through_the_server_equal_pytorch() {
         let max_diff = got
             .iter()
             .zip(&want)
-            .flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (a - b).abs()))
+            .map(|(g, w)| common::max_abs_diff(g, w))
             .fold(0.0, f64::max);
         assert!(max_diff <= 1e-5, "max abs diff {max_diff}");
         let argmax = |v: &Vec<f64>| {

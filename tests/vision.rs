@@ -73,11 +73,7 @@ fn assert_tensor_is(answer: &Value, reference: &Path, ctx: &str) {
         .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
         .collect();
     assert_eq!(got.len(), want.len(), "{ctx}");
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let worst = common::max_abs_diff(&got, &want);
     assert!(worst <= 1e-6, "{ctx}: a value differs by {worst}");
 }
 

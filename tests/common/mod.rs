@@ -81,6 +81,14 @@ pub fn files_below(dir: &Path) -> Vec<String> {
 pub mod http;
 pub mod server;
 
+/// The largest absolute difference between matching elements of two vectors.
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
 /// The cosine of the angle between two vectors.
 pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();

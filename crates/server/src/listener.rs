@@ -334,16 +334,29 @@ impl<I> Guarded<I> {
         }
         let since = *self.write_stalled_since.get_or_insert_with(Instant::now);
         let deadline = since + self.clock.limits.write_timeout;
-        if self.write_sleep.deadline() != deadline {
-            self.write_sleep.as_mut().reset(deadline);
-        }
-        match self.write_sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client took none of its answer past write_timeout",
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
+        timed_out(
+            &mut self.write_sleep,
+            deadline,
+            cx,
+            "the client took none of its answer past write_timeout",
+        )
+    }
+}
+
+/// `Pending` until `deadline`, then a `TimedOut` error saying `why`; `sleep` is re-armed only
+/// when the deadline moved.
+fn timed_out<T>(
+    sleep: &mut Pin<Box<Sleep>>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+    why: &'static str,
+) -> Poll<io::Result<T>> {
+    if sleep.deadline() != deadline {
+        sleep.as_mut().reset(deadline);
+    }
+    match sleep.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why))),
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -366,16 +379,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for Guarded<I> {
                 let Some(deadline) = this.clock.deadline() else {
                     return Poll::Pending;
                 };
-                if this.sleep.deadline() != deadline {
-                    this.sleep.as_mut().reset(deadline);
-                }
-                match this.sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the client was silent past its timeout",
-                    ))),
-                    Poll::Pending => Poll::Pending,
-                }
+                timed_out(
+                    &mut this.sleep,
+                    deadline,
+                    cx,
+                    "the client was silent past its timeout",
+                )
             }
             ready => ready,
         }
