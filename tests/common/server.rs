@@ -116,7 +116,34 @@ pub fn fixture_handler(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(name)
 }
 
+/// A port nothing listens on, taken below the kernel's ephemeral range.
+///
+/// A port the kernel hands out for `bind(0)` comes from the same range it draws client sockets'
+/// local ports from, so between this call and the server's bind, a connection made by a test
+/// running beside this one could take it. Ports below the range are never given to clients;
+/// a per-process counter keeps the tests of one binary apart.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let span = low.saturating_sub(10_000).min(16_384);
+    if span < 1_000 {
+        return kernel_port();
+    }
+    let start = std::process::id() * 97 % span;
+    for _ in 0..span {
+        let port = (low - span + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    kernel_port()
+}
+
+fn kernel_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -211,8 +238,8 @@ impl Server {
 
     /// Starts in the foreground (as a child) with extra arguments and waits for /ping.
     pub fn start(&mut self, args: &[&str]) -> &mut Self {
-        // Between a stop and a restart, a client socket of a test running beside this one may
-        // take one of the freed ports as its own: then the restart moves to fresh ports.
+        // Between a stop and a restart, another program on the machine may take one of the
+        // freed ports: then the restart moves to fresh ports.
         for attempt in 0.. {
             self.spawn(args);
             match self.try_wait_ready() {
