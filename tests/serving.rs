@@ -1863,6 +1863,15 @@ fn workers_that_cannot_load_fail_registration_and_ping() {
         );
     };
     broken_and_the_other_serving(&s);
+    // A synchronous scale of it fails with the workers' reason too.
+    let r = s.manage("PUT", "/models/broken?min_worker=2&synchronous=true");
+    assert_error(
+        &r,
+        500,
+        "InternalServerException",
+        "Failed to start workers for model broken version: 1.0",
+    );
+    assert!(r.text().contains("broken.pt"), "{}", r.text());
 
     // A restart restores it from the snapshot, its workers failing as before, instead of
     // refusing to start and serving nothing. --models is not loaded then, and the terminal

@@ -175,6 +175,13 @@ def triton():
     i.set_data_from_numpy(np.array([TEXT.encode()], dtype=np.object_), binary_data=False)
     got = json.loads(h.infer("txt", [i]).as_numpy("output0")[0])
     check(close(got, want_txt), f"http txt BYTES: {got} == {want_txt}")
+    # The answers keep the shape the elements came in.
+    i = thttp.InferInput("input0", [1, 1], "BYTES")
+    i.set_data_from_numpy(np.array([[TEXT.encode()]], dtype=np.object_), binary_data=True)
+    out = h.infer("txt", [i]).as_numpy("output0")
+    check(out.shape == (1, 1), f"http txt BYTES [1, 1] is answered as [1, 1]: {out.shape}")
+    got = json.loads(out[0][0])
+    check(close(got, want_txt), f"http txt BYTES [1, 1]: {got} == {want_txt}")
     index = h.get_model_repository_index()
     check({m["name"] for m in index} >= {"mlp", "cls", "txt"}, f"http: repository index {index}")
 

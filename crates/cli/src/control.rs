@@ -159,9 +159,19 @@ fn read_pid(path: &Path) -> Option<(u32, Option<u64>)> {
     Some((pid, started))
 }
 
+/// Whether `pid` runs: it exists and is not a zombie (a killed server stays one until its parent
+/// reaps it, and serves nothing meanwhile).
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists and may be signalled.
-    pid > 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+    pid > 0
+        && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+        && !matches!(process_state(pid), Some('Z' | 'X'))
+}
+
+/// A process's state letter (field 3 of `/proc/<pid>/stat`: `R`, `S`, `Z` ...).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
 }
 
 /// A process's start time in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
@@ -473,6 +483,13 @@ mod tests {
         .unwrap();
         assert_eq!(running_pid(dir.path()), Some(pid));
         other.kill().unwrap();
+        // Killed but not reaped yet, it is a zombie: no longer running.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while process_state(pid) != Some('Z') && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(process_state(pid), Some('Z'));
+        assert_eq!(running_pid(dir.path()), None, "a zombie is no server");
         other.wait().unwrap();
         assert_eq!(running_pid(dir.path()), None, "a dead pid is no server");
     }

@@ -133,8 +133,8 @@ pub enum ScaleOutcome {
     Done,
     /// Some are still starting.
     InProgress,
-    /// Some failed to start.
-    Failed,
+    /// Some failed to start; the text is a failed worker's reason, led by `": "`.
+    Failed(String),
 }
 
 /// The registry.
@@ -464,13 +464,8 @@ impl Registry {
             .wait_started(Duration::from_secs(mv.startup_timeout_s));
         let outcome = if ready >= min {
             ScaleOutcome::Done
-        } else if mv
-            .pool
-            .workers()
-            .iter()
-            .any(|w| matches!(w.state, WorkerState::Failed(_)))
-        {
-            ScaleOutcome::Failed
+        } else if let Some(why) = pool_failure(mv.pool.as_ref()) {
+            ScaleOutcome::Failed(why)
         } else {
             ScaleOutcome::InProgress
         };

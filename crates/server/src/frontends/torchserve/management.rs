@@ -475,8 +475,8 @@ pub async fn scale_workers(
             StatusCode::PARTIAL_CONTENT,
             "Workers scaling in progress...",
         ),
-        ScaleOutcome::Failed => Err(ApiError::internal(format!(
-            "Failed to start workers for model {} version: {}",
+        ScaleOutcome::Failed(why) => Err(ApiError::internal(format!(
+            "Failed to start workers for model {} version: {}{why}",
             mv.name, mv.version
         ))),
     }

@@ -301,7 +301,6 @@ pub async fn run_infer(
                 .infer_items(model, version, named, payloads)
                 .await
                 .map_err(|e| e.prefixed(&format!("input '{name}': ")))?;
-            let n = answers.len() as i64;
             let items = answers
                 .into_iter()
                 .map(|p| match p {
@@ -309,7 +308,8 @@ pub async fn run_infer(
                     Prediction::Tensor(t) => t.data,
                 })
                 .collect();
-            (Datatype::Bytes, vec![n], OutputData::Items(items))
+            // One answer per element, laid out as the elements came: `[1, 1]` in, `[1, 1]` out.
+            (Datatype::Bytes, input.shape, OutputData::Items(items))
         }
     };
     let (datatype, shape, data) = output;
