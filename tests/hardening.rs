@@ -530,6 +530,42 @@ fn local_urls_name_archives_in_the_store_and_nothing_else() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+#[test]
+fn without_a_model_store_the_api_reads_no_path() {
+    let mut s = Server::new("enable_model_api=true");
+    s.without_store_config();
+    let scale = s.store.join(scale_archive(&s, "scale"));
+    // The operator's own start-up list may name an archive by path.
+    s.start(&["--models", &format!("scale={}", scale.display())]);
+    let r = s.infer(
+        "POST",
+        "/predictions/scale",
+        &[("Content-Type", "application/json")],
+        b"[1, 2, 3, 4]",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The management API may not: an archive, a folder and a missing path all get the same
+    // answer, so that it neither loads nor tells what the host holds.
+    let elsewhere = s.home().join("elsewhere.mar");
+    std::fs::copy(&scale, &elsewhere).unwrap();
+    for url in [
+        elsewhere.display().to_string(),
+        "/etc".into(),
+        "/etc/passwd".into(),
+        "/etc/nonexistent".into(),
+        "scale-1.0.mar".into(),
+    ] {
+        let r = s.manage("POST", &format!("/models?url={}&model_name=x", q(&url)));
+        assert_error(
+            &r,
+            404,
+            "ModelNotFoundException",
+            "Model store has not been configured.",
+        );
+    }
+    assert_eq!(s.manage("GET", "/models").json()["models"].as_array().unwrap().len(), 1);
+}
+
 /// Opens a connection and sends `bytes`; the stream stays open.
 fn open(addr: &str, bytes: &[u8]) -> TcpStream {
     let mut c = TcpStream::connect(addr).unwrap();

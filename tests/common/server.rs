@@ -167,6 +167,8 @@ pub struct Server {
     /// The gRPC management listener.
     pub grpc_management: String,
     extra_config: String,
+    /// Whether the config names `store` as `model_store` (true unless `without_store_config`).
+    store_in_config: bool,
     child: Option<Child>,
 }
 
@@ -187,6 +189,7 @@ impl Server {
             grpc_inference: format!("127.0.0.1:{gi}"),
             grpc_management: format!("127.0.0.1:{gm}"),
             extra_config: extra_config.to_string(),
+            store_in_config: true,
             dir,
             child: None,
         }
@@ -195,6 +198,12 @@ impl Server {
     /// Replaces the extra configuration (for settings that name the server's own ports).
     pub fn set_config(&mut self, extra: &str) {
         self.extra_config = extra.to_string();
+    }
+
+    /// Leaves `model_store` out of the config: a server with no model store (the folder
+    /// `store` is still made, for archives named by path).
+    pub fn without_store_config(&mut self) {
+        self.store_in_config = false;
     }
 
     pub fn config_text(&self) -> String {
@@ -207,13 +216,17 @@ impl Server {
         };
         format!(
             // Token authorization is tested on its own; the extra config can turn it back on.
-            "inference_address={}\nmanagement_address={}\nmetrics_address={}\nmodel_store={}\n\
+            "inference_address={}\nmanagement_address={}\nmetrics_address={}\n{}\
              grpc_inference_port={}\ngrpc_management_port={}\n\
              disable_token_authorization=true\n{}\n",
             url(&self.inference),
             url(&self.management),
             url(&self.metrics),
-            self.store.display(),
+            if self.store_in_config {
+                format!("model_store={}\n", self.store.display())
+            } else {
+                String::new()
+            },
             port_of(&self.grpc_inference),
             port_of(&self.grpc_management),
             self.extra_config

@@ -245,7 +245,7 @@ impl Registry {
     /// the workers; call it off the async threads.
     pub fn register(&self, p: &RegisterParams) -> Result<Registered, ApiError> {
         let invalid = |m: String| ApiError::invalid_model(m);
-        let path = self.resolve_url(&p.url)?;
+        let path = self.resolve_url(&p.url, p.loaded_at_startup)?;
         let archive = Archive::open(&path).map_err(|e| invalid(e.to_string()))?;
         let runtime = match p.runtime.as_deref() {
             Some(r) => RuntimeType::parse(r)
@@ -409,7 +409,10 @@ impl Registry {
         Ok(())
     }
 
-    fn resolve_url(&self, url: &str) -> Result<PathBuf, ApiError> {
+    /// The archive `url` names. Without a model store only the operator's own start-up list
+    /// (`--models`, a snapshot) may name a path: the management API then reads no file at all,
+    /// so that it cannot load, or tell the existence of, anything on the host.
+    fn resolve_url(&self, url: &str, at_startup: bool) -> Result<PathBuf, ApiError> {
         if url.is_empty() {
             return Err(ApiError::model_not_found("empty url"));
         }
@@ -435,7 +438,7 @@ impl Registry {
             Some(store) => store
                 .resolve(url)
                 .map_err(|e| ApiError::model_not_found(e.to_string())),
-            None if Path::new(url).is_absolute() && Path::new(url).exists() => {
+            None if at_startup && Path::new(url).is_absolute() && Path::new(url).exists() => {
                 Ok(PathBuf::from(url))
             }
             None => Err(ApiError::model_not_found(
