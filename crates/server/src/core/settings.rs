@@ -85,7 +85,8 @@ impl ServingSettings {
             &bounds::BATCH_SIZE,
             &[
                 (positive(p.batch_size), API),
-                (positive(yaml.batch_size), YAML),
+                // TorchServe reads any yaml batchSize under 1 as 1, which then wins.
+                (yaml.batch_size.map(|v| v.max(1)), YAML),
                 (positive(models.batch_size), MODELS),
             ],
             1,
@@ -137,8 +138,9 @@ impl ServingSettings {
             .filter(|m| *m >= 0)
             .map_or(min_workers, |m| m as usize)
             .max(min_workers);
-        if let (Some(lo), Some(hi)) = (yaml.min_workers, yaml.max_workers)
-            && lo > 0
+        // TorchServe reads a yaml minWorkers under 1 as 1: `minWorkers: 0, maxWorkers: 4`
+        // starts one worker.
+        if let (Some(lo), Some(hi)) = (yaml.min_workers.map(|v| v.max(1)), yaml.max_workers)
             && hi >= lo
         {
             min_workers = lo as usize;
@@ -324,6 +326,27 @@ mod tests {
         };
         let s = resolve(&RegisterParams::default(), &yaml, &models, 0).unwrap();
         assert_eq!((s.min_workers, s.max_workers), (2, 4));
+        // A yaml minimum under 1 is 1, as TorchServe reads it; a maximum under it voids both.
+        for (lo, hi, want) in [(0, 4, (1, 4)), (-3, 2, (1, 2)), (0, 0, (0, 0))] {
+            let yaml = ModelConfig {
+                min_workers: Some(lo),
+                max_workers: Some(hi),
+                ..ModelConfig::default()
+            };
+            let s = resolve(&RegisterParams::default(), &yaml, &models, 0).unwrap();
+            assert_eq!((s.min_workers, s.max_workers), want, "{lo}, {hi}");
+        }
+        // So is a yaml batch size, which then wins over the `models` key.
+        let yaml = ModelConfig {
+            batch_size: Some(0),
+            ..ModelConfig::default()
+        };
+        let models = ModelDefaults {
+            batch_size: Some(8),
+            ..ModelDefaults::default()
+        };
+        let s = resolve(&RegisterParams::default(), &yaml, &models, 0).unwrap();
+        assert_eq!(s.batch_size, 1);
     }
 
     #[test]
