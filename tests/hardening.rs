@@ -563,7 +563,13 @@ fn without_a_model_store_the_api_reads_no_path() {
             "Model store has not been configured.",
         );
     }
-    assert_eq!(s.manage("GET", "/models").json()["models"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        s.manage("GET", "/models").json()["models"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 /// Opens a connection and sends `bytes`; the stream stays open.

@@ -648,6 +648,82 @@ fn a_full_queue_answers_503_at_once() {
 }
 
 #[test]
+fn job_tickets_and_client_timeouts_come_from_the_yaml() {
+    let mut s = Server::new("enable_model_api=true");
+    let slow_with = |name: &str, yaml: &str| {
+        let file = s.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml).unwrap();
+        archive(
+            &s.store,
+            name,
+            "1.0",
+            &fixtures().join("slow.pt"),
+            &fixture_handler("vec2.json"),
+            &["--config-file", file.to_str().unwrap()],
+        )
+    };
+    let ticket = slow_with(
+        "ticket",
+        "minWorkers: 1\nmaxWorkers: 1\nuseJobTicket: true\n",
+    );
+    let expiring = slow_with(
+        "expiring",
+        "minWorkers: 1\nmaxWorkers: 1\nclientTimeoutInMills: 500\n",
+    );
+    s.start(&[]);
+    for url in [&ticket, &expiring] {
+        let r = register(&s, &format!("url={url}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let described =
+        |m: &str, key: &str| s.manage("GET", &format!("/models/{m}")).json()[0][key].clone();
+    assert_eq!(described("ticket", "useJobTicket"), json!(true));
+    assert_eq!(described("expiring", "clientTimeoutInMills"), json!(500));
+    assert_eq!(described("expiring", "useJobTicket"), json!(false));
+
+    // A request that finds the model's one worker free runs; one sent while it is busy is
+    // refused at once instead of queueing behind it.
+    let admitted = |body: &'static str| loop {
+        // The worker takes a moment between answering and waiting again.
+        let r = post_json(&s.inference, "/predictions/ticket", body);
+        if r.status != 503 {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (long, refused) = std::thread::scope(|scope| {
+        let long = scope.spawn(|| admitted("[30000, 0]"));
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        let r = post_json(&s.inference, "/predictions/ticket", "[1, 2]");
+        let took = t.elapsed();
+        (long.join().unwrap(), (r, took))
+    });
+    assert_eq!(long.status, 200, "{}", long.text());
+    let (r, took) = refused;
+    assert_error(&r, 503, "ServiceUnavailableException", "useJobTicket");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(floats(&admitted("[1, 2]").json()), [1.0, 2.0]);
+
+    // A request queued for longer than clientTimeoutInMills is answered without running.
+    let (long, late) = std::thread::scope(|scope| {
+        let long = scope.spawn(|| post_json(&s.inference, "/predictions/expiring", "[30000, 0]"));
+        std::thread::sleep(Duration::from_millis(300));
+        let late = post_json(&s.inference, "/predictions/expiring", "[1, 2]");
+        (long.join().unwrap(), late)
+    });
+    assert_eq!(long.status, 200, "{}", long.text());
+    assert_error(
+        &late,
+        504,
+        "RequestTimeoutException",
+        "clientTimeoutInMills (500 ms)",
+    );
+    let r = post_json(&s.inference, "/predictions/expiring", "[1, 2]");
+    assert_eq!(floats(&r.json()), [1.0, 2.0]);
+}
+
+#[test]
 fn requests_queued_when_scaled_to_no_worker_are_answered_at_once() {
     let s = slow_server("enable_model_api=true", "&response_timeout=120");
     let timed = |body: &'static str| {

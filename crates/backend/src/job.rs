@@ -80,6 +80,11 @@ pub enum PredictError {
     /// The request waited past its response timeout.
     #[error("Prediction timed out after {0} s")]
     Timeout(u64),
+    /// The request waited in the queue past the model's `clientTimeoutInMills`, and was not run.
+    #[error(
+        "The request waited in the queue for longer than the model's clientTimeoutInMills ({0} ms) and was not run"
+    )]
+    Expired(u64),
 }
 
 /// Per-request timings, reported with the reply for metrics.

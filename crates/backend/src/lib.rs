@@ -50,6 +50,12 @@ pub struct ModelSpec {
     pub job_queue_size: usize,
     /// How long a request may wait for its answer.
     pub response_timeout: Duration,
+    /// How long a request may wait in the queue before it is answered, unrun, as expired
+    /// (`clientTimeoutInMills`); `None`: as long as `response_timeout` allows.
+    pub client_timeout: Option<Duration>,
+    /// Take a request only when a worker is free to start on it at once, refusing it
+    /// otherwise (`useJobTicket`), instead of queueing it.
+    pub use_job_ticket: bool,
     /// Where the workers run.
     pub placement: Placement,
 }

@@ -171,7 +171,11 @@ fn alive(pid: u32) -> bool {
 /// A process's state letter (field 3 of `/proc/<pid>/stat`: `R`, `S`, `Z` ...).
 fn process_state(pid: u32) -> Option<char> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 /// A process's start time in clock ticks since boot (field 22 of `/proc/<pid>/stat`).

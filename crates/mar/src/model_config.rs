@@ -27,14 +27,10 @@ pub struct ModelConfig {
     pub device_ids: Option<Vec<i64>>,
     /// `jobQueueSize`.
     pub job_queue_size: Option<i64>,
-    /// `maxRetryTimeoutInSec`.
-    pub max_retry_timeout_sec: Option<i64>,
-    /// `clientTimeoutInMills`.
+    /// `clientTimeoutInMills`: the longest a request may wait in the queue.
     pub client_timeout_ms: Option<i64>,
-    /// `useJobTicket`.
+    /// `useJobTicket`: refuse a request unless a worker can start on it at once.
     pub use_job_ticket: Option<bool>,
-    /// `parallelType`, read for describe output only.
-    pub parallel_type: Option<String>,
     /// `handler:`, the handler's own settings, free-form.
     pub handler: Option<Json>,
     /// Every other top-level key, untouched.
@@ -68,7 +64,6 @@ impl ModelConfig {
                 ("responseTimeout", &mut cfg.response_timeout),
                 ("startupTimeout", &mut cfg.startup_timeout),
                 ("jobQueueSize", &mut cfg.job_queue_size),
-                ("maxRetryTimeoutInSec", &mut cfg.max_retry_timeout_sec),
                 ("clientTimeoutInMills", &mut cfg.client_timeout_ms),
             ];
             if let Some((_, slot)) = ints.into_iter().find(|(k, _)| *k == key) {
@@ -78,10 +73,18 @@ impl ModelConfig {
                 }
                 continue;
             }
+            if UNSUPPORTED.contains(&key.as_str()) {
+                // Turning a feature off asks for nothing missing.
+                if value.as_bool() != Some(false) {
+                    cfg.warnings.push(format!(
+                        "ignoring `{key}`: tchserve does not support it (see docs/migrating.md)"
+                    ));
+                }
+                continue;
+            }
             match key.as_str() {
-                "deviceType" | "parallelType" => match value.as_str() {
-                    Some(s) if key == "deviceType" => cfg.device_type = Some(s.to_owned()),
-                    Some(s) => cfg.parallel_type = Some(s.to_owned()),
+                "deviceType" => match value.as_str() {
+                    Some(s) => cfg.device_type = Some(s.to_owned()),
                     None => cfg.warnings.push(wrong_type(&key, "a string", &value)),
                 },
                 "deviceIds" => match value
@@ -106,6 +109,25 @@ impl ModelConfig {
         Ok(cfg)
     }
 }
+
+/// Keys of TorchServe's frontend that tchserve does not act on: its multi-process parallelism,
+/// stateful (sequence) and continuous batching, the Python handler's environment, and the limit
+/// on worker restarts (tchserve's workers retry for as long as the model is registered).
+const UNSUPPORTED: &[&str] = &[
+    "parallelType",
+    "parallelLevel",
+    "torchrun",
+    "nnodes",
+    "maxRetryTimeoutInSec",
+    "sequenceMaxIdleMSec",
+    "sequenceTimeoutMSec",
+    "maxSequenceJobQueueSize",
+    "maxNumSequence",
+    "sequenceBatching",
+    "continuousBatching",
+    "asyncCommunication",
+    "useVenv",
+];
 
 fn wrong_type(key: &str, expected: &str, got: &Value) -> String {
     format!(
@@ -176,6 +198,31 @@ mod tests {
         );
         assert_eq!(cfg.extra["pt2"], serde_json::json!({"compile": true}));
         assert!(cfg.warnings.is_empty());
+    }
+
+    #[test]
+    fn keys_tchserve_does_not_act_on_are_ignored_with_a_warning() {
+        let cfg = ModelConfig::parse(
+            "parallelType: pp\ntorchrun:\n  nproc-per-node: 2\nsequenceBatching: true\n\
+             continuousBatching: false\nuseVenv: false\nmaxRetryTimeoutInSec: 60\nminWorkers: 2\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.min_workers, Some(2));
+        let warned: Vec<&str> = cfg
+            .warnings
+            .iter()
+            .map(|w| w.split('`').nth(1).unwrap())
+            .collect();
+        assert_eq!(
+            warned,
+            [
+                "parallelType",
+                "torchrun",
+                "sequenceBatching",
+                "maxRetryTimeoutInSec"
+            ]
+        );
+        assert!(cfg.extra.is_empty(), "{:?}", cfg.extra);
     }
 
     #[test]

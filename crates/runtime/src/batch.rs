@@ -44,6 +44,23 @@ impl<T> Submitter<T> {
         Ok(())
     }
 
+    /// Queues `item` only if a thread waits for a first item, and wakes it; gives the item back
+    /// otherwise, or when full. Each waiting thread admits one item: TorchServe's job tickets.
+    pub fn try_send_to_waiting(&self, item: T) -> Result<(), T> {
+        // Under the list's lock, so that two callers cannot both count the same thread.
+        let mut waiting = self.waiters.waiting();
+        let Some(thread) = waiting.pop() else {
+            return Err(item);
+        };
+        if let Err(e) = self.tx.try_send(item) {
+            waiting.push(thread);
+            return Err(e.into_inner());
+        }
+        drop(waiting);
+        thread.unpark();
+        Ok(())
+    }
+
     /// Items queued.
     pub fn len(&self) -> usize {
         self.tx.len()
@@ -432,5 +449,32 @@ mod tests {
         assert_eq!(late.join().unwrap(), [1]);
         tx.try_send(Item(2, true)).unwrap();
         assert_eq!(early.join().unwrap(), [2]);
+    }
+
+    #[test]
+    fn job_tickets_admit_one_item_per_waiting_thread() {
+        let (tx, rx) = queue::<Item>(8);
+        // Nobody waits: refused, though the queue has room.
+        assert!(tx.try_send_to_waiting(Item(0, true)).is_err());
+        assert!(tx.is_empty());
+        let b = no_delay(4);
+        let waiter = {
+            let rx = rx.clone();
+            std::thread::spawn(move || {
+                let got = b.next_batch(&rx, Duration::from_secs(5), Duration::ZERO);
+                batch_of(got)
+            })
+        };
+        // Once it waits, one item is taken and the next refused: the thread is spoken for.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while tx.try_send_to_waiting(Item(1, true)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the waiting thread never admitted an item"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(tx.try_send_to_waiting(Item(2, true)).is_err());
+        assert_eq!(waiter.join().unwrap(), [1]);
     }
 }

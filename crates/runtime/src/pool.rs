@@ -61,7 +61,11 @@ impl Pool {
 
     /// Queues a job; refuses it when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), QueueFull> {
-        self.tx.try_send(job).map_err(|_| QueueFull)?;
+        if self.spec.use_job_ticket {
+            self.tx.try_send_to_waiting(job).map_err(|_| QueueFull)?;
+        } else {
+            self.tx.try_send(job).map_err(|_| QueueFull)?;
+        }
         // The last worker that could serve may have gone (scaled away, or failed) just before
         // this job arrived, after its own check of the queue: see answer_unserved.
         answer_unserved(&self.rx, &self.shared, &self.spec);
@@ -322,6 +326,8 @@ mod tests {
                 job_queue_size: 4,
                 response_timeout: Duration::from_secs(1),
                 placement: tchserve_backend::Placement::Cpu,
+                client_timeout: None,
+                use_job_ticket: false,
             },
             vec![tch::Device::Cpu],
             ThreadBudget::new(1),

@@ -547,13 +547,20 @@ fn process(
     let timeout = ctx.spec.response_timeout;
     let mut fresh = Vec::with_capacity(jobs.len());
     for job in jobs {
-        if job.enqueued.elapsed() > timeout {
-            let _ = job.reply.send((
-                Err(PredictError::Timeout(timeout.as_secs())),
-                Timings::default(),
-            ));
+        let waited = job.enqueued.elapsed();
+        let expired = if waited > timeout {
+            Some(PredictError::Timeout(timeout.as_secs()))
         } else {
-            fresh.push(job);
+            ctx.spec
+                .client_timeout
+                .filter(|limit| waited > *limit)
+                .map(|limit| PredictError::Expired(limit.as_millis() as u64))
+        };
+        match expired {
+            Some(e) => {
+                let _ = job.reply.send((Err(e), Timings::default()));
+            }
+            None => fresh.push(job),
         }
     }
     let payloads: Vec<&Payload> = fresh.iter().map(|j| &j.payload).collect();
@@ -770,6 +777,8 @@ mod tests {
                 job_queue_size: 64,
                 response_timeout: Duration::from_secs(60),
                 placement: tchserve_backend::Placement::Cpu,
+                client_timeout: None,
+                use_job_ticket: false,
             }),
             batcher,
             queue,

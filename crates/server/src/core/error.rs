@@ -260,6 +260,7 @@ impl From<PredictError> for ApiError {
             PredictError::Timeout(s) => {
                 ApiError::timeout(format!("Prediction timed out after {s} s"))
             }
+            e @ PredictError::Expired(_) => ApiError::timeout(e.to_string()),
         }
     }
 }

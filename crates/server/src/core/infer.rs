@@ -233,6 +233,12 @@ impl Infer {
         let (job, rx) = Job::new(payload);
         let enqueued = job.enqueued;
         if mv.pool.submit(job).is_err() {
+            if mv.use_job_ticket {
+                return Err(ApiError::unavailable(format!(
+                    "Model \"{name}\" has no free worker for the request (its useJobTicket \
+                     takes a request only when a worker can start on it at once); try again later"
+                )));
+            }
             return Err(ApiError::unavailable(format!(
                 "Model \"{name}\" has too many requests waiting (job queue of {} is full); try again later",
                 mv.job_queue_size

@@ -44,6 +44,10 @@ pub struct ModelVersion {
     pub startup_timeout_s: u64,
     /// Job queue capacity.
     pub job_queue_size: usize,
+    /// `clientTimeoutInMills`: the longest a request may be queued, in ms; 0 for no limit.
+    pub client_timeout_ms: u64,
+    /// `useJobTicket`: a request is refused unless a worker is free to take it at once.
+    pub use_job_ticket: bool,
     /// Whether it was loaded at start-up.
     pub loaded_at_startup: bool,
     /// `cpu` or `gpu`.
@@ -303,6 +307,13 @@ impl Registry {
             gpus: self.backend.gpu_count(),
         })?;
 
+        // TorchServe's `clientTimeoutInMills`: a positive value limits the time in the queue.
+        let client_timeout_ms = yaml
+            .client_timeout_ms
+            .filter(|ms| *ms > 0)
+            .map_or(0, |ms| ms as u64);
+        let use_job_ticket = yaml.use_job_ticket.unwrap_or(false);
+
         let scratch = self.scratch_root.join(uuid::Uuid::new_v4().to_string());
         let model_dir = archive
             .unpack(&scratch)
@@ -319,6 +330,9 @@ impl Registry {
             job_queue_size: settings.job_queue_size,
             response_timeout: Duration::from_secs(settings.response_timeout_s),
             placement: settings.placement.clone(),
+            client_timeout: (client_timeout_ms > 0)
+                .then(|| Duration::from_millis(client_timeout_ms)),
+            use_job_ticket,
         });
         let pool = match loaded {
             Ok(pool) => pool,
@@ -348,6 +362,8 @@ impl Registry {
             response_timeout_s: settings.response_timeout_s,
             startup_timeout_s,
             job_queue_size: settings.job_queue_size,
+            client_timeout_ms,
+            use_job_ticket,
             loaded_at_startup: p.loaded_at_startup,
             device_type: if pool.on_gpu() { "gpu" } else { "cpu" },
             workers: Mutex::new((min_workers, max_workers)),
