@@ -85,7 +85,7 @@ fn missing_required_flag_is_named() {
 #[test]
 fn bad_values_name_their_flag() {
     let dir = setup();
-    let cases: [(Vec<&str>, &str); 5] = [
+    let cases: [(Vec<&str>, &str); 6] = [
         (
             args("tensor", &["--archive-format", "zip"]),
             "--archive-format",
@@ -102,6 +102,11 @@ fn bad_values_name_their_flag() {
         (
             args("missing_handler", &[]),
             "--handler: missing_handler is not a built-in handler",
+        ),
+        (
+            args("base_handler", &["--runtime", "LSP"]),
+            "--handler: with --runtime LSP, --handler is BaseHandler, TorchScriptHandler or a \
+             compiled handler library, and there is no base_handler.so",
         ),
     ];
     for (a, needle) in cases {

@@ -208,6 +208,19 @@ impl PackRequest {
             HandlerKind::Code => {
                 let path = self.handler_code_path();
                 if !Path::new(&path).is_file() && !self.handler.contains(['/', '.', ':']) {
+                    if self.runtime == RuntimeType::Lsp {
+                        // Under LSP the built-in names are TorchServe's C++ ones.
+                        return Err(input_error(
+                            "--handler",
+                            format!(
+                                "with --runtime LSP, --handler is BaseHandler, \
+                                 TorchScriptHandler or a compiled handler library, and there \
+                                 is no {path}; tchserve's built-in handlers ({}) take the default \
+                                 runtime",
+                                builtin_names().join(", ")
+                            ),
+                        ));
+                    }
                     // A bare word that is not a file is most likely a built-in's name mistyped.
                     return Err(input_error(
                         "--handler",
