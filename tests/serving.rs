@@ -648,6 +648,40 @@ fn a_full_queue_answers_503_at_once() {
 }
 
 #[test]
+fn a_shape_the_model_cannot_take_is_the_clients_mistake() {
+    // The built-in `tensor` handler declares no shape: only the model knows it takes 784.
+    let mut s = Server::new("");
+    let mlp = archive(
+        &s.store,
+        "mlp",
+        "1.0",
+        &fixtures().join("mlp.pt"),
+        std::path::Path::new("tensor"),
+        &[],
+    );
+    s.start(&["--models", &format!("mlp={mlp}")]);
+    let good = format!("[{}]", vec!["0.5"; 784].join(", "));
+    assert_eq!(
+        post_json(&s.inference, "/predictions/mlp", &good).status,
+        200
+    );
+    let r = post_json(&s.inference, "/predictions/mlp", "[1, 2, 3, 4, 5]");
+    assert_error(
+        &r,
+        400,
+        "InvalidInputException",
+        "the model cannot take this input, examples of shape [5] (float32); it runs on \
+         examples of shape [784] (float32)",
+    );
+    // libtorch's own words follow, for the client to see what did not fit.
+    assert!(r.text().contains("784"), "{}", r.text());
+    assert_eq!(
+        post_json(&s.inference, "/predictions/mlp", &good).status,
+        200
+    );
+}
+
+#[test]
 fn job_tickets_and_client_timeouts_come_from_the_yaml() {
     let mut s = Server::new("enable_model_api=true");
     let slow_with = |name: &str, yaml: &str| {

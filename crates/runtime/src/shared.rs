@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tchserve_backend::WorkerState;
+use tchserve_backend::job::PredictError;
 use tchserve_mar::handler::DType;
 
 /// The intra-op thread budget shared by every worker of the process.
@@ -57,6 +58,9 @@ pub(crate) struct Shared {
     pub(crate) serving: AtomicUsize,
     /// Milliseconds each worker's last model load took.
     pub(crate) load_ms: Mutex<BTreeMap<usize, u64>>,
+    /// The element type and per-example shape of the last input the model ran on: a request
+    /// of another shape that fails inside the model failed for its shape.
+    pub(crate) ran_on: Mutex<Option<(tch::Kind, Vec<i64>)>>,
 }
 
 impl Shared {
@@ -89,6 +93,33 @@ impl Shared {
                 }
             }
             other => *other = Some((dtype, dims)),
+        }
+    }
+
+    /// Records that the model ran on `input` (`[examples, ...]`).
+    pub(crate) fn ran_on(&self, input: &tch::Tensor) {
+        let seen = (input.kind(), input.size().split_off(1.min(input.dim())));
+        let mut known = lock(&self.ran_on);
+        if known.as_ref() != Some(&seen) {
+            *known = Some(seen);
+        }
+    }
+
+    /// A model failure on `input`: the client's when the model has run on another shape or
+    /// element type (a vector of 5 numbers to a model of 784 fails inside libtorch, and is the
+    /// request's mistake), else the model's.
+    pub(crate) fn blame(&self, e: PredictError, input: &tch::Tensor) -> PredictError {
+        let PredictError::ModelFailed(why) = e else {
+            return e;
+        };
+        let mine = (input.kind(), input.size().split_off(1.min(input.dim())));
+        match &*lock(&self.ran_on) {
+            Some(good) if *good != mine => PredictError::BadInput(format!(
+                "the model cannot take this input, {}; it runs on {} ({why})",
+                describe(&mine),
+                describe(good)
+            )),
+            _ => PredictError::ModelFailed(why),
         }
     }
 
@@ -135,6 +166,15 @@ impl Shared {
         }
         why.map_or(Serving::NoWorker, Serving::AllFailed)
     }
+}
+
+/// `examples of shape [784] (float32)`.
+fn describe((kind, dims): &(tch::Kind, Vec<i64>)) -> String {
+    let dtype = crate::handler::tensor_input::dtype_of(*kind)
+        .and_then(|d| serde_json::to_value(d).ok())
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{kind:?}"));
+    format!("examples of shape {dims:?} ({dtype})")
 }
 
 /// Whether a pool's queue has a worker to take it.

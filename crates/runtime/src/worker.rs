@@ -594,6 +594,7 @@ fn process(
             {
                 ctx.shared.saw_output(t);
             }
+            ctx.shared.ran_on(&live[0].1.tensor);
             let batch = Finishing {
                 live,
                 launched,
@@ -612,19 +613,32 @@ fn process(
         // One request the model cannot take must not fail the others: retry each alone.
         Err(_) if live.len() > 1 => {
             for (job, d) in live {
-                let result = guarded(CRASHED_RUNNING, || {
+                let result = match guarded(CRASHED_RUNNING, || {
                     pipeline.run_batch(module, ctx.device, &[&d])
-                })
-                .map(|mut b| b.remove(0));
+                }) {
+                    Ok(mut b) => {
+                        ctx.shared.ran_on(&d.tensor);
+                        Ok(b.remove(0))
+                    }
+                    Err(e) => Err(blame(ctx, e, &d)),
+                };
                 clock.answer(job, result, Some(Instant::now()));
             }
         }
         Err(e) => {
             let ran = Some(Instant::now());
-            for (job, _) in live {
-                clock.answer(job, Err(e.clone()), ran);
+            for (job, d) in live {
+                clock.answer(job, Err(blame(ctx, e.clone(), &d)), ran);
             }
         }
+    }
+}
+
+/// A failed request's error, as [`Shared::blame`] judges it; a crash stays the handler's.
+fn blame(ctx: &Context, e: PredictError, d: &Decoded) -> PredictError {
+    match &e {
+        PredictError::ModelFailed(m) if m == CRASHED_RUNNING => e,
+        _ => ctx.shared.blame(e, &d.tensor),
     }
 }
 
