@@ -682,6 +682,19 @@ fn a_shape_the_model_cannot_take_is_the_clients_mistake() {
 }
 
 #[test]
+fn a_model_out_of_memory_answers_507_and_serves_on() {
+    let mut s = Server::new("");
+    let greedy = fixture_archive(&s, "greedy", "greedy.pt", "vec2.json");
+    s.start(&["--models", &format!("greedy={greedy}")]);
+    // 1 TiB: libtorch's allocator refuses it at once.
+    let r = post_json(&s.inference, "/predictions/greedy", "[1024, 0]");
+    assert_error(&r, 507, "InternalServerException", "Out of resources");
+    assert!(r.text().contains("allocate"), "{}", r.text());
+    let r = post_json(&s.inference, "/predictions/greedy", "[0, 5]");
+    assert_eq!(floats(&r.json()), [0.0, 5.0]);
+}
+
+#[test]
 fn job_tickets_and_client_timeouts_come_from_the_yaml() {
     let mut s = Server::new("enable_model_api=true");
     let slow_with = |name: &str, yaml: &str| {

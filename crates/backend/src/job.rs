@@ -71,6 +71,9 @@ pub enum PredictError {
     /// The model or handler failed on valid input (500).
     #[error("{0}")]
     ModelFailed(String),
+    /// The model ran out of memory, host or GPU (507, TorchServe's status for it).
+    #[error("Out of resources: {0}")]
+    OutOfMemory(String),
     /// The worker died while serving the request (500).
     #[error("Worker died.")]
     WorkerDied,

@@ -66,7 +66,19 @@ fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
     if brief.len() < whole.len() {
         tracing::warn!("{what}: {whole}");
     }
+    if out_of_memory(&whole) {
+        return PredictError::OutOfMemory(format!("{what}: {brief}"));
+    }
     PredictError::ModelFailed(format!("{what}: {brief}"))
+}
+
+/// Whether libtorch's error is an allocation that failed: the host's (`DefaultCPUAllocator:
+/// can't allocate memory`) or a GPU's (`CUDA out of memory`), which a client may retry
+/// elsewhere or later.
+fn out_of_memory(message: &str) -> bool {
+    message.contains("can't allocate memory")
+        || message.contains("out of memory")
+        || message.contains("OutOfMemoryError")
 }
 
 /// A forward's error: a shape the model cannot take (more examples than a `.pt2` package was

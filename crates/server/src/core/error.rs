@@ -55,6 +55,9 @@ pub enum ApiError {
     /// A feature of TorchServe's that tchserve does not have (explanations).
     #[error("{0}")]
     NotImplemented(String),
+    /// The model ran out of memory (TorchServe's 507).
+    #[error("{0}")]
+    OutOfResources(String),
     /// The server or the model failed.
     #[error("{0}")]
     Internal(String),
@@ -107,6 +110,7 @@ impl ApiError {
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::OutOfResources(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
@@ -127,7 +131,8 @@ impl ApiError {
             ApiError::TooLarge(_) => "RequestTooLargeException",
             ApiError::ReadTimeout(_) | ApiError::Timeout(_) => "RequestTimeoutException",
             ApiError::Unavailable(_) => "ServiceUnavailableException",
-            ApiError::Internal(_) => "InternalServerException",
+            // TorchServe names its 507 so too.
+            ApiError::Internal(_) | ApiError::OutOfResources(_) => "InternalServerException",
             ApiError::NotImplemented(_) => "NotImplementedException",
         }
     }
@@ -149,6 +154,7 @@ impl ApiError {
             ApiError::ReadTimeout(_) | ApiError::Timeout(_) => GrpcCode::DeadlineExceeded,
             ApiError::Unavailable(_) => GrpcCode::Unavailable,
             ApiError::Internal(_) => GrpcCode::Internal,
+            ApiError::OutOfResources(_) => GrpcCode::ResourceExhausted,
             ApiError::NotImplemented(_) => GrpcCode::Unimplemented,
         }
     }
@@ -168,6 +174,7 @@ impl ApiError {
             ApiError::Unavailable(m) => ApiError::Unavailable(lead(m)),
             ApiError::Timeout(m) => ApiError::Timeout(lead(m)),
             ApiError::Internal(m) => ApiError::Internal(lead(m)),
+            ApiError::OutOfResources(m) => ApiError::OutOfResources(lead(m)),
             other => other,
         }
     }
@@ -261,6 +268,7 @@ impl From<PredictError> for ApiError {
                 ApiError::timeout(format!("Prediction timed out after {s} s"))
             }
             e @ PredictError::Expired(_) => ApiError::timeout(e.to_string()),
+            e @ PredictError::OutOfMemory(_) => ApiError::OutOfResources(e.to_string()),
         }
     }
 }
@@ -308,6 +316,12 @@ mod tests {
                 14,
             ),
             (ApiError::internal("x"), 500, "InternalServerException", 13),
+            (
+                ApiError::from(PredictError::OutOfMemory("x".into())),
+                507,
+                "InternalServerException",
+                8,
+            ),
         ];
         for (e, status, kind, grpc) in cases {
             assert_eq!(e.status().as_u16(), status, "{e:?}");
