@@ -277,6 +277,15 @@ impl Cors {
     }
 }
 
+/// The environment variable that overrides `key`: `TS_<KEY>`, but for the one key TorchServe
+/// names otherwise.
+fn env_var(key: &str) -> String {
+    match key {
+        "token_expiration_min" => "TS_TOKEN_EXPIRATION_TIME_MIN".into(),
+        _ => format!("TS_{}", key.to_ascii_uppercase()),
+    }
+}
+
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
 const ENV_KEYS: [&str; 42] = [
     "number_of_gpu",
@@ -547,7 +556,7 @@ impl Config {
         let mut from_env = std::collections::BTreeSet::new();
         if envvars {
             for key in ENV_KEYS {
-                if let Some(v) = env(&format!("TS_{}", key.to_ascii_uppercase())) {
+                if let Some(v) = env(&env_var(key)) {
                     props.insert(key.to_string(), v);
                     from_env.insert(key.to_string());
                 }
@@ -567,7 +576,7 @@ impl Config {
         let mut cfg = Config::default();
         for (name, raw) in &props {
             let key = if from_env.contains(name) {
-                format!("{name} (from TS_{})", name.to_ascii_uppercase())
+                format!("{name} (from {})", env_var(name))
             } else {
                 name.clone()
             };
@@ -1081,6 +1090,15 @@ mod tests {
                 .starts_with("config key job_queue_size (from TS_JOB_QUEUE_SIZE): bad value"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_token_lifetime_comes_from_torchserve_s_variable() {
+        let env = |k: &str| (k == "TS_TOKEN_EXPIRATION_TIME_MIN").then(|| "5".to_string());
+        let cfg =
+            Config::from_properties(&parse_properties("enable_envvars_config=true\n"), &env)
+                .unwrap();
+        assert_eq!(cfg.token_expiration, Duration::from_secs(300));
     }
 
     #[test]
