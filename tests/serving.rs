@@ -1272,6 +1272,7 @@ fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
     for path in [
         "/invocations?model_name=scale",
         "/invocations",
+        "/invocations?model_name=",
         "/models/scale/invoke",
         "/scale/predict",
         "/scale/1.0/predict",
@@ -1349,6 +1350,43 @@ fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
         "[1, 1, 1, 1]",
     );
     assert_eq!(floats(&r.json()), [3.0; 4]);
+    // Or name it in the body's fields, as TorchServe's own tests do: a form, or multipart.
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let r = s.infer(
+        "POST",
+        "/invocations",
+        &form,
+        b"model_name=other&data=%5B1%2C1%2C1%2C1%5D",
+    );
+    assert_eq!(floats(&r.json()), [3.0; 4], "{}", r.text());
+    let multipart = b"--B\r\nContent-Disposition: form-data; name=\"model_name\"\r\n\r\nscale\r\n\
+        --B\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n[1, 1, 1, 1]\r\n--B--\r\n";
+    let ct = [("Content-Type", "multipart/form-data; boundary=B")];
+    let r = s.infer("POST", "/invocations", &ct, multipart);
+    assert_eq!(floats(&r.json()), [2.0; 4], "{}", r.text());
+    // The SageMaker and legacy routes take the query's parameters as inputs too.
+    for path in [
+        "/invocations?model_name=other&data=%5B1,1,1,1%5D",
+        "/other/predict?data=%5B1,1,1,1%5D",
+    ] {
+        let r = s.infer("POST", path, &[], b"");
+        assert_eq!(floats(&r.json()), [3.0; 4], "{path}: {}", r.text());
+    }
+    // Of two fields of one name the last counts, as in TorchServe.
+    let r = s.infer(
+        "POST",
+        "/predictions/scale",
+        &form,
+        b"data=%5B1%2C1%2C1%2C1%5D&data=%5B2%2C2%2C2%2C2%5D",
+    );
+    assert_eq!(floats(&r.json()), [4.0; 4], "{}", r.text());
+    // Path segments past the version are TorchServe's `url_path`, which no handler here reads.
+    let r = post_json(
+        &s.inference,
+        "/predictions/scale/1.0/extra/segs",
+        "[1, 1, 1, 1]",
+    );
+    assert_eq!(floats(&r.json()), [2.0; 4], "{}", r.text());
 }
 
 #[test]

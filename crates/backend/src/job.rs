@@ -32,12 +32,12 @@ pub struct Payload {
 
 impl Payload {
     /// The part a handler reads: `data` if present, else `body`, else the first part
-    /// (TorchServe's handlers read `data` or `body`).
+    /// (TorchServe's handlers read `data` or `body`). Of several fields of one name the last
+    /// counts, as TorchServe keeps the last.
     pub fn main_part(&self) -> Option<&Part> {
-        self.parts
-            .iter()
-            .find(|p| p.name == "data")
-            .or_else(|| self.parts.iter().find(|p| p.name == "body"))
+        let last = |name: &str| self.parts.iter().rev().find(|p| p.name == name);
+        last("data")
+            .or_else(|| last("body"))
             .or_else(|| self.parts.first())
     }
 }

@@ -1095,9 +1095,8 @@ mod tests {
     #[test]
     fn the_token_lifetime_comes_from_torchserve_s_variable() {
         let env = |k: &str| (k == "TS_TOKEN_EXPIRATION_TIME_MIN").then(|| "5".to_string());
-        let cfg =
-            Config::from_properties(&parse_properties("enable_envvars_config=true\n"), &env)
-                .unwrap();
+        let cfg = Config::from_properties(&parse_properties("enable_envvars_config=true\n"), &env)
+            .unwrap();
         assert_eq!(cfg.token_expiration, Duration::from_secs(300));
     }
 

@@ -18,6 +18,10 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     let mut keyed = Router::new()
         .route("/predictions/{model}", any(predict_default))
         .route("/predictions/{model}/{version}", any(predict_version))
+        .route(
+            "/predictions/{model}/{version}/{*extra}",
+            any(predict_version_extra),
+        )
         // The same prediction under the other names TorchServe answers it by: SageMaker's
         // routes and the legacy `/m/predict`.
         .route("/invocations", any(invocations))
@@ -126,9 +130,7 @@ async fn predict_default(
     Path(model): Path<String>,
     req: Request,
 ) -> Response {
-    predict(st, model, None, req)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    respond(predict(st, Some(model), None, Query::Ignored, req).await)
 }
 
 async fn predict_version(
@@ -136,50 +138,96 @@ async fn predict_version(
     Path((model, version)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    predict(st, model, Some(version), req)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    respond(predict(st, Some(model), Some(version), Query::Ignored, req).await)
+}
+
+/// `/predictions/m/v/more/segments`: TorchServe hands the extra segments to its handler (its
+/// `url_path` header); tchserve's handlers take no such input, so they are left out.
+async fn predict_version_extra(
+    State(st): State<AppState>,
+    Path((model, version, _extra)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    respond(predict(st, Some(model), Some(version), Query::Ignored, req).await)
+}
+
+fn respond(r: Result<Response, ApiError>) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `/m/predict`. The route also catches `/v2/predict` and the like, where the router found no
 /// KServe route: those are the KServe protocols' unknown paths, answered in their shape.
-async fn legacy_default(st: State<AppState>, Path(model): Path<String>, req: Request) -> Response {
+async fn legacy_default(
+    State(st): State<AppState>,
+    Path(model): Path<String>,
+    req: Request,
+) -> Response {
     if is_kserve_path(req.uri().path()) {
         return kserve_error_response(&ApiError::resource_not_found());
     }
-    predict_default(st, Path(model), req).await
+    respond(predict(st, Some(model), None, Query::Inputs, req).await)
 }
 
 /// `/m/v/predict`; see [`legacy_default`].
 async fn legacy_version(
-    st: State<AppState>,
+    State(st): State<AppState>,
     Path((model, version)): Path<(String, String)>,
     req: Request,
 ) -> Response {
     if is_kserve_path(req.uri().path()) {
         return kserve_error_response(&ApiError::resource_not_found());
     }
-    predict_version(st, Path((model, version)), req).await
+    respond(predict(st, Some(model), Some(version), Query::Inputs, req).await)
 }
 
-/// `/invocations?model_name=m`; without a name, the one model registered, if there is one.
-async fn invocations(
-    State(st): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
-    req: Request,
-) -> Response {
-    let name = match q.get("model_name") {
-        Some(name) => Some(name.clone()),
-        None => match st.registry.names().as_slice() {
-            [only] => Some(only.clone()),
-            _ => None,
-        },
+/// `/invocations`, SageMaker's route: the model is named by `model_name` in the query or in the
+/// body's fields; without a name, the one model registered, if there is one.
+async fn invocations(State(st): State<AppState>, req: Request) -> Response {
+    respond(predict(st, None, None, Query::Inputs, req).await)
+}
+
+/// What a route makes of the query string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Query {
+    /// Nothing (`/predictions`).
+    Ignored,
+    /// Each parameter is an input field, before the body's (TorchServe's SageMaker and legacy
+    /// routes: `/m/predict?data=...`).
+    Inputs,
+}
+
+/// The query's parameters as input fields.
+fn query_parts(req: &Request) -> Result<Vec<Part>, ApiError> {
+    let Some(q) = req.uri().query() else {
+        return Ok(Vec::new());
     };
-    match name {
-        Some(name) => predict(st, name, None, req)
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
-        None => ApiError::bad_request("Parameter model_name is required.").into_response(),
+    let fields: Vec<(String, String)> = serde_urlencoded::from_str(q)
+        .map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
+    Ok(fields
+        .into_iter()
+        .map(|(name, value)| Part {
+            name,
+            content_type: None,
+            data: value.into_bytes().into(),
+        })
+        .collect())
+}
+
+/// The model a request of `/invocations` names: the first non-empty `model_name` field (the
+/// query's before the body's), taken out of the inputs, else the only model registered.
+fn invoked_model(st: &AppState, payload: &mut Payload) -> Result<String, ApiError> {
+    let named = payload
+        .parts
+        .iter()
+        .find(|p| p.name == "model_name" && !p.data.is_empty())
+        .map(|p| String::from_utf8_lossy(&p.data).into_owned());
+    payload.parts.retain(|p| p.name != "model_name");
+    if let Some(name) = named {
+        return Ok(name);
+    }
+    match st.registry.names().as_slice() {
+        [only] => Ok(only.clone()),
+        _ => Err(ApiError::bad_request("Parameter model_name is required.")),
     }
 }
 
@@ -205,16 +253,31 @@ fn explain(st: &AppState, model: &str, version: Option<&str>) -> ApiError {
 
 async fn predict(
     st: AppState,
-    name: String,
+    name: Option<String>,
     version: Option<String>,
+    query: Query,
     req: Request,
 ) -> Result<Response, ApiError> {
+    let mut fields = match query {
+        Query::Inputs => query_parts(&req)?,
+        Query::Ignored => Vec::new(),
+    };
     if req.method() == Method::OPTIONS {
         return Ok(json_response(StatusCode::OK, &doc()));
     }
     // An unknown model is a 404 before the body is looked at.
-    st.registry.get(&name, version.as_deref())?;
-    let payload = read_payload(req, st.config.max_request_size).await?;
+    if let Some(name) = &name {
+        st.registry.get(name, version.as_deref())?;
+    }
+    let mut payload = read_payload(req, st.config.max_request_size).await?;
+    if !fields.is_empty() {
+        fields.append(&mut payload.parts);
+        payload.parts = fields;
+    }
+    let name = match name {
+        Some(name) => name,
+        None => invoked_model(&st, &mut payload)?,
+    };
     let body = match st.infer.infer(&name, version.as_deref(), payload).await? {
         Prediction::Json(body) => body,
         // Only requests that ask for tensors get them.
