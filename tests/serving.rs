@@ -2101,9 +2101,10 @@ fn request_size_limit_covers_raw_and_multipart_bodies() {
     // A compressed body is read decompressed, and held to the same limit once decompressed: 2,000
     // spaces compress to a few bytes.
     let json = [("Content-Type", "application/json")];
-    for coding in ["gzip", "deflate"] {
+    for coding in ["gzip", "deflate", "raw deflate"] {
         let body = compress(coding, b"[1, 2, 3, 4]");
-        let headers = [json[0], ("Content-Encoding", coding)];
+        let header = coding.trim_start_matches("raw ");
+        let headers = [json[0], ("Content-Encoding", header)];
         let r = s.infer("POST", "/predictions/picky", &headers, &body);
         assert_eq!(floats(&r.json()), [2.0, 3.0, 4.0, 5.0], "{coding}");
         let mut bomb = vec![b' '; 2000];
@@ -2144,14 +2145,29 @@ fn request_size_limit_covers_raw_and_multipart_bodies() {
         &twice,
     );
     assert_error(&r, 400, "BadRequestException", "several Content-Encodings");
+    // A word that names no compression (a charset, as some clients put there) leaves the body
+    // as sent, as TorchServe reads it.
+    let r = s.infer(
+        "POST",
+        "/predictions/picky",
+        &[json[0], ("Content-Encoding", "utf-8")],
+        b"[1, 2, 3, 4]",
+    );
+    assert_eq!(floats(&r.json()), [2.0, 3.0, 4.0, 5.0], "{}", r.text());
 }
 
-/// `body` compressed as HTTP's `gzip` or `deflate` (zlib) content coding.
+/// `body` compressed as HTTP's `gzip` or `deflate` (zlib) content coding, or as the raw deflate
+/// stream some clients send for `deflate`.
 fn compress(coding: &str, body: &[u8]) -> Vec<u8> {
     use std::io::Write as _;
     match coding {
         "gzip" => {
             let mut w = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+            w.write_all(body).unwrap();
+            w.finish().unwrap()
+        }
+        "raw deflate" => {
+            let mut w = flate2::write::DeflateEncoder::new(Vec::new(), Default::default());
             w.write_all(body).unwrap();
             w.finish().unwrap()
         }

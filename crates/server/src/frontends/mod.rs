@@ -366,7 +366,11 @@ fn content_coding(headers: &axum::http::HeaderMap) -> Result<Option<Coding>, Api
                 "" | "identity" => {}
                 "gzip" | "x-gzip" => codings.push(Coding::Gzip),
                 "deflate" => codings.push(Coding::Deflate),
-                _ => return Err(refuse(&coding)),
+                // Compressions the body would arrive unreadable in.
+                "br" | "zstd" | "compress" | "x-compress" => return Err(refuse(&coding)),
+                // No compression at all (`utf-8`, `binary`, ...: a charset or a transfer word
+                // some clients put here): the body is as sent, as TorchServe takes it.
+                _ => {}
             }
         }
     }
@@ -385,7 +389,9 @@ fn decompress(coding: Coding, body: &[u8], limit: usize) -> Result<Bytes, ApiErr
     use std::io::Read as _;
     let reader: Box<dyn std::io::Read + '_> = match coding {
         Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
-        Coding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
+        // Some clients send deflate's raw stream (RFC 1951) without zlib's wrapping.
+        Coding::Deflate if zlib_wrapped(body) => Box::new(flate2::read::ZlibDecoder::new(body)),
+        Coding::Deflate => Box::new(flate2::read::DeflateDecoder::new(body)),
     };
     let mut out = Vec::new();
     reader
@@ -396,6 +402,17 @@ fn decompress(coding: Coding, body: &[u8], limit: usize) -> Result<Bytes, ApiErr
         return Err(ApiError::too_large(limit));
     }
     Ok(out.into())
+}
+
+/// Whether `body` starts with a zlib header (RFC 1950: method 8, a window of at most 32 KiB,
+/// and the two bytes a multiple of 31), which a raw deflate stream's first bytes fail.
+fn zlib_wrapped(body: &[u8]) -> bool {
+    match body {
+        [cmf, flg, ..] => {
+            cmf & 0x0f == 8 && cmf >> 4 <= 7 && (u16::from(*cmf) << 8 | u16::from(*flg)) % 31 == 0
+        }
+        _ => false,
+    }
 }
 
 /// `e` in the shape of the protocol `path` belongs to: `{"error": "..."}` on the KServe
