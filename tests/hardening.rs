@@ -531,6 +531,34 @@ fn local_urls_name_archives_in_the_store_and_nothing_else() {
 }
 
 #[test]
+fn a_path_that_is_not_text_gets_a_json_error() {
+    let mut s = Server::new("");
+    let scale = scale_archive(&s, "scale");
+    s.start(&["--models", &format!("scale={scale}")]);
+    for (addr, path) in [
+        (&s.inference, "/predictions/%FF"),
+        (&s.inference, "/predictions/scale/%C0"),
+        (&s.management, "/models/%FF"),
+    ] {
+        let r = request(addr, "POST", path, &[], b"[1, 2, 3, 4]");
+        assert_error(
+            &r,
+            400,
+            "BadRequestException",
+            "the request path is not UTF-8 once percent-decoded",
+        );
+    }
+    let r = request(&s.inference, "POST", "/v2/models/%FF/infer", &[], b"{}");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("UTF-8"),
+        "{}",
+        r.text()
+    );
+    ping_ok(&s);
+}
+
+#[test]
 fn without_a_model_store_the_api_reads_no_path() {
     let mut s = Server::new("enable_model_api=true");
     s.without_store_config();

@@ -232,6 +232,13 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
         && req.headers().contains_key("access-control-request-method");
     let mut resp = if preflight {
         StatusCode::OK.into_response()
+    } else if !decodes_to_utf8(&path) {
+        // Answered here in the API's shape, where the router's path extractor would answer
+        // in plain text.
+        error_by_protocol(
+            &path,
+            ApiError::bad_request("the request path is not UTF-8 once percent-decoded"),
+        )
     } else {
         match buffered(&st, req).await {
             Ok(req) => next.run(req).await,
@@ -271,6 +278,35 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
         micros: started.elapsed().as_micros() as u64,
     });
     resp
+}
+
+/// Whether `path` percent-decodes to UTF-8 text (a `%` not followed by two hex digits stays
+/// as it is, as the router reads it).
+fn decodes_to_utf8(path: &str) -> bool {
+    if !path.contains('%') {
+        return true;
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    std::str::from_utf8(&out).is_ok()
 }
 
 /// The router, with `/models/x/` routed as `/models/x` (TorchServe treats them alike, and its
@@ -604,6 +640,22 @@ mod tests {
             "/api-description",
         ] {
             assert!(!is_management_path(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn paths_that_do_not_decode_to_text_are_told_apart() {
+        for ok in [
+            "/predictions/m",
+            "/predictions/%6Cin",
+            "/models/caf%C3%A9",
+            "/x/100%",
+            "/a%zz",
+        ] {
+            assert!(decodes_to_utf8(ok), "{ok}");
+        }
+        for bad in ["/predictions/%FF", "/predictions/lin/%C0", "/models/%C3"] {
+            assert!(!decodes_to_utf8(bad), "{bad}");
         }
     }
 
