@@ -526,6 +526,15 @@ fn bad_inputs_and_model_failures_keep_the_server_serving() {
         "{doc}"
     );
     assert_eq!(s.infer("GET", "/api-description", &[], b"").json(), doc);
+    // A model's own route describes the API for a model that is there, and is 404 for one
+    // that is not, as TorchServe looks the model up first.
+    assert_eq!(s.infer("OPTIONS", "/predictions/picky", &[], b"").json(), doc);
+    assert_error(
+        &s.infer("OPTIONS", "/predictions/nope", &[], b""),
+        404,
+        "ModelNotFoundException",
+        "nope",
+    );
     // The metrics listener describes its one route too, as TorchServe's does.
     let metrics_doc = request(&s.metrics, "OPTIONS", "/", &[], b"").json();
     assert!(

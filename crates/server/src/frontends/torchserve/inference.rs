@@ -262,12 +262,12 @@ async fn predict(
         Query::Inputs => query_parts(&req)?,
         Query::Ignored => Vec::new(),
     };
-    if req.method() == Method::OPTIONS {
-        return Ok(json_response(StatusCode::OK, &doc()));
-    }
-    // An unknown model is a 404 before the body is looked at.
+    // An unknown model is a 404 before the body is looked at, and before its description.
     if let Some(name) = &name {
         st.registry.get(name, version.as_deref())?;
+    }
+    if req.method() == Method::OPTIONS {
+        return Ok(json_response(StatusCode::OK, &doc()));
     }
     let mut payload = read_payload(req, st.config.max_request_size).await?;
     if !fields.is_empty() {
