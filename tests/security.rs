@@ -180,7 +180,7 @@ fn a_bad_certificate_stops_the_start_with_its_reason() {
                 cert.display(),
                 wrong.display()
             ),
-            "certificate_file and private_key_file",
+            "wrong.pem does not belong to certificate_file",
         ),
         (
             format!(

@@ -528,7 +528,10 @@ fn bad_inputs_and_model_failures_keep_the_server_serving() {
     assert_eq!(s.infer("GET", "/api-description", &[], b"").json(), doc);
     // A model's own route describes the API for a model that is there, and is 404 for one
     // that is not, as TorchServe looks the model up first.
-    assert_eq!(s.infer("OPTIONS", "/predictions/picky", &[], b"").json(), doc);
+    assert_eq!(
+        s.infer("OPTIONS", "/predictions/picky", &[], b"").json(),
+        doc
+    );
     assert_error(
         &s.infer("OPTIONS", "/predictions/nope", &[], b""),
         404,

@@ -333,6 +333,45 @@ const ENV_KEYS: [&str; 42] = [
 ];
 
 /// Keys TorchServe knows that tchserve reads but does not act on, which are not worth a warning.
+/// What the log says of a key that is present and not used: why, for TorchServe's keys, and a
+/// hint of a typo for any other.
+pub fn ignored_key_note(key: &str) -> String {
+    let why = match key {
+        "unregister_model_timeout" => "workers are threads and stop within a batch",
+        "decode_input_request"
+        | "default_service_handler"
+        | "install_py_dep_per_model"
+        | "blacklist_env_vars"
+        | "ipex_enable"
+        | "ipex_gpu_enable"
+        | "cpu_launcher_enable"
+        | "cpu_launcher_args"
+        | "cpp_log_config" => "there is no Python or C++ backend process",
+        "initial_worker_port" | "initial_distribution_port" => "there are no worker processes",
+        "limit_max_image_pixels" => "set max_pixels in the image handler's manifest instead",
+        "workflow_store" => "workflows are not served",
+        "metrics_config" | "metrics_mode" | "model_metrics_auto_detect" | "system_metrics_cmd" => {
+            "TorchServe's default metrics are always served, on /metrics"
+        }
+        "ts_header_key_sequence_id"
+        | "ts_header_key_sequence_start"
+        | "ts_header_key_sequence_end" => "stateful (sequence) models are not served",
+        "debug" | "model_server_home" | "prefer_direct_buffer" | "ts_open_inference_protocol" => {
+            "it has no counterpart here"
+        }
+        k if k.starts_with("grpc_") && k.contains("_max_connection_age") => {
+            "gRPC connections are not aged out"
+        }
+        _ => {
+            return format!(
+                "config key {key} is not one tchserve or TorchServe reads: is it mistyped? \
+                 (docs/configuration.md lists the keys)"
+            );
+        }
+    };
+    format!("config key {key} is TorchServe's and not used by tchserve: {why}")
+}
+
 const QUIET_KEYS: [&str; 9] = [
     "enable_envvars_config",
     "use_env_allowed_urls",
@@ -1090,6 +1129,17 @@ mod tests {
                 .starts_with("config key job_queue_size (from TS_JOB_QUEUE_SIZE): bad value"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_unused_key_says_why_or_that_it_may_be_mistyped() {
+        assert_eq!(
+            ignored_key_note("workflow_store"),
+            "config key workflow_store is TorchServe's and not used by tchserve: workflows are \
+             not served"
+        );
+        assert!(ignored_key_note("grpc_inference_max_connection_age_ms").contains("not aged out"));
+        assert!(ignored_key_note("jbo_queue_size").contains("is it mistyped?"));
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub async fn run(
         None => tracing::info!("no configuration file; defaults and the command line"),
     }
     for key in &config.ignored_keys {
-        tracing::warn!("config key {key} is not used by tchserve");
+        tracing::warn!("{}", crate::config::ignored_key_note(key));
     }
     // Read before any model loads: a wrong path or a key that does not match its certificate
     // should stop the start at once.

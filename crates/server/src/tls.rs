@@ -47,6 +47,22 @@ pub enum TlsError {
     /// rustls refused the pair (the key does not match, or a kind it does not support).
     #[error("certificate_file and private_key_file: {0}")]
     Identity(#[from] rustls::Error),
+    /// The key does not belong to the certificate, or is of a kind rustls cannot use.
+    #[error(
+        "private_key_file {} does not belong to certificate_file {}, or is not a key TLS can \
+         use here ({source})",
+        key.display(),
+        cert.display()
+    )]
+    Mismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// What rustls said.
+        #[source]
+        source: rustls::Error,
+    },
     /// The key is RSA of a size refused for TLS (below 2048 bits, or past 8192).
     #[error(
         "private_key_file {}: an RSA key of {bits} bits; TLS here takes 2048 to 8192 bits \
@@ -121,7 +137,14 @@ impl Identity {
                     path: key_file.to_path_buf(),
                     bits,
                 },
-                _ => e,
+                _ => match e {
+                    TlsError::Identity(source) => TlsError::Mismatch {
+                        cert: cert_file.to_path_buf(),
+                        key: key_file.to_path_buf(),
+                        source,
+                    },
+                    other => other,
+                },
             });
         }
         Ok(identity)
@@ -327,7 +350,11 @@ mod tests {
             .expect_err("mismatch")
             .to_string();
         assert!(
-            e.starts_with("certificate_file and private_key_file"),
+            e.starts_with(&format!(
+                "private_key_file {} does not belong to certificate_file {}",
+                wrong.display(),
+                cert.display()
+            )),
             "{e}"
         );
         let e = Identity::load(&key, &key)

@@ -110,7 +110,10 @@ fn main() -> ExitCode {
         load_config(&args)
             .and_then(|config| {
                 for key in &config.ignored_keys {
-                    eprintln!("tchserve: warning: config key {key} is not used by tchserve");
+                    eprintln!(
+                        "tchserve: warning: {}",
+                        tchserve_server::config::ignored_key_note(key)
+                    );
                 }
                 control::start(&log_dir(&args))
             })
