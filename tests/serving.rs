@@ -2221,7 +2221,7 @@ fn a_small_model_never_starts_an_openmp_team() {
 }
 
 #[test]
-fn cors_headers_when_configured_and_metrics_api_off() {
+fn cors_headers_when_configured() {
     let (mut s, v1, _) = scale_server(
         "cors_allowed_origin=https://app.example\ncors_allowed_methods=GET, POST, OPTIONS\n\
          cors_allowed_headers=Content-Type, Authorization\nenable_metrics_api=false",
@@ -2264,6 +2264,33 @@ fn cors_headers_when_configured_and_metrics_api_off() {
     // No metrics listener.
     assert!(std::net::TcpStream::connect(&s.metrics).is_err());
     assert!(s.log().contains("configuration read from"), "{}", s.log());
+
+    // The metrics listener carries them too, as TorchServe's does, for a dashboard in a
+    // browser.
+    let mut m =
+        Server::new("cors_allowed_origin=https://app.example\ncors_allowed_methods=GET, OPTIONS");
+    m.start(&[]);
+    let r = request(&m.metrics, "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let r = request(
+        &m.metrics,
+        "OPTIONS",
+        "/metrics",
+        &[
+            ("Origin", "https://app.example"),
+            ("Access-Control-Request-Method", "GET"),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-methods"),
+        Some("GET, OPTIONS")
+    );
 
     // Without the keys, no CORS header.
     let (mut plain, v1, _) = scale_server("");

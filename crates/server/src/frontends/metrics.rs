@@ -6,7 +6,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::{AppState, buffer_body, not_allowed, not_found, openapi, with_description};
+use super::{
+    AppState, buffer_body, metrics_cors, not_allowed, not_found, openapi, with_description,
+};
 
 /// The metrics listener's routes, with `OPTIONS /` describing them as TorchServe's does.
 pub fn router(state: AppState) -> Router {
@@ -16,6 +18,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             buffer_body,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics_cors,
         ))
         .with_state(state)
 }

@@ -225,12 +225,7 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     let path = req.uri().path().to_owned();
     let started = std::time::Instant::now();
     let cors = &st.config.cors;
-    // A browser asks before a cross-origin request; with CORS configured, the answer is yes
-    // on every path, and the headers below say what is allowed.
-    let preflight = cors.is_on()
-        && method == axum::http::Method::OPTIONS
-        && req.headers().contains_key("access-control-request-method");
-    let mut resp = if preflight {
+    let mut resp = if is_preflight(&req, cors) {
         StatusCode::OK.into_response()
     } else if !decodes_to_utf8(&path) {
         // Answered here in the API's shape, where the router's path extractor would answer
@@ -259,6 +254,28 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
         "expires",
         HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 UTC"),
     );
+    add_cors(h, cors);
+    let status = resp.status().as_u16();
+    st.metrics.count_status(status);
+    log_access(&AccessEntry {
+        method: method.as_str(),
+        path: &path,
+        status,
+        micros: started.elapsed().as_micros() as u64,
+    });
+    resp
+}
+
+/// Whether `req` is a browser's CORS preflight: with CORS configured, the answer is yes on
+/// every path, and the `Access-Control-Allow-*` headers say what is allowed.
+fn is_preflight(req: &Request, cors: &crate::config::Cors) -> bool {
+    cors.is_on()
+        && req.method() == axum::http::Method::OPTIONS
+        && req.headers().contains_key("access-control-request-method")
+}
+
+/// Adds the configured `Access-Control-Allow-*` headers.
+fn add_cors(h: &mut axum::http::HeaderMap, cors: &crate::config::Cors) {
     for (name, value) in [
         ("access-control-allow-origin", &cors.origin),
         ("access-control-allow-methods", &cors.methods),
@@ -269,14 +286,21 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
             h.insert(name, v);
         }
     }
-    let status = resp.status().as_u16();
-    st.metrics.count_status(status);
-    log_access(&AccessEntry {
-        method: method.as_str(),
-        path: &path,
-        status,
-        micros: started.elapsed().as_micros() as u64,
-    });
+}
+
+/// The metrics listener's CORS, as TorchServe's sends it: a dashboard in a browser may read
+/// `/metrics` from another origin.
+pub async fn metrics_cors(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let cors = &st.config.cors;
+    if !cors.is_on() {
+        return next.run(req).await;
+    }
+    let mut resp = if is_preflight(&req, cors) {
+        StatusCode::OK.into_response()
+    } else {
+        next.run(req).await
+    };
+    add_cors(resp.headers_mut(), cors);
     resp
 }
 
