@@ -1806,6 +1806,12 @@ fn inference_and_management_can_share_one_address() {
     let metrics = s.infer("GET", "/metrics", &[], b"");
     assert_eq!(metrics.status, 200);
     assert!(metrics.text().contains("ts_inference_requests_total"));
+    // The one listener describes both APIs it serves, without a key.
+    let doc = s.infer("OPTIONS", "/", &[], b"").json();
+    for path in ["/predictions/{model_name}", "/models", "/ping"] {
+        assert!(doc["paths"][path].is_object(), "{path}: {doc}");
+    }
+    assert_eq!(s.infer("GET", "/api-description", &[], b"").json(), doc);
 }
 
 #[test]

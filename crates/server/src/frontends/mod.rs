@@ -180,19 +180,47 @@ pub fn router_for(apis: &[Api], state: AppState) -> axum::Router {
     }
     let pick = |api: Api| apis.contains(&api).then(|| router_of(api));
     let (management, metrics) = (pick(Api::Management), pick(Api::Metrics));
+    // Inference and management together describe both at `/` and `/api-description`.
+    let description = (apis.contains(&Api::Inference) && management.is_some()).then(|| {
+        with_listener_layers(
+            with_description(axum::Router::new(), both_descriptions),
+            state.clone(),
+        )
+    });
     // What no other API claims: inference's, else management's (metrics is never alone here).
     let rest = pick(Api::Inference)
         .or_else(|| management.clone())
         .unwrap_or_else(|| router_of(Api::Metrics));
     axum::Router::new().fallback_service(tower::service_fn(move |req: Request| {
         let path = req.uri().path();
-        let routes = match (&metrics, &management) {
-            (Some(m), _) if path == "/metrics" => m,
-            (_, Some(m)) if is_management_path(path) => m,
+        let routes = match (&metrics, &management, &description) {
+            (Some(m), _, _) if path == "/metrics" => m,
+            (_, _, Some(d)) if path == "/" || path == "/api-description" => d,
+            (_, Some(m), _) if is_management_path(path) => m,
             _ => &rest,
         };
         routes.clone().oneshot(req)
     }))
+}
+
+/// The inference and management APIs' descriptions as one, for a listener serving both.
+fn both_descriptions() -> Value {
+    let mut doc = torchserve::inference::doc();
+    if let (Some(paths), Value::Object(more)) = (
+        doc["paths"].as_object_mut(),
+        torchserve::management::doc()["paths"].take(),
+    ) {
+        for (path, ops) in more {
+            match paths.get_mut(&path).and_then(Value::as_object_mut) {
+                Some(known) => known.extend(ops.as_object().cloned().unwrap_or_default()),
+                None => {
+                    paths.insert(path, ops);
+                }
+            }
+        }
+    }
+    doc["info"]["title"] = json!("tchserve inference and management API");
+    doc
 }
 
 /// Whether a path on a shared listener is the management API's.

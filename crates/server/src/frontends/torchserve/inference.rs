@@ -57,7 +57,8 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) ->
     }
 }
 
-fn doc() -> serde_json::Value {
+/// This API's OpenAPI description.
+pub(crate) fn doc() -> serde_json::Value {
     openapi(
         "inference",
         &[

@@ -74,7 +74,8 @@ pub fn router(state: AppState) -> Router {
     with_listener_layers(router, state)
 }
 
-fn doc() -> Value {
+/// This API's OpenAPI description.
+pub(crate) fn doc() -> Value {
     openapi(
         "management",
         &[
