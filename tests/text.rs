@@ -223,6 +223,46 @@ fn text_classifier_matches_pytorch() {
             );
         }
     }
+    // The same text however it comes: as text/plain even when it starts with a quotation mark
+    // or a brace, under KServe v1's `data` (TorchServe's own sample request), and wrapped in
+    // JSON, the one form that cannot be misread.
+    let first = want["sentences"][0].as_str().unwrap();
+    for text in [
+        format!("\"{first}\" said everyone."),
+        format!("{{braces}} and {first}"),
+        first.to_string(),
+    ] {
+        let wrapped = s.infer(
+            "POST",
+            "/predictions/sentiment",
+            &[("Content-Type", "application/json")],
+            json!({"data": text}).to_string().as_bytes(),
+        );
+        assert_eq!(wrapped.status, 200, "{}", wrapped.text());
+        let plain = post_text(&s, "sentiment", &text);
+        assert_eq!(plain.body, wrapped.body, "{text}: {}", plain.text());
+        let v1 = s.infer(
+            "POST",
+            "/v1/models/sentiment:predict",
+            &[("Content-Type", "application/json")],
+            json!({"instances": [{"data": text}]})
+                .to_string()
+                .as_bytes(),
+        );
+        assert_eq!(v1.status, 200, "{}", v1.text());
+        assert_eq!(v1.json()["predictions"][0], wrapped.json(), "{text}");
+    }
+    // Whitespace or NULs by the thousand before the words do not hide them.
+    for padding in [" ", "\0", "\r\n"] {
+        let padded = format!("{}{first}", padding.repeat(13_000));
+        let r = post_text(&s, "sentiment", &padded);
+        assert_eq!(
+            r.body,
+            post_text(&s, "sentiment", first).body,
+            "{padding:?}"
+        );
+    }
+
     let r = request(
         &s.management,
         "POST",

@@ -39,15 +39,16 @@ fn image_bytes(part: &Part) -> Result<std::borrow::Cow<'_, [u8]>, PredictError> 
     let ct = part.content_type.as_deref().unwrap_or("");
     let first = data.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let b64 = |text: &str| {
+        let encoded = text
+            .trim()
+            .trim_start_matches("data:")
+            .split(";base64,")
+            .last()
+            .unwrap_or("");
+        // Line breaks inside, as `base64`, MIME and openssl wrap their output.
+        let compact: String = encoded.split_ascii_whitespace().collect();
         base64::engine::general_purpose::STANDARD
-            .decode(
-                text.trim()
-                    .trim_start_matches("data:")
-                    .split(";base64,")
-                    .last()
-                    .unwrap_or("")
-                    .trim(),
-            )
+            .decode(compact)
             .map(std::borrow::Cow::Owned)
             .map_err(|e| {
                 bad(format!(
@@ -504,6 +505,41 @@ mod tests {
         }
         for v in 0..=255u8 {
             assert_eq!(luma(&[v, v, v]), v);
+        }
+    }
+
+    #[test]
+    fn wrapped_base64_is_read_as_the_tools_write_it() {
+        use base64::Engine as _;
+        let png: &[u8] = b"\x89PNG\r\n\x1a\n and the rest of an image";
+        let plain = base64::engine::general_purpose::STANDARD.encode(png);
+        // `base64` and MIME wrap at 76 columns (LF or CRLF), openssl at 64.
+        let wrap = |width: usize, eol: &str| {
+            plain
+                .as_bytes()
+                .chunks(width)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect::<Vec<_>>()
+                .join(eol)
+        };
+        for (text, ct) in [
+            (wrap(16, "\n"), "text/plain"),
+            (wrap(16, "\r\n"), "text/plain"),
+            (
+                format!("data:image/png;base64,{}", wrap(20, "\n")),
+                "text/plain",
+            ),
+            (
+                serde_json::json!({"data": wrap(16, "\n")}).to_string(),
+                "application/json",
+            ),
+        ] {
+            let part = Part {
+                name: "body".into(),
+                content_type: Some(ct.into()),
+                data: text.clone().into(),
+            };
+            assert_eq!(image_bytes(&part).unwrap().as_ref(), png, "{text:?}");
         }
     }
 

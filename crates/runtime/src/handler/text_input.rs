@@ -66,11 +66,16 @@ impl TextInput {
             .ok_or_else(|| bad("the request has no body"))?;
         let text =
             std::str::from_utf8(&part.data).map_err(|_| bad("the text is not valid UTF-8"))?;
-        let json = part
+        // JSON when the client says so; text when it says `text/...` (a review may well start
+        // with a quotation mark); else, as curl labels everything a form, by the first character.
+        let ct = part
             .content_type
             .as_deref()
-            .is_some_and(|c| c.contains("json"))
-            || matches!(text.trim_start().chars().next(), Some('{' | '"'));
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let json = ct.contains("json")
+            || (!ct.starts_with("text/")
+                && matches!(text.trim_start().chars().next(), Some('{' | '"')));
         let text = if json {
             let v: serde_json::Value = serde_json::from_str(text)
                 .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
@@ -107,32 +112,55 @@ impl TextInput {
     }
 }
 
-/// Longest run of characters taken to make one token, for bounding the text tokenized.
-const MAX_CHARS_PER_TOKEN: usize = 100;
+/// Characters kept per token of `max_length`, beyond which the text is cut: enough for words
+/// far longer than any tokenizer turns into more than one unknown token (WordPiece's limit is
+/// 100 characters a word), few enough that a megabyte without spaces is not tokenized whole.
+const MAX_CHARS_PER_TOKEN: usize = 400;
 
 /// The start of `text` that is enough for the first `max_length` tokens: the tokenizer truncates
-/// to those anyway, and tokenizing megabytes it will throw away takes seconds. Every
-/// whitespace-separated word makes at least one token, so the first `max_length + 1` words give
-/// the same first tokens as the whole text; at most `MAX_CHARS_PER_TOKEN` characters per token
-/// are kept as well (WordPiece turns a longer word into a single unknown token).
+/// to those anyway, and tokenizing megabytes it will throw away takes seconds. A word (between
+/// whitespace) with a character that can make a token makes at least one, so the first
+/// `max_length + 1` such words give the same first tokens as the whole text. Whitespace,
+/// control and format characters and combining marks, which tokenizers' normalizers drop or
+/// fold into their neighbours, count toward neither limit: a text padded with a megabyte of
+/// spaces or NULs still reaches its words.
 fn enough_of(text: &str, max_length: usize) -> &str {
     let max_chars = max_length.saturating_mul(MAX_CHARS_PER_TOKEN);
-    let mut words = 0;
-    let mut in_word = false;
-    for (chars, (at, c)) in text.char_indices().enumerate() {
-        if chars >= max_chars {
+    let (mut words, mut chars) = (0, 0);
+    let mut counted = false;
+    for (at, c) in text.char_indices() {
+        if c.is_whitespace() {
+            counted = false;
+            continue;
+        }
+        if !makes_tokens(c) {
+            continue;
+        }
+        chars += 1;
+        if chars > max_chars {
             return &text[..at];
         }
-        let space = c.is_whitespace();
-        if !space && !in_word {
+        if !counted {
+            counted = true;
             words += 1;
             if words > max_length + 1 {
                 return &text[..at];
             }
         }
-        in_word = !space;
     }
     text
+}
+
+/// Whether `c` (not whitespace) can make a token on its own: not a control or format character
+/// (soft hyphen, zero-width and bidi marks, BOM) or a combining mark.
+fn makes_tokens(c: char) -> bool {
+    !(c.is_control()
+        || matches!(c,
+            '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{0300}'..='\u{036F}' | '\u{1AB0}'..='\u{1AFF}' | '\u{1DC0}'..='\u{1DFF}'
+            | '\u{20D0}'..='\u{20FF}' | '\u{FE20}'..='\u{FE2F}'))
 }
 
 /// Pads a batch of `[1, len]` id tensors to the longest: `(ids, attention_mask)`, both `[N, L]`.
@@ -160,9 +188,21 @@ mod tests {
         assert_eq!(enough_of("a b c", 8), "a b c");
         assert_eq!(enough_of("one two three four five", 2), "one two three ");
         assert_eq!(enough_of("  é ü ö ä", 1), "  é ü ");
-        let long = "x".repeat(1000);
-        assert_eq!(enough_of(&long, 2).len(), 200);
+        let long = "x".repeat(10_000);
+        assert_eq!(enough_of(&long, 2).len(), 800);
         let huge = "word ".repeat(1_000_000);
         assert_eq!(enough_of(&huge, 128).split_whitespace().count(), 129);
+    }
+
+    #[test]
+    fn what_makes_no_token_never_hides_the_words_after_it() {
+        let sentence = "I love this movie";
+        for padding in [" ", "\r\n", "\0", "\u{00AD} ", "\u{200B}"] {
+            let text = format!("{}{sentence}", padding.repeat(13_000));
+            assert!(enough_of(&text, 128).ends_with(sentence), "{padding:?}");
+        }
+        // 128 words of 150 letters (one unknown token each, in WordPiece) are all kept.
+        let words = vec!["y".repeat(150); 200].join(" ");
+        assert_eq!(enough_of(&words, 128).split_whitespace().count(), 129);
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Each instance is one request to the model, so instances are batched by the model's batcher
 //! like any other requests. Images travel as `{"b64": "..."}` (TF Serving) or `{"data": "..."}`
-//! (TorchServe's kserve envelope), text as a string, tensors as numbers or nested lists.
+//! (TorchServe's kserve envelope, whose `data` may be text too), text as a string, tensors as
+//! numbers or nested lists.
 
 use axum::Router;
 use axum::extract::{Path, Request, State};
@@ -168,8 +169,15 @@ struct V1Request<'a> {
 /// One instance as handler input; `body` is the request the instance's text lies in.
 fn instance_payload(body: &Bytes, inst: &RawValue) -> Result<Payload, String> {
     let b64 = |s: &str| {
+        // A data URL's prefix, and line breaks (`base64`, MIME and openssl wrap their output).
+        let s = s.trim();
+        let s = match s.strip_prefix("data:") {
+            Some(rest) => rest.split_once(";base64,").map_or(rest, |(_, b)| b),
+            None => s,
+        };
+        let compact: String = s.split_ascii_whitespace().collect();
         base64::engine::general_purpose::STANDARD
-            .decode(s.trim())
+            .decode(compact)
             .map_err(|e| format!("not valid base64: {e}"))
     };
     let text = inst.get();
@@ -181,8 +189,9 @@ fn instance_payload(body: &Bytes, inst: &RawValue) -> Result<Payload, String> {
                 (Some(Value::String(s)), _) if o.len() == 1 => {
                     (b64(s)?.into(), "application/octet-stream")
                 }
-                // TorchServe's kserve envelope: `{"data": "<base64>"}`, or `{"data": [numbers]}`.
-                (_, Some(Value::String(s))) => (b64(s)?.into(), "application/octet-stream"),
+                // TorchServe's kserve envelope hands `data` to the handler as it is: an image
+                // handler reads its base64, a text handler the text itself.
+                (_, Some(Value::String(s))) => (s.clone().into(), "text/plain"),
                 (_, Some(other)) => (other.to_string().into(), "application/json"),
                 _ => (body.slice_ref(text.as_bytes()), "application/json"),
             }
@@ -231,7 +240,16 @@ mod tests {
             body(json!({"b64": "aGk="})),
             (b"hi".to_vec(), "application/octet-stream".into())
         );
-        assert_eq!(body(json!({"data": "aGk="})).0, b"hi");
+        // `data` is the handler's to read: base64 to an image handler, text to a text one.
+        assert_eq!(
+            body(json!({"data": "I love it"})),
+            (b"I love it".to_vec(), "text/plain".into())
+        );
+        assert_eq!(
+            body(json!({"b64": "data:image/png;base64,aG\nk="})).0,
+            b"hi",
+            "a data URL, wrapped"
+        );
         assert_eq!(
             body(json!({"data": [1, 2]})),
             (b"[1,2]".to_vec(), "application/json".into())
