@@ -137,12 +137,28 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
         .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
     let img = DynamicImage::from_decoder(decoder)
         .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
-    let rgb = img.to_rgb8();
+    // PIL reads a 16-bit colour image as 8-bit by keeping each sample's high byte, where the
+    // image crate's conversion rounds (v / 257): a seventh of the values would differ by 1/255.
+    // (16-bit grey is scaled, unlike PIL, whose conversion clips it to white above 255.)
+    let (width, height) = (img.width(), img.height());
+    let data = match &img {
+        DynamicImage::ImageRgb16(b) => high_bytes(b.as_raw(), 3),
+        DynamicImage::ImageRgba16(b) => high_bytes(b.as_raw(), 4),
+        _ => img.to_rgb8().into_raw(),
+    };
     Ok(Rgb {
-        width: rgb.width(),
-        height: rgb.height(),
-        data: rgb.into_raw(),
+        width,
+        height,
+        data,
     })
+}
+
+/// The high byte of each pixel's first three samples, of pixels of `channels` 16-bit samples.
+fn high_bytes(samples: &[u16], channels: usize) -> Vec<u8> {
+    samples
+        .chunks_exact(channels)
+        .flat_map(|px| px[..3].iter().map(|v| (v >> 8) as u8))
+        .collect()
 }
 
 /// Decodes a JPEG as PIL does (see [`jpeg`]); `None` for CMYK data, which the other decoder
@@ -540,6 +556,37 @@ mod tests {
                 data: text.clone().into(),
             };
             assert_eq!(image_bytes(&part).unwrap().as_ref(), png, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_colour_keeps_the_high_byte_as_pil_reads_it() {
+        // 0x80FF rounds to 0x81 but PIL keeps 0x80.
+        for channels in [3u8, 4] {
+            let samples: Vec<u16> = vec![0x80FF, 0x0180, 0xFFFF, 0x1234][..channels as usize]
+                .iter()
+                .copied()
+                .cycle()
+                .take(2 * channels as usize)
+                .collect();
+            let img = if channels == 3 {
+                DynamicImage::ImageRgb16(image::ImageBuffer::from_raw(2, 1, samples).unwrap())
+            } else {
+                DynamicImage::ImageRgba16(image::ImageBuffer::from_raw(2, 1, samples).unwrap())
+            };
+            let mut png = Vec::new();
+            img.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+                .unwrap();
+            let payload = Payload {
+                parts: vec![Part {
+                    name: "body".into(),
+                    content_type: None,
+                    data: png.into(),
+                }],
+                ..Payload::default()
+            };
+            let rgb = decode(&payload, u64::MAX).unwrap();
+            assert_eq!(rgb.data, [0x80, 0x01, 0xFF, 0x80, 0x01, 0xFF], "{channels}");
         }
     }
 
