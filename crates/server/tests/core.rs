@@ -402,9 +402,11 @@ async fn kserve_v1_ready_and_predict() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // `b64` is decoded here; `data` reaches the handler as sent (base64 to an image handler,
+    // text to a text one).
     assert_eq!(
         r.json(),
-        json!({"predictions": [{"echo": "[1,2]"}, {"echo": "hi"}, {"echo": "hi"}, {"echo": "text"}]})
+        json!({"predictions": [{"echo": "[1,2]"}, {"echo": "hi"}, {"echo": "aGk="}, {"echo": "text"}]})
     );
     let r = call(
         h.inference(),
