@@ -727,7 +727,7 @@ fn job_tickets_and_client_timeouts_come_from_the_yaml() {
     );
     let expiring = slow_with(
         "expiring",
-        "minWorkers: 1\nmaxWorkers: 1\nclientTimeoutInMills: 500\n",
+        "minWorkers: 1\nmaxWorkers: 1\nclientTimeoutInMills: 1000\n",
     );
     s.start(&[]);
     for url in [&ticket, &expiring] {
@@ -737,7 +737,7 @@ fn job_tickets_and_client_timeouts_come_from_the_yaml() {
     let described =
         |m: &str, key: &str| s.manage("GET", &format!("/models/{m}")).json()[0][key].clone();
     assert_eq!(described("ticket", "useJobTicket"), json!(true));
-    assert_eq!(described("expiring", "clientTimeoutInMills"), json!(500));
+    assert_eq!(described("expiring", "clientTimeoutInMills"), json!(1000));
     assert_eq!(described("expiring", "useJobTicket"), json!(false));
 
     // A request that finds the model's one worker free runs; one sent while it is busy is
@@ -752,8 +752,17 @@ fn job_tickets_and_client_timeouts_come_from_the_yaml() {
     };
     let (long, refused) = std::thread::scope(|scope| {
         let long = scope.spawn(|| admitted("[30000, 0]"));
-        std::thread::sleep(Duration::from_millis(500));
-        let r = post_json(&s.inference, "/predictions/ticket", "[1, 2]");
+        std::thread::sleep(Duration::from_millis(300));
+        // Until the long one has the worker, a short one may still find it free.
+        let mut tries = 0;
+        let r = loop {
+            let r = post_json(&s.inference, "/predictions/ticket", "[1, 2]");
+            tries += 1;
+            if r.status == 503 || tries == 40 {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         let answered = Instant::now();
         (long.join().unwrap(), (r, answered))
     });
@@ -771,7 +780,7 @@ fn job_tickets_and_client_timeouts_come_from_the_yaml() {
     // A request queued for longer than clientTimeoutInMills is answered without running.
     let (long, late) = std::thread::scope(|scope| {
         let long = scope.spawn(|| post_json(&s.inference, "/predictions/expiring", "[30000, 0]"));
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(200));
         let late = post_json(&s.inference, "/predictions/expiring", "[1, 2]");
         (long.join().unwrap(), late)
     });
@@ -780,7 +789,7 @@ fn job_tickets_and_client_timeouts_come_from_the_yaml() {
         &late,
         504,
         "RequestTimeoutException",
-        "clientTimeoutInMills (500 ms)",
+        "clientTimeoutInMills (1000 ms)",
     );
     let r = post_json(&s.inference, "/predictions/expiring", "[1, 2]");
     assert_eq!(floats(&r.json()), [1.0, 2.0]);

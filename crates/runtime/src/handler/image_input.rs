@@ -77,7 +77,9 @@ fn image_bytes(part: &Part) -> Result<std::borrow::Cow<'_, [u8]>, PredictError> 
         return match text {
             Some(t) => b64(t),
             None => Err(bad(
-                "expected a base64 image as a JSON string or under \"data\" or \"b64\"",
+                "expected a base64 image as a JSON string or under \"data\" or \"b64\" (one \
+                 image per request; several go to KServe v1's /v1/models/<model>:predict, one \
+                 instance each)",
             )),
         };
     }
