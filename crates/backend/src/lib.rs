@@ -5,6 +5,7 @@
 //! libtorch, so the server builds and tests against a fake backend in seconds, and
 //! `tchserve-runtime` provides the real one.
 
+pub mod base64;
 pub mod job;
 pub mod json;
 

@@ -7,7 +7,6 @@
 
 use std::io::Cursor;
 
-use base64::Engine as _;
 use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageDecoder, ImageReader};
@@ -39,16 +38,7 @@ fn image_bytes(part: &Part) -> Result<std::borrow::Cow<'_, [u8]>, PredictError> 
     let ct = part.content_type.as_deref().unwrap_or("");
     let first = data.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let b64 = |text: &str| {
-        let encoded = text
-            .trim()
-            .trim_start_matches("data:")
-            .split(";base64,")
-            .last()
-            .unwrap_or("");
-        // Line breaks inside, as `base64`, MIME and openssl wrap their output.
-        let compact: String = encoded.split_ascii_whitespace().collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(compact)
+        tchserve_backend::base64::decode_lenient(text)
             .map(std::borrow::Cow::Owned)
             .map_err(|e| {
                 bad(format!(

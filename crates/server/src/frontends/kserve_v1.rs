@@ -11,7 +11,6 @@ use axum::extract::{Path, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use base64::Engine as _;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -169,16 +168,7 @@ struct V1Request<'a> {
 /// One instance as handler input; `body` is the request the instance's text lies in.
 fn instance_payload(body: &Bytes, inst: &RawValue) -> Result<Payload, String> {
     let b64 = |s: &str| {
-        // A data URL's prefix, and line breaks (`base64`, MIME and openssl wrap their output).
-        let s = s.trim();
-        let s = match s.strip_prefix("data:") {
-            Some(rest) => rest.split_once(";base64,").map_or(rest, |(_, b)| b),
-            None => s,
-        };
-        let compact: String = s.split_ascii_whitespace().collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(compact)
-            .map_err(|e| format!("not valid base64: {e}"))
+        tchserve_backend::base64::decode_lenient(s).map_err(|e| format!("not valid base64: {e}"))
     };
     let text = inst.get();
     let (data, content_type): (Bytes, &str) = match text.as_bytes().first() {
