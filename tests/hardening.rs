@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::http::{Resp, assert_error, parse, request, try_request};
+use common::http::{Resp, assert_error, parse, post_json, request, try_request};
 use common::run_ok;
 use common::server::{
     Server, archive, fixture_handler, fixtures, scale_archive, tiny_image_archive,
@@ -115,12 +115,7 @@ fn images_that_grow_past_the_pixel_limit_are_refused() {
         image::ImageFormat::Png,
     );
     assert_eq!(post_image(&s, "tiny", &photo).status, 200);
-    let r = s.infer(
-        "POST",
-        "/predictions/scale",
-        &[("Content-Type", "application/json")],
-        b"[1, 2, 3, 4]",
-    );
+    let r = post_json(&s.inference, "/predictions/scale", "[1, 2, 3, 4]");
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -565,12 +560,7 @@ fn without_a_model_store_the_api_reads_no_path() {
     let scale = s.store.join(scale_archive(&s, "scale"));
     // The operator's own start-up list may name an archive by path.
     s.start(&["--models", &format!("scale={}", scale.display())]);
-    let r = s.infer(
-        "POST",
-        "/predictions/scale",
-        &[("Content-Type", "application/json")],
-        b"[1, 2, 3, 4]",
-    );
+    let r = post_json(&s.inference, "/predictions/scale", "[1, 2, 3, 4]");
     assert_eq!(r.status, 200, "{}", r.text());
     // The management API may not: an archive, a folder and a missing path all get the same
     // answer, so that it neither loads nor tells what the host holds.
