@@ -335,30 +335,10 @@ pub async fn metrics_cors(State(st): State<AppState>, req: Request, next: Next) 
 /// Whether `path` percent-decodes to UTF-8 text (a `%` not followed by two hex digits stays
 /// as it is, as the router reads it).
 fn decodes_to_utf8(path: &str) -> bool {
-    if !path.contains('%') {
-        return true;
-    }
-    let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    std::str::from_utf8(&out).is_ok()
+    !path.contains('%')
+        || percent_encoding::percent_decode_str(path)
+            .decode_utf8()
+            .is_ok()
 }
 
 /// The router, with `/models/x/` routed as `/models/x` (TorchServe treats them alike, and its

@@ -202,16 +202,21 @@ fn query_parts(req: &Request) -> Result<Vec<Part>, ApiError> {
     let Some(q) = req.uri().query() else {
         return Ok(Vec::new());
     };
-    let fields: Vec<(String, String)> = serde_urlencoded::from_str(q)
+    let fields = serde_urlencoded::from_str(q)
         .map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
-    Ok(fields
+    Ok(field_parts(fields))
+}
+
+/// Form or query fields as input parts, in order.
+fn field_parts(fields: Vec<(String, String)>) -> Vec<Part> {
+    fields
         .into_iter()
         .map(|(name, value)| Part {
             name,
             content_type: None,
             data: value.into_bytes().into(),
         })
-        .collect())
+        .collect()
 }
 
 /// The model a request of `/invocations` names: the first non-empty `model_name` field (the
@@ -351,16 +356,9 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
         && body.contains(&b'=')
         && std::str::from_utf8(&body).is_ok();
     if form {
-        let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
+        let fields = serde_urlencoded::from_bytes(&body)
             .map_err(|e| ApiError::bad_request(format!("malformed form body: {e}")))?;
-        payload.parts = fields
-            .into_iter()
-            .map(|(name, value)| Part {
-                name,
-                content_type: None,
-                data: value.into_bytes().into(),
-            })
-            .collect();
+        payload.parts = field_parts(fields);
     } else {
         payload.parts.push(Part {
             name: "body".into(),
