@@ -12,7 +12,7 @@ use common::server::{Server, archive, real_archive, vision_fixtures};
 use common::{detections, worker_threads};
 use serde_json::{Value, json};
 
-const PHOTOS: [&str; 17] = [
+const PHOTOS: [&str; 18] = [
     "chelsea.jpg",
     "chelsea.png",
     "astronaut.jpg",
@@ -26,6 +26,7 @@ const PHOTOS: [&str; 17] = [
     "odd_cat.bmp",
     "odd_cat.gif",
     "odd_cat.tiff",
+    "framed.gif",
     "cat173.jpg",
     "cat173.png",
     "cat999.jpg",

@@ -96,7 +96,8 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
     let reader = ImageReader::new(Cursor::new(&bytes[..]))
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read the image: {e}")))?;
-    match reader.format() {
+    let format = reader.format();
+    match format {
         None => {
             return Err(bad(
                 "the body is not an image tchserve can decode (JPEG, PNG, WebP, BMP, GIF or TIFF)",
@@ -133,16 +134,54 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
     // image crate's conversion rounds (v / 257): a seventh of the values would differ by 1/255.
     // (16-bit grey is scaled, unlike PIL, whose conversion clips it to white above 255.)
     let (width, height) = (img.width(), img.height());
-    let data = match &img {
+    let mut data = match &img {
         DynamicImage::ImageRgb16(b) => high_bytes(b.as_raw(), 3),
         DynamicImage::ImageRgba16(b) => high_bytes(b.as_raw(), 4),
         _ => img.to_rgb8().into_raw(),
     };
+    if format == Some(image::ImageFormat::Gif) {
+        fill_gif_canvas(&bytes, &mut data, width as usize);
+    }
     Ok(Rgb {
         width,
         height,
         data,
     })
+}
+
+/// Paints the part of a GIF's canvas that its first frame leaves uncovered as PIL does: with the
+/// palette colour of the frame's transparent index, or of index 0 when it has none (not the
+/// header's background colour). The image crate leaves it black.
+fn fill_gif_canvas(bytes: &[u8], rgb: &mut [u8], width: usize) {
+    let mut options = gif::DecodeOptions::new();
+    options.set_color_output(gif::ColorOutput::Indexed);
+    // Only the headers are read here; the pixels were decoded already.
+    let Ok(mut decoder) = options.read_info(Cursor::new(bytes)) else {
+        return;
+    };
+    let global = decoder.global_palette().map(<[u8]>::to_vec);
+    let Ok(Some(frame)) = decoder.next_frame_info() else {
+        return;
+    };
+    let (left, top) = (usize::from(frame.left), usize::from(frame.top));
+    let (right, bottom) = (
+        left + usize::from(frame.width),
+        top + usize::from(frame.height),
+    );
+    let index = usize::from(frame.transparent.unwrap_or(0));
+    let palette = frame.palette.as_deref().or(global.as_deref());
+    let Some(colour) = palette.and_then(|p| p.get(3 * index..3 * index + 3)) else {
+        return;
+    };
+    if width == 0 {
+        return;
+    }
+    for (i, px) in rgb.chunks_exact_mut(3).enumerate() {
+        let (x, y) = (i % width, i / width);
+        if x < left || x >= right || y < top || y >= bottom {
+            px.copy_from_slice(colour);
+        }
+    }
 }
 
 /// The high byte of each pixel's first three samples, of pixels of `channels` 16-bit samples.
@@ -499,6 +538,39 @@ pub fn finish(pixels: &Tensor, stages: &[Preprocess]) -> Result<Tensor, tch::Tch
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gif_canvas_outside_its_frame_is_palette_index_0_as_in_pil() {
+        // An 8x6 canvas, background index 3 (yellow), palette red/green/blue/yellow, one 4x3
+        // frame at (2, 1) of pixels 0, 1, 2, 0, ... with no transparency. PIL's
+        // convert("RGB") paints the rest with index 0 (red), not the background colour.
+        static GIF: [u8; 49] = [
+            0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x08, 0x00, 0x06, 0x00, 0x81, 0x03, 0x00, 0xc8,
+            0x0a, 0x0a, 0x0a, 0xc8, 0x0a, 0x0a, 0x0a, 0xc8, 0xfa, 0xfa, 0x00, 0x2c, 0x02, 0x00,
+            0x01, 0x00, 0x04, 0x00, 0x03, 0x00, 0x00, 0x02, 0x0a, 0x04, 0x43, 0x11, 0x0c, 0x45,
+            0x30, 0x14, 0xc1, 0x50, 0x05, 0x00, 0x3b,
+        ];
+        let payload = Payload {
+            parts: vec![Part {
+                name: "body".into(),
+                content_type: None,
+                data: bytes::Bytes::from_static(&GIF),
+            }],
+            ..Payload::default()
+        };
+        let img = decode(&payload, u64::MAX).unwrap();
+        assert_eq!((img.width, img.height), (8, 6));
+        let px = |x: usize, y: usize| &img.data[3 * (y * 8 + x)..3 * (y * 8 + x) + 3];
+        let (red, green, blue) = ([200, 10, 10], [10, 200, 10], [10, 10, 200]);
+        assert_eq!(px(0, 0), red);
+        assert_eq!(px(7, 5), red);
+        assert_eq!(px(1, 1), red);
+        // Inside the frame: its own pixels.
+        assert_eq!(px(2, 1), red);
+        assert_eq!(px(3, 1), green);
+        assert_eq!(px(4, 1), blue);
+        assert_eq!(px(2, 2), green);
+    }
 
     #[test]
     fn luma_is_pils_and_keeps_grey_exact() {
