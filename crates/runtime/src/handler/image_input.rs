@@ -116,20 +116,22 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
         }
         Some(_) => {}
     }
-    // The format's decoder reads only the header until asked for pixels.
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
-    let (w, h) = decoder.dimensions();
-    check_pixels(w, h, max_pixels)?;
-    let pixels = u64::from(w) * u64::from(h);
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
-    decoder
-        .set_limits(limits)
-        .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
-    let img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
+    let img = match decode_whole(reader, max_pixels) {
+        // A PNG cut off after its image data, before the final (empty) IEND chunk: PIL reads
+        // it, the png crate wants the chunk. Given it, the same bytes decode as PIL reads them;
+        // image data that is itself cut off still fails.
+        Err(e) if format == Some(image::ImageFormat::Png) && lacks_iend(&bytes) => {
+            let mut whole = Vec::with_capacity(bytes.len() + PNG_IEND.len());
+            whole.extend_from_slice(&bytes);
+            whole.extend_from_slice(&PNG_IEND);
+            decode_whole(
+                ImageReader::with_format(Cursor::new(&whole[..]), image::ImageFormat::Png),
+                max_pixels,
+            )
+            .map_err(|_| e)?
+        }
+        other => other?,
+    };
     // PIL reads a 16-bit colour image as 8-bit by keeping each sample's high byte, where the
     // image crate's conversion rounds (v / 257): a seventh of the values would differ by 1/255.
     // (16-bit grey is scaled, unlike PIL, whose conversion clips it to white above 255.)
@@ -147,6 +149,33 @@ pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
         height,
         data,
     })
+}
+
+/// A PNG's final chunk: no data, its type, and its CRC.
+const PNG_IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
+
+fn lacks_iend(png: &[u8]) -> bool {
+    !png.windows(4).any(|w| w == b"IEND")
+}
+
+/// Decodes the whole image, refusing one over `max_pixels` before its pixels are read.
+fn decode_whole(
+    reader: ImageReader<Cursor<&[u8]>>,
+    max_pixels: u64,
+) -> Result<DynamicImage, PredictError> {
+    // The format's decoder reads only the header until asked for pixels.
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
+    let (w, h) = decoder.dimensions();
+    check_pixels(w, h, max_pixels)?;
+    let pixels = u64::from(w) * u64::from(h);
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
+    decoder
+        .set_limits(limits)
+        .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
+    DynamicImage::from_decoder(decoder).map_err(|e| bad(format!("cannot decode the image: {e}")))
 }
 
 /// Paints the part of a GIF's canvas that its first frame leaves uncovered as PIL does: with the
@@ -538,6 +567,34 @@ pub fn finish(pixels: &Tensor, stages: &[Preprocess]) -> Result<Tensor, tch::Tch
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn body(data: Vec<u8>) -> Payload {
+        Payload {
+            parts: vec![Part {
+                name: "body".into(),
+                content_type: None,
+                data: data.into(),
+            }],
+            ..Payload::default()
+        }
+    }
+
+    #[test]
+    fn a_png_without_its_iend_chunk_is_read_as_pil_reads_it() {
+        let pixels: Vec<u8> = (0..5 * 4 * 3).map(|i| (i * 37 % 251) as u8).collect();
+        let mut png = Vec::new();
+        image::RgbImage::from_raw(5, 4, pixels.clone())
+            .unwrap()
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert!(png.ends_with(&PNG_IEND));
+        let cut = png[..png.len() - PNG_IEND.len()].to_vec();
+        let img = decode(&body(cut.clone()), u64::MAX).unwrap();
+        assert_eq!((img.width, img.height, img.data), (5, 4, pixels));
+        // Image data cut off is still refused, as PIL refuses it.
+        let err = decode(&body(cut[..cut.len() - 8].to_vec()), u64::MAX).unwrap_err();
+        assert!(matches!(err, PredictError::BadInput(_)), "{err:?}");
+    }
 
     #[test]
     fn a_gif_canvas_outside_its_frame_is_palette_index_0_as_in_pil() {
