@@ -445,16 +445,34 @@ fn archives_by_url_come_only_from_where_allowed_urls_says() {
         format!("[{}]", input.join(",")).as_bytes(),
     );
     assert_eq!(p.status, 200, "{}", p.text());
-    assert_eq!(s.manage("DELETE", "/models/mlp").status, 200);
-    let r = register(&s, &allowed.url("/models/mlp.mar"));
-    assert_eq!(r.status, 200, "{}", r.text());
+    // While it is registered, the same URL under another name uses the file already there.
+    let again = request(
+        &s.management,
+        "POST",
+        &format!(
+            "/models?url={}&model_name=mlp_again",
+            q(&allowed.url("/models/mlp.mar"))
+        ),
+        &[],
+        b"",
+    );
+    assert_eq!(again.status, 200, "{}", again.text());
     mlp_fetched(1);
     assert!(s.log().contains("not fetching it again"));
-    assert_eq!(s.manage("DELETE", "/models/mlp").status, 200);
     // The same file name from another URL does not replace the file.
     let r = register(&s, &allowed.url("/models/mlp.mar?v=2"));
     assert_error(&r, 409, "ConflictStatusException", "already exists mlp.mar");
     mlp_fetched(1);
+    // Once no registered version uses the download, it is deleted, as TorchServe deletes it:
+    // the URL registered again is fetched anew, so what is published there now is served.
+    assert_eq!(s.manage("DELETE", "/models/mlp_again").status, 200);
+    assert!(store_files(&s).contains(&"mlp.mar".to_string()));
+    assert_eq!(s.manage("DELETE", "/models/mlp").status, 200);
+    assert!(!store_files(&s).contains(&"mlp.mar".to_string()));
+    let r = register(&s, &allowed.url("/models/mlp.mar"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    mlp_fetched(2);
+    assert_eq!(s.manage("DELETE", "/models/mlp").status, 200);
     // A redirect inside the allowed prefix is followed.
     let r = register(&s, &allowed.url("/models/hop.mar"));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -463,7 +481,7 @@ fn archives_by_url_come_only_from_where_allowed_urls_says() {
             allowed.hits_of("/models/hop.mar"),
             allowed.hits_of("/models/mlp.mar")
         ),
-        (1, 2)
+        (1, 3)
     );
     assert_eq!(s.manage("DELETE", "/models/mlp").status, 200);
     let hits = allowed.hits().len();
@@ -558,8 +576,10 @@ fn archives_by_url_come_only_from_where_allowed_urls_says() {
     // Still serving after all of it, and the registered model survives a restart.
     let r = register(&s, &allowed.url("/models/mlp.mar"));
     assert_eq!(r.status, 200, "{}", r.text());
+    mlp_fetched(4);
     s.stop();
     s.start(&[]);
     assert_eq!(s.manage("GET", "/models/mlp").status, 200);
-    mlp_fetched(2);
+    // The restart loads the download from the store.
+    mlp_fetched(4);
 }

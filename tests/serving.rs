@@ -248,6 +248,15 @@ fn register_version_rollback_scale_unregister() {
         r.json()["status"],
         "Workers scaled to 1 for model: scale, version: 2.0"
     );
+    // A version named in the query is named in the answer too, as TorchServe names it.
+    let r = s.manage(
+        "PUT",
+        "/models/scale?model_version=2.0&min_worker=1&synchronous=true",
+    );
+    assert_eq!(
+        r.json()["status"],
+        "Workers scaled to 1 for model: scale, version: 2.0"
+    );
     assert_eq!(s.manage("PUT", "/models/scale?min_worker=1").status, 202);
     // With no worker there is nothing to describe the handler, as TorchServe answers.
     let r = s.manage("PUT", "/models/scale/2.0?min_worker=0&synchronous=true");
@@ -257,6 +266,15 @@ fn register_version_rollback_scale_unregister() {
         503,
         "ServiceUnavailableException",
         "Model \"scale\" has no worker to serve describe request.",
+    );
+    // `all` is described without the handlers' metadata, whatever customized says (TorchServe).
+    let r = s.manage("GET", "/models/scale/all?customized=true");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().as_array().unwrap().len(), 2);
+    assert!(
+        r.json()[0].get("customizedMetadata").is_none(),
+        "{}",
+        r.text()
     );
     assert_error(
         &s.manage("PUT", "/models/scale?min_worker=3&max_worker=1"),
@@ -921,6 +939,111 @@ fn snapshot_restores_registrations_after_restart() {
     // --ncs neither restores nor writes.
     s.start(&["--ncs"]);
     assert_eq!(s.manage("GET", "/models").json(), json!({"models": []}));
+}
+
+#[test]
+fn a_restart_keeps_the_scale_and_finds_a_moved_store() {
+    let (mut s, v1, _) = scale_server("enable_model_api=true");
+    let yaml = s.dir.path().join("model-config.yaml");
+    std::fs::write(&yaml, "minWorkers: 2\nmaxWorkers: 3\n").unwrap();
+    let yml = archive(
+        &s.store,
+        "yml",
+        "1.0",
+        &fixtures().join("scale2.pt"),
+        &fixture_handler("vec4.json"),
+        &["--config-file", yaml.to_str().unwrap()],
+    );
+    s.start(&[]);
+    assert_eq!(register(&s, &format!("url={yml}")).status, 200);
+    let workers = |s: &Server| s.manage("GET", "/models/yml").json()[0]["workers"].clone();
+    assert_eq!(workers(&s).as_array().unwrap().len(), 2, "from the yaml");
+    let r = s.manage(
+        "PUT",
+        "/models/yml?min_worker=1&max_worker=1&synchronous=true",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // By absolute path, as `file://`.
+    let path = s.store.join(&v1);
+    let r = register(
+        &s,
+        &format!("url=file://{}&initial_workers=1", path.display()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.stop_ok();
+
+    // The store moves (mounted elsewhere, a folder renamed): the snapshot still finds it.
+    let moved = s.dir.path().join("moved-store");
+    std::fs::rename(&s.store, &moved).unwrap();
+    s.store = moved;
+    s.start(&[]);
+    // The scale made through the API beats the archive's yaml, as in TorchServe's restore.
+    let d = &s.manage("GET", "/models/yml").json()[0];
+    assert_eq!(
+        (d["minWorkers"].as_u64(), d["maxWorkers"].as_u64()),
+        (Some(1), Some(1)),
+        "{d}"
+    );
+    assert_eq!(workers(&s).as_array().unwrap().len(), 1);
+    // What a snapshot restores counts as registered through the API, as in TorchServe.
+    assert_eq!(d["loadedAtStartup"], false, "{d}");
+    assert_eq!(
+        floats(&post_json(&s.inference, "/predictions/scale", "[1,1,1,1]").json()),
+        [2.0; 4]
+    );
+}
+
+#[test]
+fn the_version_listed_first_is_the_default_at_start_up() {
+    // 1.0 starts three workers and 2.0 one, so 2.0 tends to be ready first; 1.0 is listed
+    // first and is the default every time, as TorchServe registers the list in order.
+    let (mut s, v1, v2) =
+        scale_server(r#"models={"scale": {"1.0": {"minWorkers": 3, "maxWorkers": 3}}}"#);
+    for _ in 0..3 {
+        s.start(&["--ncs", "--models", &v1, &v2]);
+        assert_eq!(
+            floats(&post_json(&s.inference, "/predictions/scale", "[1,1,1,1]").json()),
+            [2.0; 4]
+        );
+        s.stop_ok();
+    }
+}
+
+#[test]
+fn json_registrations_read_as_torchserve_reads_them() {
+    let (mut s, v1, v2) = scale_server("enable_model_api=true");
+    s.start(&[]);
+    let post = |content_type: &str, body: &str| {
+        request(
+            &s.management,
+            "POST",
+            "/models",
+            &[("Content-Type", content_type)],
+            body.as_bytes(),
+        )
+    };
+    // null is an absent field, and 1.0 the whole number 1, as TorchServe's JSON reader takes
+    // them.
+    let r = post(
+        "application/json",
+        &format!(r#"{{"url": "{v1}", "batch_size": null, "initial_workers": 1.0}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let d = &s.manage("GET", "/models/scale").json()[0];
+    assert_eq!(d["batchSize"], 1, "{d}");
+    assert_eq!(d["workers"].as_array().unwrap().len(), 1, "{d}");
+    let r = post(
+        "application/json",
+        &format!(r#"{{"url": "{v2}", "initial_workers": 1.5}}"#),
+    );
+    assert_error(&r, 400, "BadRequestException", "initial_workers");
+    // The media type is read whatever its case.
+    let r = post(
+        "Application/JSON; charset=utf-8",
+        &format!(r#"{{"url": "{v2}", "model_name": "named"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.manage("GET", "/models/named").status, 200);
 }
 
 #[test]

@@ -303,6 +303,26 @@ def kserve_suite():
         # A server without enable_model_api (KServe's runtime) refuses, and keeps serving.
         check(e.code() == grpc.StatusCode.UNIMPLEMENTED, f"kserve stubs: unload refused ({e.code()})")
         check(stub.ModelReady(kpb.ModelReadyRequest(name="txt")).ready, "kserve stubs: still ready")
+        # TorchServe's gRPC management refuses as TorchServe does, in the words its own test
+        # (test_gRPC_model_control.py) matches.
+        torchserve_stubs()
+        import torchserve_management_pb2 as mgmt
+        import torchserve_management_pb2_grpc as mgmt_grpc
+
+        m = mgmt_grpc.ManagementAPIsServiceStub(grpc.insecure_channel(ARGS.grpc_management))
+        for what, call in (
+            ("RegisterModel", lambda: m.RegisterModel(mgmt.RegisterModelRequest(url=ARGS.mlp_archive))),
+            ("UnregisterModel", lambda: m.UnregisterModel(mgmt.UnregisterModelRequest(model_name="txt"))),
+        ):
+            try:
+                call()
+                check(False, f"{what} without enable_model_api is refused")
+            except grpc.RpcError as e:
+                check(
+                    e.code() == grpc.StatusCode.PERMISSION_DENIED and "Model API disabled" in e.details(),
+                    f"{what}: PERMISSION_DENIED, Model API disabled ({e.code()}, {e.details()})",
+                )
+        check(stub.ModelReady(kpb.ModelReadyRequest(name="txt")).ready, "kserve stubs: still ready")
         still_serving("kserve clients")
         return
     check(r.model_name == "txt" and r.isUnloaded, f"kserve stubs: unload {r}")

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::{KeyFileGuard, Tokens};
 use crate::config::{Address, Config};
+use crate::core::registry::Origin;
 use crate::core::store_poll::{self, StorePoller};
 use crate::core::{Infer, RegisterParams, Registry};
 use crate::frontends::{self, AppContext, AppState};
@@ -166,13 +167,15 @@ pub async fn run(
         (None, None) => startup_models(&config, store.as_ref())?,
     };
     // Versions of one model are registered in order so the default ends up right; models load
-    // in parallel.
-    let mut by_model: std::collections::BTreeMap<String, Vec<RegisterParams>> = Default::default();
-    for p in registrations {
+    // in parallel. An archive listed without `name=` is grouped by its url, since its model name
+    // is known only once it is open: the defaults are set after loading, below.
+    let mut by_model: std::collections::BTreeMap<String, Vec<(usize, RegisterParams)>> =
+        Default::default();
+    for (i, p) in registrations.into_iter().enumerate() {
         by_model
             .entry(p.model_name.clone().unwrap_or_else(|| p.url.clone()))
             .or_default()
-            .push(p);
+            .push((i, p));
     }
     let loads: Vec<_> = by_model
         .into_values()
@@ -180,16 +183,20 @@ pub async fn run(
             let registry = Arc::clone(&registry);
             tokio::task::spawn_blocking(move || {
                 let mut failed = Vec::new();
-                for p in regs {
+                let mut loaded = Vec::new();
+                for (i, p) in regs {
                     match registry.register(&p) {
-                        Ok(r) => tracing::info!(model = %r.model.name, version = %r.model.version, workers = r.workers, "model loaded"),
+                        Ok(r) => {
+                            tracing::info!(model = %r.model.name, version = %r.model.version, workers = r.workers, "model loaded");
+                            loaded.push((i, r.model.name.clone(), r.model.version.clone()));
+                        }
                         Err(e) => {
                             tracing::error!(url = %p.url, "cannot load model: {e}");
                             failed.push((p.url.clone(), format!("{}: {e}", p.url)));
                         }
                     }
                 }
-                failed
+                (failed, loaded)
             })
         })
         .collect();
@@ -200,20 +207,36 @@ pub async fn run(
     let mut shutdown = Box::pin(shutdown);
     let mut loading = std::pin::pin!(async {
         let mut failed = Vec::new();
+        let mut loaded = Vec::new();
         for l in loads {
-            failed.extend(
-                l.await
-                    .unwrap_or_else(|e| vec![(String::new(), format!("loading panicked: {e}"))]),
-            );
+            match l.await {
+                Ok((f, l)) => {
+                    failed.extend(f);
+                    loaded.extend(l);
+                }
+                Err(e) => failed.push((String::new(), format!("loading panicked: {e}"))),
+            }
         }
-        failed
+        (failed, loaded)
     });
-    let mut failed = tokio::select! {
-        failed = &mut loading => failed,
+    let (mut failed, mut loaded) = tokio::select! {
+        done = &mut loading => done,
         () = &mut shutdown => {
             return Ok(stop_while_starting(&registry, config.graceful_shutdown_timeout, loading).await);
         }
     };
+    // Of the versions of a model, the one listed first is its default, as TorchServe registers
+    // the list in order (a snapshot names its default itself).
+    if !from_snapshot && config.model_snapshot.is_none() {
+        loaded.sort();
+        let mut seen = std::collections::HashSet::new();
+        for (_, name, version) in loaded {
+            if seen.insert(name.clone()) {
+                // Every version here was just registered: setting a default cannot fail.
+                let _ = registry.set_default(&name, &version);
+            }
+        }
+    }
     // With polling on, the store decides what serves: a model whose archive left the store
     // while the server was down must not keep it from starting. Any other failure still does.
     if let (Some(_), Some(store)) = (config.model_store_poll_interval, &store) {
@@ -556,7 +579,7 @@ fn startup(model_name: Option<String>, url: String) -> RegisterParams {
         url,
         model_name,
         synchronous: true,
-        loaded_at_startup: true,
+        origin: Origin::Startup,
         ..RegisterParams::default()
     }
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Map, Value, json};
 
-use crate::core::registry::{ModelEntry, RegisterParams, Registry};
+use crate::core::registry::{ModelEntry, Origin, RegisterParams, Registry};
 
 /// The snapshot writer of one server.
 #[derive(Debug)]
@@ -90,7 +90,7 @@ pub fn to_json(models: &std::collections::BTreeMap<String, ModelEntry>) -> Value
             let (min, max) = m.min_max();
             let mut version = json!({
                     "defaultVersion": *v == entry.default,
-                    "marName": m.url,
+                    "marName": m.mar_name,
                     "minWorkers": min,
                     "maxWorkers": max,
                     "batchSize": m.batch_size,
@@ -184,12 +184,11 @@ pub fn registrations(snapshot: &Value) -> Vec<RegisterParams> {
                 response_timeout: int("responseTimeout"),
                 startup_timeout: int("startupTimeout"),
                 synchronous: true,
-                loaded_at_startup: true,
                 // What a snapshot holds was registered and served: a model whose workers no
                 // longer start (libtorch cannot load it, a worker count the memory cannot hold)
                 // is restored with its workers failing, as TorchServe restores it, rather than
                 // keeping every other model from serving.
-                keep_failing: true,
+                origin: Origin::Snapshot,
                 make_default: v
                     .get("defaultVersion")
                     .and_then(Value::as_bool)

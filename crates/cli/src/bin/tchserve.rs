@@ -104,11 +104,11 @@ fn main() -> ExitCode {
     } else if args.status {
         control::status(&log_dir(&args), log_dir_given(&args))
     } else if args.start && !args.foreground {
-        note_ignored_models(&args);
         // The configuration is checked here, so a bad key fails before anything starts, and
         // what the server will only log is said where the user is looking.
         load_config(&args)
             .and_then(|config| {
+                note_ignored_models(&args, &config);
                 for key in &config.ignored_keys {
                     eprintln!(
                         "tchserve: warning: {}",
@@ -119,7 +119,9 @@ fn main() -> ExitCode {
             })
             .map(|()| true)
     } else if args.foreground || args.start {
-        note_ignored_models(&args);
+        if let Ok(config) = load_config(&args) {
+            note_ignored_models(&args, &config);
+        }
         foreground(&args).map(|()| true)
     } else {
         eprintln!(
@@ -137,17 +139,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// Says so when `--models` will not be loaded because the last snapshot is restored instead:
-/// the server logs it, but someone adding a model to their command line reads the terminal.
-fn note_ignored_models(args: &Args) {
-    if args.models.is_empty() || args.no_config_snapshots {
+/// Says so when the models the user listed (`--models`, or `load_models` or `model_snapshot` in
+/// the configuration) will not be loaded because the last snapshot is restored instead: the
+/// server logs it, but someone adding a model to their list reads the terminal.
+fn note_ignored_models(args: &Args, config: &Config) {
+    if args.no_config_snapshots {
         return;
     }
+    let listed = if !args.models.is_empty() {
+        "--models"
+    } else if config.model_snapshot.is_some() {
+        "model_snapshot"
+    } else if !config.load_models.is_empty() {
+        "load_models"
+    } else {
+        return;
+    };
     let dir = log_dir(args).join("config");
     if let Ok(Some(_)) = tchserve_server::snapshot::read(&dir) {
         eprintln!(
             "tchserve: note: restoring the models registered before, from the snapshot in {}; \
-             --models is not loaded (--ncs loads --models alone, and register a model with the \
+             {listed} is not loaded (--ncs loads {listed} alone, and register a model with the \
              management API to add it to the snapshot)",
             dir.display()
         );

@@ -443,6 +443,11 @@ impl Fetcher {
         Ok(Fetched { name, fresh: true })
     }
 
+    /// Whether the store's file `name` was downloaded by a fetcher (it is in the ledger).
+    pub fn downloaded(&self, name: &str) -> bool {
+        ledger_get(&self.store, name).is_some()
+    }
+
     /// Removes an archive this fetcher downloaded, and its ledger entry: a registration that
     /// fails on a fresh download leaves nothing behind.
     pub fn discard(&self, name: &str) {

@@ -24,8 +24,11 @@ pub struct ModelVersion {
     pub name: String,
     /// Version.
     pub version: String,
-    /// The url it was registered from (the archive's name in the model store).
+    /// The url it was registered from, as given (describe's `modelUrl`).
     pub url: String,
+    /// The archive's name in the model store, which a snapshot keeps so that it still names
+    /// the archive once the store is mounted elsewhere; the url for an archive outside a store.
+    pub mar_name: String,
     /// Manifest runtime.
     pub runtime: RuntimeType,
     /// Handler name: the registration's override, else the archive's.
@@ -112,13 +115,27 @@ pub struct RegisterParams {
     pub startup_timeout: Option<i64>,
     /// Wait for the workers before answering.
     pub synchronous: bool,
-    /// Loaded from `--models` or a snapshot.
-    pub loaded_at_startup: bool,
+    /// Who asks for the registration.
+    pub origin: Origin,
     /// Make this the default version even if others exist (snapshot restore).
     pub make_default: bool,
-    /// Register it even if its workers fail to start (a snapshot restore: what was registered
-    /// stays registered, its workers retrying, rather than keeping the server from starting).
-    pub keep_failing: bool,
+}
+
+/// Who registers a model, which decides where its settings come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// The management API (REST or gRPC).
+    #[default]
+    Api,
+    /// The server itself: `--models`, `load_models`, or the model store's poller. Worker counts
+    /// not given come from the `models` key or the start-up defaults, and a path outside a
+    /// model store may be named.
+    Startup,
+    /// A snapshot (the last one, or `model_snapshot`): its settings are the ones that were in
+    /// force, so they beat the archive's `model-config.yaml`; and what was registered stays
+    /// registered even if its workers fail to start, retrying, rather than keeping the server
+    /// from starting.
+    Snapshot,
 }
 
 /// What a registration did.
@@ -197,6 +214,23 @@ impl Registry {
         }
     }
 
+    /// Removes the archive `removed` was registered from when it was downloaded and no version
+    /// still registered uses it, as TorchServe deletes a download on unregister: the same URL
+    /// registered later is fetched again, so a new archive published there is the one served.
+    pub fn forget_download(&self, removed: &ModelVersion) {
+        let Ok(fetcher) = &self.fetcher else {
+            return;
+        };
+        let in_use = self
+            .read()
+            .values()
+            .any(|e| e.versions.values().any(|m| m.mar_name == removed.mar_name));
+        if !in_use && fetcher.downloaded(&removed.mar_name) {
+            fetcher.discard(&removed.mar_name);
+            tracing::info!(file = %removed.mar_name, "downloaded archive removed from the model store");
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ModelEntry>> {
         self.models.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -249,7 +283,7 @@ impl Registry {
     /// the workers; call it off the async threads.
     pub fn register(&self, p: &RegisterParams) -> Result<Registered, ApiError> {
         let invalid = |m: String| ApiError::invalid_model(m);
-        let path = self.resolve_url(&p.url, p.loaded_at_startup)?;
+        let path = self.resolve_url(&p.url, p.origin != Origin::Api)?;
         let archive = Archive::open(&path).map_err(|e| invalid(e.to_string()))?;
         let runtime = match p.runtime.as_deref() {
             Some(r) => RuntimeType::parse(r)
@@ -349,6 +383,11 @@ impl Registry {
             name: name.clone(),
             version: version.clone(),
             url: p.url.clone(),
+            mar_name: self
+                .store
+                .as_ref()
+                .and_then(|s| s.entry_name(&p.url))
+                .unwrap_or_else(|| p.url.clone()),
             runtime,
             handler: p
                 .handler
@@ -364,7 +403,9 @@ impl Registry {
             job_queue_size: settings.job_queue_size,
             client_timeout_ms,
             use_job_ticket,
-            loaded_at_startup: p.loaded_at_startup,
+            // As TorchServe, which counts a model restored from a snapshot as registered by
+            // the API.
+            loaded_at_startup: p.origin == Origin::Startup,
             device_type: if pool.on_gpu() { "gpu" } else { "cpu" },
             workers: Mutex::new((min_workers, max_workers)),
             pool: Arc::clone(&pool),
@@ -376,21 +417,32 @@ impl Registry {
         if p.synchronous && min_workers > 0 {
             let ready = pool.wait_started(Duration::from_secs(startup_timeout_s));
             if ready < min_workers {
-                let why = pool_failure(pool.as_ref()).unwrap_or_else(|| {
-                    format!(": not ready within startup_timeout ({startup_timeout_s} s)")
-                });
-                if !p.keep_failing {
+                let failure = pool_failure(pool.as_ref());
+                if p.origin != Origin::Snapshot {
+                    let why = failure.unwrap_or_else(|| {
+                        format!(": not ready within startup_timeout ({startup_timeout_s} s)")
+                    });
                     pool.shutdown(Duration::ZERO);
                     return Err(ApiError::internal(format!(
                         "Failed to start workers for model {name} version: {version}{why}"
                     )));
                 }
-                tracing::error!(
-                    model = %name,
-                    version = %version,
-                    "registered, but its workers do not start{why}; they keep retrying: fix \
-                     the archive or unregister the model"
-                );
+                match failure {
+                    Some(why) => tracing::error!(
+                        model = %name,
+                        version = %version,
+                        "registered, but its workers do not start{why}; they keep retrying: fix \
+                         the archive or unregister the model"
+                    ),
+                    // Slow, not broken (a startup_timeout of 0 waits for nothing): the workers
+                    // serve once they are up.
+                    None => tracing::info!(
+                        model = %name,
+                        version = %version,
+                        "registered; its workers are still starting after startup_timeout \
+                         ({startup_timeout_s} s)"
+                    ),
+                }
             }
         }
         let mut models = self.write();

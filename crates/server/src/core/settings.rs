@@ -14,7 +14,7 @@ use tchserve_mar::ModelConfig;
 
 use super::bounds;
 use super::error::ApiError;
-use super::registry::RegisterParams;
+use super::registry::{Origin, RegisterParams};
 use crate::config::{Config, ModelDefaults};
 
 /// How a model version is served.
@@ -127,11 +127,11 @@ impl ServingSettings {
 
         let mut min_workers = match p.initial_workers {
             Some(n) => n.max(0) as usize,
-            None if p.loaded_at_startup => positive(models.min_workers)
+            None if p.origin != Origin::Api => positive(models.min_workers)
                 .map_or_else(|| config.startup_workers(s.gpus), |n| n as usize),
             None => config.default_workers_per_model.unwrap_or(0),
         };
-        let max_from_config = models.max_workers.filter(|_| p.loaded_at_startup);
+        let max_from_config = models.max_workers.filter(|_| p.origin != Origin::Api);
         let mut max_workers = p
             .max_workers
             .or(max_from_config)
@@ -139,9 +139,11 @@ impl ServingSettings {
             .map_or(min_workers, |m| m as usize)
             .max(min_workers);
         // TorchServe reads a yaml minWorkers under 1 as 1: `minWorkers: 0, maxWorkers: 4`
-        // starts one worker.
+        // starts one worker. A snapshot's counts are the ones the model was scaled to: they
+        // win, as in TorchServe's restore.
         if let (Some(lo), Some(hi)) = (yaml.min_workers.map(|v| v.max(1)), yaml.max_workers)
             && hi >= lo
+            && p.origin != Origin::Snapshot
         {
             min_workers = lo as usize;
             max_workers = hi as usize;
@@ -301,7 +303,7 @@ mod tests {
     #[test]
     fn workers_at_start_up_and_from_the_yaml() {
         let startup = RegisterParams {
-            loaded_at_startup: true,
+            origin: Origin::Startup,
             ..RegisterParams::default()
         };
         let s = resolve(

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use tchserve_mar::{Archive, ModelStore};
 
-use super::registry::{ModelVersion, RegisterParams, Registry};
+use super::registry::{ModelVersion, Origin, RegisterParams, Registry};
 
 /// Which of a model's versions serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,7 +325,7 @@ impl StorePoller {
             let p = RegisterParams {
                 url: file.clone(),
                 synchronous: true,
-                loaded_at_startup: true,
+                origin: Origin::Startup,
                 ..RegisterParams::default()
             };
             let newest = self.registry.snapshot_entries().get(&name).is_none_or(|e| {

@@ -274,6 +274,7 @@ impl ManagementApIsService for Management {
         &self,
         req: Request<RegisterModelRequest>,
     ) -> Result<Response<ManagementResponse>, Status> {
+        model_api_enabled(&self.0)?;
         let r = req.into_inner();
         let mut q = HashMap::new();
         // An empty url is proto3's unset: the REST API's 400 "Parameter url is required.".
@@ -345,7 +346,18 @@ impl ManagementApIsService for Management {
         &self,
         req: Request<UnregisterModelRequest>,
     ) -> Result<Response<ManagementResponse>, Status> {
+        model_api_enabled(&self.0)?;
         let r = req.into_inner();
         msg(ops::unregister_model(&self.0, &r.model_name, non_empty(&r.model_version)).await)
+    }
+}
+
+/// Refuses a register or unregister call when `enable_model_api` is off, as TorchServe's gRPC
+/// API refuses it (the REST API answers 405 instead), so clients that match its words work.
+fn model_api_enabled(st: &AppState) -> Result<(), Status> {
+    if st.config.enable_model_api {
+        Ok(())
+    } else {
+        Err(Status::permission_denied("Model API disabled"))
     }
 }

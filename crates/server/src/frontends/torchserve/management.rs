@@ -14,7 +14,7 @@ use tchserve_backend::WorkerState;
 use crate::auth::{RenewError, Scope};
 use crate::core::ApiError;
 use crate::core::bounds;
-use crate::core::registry::{ModelVersion, RegisterParams, ScaleOutcome};
+use crate::core::registry::{ModelVersion, Origin, RegisterParams, ScaleOutcome};
 use crate::frontends::{
     AppState, authorization, json_response, management_key, not_allowed, not_found, openapi,
     with_description, with_listener_layers,
@@ -186,7 +186,7 @@ async fn register(State(st): State<AppState>, Query(q): Params, req: Request) ->
         .headers()
         .get("content-type")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/json"));
     let params: HashMap<String, String> = if is_json {
         let body = match axum::body::to_bytes(req.into_body(), 1 << 20).await {
             Ok(b) => b,
@@ -197,7 +197,7 @@ async fn register(State(st): State<AppState>, Query(q): Params, req: Request) ->
         match serde_json::from_slice::<serde_json::Map<String, Value>>(&body) {
             Ok(m) => m
                 .into_iter()
-                .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                .filter_map(|(k, v)| json_param(v).map(|v| (k, v)))
                 .collect(),
             Err(e) => {
                 return ApiError::bad_request(format!("the body is not a JSON object: {e}"))
@@ -208,6 +208,20 @@ async fn register(State(st): State<AppState>, Query(q): Params, req: Request) ->
         q
     };
     respond(register_model(&st, &params).await)
+}
+
+/// A JSON register field as the parameter's text, as TorchServe's JSON reader takes it: `null`
+/// is an absent field and `2.0` the whole number 2.
+fn json_param(v: Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s),
+        Value::Number(n) => Some(match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        }),
+        other => Some(other.to_string()),
+    }
 }
 
 async fn kserve_readiness(State(st): State<AppState>, Path(model): Path<String>) -> Response {
@@ -246,9 +260,8 @@ pub async fn register_model(st: &AppState, params: &HashMap<String, String>) -> 
         synchronous: params
             .get("synchronous")
             .is_none_or(|s| s.eq_ignore_ascii_case("true")),
-        loaded_at_startup: false,
+        origin: Origin::Api,
         make_default: false,
-        keep_failing: false,
     };
     let registry = Arc::clone(&st.registry);
     let sync = p.synchronous;
@@ -372,6 +385,8 @@ pub fn describe_model(
     customized: bool,
 ) -> Outcome {
     let models = st.registry.describe(name, version)?;
+    // TorchServe describes `all` without the handlers' metadata, whatever `customized` says.
+    let customized = customized && version != Some("all");
     let mut described = Vec::with_capacity(models.len());
     for m in &models {
         let mut one = describe_one(m);
@@ -413,8 +428,10 @@ async fn scale(
     Path(model): Path<String>,
     Query(q): Params,
 ) -> Response {
+    // A version named by the query is named in the answer too, as TorchServe names it.
     let version = q.get("model_version").cloned();
-    respond(scale_workers(&st, model, version, false, &q).await)
+    let named = version.is_some();
+    respond(scale_workers(&st, model, version, named, &q).await)
 }
 
 async fn scale_version(
@@ -520,6 +537,7 @@ pub async fn unregister_model(st: &AppState, model: &str, version: Option<&str>)
     // Before any await, so that a registration of the same name meanwhile keeps its series.
     st.forget_metrics(std::slice::from_ref(&removed));
     st.save_snapshot().await;
+    st.registry.forget_download(&removed);
     // Queued requests are still answered; the workers then stop and the scratch files go.
     let drain = std::time::Duration::from_secs(removed.response_timeout_s);
     let _ = tokio::task::spawn_blocking(move || removed.pool.shutdown(drain)).await;

@@ -386,6 +386,9 @@ pub async fn unload(st: &AppState, model: &str) -> Result<(), ApiError> {
     let removed = st.registry.unregister_all(model)?;
     st.forget_metrics(&removed);
     st.save_snapshot().await;
+    for m in &removed {
+        st.registry.forget_download(m);
+    }
     let _ = tokio::task::spawn_blocking(move || {
         for m in removed {
             m.pool
