@@ -39,9 +39,46 @@ pub struct ModelConfig {
     pub warnings: Vec<String>,
 }
 
+/// The most flow collections (`[...]`, `{...}`) a `model-config.yaml` may open, and the most
+/// block collections one line may open (`- - x`); real ones hold a handful.
+const MAX_COLLECTIONS: usize = 4096;
+const MAX_NESTED_ON_ONE_LINE: usize = 64;
+
+/// Refuses text that could nest deeply before the YAML parser sees it: the parser takes time
+/// quadratic in the depth of unclosed collections (`x: [[[[...`, `- - - - ...`), so a small
+/// archive could hold a worker thread for hours before the parser's own recursion limit
+/// answers. Brackets are counted wherever they are, in quotes and comments too: what a count
+/// that follows the grammar would skip, a crafted file could use to hide its depth. Nesting
+/// over several lines needs an indentation that grows with it, so its depth stays small.
+fn check_nesting(text: &str) -> Result<(), String> {
+    let opened = text.bytes().filter(|b| matches!(b, b'[' | b'{')).count();
+    if opened > MAX_COLLECTIONS {
+        return Err(format!(
+            "invalid YAML: {opened} `[` and `{{` characters, more than the {MAX_COLLECTIONS} a \
+             model config may hold"
+        ));
+    }
+    for line in text.lines() {
+        let opened = line
+            .trim_start()
+            .split(' ')
+            .filter(|w| !w.is_empty())
+            .take_while(|w| matches!(*w, "-" | "?"))
+            .count();
+        if opened > MAX_NESTED_ON_ONE_LINE {
+            return Err(format!(
+                "invalid YAML: a line opens {opened} nested collections, more than \
+                 {MAX_NESTED_ON_ONE_LINE}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl ModelConfig {
     /// Parses YAML text. Only invalid YAML or a top level that is not a mapping is an error.
     pub fn parse(text: &str) -> Result<Self, String> {
+        check_nesting(text)?;
         let value: Value =
             serde_yaml_ng::from_str(text).map_err(|e| format!("invalid YAML: {e}"))?;
         let map = match value {
@@ -174,6 +211,21 @@ fn to_json(v: &Value) -> Json {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let flow = format!("x: {}", "[".repeat(400_000));
+        let err = ModelConfig::parse(&flow).unwrap_err();
+        assert!(err.contains("more than the 4096"), "{err}");
+        let block = format!("x:\n  {}1\n", "- ".repeat(100_000));
+        let err = ModelConfig::parse(&block).unwrap_err();
+        assert!(err.contains("nested collections"), "{err}");
+        // The parser's own answer would be its recursion limit, after minutes.
+        // What real configs hold still reads.
+        let cfg =
+            ModelConfig::parse("minWorkers: 1\ndeviceIds: [0, 1]\nhandler:\n  - - 1\n").unwrap();
+        assert_eq!(cfg.min_workers, Some(1));
+    }
 
     #[test]
     fn reads_torchserve_keys() {

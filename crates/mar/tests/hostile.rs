@@ -359,6 +359,82 @@ fn tgz_bomb() {
 }
 
 #[test]
+fn zip_bomb_of_many_entries_each_under_the_ratio_floor() {
+    // 64 entries of 1 MiB of zeros: none passes the floor above which an entry's own ratio is
+    // checked, and together they expand about a thousand times.
+    let s = Scene::new();
+    let zeros = vec![0u8; 1 << 20];
+    let names: Vec<String> = (0..64).map(|i| format!("blob{i}.bin")).collect();
+    let mut entries: Vec<(&str, &[u8])> = vec![("MAR-INF/MANIFEST.json", MANIFEST.as_bytes())];
+    entries.extend(names.iter().map(|n| (n.as_str(), zeros.as_slice())));
+    let a = s.zip(&entries, CompressionMethod::Deflated);
+    let e = s.refuse(&a, Limits::default());
+    assert_message(&e, &["the archive expands", "possible zip bomb"]);
+}
+
+#[test]
+fn tgz_metadata_members_are_measured_before_they_are_read() {
+    // The tar library reads a long name or pax header whole before the entry it names: 8 MiB
+    // of zeros gzip to a few kilobytes, and a few hundred megabytes to a few hundred.
+    let zeros = vec![0u8; 8 << 20];
+    for kind in [
+        tar::EntryType::GNULongName,
+        tar::EntryType::XHeader,
+        tar::EntryType::XGlobalHeader,
+    ] {
+        let s = Scene::new();
+        let a = tgz(&s, &[(b"././@LongLink", kind, &zeros)]);
+        let e = s.refuse(&a, Limits::default());
+        assert!(
+            matches!(e, MarError::LimitExceeded { .. }),
+            "{kind:?}: {e:?}"
+        );
+        assert_message(&e, &["tar metadata member", "8388608 bytes"]);
+    }
+}
+
+#[test]
+fn tgz_long_names_by_gnu_and_pax_headers_are_read() {
+    let long = format!("m/{}/weights.pt", "deep".repeat(40));
+    let s = Scene::new();
+    let path = s.path("m.tar.gz");
+    let mut tar = tar::Builder::new(GzEncoder::new(
+        File::create(&path).unwrap(),
+        Compression::default(),
+    ));
+    let (h, d) = raw_member(
+        b"m/MAR-INF/MANIFEST.json",
+        tar::EntryType::Regular,
+        MANIFEST.as_bytes(),
+    );
+    tar.append(&h, d.as_slice()).unwrap();
+    // A name past the header's 100 bytes: the builder writes a GNU long-name member first.
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut h, &long, &b"abc"[..]).unwrap();
+    // A pax header naming the next member, whose own header holds a short stand-in.
+    let pax_name = format!("m/{}/labels.json", "pax".repeat(50));
+    tar.append_pax_extensions([("path", pax_name.as_bytes())])
+        .unwrap();
+    let (h, d) = raw_member(b"m/stand-in", tar::EntryType::Regular, b"{}");
+    tar.append(&h, d.as_slice()).unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+
+    let a = Archive::open(&path).unwrap();
+    let want = [&long["m/".len()..], &pax_name["m/".len()..]];
+    for name in want {
+        assert!(a.contains(name), "{name} missing from {:?}", a.entries());
+    }
+    assert!(!a.contains("stand-in"));
+    let out = s.path("out");
+    let root = a.unpack(&out).unwrap();
+    assert_eq!(fs::read(root.join(want[0])).unwrap(), b"abc");
+    assert_eq!(fs::read(root.join(want[1])).unwrap(), b"{}");
+}
+
+#[test]
 fn truncated_tgz() {
     let s = Scene::new();
     let a = tgz(

@@ -25,8 +25,8 @@ pub struct Limits {
     pub max_total_size: u64,
     /// Largest number of entries.
     pub max_entries: usize,
-    /// Largest uncompressed/compressed ratio of an entry (zip) or of the whole stream (tar.gz),
-    /// checked once the uncompressed size passes [`Limits::RATIO_FLOOR`].
+    /// Largest uncompressed/compressed ratio of a zip entry and of the whole archive, checked
+    /// once the uncompressed size passes [`Limits::RATIO_FLOOR`].
     pub max_ratio: u64,
 }
 

@@ -23,26 +23,77 @@ enum Visit {
     Stop,
 }
 
+/// The most a tar metadata member (a GNU long name, a pax header) may hold. The tar library
+/// reads such members whole into memory before the entry they describe, so a gzip of zeros a
+/// few megabytes long could otherwise make it allocate gigabytes.
+const MAX_TAR_METADATA: u64 = 64 << 10;
+
+/// The most all metadata members of one archive may hold together: skipping one still means
+/// decompressing it.
+const MAX_TAR_METADATA_TOTAL: u64 = 4 << 20;
+
 /// Walks every member with a safe, normalised name (first component stripped).
-/// Metadata members (pax headers) are skipped; links and special files are refused.
+/// Long names and pax `path` records name the member after them; other metadata is skipped;
+/// links and special files are refused.
 fn walk(
     path: &Path,
     mut visit: impl FnMut(&str, bool, u64, &mut dyn Read) -> Result<Visit>,
 ) -> Result<()> {
     let file = File::open(path).at(path)?;
     let mut tar = tar::Archive::new(GzDecoder::new(file));
+    // Raw: metadata members come to us unread, so their size is checked before they are.
     let members = tar
         .entries()
-        .map_err(|e| corrupt(path, format!("damaged tar.gz: {e}")))?;
+        .map_err(|e| corrupt(path, format!("damaged tar.gz: {e}")))?
+        .raw(true);
+    let mut long_name: Option<Vec<u8>> = None;
+    let mut metadata_total = 0u64;
     for member in members {
         let mut member =
             member.map_err(|e| corrupt(path, format!("damaged or truncated tar.gz: {e}")))?;
         let kind = member.header().entry_type();
-        let raw = member.path_bytes().into_owned();
+        if kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+            || kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions()
+        {
+            let size = member.size();
+            metadata_total = metadata_total.saturating_add(size);
+            if size > MAX_TAR_METADATA || metadata_total > MAX_TAR_METADATA_TOTAL {
+                return Err(MarError::LimitExceeded {
+                    archive: path.to_path_buf(),
+                    reason: format!(
+                        "a tar metadata member (long name or pax header) of {size} bytes; \
+                         at most {MAX_TAR_METADATA} each and {MAX_TAR_METADATA_TOTAL} in all"
+                    ),
+                });
+            }
+            let mut data = Vec::with_capacity(size as usize);
+            member
+                .read_to_end(&mut data)
+                .map_err(|e| corrupt(path, format!("damaged or truncated tar.gz: {e}")))?;
+            if kind.is_gnu_longname() {
+                // NUL-terminated, as GNU tar writes it.
+                let end = data.iter().position(|b| *b == 0).unwrap_or(data.len());
+                data.truncate(end);
+                long_name = Some(data);
+            } else if kind.is_pax_local_extensions() {
+                let pax_path = tar::PaxExtensions::new(&data)
+                    .filter_map(std::result::Result::ok)
+                    .find(|e| e.key_bytes() == b"path")
+                    .map(|e| e.value_bytes().to_vec());
+                if let Some(p) = pax_path {
+                    long_name = Some(p);
+                }
+            }
+            continue;
+        }
+        let raw = long_name
+            .take()
+            .unwrap_or_else(|| member.path_bytes().into_owned());
         let is_dir = match kind {
             EntryType::Regular | EntryType::Continuous => false,
             EntryType::Directory => true,
-            EntryType::XGlobalHeader | EntryType::XHeader => continue,
             EntryType::Symlink | EntryType::Link => {
                 return Err(unsafe_entry(path, &raw, "links are not allowed"));
             }
