@@ -327,4 +327,15 @@ fn token_renewal_names_a_bad_type() {
         "BadRequestException",
         "unknown key type \"foo\"",
     );
+    // Without the API key the answer says nothing about the type, as TorchServe checks the
+    // key first.
+    for auth in [None, Some("Bearer nope")] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        assert_error(
+            &request(&s.management, "GET", "/token?type=API", &headers, b""),
+            400,
+            "InvalidKeyException",
+            "Token Authorization failed",
+        );
+    }
 }

@@ -96,6 +96,11 @@ fn torchserve_grpc_inference_and_management() {
 }
 
 #[test]
+fn torchserve_grpc_without_the_model_api() {
+    run_suite(server_with(""), "model-api-off");
+}
+
+#[test]
 fn grpc_calls_carry_their_keys_in_metadata() {
     run_suite(
         server_with("enable_model_api=true\ndisable_token_authorization=false"),

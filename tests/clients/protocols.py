@@ -303,26 +303,6 @@ def kserve_suite():
         # A server without enable_model_api (KServe's runtime) refuses, and keeps serving.
         check(e.code() == grpc.StatusCode.UNIMPLEMENTED, f"kserve stubs: unload refused ({e.code()})")
         check(stub.ModelReady(kpb.ModelReadyRequest(name="txt")).ready, "kserve stubs: still ready")
-        # TorchServe's gRPC management refuses as TorchServe does, in the words its own test
-        # (test_gRPC_model_control.py) matches.
-        torchserve_stubs()
-        import torchserve_management_pb2 as mgmt
-        import torchserve_management_pb2_grpc as mgmt_grpc
-
-        m = mgmt_grpc.ManagementAPIsServiceStub(grpc.insecure_channel(ARGS.grpc_management))
-        for what, call in (
-            ("RegisterModel", lambda: m.RegisterModel(mgmt.RegisterModelRequest(url=ARGS.mlp_archive))),
-            ("UnregisterModel", lambda: m.UnregisterModel(mgmt.UnregisterModelRequest(model_name="txt"))),
-        ):
-            try:
-                call()
-                check(False, f"{what} without enable_model_api is refused")
-            except grpc.RpcError as e:
-                check(
-                    e.code() == grpc.StatusCode.PERMISSION_DENIED and "Model API disabled" in e.details(),
-                    f"{what}: PERMISSION_DENIED, Model API disabled ({e.code()}, {e.details()})",
-                )
-        check(stub.ModelReady(kpb.ModelReadyRequest(name="txt")).ready, "kserve stubs: still ready")
         still_serving("kserve clients")
         return
     check(r.model_name == "txt" and r.isUnloaded, f"kserve stubs: unload {r}")
@@ -475,6 +455,33 @@ def torchserve_grpc():
     still_serving("TorchServe gRPC calls")
 
 
+def model_api_off():
+    """Without enable_model_api, TorchServe's gRPC management refuses registration changes as
+    TorchServe does, in the words its own test (test_gRPC_model_control.py) matches."""
+    import grpc
+
+    torchserve_stubs()
+    import torchserve_management_pb2 as mgmt
+    import torchserve_management_pb2_grpc as mgmt_grpc
+
+    m = mgmt_grpc.ManagementAPIsServiceStub(grpc.insecure_channel(ARGS.grpc_management))
+    for what, call in (
+        ("RegisterModel", lambda: m.RegisterModel(mgmt.RegisterModelRequest(url=ARGS.mlp_archive))),
+        ("UnregisterModel", lambda: m.UnregisterModel(mgmt.UnregisterModelRequest(model_name="mlp"))),
+    ):
+        try:
+            call()
+            check(False, f"{what} without enable_model_api is refused")
+        except grpc.RpcError as e:
+            check(
+                e.code() == grpc.StatusCode.PERMISSION_DENIED and "Model API disabled" in e.details(),
+                f"{what}: PERMISSION_DENIED, Model API disabled ({e.code()}, {e.details()})",
+            )
+    listed = json.loads(m.ListModels(mgmt.ListModelsRequest()).msg)
+    check(any(x["modelName"] == "mlp" for x in listed["models"]), "ListModels still answers")
+    still_serving("TorchServe gRPC without the model API")
+
+
 def auth():
     """With token authorization on: gRPC calls need the key in their metadata."""
     import grpc
@@ -529,7 +536,7 @@ def auth():
 def main():
     global ARGS
     p = argparse.ArgumentParser()
-    p.add_argument("suite", choices=["triton", "kserve", "torchserve-grpc", "auth"])
+    p.add_argument("suite", choices=["triton", "kserve", "torchserve-grpc", "auth", "model-api-off"])
     p.add_argument("--http", required=True)
     p.add_argument("--grpc", required=True)
     p.add_argument("--grpc-management", required=True)
@@ -539,7 +546,8 @@ def main():
     ARGS = p.parse_args()
     # kserve parses the command line when imported: leave it nothing to misread.
     sys.argv = sys.argv[:1]
-    suites = {"triton": triton, "kserve": kserve_suite, "torchserve-grpc": torchserve_grpc, "auth": auth}
+    suites = {"triton": triton, "kserve": kserve_suite, "torchserve-grpc": torchserve_grpc, "auth": auth,
+              "model-api-off": model_api_off}
     suites[ARGS.suite]()
     print(f"ok: {len(CHECKS)} checks of {ARGS.suite}")
 

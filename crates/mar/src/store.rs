@@ -74,7 +74,8 @@ impl ModelStore {
                 return None;
             }
             direct.file_name().map(|f| f.to_string_lossy().into_owned())
-        } else if name.contains(['/', '\\']) {
+        } else if name.contains(['/', '\\']) || name.is_empty() || name == "." {
+            // `.` (or `file://` with nothing after it) would name the store itself.
             None
         } else {
             Some(name.to_string())
@@ -168,6 +169,13 @@ mod tests {
             store.resolve("zz.mar").unwrap_err().to_string(),
             "Model not found at: zz.mar"
         );
+        // Nothing names the store itself.
+        for url in [".", "file://", "file://."] {
+            assert_eq!(
+                store.resolve(url).unwrap_err().to_string(),
+                format!("Model not found at: {url}")
+            );
+        }
         let abs = dir.path().join("b.mar");
         assert_eq!(store.resolve(abs.to_str().unwrap()).unwrap(), abs);
         assert_eq!(

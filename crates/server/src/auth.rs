@@ -130,6 +130,13 @@ impl Tokens {
         Utc::now() < key.expires && same(given, &key.value)
     }
 
+    /// Whether `authorization` carries the API key (the one that renews the others).
+    pub fn holds_api_key(&self, authorization: Option<&str>) -> bool {
+        authorization
+            .and_then(bearer)
+            .is_some_and(|given| same(given, &self.lock().api))
+    }
+
     /// Issues a new key for `scope` when `authorization` carries the API key, rewrites the key
     /// file, and returns the new entry as it appears there. The new key replaces the old one
     /// only once the file says so: a failed write leaves both as they were.

@@ -33,9 +33,8 @@ impl Scratch {
     }
 
     fn create_in(temp: &Path, prefix: &str) -> Self {
-        let path = temp.join(format!("{prefix}-{}", std::process::id()));
-        let lock = std::fs::create_dir_all(&path)
-            .and_then(|()| File::create(path.join(LOCK)))
+        let path = claim(temp, &format!("{prefix}-{}", std::process::id()));
+        let lock = File::create(path.join(LOCK))
             .and_then(|f| f.try_lock().map(|()| f).map_err(std::io::Error::other));
         let lock = match lock {
             Ok(f) => Some(f),
@@ -57,6 +56,38 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// Makes `temp/<name>` this user's own (mode 0700) and returns it. A folder of that name left
+/// by an earlier process of this user is reused; one that is not this user's own (another
+/// user's, a link), which whoever made it could still write into, is passed over for
+/// `<name>-<n>`, created fresh.
+fn claim(temp: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let make = |p: &Path| std::fs::DirBuilder::new().mode(0o700).create(p);
+    let first = temp.join(name);
+    match make(&first) {
+        Ok(()) => return first,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && owned_folder(&first) => {
+            if std::fs::set_permissions(&first, std::fs::Permissions::from_mode(0o700)).is_ok() {
+                return first;
+            }
+        }
+        Err(_) => {}
+    }
+    for n in 1..=100 {
+        let other = temp.join(format!("{name}-{n}"));
+        if make(&other).is_ok() {
+            tracing::warn!(
+                "{} exists and is not this user's own folder; using {}",
+                first.display(),
+                other.display()
+            );
+            return other;
+        }
+    }
+    // Nothing could be created: extraction will fail and say where.
+    first
 }
 
 /// Removes, from the temp folder `temp`, the scratch folders nobody holds: only real folders of
@@ -127,6 +158,21 @@ mod tests {
         ] {
             assert!(!is_scratch_name(name), "{name}");
         }
+    }
+
+    #[test]
+    fn a_folder_of_the_name_that_is_not_ours_is_passed_over() {
+        let temp = tempfile::tempdir().unwrap();
+        let elsewhere = temp.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let name = format!("{SERVER}-{}", std::process::id());
+        std::os::unix::fs::symlink(&elsewhere, temp.path().join(&name)).unwrap();
+        let s = Scratch::create_in(temp.path(), SERVER);
+        assert_eq!(s.path(), temp.path().join(format!("{name}-1")));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
     }
 
     #[test]

@@ -238,41 +238,63 @@ impl UrlPolicy {
         {
             return Err(FetchError::Relative(raw.to_string()));
         }
-        let Some(pattern) = self.matching(url) else {
+        if self.matching(url).next().is_none() {
             return Err(FetchError::NotAllowed(raw.to_string()));
-        };
-        let address = match url.host() {
-            Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
-            Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
-            Some(url::Host::Domain(_)) => None,
+        }
+        let host = match url.host() {
+            Some(url::Host::Ipv4(v4)) => Host::Address(IpAddr::V4(v4)),
+            Some(url::Host::Ipv6(v6)) => Host::Address(IpAddr::V6(v6)),
+            Some(url::Host::Domain(d)) => Host::Name(d.to_ascii_lowercase()),
             None => return Err(invalid("it has no host")),
         };
-        if let Some(address) = address
-            && let Some(kind) = forbidden_kind(address)
-            && !names_host(pattern, url)
-        {
-            return Err(FetchError::Forbidden {
-                url: raw.to_string(),
-                address,
-                kind,
-            });
+        // Only a pattern that both matches this URL and spells out its host opens a private
+        // address: a pattern naming the host for another port or path does not, nor does the
+        // host's name appearing elsewhere in some pattern.
+        let named_here = self.matching(url).any(|p| names_host(p, url));
+        match host {
+            Host::Address(address) => {
+                if let Some(kind) = forbidden_kind(address)
+                    && !named_here
+                {
+                    return Err(FetchError::Forbidden {
+                        url: raw.to_string(),
+                        address,
+                        kind,
+                    });
+                }
+            }
+            // The resolver lets a named host reach private addresses whatever the URL: so a
+            // named host must come through a pattern that names it.
+            Host::Name(name) if self.host_named(&name) && !named_here => {
+                return Err(invalid(&format!(
+                    "an allowed_urls pattern names the host {name}, but none that names it \
+                     matches this URL; add one that does"
+                )));
+            }
+            Host::Name(_) => {}
         }
         Ok(())
     }
 
-    /// The first pattern matching the normalised URL.
-    fn matching(&self, url: &Url) -> Option<&str> {
+    /// The patterns matching the normalised URL.
+    fn matching<'a>(&'a self, url: &'a Url) -> impl Iterator<Item = &'a str> + 'a {
         self.patterns
             .iter()
-            .find(|(_, re)| re.is_match(url.as_str()))
+            .filter(move |(_, re)| re.is_match(url.as_str()))
             .map(|(p, _)| p.as_str())
     }
 
-    /// Whether a pattern that matches URLs on `host` names `host` itself, which is what lets
-    /// a fetch reach a private address.
+    /// Whether a pattern names `host` as its host, which is what lets a fetch reach a private
+    /// address.
     fn host_named(&self, host: &str) -> bool {
         self.patterns.iter().any(|(p, _)| pattern_names(p, host))
     }
+}
+
+/// A URL's host, as the checks tell them apart.
+enum Host {
+    Address(IpAddr),
+    Name(String),
 }
 
 /// Whether `pattern` spells out the URL's host (`http://10\.0\.0\.5:8000/.*` does; `https://.*`
@@ -282,25 +304,58 @@ fn names_host(pattern: &str, url: &Url) -> bool {
         .is_some_and(|host| pattern_names(pattern, host))
 }
 
+/// Whether the host part of `pattern` (between `://` and the port or path) is `host`, written
+/// out with no regular-expression operator in it. Anywhere else in a pattern, a host's name
+/// (`http://.*/localhost-mirror/.*`) names nothing.
 fn pattern_names(pattern: &str, host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    !host.is_empty() && unescape(pattern).to_ascii_lowercase().contains(host)
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    pattern_host(pattern).is_some_and(|h| !h.is_empty() && h == host)
 }
 
-/// A regular expression with its backslash escapes taken off: `127\.0\.0\.1` reads `127.0.0.1`.
-fn unescape(pattern: &str) -> String {
-    let mut out = String::with_capacity(pattern.len());
-    let mut chars = pattern.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            if let Some(next) = chars.next() {
-                out.push(next);
+/// The literal host of a pattern, unescaped and lowercased; None when that part is not literal.
+fn pattern_host(pattern: &str) -> Option<String> {
+    let (_, rest) = pattern.split_once("://")?;
+    // The authority ends where the path, query or fragment begins; a `\/` is escaped but still
+    // a slash.
+    let authority: String = {
+        let mut out = String::new();
+        let mut chars = rest.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('/') | None => break,
+                    Some(next) => {
+                        out.push('\\');
+                        out.push(next);
+                    }
+                },
+                '/' | '?' | '#' => break,
+                c => out.push(c),
             }
-        } else {
-            out.push(c);
+        }
+        out
+    };
+    let host = if let Some(v6) = authority.strip_prefix("\\[") {
+        v6.split("\\]").next()?.to_string()
+    } else if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next()?.to_string()
+    } else {
+        authority.split(':').next()?.to_string()
+    };
+    // Escaped characters are literal; an unescaped operator makes the host a wildcard.
+    let mut literal = String::new();
+    let mut chars = host.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => literal.push(chars.next()?),
+            '*' | '+' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$' => return None,
+            c => literal.push(c),
         }
     }
-    out
+    Some(literal.to_ascii_lowercase())
 }
 
 /// Resolves names for downloads, dropping addresses the policy does not let them reach: the
@@ -770,6 +825,45 @@ mod tests {
         assert!(p.host_named("models.internal"));
         assert!(!p.host_named("other.internal"));
         assert!(!policy(&["https?://.*"]).host_named("localhost"));
+    }
+
+    #[test]
+    fn only_a_pattern_that_matches_and_names_the_host_opens_it() {
+        // A host named for one port is not opened on another by a wildcard pattern.
+        let p = policy(&["http://localhost:8000/.*", "http://.*:9000/.*"]);
+        assert!(p.check("http://localhost:8000/m.mar").is_ok());
+        assert!(matches!(
+            p.check("http://localhost:9000/m.mar"),
+            Err(FetchError::Invalid { .. })
+        ));
+        let p = policy(&["http://127\\.0\\.0\\.1:8000/.*", "http://.*:9000/.*"]);
+        assert!(matches!(
+            p.check("http://127.0.0.1:9000/m.mar"),
+            Err(FetchError::Forbidden { .. })
+        ));
+        // A host's name elsewhere in a pattern names nothing.
+        let p = policy(&["http://.*:9000/localhost-mirror/.*", "https://.*/models/.*"]);
+        assert!(!p.host_named("localhost"));
+        assert!(!p.host_named("models"));
+        // The order of the patterns does not matter: any that matches and names the host.
+        let p = policy(&["http://.*/.*", "http://10\\.0\\.0\\.5/.*"]);
+        assert!(p.check("http://10.0.0.5/m.mar").is_ok());
+        // Hosts written out: escaped or not, with a port, IPv6 in brackets; wildcards are not.
+        assert_eq!(
+            pattern_host("https://models\\.internal:443/.*").as_deref(),
+            Some("models.internal")
+        );
+        assert_eq!(
+            pattern_host("http://Models.Internal/.*").as_deref(),
+            Some("models.internal")
+        );
+        assert_eq!(
+            pattern_host("http://\\[::1\\]:8000/.*").as_deref(),
+            Some("::1")
+        );
+        assert_eq!(pattern_host("http://.*\\.internal/.*"), None);
+        assert_eq!(pattern_host("http://(a|b)\\.internal/.*"), None);
+        assert_eq!(pattern_host("models.internal"), None);
     }
 
     #[test]

@@ -119,6 +119,10 @@ async fn renew_token(
     let Some(tokens) = &st.tokens else {
         return Err(ApiError::resource_not_found());
     };
+    // The key first, as TorchServe checks it: without it, nothing about the request is answered.
+    if !tokens.holds_api_key(authorization(&headers)) {
+        return Err(ApiError::invalid_key());
+    }
     let asked = q.get("type").map(String::as_str).unwrap_or("");
     let scope = Scope::parse(asked).ok_or_else(|| {
         ApiError::bad_request(format!(

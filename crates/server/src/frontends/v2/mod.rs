@@ -432,7 +432,9 @@ pub fn repository_index(st: &AppState, ready_only: bool) -> Vec<IndexEntry> {
             });
         }
     }
-    if ready_only {
+    // The store's other archives are offered only where they may be loaded: without the model
+    // API, what the store holds is the operator's business.
+    if ready_only || !st.config.enable_model_api {
         return out;
     }
     let Some(store) = st.registry.store() else {
