@@ -1216,6 +1216,19 @@ fn token_authorization_guards_inference_and_management() {
     let r = predict(Some(&inference));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(floats(&r.json()), [2.0, 4.0, 6.0, 8.0]);
+    // Refused before the body is read: a body announced and never sent is not waited for
+    // (body_read_timeout is 60 s; without the check the answer would be its 408).
+    for path in ["/predictions/scale", "/v2/models/scale/infer"] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: 100000\r\nConnection: close\r\n\r\n[1,"
+        );
+        let raw = common::http::send_raw(&s.inference, head.as_bytes(), Duration::from_secs(20))
+            .expect("answered before the body");
+        let r = common::http::parse(&raw).expect("an HTTP answer");
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert!(r.text().contains(refused), "{path}: {}", r.text());
+    }
     // KServe paths are refused in KServe's shape, whether a route serves them or not.
     for path in [
         "/v2/models/scale/infer",

@@ -130,6 +130,17 @@ impl Tokens {
         Utc::now() < key.expires && same(given, &key.value)
     }
 
+    /// Whether `authorization` carries any live key: the inference, management or API key.
+    pub fn holds_any_key(&self, authorization: Option<&str>) -> bool {
+        authorization.and_then(bearer).is_some_and(|given| {
+            let keys = self.lock();
+            let now = Utc::now();
+            same(given, &keys.api)
+                || (now < keys.inference.expires && same(given, &keys.inference.value))
+                || (now < keys.management.expires && same(given, &keys.management.value))
+        })
+    }
+
     /// Whether `authorization` carries the API key (the one that renews the others).
     pub fn holds_api_key(&self, authorization: Option<&str>) -> bool {
         authorization

@@ -262,6 +262,14 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
             &path,
             ApiError::bad_request("the request path is not UTF-8 once percent-decoded"),
         )
+    } else if let Some(tokens) = &st.tokens
+        && has_body(&req)
+        && !tokens.holds_any_key(authorization(req.headers()))
+    {
+        // Refused before the body is read: a client without a key costs neither the memory
+        // nor the wait of a body. (Which key the route needs is checked once it is routed; the
+        // routes that need none take no body.)
+        error_by_protocol(&path, ApiError::invalid_key())
     } else {
         match buffered(&st, req).await {
             Ok(req) => next.run(req).await,
@@ -292,6 +300,15 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
         micros: started.elapsed().as_micros() as u64,
     });
     resp
+}
+
+/// Whether `req` announces a body: a `Content-Length` other than 0, or chunks.
+fn has_body(req: &Request) -> bool {
+    let headers = req.headers();
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.to_str().map_or(true, |v| v.trim() != "0"))
 }
 
 /// Whether `req` is a browser's CORS preflight: with CORS configured, the answer is yes on
