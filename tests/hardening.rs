@@ -671,6 +671,24 @@ fn slow_idle_and_excess_connections_are_closed_or_refused() {
         request(&s.management, "GET", "/models", &[], b"").status,
         200
     );
+
+    // The gRPC listeners too: past the cap a connection is closed at once, and once the idle
+    // ones go, a new one is served (the server's HTTP/2 SETTINGS answer the client preface).
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let served = |c: &mut TcpStream| {
+        c.set_read_timeout(Some(limit)).unwrap();
+        let mut head = [0u8; 9];
+        c.read_exact(&mut head).is_ok() && head[3] == 0x04
+    };
+    let held: Vec<TcpStream> = (0..8).map(|_| open(&s.grpc_inference, b"")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let c = open(&s.grpc_inference, b"");
+    let (_, answer) = closed_after(c, limit).expect("a gRPC connection past the cap stayed");
+    assert!(answer.is_empty(), "{answer:?}");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = open(&s.grpc_inference, PREFACE);
+    assert!(served(&mut c), "a gRPC connection under the cap is served");
 }
 
 #[test]

@@ -556,11 +556,12 @@ pub fn raise_open_files_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// The default cap per listener for a process that may open `open_files` files: the three
-/// listeners share what is left after a reserve for archives, logs and the model store.
+/// The default cap per listener for a process that may open `open_files` files: the five
+/// listeners (three REST, two gRPC) share what is left after a reserve for archives, logs and
+/// the model store.
 pub fn default_max_connections(open_files: u64) -> usize {
     const RESERVE: u64 = 256;
-    (open_files.saturating_sub(RESERVE) / 3).clamp(16, 10_000) as usize
+    (open_files.saturating_sub(RESERVE) / 5).clamp(16, 10_000) as usize
 }
 
 #[cfg(test)]
@@ -677,7 +678,7 @@ mod tests {
 
     #[test]
     fn connection_caps_leave_room_for_the_rest() {
-        assert_eq!(default_max_connections(1024), 256);
+        assert_eq!(default_max_connections(1024), 153);
         assert_eq!(default_max_connections(100), 16);
         assert_eq!(default_max_connections(1 << 20), 10_000);
     }

@@ -361,6 +361,7 @@ pub async fn run(
         servers.push(tokio::spawn(frontends::grpc::serve(
             listener,
             router,
+            limits.max_connections,
             stop_rx.clone(),
         )));
     }
@@ -526,7 +527,11 @@ fn grpc_routers(
         let server = tonic::transport::Server::builder()
             .http2_adaptive_window(Some(true))
             .max_frame_size(Some(1 << 20))
-            .max_concurrent_streams(Some(256));
+            .max_concurrent_streams(Some(256))
+            // A peer that vanished (its machine gone, a cable pulled) holds a connection until
+            // a ping goes unanswered.
+            .http2_keepalive_interval(Some(Duration::from_secs(60)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
         let Some(id) = identity else {
             return Ok(server);
         };

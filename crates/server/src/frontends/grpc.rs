@@ -94,19 +94,39 @@ pub type TracedRouter = tonic::transport::server::Router<
     >,
 >;
 
-/// Serves `router` on `listener` until `stop` turns true; calls in flight finish first.
+/// Serves `router` on `listener` until `stop` turns true; calls in flight finish first. At most
+/// `max_connections` connections are open at once: one past the cap is closed as soon as it is
+/// accepted, so idle clients cannot take every file descriptor of the process (as the REST
+/// listeners answer 503 past theirs).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: TracedRouter,
+    max_connections: usize,
     mut stop: watch::Receiver<bool>,
 ) {
     use tokio_stream::StreamExt as _;
-    // Small answers must not wait on Nagle's algorithm (a 40 ms stall against delayed ACKs).
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|tcp| {
+    let open = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let incoming =
+        tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(move |conn| {
+            let tcp = match conn {
+                Ok(tcp) => tcp,
+                Err(e) => return Some(Err(e)),
+            };
+            let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+                tracing::warn!(
+                    "gRPC: too many open connections (max_connections is {max_connections}); \
+                     closing a new one"
+                );
+                return None;
+            };
+            // Small answers must not wait on Nagle's algorithm (a 40 ms stall against delayed
+            // ACKs).
             let _ = tcp.set_nodelay(true);
-        })
-    });
+            Some(Ok(Counted {
+                tcp,
+                _permit: permit,
+            }))
+        });
     let stopped = async move {
         while !*stop.borrow() {
             if stop.changed().await.is_err() {
@@ -116,6 +136,66 @@ pub async fn serve(
     };
     if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
         tracing::error!("gRPC listener failed: {e}");
+    }
+}
+
+/// An accepted connection holding its place under the listener's cap until it closes.
+struct Counted {
+    tcp: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Counted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tcp.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
