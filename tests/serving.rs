@@ -531,8 +531,19 @@ fn bad_inputs_and_model_failures_keep_the_server_serving() {
         "ResourceNotFoundException",
         "Requested resource is not found",
     );
+    // KServe's liveness answer, which its v1 REST client's is_server_live reads; other
+    // methods on `/` are 405, as TorchServe answers.
+    let r = s.infer("GET", "/", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"status": "alive"}));
     assert_error(
-        &s.infer("GET", "/", &[], b""),
+        &s.infer("DELETE", "/", &[], b""),
+        405,
+        "MethodNotAllowedException",
+        "not allowed",
+    );
+    assert_error(
+        &request(&s.management, "GET", "/", &[], b""),
         405,
         "MethodNotAllowedException",
         "not allowed",

@@ -236,6 +236,7 @@ def kserve_suite():
 
     async def run():
         v1 = InferenceRESTClient(RESTConfig(protocol="v1"))
+        check(await v1.is_server_live(base), "kserve v1: live (GET /)")
         check(await v1.is_model_ready(base, "mlp"), "kserve v1: model ready")
         r = await v1.infer(base, {"instances": x4.tolist()}, model_name="mlp")
         # Each instance is a request of its own (this model's batch size is 1).

@@ -183,7 +183,7 @@ pub fn router_for(apis: &[Api], state: AppState) -> axum::Router {
     // Inference and management together describe both at `/` and `/api-description`.
     let description = (apis.contains(&Api::Inference) && management.is_some()).then(|| {
         with_listener_layers(
-            with_description(axum::Router::new(), both_descriptions),
+            with_description_and_liveness(axum::Router::new(), both_descriptions),
             state.clone(),
         )
     });
@@ -630,11 +630,33 @@ pub fn with_description(
     router: axum::Router<AppState>,
     doc: fn() -> Value,
 ) -> axum::Router<AppState> {
+    described(router, doc, false)
+}
+
+/// [`with_description`] for a listener that serves inference, where `GET /` also answers
+/// `{"status": "alive"}`, as KServe's model server does for its clients' liveness check
+/// (`is_server_live` of KServe's v1 REST client).
+pub fn with_description_and_liveness(
+    router: axum::Router<AppState>,
+    doc: fn() -> Value,
+) -> axum::Router<AppState> {
+    described(router, doc, true)
+}
+
+fn described(
+    router: axum::Router<AppState>,
+    doc: fn() -> Value,
+    alive: bool,
+) -> axum::Router<AppState> {
     let describe = move || async move { json_response(StatusCode::OK, &doc()) };
+    let mut root = axum::routing::options(describe);
+    if alive {
+        root = root.get(|| async { status_message(StatusCode::OK, "alive") });
+    }
     router
         .route(
             "/",
-            axum::routing::options(describe).fallback(|| async { ApiError::method_not_allowed() }),
+            root.fallback(|| async { ApiError::method_not_allowed() }),
         )
         .route(
             "/api-description",

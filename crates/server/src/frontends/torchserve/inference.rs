@@ -10,7 +10,7 @@ use tchserve_backend::job::{Part, Payload, Prediction};
 use crate::core::ApiError;
 use crate::frontends::{
     AppState, inference_key, is_kserve_path, json_response, kserve_error_response, not_allowed,
-    openapi, status_message, with_description,
+    openapi, status_message, with_description_and_liveness,
 };
 
 /// TorchServe's inference routes; the listener adds the others and its middleware.
@@ -46,7 +46,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     }
     // /ping answers without a key, unlike TorchServe's: health probes (Kubernetes, load
     // balancers) cannot carry a key that changes every hour.
-    with_description(keyed, doc).route("/ping", any(ping))
+    with_description_and_liveness(keyed, doc).route("/ping", any(ping))
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
