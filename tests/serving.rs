@@ -1058,6 +1058,15 @@ fn json_registrations_read_as_torchserve_reads_them() {
 }
 
 #[test]
+fn an_empty_store_with_models_all_says_so() {
+    // Ready and serving nothing is what an empty volume looks like: the log says why.
+    let mut s = Server::new("");
+    s.start(&["--models", "all", "--ncs"]);
+    assert_eq!(s.manage("GET", "/models").json(), json!({"models": []}));
+    assert!(s.log().contains("holds no archive"), "{}", s.log());
+}
+
+#[test]
 fn graceful_stop_finishes_requests_in_flight() {
     let mut s = Server::new("");
     let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");

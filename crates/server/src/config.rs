@@ -372,7 +372,7 @@ pub fn ignored_key_note(key: &str) -> String {
     format!("config key {key} is TorchServe's and not used by tchserve: {why}")
 }
 
-const QUIET_KEYS: [&str; 9] = [
+const QUIET_KEYS: [&str; 11] = [
     "enable_envvars_config",
     "use_env_allowed_urls",
     // Only named with `keystore`, which is refused with a way to convert it.
@@ -384,6 +384,10 @@ const QUIET_KEYS: [&str; 9] = [
     "netty_client_threads",
     "async_logging",
     "vmargs",
+    // In KServe's sample config.properties for TorchServe: metrics are Prometheus text anyway,
+    // and NUM_WORKERS is read by KServe's Python wrapper, which tchserve replaces.
+    "metrics_format",
+    "NUM_WORKERS",
 ];
 
 impl Default for Config {
@@ -1012,7 +1016,7 @@ mod tests {
         let text = "inference_address=http://0.0.0.0:9080\nmanagement_address=unix:/tmp/m.sock\n\
                     model_store=/s\nload_models=a.mar, b=b.mar c.mar\njob_queue_size=7\nenable_model_api=true\n\
                     default_response_timeout=9\nmodels={\"a\": {\"1.0\": {\"batchSize\": 4, \"maxBatchDelay\": 20}}}\n\
-                    number_of_netty_threads=4\nsomething_new=1\n";
+                    number_of_netty_threads=4\nsomething_new=1\nmetrics_format=prometheus\nNUM_WORKERS=1\n";
         let cfg = Config::from_properties(&parse_properties(text), &no_env).unwrap();
         assert_eq!(cfg.inference_address, Address::Tcp("0.0.0.0".into(), 9080));
         assert_eq!(cfg.management_address, Address::Unix("/tmp/m.sock".into()));

@@ -574,6 +574,15 @@ fn startup_models(
     for item in &config.load_models {
         let refs = ModelStore::expand(store, item)
             .map_err(|e| ServerError::Models(format!("load_models {item}: {e}")))?;
+        if refs.is_empty()
+            && let Some(store) = store
+        {
+            // Healthy and serving nothing: say so, where an empty volume is the likely cause.
+            tracing::warn!(
+                "load_models={item}: the model store {} holds no archive; serving no model",
+                store.root().display()
+            );
+        }
         out.extend(refs.into_iter().map(|r| startup(r.name, r.url)));
     }
     Ok(out)
