@@ -69,6 +69,7 @@ RUNTIME_ARGS = [
     "--set=grpc_inference_port=8081",
     "--set=grpc_management_address=127.0.0.1",
     "--set=grpc_management_port=8086",
+    "--set=graceful_shutdown_timeout=25",
 ]
 
 # (apiVersion, kind) -> schema file stem in tests/data/kserve.
