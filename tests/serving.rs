@@ -267,6 +267,17 @@ fn register_version_rollback_scale_unregister() {
         "ServiceUnavailableException",
         "Model \"scale\" has no worker to serve describe request.",
     );
+    // OPTIONS on a model describes the management API, once the model is known.
+    let r = s.manage("OPTIONS", "/models/scale");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["openapi"], "3.0.1");
+    assert_eq!(s.manage("OPTIONS", "/models/scale/2.0").status, 200);
+    assert_error(
+        &s.manage("OPTIONS", "/models/nope"),
+        404,
+        "ModelNotFoundException",
+        "nope",
+    );
     // `all` is described without the handlers' metadata, whatever customized says (TorchServe).
     let r = s.manage("GET", "/models/scale/all?customized=true");
     assert_eq!(r.status, 200, "{}", r.text());

@@ -45,6 +45,7 @@ pub fn router(state: AppState) -> Router {
             get(describe)
                 .put(scale)
                 .delete(unregister)
+                .options(describe_api)
                 .fallback(not_allowed),
         )
         .route(
@@ -52,6 +53,7 @@ pub fn router(state: AppState) -> Router {
             get(describe_version)
                 .put(scale_version)
                 .delete(unregister_version)
+                .options(describe_version_api)
                 .fallback(not_allowed),
         )
         .route(
@@ -72,6 +74,29 @@ pub fn router(state: AppState) -> Router {
         .route("/token", get(renew_token).fallback(not_allowed))
         .fallback(not_found);
     with_listener_layers(router, state)
+}
+
+/// `OPTIONS /models/{m}`: the management API's description, once the model is known (404
+/// otherwise), as TorchServe answers it.
+async fn describe_api(State(st): State<AppState>, Path(model): Path<String>) -> Response {
+    respond(
+        st.registry
+            .get(&model, None)
+            .map(|_| (StatusCode::OK, doc())),
+    )
+}
+
+/// `OPTIONS /models/{m}/{v}`, as [`describe_api`] for one version.
+async fn describe_version_api(
+    State(st): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Response {
+    let version = Some(version.as_str()).filter(|v| *v != "all");
+    respond(
+        st.registry
+            .get(&model, version)
+            .map(|_| (StatusCode::OK, doc())),
+    )
 }
 
 /// This API's OpenAPI description.
