@@ -362,6 +362,12 @@ fn registration_errors_and_zero_workers() {
         "InvalidModelException",
         "Python code",
     );
+    // A broken archive is named as the client named it, not by where the store is on the host.
+    std::fs::write(s.store.join("broken.mar"), b"not a zip").unwrap();
+    let r = register(&s, "url=broken.mar");
+    assert_error(&r, 400, "InvalidModelException", "broken.mar");
+    let store = s.store.display().to_string();
+    assert!(!r.text().contains(&store), "{}", r.text());
 
     let r = register(&s, &format!("url={v1}&model_name=idle"));
     assert_eq!(

@@ -282,7 +282,17 @@ impl Registry {
     /// Registers a model version. Blocking: loads the archive and, if synchronous, waits for
     /// the workers; call it off the async threads.
     pub fn register(&self, p: &RegisterParams) -> Result<Registered, ApiError> {
-        let invalid = |m: String| ApiError::invalid_model(m);
+        // A client learns the archive's name in the store, not where the store is on the host.
+        let store_root = self
+            .store
+            .as_ref()
+            .map(|s| format!("{}/", s.root().display()));
+        let invalid = |m: String| {
+            ApiError::invalid_model(match &store_root {
+                Some(root) => m.replace(root.as_str(), ""),
+                None => m,
+            })
+        };
         let path = self.resolve_url(&p.url, p.origin != Origin::Api)?;
         let archive = Archive::open(&path).map_err(|e| invalid(e.to_string()))?;
         let runtime = match p.runtime.as_deref() {
