@@ -847,3 +847,73 @@ fn the_object_detector_handler_runs_a_pt2_detector_as_pytorch() {
         r.text()
     );
 }
+
+#[test]
+fn text_packages_of_a_fixed_or_bounded_length_are_fitted_or_refused() {
+    let text = text_fixtures();
+    let pt2 = pt2_fixtures();
+    let tokenizer = text.join("tokenizer.json");
+    let extra = ["--extra-files", tokenizer.to_str().unwrap()];
+    let mut s = Server::new("enable_model_api=true");
+    // text_embedding, keeping at most `max_length` tokens of a text.
+    let handler = |max_length: u32| {
+        let path = s.dir.path().join(format!("embedding_{max_length}.json"));
+        let mut manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(repo_root().join("handlers/text_embedding.json")).unwrap(),
+        )
+        .unwrap();
+        manifest["input"]["text"]["max_length"] = max_length.into();
+        std::fs::write(&path, manifest.to_string()).unwrap();
+        path
+    };
+    let (h16, h32) = (handler(16), handler(32));
+    let mar = |name: &str, file: &str, handler: &Path| {
+        archive(&s.store, name, "1.0", &pt2.join(file), handler, &extra)
+    };
+    let fixed = mar("fixed", "tokens_fixed16.pt2", &h16);
+    let script = mar("script", "tokens.pt", &h16);
+    let fixed_long = mar("fixed_long", "tokens_fixed16.pt2", &h32);
+    let bounded_long = mar("bounded_long", "tokens_max16.pt2", &h32);
+    let bounded = mar("bounded", "tokens_max16.pt2", &h16);
+    s.start(&[]);
+    for m in [&fixed, &script, &bounded] {
+        let r = register(
+            &s,
+            &format!("url={m}&initial_workers=1&batch_size=4&max_batch_delay=50"),
+        );
+        assert_eq!(r.status, 200, "{m}: {}", r.text());
+    }
+    // A package exported for 16 tokens exactly gets every batch padded to 16, masked: the
+    // TorchScript twin's answer, for texts of any length up to 16 tokens.
+    for sentence in [
+        "Hi",
+        "a short one",
+        "a longer sentence than the others, with words",
+    ] {
+        let post = |model: &str| -> serde_json::Value {
+            let r = s.infer(
+                "POST",
+                &format!("/predictions/{model}"),
+                &[("Content-Type", "text/plain")],
+                sentence.as_bytes(),
+            );
+            assert_eq!(r.status, 200, "{model} on {sentence:?}: {}", r.text());
+            serde_json::from_slice(&r.body).unwrap()
+        };
+        same_answer(&post("fixed"), &post("script"), sentence);
+        same_answer(&post("bounded"), &post("script"), sentence);
+    }
+    // A handler keeping more tokens than the package takes is refused at registration, saying
+    // what to change, rather than answering longer texts with errors.
+    for (m, takes) in [(&fixed_long, "exactly 16"), (&bounded_long, "at most 16")] {
+        let r = register(&s, &format!("url={m}&initial_workers=1"));
+        assert_eq!(r.status, 500, "{m}: {}", r.text());
+        assert!(
+            r.text()
+                .contains(&format!("the package takes {takes} tokens per text"))
+                && r.text().contains("max_length to 16 or less"),
+            "{m}: {}",
+            r.text()
+        );
+    }
+}

@@ -62,6 +62,14 @@ impl Model {
         matches!(*self.format, Format::Package(_))
     }
 
+    /// How long a package's first input's second dimension may be; None for TorchScript.
+    pub fn length(&self) -> Option<crate::aoti::Length> {
+        match &*self.format {
+            Format::Script(_) => None,
+            Format::Package(p) => Some(p.length()),
+        }
+    }
+
     /// The numbers of examples one forward takes, for a package; a TorchScript module takes any.
     pub fn batch_range(&self) -> Option<crate::aoti::BatchRange> {
         match &*self.format {

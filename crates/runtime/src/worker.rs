@@ -165,6 +165,14 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
             message: message.into(),
         });
     }
+    if let Some(length) = module.length() {
+        pipeline
+            .fit_token_length(length)
+            .map_err(|message| crate::RuntimeError::Package {
+                file: ctx.spec.serialized_file.clone(),
+                message,
+            })?;
+    }
     let _guard = tch::no_grad_guard();
     // Text inputs have no fixed shape to warm up with, but a package checks the dtypes it was
     // exported for: one short forward finds a mismatch now rather than at every request. Its

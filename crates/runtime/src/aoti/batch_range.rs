@@ -32,6 +32,50 @@ impl BatchRange {
 /// backed_size_oblivious=True)` keeps the 1. [`super::Package::run`] pads a smaller batch up to the
 /// lower bound.
 pub fn batch_range(path: &Path) -> Result<BatchRange, String> {
+    Ok(wrapper_source(path)?.map_or(BatchRange::ANY, |s| range_in_source(&s)))
+}
+
+/// How long the first input's second dimension may be, as exported: the token count of a text
+/// model's ids, which the text handlers pad to the longest text of a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Length {
+    /// The one length of a dimension exported static (a text model exported padded to
+    /// `max_length`).
+    pub fixed: Option<i64>,
+    /// The upper bound of a dynamic one.
+    pub max: Option<i64>,
+}
+
+/// The first input's [`Length`], read from the same generated checks as [`batch_range`].
+pub fn second_dim(path: &Path) -> Result<Length, String> {
+    Ok(wrapper_source(path)?.map_or(Length::default(), |s| length_in_source(&s)))
+}
+
+fn length_in_source(source: &str) -> Length {
+    Length {
+        fixed: number_after(
+            source,
+            "input_handles[0]: unmatched dim value at 1, ",
+            "expected: ",
+        ),
+        max: number_after(
+            source,
+            "input_handles[0]: dim value is too large at 1, ",
+            "expected to be <= ",
+        ),
+    }
+}
+
+/// The number that follows `lead` after `marker` in `source`.
+fn number_after(source: &str, marker: &str, lead: &str) -> Option<i64> {
+    let rest = &source[source.find(marker)? + marker.len()..];
+    let rest = &rest[rest.find(lead)? + lead.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse::<i64>().ok()
+}
+
+/// The package's generated source, where its input checks are written; `None` when it has none.
+fn wrapper_source(path: &Path) -> Result<Option<String>, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("not a .pt2 package: {e}"))?;
     let wrapper = zip
@@ -40,7 +84,7 @@ pub fn batch_range(path: &Path) -> Result<BatchRange, String> {
         .find(|n| n.ends_with(".wrapper.cpp"))
         .map(|n| n.into_owned());
     let Some(name) = wrapper else {
-        return Ok(BatchRange::ANY);
+        return Ok(None);
     };
     let mut source = String::new();
     std::io::Read::read_to_string(
@@ -48,17 +92,12 @@ pub fn batch_range(path: &Path) -> Result<BatchRange, String> {
         &mut source,
     )
     .map_err(|e| format!("{name}: {e}"))?;
-    Ok(range_in_source(&source))
+    Ok(Some(source))
 }
 
 /// The first input's batch range in generated source: see [`batch_range`].
 fn range_in_source(source: &str) -> BatchRange {
-    let number_after = |marker: &str, lead: &str| {
-        let rest = &source[source.find(marker)? + marker.len()..];
-        let rest = &rest[rest.find(lead)? + lead.len()..];
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse::<i64>().ok()
-    };
+    let number_after = |marker: &str, lead: &str| number_after(source, marker, lead);
     if let Some(n) = number_after("input_handles[0]: unmatched dim value at 0, ", "expected: ") {
         return BatchRange {
             min: n,
@@ -206,6 +245,24 @@ mod tests {
                    << "expected: 784, " << "but got: " << arg0_1_size[1]"#;
         assert_eq!(range_in_source(fixed).fixed(), Some(1));
         assert_eq!(range_in_source("no checks at all"), BatchRange::ANY);
+        // The second dimension: fixed (784 here; a text model's padded length), or bounded.
+        assert_eq!(
+            length_in_source(dynamic),
+            Length {
+                fixed: Some(784),
+                max: None
+            }
+        );
+        let bounded = r#"
+                ss << "input_handles[0]: dim value is too large at 1, "
+                   << "expected to be <= 64, " << "but got: ""#;
+        assert_eq!(
+            length_in_source(bounded),
+            Length {
+                fixed: None,
+                max: Some(64)
+            }
+        );
     }
 
     #[test]

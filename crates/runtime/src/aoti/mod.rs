@@ -13,7 +13,7 @@ mod batch_range;
 mod machine;
 mod tree;
 
-pub use batch_range::{BatchRange, batch_range};
+pub use batch_range::{BatchRange, Length, batch_range, second_dim};
 pub use tree::{IValueKey, Tree};
 
 use batch_range::{Plan, plan, run_in_pieces};
@@ -93,6 +93,8 @@ pub struct Package {
     handle: NonNull<c_void>,
     /// The numbers of examples one forward takes.
     range: BatchRange,
+    /// How long the first input's second dimension may be.
+    length: Length,
     /// The structure of the outputs, where the package states one this side reads.
     outputs: Option<Tree>,
     /// How many tensors `forward` takes as its one list argument, for a model exported as
@@ -128,6 +130,7 @@ impl Package {
         }
         check_machine(&meta)?;
         let range = batch_range(path)?;
+        let length = second_dim(path)?;
         let path = c_path(path)?;
         let mut err = std::ptr::null_mut();
         // SAFETY: the path outlives the call; err receives a message or stays null.
@@ -161,7 +164,13 @@ impl Package {
             }),
             outputs,
             list_len,
+            length,
         })
+    }
+
+    /// How long the first input's second dimension may be (a text model's token count).
+    pub fn length(&self) -> Length {
+        self.length
     }
 
     /// How many tensors `forward` takes as one list, for a package exported as

@@ -47,6 +47,8 @@ pub struct Pipeline {
     /// Images stop at their bytes when decoded; `ToTensor` and `Normalize` run on the batch
     /// once it is on the device (see [`Pipeline::finish_images_on`]).
     pixels_to_device: bool,
+    /// The length token batches are padded to at least: a package's static token count.
+    pad_tokens_to: i64,
 }
 
 /// A batch whose model run has been started, between [`Pipeline::launch`] and
@@ -123,6 +125,7 @@ impl Pipeline {
             labels,
             text,
             pixels_to_device: false,
+            pad_tokens_to: 0,
         })
     }
 
@@ -144,6 +147,36 @@ impl Pipeline {
                 .preprocess
                 .iter()
                 .any(|s| matches!(s, Preprocess::ToTensor {}));
+    }
+
+    /// Fits a text handler to a package's token dimension (see [`crate::aoti::Length`]): a
+    /// package exported for one length, as a model padded to `max_length` is exported, gets
+    /// every batch padded to it; one that takes at most some length refuses a handler that
+    /// keeps more, since longer texts would be answered with errors. Other handlers are left as
+    /// they are.
+    pub fn fit_token_length(&mut self, length: crate::aoti::Length) -> Result<(), String> {
+        let (Some(text), Feed::Tokens) = (&self.text, self.feed) else {
+            return Ok(());
+        };
+        let keeps = text.max_length() as i64;
+        let too_few = |takes: String, n: i64| {
+            format!(
+                "the package takes {takes} tokens per text and the handler keeps up to {keeps}: \
+                 set the text input's max_length to {n} or less in a handler manifest, or \
+                 export with a dynamic length (torch.export.Dim)"
+            )
+        };
+        if let Some(n) = length.fixed {
+            if keeps > n {
+                return Err(too_few(format!("exactly {n}"), n));
+            }
+            self.pad_tokens_to = n;
+        } else if let Some(m) = length.max
+            && keeps > m
+        {
+            return Err(too_few(format!("at most {m}"), m));
+        }
+        Ok(())
     }
 
     /// Whether the model is fed a list of examples rather than one batched tensor.
@@ -248,11 +281,17 @@ impl Pipeline {
     }
 
     /// The arguments a text handler gives the model, for one short example: int64 token ids
-    /// and attention mask, `[1, 8]` each. None for other handlers.
+    /// and attention mask, `[1, 8]` each (or of the length a package takes). None for other
+    /// handlers.
     pub fn probe_tokens(&self, device: Device) -> Option<Vec<IValue>> {
         (self.feed == Feed::Tokens).then(|| {
-            let ids = Tensor::zeros([1, 8], (Kind::Int64, device));
-            let mask = Tensor::ones([1, 8], (Kind::Int64, device));
+            let length = if self.pad_tokens_to > 0 {
+                self.pad_tokens_to
+            } else {
+                8
+            };
+            let ids = Tensor::zeros([1, length], (Kind::Int64, device));
+            let mask = Tensor::ones([1, length], (Kind::Int64, device));
             vec![IValue::Tensor(ids), IValue::Tensor(mask)]
         })
     }
@@ -285,7 +324,7 @@ impl Pipeline {
         }
         let (args, mask) = if self.feed == Feed::Tokens {
             let pad_id = self.text.as_ref().map_or(0, |t| t.pad_id);
-            let (ids, mask) = text_input::pad_batch(inputs, pad_id)
+            let (ids, mask) = text_input::pad_batch(inputs, pad_id, self.pad_tokens_to)
                 .and_then(|(i, m)| Ok((upload(&i, device)?, upload(&m, device)?)))
                 .map_err(|e| failed("batching the tokens", e))?;
             (

@@ -23,6 +23,11 @@ pub struct TextInput {
 }
 
 impl TextInput {
+    /// The most tokens a text is cut to.
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
     /// Loads `file` from the unpacked archive.
     pub fn load(model_dir: &Path, file: &str, max_length: u32) -> Result<Self, RuntimeError> {
         let path = model_dir.join(file);
@@ -164,8 +169,17 @@ fn makes_tokens(c: char) -> bool {
 }
 
 /// Pads a batch of `[1, len]` id tensors to the longest: `(ids, attention_mask)`, both `[N, L]`.
-pub fn pad_batch(inputs: &[&Decoded], pad_id: i64) -> Result<(Tensor, Tensor), tch::TchError> {
-    let longest = inputs.iter().map(|d| d.tensor.size()[1]).max().unwrap_or(0);
+pub fn pad_batch(
+    inputs: &[&Decoded],
+    pad_id: i64,
+    at_least: i64,
+) -> Result<(Tensor, Tensor), tch::TchError> {
+    let longest = inputs
+        .iter()
+        .map(|d| d.tensor.size()[1])
+        .max()
+        .unwrap_or(0)
+        .max(at_least);
     let n = inputs.len() as i64;
     let ids = Tensor::f_full([n, longest], pad_id, (tch::Kind::Int64, tch::Device::Cpu))?;
     let mask = Tensor::f_zeros([n, longest], (tch::Kind::Int64, tch::Device::Cpu))?;
