@@ -105,13 +105,18 @@ impl Shared {
         }
     }
 
-    /// A model failure on `input`: the client's when the model has run on another shape or
-    /// element type (a vector of 5 numbers to a model of 784 fails inside libtorch, and is the
-    /// request's mistake), else the model's.
+    /// A model failure on `input`: the client's when libtorch says the shapes or element types
+    /// do not fit and the model has run on another shape or element type (a vector of 5 numbers
+    /// to a model of 784 fails inside libtorch, and is the request's mistake), else the
+    /// model's. A failure of the model's own (an assertion on the values, say) stays the
+    /// model's whatever ran before, so one request gets one answer.
     pub(crate) fn blame(&self, e: PredictError, input: &tch::Tensor) -> PredictError {
         let PredictError::ModelFailed(why) = e else {
             return e;
         };
+        if !misfit(&why) {
+            return PredictError::ModelFailed(why);
+        }
         let mine = (input.kind(), input.size().split_off(1.min(input.dim())));
         match &*lock(&self.ran_on) {
             Some(good) if *good != mine => PredictError::BadInput(format!(
@@ -169,6 +174,26 @@ impl Shared {
 }
 
 /// `examples of shape [784] (float32)`.
+/// Whether libtorch's message says an input does not fit an operation: shapes that do not
+/// match, or an element type it does not take.
+fn misfit(message: &str) -> bool {
+    const SAYINGS: [&str; 12] = [
+        "is invalid for input of size",
+        "shapes cannot be multiplied",
+        "size mismatch",
+        "must match the size of tensor",
+        "Sizes of tensors must match",
+        "Dimension out of range",
+        "Expected 2D",
+        "Expected 3D",
+        "Expected 4D",
+        "expected input",
+        "to have the same dtype",
+        "expected scalar type",
+    ];
+    SAYINGS.iter().any(|s| message.contains(s))
+}
+
 fn describe((kind, dims): &(tch::Kind, Vec<i64>)) -> String {
     let dtype = crate::handler::tensor_input::dtype_of(*kind)
         .and_then(|d| serde_json::to_value(d).ok())
@@ -197,6 +222,30 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_misfit_on_another_shape_is_the_clients() {
+        let shared = Shared::default();
+        let floats = |n: i64| tch::Tensor::zeros([1, n], (tch::Kind::Float, tch::Device::Cpu));
+        shared.ran_on(&floats(784));
+        let failed = |why: &str| PredictError::ModelFailed(why.into());
+        let misfit = "mat1 and mat2 shapes cannot be multiplied (1x5 and 784x128)";
+        assert!(matches!(
+            shared.blame(failed(misfit), &floats(5)),
+            PredictError::BadInput(m) if m.contains("shape [784]")
+        ));
+        // On the shape it runs on, the model's failure.
+        assert!(matches!(
+            shared.blame(failed(misfit), &floats(784)),
+            PredictError::ModelFailed(_)
+        ));
+        // The model's own refusal (an assertion on the values) is the model's whatever shape
+        // ran before: the same request always gets the same answer.
+        assert!(matches!(
+            shared.blame(failed("Exception: values must not be negative"), &floats(5)),
+            PredictError::ModelFailed(_)
+        ));
+    }
 
     #[test]
     fn outputs_seen_keep_their_type_and_the_dimensions_that_never_varied() {
