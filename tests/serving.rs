@@ -1075,6 +1075,42 @@ fn json_registrations_read_as_torchserve_reads_them() {
 }
 
 #[test]
+fn max_response_size_holds_for_the_whole_answer() {
+    let (mut s, v1, _) = scale_server("max_response_size=300");
+    s.start(&["--models", &format!("scale={v1}"), "--ncs"]);
+    // One small answer passes.
+    let r = post_json(&s.inference, "/predictions/scale", "[1,1,1,1]");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // KServe v1: 30 instances, each answer small, the whole over the limit.
+    let instances = vec!["[1,1,1,1]"; 30].join(",");
+    let r = post_json(
+        &s.inference,
+        "/v1/models/scale:predict",
+        &format!("{{\"instances\": [{instances}]}}"),
+    );
+    assert_kserve_error(&r, 500, "exceeds max_response_size (300)");
+    // v2 JSON: 240 bytes of float32, written as more than 300 bytes of JSON numbers.
+    let v2 = |rows: usize| {
+        let data = vec!["1.5"; rows * 4].join(",");
+        post_json(
+            &s.inference,
+            "/v2/models/scale/infer",
+            &format!(
+                "{{\"inputs\": [{{\"name\": \"input0\", \"datatype\": \"FP32\", \
+                 \"shape\": [{rows}, 4], \"data\": [{data}]}}]}}"
+            ),
+        )
+    };
+    assert_eq!(v2(2).status, 200, "{}", v2(2).text());
+    assert_kserve_error(&v2(15), 500, "exceeds max_response_size (300)");
+    // And the server serves on.
+    assert_eq!(
+        post_json(&s.inference, "/predictions/scale", "[1,1,1,1]").status,
+        200
+    );
+}
+
+#[test]
 fn an_empty_store_with_models_all_says_so() {
     // Ready and serving nothing is what an empty volume looks like: the log says why.
     let mut s = Server::new("");

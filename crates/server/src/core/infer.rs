@@ -280,13 +280,21 @@ impl Infer {
             Prediction::Json(body) => body.len(),
             Prediction::Tensor(t) => t.data.len(),
         };
+        self.check_response_size(size)?;
+        Ok((prediction, timings.queue_us))
+    }
+
+    /// Refuses a response over `max_response_size`, as TorchServe refuses one: each
+    /// prediction is held to it, and so is the whole answer a frontend writes of several (KServe
+    /// v1's instances) or in a longer form (v2's JSON numbers).
+    pub fn check_response_size(&self, size: usize) -> Result<(), ApiError> {
         if size > self.max_response_size {
             return Err(ApiError::internal(format!(
                 "the response of {size} bytes exceeds max_response_size ({})",
                 self.max_response_size
             )));
         }
-        Ok((prediction, timings.queue_us))
+        Ok(())
     }
 }
 

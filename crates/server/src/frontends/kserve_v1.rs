@@ -153,6 +153,7 @@ async fn predict(
         out.extend_from_slice(a);
     }
     out.extend_from_slice(b"]}");
+    st.infer.check_response_size(out.len())?;
     Ok((StatusCode::OK, [("content-type", "application/json")], out).into_response())
 }
 

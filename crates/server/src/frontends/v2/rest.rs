@@ -353,11 +353,17 @@ async fn infer_inner(
         binary_default,
     )
     .await?;
-    Ok(write_response(&meta, request.id, done))
+    write_response(&meta, request.id, done, &st.infer)
 }
 
-/// The response: JSON alone, or JSON followed by the binary outputs.
-fn write_response(meta: &ModelMetadata, id: Option<String>, done: Inferred) -> Response {
+/// The response: JSON alone, or JSON followed by the binary outputs; held as a whole to
+/// `max_response_size`.
+fn write_response(
+    meta: &ModelMetadata,
+    id: Option<String>,
+    done: Inferred,
+    infer: &crate::core::Infer,
+) -> V2Result {
     let mut head = String::with_capacity(256);
     head.push_str("{\"model_name\":");
     head.push_str(&Value::String(meta.name.clone()).to_string());
@@ -423,15 +429,16 @@ fn write_response(meta: &ModelMetadata, id: Option<String>, done: Inferred) -> R
         }
     }
     head.push_str("]}");
+    infer.check_response_size(head.len() + blobs.iter().map(Vec::len).sum::<usize>())?;
     if blobs.is_empty() {
-        return (StatusCode::OK, [("content-type", "application/json")], head).into_response();
+        return Ok((StatusCode::OK, [("content-type", "application/json")], head).into_response());
     }
     let header_len = head.len();
     let mut body = head.into_bytes();
     for b in blobs {
         body.extend_from_slice(&b);
     }
-    (
+    Ok((
         StatusCode::OK,
         [
             ("content-type", "application/octet-stream".to_string()),
@@ -439,7 +446,7 @@ fn write_response(meta: &ModelMetadata, id: Option<String>, done: Inferred) -> R
         ],
         body,
     )
-        .into_response()
+        .into_response())
 }
 
 /// `{"ready": true}` lists only models that can answer.
