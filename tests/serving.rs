@@ -753,6 +753,25 @@ fn a_model_out_of_memory_answers_507_and_serves_on() {
 }
 
 #[test]
+fn a_model_that_refuses_zeros_serves_without_a_warm_up() {
+    // Loading runs the model on zeros (a warm-up, and a probe of the handler's stages); a model
+    // that refuses them of its own accord still serves, as TorchServe serves it.
+    let mut s = Server::new("");
+    let mar = fixture_archive(&s, "no_zeros", "no_zeros.pt", "vec4.json");
+    s.start(&["--models", &format!("no_zeros={mar}")]);
+    let r = post_json(&s.inference, "/predictions/no_zeros", "[1, 2, 3, 4]");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(floats(&r.json()), [2.0, 3.0, 4.0, 5.0]);
+    let r = post_json(&s.inference, "/predictions/no_zeros", "[0, 0, 0, 0]");
+    assert_error(&r, 500, "InternalServerException", "an input of zeros");
+    assert!(
+        s.log().contains("serving it without a warm-up"),
+        "{}",
+        s.log()
+    );
+}
+
+#[test]
 fn job_tickets_and_client_timeouts_come_from_the_yaml() {
     let mut s = Server::new("enable_model_api=true");
     let slow_with = |name: &str, yaml: &str| {

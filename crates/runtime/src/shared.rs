@@ -176,7 +176,7 @@ impl Shared {
 /// `examples of shape [784] (float32)`.
 /// Whether libtorch's message says an input does not fit an operation: shapes that do not
 /// match, or an element type it does not take.
-fn misfit(message: &str) -> bool {
+pub(crate) fn misfit(message: &str) -> bool {
     const SAYINGS: [&str; 12] = [
         "is invalid for input of size",
         "shapes cannot be multiplied",

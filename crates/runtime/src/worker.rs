@@ -197,18 +197,35 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // TorchScript specialises its graph over the first calls; pay that before serving.
     let mut last_forward = None;
     let mut last_output = None;
-    for batch in [1, batcher.batch_size] {
+    // The warm-up and the probe feed the model zeros. A model that refuses zeros of its own
+    // accord (an assertion on the values) serves real input still, as TorchServe, which warms
+    // nothing up, serves it: only input that does not fit the model (shapes, element types)
+    // fails the load.
+    let refuses_zeros = |why: &str| {
+        tracing::warn!(
+            model = %ctx.spec.serialized_file,
+            "the model fails on an input of zeros ({why}); serving it without a warm-up"
+        );
+    };
+    'warm: for batch in [1, batcher.batch_size] {
         // A package that takes a list takes at most its length per forward.
         let batch = module.list_len().map_or(batch, |n| batch.min(n));
         if let Some(input) = pipeline.warmup_input(batch, ctx.device) {
             for _ in 0..WARMUP_FORWARDS {
                 let t = Instant::now();
-                let out = module
-                    .forward_is(std::slice::from_ref(&input))
-                    .map_err(|source| crate::RuntimeError::Torch {
-                        file: format!("{} (warm-up forward)", ctx.spec.serialized_file),
-                        source,
-                    })?;
+                let out = match module.forward_is(std::slice::from_ref(&input)) {
+                    Ok(out) => out,
+                    Err(source) if !crate::shared::misfit(&source.to_string()) => {
+                        refuses_zeros(&crate::error::concise(&source.to_string()));
+                        break 'warm;
+                    }
+                    Err(source) => {
+                        return Err(crate::RuntimeError::Torch {
+                            file: format!("{} (warm-up forward)", ctx.spec.serialized_file),
+                            source,
+                        });
+                    }
+                };
                 last_forward = Some(t.elapsed());
                 last_output = Some(out);
             }
@@ -217,12 +234,21 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // Answer one request before serving, so that a handler whose output stages do not fit the
     // model fails its registration rather than every request.
     if let Some(probe) = pipeline.probe_request() {
-        pipeline
-            .run_batch(&module, ctx.device, &[&probe])
-            .map_err(|e| crate::RuntimeError::Handler {
-                file: ctx.spec.serialized_file.clone(),
-                message: e.to_string(),
-            })?;
+        match pipeline.run_batch(&module, ctx.device, &[&probe]) {
+            Ok(_) => {}
+            Err(PredictError::ModelFailed(why))
+                if why.starts_with(crate::handler::MODEL_FAILED)
+                    && !crate::shared::misfit(&why) =>
+            {
+                refuses_zeros(&why);
+            }
+            Err(e) => {
+                return Err(crate::RuntimeError::Handler {
+                    file: ctx.spec.serialized_file.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
     }
     // The typed protocols' metadata can name the output's type before the first request.
     if let Some(t) = last_output.and_then(|o| pipeline.warmup_output(o)) {

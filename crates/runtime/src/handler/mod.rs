@@ -62,6 +62,9 @@ pub enum Launched {
     Output(Tensor),
 }
 
+/// How a failure inside the model's forward begins, as told apart from the handler's stages.
+pub(crate) const MODEL_FAILED: &str = "the model failed";
+
 fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
     let whole = e.to_string();
     let brief = crate::error::concise(&whole);
@@ -88,7 +91,7 @@ fn out_of_memory(message: &str) -> bool {
 fn forward_failed(e: tch::TchError) -> PredictError {
     match e {
         tch::TchError::Shape(message) => PredictError::BadInput(crate::error::concise(&message)),
-        other => failed("the model failed", other),
+        other => failed(MODEL_FAILED, other),
     }
 }
 
