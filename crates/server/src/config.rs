@@ -337,7 +337,10 @@ const ENV_KEYS: [&str; 42] = [
 /// hint of a typo for any other.
 pub fn ignored_key_note(key: &str) -> String {
     let why = match key {
-        "unregister_model_timeout" => "workers are threads and stop within a batch",
+        "unregister_model_timeout" => {
+            "an unregistration answers once the queue is drained (within the model's \
+             response_timeout, and 5 s more for a forward in progress)"
+        }
         "decode_input_request"
         | "default_service_handler"
         | "install_py_dep_per_model"

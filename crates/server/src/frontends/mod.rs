@@ -302,6 +302,33 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     resp
 }
 
+/// Stops the workers of unregistered versions: what is queued is answered within `drain`, and
+/// the call returns then, or a little after. A forward still running past that (a model stuck
+/// in a loop) is not waited for: its thread ends when the forward returns, and the version's
+/// files go with it.
+pub async fn stop_workers(
+    removed: Vec<std::sync::Arc<crate::core::registry::ModelVersion>>,
+    drain: std::time::Duration,
+) {
+    let names: Vec<String> = removed
+        .iter()
+        .map(|m| format!("{}:{}", m.name, m.version))
+        .collect();
+    let stopping = tokio::task::spawn_blocking(move || {
+        for m in removed {
+            m.pool.shutdown(drain);
+        }
+    });
+    let grace = drain + std::time::Duration::from_secs(5);
+    if tokio::time::timeout(grace, stopping).await.is_err() {
+        tracing::warn!(
+            models = ?names,
+            "a forward is still running {} s after the unregistration; its worker ends when it returns",
+            grace.as_secs()
+        );
+    }
+}
+
 /// Whether `req` announces a body: a `Content-Length` other than 0, or chunks.
 fn has_body(req: &Request) -> bool {
     let headers = req.headers();

@@ -569,7 +569,7 @@ pub async fn unregister_model(st: &AppState, model: &str, version: Option<&str>)
     st.registry.forget_download(&removed);
     // Queued requests are still answered; the workers then stop and the scratch files go.
     let drain = std::time::Duration::from_secs(removed.response_timeout_s);
-    let _ = tokio::task::spawn_blocking(move || removed.pool.shutdown(drain)).await;
+    crate::frontends::stop_workers(vec![removed], drain).await;
     tracing::info!(model = %model, "model unregistered");
     status_body(StatusCode::OK, format!("Model \"{model}\" unregistered"))
 }

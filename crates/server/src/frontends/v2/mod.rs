@@ -389,13 +389,12 @@ pub async fn unload(st: &AppState, model: &str) -> Result<(), ApiError> {
     for m in &removed {
         st.registry.forget_download(m);
     }
-    let _ = tokio::task::spawn_blocking(move || {
-        for m in removed {
-            m.pool
-                .shutdown(std::time::Duration::from_secs(m.response_timeout_s));
-        }
-    })
-    .await;
+    let drain = removed
+        .iter()
+        .map(|m| std::time::Duration::from_secs(m.response_timeout_s))
+        .max()
+        .unwrap_or_default();
+    crate::frontends::stop_workers(removed, drain).await;
     tracing::info!(model = %model, "model unloaded through the repository API");
     Ok(())
 }
