@@ -157,15 +157,16 @@ fn enough_of(text: &str, max_length: usize) -> &str {
 }
 
 /// Whether `c` (not whitespace) can make a token on its own: not a control or format character
-/// (soft hyphen, zero-width and bidi marks, BOM) or a combining mark.
+/// (soft hyphen, zero-width and bidi marks, BOM), a nonspacing mark (accents, Hebrew and Arabic
+/// points, Thai vowel marks: BERT's normalizer strips them) or U+FFFD, which it drops.
 fn makes_tokens(c: char) -> bool {
+    use unicode_categories::UnicodeCategories as _;
     !(c.is_control()
+        || c.is_mark_nonspacing()
         || matches!(c,
             '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
             | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}'
-            | '\u{FFF9}'..='\u{FFFB}'
-            | '\u{0300}'..='\u{036F}' | '\u{1AB0}'..='\u{1AFF}' | '\u{1DC0}'..='\u{1DFF}'
-            | '\u{20D0}'..='\u{20FF}' | '\u{FE20}'..='\u{FE2F}'))
+            | '\u{FFF9}'..='\u{FFFB}' | '\u{FFFD}'))
 }
 
 /// Pads a batch of `[1, len]` id tensors to the longest: `(ids, attention_mask)`, both `[N, L]`.
@@ -211,7 +212,17 @@ mod tests {
     #[test]
     fn what_makes_no_token_never_hides_the_words_after_it() {
         let sentence = "I love this movie";
-        for padding in [" ", "\r\n", "\0", "\u{00AD} ", "\u{200B}"] {
+        for padding in [
+            " ",
+            "\r\n",
+            "\0",
+            "\u{00AD} ",
+            "\u{200B}",
+            "\u{FFFD} ",
+            "\u{05B0} ",
+            "\u{0E31} ",
+            "\u{064B} ",
+        ] {
             let text = format!("{}{sentence}", padding.repeat(13_000));
             assert!(enough_of(&text, 128).ends_with(sentence), "{padding:?}");
         }
