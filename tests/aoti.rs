@@ -78,6 +78,14 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
         &handler,
         &[],
     );
+    let exported = archive(
+        &s.store,
+        "exported",
+        "1.0",
+        &dir.join("exported_program.pt2"),
+        &handler,
+        &[],
+    );
     s.start(&[]);
 
     let r = register(
@@ -264,6 +272,15 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
     let r = register(&s, &format!("url={corrupt}&initial_workers=1"));
     assert_ne!(r.status, 200);
     assert!(r.text().contains("corrupt.pt2"), "{}", r.text());
+    // The other kind of .pt2, an exported program, is named for what it is.
+    let r = register(&s, &format!("url={exported}&initial_workers=1"));
+    assert_ne!(r.status, 200);
+    assert!(
+        r.text()
+            .contains("holds an exported program (torch.export.save)"),
+        "{}",
+        r.text()
+    );
     // The server still serves.
     predict(&s, "single", &inputs[0]);
 }

@@ -73,6 +73,14 @@ fn c_path(path: &Path) -> Result<CString, String> {
 /// A package's metadata (`AOTI_DEVICE_KEY`, `AOTI_CPU_ISA`, ... and the exporter's own keys),
 /// read without loading any of its code.
 pub fn metadata(path: &Path) -> Result<HashMap<String, String>, String> {
+    if is_exported_program(path) {
+        return Err(
+            "this .pt2 holds an exported program (torch.export.save), not a compiled \
+             package: compile it with torch._inductor.aoti_compile_and_package(program, \
+             package_path=...) and archive that"
+                .into(),
+        );
+    }
     let path = c_path(path)?;
     let mut err = std::ptr::null_mut();
     // SAFETY: the path outlives the call; err receives a message or stays null.
@@ -85,6 +93,28 @@ pub fn metadata(path: &Path) -> Result<HashMap<String, String>, String> {
         .filter_map(|l| l.split_once('\t'))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect())
+}
+
+/// Whether the `.pt2` at `path` is an exported program (`torch.export.save`), which shares the
+/// suffix and the zip layout: a serialized graph (`models/*.json`) and no compiled model
+/// (`data/aotinductor/`).
+fn is_exported_program(path: &Path) -> bool {
+    let Ok(zip) = std::fs::File::open(path).map(zip::ZipArchive::new) else {
+        return false;
+    };
+    let Ok(zip) = zip else {
+        return false;
+    };
+    let names: Vec<String> = zip
+        .file_names()
+        .filter_map(Result::ok)
+        .map(|n| n.into_owned())
+        .collect();
+    let graph = names
+        .iter()
+        .any(|n| n.contains("/models/") && n.ends_with(".json"));
+    let compiled = names.iter().any(|n| n.contains("/data/aotinductor/"));
+    graph && !compiled
 }
 
 /// A loaded package.

@@ -74,7 +74,15 @@ fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
     if out_of_memory(&whole) {
         return PredictError::OutOfMemory(format!("{what}: {brief}"));
     }
-    PredictError::ModelFailed(format!("{what}: {brief}"))
+    // A package exported from channels_last examples checks for that layout, which no handler
+    // gives; its own words do not say so.
+    let hint = if whole.contains("unmatched stride value") {
+        " (the package was exported for inputs in another memory layout, such as \
+         channels_last: export it from contiguous example inputs)"
+    } else {
+        ""
+    };
+    PredictError::ModelFailed(format!("{what}: {brief}{hint}"))
 }
 
 /// Whether libtorch's error is an allocation that failed: the host's (`DefaultCPUAllocator:
