@@ -230,11 +230,12 @@ impl Batcher {
         // off, and the item may have gone to another thread.
         let mut listed = true;
         let waiters = &taker.waiters;
+        let one_gatherer = self.gathers_one_at_a_time();
         loop {
             // Only the thread that gathers takes a first item; one that cannot gather yet waits
             // to be handed the queue.
-            let claimed = !self.gathers_one_at_a_time() || waiters.claim();
-            let got = if claimed {
+            let holds_claim = one_gatherer && waiters.claim();
+            let got = if holds_claim || !one_gatherer {
                 queue.try_recv()
             } else {
                 Err(TryRecvError::Empty)
@@ -246,14 +247,14 @@ impl Batcher {
                 Ok(item) if item.is_wanted() => return self.gather(taker, item),
                 // Back on the list before the next look, polling or not.
                 Ok(_) => {
-                    if self.gathers_one_at_a_time() {
+                    if holds_claim {
                         waiters.release(queue);
                     }
                     waiters.join();
                     continue;
                 }
                 Err(TryRecvError::Disconnected) => {
-                    if claimed && self.gathers_one_at_a_time() {
+                    if holds_claim {
                         waiters.release(queue);
                     }
                     return Next::Closed;
@@ -261,7 +262,7 @@ impl Batcher {
                 Err(TryRecvError::Empty) => {
                     // An item queued while this thread looked, by a sender that saw it
                     // gathering and woke nobody: look again.
-                    if claimed && self.gathers_one_at_a_time() && waiters.release(queue) {
+                    if holds_claim && waiters.release(queue) {
                         continue;
                     }
                 }

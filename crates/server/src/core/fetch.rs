@@ -238,7 +238,8 @@ impl UrlPolicy {
         {
             return Err(FetchError::Relative(raw.to_string()));
         }
-        if self.matching(url).next().is_none() {
+        let matching: Vec<&str> = self.matching(url).collect();
+        if matching.is_empty() {
             return Err(FetchError::NotAllowed(raw.to_string()));
         }
         let host = match url.host() {
@@ -250,7 +251,7 @@ impl UrlPolicy {
         // Only a pattern that both matches this URL and spells out its host opens a private
         // address: a pattern naming the host for another port or path does not, nor does the
         // host's name appearing elsewhere in some pattern.
-        let named_here = self.matching(url).any(|p| names_host(p, url));
+        let named_here = matching.iter().any(|p| names_host(p, url));
         match host {
             Host::Address(address) => {
                 if let Some(kind) = forbidden_kind(address)
