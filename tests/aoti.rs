@@ -283,6 +283,37 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
     );
     // The server still serves.
     predict(&s, "single", &inputs[0]);
+
+    // libtorch unpacks each package into a temp folder of its own, which it removes only when
+    // it ends cleanly. Those folders are kept in the server's scratch folder, so what a crash
+    // leaves is swept by the next start.
+    let temp = s.temp_dir();
+    let unpacked = || -> Vec<std::path::PathBuf> {
+        walkdir::WalkDir::new(&temp)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("aotinductor_"))
+            .map(|e| e.path().to_path_buf())
+            .collect()
+    };
+    let held_by = |pid: u32| temp.join(format!("tchserve-{pid}"));
+    let before = unpacked();
+    let first = held_by(s.pid());
+    assert!(
+        !before.is_empty(),
+        "no package unpacked under {}",
+        temp.display()
+    );
+    assert!(before.iter().all(|p| p.starts_with(&first)), "{before:?}");
+    s.kill();
+    s.start(&[]);
+    predict(&s, "single", &inputs[0]);
+    let after = unpacked();
+    let second = held_by(s.pid());
+    assert!(
+        after.iter().all(|p| p.starts_with(&second)),
+        "left by the killed server: {after:?}"
+    );
 }
 
 /// Within 1e-5 of PyTorch's value, relative to it where it is above 1 (logits reach about 10).
@@ -933,4 +964,42 @@ fn text_packages_of_a_fixed_or_bounded_length_are_fitted_or_refused() {
             r.text()
         );
     }
+
+    // `tchserve --check` runs what a registration runs: it passes the archives that register
+    // and refuses, with the same reason, those that do not.
+    let check_temp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tchserve"))
+        .arg("--check")
+        .arg("--model-store")
+        .arg(&s.store)
+        .arg("--models")
+        .args([&fixed, &script, &fixed_long, &bounded_long])
+        .env("TMPDIR", check_temp.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{report}");
+    for m in [&fixed, &script] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with("ok ") && l.contains(m.as_str())),
+            "{m}: {report}"
+        );
+    }
+    for m in [&fixed_long, &bounded_long] {
+        assert!(
+            report.lines().any(|l| l.starts_with("FAIL ")
+                && l.contains(m.as_str())
+                && l.contains("max_length to 16 or less")),
+            "{m}: {report}"
+        );
+    }
+    // Nothing it or libtorch unpacked stays behind.
+    let left: Vec<_> = std::fs::read_dir(check_temp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -69,7 +69,7 @@ impl Drop for PidFile {
 fn notes_dir() -> PathBuf {
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
-    std::env::temp_dir().join(format!("tchserve-servers-{uid}"))
+    tchserve_server::scratch::temp_root().join(format!("tchserve-servers-{uid}"))
 }
 
 /// Notes `dir` as the log folder of server `pid`; None when that cannot be written, which

@@ -1,16 +1,19 @@
 //! `tchserve --check`: open each archive, resolve its handler, load its module, report.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use tchserve_mar::{Archive, ModelStore, serving};
-use tchserve_runtime::handler::Pipeline;
-use tchserve_runtime::{DevicePolicy, device, model};
-use tchserve_server::scratch::{self, Scratch};
+use tchserve_runtime::{DevicePolicy, ModelSpec, Placement, device};
+use tchserve_server::scratch::Scratch;
 
-/// Checks the archives `models` names; true when all load.
-pub fn run(model_store: Option<&Path>, models: &[String]) -> anyhow::Result<bool> {
+/// Checks the archives `models` names, extracting them into `scratch`; true when all load.
+pub fn run(
+    scratch: &Scratch,
+    model_store: Option<&Path>,
+    models: &[String],
+) -> anyhow::Result<bool> {
     let cuda = device::cuda(DevicePolicy::Auto);
     let dev = device::device_for_worker(cuda, None, 0);
     println!(
@@ -20,7 +23,6 @@ pub fn run(model_store: Option<&Path>, models: &[String]) -> anyhow::Result<bool
             .map(|r| format!(" ({r})"))
             .unwrap_or_default()
     );
-    let scratch = Scratch::create(scratch::CHECK);
     let mut all_ok = true;
     for (i, (name, path)) in selected(model_store, models)?.into_iter().enumerate() {
         let started = Instant::now();
@@ -72,19 +74,35 @@ fn check_one(
     dev: tch::Device,
 ) -> anyhow::Result<(String, String, String)> {
     let archive = Archive::open(path)?;
-    let handler = serving::resolve_handler(&archive, None)?;
+    let mut handler = serving::resolve_handler(&archive, None)?;
     let file = serving::serialized_file(&archive)?;
-    if let Some(cfg) = archive.model_config()? {
-        for w in cfg.warnings {
-            println!("warn  {}: {w}", path.display());
-        }
+    let yaml = archive.model_config()?.unwrap_or_default();
+    for w in &yaml.warnings {
+        println!("warn  {}: {w}", path.display());
     }
-    let dir = archive.unpack(dest)?;
-    Pipeline::new(&handler, &dir)?;
-    model::load_module(&dir, &file, dev)?;
-    Ok((
-        archive.model_name(),
-        archive.manifest().model.version().to_string(),
-        handler.name,
-    ))
+    if let Some(settings) = &yaml.handler {
+        handler
+            .apply_settings(settings)
+            .map_err(|e| anyhow::anyhow!("model-config.yaml: {e}"))?;
+    }
+    let model_dir = archive.unpack(dest)?;
+    // The archive's own batching, as a registration without parameters would take it: a
+    // package's batch range is held to it, and the warm-up runs at it.
+    let positive = |v: Option<i64>| v.filter(|v| *v > 0).map(|v| v as u64);
+    let spec = ModelSpec {
+        name: archive.model_name(),
+        version: archive.manifest().model.version().to_string(),
+        model_dir,
+        serialized_file: file,
+        handler: handler.clone(),
+        batch_size: positive(yaml.batch_size).unwrap_or(1) as usize,
+        max_batch_delay: Duration::from_millis(positive(yaml.max_batch_delay).unwrap_or(100)),
+        job_queue_size: 1,
+        response_timeout: Duration::from_secs(120),
+        client_timeout: None,
+        use_job_ticket: false,
+        placement: Placement::Cpu,
+    };
+    tchserve_runtime::check_model(&spec, dev)?;
+    Ok((spec.name, spec.version, handler.name))
 }

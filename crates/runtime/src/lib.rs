@@ -19,5 +19,6 @@ mod worker;
 pub use device::{CudaStatus, DevicePolicy};
 pub use error::RuntimeError;
 pub use shared::{BusyGuard, ThreadBudget};
-pub use tchserve_backend::job;
+pub use tchserve_backend::{ModelSpec, Placement, job};
 pub use torch_backend::TorchBackend;
+pub use worker::check as check_model;

@@ -149,9 +149,38 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     let module = ctx.modules.get_or_load(ctx.device, || {
         load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)
     })?;
-    let batcher = fit_batcher(ctx, &module)?;
-    let mut pipeline = Pipeline::new(&ctx.spec.handler, &ctx.spec.model_dir)?;
-    pipeline.finish_images_on(ctx.device);
+    let (loaded, output) = prepare(ctx.id, &ctx.spec, ctx.device, ctx.batcher, module)?;
+    // The typed protocols' metadata can name the output's type before the first request.
+    if let Some(t) = output {
+        ctx.shared.saw_output(&t);
+    }
+    Ok(loaded)
+}
+
+/// Loads the model of `spec` and runs on it what a worker runs before serving: the handler is
+/// fitted to the model, the model warmed up and one request answered. What `tchserve --check`
+/// runs, so that an archive it passes registers.
+pub fn check(spec: &ModelSpec, device: tch::Device) -> Result<(), crate::RuntimeError> {
+    let module = Arc::new(load_module(&spec.model_dir, &spec.serialized_file, device)?);
+    let batcher = Batcher {
+        batch_size: spec.batch_size.max(1),
+        max_delay: spec.max_batch_delay,
+    };
+    prepare(0, spec, device, batcher, module).map(|_| ())
+}
+
+/// Fits the handler and batching to a loaded model, warms it up and answers one request; also
+/// gives the warm-up's output, when it names the type of the model's answers.
+fn prepare(
+    id: usize,
+    spec: &ModelSpec,
+    device: tch::Device,
+    batcher: Batcher,
+    module: Arc<Model>,
+) -> Result<(Loaded, Option<tch::Tensor>), crate::RuntimeError> {
+    let batcher = fit_batcher(id, spec, batcher, &module)?;
+    let mut pipeline = Pipeline::new(&spec.handler, &spec.model_dir)?;
+    pipeline.finish_images_on(device);
     if module.is_package() && pipeline.feeds_list() != module.list_len().is_some() {
         let message = if pipeline.feeds_list() {
             "the handler feeds the model a list of images (\"feed\": \"list\"), and this \
@@ -161,7 +190,7 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
              the model tensors: use a handler with \"feed\": \"list\", such as object_detector"
         };
         return Err(crate::RuntimeError::Package {
-            file: ctx.spec.serialized_file.clone(),
+            file: spec.serialized_file.clone(),
             message: message.into(),
         });
     }
@@ -169,7 +198,7 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
         pipeline
             .fit_token_length(length)
             .map_err(|message| crate::RuntimeError::Package {
-                file: ctx.spec.serialized_file.clone(),
+                file: spec.serialized_file.clone(),
                 message,
             })?;
     }
@@ -178,14 +207,14 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // exported for: one short forward finds a mismatch now rather than at every request. Its
     // time is not a warm-up's and does not count towards SMALL_FORWARD.
     if module.is_package()
-        && let Some(args) = pipeline.probe_tokens(ctx.device)
+        && let Some(args) = pipeline.probe_tokens(device)
     {
         match module.forward_is(&args) {
             // Lengths and batch sizes are checked, and answered, per request.
             Ok(_) | Err(tch::TchError::Shape(_)) => {}
             Err(e) => {
                 return Err(crate::RuntimeError::Package {
-                    file: ctx.spec.serialized_file.clone(),
+                    file: spec.serialized_file.clone(),
                     message: format!(
                         "the package does not take the text handler's int64 token ids and \
                          attention mask ([batch, length] each): {e}"
@@ -203,14 +232,14 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // fails the load.
     let refuses_zeros = |why: &str| {
         tracing::warn!(
-            model = %ctx.spec.serialized_file,
+            model = %spec.serialized_file,
             "the model fails on an input of zeros ({why}); serving it without a warm-up"
         );
     };
     'warm: for batch in [1, batcher.batch_size] {
         // A package that takes a list takes at most its length per forward.
         let batch = module.list_len().map_or(batch, |n| batch.min(n));
-        if let Some(input) = pipeline.warmup_input(batch, ctx.device) {
+        if let Some(input) = pipeline.warmup_input(batch, device) {
             for _ in 0..WARMUP_FORWARDS {
                 let t = Instant::now();
                 let out = match module.forward_is(std::slice::from_ref(&input)) {
@@ -221,7 +250,7 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
                     }
                     Err(source) => {
                         return Err(crate::RuntimeError::Torch {
-                            file: format!("{} (warm-up forward)", ctx.spec.serialized_file),
+                            file: format!("{} (warm-up forward)", spec.serialized_file),
                             source,
                         });
                     }
@@ -234,7 +263,7 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // Answer one request before serving, so that a handler whose output stages do not fit the
     // model fails its registration rather than every request.
     if let Some(probe) = pipeline.probe_request() {
-        match pipeline.run_batch(&module, ctx.device, &[&probe]) {
+        match pipeline.run_batch(&module, device, &[&probe]) {
             Ok(_) => {}
             Err(PredictError::ModelFailed(why))
                 if why.starts_with(crate::handler::MODEL_FAILED)
@@ -244,37 +273,39 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
             }
             Err(e) => {
                 return Err(crate::RuntimeError::Handler {
-                    file: ctx.spec.serialized_file.clone(),
+                    file: spec.serialized_file.clone(),
                     message: e.to_string(),
                 });
             }
         }
     }
-    // The typed protocols' metadata can name the output's type before the first request.
-    if let Some(t) = last_output.and_then(|o| pipeline.warmup_output(o)) {
-        ctx.shared.saw_output(&t);
-    }
-    let small = ctx.device == tch::Device::Cpu && last_forward.is_some_and(|t| t < SMALL_FORWARD);
-    Ok(Loaded {
+    let output = last_output.and_then(|o| pipeline.warmup_output(o));
+    let small = device == tch::Device::Cpu && last_forward.is_some_and(|t| t < SMALL_FORWARD);
+    let loaded = Loaded {
         module,
         pipeline,
         batcher,
         max_threads: if small { 1 } else { usize::MAX },
-    })
+    };
+    Ok((loaded, output))
 }
 
 /// The registration's batching, held to what a `.pt2` package was exported for: a package with
 /// a fixed batch of 1 is run one request at a time, and one whose dynamic batch range ends below
 /// the registration's `batch_size` is refused, since a full batch of one-example requests could
 /// not run.
-fn fit_batcher(ctx: &Context, module: &Model) -> Result<Batcher, crate::RuntimeError> {
-    let mut batcher = ctx.batcher;
+fn fit_batcher(
+    id: usize,
+    spec: &ModelSpec,
+    mut batcher: Batcher,
+    module: &Model,
+) -> Result<Batcher, crate::RuntimeError> {
     let Some(range) = module.batch_range() else {
         return Ok(batcher);
     };
     tracing::info!(
-        worker = ctx.id,
-        model = %ctx.spec.name,
+        worker = id,
+        model = %spec.name,
         min = range.min,
         max = ?range.max,
         "package batch range"
@@ -282,8 +313,8 @@ fn fit_batcher(ctx: &Context, module: &Model) -> Result<Batcher, crate::RuntimeE
     if range.fixed() == Some(1) {
         if batcher.batch_size > 1 {
             tracing::info!(
-                worker = ctx.id,
-                model = %ctx.spec.name,
+                worker = id,
+                model = %spec.name,
                 batch_size = batcher.batch_size,
                 "the package was exported for a fixed batch of 1: requests run one at a time"
             );
@@ -291,8 +322,8 @@ fn fit_batcher(ctx: &Context, module: &Model) -> Result<Batcher, crate::RuntimeE
         batcher.batch_size = 1;
     } else if range.fixed().is_none() && range.min > 1 {
         tracing::warn!(
-            worker = ctx.id,
-            model = %ctx.spec.name,
+            worker = id,
+            model = %spec.name,
             min = range.min,
             "the package takes at least {} examples per forward, so smaller batches are padded \
              up to it; export under backed_size_oblivious=True to run single examples as they are",
@@ -303,7 +334,7 @@ fn fit_batcher(ctx: &Context, module: &Model) -> Result<Batcher, crate::RuntimeE
     let upper = range.max.filter(|_| range.fixed().is_none());
     if let Some(max) = upper.filter(|&max| (batcher.batch_size as i64) > max) {
         return Err(crate::RuntimeError::Package {
-            file: ctx.spec.serialized_file.clone(),
+            file: spec.serialized_file.clone(),
             message: format!(
                 "batch_size {} is too large: the model takes at most {max} examples per forward \
                  (its package was exported so)",

@@ -3,9 +3,14 @@
 //! Extracted archives are large. A folder is removed when its owner ends (however it returns),
 //! and a server start sweeps the folders of processes that died without removing theirs (SIGKILL,
 //! OOM, power loss), which would otherwise pile up until the disk fills.
+//!
+//! libtorch keeps temp files of its own (a `.pt2` package unpacks into `aotinductor_*`), which
+//! it removes only when it ends cleanly; [`Scratch::hold_libtorch_temp`] puts them in the
+//! scratch folder too, so they go with it.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// The prefix of a server's scratch folder.
 pub const SERVER: &str = "tchserve";
@@ -14,6 +19,16 @@ pub const CHECK: &str = "tchserve-check";
 
 /// The lock file inside a scratch folder, held by its owner for as long as it runs.
 const LOCK: &str = ".lock";
+
+/// The folder libtorch's own temp files go into, inside a scratch folder.
+const LIBTORCH: &str = "libtorch";
+
+/// The temp folder as this process found it (`$TMPDIR`, else `/tmp`), before
+/// [`Scratch::hold_libtorch_temp`] pointed `TMPDIR` into a scratch folder.
+pub fn temp_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(std::env::temp_dir)
+}
 
 /// This process's scratch folder, created and locked; removed on drop.
 #[derive(Debug)]
@@ -29,7 +44,7 @@ impl Scratch {
     /// folder tell it is in use even when they cannot see this process (another pid namespace,
     /// as in containers sharing /tmp).
     pub fn create(prefix: &str) -> Self {
-        Self::create_in(&std::env::temp_dir(), prefix)
+        Self::create_in(temp_root(), prefix)
     }
 
     fn create_in(temp: &Path, prefix: &str) -> Self {
@@ -49,6 +64,23 @@ impl Scratch {
     /// The folder.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Points `TMPDIR` at a folder inside this one, where libtorch then keeps its own temp
+    /// files: they are removed with this folder, and swept with it after a crash, where
+    /// libtorch's own clean-up never runs.
+    ///
+    /// # Safety
+    /// No other thread may be running: changing the environment races with any read of it.
+    pub unsafe fn hold_libtorch_temp(&self) {
+        // Read first: whatever needs the user's temp folder afterwards finds it here.
+        let _ = temp_root();
+        let dir = self.path.join(LIBTORCH);
+        match std::fs::create_dir_all(&dir) {
+            // SAFETY: the caller runs alone.
+            Ok(()) => unsafe { std::env::set_var("TMPDIR", &dir) },
+            Err(e) => tracing::warn!("cannot create {}: {e}", dir.display()),
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use crate::scratch::{self, Scratch};
 use crate::snapshot::{self, Snapshots};
 
 /// How to run.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Options {
     /// Settings.
     pub config: Config,
@@ -37,6 +37,8 @@ pub struct Options {
     /// Where token authorization publishes its keys (TorchServe: `key_file.json` in the
     /// working folder).
     pub key_file: PathBuf,
+    /// Where archives are extracted; removed when the server ends.
+    pub scratch: Scratch,
 }
 
 /// Why the server could not start.
@@ -97,9 +99,9 @@ pub async fn run(
         Some(dir) => Some(ModelStore::open(dir).map_err(|e| ServerError::Store(e.to_string()))?),
         None => None,
     };
-    scratch::remove_stale(&std::env::temp_dir());
+    scratch::remove_stale(scratch::temp_root());
     // Dropped last, after the registry and its workers: every way out removes the folder.
-    let scratch = Scratch::create(scratch::SERVER);
+    let scratch = opts.scratch;
     let registry = Arc::new(Registry::new(
         Arc::clone(&config),
         store.clone(),

@@ -9,6 +9,7 @@ use clap::Parser;
 use tchserve_cli::log_writer::BatchedStderr;
 use tchserve_cli::{control, startup_check};
 use tchserve_runtime::{DevicePolicy, TorchBackend};
+use tchserve_server::scratch::{self, Scratch};
 use tchserve_server::telemetry::Telemetry;
 use tchserve_server::{Config, Options, Stopped};
 
@@ -96,7 +97,10 @@ impl Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = if args.check {
-        startup_check::run(args.model_store.as_deref(), &args.models)
+        let scratch = Scratch::create(scratch::CHECK);
+        // SAFETY: nothing has started a thread yet (the CUDA probe may, later).
+        unsafe { scratch.hold_libtorch_temp() };
+        startup_check::run(&scratch, args.model_store.as_deref(), &args.models)
     } else if args.stop {
         // The configuration's grace period, when it can be read, bounds the wait.
         let grace = load_config(&args).ok().map(|c| c.graceful_shutdown_timeout);
@@ -247,6 +251,9 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
     let config = load_config(args)?;
     let dir = log_dir(args);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let scratch = Scratch::create(scratch::SERVER);
+    // SAFETY: nothing has started a thread yet; the log writer and the runtime come below.
+    unsafe { scratch.hold_libtorch_temp() };
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
@@ -313,6 +320,7 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
             snapshots: !args.no_config_snapshots,
             log_dir: dir,
             key_file: PathBuf::from("key_file.json"),
+            scratch,
         },
         shutdown,
         control::signal_ready,
