@@ -582,4 +582,30 @@ fn archives_by_url_come_only_from_where_allowed_urls_says() {
     assert_eq!(s.manage("GET", "/models/mlp").status, 200);
     // The restart loads the download from the store.
     mlp_fetched(4);
+
+    // A URL among the start-up models is downloaded, as TorchServe downloads it, under the
+    // same allowed_urls.
+    s.stop();
+    std::fs::remove_file(s.store.join("mlp.mar")).unwrap();
+    let listed = format!("digits={}", allowed.url("/models/mlp.mar"));
+    s.start(&["--ncs", "--models", &listed]);
+    mlp_fetched(5);
+    let p = s.infer(
+        "POST",
+        "/predictions/digits",
+        &[("Content-Type", "application/json")],
+        format!("[{}]", input.join(",")).as_bytes(),
+    );
+    assert_eq!(p.status, 200, "{}", p.text());
+    s.stop();
+    // Where allowed_urls does not allow it, the start stops, saying why, and nothing is fetched.
+    plain.spawn(&["--ncs", "--models", &listed]);
+    let status = plain.wait();
+    assert!(!status.success(), "{}", plain.log());
+    assert!(
+        plain.log().contains("does not match any allowed URL"),
+        "{}",
+        plain.log()
+    );
+    mlp_fetched(5);
 }

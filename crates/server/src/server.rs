@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 
 use crate::auth::{KeyFileGuard, Tokens};
 use crate::config::{Address, Config};
-use crate::core::registry::Origin;
+use crate::core::error::ApiError;
+use crate::core::registry::{Origin, Registered};
 use crate::core::store_poll::{self, StorePoller};
 use crate::core::{Infer, RegisterParams, Registry};
 use crate::frontends::{self, AppContext, AppState};
@@ -183,18 +184,19 @@ pub async fn run(
         .into_values()
         .map(|regs| {
             let registry = Arc::clone(&registry);
-            tokio::task::spawn_blocking(move || {
+            tokio::spawn(async move {
                 let mut failed = Vec::new();
                 let mut loaded = Vec::new();
                 for (i, p) in regs {
-                    match registry.register(&p) {
+                    let url = p.url.clone();
+                    match load_at_start(&registry, p).await {
                         Ok(r) => {
                             tracing::info!(model = %r.model.name, version = %r.model.version, workers = r.workers, "model loaded");
                             loaded.push((i, r.model.name.clone(), r.model.version.clone()));
                         }
                         Err(e) => {
-                            tracing::error!(url = %p.url, "cannot load model: {e}");
-                            failed.push((p.url.clone(), format!("{}: {e}", p.url)));
+                            tracing::error!(url = %url, "cannot load model: {e}");
+                            failed.push((url.clone(), format!("{url}: {e}")));
                         }
                     }
                 }
@@ -565,6 +567,31 @@ fn grpc_routers(
             require_key(tokens, Scope::Management),
         ));
     Ok([inference, management])
+}
+
+/// Registers a start-up model, downloading it into the model store first when it is a URL, as
+/// TorchServe downloads the URLs of `load_models` and `--models` (checked by `allowed_urls`).
+async fn load_at_start(
+    registry: &Arc<Registry>,
+    mut p: RegisterParams,
+) -> Result<Registered, ApiError> {
+    let mut fresh_download = None;
+    if crate::core::fetch::is_remote(&p.url) {
+        let fetched = registry.fetch_archive(&p.url).await?;
+        p.url = fetched.name.clone();
+        fresh_download = fetched.fresh.then_some(fetched.name);
+    }
+    let owner = Arc::clone(registry);
+    let registered = tokio::task::spawn_blocking(move || owner.register(&p))
+        .await
+        .map_err(|e| ApiError::internal(format!("loading panicked: {e}")))
+        .and_then(|r| r);
+    if registered.is_err()
+        && let Some(name) = fresh_download
+    {
+        registry.discard_download(&name);
+    }
+    registered
 }
 
 /// Registrations for `load_models` / `--models`.

@@ -508,8 +508,8 @@ impl Registry {
         }
         if fetch::is_remote(url) {
             return Err(ApiError::bad_request(format!(
-                "Failed to download archive from: {url}: archives are downloaded only by the \
-                 management API's POST /models; list the downloaded file instead"
+                "Failed to download archive from: {url}: a URL is downloaded before it is \
+                 registered"
             )));
         }
         match &self.store {
