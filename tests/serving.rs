@@ -150,6 +150,50 @@ fn start_status_stop_through_the_cli() {
     assert!(s.dir.path().join("logs/tchserve.log").exists());
 }
 
+/// With `enable_envvars_config=true`, TS_ variables beat the command-line flags, in
+/// TorchServe's order: a deployment's TS_DISABLE_TOKEN_AUTHORIZATION=false keeps the keys on
+/// whatever flag a script passes.
+#[test]
+fn ts_variables_beat_the_flags_as_in_torchserve() {
+    let (s, mar, _) = scale_server("enable_envvars_config=true\n");
+    let empty_store = s.dir.path().join("empty-store");
+    std::fs::create_dir(&empty_store).unwrap();
+    let out = run(s
+        .command()
+        .args(["--start", "--ncs", "--disable-token-auth", "--model-store"])
+        .arg(&empty_store)
+        .arg("--models")
+        .arg(format!("scale={mar}"))
+        .env("TS_DISABLE_TOKEN_AUTHORIZATION", "false")
+        .env("TS_MODEL_STORE", &s.store));
+    let log = || std::fs::read_to_string(s.dir.path().join("logs/tchserve.log")).unwrap();
+    // The archive is found in TS_MODEL_STORE, not in the --model-store folder.
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        log()
+    );
+    let r = post_json(&s.inference, "/predictions/scale", "[1, 2, 3, 4]");
+    assert_error(&r, 400, "InvalidKeyException", "Token Authorization failed");
+    let keys: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("key_file.json")).unwrap())
+            .unwrap();
+    let key = format!("Bearer {}", keys["inference"]["key"].as_str().unwrap());
+    let r = request(
+        &s.inference,
+        "POST",
+        "/predictions/scale",
+        &[
+            ("Authorization", &key),
+            ("Content-Type", "application/json"),
+        ],
+        b"[1, 2, 3, 4]",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(run(s.command().arg("--stop")).status.success());
+}
+
 #[test]
 fn register_version_rollback_scale_unregister() {
     let (mut s, v1, v2) = scale_server("enable_model_api=true");

@@ -196,10 +196,28 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
                 .exists()
                 .then(|| PathBuf::from("config.properties"))
         });
-    let props = match &file {
+    let mut props = match &file {
         Some(f) => tchserve_server::config::read_properties(f)?,
         None => Default::default(),
     };
+    // The flags replace the file's keys, and the TS_ variables (where enable_envvars_config
+    // lets them in) replace the flags, in TorchServe's order: a deployment's
+    // TS_DISABLE_TOKEN_AUTHORIZATION=false keeps tokens on whatever a script passes.
+    if let Some(store) = &args.model_store {
+        let Some(store) = store.to_str() else {
+            bail!("--model-store {}: not a UTF-8 path", store.display());
+        };
+        props.insert("model_store".into(), store.into());
+    }
+    if !args.models.is_empty() {
+        props.insert("load_models".into(), args.models.join(","));
+    }
+    if args.enable_model_api {
+        props.insert("enable_model_api".into(), "true".into());
+    }
+    if args.disable_token_auth {
+        props.insert("disable_token_authorization".into(), "true".into());
+    }
     let mut overrides = std::collections::BTreeMap::new();
     for item in &args.set {
         let Some((key, value)) = item.split_once('=') else {
@@ -209,26 +227,10 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     }
     let mut cfg = Config::layered(&props, &overrides, &env)?;
     cfg.source = file;
-    if let Some(store) = &args.model_store {
-        cfg.model_store = Some(store.clone());
-    }
-    if !args.models.is_empty() {
-        cfg.load_models = args
-            .models
-            .iter()
-            .flat_map(|m| tchserve_server::config::split_list(m))
-            .collect();
-    }
-    if args.enable_model_api {
-        cfg.enable_model_api = true;
-    }
-    if args.disable_token_auth {
-        cfg.disable_token_authorization = true;
-    }
     if let Some(store) = &cfg.model_store
         && !store.is_dir()
     {
-        let named_by = if args.model_store.is_some() {
+        let named_by = if args.model_store.as_ref() == Some(store) {
             "--model-store"
         } else {
             "config key model_store:"
