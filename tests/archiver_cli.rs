@@ -265,6 +265,27 @@ fn handler_manifests_are_validated_before_writing() {
 }
 
 #[test]
+fn model_config_keys_it_will_not_act_on_are_said_when_packing() {
+    let dir = setup();
+    fs::write(
+        dir.path().join("model-config.yaml"),
+        b"batchSize: 4\nparallelType: pp\nminWorkers: many\n",
+    )
+    .unwrap();
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_tch-model-archiver"))
+            .current_dir(dir.path())
+            .args(args("tensor", &["--config-file", "model-config.yaml"])),
+    );
+    let said = stderr(&out);
+    assert!(
+        said.contains("model-config.yaml") && said.contains("`parallelType`"),
+        "{said}"
+    );
+    assert!(said.contains("`minWorkers`"), "{said}");
+}
+
+#[test]
 fn python_handlers_are_packed_with_a_warning() {
     let dir = setup();
     fs::write(

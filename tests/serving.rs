@@ -134,6 +134,18 @@ fn start_status_stop_through_the_cli() {
             .status
             .success()
     );
+    // A folder whose own server has stopped does not stand for another: a second stop there
+    // (a retry, a script's stop-before-start) leaves the first server running, and its status
+    // is "not running", naming the server elsewhere.
+    let retry = run(shared_tmp(second.command()).arg("--stop"));
+    let said = String::from_utf8_lossy(&retry.stdout);
+    assert!(!retry.status.success(), "{said}");
+    assert!(said.contains("left alone"), "{said}");
+    assert!(std::net::TcpStream::connect(&s.inference).is_ok());
+    let status = run(shared_tmp(second.command()).arg("--status"));
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(!status.status.success(), "{said}");
+    assert!(said.contains(&logs.display().to_string()), "{said}");
 
     let stop = run(s.command().current_dir(elsewhere.path()).arg("--stop"));
     let said = String::from_utf8_lossy(&stop.stdout);
@@ -148,6 +160,52 @@ fn start_status_stop_through_the_cli() {
     let status = run(s.command().arg("--status"));
     assert!(!status.status.success());
     assert!(s.dir.path().join("logs/tchserve.log").exists());
+}
+
+/// `--start` leaves nothing of its caller's open in the server: a server holding the write end
+/// of its caller's pipe (`$(tchserve --start)`, a CI runner's log pipe) would keep the caller
+/// waiting until the server stops.
+#[test]
+fn the_server_keeps_none_of_its_callers_files() {
+    let (s, mar, _) = scale_server("");
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) into a two-element array; without O_CLOEXEC, children inherit both ends.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let out = run(s
+        .command()
+        .args(["--start", "--ncs", "--models"])
+        .arg(format!("scale={mar}")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid_file = std::fs::read_to_string(s.dir.path().join("logs/tchserve.pid")).unwrap();
+    let pid = pid_file.lines().next().unwrap().trim().to_string();
+    // SAFETY: fstat on a descriptor this test owns, into a zeroed stat.
+    let inode = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        assert_eq!(libc::fstat(fds[1], &mut st), 0);
+        st.st_ino
+    };
+    let ours = format!("pipe:[{inode}]");
+    let held: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .filter(|l| *l == ours)
+        .collect();
+    // SAFETY: closing the two descriptors pipe(2) gave this test.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    assert!(run(s.command().arg("--stop")).status.success());
+    assert!(
+        held.is_empty(),
+        "the server holds its caller's pipe: {held:?}"
+    );
 }
 
 /// With `enable_envvars_config=true`, TS_ variables beat the command-line flags, in

@@ -126,13 +126,29 @@ fn noted_servers() -> Vec<(u32, PathBuf)> {
     live
 }
 
+/// Whether a server has run with its logs in `dir`: its log, PID file or snapshots are there.
+fn had_a_server(dir: &Path) -> bool {
+    [LOG_FILE, PID_FILE, "config"]
+        .iter()
+        .any(|f| dir.join(f).exists())
+}
+
+/// Whether servers found elsewhere may stand in for the one of `dir`: only when the user named
+/// no log folder and none has run in `dir`. A folder whose own server has stopped is not
+/// another's: a second `--stop` there, or a script's stop-before-start, must not stop a server
+/// that another deployment runs.
+fn may_look_elsewhere(dir: &Path, dir_given: bool) -> bool {
+    !dir_given && !had_a_server(dir)
+}
+
 /// The server to stop or report: the one logging to `dir`, else, when the user named no log
-/// folder, the only server of this user running anywhere. Errs when several run elsewhere.
+/// folder and none ever ran in `dir`, the only server of this user running anywhere. Errs when
+/// several run elsewhere.
 fn find_server(dir: &Path, dir_given: bool) -> anyhow::Result<Option<(u32, PathBuf)>> {
     if let Some(pid) = running_pid(dir) {
         return Ok(Some((pid, dir.to_path_buf())));
     }
-    if dir_given {
+    if !may_look_elsewhere(dir, dir_given) {
         return Ok(None);
     }
     match noted_servers().as_slice() {
@@ -317,13 +333,29 @@ pub fn start(dir: &Path) -> anyhow::Result<()> {
     if !args.iter().any(|a| a == "--log-dir") {
         cmd.arg("--log-dir").arg(dir);
     }
-    // SAFETY: setsid and dup2 are async-signal-safe. The child gets a session of its own, so
-    // neither Ctrl-C nor the hangup of this terminal reaches the server later, and the pipe's
-    // write end as READY_FD, without the close-on-exec flag.
+    // SAFETY: setsid, dup2, close_range and fcntl are async-signal-safe system calls. The
+    // child gets a session of its own, so neither Ctrl-C nor the hangup of this terminal
+    // reaches the server later, and the pipe's write end as READY_FD, without the close-on-exec
+    // flag. Every other file the caller let it inherit is closed at exec: a server holding the
+    // write end of its caller's pipe (`$(tchserve --start)`, a CI runner's) would keep that
+    // caller waiting until the server stops.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
             if libc::setsid() < 0 || libc::dup2(writer_fd, READY_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            let first = (READY_FD + 1) as libc::c_uint;
+            if libc::syscall(
+                libc::SYS_close_range,
+                first,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                // Kernels before 5.11: mark them one by one.
+                for fd in first as libc::c_int..4096 {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
             }
             Ok(())
         });
@@ -369,15 +401,38 @@ pub fn start(dir: &Path) -> anyhow::Result<()> {
     )
 }
 
+/// The last lines the server wrote to its log from offset `from`. Only the end is read: the
+/// log of a long-running host may be gigabytes.
 fn log_tail(path: &Path, from: u64) -> String {
-    let text = fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
+    use std::io::{Seek, SeekFrom};
+    const END: u64 = 64 * 1024;
+    let Ok(mut file) = fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let mut text = Vec::new();
+    if file
+        .seek(SeekFrom::Start(from.max(len.saturating_sub(END))))
+        .is_ok()
+    {
+        let _ = file.take(END).read_to_end(&mut text);
+    }
+    let text = String::from_utf8_lossy(&text).into_owned();
     let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return format!("(nothing: {} could not be written?)", path.display());
+    }
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 fn not_running(dir: &Path, dir_given: bool) -> String {
-    if dir_given {
+    if !dir_given && had_a_server(dir) {
+        format!(
+            "tchserve is not running (no live server in {}); servers started from other \
+             folders are left alone: name one with --log-dir",
+            dir.join(PID_FILE).display()
+        )
+    } else if dir_given {
         format!(
             "tchserve is not running (no live server in {}); give --stop and --status the \
              --log-dir or LOG_LOCATION the server was started with, or neither to find the one \
@@ -450,6 +505,10 @@ pub fn status(dir: &Path, dir_given: bool) -> anyhow::Result<bool> {
     } else {
         noted_servers()
     };
+    let stands_in = may_look_elsewhere(dir, dir_given) && !elsewhere.is_empty();
+    if !stands_in {
+        println!("{}", not_running(dir, dir_given));
+    }
     for (pid, d) in &elsewhere {
         println!(
             "tchserve is running (pid {pid}); logs in {}, so --log-dir {} names it",
@@ -457,10 +516,7 @@ pub fn status(dir: &Path, dir_given: bool) -> anyhow::Result<bool> {
             d.display()
         );
     }
-    if elsewhere.is_empty() {
-        println!("{}", not_running(dir, dir_given));
-    }
-    Ok(!elsewhere.is_empty())
+    Ok(stands_in)
 }
 
 #[cfg(test)]

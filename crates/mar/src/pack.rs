@@ -249,8 +249,14 @@ impl PackRequest {
             add_flat(&mut files, "--config-file", p)?;
             let text = fs::read_to_string(p)
                 .map_err(|e| input_error("--config-file", format!("{}: {e}", p.display())))?;
-            crate::ModelConfig::parse(&text)
+            let config = crate::ModelConfig::parse(&text)
                 .map_err(|e| input_error("--config-file", format!("{}: {e}", p.display())))?;
+            warnings.extend(
+                config
+                    .warnings
+                    .into_iter()
+                    .map(|w| format!("{}: {w}", p.display())),
+            );
         }
         // A manifest under MAR-INF would be shadowed by the one written last.
         files.remove(MANIFEST_PATH);

@@ -257,6 +257,9 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// Keys that were present but are not used by tchserve.
     pub ignored_keys: Vec<String>,
+    /// What the start says as warnings: values past a bound that were held to it, and values
+    /// read as TorchServe reads them where it would be easy to misread.
+    pub warnings: Vec<String>,
 }
 
 /// The CORS response headers, as TorchServe's `cors_allowed_*` keys set them.
@@ -362,6 +365,10 @@ pub fn ignored_key_note(key: &str) -> String {
         "debug" | "model_server_home" | "prefer_direct_buffer" | "ts_open_inference_protocol" => {
             "it has no counterpart here"
         }
+        "use_native_io" | "io_ratio" => "it tunes the Java frontend's Netty",
+        "plugins_path" => "Java plugins are not loaded",
+        "python" => "there is no Python backend process",
+        "metric_time_interval" => "the host's metrics are read when /metrics is scraped",
         k if k.starts_with("grpc_") && k.contains("_max_connection_age") => {
             "gRPC connections are not aged out"
         }
@@ -375,7 +382,10 @@ pub fn ignored_key_note(key: &str) -> String {
     format!("config key {key} is TorchServe's and not used by tchserve: {why}")
 }
 
-const QUIET_KEYS: [&str; 11] = [
+const QUIET_KEYS: [&str; 13] = [
+    // Written by TorchServe into its snapshot files, which may be started from.
+    "tsConfigFile",
+    "version",
     "enable_envvars_config",
     "use_env_allowed_urls",
     // Only named with `keystore`, which is refused with a way to convert it.
@@ -440,6 +450,7 @@ impl Default for Config {
             cors: Cors::default(),
             source: None,
             ignored_keys: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -627,8 +638,8 @@ impl Config {
                 name.clone()
             };
             let key = &key;
-            let value = substitute_env(key, raw, env)?;
-            let value = value.trim();
+            let untrimmed = substitute_env(key, raw, env)?;
+            let value = untrimmed.trim();
             let bad = |reason: &str| ConfigError::Value {
                 key: key.clone(),
                 value: value.to_string(),
@@ -645,10 +656,37 @@ impl Config {
                     .map_err(|_| bad("expected an integer"))?;
                 b.check(v).map(|v| v as u64).map_err(|why| bad(&why))
             };
-            let boolean = || match value.to_ascii_lowercase().as_str() {
-                "true" => Ok(true),
-                "false" => Ok(false),
-                _ => Err(bad("expected true or false")),
+            let boolean = || {
+                // Java keeps the blanks after a value, and TorchServe reads "true " as false:
+                // reading it as true would turn token authorization off where TorchServe keeps
+                // it on.
+                if untrimmed.trim_end().len() != untrimmed.len() {
+                    return Err(bad(
+                        "blanks after the value, which TorchServe reads as false: remove them",
+                    ));
+                }
+                match value.to_ascii_lowercase().as_str() {
+                    "true" => Ok(true),
+                    "false" => Ok(false),
+                    _ => Err(bad("expected true or false")),
+                }
+            };
+            // A value past the top of its range is held to it, with a warning: TorchServe takes
+            // any integer, and its configurations must still start.
+            let mut capped = |b: &bounds::Bound| -> Result<u64, ConfigError> {
+                let v = value
+                    .parse::<i64>()
+                    .map_err(|_| bad("expected an integer"))?;
+                if v > *b.range.end() {
+                    cfg.warnings.push(format!(
+                        "{key} {v}{} is above the most tchserve takes; using {}{}",
+                        b.unit,
+                        b.range.end(),
+                        b.unit
+                    ));
+                    return Ok(*b.range.end() as u64);
+                }
+                b.check(v).map(|v| v as u64).map_err(|why| bad(&why))
             };
             match name.as_str() {
                 "inference_address" => cfg.inference_address = Address::parse(key, value)?,
@@ -677,12 +715,12 @@ impl Config {
                 "max_request_size" => cfg.max_request_size = int()? as usize,
                 "max_response_size" => cfg.max_response_size = int()? as usize,
                 "default_response_timeout" => {
-                    cfg.default_response_timeout =
-                        Duration::from_secs(bounded(&bounds::RESPONSE_TIMEOUT)?);
+                    let s = capped(&bounds::RESPONSE_TIMEOUT)?;
+                    cfg.default_response_timeout = Duration::from_secs(s);
                 }
                 "default_startup_timeout" => {
-                    cfg.default_startup_timeout =
-                        Duration::from_secs(bounded(&bounds::STARTUP_TIMEOUT)?);
+                    let s = capped(&bounds::STARTUP_TIMEOUT)?;
+                    cfg.default_startup_timeout = Duration::from_secs(s);
                 }
                 "max_workers_per_model" => {
                     let b = bounds::Bound {
@@ -748,9 +786,16 @@ impl Config {
                             bad("expected a positive number of minutes, at most a century")
                         })?;
                 }
-                "metrics_mode" => match value {
-                    "prometheus" | "log" | "legacy" => cfg.metrics_mode = value.to_string(),
-                    _ => return Err(bad("expected prometheus, log or legacy")),
+                // TorchServe reads it in any case, and an unknown mode as log.
+                "metrics_mode" => match value.to_ascii_lowercase().as_str() {
+                    m @ ("prometheus" | "log" | "legacy") => cfg.metrics_mode = m.to_string(),
+                    _ => {
+                        cfg.warnings.push(format!(
+                            "{key} {value:?} is not prometheus, log or legacy: read as log, as \
+                             TorchServe reads it (metrics are served on /metrics in every mode)"
+                        ));
+                        cfg.metrics_mode = "log".into();
+                    }
                 },
                 "cpu_threads" => cfg.cpu_threads = (int()? as usize).max(1),
                 "certificate_file" => cfg.certificate_file = Some(PathBuf::from(value)),
@@ -901,13 +946,13 @@ impl Config {
         }
         for (model, versions) in &self.models {
             for (version, d) in versions {
-                for (field, n) in [("minWorkers", d.min_workers), ("maxWorkers", d.max_workers)] {
-                    if let Some(n) = n.filter(|n| *n > 0 && *n as u64 > max as u64) {
-                        return Err(too_many(
-                            format!("models ({model} {version} {field})"),
-                            n.to_string(),
-                        ));
-                    }
+                // maxWorkers starts nothing: past the cap it is held to it (see
+                // core::settings), as TorchServe starts only minWorkers.
+                if let Some(n) = d.min_workers.filter(|n| *n > 0 && *n as u64 > max as u64) {
+                    return Err(too_many(
+                        format!("models ({model} {version} minWorkers)"),
+                        n.to_string(),
+                    ));
                 }
             }
         }
@@ -1012,6 +1057,33 @@ mod tests {
             (p["job_queue_size"].as_str(), p["name"].as_str()),
             ("7", "caf\u{e9}")
         );
+    }
+
+    #[test]
+    fn torchserve_configs_past_a_bound_start_and_blanks_after_a_boolean_are_refused() {
+        let cfg = Config::from_properties(
+            &parse_properties(
+                "default_response_timeout=300000\n\
+                 models={\"a\": {\"1.0\": {\"minWorkers\": 1, \"maxWorkers\": 1000}}}\n",
+            ),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(cfg.default_response_timeout, Duration::from_secs(86_400));
+        assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+        assert!(
+            cfg.warnings[0].contains("using 86400 s"),
+            "{:?}",
+            cfg.warnings
+        );
+        // Java keeps the blank, and TorchServe reads "true " as false: keys stay on there.
+        let mut props = BTreeMap::new();
+        props.insert(
+            "disable_token_authorization".to_string(),
+            "true ".to_string(),
+        );
+        let e = Config::from_properties(&props, &no_env).unwrap_err();
+        assert!(e.to_string().contains("reads as false"), "{e}");
     }
 
     #[test]

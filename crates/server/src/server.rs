@@ -87,6 +87,9 @@ pub async fn run(
         Some(file) => tracing::info!("configuration read from {}", file.display()),
         None => tracing::info!("no configuration file; defaults and the command line"),
     }
+    for note in &config.warnings {
+        tracing::warn!("{note}");
+    }
     for key in &config.ignored_keys {
         tracing::warn!("{}", crate::config::ignored_key_note(key));
     }

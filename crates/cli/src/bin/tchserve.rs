@@ -113,6 +113,9 @@ fn main() -> ExitCode {
         load_config(&args)
             .and_then(|config| {
                 note_ignored_models(&args, &config);
+                for note in &config.warnings {
+                    eprintln!("tchserve: warning: {note}");
+                }
                 for key in &config.ignored_keys {
                     eprintln!(
                         "tchserve: warning: {}",
@@ -137,7 +140,14 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("tchserve: {}", tchserve_cli::describe(&e));
+            // Not eprintln!: where stderr is the log on a full disk, a panic would replace the
+            // reason with exit status 101.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "tchserve: {}",
+                tchserve_cli::describe(&e)
+            );
             ExitCode::FAILURE
         }
     }

@@ -61,13 +61,25 @@ fn positive(v: Option<i64>) -> Option<i64> {
     v.filter(|v| *v > 0)
 }
 
-/// The first value set among `sources`, held to `bound`, or `default` when none is set.
+/// The first value set among `sources`, held to `bound`, or `default` when none is set. A
+/// value of the `models` setting past the top of its range is held to it with a warning: the
+/// operator's configuration, which TorchServe takes as it is, must not stop a start.
 fn first(
     bound: &bounds::Bound,
     sources: &[(Option<i64>, &str)],
     default: u64,
 ) -> Result<u64, ApiError> {
     match sources.iter().find_map(|(v, src)| v.map(|v| (v, src))) {
+        Some((v, &src)) if src == MODELS && v > *bound.range.end() => {
+            let top = *bound.range.end();
+            tracing::warn!(
+                "{} {v}{} (set by {src}) is above the most tchserve takes; using {top}{}",
+                bound.name,
+                bound.unit,
+                bound.unit
+            );
+            Ok(top as u64)
+        }
         Some((v, src)) => bound
             .check(v)
             .map(|v| v as u64)
@@ -131,7 +143,19 @@ impl ServingSettings {
                 .map_or_else(|| config.startup_workers(s.gpus), |n| n as usize),
             None => config.default_workers_per_model.unwrap_or(0),
         };
-        let max_from_config = models.max_workers.filter(|_| p.origin != Origin::Api);
+        let cap = config.max_workers_per_model as i64;
+        let max_from_config = models
+            .max_workers
+            .filter(|_| p.origin != Origin::Api)
+            .map(|m| {
+                if m > cap {
+                    tracing::warn!(
+                        "maxWorkers {m} (set by {MODELS}) is above max_workers_per_model; \
+                         using {cap}"
+                    );
+                }
+                m.min(cap)
+            });
         let mut max_workers = p
             .max_workers
             .or(max_from_config)
@@ -376,5 +400,41 @@ mod tests {
             ..ModelConfig::default()
         };
         assert_eq!(place(&cpu, 2), Placement::Cpu);
+    }
+
+    #[test]
+    fn the_models_setting_past_a_bound_is_held_to_it_and_a_request_is_refused() {
+        // TorchServe's own example config asks for these; its start must not fail.
+        let models = ModelDefaults {
+            min_workers: Some(2),
+            max_workers: Some(1000),
+            batch_size: Some(2000),
+            response_timeout: Some(1_000_000),
+            ..ModelDefaults::default()
+        };
+        let startup = RegisterParams {
+            origin: Origin::Startup,
+            ..RegisterParams::default()
+        };
+        let s = resolve(&startup, &ModelConfig::default(), &models, 0).unwrap();
+        assert_eq!(s.batch_size, 1024);
+        assert_eq!(s.response_timeout_s, 86_400);
+        assert_eq!(
+            (s.min_workers, s.max_workers),
+            (2, config().max_workers_per_model)
+        );
+        // The same values asked for by a client are still answered with the bound.
+        let asked = RegisterParams {
+            batch_size: Some(2000),
+            ..RegisterParams::default()
+        };
+        let e = resolve(
+            &asked,
+            &ModelConfig::default(),
+            &ModelDefaults::default(),
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("from 1 to 1024"), "{e}");
     }
 }
