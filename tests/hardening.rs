@@ -119,6 +119,40 @@ fn images_that_grow_past_the_pixel_limit_are_refused() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// A request the model fails on is answered with the brief message; the whole one (here a
+/// TorchScript traceback of a kilobyte and more) is logged once a minute, not per request, so
+/// that a client sending bad input all day does not fill the disk.
+#[test]
+fn a_failure_repeated_by_every_request_is_logged_whole_once() {
+    let mut s = Server::new("");
+    let mlp = common::server::archive(
+        &s.store,
+        "mlpt",
+        "1.0",
+        &common::server::fixtures().join("mlp.pt"),
+        std::path::Path::new("tensor"),
+        &[],
+    );
+    s.start(&["--models", &format!("mlpt={mlp}")]);
+    // Once the model has run on 784 numbers, 3 numbers are the request's mistake.
+    let good = format!("[{}]", vec!["0.5"; 784].join(","));
+    assert_eq!(
+        post_json(&s.inference, "/predictions/mlpt", &good).status,
+        200
+    );
+    for _ in 0..20 {
+        let r = post_json(&s.inference, "/predictions/mlpt", "[1, 2, 3]");
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains("cannot be multiplied"), "{}", r.text());
+    }
+    let log = s.log();
+    let whole = log
+        .lines()
+        .filter(|l| l.contains("the model failed") && l.contains("TorchScript interpreter"))
+        .count();
+    assert_eq!(whole, 1, "{log}");
+}
+
 #[test]
 fn a_truncated_jpeg_is_refused() {
     let mut s = Server::new("");

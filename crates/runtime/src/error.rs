@@ -99,3 +99,60 @@ mod tests {
         assert_eq!(concise("shape mismatch\n"), "shape mismatch");
     }
 }
+
+/// Remembers which messages were said lately, so that one repeated on every request or retry is
+/// logged in full once in a while rather than every time.
+#[derive(Debug)]
+pub struct Recently {
+    said: std::sync::Mutex<Option<std::collections::HashMap<String, std::time::Instant>>>,
+}
+
+impl Recently {
+    /// How long a message said is not said again.
+    const QUIET: std::time::Duration = std::time::Duration::from_secs(60);
+    /// The most messages remembered; past it the memory starts afresh.
+    const MOST: usize = 256;
+
+    /// Nothing said yet.
+    pub const fn new() -> Self {
+        Recently {
+            said: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// True when `key` was not said in the last minute, and notes it as said now.
+    pub fn first_in_a_while(&self, key: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+        let said = said.get_or_insert_with(Default::default);
+        if said
+            .get(key)
+            .is_some_and(|at| now.duration_since(*at) < Self::QUIET)
+        {
+            return false;
+        }
+        if said.len() >= Self::MOST {
+            said.clear();
+        }
+        said.insert(key.to_string(), now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod recently_tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_said_once_a_minute() {
+        let r = Recently::new();
+        assert!(r.first_in_a_while("shape"));
+        assert!(!r.first_in_a_while("shape"));
+        assert!(r.first_in_a_while("dtype"));
+        for i in 0..Recently::MOST {
+            r.first_in_a_while(&i.to_string());
+        }
+        // Memory full: it starts afresh rather than growing.
+        assert!(r.first_in_a_while("shape"));
+    }
+}

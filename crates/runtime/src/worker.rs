@@ -62,7 +62,11 @@ pub(crate) fn run(ctx: Context) {
         let model = match loaded {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
-                if let crate::RuntimeError::Torch { source, .. } = &e {
+                // Said on the first failure only: a worker retrying for hours would otherwise
+                // write the same C++ backtrace at every retry.
+                if let crate::RuntimeError::Torch { source, .. } = &e
+                    && failures == 0
+                {
                     tracing::error!(worker = ctx.id, model = %name, "libtorch's whole message: {source}");
                 }
                 fail(

@@ -62,6 +62,9 @@ pub enum Launched {
     Output(Tensor),
 }
 
+/// Which whole failure messages were logged lately.
+static WHOLE_MESSAGES: crate::error::Recently = crate::error::Recently::new();
+
 /// How a failure inside the model's forward begins, as told apart from the handler's stages.
 pub(crate) const MODEL_FAILED: &str = "the model failed";
 
@@ -69,7 +72,14 @@ fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
     let whole = e.to_string();
     let brief = crate::error::concise(&whole);
     if brief.len() < whole.len() {
-        tracing::warn!("{what}: {whole}");
+        // The answer carries the brief message; the whole one (a TorchScript traceback, a
+        // kilobyte and more) goes to the log once a minute for each brief one, so that a client
+        // sending bad input all day does not fill the disk with copies of it.
+        if WHOLE_MESSAGES.first_in_a_while(&brief) {
+            tracing::warn!("{what}: {whole}");
+        } else {
+            tracing::debug!("{what}: {whole}");
+        }
     }
     if out_of_memory(&whole) {
         return PredictError::OutOfMemory(format!("{what}: {brief}"));
