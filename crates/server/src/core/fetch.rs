@@ -477,7 +477,7 @@ impl Fetcher {
         let target = self.store.join(&name);
         if target.exists() {
             return if ledger_get(&self.store, &name).as_deref() == Some(url.as_str()) {
-                tracing::info!(url = %url, file = %name, "archive already downloaded; not fetching it again");
+                tracing::info!(url = %shown(&url), file = %name, "archive already downloaded; not fetching it again");
                 Ok(Fetched { name, fresh: false })
             } else {
                 Err(FetchError::Exists(name))
@@ -561,9 +561,9 @@ impl Fetcher {
                 reported = Instant::now();
                 match announced {
                     Some(total) => {
-                        tracing::info!(url = %url, "downloading: {got} of {total} bytes")
+                        tracing::info!(url = %shown(url), "downloading: {got} of {total} bytes")
                     }
-                    None => tracing::info!(url = %url, "downloading: {got} bytes"),
+                    None => tracing::info!(url = %shown(url), "downloading: {got} bytes"),
                 }
             }
         }
@@ -579,7 +579,7 @@ impl Fetcher {
         drop(file);
         part.finish(target).map_err(|e| failed(e.to_string()))?;
         tracing::info!(
-            url = %url,
+            url = %shown(url),
             bytes = got,
             ms = started.elapsed().as_millis() as u64,
             file = %target.display(),
@@ -606,6 +606,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The archive's name in the store: the URL path's last segment, decoded, if it is a plain
 /// file name.
+/// `url` as the log shows it: without its query and fragment, where presigned URLs carry their
+/// signatures and key ids.
+fn shown(url: &Url) -> String {
+    let mut bare = url.clone();
+    bare.set_query(None);
+    bare.set_fragment(None);
+    let mut out = bare.to_string();
+    if url.query().is_some() || url.fragment().is_some() {
+        out.push_str("?…");
+    }
+    out
+}
+
 fn file_name(url: &Url) -> Option<String> {
     let last = url.path_segments()?.next_back()?;
     let name = percent_decode(last)?;
@@ -697,8 +710,16 @@ fn ledger_write(
     store: &Path,
     ledger: &serde_json::Map<String, serde_json::Value>,
 ) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = store.join(format!("{LEDGER}.{}.tmp", uuid::Uuid::new_v4()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(ledger).unwrap_or_default())?;
+    // Its URLs may carry signatures: readable by the server's user alone.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?
+        .write_all(&serde_json::to_vec_pretty(ledger).unwrap_or_default())?;
     std::fs::rename(&tmp, store.join(LEDGER))
 }
 
@@ -723,6 +744,17 @@ mod tests {
     fn policy(patterns: &[&str]) -> UrlPolicy {
         UrlPolicy::new(&patterns.iter().map(|p| p.to_string()).collect::<Vec<_>>())
             .expect("patterns")
+    }
+
+    #[test]
+    fn logs_show_urls_without_their_signatures() {
+        let signed = Url::parse(
+            "https://bucket.example.com/m.mar?X-Amz-Signature=secret&X-Amz-Credential=AKIA#frag",
+        )
+        .unwrap();
+        assert_eq!(shown(&signed), "https://bucket.example.com/m.mar?…");
+        let plain = Url::parse("https://example.com/m.mar").unwrap();
+        assert_eq!(shown(&plain), "https://example.com/m.mar");
     }
 
     #[test]
