@@ -1333,6 +1333,54 @@ fn sigterm_under_load_answers_every_accepted_request() {
     assert!(s.log().contains("stopped"), "{}", s.log());
 }
 
+/// A stop does not wait out the batch delay for a batch that can no longer fill: nothing more
+/// is accepted, so what is in flight runs at once and is answered within the grace period.
+#[test]
+fn a_stop_runs_a_partial_batch_at_once() {
+    let (mut s, v1, _) = scale_server(
+        "graceful_shutdown_timeout=4\n\
+         models={\"scale\": {\"1.0\": {\"batchSize\": 8, \"maxBatchDelay\": 20000}}}\n",
+    );
+    s.start(&["--models", &format!("scale={v1}"), "--ncs"]);
+    let answers = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..3)
+            .map(|i| {
+                let inference = s.inference.clone();
+                scope.spawn(move || {
+                    common::http::try_request(
+                        &inference,
+                        "POST",
+                        "/predictions/scale",
+                        &[("Content-Type", "application/json")],
+                        format!("[{i}, 1, 1, 1]").as_bytes(),
+                        Duration::from_secs(60),
+                    )
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        s.signal_stop();
+        let answers: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        (answers, t.elapsed())
+    });
+    let (answers, took) = answers;
+    for (i, r) in answers.iter().enumerate() {
+        let r = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("request {i} lost: {e}"));
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(floats(&r.json())[0], 2.0 * i as f64);
+    }
+    // Well inside the 20 s delay and the 4 s grace period.
+    assert!(
+        took < Duration::from_secs(3),
+        "answered {took:?} after the stop"
+    );
+    let status = s.wait();
+    assert!(status.success(), "{status}\n{}", s.log());
+}
+
 #[test]
 fn graceful_shutdown_timeout_bounds_a_stop() {
     let mut s = Server::new("graceful_shutdown_timeout=1");

@@ -152,6 +152,10 @@ pub trait Workers: Send + Sync + Debug {
         None
     }
 
+    /// Says that no more requests will come (the server is stopping): batches stop waiting to
+    /// fill, so what is in flight is answered without waiting out the batch delay.
+    fn close_batches(&self) {}
+
     /// Stops every worker once the queue is empty (or `drain` has passed) and waits for them.
     fn shutdown(&self, drain: Duration);
 }

@@ -22,7 +22,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded};
+
+/// How soon a batch being gathered sees [`Submitter::close_batches`].
+const CLOSE_SEEN_WITHIN: Duration = Duration::from_millis(10);
 
 /// A bounded queue of `capacity` items between the callers and a model version's workers.
 pub fn queue<T>(capacity: usize) -> (Submitter<T>, Taker<T>) {
@@ -73,6 +76,13 @@ impl<T> Submitter<T> {
         drop(waiting);
         thread.unpark();
         Ok(())
+    }
+
+    /// Says that no more items will come (the server stops, the model goes): a batch being
+    /// gathered stops waiting to fill, and later batches take only what is queued. What is
+    /// queued then has nothing left to wait for.
+    pub fn close_batches(&self) {
+        self.waiters.closing.store(true, Ordering::SeqCst);
     }
 
     /// Items queued.
@@ -128,6 +138,8 @@ impl<T> Taker<T> {
 struct Waiters {
     waiting: Mutex<Vec<Thread>>,
     gathering: AtomicBool,
+    /// Set once no more items will come: a batch then stops waiting to fill.
+    closing: AtomicBool,
 }
 
 impl Waiters {
@@ -293,14 +305,19 @@ impl Batcher {
     /// Collects the rest of a batch whose first item is `first`, then hands what is still
     /// queued to the next thread.
     fn gather<T: Batchable>(&self, taker: &Taker<T>, first: T) -> Next<T> {
-        let batch = self.collect(&taker.rx, first);
+        let batch = self.collect(&taker.rx, &taker.waiters.closing, first);
         if self.gathers_one_at_a_time() && taker.waiters.release(&taker.rx) {
             taker.waiters.wake_last();
         }
         batch
     }
 
-    fn collect<T: Batchable>(&self, queue: &Receiver<T>, first: T) -> Next<T> {
+    fn collect<T: Batchable>(
+        &self,
+        queue: &Receiver<T>,
+        closing: &AtomicBool,
+        first: T,
+    ) -> Next<T> {
         let deadline = Instant::now() + self.max_delay;
         let mut batch = Vec::with_capacity(self.batch_size);
         batch.push(first);
@@ -310,12 +327,15 @@ impl Batcher {
                 Ok(item) => item,
                 Err(_) => {
                     let now = Instant::now();
-                    if now >= deadline {
+                    if now >= deadline || closing.load(Ordering::SeqCst) {
                         break;
                     }
-                    match queue.recv_timeout(deadline - now) {
+                    // In slices, so that a close is seen within one rather than at the
+                    // deadline (up to a minute away).
+                    match queue.recv_timeout((deadline - now).min(CLOSE_SEEN_WITHIN)) {
                         Ok(item) => item,
-                        Err(_) => break,
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Err(RecvTimeoutError::Disconnected) => break,
                     }
                 }
             };
@@ -407,6 +427,45 @@ mod tests {
             [3]
         );
         sender.join().unwrap();
+    }
+
+    #[test]
+    fn a_close_ends_the_wait_for_a_batch_to_fill() {
+        let (tx, rx) = queue(16);
+        tx.try_send(Item(1, true)).unwrap();
+        let b = Batcher {
+            batch_size: 8,
+            max_delay: Duration::from_secs(20),
+        };
+        let started = Instant::now();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            tx.close_batches();
+            tx
+        });
+        assert_eq!(
+            batch_of(b.next_batch(&rx, Duration::from_secs(1), Duration::ZERO)),
+            [1]
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        // Later batches take what is queued and do not wait.
+        let tx = closer.join().unwrap();
+        tx.try_send(Item(2, true)).unwrap();
+        tx.try_send(Item(3, true)).unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            batch_of(b.next_batch(&rx, Duration::from_secs(1), Duration::ZERO)),
+            [2, 3]
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -199,8 +199,15 @@ impl Pool {
             .collect()
     }
 
+    /// Says that no more requests will come: batches stop waiting to fill.
+    pub fn close_batches(&self) {
+        self.tx.close_batches();
+    }
+
     /// Stops every worker once the queue is empty (or `drain` has passed) and waits for them.
     pub fn shutdown(&self, drain: Duration) {
+        // Nothing more comes: what is queued runs now, not at the end of a batch delay.
+        self.close_batches();
         let handles: Vec<Handle> = std::mem::take(&mut *lock(&self.workers));
         // Let the workers drain what is queued before they see the stop flag.
         let deadline = Instant::now() + drain;
@@ -294,6 +301,9 @@ impl Workers for Pool {
     }
     fn output_signature(&self) -> Option<(tchserve_mar::handler::DType, Vec<i64>)> {
         lock(&self.shared.output).clone()
+    }
+    fn close_batches(&self) {
+        Pool::close_batches(self)
     }
     fn shutdown(&self, drain: Duration) {
         Pool::shutdown(self, drain)

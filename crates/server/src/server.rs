@@ -408,6 +408,8 @@ pub async fn run(
         "stopping: unready, no new connections; answering the requests in flight and queued"
     );
     let _ = stop_tx.send(true);
+    // No request is accepted any more: a batch waiting to fill would only delay the answers.
+    registry.close_batches();
     // A poll under way ends before its next load rather than after all of them.
     if let Some(p) = &poller {
         p.stop();

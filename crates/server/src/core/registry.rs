@@ -610,6 +610,16 @@ impl Registry {
         self.store.as_ref()
     }
 
+    /// Tells every model version's workers that no more requests will come (see
+    /// [`tchserve_backend::Workers::close_batches`]).
+    pub fn close_batches(&self) {
+        for entry in self.read().values() {
+            for m in entry.versions.values() {
+                m.pool.close_batches();
+            }
+        }
+    }
+
     /// Removes every model, for shutdown.
     pub fn drain(&self) -> Vec<Arc<ModelVersion>> {
         std::mem::take(&mut *self.write())
