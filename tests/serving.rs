@@ -208,6 +208,41 @@ fn the_server_keeps_none_of_its_callers_files() {
     );
 }
 
+/// Under `--start` the log rolls over at `log_max_bytes`, keeping `log_max_files` old files,
+/// so that it cannot fill the disk the snapshots are written to.
+#[test]
+fn the_log_rolls_over() {
+    let (s, mar, _) = scale_server("log_max_bytes=20000\nlog_max_files=2\n");
+    let out = run(s
+        .command()
+        .args(["--start", "--ncs", "--models"])
+        .arg(format!("scale={mar}")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // About 90 bytes of access log each: several times the limit.
+    for _ in 0..800 {
+        let r = post_json(&s.inference, "/predictions/scale", "[1, 2, 3, 4]");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert!(run(s.command().arg("--stop")).status.success());
+    let logs = s.dir.path().join("logs");
+    let size = |name: &str| std::fs::metadata(logs.join(name)).map(|m| m.len());
+    for name in ["tchserve.log", "tchserve.log.1", "tchserve.log.2"] {
+        let bytes = size(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        // A batch of access lines (up to 64 KiB) goes out whole before the size is looked at.
+        assert!(bytes <= 20_000 + 70_000, "{name}: {bytes} bytes");
+    }
+    assert!(
+        size("tchserve.log.3").is_err(),
+        "more old files than log_max_files"
+    );
+    let newest = std::fs::read_to_string(logs.join("tchserve.log")).unwrap();
+    assert!(newest.contains("stopped"), "{newest}");
+}
+
 /// With `enable_envvars_config=true`, TS_ variables beat the command-line flags, in
 /// TorchServe's order: a deployment's TS_DISABLE_TOKEN_AUTHORIZATION=false keeps the keys on
 /// whatever flag a script passes.

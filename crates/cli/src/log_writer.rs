@@ -31,8 +31,54 @@ pub struct BatchedStderr {
 #[derive(Debug, Default)]
 struct Shared {
     pending: Mutex<Vec<u8>>,
-    /// Held while writing, so that two flushes cannot write their batches out of order.
-    out: Mutex<()>,
+    /// Held while writing, so that two flushes cannot write their batches out of order; holds
+    /// how the log file rolls over, when stderr is one.
+    out: Mutex<Option<Rollover>>,
+}
+
+/// A log file that stderr writes to, rolled over when it grows past `limit` bytes:
+/// `tchserve.log` becomes `tchserve.log.1`, and so on up to `keep` old files, as TorchServe's
+/// log4j rolls its logs at 100 MB and keeps 5.
+#[derive(Debug)]
+struct Rollover {
+    path: std::path::PathBuf,
+    limit: u64,
+    keep: usize,
+}
+
+impl Rollover {
+    /// Rolls the file over when stderr's file has grown past the limit.
+    fn check(&self) {
+        let size = std::fs::metadata("/proc/self/fd/2").map_or(0, |m| m.len());
+        if size <= self.limit {
+            return;
+        }
+        let old = |n: usize| {
+            let mut p = self.path.clone().into_os_string();
+            p.push(format!(".{n}"));
+            std::path::PathBuf::from(p)
+        };
+        for n in (1..self.keep).rev() {
+            let _ = std::fs::rename(old(n), old(n + 1));
+        }
+        if std::fs::rename(&self.path, old(1)).is_err() {
+            return;
+        }
+        let Ok(fresh) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+        else {
+            return;
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto the standard descriptors of this process; `fresh` stays valid for
+        // the call, and the descriptors it replaces are closed by dup2 itself.
+        unsafe {
+            libc::dup2(fresh.as_raw_fd(), 1);
+            libc::dup2(fresh.as_raw_fd(), 2);
+        }
+    }
 }
 
 impl BatchedStderr {
@@ -58,6 +104,30 @@ impl BatchedStderr {
     /// Writes every waiting line now.
     pub fn flush(&self) {
         self.shared.flush();
+    }
+
+    /// Rolls `path` over at `limit` bytes, keeping `keep` old files, when stderr writes to it
+    /// (as under `--start`); does nothing when stderr is a terminal, a pipe or another file.
+    pub fn roll_over(&self, path: &std::path::Path, limit: u64, keep: usize) {
+        use std::os::unix::fs::MetadataExt;
+        let same = match (
+            std::fs::metadata("/proc/self/fd/2"),
+            std::fs::metadata(path),
+        ) {
+            (Ok(err), Ok(file)) => err.dev() == file.dev() && err.ino() == file.ino(),
+            _ => false,
+        };
+        if same {
+            *self
+                .shared
+                .out
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Rollover {
+                path: path.to_path_buf(),
+                limit,
+                keep: keep.max(1),
+            });
+        }
     }
 
     /// A sink for the access log that formats each line itself, as [`access_line`], straight
@@ -152,13 +222,16 @@ impl Shared {
     }
 
     fn flush(&self) {
-        let _out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        let out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
         let batch =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
         if !batch.is_empty() {
             let mut err = std::io::stderr().lock();
             let _ = err.write_all(&batch);
             let _ = err.flush();
+            if let Some(rollover) = out.as_ref() {
+                rollover.check();
+            }
         }
     }
 }

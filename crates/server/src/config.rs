@@ -233,6 +233,10 @@ pub struct Config {
     pub archive_download_timeout: Duration,
     /// `graceful_shutdown_timeout`: how long a stop waits for requests in flight and queued.
     pub graceful_shutdown_timeout: Duration,
+    /// `log_max_bytes`: the size at which the log file `--start` writes rolls over (0: never).
+    pub log_max_bytes: u64,
+    /// `log_max_files`: how many rolled-over log files are kept.
+    pub log_max_files: usize,
     /// `model_store_poll_interval`: how often the model store is read for new, changed and
     /// removed archives; off when unset.
     pub model_store_poll_interval: Option<Duration>,
@@ -439,6 +443,9 @@ impl Default for Config {
             max_archive_size: 2 << 30,
             archive_download_timeout: Duration::from_secs(1200),
             graceful_shutdown_timeout: Duration::from_secs(30),
+            // log4j's rollover in TorchServe: 100 MB, 5 files.
+            log_max_bytes: 100 * 1024 * 1024,
+            log_max_files: 5,
             model_store_poll_interval: None,
             version_policy: VersionPolicy::default(),
             version_policies: BTreeMap::new(),
@@ -833,6 +840,15 @@ impl Config {
                         unit: " s",
                     };
                     cfg.archive_download_timeout = Duration::from_secs(bounded(&b)?);
+                }
+                "log_max_bytes" => cfg.log_max_bytes = int()?,
+                "log_max_files" => {
+                    let b = bounds::Bound {
+                        name: "log_max_files",
+                        range: 1..=1000,
+                        unit: "",
+                    };
+                    cfg.log_max_files = bounded(&b)? as usize;
                 }
                 "graceful_shutdown_timeout" => {
                     let b = bounds::Bound {

@@ -271,6 +271,15 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
     };
     let log = BatchedStderr::start();
+    // Under --start, stderr is the log file: it rolls over rather than fill the disk (where the
+    // snapshot is written too).
+    if config.log_max_bytes > 0 {
+        log.roll_over(
+            &dir.join(control::LOG_FILE),
+            config.log_max_bytes,
+            config.log_max_files,
+        );
+    }
     // Every way out of here writes what waits: a return, an error, a panic.
     let _flush = FlushOnDrop(log.clone());
     let previous_hook = std::panic::take_hook();
