@@ -74,6 +74,25 @@ fn run_suite((s, mlp): (Server, String), suite: &str) {
     );
     assert!(text.contains(&format!("checks of {suite}")), "{text}");
     eprintln!("{}", text.trim());
+    // Every call is in the access log with the client that made it, gRPC as REST. Access
+    // lines are written within 100 ms.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let log = s.log();
+    let logged = |method: &str| {
+        log.lines().any(|l| {
+            l.contains(&format!("method={method} path=/")) && l.contains("peer=127.0.0.1:")
+        })
+    };
+    assert!(
+        logged("gRPC"),
+        "{suite}: no gRPC call in the access log:\n{log}"
+    );
+    if matches!(suite, "triton" | "kserve") {
+        assert!(
+            logged("POST"),
+            "{suite}: no REST call in the access log:\n{log}"
+        );
+    }
 }
 
 #[test]

@@ -151,7 +151,8 @@ impl BatchedStderr {
 
 /// Appends `entry`'s line at `now` as `tracing-subscriber`'s plain formatter writes the access
 /// log's event (a test holds the two to the same text):
-/// `2026-11-27T02:08:11.772751Z  INFO access: request method=GET path=/ping status=200 us=28`.
+/// `2026-11-27T02:08:11.772751Z  INFO access: request method=GET path=/ping status=200 us=28
+/// peer=127.0.0.1:50412`.
 pub fn access_line(out: &mut Vec<u8>, now: SystemTime, entry: &AccessEntry<'_>) {
     let since = now
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -182,6 +183,8 @@ pub fn access_line(out: &mut Vec<u8>, now: SystemTime, entry: &AccessEntry<'_>) 
     push_padded(out, u64::from(entry.status), 1);
     out.extend_from_slice(b" us=");
     push_padded(out, entry.micros, 1);
+    out.extend_from_slice(b" peer=");
+    out.extend_from_slice(entry.peer.as_bytes());
     out.push(b'\n');
 }
 
@@ -344,6 +347,7 @@ mod tests {
             path: "/predictions/mlp%20b8/2.0",
             status: 503,
             micros: 1_234_567,
+            peer: "127.0.0.1:50412",
         };
         let before = SystemTime::now();
         tracing::subscriber::with_default(subscriber, || {
@@ -365,6 +369,7 @@ mod tests {
             path: "/ping",
             status: 200,
             micros: 0,
+            peer: "[::1]:8",
         };
         let at = |secs: u64, micros: u64| {
             let now = SystemTime::UNIX_EPOCH + Duration::from_micros(secs * 1_000_000 + micros);
@@ -377,7 +382,8 @@ mod tests {
         assert_eq!(at(4_102_444_800, 0), "2100-01-01T00:00:00.000000Z");
         assert_eq!(
             line_at(SystemTime::UNIX_EPOCH, &entry),
-            "1970-01-01T00:00:00.000000Z  INFO access: request method=GET path=/ping status=200 us=0\n"
+            "1970-01-01T00:00:00.000000Z  INFO access: request method=GET path=/ping status=200 us=0 \
+             peer=[::1]:8\n"
         );
     }
 }

@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::serve::Listener;
+
+use crate::frontends::Peer;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Semaphore, watch};
@@ -58,6 +60,7 @@ pub async fn serve<L>(
     stop: watch::Receiver<bool>,
 ) where
     L: Listener,
+    L::Addr: std::fmt::Debug,
     L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let max = limits.max_connections;
@@ -65,7 +68,7 @@ pub async fn serve<L>(
         listener,
         limits,
         stop,
-        move |io, stop| connection(io, router.clone(), limits, stop),
+        move |io, stop, peer| connection(io, router.clone(), limits, stop, peer),
         move |io| refuse(io, max),
     )
     .await;
@@ -82,18 +85,19 @@ pub async fn serve_tls<L>(
     stop: watch::Receiver<bool>,
 ) where
     L: Listener<Io = tokio::net::TcpStream>,
+    L::Addr: std::fmt::Debug,
 {
     accept_loop(
         listener,
         limits,
         stop,
-        move |tcp, stop| {
+        move |tcp, stop, peer| {
             let (acceptor, router) = (acceptor.clone(), router.clone());
             async move {
                 if let Some(tls) =
                     crate::tls::accept(&acceptor, tcp, limits.header_read_timeout).await
                 {
-                    connection(tls, router, limits, stop).await;
+                    connection(tls, router, limits, stop, peer).await;
                 }
             }
         },
@@ -112,7 +116,8 @@ async fn accept_loop<L, S, SF, R, RF>(
     refuse_one: R,
 ) where
     L: Listener,
-    S: Fn(L::Io, watch::Receiver<bool>) -> SF,
+    L::Addr: std::fmt::Debug,
+    S: Fn(L::Io, watch::Receiver<bool>, Peer) -> SF,
     SF: Future<Output = ()> + Send + 'static,
     R: Fn(L::Io) -> RF,
     RF: Future<Output = ()> + Send + 'static,
@@ -120,13 +125,13 @@ async fn accept_loop<L, S, SF, R, RF>(
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
     loop {
-        let io = tokio::select! {
-            (io, _) = listener.accept() => io,
+        let (io, addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
             _ = stop.wait_for(|s| *s) => break,
         };
         match Arc::clone(&open).try_acquire_owned() {
             Ok(permit) => {
-                let task = serve_one(io, stop.clone());
+                let task = serve_one(io, stop.clone(), Peer(format!("{addr:?}").into()));
                 tokio::spawn(async move {
                     task.await;
                     drop(permit);
@@ -193,13 +198,15 @@ async fn connection<I>(
     router: Router,
     limits: ConnectionLimits,
     mut stop: watch::Receiver<bool>,
+    peer: Peer,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let clock = Arc::new(Clock::new(limits, Instant::now()));
     let io = TokioIo::new(Guarded::new(io, Arc::clone(&clock)));
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
         let (router, clock) = (router.clone(), Arc::clone(&clock));
+        req.extensions_mut().insert(peer.clone());
         async move {
             let _serving = clock.serving();
             router.oneshot(req).await

@@ -558,6 +558,7 @@ fn grpc_routers(
     let traced = || tower::util::option_layer(tracing_on.then_some(crate::telemetry::TraceLayer));
     let inference = builder()?
         .layer(traced())
+        .layer(frontends::grpc::AccessLayer)
         .add_service(InterceptedService::new(
             frontends::torchserve::grpc::inference_service(state.clone()),
             require_key(tokens.clone(), Scope::Inference),
@@ -567,6 +568,7 @@ fn grpc_routers(
         .add_service(frontends::v2::grpc::service(state.clone()));
     let management = builder()?
         .layer(traced())
+        .layer(frontends::grpc::AccessLayer)
         .add_service(InterceptedService::new(
             frontends::torchserve::grpc::management_service(state.clone()),
             require_key(tokens, Scope::Management),

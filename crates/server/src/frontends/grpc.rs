@@ -86,13 +86,84 @@ pub fn require_key(
 }
 
 /// A gRPC listener's services, each call traced when traces are on (see
-/// [`crate::telemetry::TraceLayer`]).
+/// [`crate::telemetry::TraceLayer`]) and written to the access log (see [`AccessLayer`]).
 pub type TracedRouter = tonic::transport::server::Router<
     tower::layer::util::Stack<
-        tower::util::Either<crate::telemetry::TraceLayer, tower::layer::util::Identity>,
-        tower::layer::util::Identity,
+        AccessLayer,
+        tower::layer::util::Stack<
+            tower::util::Either<crate::telemetry::TraceLayer, tower::layer::util::Identity>,
+            tower::layer::util::Identity,
+        >,
     >,
 >;
+
+/// Writes an access line for each gRPC call, as the REST listeners write one per request:
+/// method `gRPC`, the call's path, its gRPC status code where the answer's head carries it (a
+/// failed unary call; 0 otherwise) and the client's address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AccessLayer;
+
+impl<S> tower::Layer<S> for AccessLayer {
+    type Service = Accessed<S>;
+    fn layer(&self, inner: S) -> Accessed<S> {
+        Accessed { inner }
+    }
+}
+
+/// A service whose calls are written to the access log (see [`AccessLayer`]).
+#[derive(Debug, Clone)]
+pub struct Accessed<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<axum::http::Request<B>> for Accessed<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<RB>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = axum::http::Response<RB>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let peer = request
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let started = std::time::Instant::now();
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let answer = answer.await;
+            if let Ok(response) = &answer {
+                let status = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(0);
+                super::log_access(&super::AccessEntry {
+                    method: "gRPC",
+                    path: &path,
+                    status,
+                    micros: started.elapsed().as_micros() as u64,
+                    peer: &peer,
+                });
+            }
+            answer
+        })
+    }
+}
 
 /// Serves `router` on `listener` until `stop` turns true; calls in flight finish first. At most
 /// `max_connections` connections are open at once: one past the cap is closed as soon as it is
