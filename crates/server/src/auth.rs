@@ -98,6 +98,16 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     /// Makes fresh keys and writes them to `file` (mode 0600), replacing any old one.
     pub fn create(file: PathBuf, lifetime: Duration) -> Result<Self, KeyFileError> {
+        if holds_live_keys(&file) {
+            // Most likely another server started from this folder: its keys are about to be
+            // replaced in the file, and would then be known to it alone.
+            tracing::warn!(
+                "{} holds keys that have not expired: if another server started from this \
+                 folder still runs, its keys are now only in its memory; start each server \
+                 from a folder of its own",
+                file.display()
+            );
+        }
         let keys = Keys {
             inference: Key::fresh(lifetime),
             management: Key::fresh(lifetime),
@@ -238,6 +248,22 @@ pub enum RenewError {
     File(KeyFileError),
 }
 
+/// Whether `file` is a key file whose inference or management key has not expired yet.
+fn holds_live_keys(file: &Path) -> bool {
+    let Some(doc) = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+    else {
+        return false;
+    };
+    ["inference", "management"].iter().any(|scope| {
+        doc[scope]["expiration time"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .is_some_and(|t| t > Utc::now())
+    })
+}
+
 fn entry(key: &Key) -> Value {
     json!({
         "key": key.value,
@@ -319,6 +345,17 @@ mod tests {
         assert!(!same("ab", "abc"));
         assert!(!same("abcd", "abc"));
         assert!(!same("", "abc"));
+    }
+
+    #[test]
+    fn a_key_file_with_unexpired_keys_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key_file.json");
+        assert!(!holds_live_keys(&file));
+        Tokens::create(file.clone(), Duration::from_secs(60)).unwrap();
+        assert!(holds_live_keys(&file));
+        Tokens::create(file.clone(), Duration::ZERO).unwrap();
+        assert!(!holds_live_keys(&file));
     }
 
     #[test]
