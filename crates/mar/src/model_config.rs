@@ -139,6 +139,16 @@ impl ModelConfig {
                 },
                 "handler" => cfg.handler = Some(to_json(&value)),
                 _ => {
+                    // A known key in another case (`BatchSize`) is read by neither server: say
+                    // so, where the model would otherwise quietly run unbatched.
+                    if let Some(meant) = KNOWN
+                        .iter()
+                        .find(|k| k.eq_ignore_ascii_case(&key) && **k != key)
+                    {
+                        cfg.warnings.push(format!(
+                            "ignoring `{key}`: keys are case-sensitive; did you mean `{meant}`?"
+                        ));
+                    }
                     cfg.extra.insert(key, to_json(&value));
                 }
             }
@@ -146,6 +156,22 @@ impl ModelConfig {
         Ok(cfg)
     }
 }
+
+/// The keys read here, for telling a key in the wrong case.
+const KNOWN: &[&str] = &[
+    "minWorkers",
+    "maxWorkers",
+    "batchSize",
+    "maxBatchDelay",
+    "responseTimeout",
+    "startupTimeout",
+    "jobQueueSize",
+    "clientTimeoutInMills",
+    "deviceType",
+    "deviceIds",
+    "useJobTicket",
+    "handler",
+];
 
 /// Keys of TorchServe's frontend that tchserve does not act on: its multi-process parallelism,
 /// stateful (sequence) and continuous batching, the Python handler's environment, and the limit
@@ -275,6 +301,23 @@ mod tests {
             ]
         );
         assert!(cfg.extra.is_empty(), "{:?}", cfg.extra);
+    }
+
+    #[test]
+    fn a_known_key_in_another_case_is_warned_about() {
+        let cfg = ModelConfig::parse("BatchSize: 4\nminworkers: 2\ncustomKey: 1\n").unwrap();
+        assert_eq!(cfg.batch_size, None);
+        assert_eq!(cfg.warnings.len(), 2, "{:?}", cfg.warnings);
+        assert!(
+            cfg.warnings[0].contains("did you mean `batchSize`"),
+            "{:?}",
+            cfg.warnings
+        );
+        assert!(
+            cfg.warnings[1].contains("did you mean `minWorkers`"),
+            "{:?}",
+            cfg.warnings
+        );
     }
 
     #[test]

@@ -148,11 +148,17 @@ fn number_or_numeric_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Opti
     #[serde(untagged)]
     enum Int {
         Number(i64),
+        Float(f64),
         Text(String),
     }
     match <Option<Int> as serde::Deserialize>::deserialize(d)? {
         None => Ok(None),
         Some(Int::Number(n)) => Ok(Some(n)),
+        // Gson's getAsInt reads 2.0 as 2.
+        Some(Int::Float(f)) if f.fract() == 0.0 && f.abs() < 1e15 => Ok(Some(f as i64)),
+        Some(Int::Float(f)) => Err(serde::de::Error::custom(format!(
+            "expected an integer, found {f}"
+        ))),
         Some(Int::Text(t)) => t
             .trim()
             .parse()
@@ -711,6 +717,13 @@ impl Config {
                 }
                 "models" => {
                     cfg.models = serde_json::from_str(value)
+                        .or_else(|e| {
+                            // TorchServe's Gson reads single-quoted JSON too.
+                            if value.contains('"') {
+                                return Err(e);
+                            }
+                            serde_json::from_str(&value.replace('\'', "\""))
+                        })
                         .map_err(|e| bad(&format!("not valid models JSON: {e}")))?;
                 }
                 "default_workers_per_model" => {
@@ -1124,6 +1137,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(texty.models["a"]["1.0"].batch_size, Some(8));
+        // As TorchServe's Gson reads them: single quotes, and 2.0 for 2.
+        let lenient = Config::from_properties(
+            &parse_properties("models={'a': {'1.0': {'batchSize': 2.0, 'minWorkers': 1}}}\n"),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(lenient.models["a"]["1.0"].batch_size, Some(2));
+        assert_eq!(lenient.models["a"]["1.0"].min_workers, Some(1));
         let e = Config::from_properties(
             &parse_properties("models={\"a\": {\"1.0\": {\"batchSize\": \"many\"}}}\n"),
             &no_env,
