@@ -208,6 +208,35 @@ fn the_server_keeps_none_of_its_callers_files() {
     );
 }
 
+/// With `log_format=json` every line of the log is JSON, the reason a start failed included.
+#[test]
+fn a_json_log_stays_json_when_the_start_fails() {
+    let s = Server::new("log_format=json\n");
+    let junk = s.dir.path().join("junk.pt");
+    std::fs::write(&junk, vec![7u8; 3000]).unwrap();
+    let broken = archive(
+        &s.store,
+        "broken",
+        "1.0",
+        &junk,
+        std::path::Path::new("tensor"),
+        &[],
+    );
+    let out = run(s
+        .command()
+        .args(["--start", "--ncs", "--models"])
+        .arg(format!("broken={broken}")));
+    assert!(!out.status.success());
+    let log = std::fs::read_to_string(s.dir.path().join("logs/tchserve.log")).unwrap();
+    for line in log.lines() {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "not JSON: {line:?}\n{log}"
+        );
+    }
+    assert!(log.contains("cannot be loaded"), "{log}");
+}
+
 /// Under `--start` the log rolls over at `log_max_bytes`, keeping `log_max_files` old files,
 /// so that it cannot fill the disk the snapshots are written to.
 #[test]

@@ -94,6 +94,9 @@ impl Args {
     }
 }
 
+/// Set once the log is JSON: the last words go there as JSON too.
+static JSON_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = if args.check {
@@ -140,14 +143,19 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            // Not eprintln!: where stderr is the log on a full disk, a panic would replace the
-            // reason with exit status 101.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "tchserve: {}",
-                tchserve_cli::describe(&e)
-            );
+            if JSON_LOG.load(std::sync::atomic::Ordering::Relaxed) {
+                // A log read as JSON lines takes the reason as one of them.
+                tracing::error!("{}", tchserve_cli::describe(&e));
+            } else {
+                // Not eprintln!: where stderr is the log on a full disk, a panic would replace
+                // the reason with exit status 101.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tchserve: {}",
+                    tchserve_cli::describe(&e)
+                );
+            }
             ExitCode::FAILURE
         }
     }
@@ -289,6 +297,7 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
         previous_hook(info);
     }));
     if config.json_logs {
+        JSON_LOG.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter())
