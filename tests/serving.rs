@@ -208,6 +208,30 @@ fn the_server_keeps_none_of_its_callers_files() {
     );
 }
 
+/// SIGQUIT logs what each model's workers are doing and how much is queued, and the server
+/// keeps serving, where a JVM would print its thread dump.
+#[test]
+fn sigquit_reports_the_workers_and_keeps_serving() {
+    let (mut s, v1, _) = scale_server("");
+    s.start(&["--models", &format!("scale={v1}"), "--ncs"]);
+    // SAFETY: kill(2) on the test's own child.
+    unsafe { libc::kill(s.pid() as i32, libc::SIGQUIT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.log().contains("queued=") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = s.log();
+    assert!(log.contains("as asked by SIGQUIT"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("model=scale") && l.contains("Ready")),
+        "{log}"
+    );
+    let r = post_json(&s.inference, "/predictions/scale", "[1, 2, 3, 4]");
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.stop_ok();
+}
+
 /// With `log_format=json` every line of the log is JSON, the reason a start failed included.
 #[test]
 fn a_json_log_stays_json_when_the_start_fails() {

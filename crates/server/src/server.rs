@@ -396,6 +396,7 @@ pub async fn run(
         "tchserve is serving"
     );
     ready();
+    report_on_quit(Arc::clone(&registry));
 
     shutdown.await;
     let grace = config.graceful_shutdown_timeout;
@@ -434,6 +435,38 @@ pub async fn run(
         );
         Ok(Stopped::GraceExpired)
     }
+}
+
+/// On each SIGQUIT (`kill -3`, Ctrl-\\), logs every model version's workers and queue and keeps
+/// serving: where a JVM operator reads a thread dump to see what a server is stuck on.
+fn report_on_quit(registry: Arc<Registry>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut quit) = signal(SignalKind::quit()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        while quit.recv().await.is_some() {
+            let entries = registry.snapshot_entries();
+            tracing::info!(models = entries.len(), "state, as asked by SIGQUIT");
+            for (name, entry) in entries {
+                for (version, m) in entry.versions {
+                    let workers: Vec<String> = m
+                        .pool
+                        .workers()
+                        .iter()
+                        .map(|w| format!("{}:{:?}", w.id, w.state))
+                        .collect();
+                    tracing::info!(
+                        model = %name,
+                        version = %version,
+                        queued = m.pool.queue_len(),
+                        workers = %workers.join(" "),
+                        "state"
+                    );
+                }
+            }
+        }
+    });
 }
 
 /// A stop that came while the server started: `starting` (the loads under way) gets the
