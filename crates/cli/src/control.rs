@@ -352,8 +352,17 @@ pub fn start(dir: &Path) -> anyhow::Result<()> {
                 libc::CLOSE_RANGE_CLOEXEC,
             ) != 0
             {
-                // Kernels before 5.11: mark them one by one.
-                for fd in first as libc::c_int..4096 {
+                // Kernels before 5.11: mark them one by one, up to the process's limit.
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                    limit.rlim_cur.min(1 << 20) as libc::c_int
+                } else {
+                    4096
+                };
+                for fd in first as libc::c_int..top {
                     libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
                 }
             }
@@ -410,6 +419,9 @@ fn log_tail(path: &Path, from: u64) -> String {
         return String::new();
     };
     let len = file.metadata().map_or(0, |m| m.len());
+    // A file shorter than where the server began writing was rolled over since: all of it is
+    // the server's.
+    let from = if len < from { 0 } else { from };
     let mut text = Vec::new();
     if file
         .seek(SeekFrom::Start(from.max(len.saturating_sub(END))))
@@ -505,7 +517,8 @@ pub fn status(dir: &Path, dir_given: bool) -> anyhow::Result<bool> {
     } else {
         noted_servers()
     };
-    let stands_in = may_look_elsewhere(dir, dir_given) && !elsewhere.is_empty();
+    // Only where --stop would stop it: the one server running elsewhere.
+    let stands_in = may_look_elsewhere(dir, dir_given) && elsewhere.len() == 1;
     if !stands_in {
         println!("{}", not_running(dir, dir_given));
     }

@@ -44,6 +44,8 @@ struct Rollover {
     path: std::path::PathBuf,
     limit: u64,
     keep: usize,
+    /// Whether stdout writes to the file too (as under `--start`), and moves with stderr.
+    stdout_too: bool,
 }
 
 impl Rollover {
@@ -75,7 +77,9 @@ impl Rollover {
         // SAFETY: dup2 onto the standard descriptors of this process; `fresh` stays valid for
         // the call, and the descriptors it replaces are closed by dup2 itself.
         unsafe {
-            libc::dup2(fresh.as_raw_fd(), 1);
+            if self.stdout_too {
+                libc::dup2(fresh.as_raw_fd(), 1);
+            }
             libc::dup2(fresh.as_raw_fd(), 2);
         }
     }
@@ -110,23 +114,25 @@ impl BatchedStderr {
     /// (as under `--start`); does nothing when stderr is a terminal, a pipe or another file.
     pub fn roll_over(&self, path: &std::path::Path, limit: u64, keep: usize) {
         use std::os::unix::fs::MetadataExt;
-        let same = match (
-            std::fs::metadata("/proc/self/fd/2"),
+        let writes_to = |fd: u8| match (
+            std::fs::metadata(format!("/proc/self/fd/{fd}")),
             std::fs::metadata(path),
         ) {
-            (Ok(err), Ok(file)) => err.dev() == file.dev() && err.ino() == file.ino(),
+            (Ok(out), Ok(file)) => out.dev() == file.dev() && out.ino() == file.ino(),
             _ => false,
         };
-        if same {
+        if writes_to(2) {
+            let rollover = Rollover {
+                path: path.to_path_buf(),
+                limit,
+                keep: keep.max(1),
+                stdout_too: writes_to(1),
+            };
             *self
                 .shared
                 .out
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(Rollover {
-                path: path.to_path_buf(),
-                limit,
-                keep: keep.max(1),
-            });
+                .unwrap_or_else(PoisonError::into_inner) = Some(rollover);
         }
     }
 

@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use tchserve_mar::{Archive, ModelStore, serving};
 use tchserve_runtime::{DevicePolicy, ModelSpec, Placement, device};
+use tchserve_server::Config;
+use tchserve_server::core::RegisterParams;
+use tchserve_server::core::settings::{ServingSettings, Sources};
 use tchserve_server::scratch::Scratch;
 
 /// Checks the archives `models` names, extracting them into `scratch`; true when all load.
@@ -85,18 +88,25 @@ fn check_one(
             .apply_settings(settings)
             .map_err(|e| anyhow::anyhow!("model-config.yaml: {e}"))?;
     }
+    // The settings a registration without parameters would resolve, bounds and all: a
+    // package's batch range is held to them, and the warm-up runs at them.
+    let settings = ServingSettings::resolve(Sources {
+        request: &RegisterParams::default(),
+        yaml: &yaml,
+        models: &Default::default(),
+        config: &Config::default(),
+        gpus: 0,
+    })
+    .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     let model_dir = archive.unpack(dest)?;
-    // The archive's own batching, as a registration without parameters would take it: a
-    // package's batch range is held to it, and the warm-up runs at it.
-    let positive = |v: Option<i64>| v.filter(|v| *v > 0).map(|v| v as u64);
     let spec = ModelSpec {
         name: archive.model_name(),
         version: archive.manifest().model.version().to_string(),
         model_dir,
         serialized_file: file,
         handler: handler.clone(),
-        batch_size: positive(yaml.batch_size).unwrap_or(1) as usize,
-        max_batch_delay: Duration::from_millis(positive(yaml.max_batch_delay).unwrap_or(100)),
+        batch_size: settings.batch_size,
+        max_batch_delay: settings.max_batch_delay(),
         job_queue_size: 1,
         response_timeout: Duration::from_secs(120),
         client_timeout: None,

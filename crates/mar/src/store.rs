@@ -105,9 +105,11 @@ impl ModelStore {
                 })
                 .collect());
         }
+        // `name=archive`, unless what comes before the `=` cannot be a name: then the item is
+        // one URL whose query holds the `=` (a presigned `...?X-Amz-Signature=...`).
         let (name, url) = match item.split_once('=') {
-            Some((n, u)) => (Some(n.to_string()), u),
-            None => (None, item),
+            Some((n, u)) if !n.contains(['/', ':', '?', '&']) => (Some(n.to_string()), u),
+            _ => (None, item),
         };
         Ok(vec![ModelRef {
             name,
@@ -223,6 +225,12 @@ mod tests {
             }]
         );
         assert_eq!(ModelStore::expand(None, "b.mar").unwrap()[0].name, None);
+        // A URL whose query holds `=` is one archive, named or not.
+        let signed = "https://h.example/m.mar?X-Amz-Signature=abc&X-Amz-Date=1";
+        let r = &ModelStore::expand(None, signed).unwrap()[0];
+        assert_eq!((r.name.as_deref(), r.url.as_str()), (None, signed));
+        let r = &ModelStore::expand(None, &format!("m={signed}")).unwrap()[0];
+        assert_eq!((r.name.as_deref(), r.url.as_str()), (Some("m"), signed));
         assert!(ModelStore::expand(None, "all").is_err());
     }
 }

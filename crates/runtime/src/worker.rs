@@ -56,17 +56,20 @@ enum Ended {
 pub(crate) fn run(ctx: Context) {
     let name = format!("{}:{}", ctx.spec.name, ctx.spec.version);
     let mut failures = 0usize;
+    // Whether libtorch's whole message for a failed load was logged since the last good one.
+    let mut said_whole = false;
     while !ctx.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         let loaded = catch_unwind(AssertUnwindSafe(|| load(&ctx)));
         let model = match loaded {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
-                // Said on the first failure only: a worker retrying for hours would otherwise
+                // Said once until a load succeeds: a worker retrying for hours would otherwise
                 // write the same C++ backtrace at every retry.
                 if let crate::RuntimeError::Torch { source, .. } = &e
-                    && failures == 0
+                    && !said_whole
                 {
+                    said_whole = true;
                     tracing::error!(worker = ctx.id, model = %name, "libtorch's whole message: {source}");
                 }
                 fail(
@@ -87,6 +90,7 @@ pub(crate) fn run(ctx: Context) {
                 continue;
             }
         };
+        said_whole = false;
         ctx.shared.loaded(ctx.id, started.elapsed());
         tracing::info!(worker = ctx.id, model = %name, device = ?ctx.device, load_ms = started.elapsed().as_millis() as u64, "worker ready");
         failures = 0;

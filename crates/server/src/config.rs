@@ -619,9 +619,24 @@ impl Config {
                 props.insert(key.into(), v.clone());
             }
         }
-        let envvars = props
-            .get("enable_envvars_config")
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        // Read as TorchServe reads them (Boolean.parseBoolean); blanks after the value, which
+        // TorchServe reads as false, are refused rather than read as true.
+        let gate = |key: &str| -> Result<bool, ConfigError> {
+            let Some(v) = props.get(key) else {
+                return Ok(false);
+            };
+            if v.trim_end().len() != v.len() {
+                return Err(ConfigError::Value {
+                    key: key.into(),
+                    value: v.trim().into(),
+                    reason: "blanks after the value, which TorchServe reads as false: remove them"
+                        .into(),
+                });
+            }
+            Ok(v.trim().eq_ignore_ascii_case("true"))
+        };
+        let envvars = gate("enable_envvars_config")?;
+        let env_allowed_urls = gate("use_env_allowed_urls")?;
         // Keys whose value came from the environment: a bad one names its variable.
         let mut from_env = std::collections::BTreeSet::new();
         if envvars {
@@ -634,11 +649,7 @@ impl Config {
         }
         // TorchServe reads TS_ALLOWED_URLS only when told to, so a stray environment variable
         // cannot widen what may be downloaded.
-        if props
-            .get("use_env_allowed_urls")
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
-            && let Some(v) = env("TS_ALLOWED_URLS")
-        {
+        if env_allowed_urls && let Some(v) = env("TS_ALLOWED_URLS") {
             props.insert("allowed_urls".into(), v);
         }
         props.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -1106,6 +1117,12 @@ mod tests {
             cfg.warnings
         );
         // Java keeps the blank, and TorchServe reads "true " as false: keys stay on there.
+        for key in ["enable_envvars_config", "use_env_allowed_urls"] {
+            let mut props = BTreeMap::new();
+            props.insert(key.to_string(), "true ".to_string());
+            let e = Config::from_properties(&props, &no_env).unwrap_err();
+            assert!(e.to_string().contains("reads as false"), "{key}: {e}");
+        }
         let mut props = BTreeMap::new();
         props.insert(
             "disable_token_authorization".to_string(),

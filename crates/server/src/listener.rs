@@ -131,7 +131,7 @@ async fn accept_loop<L, S, SF, R, RF>(
         };
         match Arc::clone(&open).try_acquire_owned() {
             Ok(permit) => {
-                let task = serve_one(io, stop.clone(), Peer(format!("{addr:?}").into()));
+                let task = serve_one(io, stop.clone(), peer_of(&addr));
                 tokio::spawn(async move {
                     task.await;
                     drop(permit);
@@ -151,6 +151,18 @@ async fn accept_loop<L, S, SF, R, RF>(
     drop(listener);
     // Every connection holds a permit until it closes.
     let _ = open.acquire_many(limits.max_connections as u32).await;
+}
+
+/// The client's address as the access log names it: `127.0.0.1:50412`, or `unix` for a client
+/// of a Unix socket (which has no address of its own).
+fn peer_of<A: std::fmt::Debug>(addr: &A) -> Peer {
+    let text = format!("{addr:?}");
+    // An IP socket address prints as itself; a Unix one as `(unnamed)` or a quoted path.
+    if text.starts_with('(') || text.starts_with('"') {
+        Peer("unix".into())
+    } else {
+        Peer(text.into())
+    }
 }
 
 /// Answers a connection over the cap with 503 and closes it.

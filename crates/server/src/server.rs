@@ -112,6 +112,9 @@ pub async fn run(
         scratch.path().to_path_buf(),
         opts.backend,
     ));
+    // From here on, before the start-up models load: a start that hangs is what an operator
+    // most wants to look into.
+    report_on_quit(Arc::clone(&registry));
     let metrics = Metrics::new();
     let mut state = AppContext {
         registry: Arc::clone(&registry),
@@ -198,8 +201,12 @@ pub async fn run(
                             loaded.push((i, r.model.name.clone(), r.model.version.clone()));
                         }
                         Err(e) => {
-                            tracing::error!(url = %url, "cannot load model: {e}");
-                            failed.push((url.clone(), format!("{url}: {e}")));
+                            // Logged without the URL's query, where a presigned one carries its
+                            // signature.
+                            let shown = crate::core::fetch::shown_text(&url);
+                            let why = e.to_string().replace(&url, &shown);
+                            tracing::error!(url = %shown, "cannot load model: {why}");
+                            failed.push((url.clone(), format!("{shown}: {why}")));
                         }
                     }
                 }
@@ -396,7 +403,6 @@ pub async fn run(
         "tchserve is serving"
     );
     ready();
-    report_on_quit(Arc::clone(&registry));
 
     shutdown.await;
     let grace = config.graceful_shutdown_timeout;

@@ -606,6 +606,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The archive's name in the store: the URL path's last segment, decoded, if it is a plain
 /// file name.
+/// `raw` as the log shows it, when it is a remote URL: without its query and fragment (see
+/// [`shown`]); anything else as it is.
+pub(crate) fn shown_text(raw: &str) -> String {
+    if !is_remote(raw) {
+        return raw.to_string();
+    }
+    match Url::parse(raw) {
+        Ok(url) => shown(&url),
+        Err(_) => match raw.split_once(['?', '#']) {
+            Some((bare, _)) => format!("{bare}?…"),
+            None => raw.to_string(),
+        },
+    }
+}
+
 /// `url` as the log shows it: without its query and fragment, where presigned URLs carry their
 /// signatures and key ids.
 fn shown(url: &Url) -> String {
@@ -755,6 +770,11 @@ mod tests {
         assert_eq!(shown(&signed), "https://bucket.example.com/m.mar?…");
         let plain = Url::parse("https://example.com/m.mar").unwrap();
         assert_eq!(shown(&plain), "https://example.com/m.mar");
+        assert_eq!(
+            shown_text("https://h.example/m.mar?X-Amz-Signature=secret"),
+            "https://h.example/m.mar?…"
+        );
+        assert_eq!(shown_text("m.mar"), "m.mar");
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub struct Sources<'a> {
 }
 
 const API: &str = "the request";
+const SNAPSHOT: &str = "the snapshot";
 const YAML: &str = "model-config.yaml";
 const MODELS: &str = "the models setting";
 
@@ -62,15 +63,16 @@ fn positive(v: Option<i64>) -> Option<i64> {
 }
 
 /// The first value set among `sources`, held to `bound`, or `default` when none is set. A
-/// value of the `models` setting past the top of its range is held to it with a warning: the
-/// operator's configuration, which TorchServe takes as it is, must not stop a start.
+/// value of the `models` setting or of a snapshot (`model_snapshot`, which KServe's layout
+/// writes) past the top of its range is held to it with a warning: the operator's
+/// configuration, which TorchServe takes as it is, must not stop a start.
 fn first(
     bound: &bounds::Bound,
     sources: &[(Option<i64>, &str)],
     default: u64,
 ) -> Result<u64, ApiError> {
     match sources.iter().find_map(|(v, src)| v.map(|v| (v, src))) {
-        Some((v, &src)) if src == MODELS && v > *bound.range.end() => {
+        Some((v, &src)) if (src == MODELS || src == SNAPSHOT) && v > *bound.range.end() => {
             let top = *bound.range.end();
             tracing::warn!(
                 "{} {v}{} (set by {src}) is above the most tchserve takes; using {top}{}",
@@ -93,10 +95,16 @@ impl ServingSettings {
     /// source.
     pub fn resolve(s: Sources<'_>) -> Result<Self, ApiError> {
         let (p, yaml, models, config) = (s.request, s.yaml, s.models, s.config);
+        // A snapshot's values are the operator's, not a client's.
+        let api = if p.origin == Origin::Snapshot {
+            SNAPSHOT
+        } else {
+            API
+        };
         let batch_size = first(
             &bounds::BATCH_SIZE,
             &[
-                (positive(p.batch_size), API),
+                (positive(p.batch_size), api),
                 // TorchServe reads any yaml batchSize under 1 as 1, which then wins.
                 (yaml.batch_size.map(|v| v.max(1)), YAML),
                 (positive(models.batch_size), MODELS),
@@ -106,7 +114,7 @@ impl ServingSettings {
         let max_batch_delay_ms = first(
             &bounds::MAX_BATCH_DELAY,
             &[
-                (p.max_batch_delay.filter(|v| *v >= 0), API),
+                (p.max_batch_delay.filter(|v| *v >= 0), api),
                 (positive(yaml.max_batch_delay), YAML),
                 (positive(models.max_batch_delay), MODELS),
             ],
@@ -115,7 +123,7 @@ impl ServingSettings {
         let response_timeout_s = first(
             &bounds::RESPONSE_TIMEOUT,
             &[
-                (positive(p.response_timeout), API),
+                (positive(p.response_timeout), api),
                 (positive(yaml.response_timeout), YAML),
                 (positive(models.response_timeout), MODELS),
             ],
@@ -125,7 +133,7 @@ impl ServingSettings {
             &bounds::STARTUP_TIMEOUT,
             &[
                 // 0 is a real value here: do not wait at all (TorchServe's -1 means default).
-                (p.startup_timeout.filter(|v| *v >= 0), API),
+                (p.startup_timeout.filter(|v| *v >= 0), api),
                 (positive(yaml.startup_timeout), YAML),
                 (positive(models.startup_timeout), MODELS),
             ],
@@ -171,6 +179,17 @@ impl ServingSettings {
         {
             min_workers = lo as usize;
             max_workers = hi as usize;
+        }
+        if p.origin == Origin::Snapshot {
+            let cap = config.max_workers_per_model;
+            if max_workers > cap || min_workers > cap {
+                tracing::warn!(
+                    "worker counts {min_workers} and {max_workers} (set by {SNAPSHOT}) are \
+                     above max_workers_per_model; using at most {cap}"
+                );
+            }
+            min_workers = min_workers.min(cap);
+            max_workers = max_workers.min(cap);
         }
         for (n, what) in [
             (min_workers, "initial_workers"),
@@ -436,5 +455,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("from 1 to 1024"), "{e}");
+        // A snapshot's values (model_snapshot, as KServe's layout writes it) are the operator's.
+        let restored = RegisterParams {
+            batch_size: Some(2000),
+            initial_workers: Some(500),
+            origin: Origin::Snapshot,
+            ..RegisterParams::default()
+        };
+        let s = resolve(
+            &restored,
+            &ModelConfig::default(),
+            &ModelDefaults::default(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(s.batch_size, 1024);
+        assert_eq!(s.min_workers, config().max_workers_per_model);
     }
 }
