@@ -23,7 +23,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(180);
 ///
 /// Its first line is the pid, as TorchServe writes it; the second is the process's start time
 /// (clock ticks since boot, from `/proc`), so a pid reused by another process after a crash is
-/// never taken for the server.
+/// never taken for the server; the third is its `graceful_shutdown_timeout` in seconds, which
+/// bounds how long `--stop` waits for it, whatever configuration `--stop` itself reads.
 #[derive(Debug)]
 pub struct PidFile {
     path: PathBuf,
@@ -33,7 +34,7 @@ pub struct PidFile {
 
 impl PidFile {
     /// Writes this process's id, refusing if another live server owns the file.
-    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+    pub fn create(dir: &Path, grace: Duration) -> anyhow::Result<Self> {
         let me = std::process::id();
         if let Some(pid) = running_pid(dir).filter(|&p| p != me) {
             bail!(
@@ -43,7 +44,7 @@ impl PidFile {
         }
         let path = dir.join(PID_FILE);
         let started = start_time(me).map(|t| t.to_string()).unwrap_or_default();
-        fs::write(&path, format!("{me}\n{started}\n"))
+        fs::write(&path, format!("{me}\n{started}\n{}\n", grace.as_secs()))
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(PidFile {
             path,
@@ -173,6 +174,13 @@ fn read_pid(path: &Path) -> Option<(u32, Option<u64>)> {
     let pid = lines.next()?.trim().parse().ok()?;
     let started = lines.next().and_then(|l| l.trim().parse().ok());
     Some((pid, started))
+}
+
+/// The grace period a PID file records (its third line), if it records one.
+fn recorded_grace(path: &Path) -> Option<Duration> {
+    let text = fs::read_to_string(path).ok()?;
+    let secs = text.lines().nth(2)?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
 }
 
 /// Whether `pid` runs: it exists and is not a zombie (a killed server stays one until its parent
@@ -473,17 +481,15 @@ pub fn stop(dir: &Path, grace: Option<Duration>, dir_given: bool) -> anyhow::Res
         println!("{}", not_running(dir, dir_given));
         return Ok(false);
     };
-    // The grace read here is this folder's configuration: not the one a server found
-    // elsewhere was started with.
-    let grace = if found_in == dir {
-        grace
-    } else {
+    if found_in != dir {
         println!(
             "stopping the tchserve started with its logs in {} (pid {pid})",
             found_in.display()
         );
-        None
-    };
+    }
+    // The grace the server was started with, as its PID file records it; else this folder's
+    // configuration, which is the server's only when it was found here.
+    let grace = recorded_grace(&found_in.join(PID_FILE)).or(grace.filter(|_| found_in == dir));
     // SAFETY: plain kill(2) on a pid that `running_pid` has just confirmed is our server.
     if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
         bail!(
@@ -535,6 +541,19 @@ pub fn status(dir: &Path, dir_given: bool) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pid_file_records_the_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = PidFile::create(dir.path(), Duration::from_secs(75)).unwrap();
+        assert_eq!(
+            recorded_grace(&dir.path().join(PID_FILE)),
+            Some(Duration::from_secs(75))
+        );
+        assert_eq!(running_pid(dir.path()), Some(std::process::id()));
+        drop(file);
+        assert!(!dir.path().join(PID_FILE).exists());
+    }
 
     #[test]
     fn a_reused_pid_is_not_the_server() {

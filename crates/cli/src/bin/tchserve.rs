@@ -328,7 +328,7 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
         let _in_runtime = runtime.enter();
         control::shutdown_signal()?
     };
-    let pid_file = control::PidFile::create(&dir)?;
+    let pid_file = control::PidFile::create(&dir, config.graceful_shutdown_timeout)?;
     let telemetry = match &config.otlp_endpoint {
         Some(endpoint) => Some(Telemetry::start(endpoint, runtime.handle().clone())?),
         None => None,
