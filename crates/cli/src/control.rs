@@ -389,7 +389,9 @@ pub fn start(dir: &Path) -> anyhow::Result<()> {
     while !said.is_finished() {
         if Instant::now() > deadline {
             bail!(
-                "the server did not finish starting within {} s; see {}",
+                "the server (pid {}) did not finish starting within {} s and goes on starting; \
+                 see {}, and stop it with --stop",
+                child.id(),
                 START_TIMEOUT.as_secs(),
                 log_path.display()
             );
