@@ -58,6 +58,21 @@ fn scale_server(extra_config: &str) -> (Server, String, String) {
     (s, v1, v2)
 }
 
+/// Runs `cmd --start --ncs --models <models>`, as a user starts a server in the background.
+fn start_in_background(mut cmd: std::process::Command, models: &str) -> std::process::Output {
+    run(cmd.args(["--start", "--ncs", "--models", models]))
+}
+
+/// Asserts that a `--start` succeeded, showing what it said when not.
+#[track_caller]
+fn assert_started(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn start_status_stop_through_the_cli() {
     let (s, mar, _) = scale_server("");
@@ -113,14 +128,10 @@ fn start_status_stop_through_the_cli() {
         c.env("TMPDIR", s.temp_dir());
         c
     };
-    let out = run(shared_tmp(second.command())
-        .args(["--start", "--ncs", "--models"])
-        .arg(format!("scale={mar2}")));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_started(&start_in_background(
+        shared_tmp(second.command()),
+        &format!("scale={mar2}"),
+    ));
     let both = run(s.command().current_dir(elsewhere.path()).arg("--stop"));
     let said = String::from_utf8_lossy(&both.stderr);
     assert!(!both.status.success(), "{said}");
@@ -171,15 +182,7 @@ fn the_server_keeps_none_of_its_callers_files() {
     let mut fds = [0; 2];
     // SAFETY: pipe(2) into a two-element array; without O_CLOEXEC, children inherit both ends.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let out = run(s
-        .command()
-        .args(["--start", "--ncs", "--models"])
-        .arg(format!("scale={mar}")));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_started(&start_in_background(s.command(), &format!("scale={mar}")));
     let pid_file = std::fs::read_to_string(s.dir.path().join("logs/tchserve.pid")).unwrap();
     let pid = pid_file.lines().next().unwrap().trim().to_string();
     // SAFETY: fstat on a descriptor this test owns, into a zeroed stat.
@@ -246,10 +249,7 @@ fn a_json_log_stays_json_when_the_start_fails() {
         std::path::Path::new("tensor"),
         &[],
     );
-    let out = run(s
-        .command()
-        .args(["--start", "--ncs", "--models"])
-        .arg(format!("broken={broken}")));
+    let out = start_in_background(s.command(), &format!("broken={broken}"));
     assert!(!out.status.success());
     let log = std::fs::read_to_string(s.dir.path().join("logs/tchserve.log")).unwrap();
     for line in log.lines() {
@@ -266,15 +266,7 @@ fn a_json_log_stays_json_when_the_start_fails() {
 #[test]
 fn the_log_rolls_over() {
     let (s, mar, _) = scale_server("log_max_bytes=20000\nlog_max_files=2\n");
-    let out = run(s
-        .command()
-        .args(["--start", "--ncs", "--models"])
-        .arg(format!("scale={mar}")));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_started(&start_in_background(s.command(), &format!("scale={mar}")));
     // About 90 bytes of access log each: several times the limit.
     for _ in 0..800 {
         let r = post_json(&s.inference, "/predictions/scale", "[1, 2, 3, 4]");
