@@ -966,14 +966,37 @@ fn text_packages_of_a_fixed_or_bounded_length_are_fitted_or_refused() {
     }
 
     // `tchserve --check` runs what a registration runs: it passes the archives that register
-    // and refuses, with the same reason, those that do not.
+    // and refuses, with the same reason, those that do not, a batch size past its bound
+    // included.
+    let yaml = s.dir.path().join("wide.yaml");
+    std::fs::write(&yaml, "batchSize: 5000\n").unwrap();
+    let wide = archive(
+        &s.store,
+        "wide",
+        "1.0",
+        &pt2.join("tokens.pt"),
+        &h16,
+        &[
+            "--extra-files",
+            tokenizer.to_str().unwrap(),
+            "--config-file",
+            yaml.to_str().unwrap(),
+        ],
+    );
+    let r = register(&s, &format!("url={wide}&initial_workers=1"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("batch_size 5000 is out of range"),
+        "{}",
+        r.text()
+    );
     let check_temp = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tchserve"))
         .arg("--check")
         .arg("--model-store")
         .arg(&s.store)
         .arg("--models")
-        .args([&fixed, &script, &fixed_long, &bounded_long])
+        .args([&fixed, &script, &fixed_long, &bounded_long, &wide])
         .env("TMPDIR", check_temp.path())
         .output()
         .unwrap();
@@ -995,6 +1018,12 @@ fn text_packages_of_a_fixed_or_bounded_length_are_fitted_or_refused() {
             "{m}: {report}"
         );
     }
+    assert!(
+        report.lines().any(|l| l.starts_with("FAIL ")
+            && l.contains(wide.as_str())
+            && l.contains("batch_size 5000 is out of range")),
+        "{report}"
+    );
     // Nothing it or libtorch unpacked stays behind.
     let left: Vec<_> = std::fs::read_dir(check_temp.path())
         .unwrap()
