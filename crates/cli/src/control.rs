@@ -390,10 +390,11 @@ pub fn start(dir: &Path) -> anyhow::Result<()> {
         if Instant::now() > deadline {
             bail!(
                 "the server (pid {}) did not finish starting within {} s and goes on starting; \
-                 see {}, and stop it with --stop",
+                 see {}, and {}",
                 child.id(),
                 START_TIMEOUT.as_secs(),
-                log_path.display()
+                log_path.display(),
+                stop_hint(dir)
             );
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -527,7 +528,13 @@ pub fn status(dir: &Path, dir_given: bool) -> anyhow::Result<bool> {
     };
     // Only where --stop would stop it: the one server running elsewhere.
     let stands_in = may_look_elsewhere(dir, dir_given) && elsewhere.len() == 1;
-    if !stands_in {
+    if elsewhere.len() > 1 && may_look_elsewhere(dir, dir_given) {
+        println!(
+            "tchserve is not running in {}; {} servers run elsewhere: name one with --log-dir",
+            dir.display(),
+            elsewhere.len()
+        );
+    } else if !stands_in {
         println!("{}", not_running(dir, dir_given));
     }
     for (pid, d) in &elsewhere {

@@ -8,12 +8,15 @@ use tchserve_mar::{Archive, ModelStore, serving};
 use tchserve_runtime::{DevicePolicy, ModelSpec, Placement, device};
 use tchserve_server::Config;
 use tchserve_server::core::RegisterParams;
+use tchserve_server::core::registry::Origin;
 use tchserve_server::core::settings::{ServingSettings, Sources};
 use tchserve_server::scratch::Scratch;
 
-/// Checks the archives `models` names, extracting them into `scratch`; true when all load.
+/// Checks the archives `models` names under the server's configuration `config`, extracting
+/// them into `scratch`; true when all load.
 pub fn run(
     scratch: &Scratch,
+    config: &Config,
     model_store: Option<&Path>,
     models: &[String],
 ) -> anyhow::Result<bool> {
@@ -29,7 +32,13 @@ pub fn run(
     let mut all_ok = true;
     for (i, (name, path)) in selected(model_store, models)?.into_iter().enumerate() {
         let started = Instant::now();
-        match check_one(&path, &scratch.path().join(i.to_string()), dev) {
+        match check_one(
+            &path,
+            name.as_deref(),
+            config,
+            &scratch.path().join(i.to_string()),
+            dev,
+        ) {
             Ok((model_name, version, handler)) => println!(
                 "ok    {} {version}  handler={handler}  {}  {} ms",
                 name.unwrap_or(model_name),
@@ -73,10 +82,14 @@ fn selected(
 
 fn check_one(
     path: &Path,
+    named: Option<&str>,
+    config: &Config,
     dest: &Path,
     dev: tch::Device,
 ) -> anyhow::Result<(String, String, String)> {
     let archive = Archive::open(path)?;
+    let name = named.map_or_else(|| archive.model_name(), str::to_owned);
+    let version = archive.manifest().model.version().to_string();
     let mut handler = serving::resolve_handler(&archive, None)?;
     let file = serving::serialized_file(&archive)?;
     let yaml = archive.model_config()?.unwrap_or_default();
@@ -88,27 +101,36 @@ fn check_one(
             .apply_settings(settings)
             .map_err(|e| anyhow::anyhow!("model-config.yaml: {e}"))?;
     }
-    // The settings a registration without parameters would resolve, bounds and all: a
+    // The settings the server would resolve for this archive at start-up, bounds and all: a
     // package's batch range is held to them, and the warm-up runs at them.
+    let models = config
+        .models
+        .get(&name)
+        .and_then(|v| v.get(&version))
+        .cloned()
+        .unwrap_or_default();
     let settings = ServingSettings::resolve(Sources {
-        request: &RegisterParams::default(),
+        request: &RegisterParams {
+            origin: Origin::Startup,
+            ..RegisterParams::default()
+        },
         yaml: &yaml,
-        models: &Default::default(),
-        config: &Config::default(),
+        models: &models,
+        config,
         gpus: 0,
     })
     .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     let model_dir = archive.unpack(dest)?;
     let spec = ModelSpec {
-        name: archive.model_name(),
-        version: archive.manifest().model.version().to_string(),
+        name,
+        version,
         model_dir,
         serialized_file: file,
         handler: handler.clone(),
         batch_size: settings.batch_size,
         max_batch_delay: settings.max_batch_delay(),
         job_queue_size: 1,
-        response_timeout: Duration::from_secs(120),
+        response_timeout: Duration::from_secs(settings.response_timeout_s),
         client_timeout: None,
         use_job_ticket: false,
         placement: Placement::Cpu,

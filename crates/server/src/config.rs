@@ -629,7 +629,8 @@ impl Config {
                 return Err(ConfigError::Value {
                     key: key.into(),
                     value: v.trim().into(),
-                    reason: "blanks after the value, which TorchServe reads as false: remove them"
+                    reason: "blanks after the value, with which TorchServe reads it as false: \
+                             remove them"
                         .into(),
                 });
             }
@@ -686,7 +687,8 @@ impl Config {
                 // it on.
                 if untrimmed.trim_end().len() != untrimmed.len() {
                     return Err(bad(
-                        "blanks after the value, which TorchServe reads as false: remove them",
+                        "blanks after the value, with which TorchServe reads it as false: \
+                         remove them",
                     ));
                 }
                 match value.to_ascii_lowercase().as_str() {
@@ -1121,7 +1123,7 @@ mod tests {
             let mut props = BTreeMap::new();
             props.insert(key.to_string(), "true ".to_string());
             let e = Config::from_properties(&props, &no_env).unwrap_err();
-            assert!(e.to_string().contains("reads as false"), "{key}: {e}");
+            assert!(e.to_string().contains("reads it as false"), "{key}: {e}");
         }
         let mut props = BTreeMap::new();
         props.insert(
@@ -1129,7 +1131,7 @@ mod tests {
             "true ".to_string(),
         );
         let e = Config::from_properties(&props, &no_env).unwrap_err();
-        assert!(e.to_string().contains("reads as false"), "{e}");
+        assert!(e.to_string().contains("reads it as false"), "{e}");
     }
 
     #[test]

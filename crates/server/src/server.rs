@@ -204,7 +204,7 @@ pub async fn run(
                             // Logged without the URL's query, where a presigned one carries its
                             // signature.
                             let shown = crate::core::fetch::shown_text(&url);
-                            let why = e.to_string().replace(&url, &shown);
+                            let why = crate::core::fetch::shown_text(&e.to_string());
                             tracing::error!(url = %shown, "cannot load model: {why}");
                             failed.push((url.clone(), format!("{shown}: {why}")));
                         }

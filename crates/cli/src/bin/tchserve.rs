@@ -103,7 +103,11 @@ fn main() -> ExitCode {
         let scratch = Scratch::create(scratch::CHECK);
         // SAFETY: nothing has started a thread yet (the CUDA probe may, later).
         unsafe { scratch.hold_libtorch_temp() };
-        startup_check::run(&scratch, args.model_store.as_deref(), &args.models)
+        // The server's own configuration decides the settings, as at a start; one that cannot
+        // be read fails the check, as it would fail the start.
+        load_config(&args).and_then(|config| {
+            startup_check::run(&scratch, &config, args.model_store.as_deref(), &args.models)
+        })
     } else if args.stop {
         // The configuration's grace period, when it can be read, bounds the wait.
         let grace = load_config(&args).ok().map(|c| c.graceful_shutdown_timeout);

@@ -604,21 +604,33 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// The archive's name in the store: the URL path's last segment, decoded, if it is a plain
-/// file name.
-/// `raw` as the log shows it, when it is a remote URL: without its query and fragment (see
-/// [`shown`]); anything else as it is.
-pub(crate) fn shown_text(raw: &str) -> String {
-    if !is_remote(raw) {
-        return raw.to_string();
+/// `text` as the log shows it: every `http(s)://` URL in it without its query and fragment,
+/// where presigned URLs carry their signatures and key ids, however the URL is spelled there
+/// (an HTTP client's error spells it parsed: host lowercased, default port dropped).
+pub(crate) fn shown_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = ["http://", "https://"]
+        .iter()
+        .filter_map(|scheme| rest.find(scheme))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        let url = &rest[at..];
+        let end = url
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '>' | ','))
+            .unwrap_or(url.len());
+        match url[..end].find(['?', '#']) {
+            Some(q) => {
+                out.push_str(&url[..q]);
+                out.push_str("?…");
+            }
+            None => out.push_str(&url[..end]),
+        }
+        rest = &url[end..];
     }
-    match Url::parse(raw) {
-        Ok(url) => shown(&url),
-        Err(_) => match raw.split_once(['?', '#']) {
-            Some((bare, _)) => format!("{bare}?…"),
-            None => raw.to_string(),
-        },
-    }
+    out.push_str(rest);
+    out
 }
 
 /// `url` as the log shows it: without its query and fragment, where presigned URLs carry their
@@ -634,6 +646,8 @@ fn shown(url: &Url) -> String {
     out
 }
 
+/// The archive's name in the store: the URL path's last segment, decoded, if it is a plain
+/// file name.
 fn file_name(url: &Url) -> Option<String> {
     let last = url.path_segments()?.next_back()?;
     let name = percent_decode(last)?;
@@ -775,6 +789,15 @@ mod tests {
             "https://h.example/m.mar?…"
         );
         assert_eq!(shown_text("m.mar"), "m.mar");
+        // In an error's words, as an HTTP client spells the URL, and a redirect's target.
+        assert_eq!(
+            shown_text(
+                "error sending request for url (https://bucket.example/m.mar?Sig=secret): \
+                 redirected to http://other.example/x?token=1, refused"
+            ),
+            "error sending request for url (https://bucket.example/m.mar?…): redirected to \
+             http://other.example/x?…, refused"
+        );
     }
 
     #[test]
