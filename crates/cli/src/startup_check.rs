@@ -103,12 +103,7 @@ fn check_one(
     }
     // The settings the server would resolve for this archive at start-up, bounds and all: a
     // package's batch range is held to them, and the warm-up runs at them.
-    let models = config
-        .models
-        .get(&name)
-        .and_then(|v| v.get(&version))
-        .cloned()
-        .unwrap_or_default();
+    let models = config.model_defaults(&name, &version);
     let settings = ServingSettings::resolve(Sources {
         request: &RegisterParams {
             origin: Origin::Startup,

@@ -1009,6 +1009,15 @@ impl Config {
         Self::from_properties(&read_properties(path)?, env)
     }
 
+    /// The `models` key's entry for one model version (empty when it has none).
+    pub fn model_defaults(&self, name: &str, version: &str) -> ModelDefaults {
+        self.models
+            .get(name)
+            .and_then(|v| v.get(version))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Workers for a model loaded at start-up when nothing else says: the configured default,
     /// else the number of GPUs, else 1 (workers share the CPU thread budget, so more CPU
     /// workers add queueing parallelism but not compute).

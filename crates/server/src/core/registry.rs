@@ -336,13 +336,7 @@ impl Registry {
                 .apply_settings(settings)
                 .map_err(|e| invalid(format!("model-config.yaml: {e}")))?;
         }
-        let models = self
-            .config
-            .models
-            .get(&name)
-            .and_then(|v| v.get(&version))
-            .cloned()
-            .unwrap_or_default();
+        let models = self.config.model_defaults(&name, &version);
         let settings = ServingSettings::resolve(Sources {
             request: p,
             yaml: &yaml,
