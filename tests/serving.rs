@@ -1091,18 +1091,30 @@ fn requests_queued_when_scaled_to_no_worker_are_answered_at_once() {
 }
 
 #[test]
-fn response_timeout_answers_the_client_and_frees_the_worker() {
+fn a_worker_stuck_past_the_response_timeout_is_replaced() {
     let s = slow_server("enable_model_api=true", "&response_timeout=1");
+    let worker_ids = || -> Vec<u64> {
+        s.manage("GET", "/models/slow").json()[0]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["id"].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    let first = worker_ids();
+    assert_eq!(first.len(), 1);
+    // About a minute of forward on this machine: far longer than the test, so whatever serves
+    // meanwhile is not the worker that runs it.
     let t = Instant::now();
     assert_error(
-        &post_json(&s.inference, "/predictions/slow", "[40000, 0]"),
+        &post_json(&s.inference, "/predictions/slow", "[600000, 0]"),
         504,
         "RequestTimeoutException",
         "timed out after 1 s",
     );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
-    // The worker finishes that forward (about 4 s) and serves again.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Within a second or two a new worker takes the stuck one's place and serves the queue.
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let r = post_json(&s.inference, "/predictions/slow", "[1, 2]");
         if r.status == 200 {
@@ -1110,8 +1122,46 @@ fn response_timeout_answers_the_client_and_frees_the_worker() {
             break;
         }
         assert_eq!(r.status, 504, "{}", r.text());
-        assert!(Instant::now() < deadline, "the worker never came back");
+        assert!(
+            Instant::now() < deadline,
+            "no worker took the stuck one's place"
+        );
     }
+    let now = worker_ids();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, first);
+    // The old thread runs on in its forward beside the new one: it cannot be killed.
+    assert_eq!(common::worker_threads(s.pid(), &first[0].to_string()), 1);
+    assert_eq!(common::worker_threads(s.pid(), &now[0].to_string()), 1);
+    let log = s.log();
+    assert!(log.contains("a new worker takes this one's place"), "{log}");
+
+    // A second request that hangs the model while the first still runs is not given a third
+    // thread: one stuck thread per worker at most, said once in the log.
+    assert_error(
+        &post_json(&s.inference, "/predictions/slow", "[600000, 1]"),
+        504,
+        "RequestTimeoutException",
+        "timed out after 1 s",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s
+        .log()
+        .contains("is not replaced until one of them returns")
+    {
+        assert!(Instant::now() < deadline, "{}", s.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(worker_ids(), now);
+    assert_eq!(
+        s.log()
+            .matches("is not replaced until one of them returns")
+            .count(),
+        1,
+        "{}",
+        s.log()
+    );
 }
 
 #[test]

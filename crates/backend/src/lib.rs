@@ -152,6 +152,12 @@ pub trait Workers: Send + Sync + Debug {
         None
     }
 
+    /// Replaces each worker stuck in one batch for longer than the response timeout; returns
+    /// how many were replaced.
+    fn replace_stuck(&self) -> usize {
+        0
+    }
+
     /// Says that no more requests will come (the server is stopping): batches stop waiting to
     /// fill, so what is in flight is answered without waiting out the batch delay.
     fn close_batches(&self) {}

@@ -14,7 +14,7 @@ use tchserve_backend::{ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers};
 
 use crate::batch::{Batcher, Submitter, Taker, queue};
 use crate::job::Job;
-use crate::shared::{Serving, Shared, SharedModules, ThreadBudget, lock};
+use crate::shared::{Busy, Serving, Shared, SharedModules, ThreadBudget, lock};
 use crate::worker;
 
 #[derive(Debug)]
@@ -24,6 +24,9 @@ struct Handle {
     device: tch::Device,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    busy: Arc<Busy>,
+    /// Whether the log has said this worker is stuck and cannot be replaced yet.
+    said_stuck: bool,
 }
 
 /// A model version's queue and workers.
@@ -34,6 +37,8 @@ pub struct Pool {
     tx: Submitter<Job>,
     rx: Taker<Job>,
     workers: Mutex<Vec<Handle>>,
+    /// Workers replaced while stuck in a batch, until their forward returns.
+    stuck: Mutex<Vec<Handle>>,
     shared: Arc<Shared>,
     budget: Arc<ThreadBudget>,
     modules: Arc<SharedModules>,
@@ -52,6 +57,7 @@ impl Pool {
             tx,
             rx,
             workers: Mutex::new(Vec::new()),
+            stuck: Mutex::new(Vec::new()),
             shared: Arc::default(),
             budget,
             modules: Arc::default(),
@@ -103,48 +109,8 @@ impl Pool {
     pub fn scale(&self, n: usize) {
         let mut workers = lock(&self.workers);
         while workers.len() < n {
-            let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
-            let nth = self.spawned.fetch_add(1, Ordering::Relaxed);
-            let device = self
-                .devices
-                .get(nth % self.devices.len().max(1))
-                .copied()
-                .unwrap_or(tch::Device::Cpu);
-            let stop = Arc::new(AtomicBool::new(false));
-            self.shared.insert(id, WorkerState::Starting);
-            let ctx = worker::Context {
-                id,
-                device,
-                spec: Arc::clone(&self.spec),
-                batcher: Batcher {
-                    batch_size: self.spec.batch_size,
-                    max_delay: self.spec.max_batch_delay,
-                },
-                queue: self.rx.clone(),
-                stop: Arc::clone(&stop),
-                shared: Arc::clone(&self.shared),
-                budget: Arc::clone(&self.budget),
-                modules: Arc::clone(&self.modules),
-                answers_apart: device.is_cuda(),
-            };
-            // Before the first worker allocates, so that every buffer follows the same rules.
-            crate::heap::fix_thresholds();
-            let name = format!("W-{id}-{}_{}", self.spec.name, self.spec.version);
-            let thread = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || worker::run(ctx))
-                .ok();
-            if thread.is_none() {
-                self.shared
-                    .set(id, WorkerState::Failed("cannot start a thread".into()));
-            }
-            workers.push(Handle {
-                id,
-                started: SystemTime::now(),
-                device,
-                stop,
-                thread,
-            });
+            let h = self.spawn();
+            workers.push(h);
         }
         // Newest first, as TorchServe scales down.
         while workers.len() > n {
@@ -156,6 +122,111 @@ impl Pool {
         // Under the lock, so that a scale up cannot start a worker for jobs this is answering.
         // A stopping worker still answers the batch it holds.
         answer_unserved(&self.rx, &self.shared, &self.spec);
+    }
+
+    /// Starts a worker thread, listed as starting. The caller adds it to `workers`, whose lock
+    /// it holds.
+    fn spawn(&self) -> Handle {
+        let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
+        let nth = self.spawned.fetch_add(1, Ordering::Relaxed);
+        let device = self
+            .devices
+            .get(nth % self.devices.len().max(1))
+            .copied()
+            .unwrap_or(tch::Device::Cpu);
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(Busy::new());
+        self.shared.insert(id, WorkerState::Starting);
+        let ctx = worker::Context {
+            id,
+            device,
+            spec: Arc::clone(&self.spec),
+            batcher: Batcher {
+                batch_size: self.spec.batch_size,
+                max_delay: self.spec.max_batch_delay,
+            },
+            queue: self.rx.clone(),
+            stop: Arc::clone(&stop),
+            shared: Arc::clone(&self.shared),
+            budget: Arc::clone(&self.budget),
+            modules: Arc::clone(&self.modules),
+            answers_apart: device.is_cuda(),
+            busy: Arc::clone(&busy),
+        };
+        // Before the first worker allocates, so that every buffer follows the same rules.
+        crate::heap::fix_thresholds();
+        let name = format!("W-{id}-{}_{}", self.spec.name, self.spec.version);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || worker::run(ctx))
+            .ok();
+        if thread.is_none() {
+            self.shared
+                .set(id, WorkerState::Failed("cannot start a thread".into()));
+        }
+        Handle {
+            id,
+            started: SystemTime::now(),
+            device,
+            stop,
+            thread,
+            busy,
+            said_stuck: false,
+        }
+    }
+
+    /// Replaces each worker that has been running one batch for longer than the response
+    /// timeout, as TorchServe restarts a worker that does not answer in time: every request of
+    /// that batch has been answered 504 already, and the queue would otherwise wait behind it
+    /// for good. A thread cannot be killed, so the old one runs on until its forward returns,
+    /// then ends; at most as many such threads as the pool has workers are left running, so a
+    /// request that hangs the model each time cannot take every core. Returns how many were
+    /// replaced.
+    pub fn replace_stuck(&self) -> usize {
+        let limit = self.spec.response_timeout;
+        let mut workers = lock(&self.workers);
+        let mut stuck = lock(&self.stuck);
+        stuck.retain(|h| h.thread.as_ref().is_some_and(|t| !t.is_finished()));
+        let mut replaced = 0;
+        for i in 0..workers.len() {
+            let Some(ran) = workers[i].busy.running_for().filter(|ran| *ran > limit) else {
+                continue;
+            };
+            let name = format!("{}:{}", self.spec.name, self.spec.version);
+            if stuck.len() >= workers.len() {
+                if !std::mem::replace(&mut workers[i].said_stuck, true) {
+                    tracing::error!(
+                        worker = workers[i].id,
+                        model = %name,
+                        ran_s = ran.as_secs(),
+                        still_running = stuck.len(),
+                        "a batch has run past the response timeout of {} s, and as many replaced \
+                         workers are still running theirs: this one is not replaced until one \
+                         of them returns",
+                        limit.as_secs()
+                    );
+                }
+                continue;
+            }
+            // The new worker is listed before the old one goes, so the model never looks
+            // unserved and its queue is not answered 503 in between.
+            let fresh = self.spawn();
+            let old = std::mem::replace(&mut workers[i], fresh);
+            old.stop.store(true, Ordering::Relaxed);
+            self.shared.remove(old.id);
+            tracing::warn!(
+                worker = old.id,
+                model = %name,
+                ran_s = ran.as_secs(),
+                replacement = workers[i].id,
+                "a batch has run past the response timeout of {} s: a new worker takes this \
+                 one's place, and this one ends when its forward returns",
+                limit.as_secs()
+            );
+            stuck.push(old);
+            replaced += 1;
+        }
+        replaced
     }
 
     /// Waits until no worker is starting, or `timeout` passes; returns the number ready.
@@ -302,6 +373,9 @@ impl Workers for Pool {
     fn output_signature(&self) -> Option<(tchserve_mar::handler::DType, Vec<i64>)> {
         lock(&self.shared.output).clone()
     }
+    fn replace_stuck(&self) -> usize {
+        Pool::replace_stuck(self)
+    }
     fn close_batches(&self) {
         Pool::close_batches(self)
     }
@@ -404,6 +478,8 @@ mod tests {
             device: tch::Device::Cpu,
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
+            busy: Arc::new(Busy::new()),
+            said_stuck: false,
         });
         let waiter = {
             let pool = Arc::clone(&pool);

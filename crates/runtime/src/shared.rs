@@ -1,8 +1,9 @@
 //! What a pool shares with its worker threads, and the process-wide intra-op thread budget.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tchserve_backend::WorkerState;
 use tchserve_backend::job::PredictError;
@@ -42,6 +43,46 @@ pub struct BusyGuard<'a>(&'a ThreadBudget);
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// When a worker's current batch began: how its pool finds a worker stuck in one batch.
+#[derive(Debug)]
+pub(crate) struct Busy {
+    epoch: Instant,
+    /// Milliseconds from `epoch` to the batch's start, plus one; 0 while the worker waits.
+    since_ms: AtomicU64,
+}
+
+impl Busy {
+    pub(crate) fn new() -> Self {
+        Busy {
+            epoch: Instant::now(),
+            since_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The worker starts a batch.
+    pub(crate) fn begin(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.since_ms.store(now + 1, Ordering::Relaxed);
+    }
+
+    /// The worker is done with its batch.
+    pub(crate) fn end(&self) {
+        self.since_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the current batch has run; `None` between batches.
+    pub(crate) fn running_for(&self) -> Option<Duration> {
+        match self.since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(s - 1)),
+            ),
+        }
     }
 }
 
@@ -222,6 +263,19 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_says_how_long_the_batch_in_hand_has_run() {
+        let busy = Busy::new();
+        assert_eq!(busy.running_for(), None);
+        // A batch that begins at the very start of the epoch still reads as busy.
+        busy.begin();
+        std::thread::sleep(Duration::from_millis(30));
+        let ran = busy.running_for().unwrap();
+        assert!(ran >= Duration::from_millis(29), "{ran:?}");
+        busy.end();
+        assert_eq!(busy.running_for(), None);
+    }
 
     #[test]
     fn only_a_misfit_on_another_shape_is_the_clients() {

@@ -15,7 +15,7 @@ use crate::handler::{Decoded, Launched, Pipeline};
 use crate::job::{Job, Payload, PredictError, Prediction, Timings};
 use crate::model::load_module;
 use crate::openmp::Team;
-use crate::shared::{Shared, SharedModules, ThreadBudget};
+use crate::shared::{Busy, Shared, SharedModules, ThreadBudget};
 
 /// How often an idle worker looks at its stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -45,6 +45,8 @@ pub(crate) struct Context {
     /// Whether the batches' answers are read and written on a thread of their own (see
     /// [`Finisher`]): for GPU workers.
     pub answers_apart: bool,
+    /// When the batch in hand began, read by the pool to replace a worker stuck in one.
+    pub busy: Arc<Busy>,
 }
 
 enum Ended {
@@ -501,12 +503,14 @@ fn serve_batches(ctx: &Context, model: &Loaded, finisher: Option<&Finisher>) -> 
             tch::set_num_threads(threads as i32);
         }
         team.before_forward(share);
+        ctx.busy.begin();
         // A panic drops the batch's reply channels, so each waiting client learns the worker died.
-        if catch_unwind(AssertUnwindSafe(|| {
+        let crashed = catch_unwind(AssertUnwindSafe(|| {
             process(ctx, model, jobs, share, &mut cost, finisher)
         }))
-        .is_err()
-        {
+        .is_err();
+        ctx.busy.end();
+        if crashed {
             return Ended::Crashed("the handler panicked".into());
         }
     }
@@ -874,6 +878,7 @@ mod tests {
             budget: ThreadBudget::new(1),
             modules: Arc::default(),
             answers_apart,
+            busy: Arc::new(Busy::new()),
         };
         let worker = std::thread::spawn(move || run(ctx));
         (submit, stop, worker)

@@ -115,6 +115,7 @@ pub async fn run(
     // From here on, before the start-up models load: a start that hangs is what an operator
     // most wants to look into.
     report_on_quit(Arc::clone(&registry));
+    replace_stuck_workers(Arc::clone(&registry));
     let metrics = Metrics::new();
     let mut state = AppContext {
         registry: Arc::clone(&registry),
@@ -471,6 +472,23 @@ fn report_on_quit(registry: Arc<Registry>) {
                     );
                 }
             }
+        }
+    });
+}
+
+/// How often the workers are checked for one stuck in a batch past its response timeout: the
+/// requests queued behind it wait at most this much longer than they would for a free worker.
+const STUCK_CHECK: Duration = Duration::from_secs(1);
+
+/// Replaces, for as long as the server runs, every worker stuck in one batch past its
+/// response timeout (see [`tchserve_backend::Workers::replace_stuck`]).
+fn replace_stuck_workers(registry: Arc<Registry>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(STUCK_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            registry.replace_stuck_workers();
         }
     });
 }

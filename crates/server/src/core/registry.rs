@@ -614,6 +614,16 @@ impl Registry {
         }
     }
 
+    /// Replaces every worker stuck in one batch past its response timeout (see
+    /// [`tchserve_backend::Workers::replace_stuck`]).
+    pub fn replace_stuck_workers(&self) {
+        for entry in self.read().values() {
+            for m in entry.versions.values() {
+                m.pool.replace_stuck();
+            }
+        }
+    }
+
     /// Removes every model, for shutdown.
     pub fn drain(&self) -> Vec<Arc<ModelVersion>> {
         std::mem::take(&mut *self.write())
