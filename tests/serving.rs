@@ -1387,6 +1387,53 @@ fn graceful_stop_finishes_requests_in_flight() {
 }
 
 #[test]
+fn a_second_stop_signal_stops_waiting_for_the_drain() {
+    let mut s = Server::new("");
+    let slow = fixture_archive(&s, "slow", "slow.pt", "vec2.json");
+    s.start(&["--models", &format!("slow={slow}")]);
+    let inference = s.inference.clone();
+    // About a minute of forward, well inside the default 120 s grace period.
+    let in_flight = std::thread::spawn(move || {
+        common::http::try_request(
+            &inference,
+            "POST",
+            "/predictions/slow",
+            &[("Content-Type", "application/json")],
+            b"[600000, 0]",
+            Duration::from_secs(180),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // A terminal's Ctrl-C that reaches a wrapper script and the server at once is one signal:
+    // the server goes on draining.
+    s.signal_stop();
+    s.signal_stop();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.log().contains("stopping: unready") {
+        assert!(Instant::now() < deadline, "{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !s.log().contains("asked again to stop"),
+        "two signals at once were taken for two:\n{}",
+        s.log()
+    );
+    let asked_again = Instant::now();
+    s.signal_stop();
+    let status = s.wait();
+    let took = asked_again.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "exited {took:?} after the second signal"
+    );
+    assert!(status.success(), "{status}");
+    assert!(s.log().contains("asked again to stop"), "{}", s.log());
+    // Its client learns the server went away rather than waiting on.
+    assert!(in_flight.join().unwrap().is_err());
+}
+
+#[test]
 fn sigterm_under_load_answers_every_accepted_request() {
     // One worker at batch 1 and requests of about 0.1 s each: most of them still wait in the
     // queue when the signal comes.

@@ -234,7 +234,8 @@ pub fn running_pid(dir: &Path) -> Option<u32> {
     (alive(pid) && is_our_server(pid, started)).then_some(pid)
 }
 
-/// Catches Ctrl-C, SIGTERM and SIGHUP from now on and returns what completes on any of them.
+/// Catches Ctrl-C, SIGTERM and SIGHUP from now on, and returns what completes on the first of
+/// them (stop gracefully) and what completes on another one (stop waiting for the drain).
 ///
 /// SIGHUP (a closed terminal, or a log rotation script's habit) stops gracefully too, as
 /// TorchServe's JVM takes it, rather than killing the server with requests in flight.
@@ -242,8 +243,10 @@ pub fn running_pid(dir: &Path) -> Option<u32> {
 /// The handlers are installed here rather than when the future is first polled: a signal that
 /// comes between the listeners answering and the server waiting for it would otherwise kill the
 /// process outright. Must be called inside a Tokio runtime.
-pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static>
-{
+pub fn shutdown_signal() -> std::io::Result<(
+    impl std::future::Future<Output = ()> + Send + 'static,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -253,22 +256,50 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
     } else {
         Some(signal(SignalKind::hangup())?)
     };
-    Ok(async move {
-        let hangup = async {
-            match &mut hangup {
-                Some(h) => {
-                    h.recv().await;
+    let (count, counted) = tokio::sync::watch::channel(0u8);
+    tokio::spawn(async move {
+        let mut first: Option<std::time::Instant> = None;
+        loop {
+            let hangup = async {
+                match &mut hangup {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
-                None => std::future::pending::<()>().await,
+            };
+            tokio::select! {
+                _ = interrupt.recv() => {},
+                _ = terminate.recv() => {},
+                () = hangup => {},
             }
-        };
-        tokio::select! {
-            _ = interrupt.recv() => {},
-            _ = terminate.recv() => {},
-            () = hangup => {},
+            match first {
+                None => {
+                    first = Some(std::time::Instant::now());
+                    let _ = count.send(1);
+                }
+                Some(at) if at.elapsed() >= ONE_SIGNAL => {
+                    let _ = count.send(2);
+                    return;
+                }
+                Some(_) => {}
+            }
         }
-    })
+    });
+    let signals = move |n: u8| {
+        let mut counted = counted.clone();
+        async move {
+            if counted.wait_for(|c| *c >= n).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    Ok((signals(1), signals(2)))
 }
+
+/// Signals this close together are one: a Ctrl-C reaches both a wrapper script and the server,
+/// and the wrapper may pass its own on.
+const ONE_SIGNAL: Duration = Duration::from_millis(500);
 
 /// Whether this process was started with SIGHUP ignored (`nohup`).
 fn hangup_ignored() -> bool {

@@ -72,13 +72,14 @@ pub enum ServerError {
 
 /// Runs the server until `shutdown` completes, then stops gracefully: readiness turns false,
 /// listeners stop accepting, in-flight requests finish, queued jobs are answered, workers exit,
-/// all within `graceful_shutdown_timeout`.
+/// all within `graceful_shutdown_timeout`, or until `cut_short` completes, whichever is first.
 ///
 /// `ready` is called once the listeners are bound and the start-up models loaded, when the
 /// server starts answering.
 pub async fn run(
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    cut_short: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(),
 ) -> Result<Stopped, ServerError> {
     let started = Instant::now();
@@ -220,6 +221,7 @@ pub async fn run(
     // A stop asked for while models load is not left waiting for the listeners: the loads
     // get the grace period to end, then their workers stop.
     let mut shutdown = Box::pin(shutdown);
+    let cut_short = Box::pin(cut_short);
     let mut loading = std::pin::pin!(async {
         let mut failed = Vec::new();
         let mut loaded = Vec::new();
@@ -237,7 +239,8 @@ pub async fn run(
     let (mut failed, mut loaded) = tokio::select! {
         done = &mut loading => done,
         () = &mut shutdown => {
-            return Ok(stop_while_starting(&registry, config.graceful_shutdown_timeout, loading).await);
+            let stopping = stop_while_starting(&registry, config.graceful_shutdown_timeout, loading);
+            return Ok(unless_cut_short(stopping, cut_short).await);
         }
     };
     // Of the versions of a model, the one listed first is its default, as TorchServe registers
@@ -297,7 +300,8 @@ pub async fn run(
                 () = &mut shutdown => {
                     // The poll stops before its next load; the one under way gets the grace.
                     poller.stop();
-                    return Ok(stop_while_starting(&registry, config.graceful_shutdown_timeout, polling).await);
+                    let stopping = stop_while_starting(&registry, config.graceful_shutdown_timeout, polling);
+                    return Ok(unless_cut_short(stopping, cut_short).await);
                 }
             }
             Some((poller, every))
@@ -423,24 +427,49 @@ pub async fn run(
         p.stop();
     }
     let aborts: Vec<_> = servers.iter().map(|s| s.abort_handle()).collect();
-    let listeners_done = tokio::time::timeout_at(deadline, futures_util::future::join_all(servers))
-        .await
-        .is_ok();
-    if !listeners_done {
-        for a in aborts {
+    let draining = async {
+        let listeners_done =
+            tokio::time::timeout_at(deadline, futures_util::future::join_all(servers))
+                .await
+                .is_ok();
+        if !listeners_done {
+            for a in &aborts {
+                a.abort();
+            }
+        }
+        let workers_done = stop_workers(&registry, deadline).await;
+        if listeners_done && workers_done {
+            tracing::info!("stopped");
+            Stopped::Drained
+        } else {
+            tracing::warn!(
+                grace_s = grace.as_secs(),
+                "graceful_shutdown_timeout passed with work unfinished; cutting it off"
+            );
+            Stopped::GraceExpired
+        }
+    };
+    let stopped = unless_cut_short(draining, cut_short).await;
+    if stopped == Stopped::GraceExpired {
+        for a in &aborts {
             a.abort();
         }
     }
-    let workers_done = stop_workers(&registry, deadline).await;
-    if listeners_done && workers_done {
-        tracing::info!("stopped");
-        Ok(Stopped::Drained)
-    } else {
-        tracing::warn!(
-            grace_s = grace.as_secs(),
-            "graceful_shutdown_timeout passed with work unfinished; cutting it off"
-        );
-        Ok(Stopped::GraceExpired)
+    Ok(stopped)
+}
+
+/// Runs a graceful stop unless `cut_short` completes first: then what is in flight is not
+/// waited for, as after the grace period.
+async fn unless_cut_short(
+    stopping: impl Future<Output = Stopped>,
+    cut_short: impl Future<Output = ()>,
+) -> Stopped {
+    tokio::select! {
+        stopped = stopping => stopped,
+        () = cut_short => {
+            tracing::warn!("asked again to stop: not waiting for the requests in flight and queued");
+            Stopped::GraceExpired
+        }
     }
 }
 
@@ -571,8 +600,8 @@ async fn poll_store(
 pub enum Stopped {
     /// Every accepted request was answered and every worker exited.
     Drained,
-    /// `graceful_shutdown_timeout` passed first; worker threads may still be running a forward
-    /// or a load.
+    /// `graceful_shutdown_timeout` passed first, or the stop was cut short; worker threads may
+    /// still be running a forward or a load.
     GraceExpired,
 }
 

@@ -328,7 +328,7 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     // Caught from here on: a stop sent while the server starts is kept, not fatal. The PID
     // file comes after, so whoever reads it to send a stop finds the signal caught.
-    let shutdown = {
+    let (shutdown, cut_short) = {
         let _in_runtime = runtime.enter();
         control::shutdown_signal()?
     };
@@ -357,6 +357,7 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
             scratch,
         },
         shutdown,
+        cut_short,
         control::signal_ready,
     ));
     // The last spans go out while the runtime that sends them still runs.
