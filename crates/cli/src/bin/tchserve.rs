@@ -147,9 +147,19 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            if JSON_LOG.load(std::sync::atomic::Ordering::Relaxed) {
+            let json = JSON_LOG.load(std::sync::atomic::Ordering::Relaxed);
+            if json && tracing::enabled!(tracing::Level::ERROR) {
                 // A log read as JSON lines takes the reason as one of them.
                 tracing::error!("{}", tchserve_cli::describe(&e));
+            } else if json {
+                // A RUST_LOG naming only other crates would filter the line above out.
+                use std::io::Write;
+                let line = serde_json::json!({
+                    "level": "ERROR",
+                    "fields": {"message": tchserve_cli::describe(&e)},
+                    "target": "tchserve",
+                });
+                let _ = writeln!(std::io::stderr(), "{line}");
             } else {
                 // Not eprintln!: where stderr is the log on a full disk, a panic would replace
                 // the reason with exit status 101.
