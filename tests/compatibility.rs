@@ -223,6 +223,9 @@ fn start_stop_and_status_as_documented() {
         text(&second)
     );
     assert_eq!(fs::read(s.home().join("key_file.json")).unwrap(), key_file);
+    // It fails before loading a model: with large ones, the wait would be minutes.
+    let second_log = fs::read_to_string(s.home().join("logs2/tchserve.log")).unwrap();
+    assert!(!second_log.contains("worker ready"), "{second_log}");
 
     // --stop and --status look where they are told; nothing there is an error, with the hint.
     let wrong = tchserve(&["--stop", "--log-dir", "logs2"]);

@@ -100,6 +100,25 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(crate::tls::Identity::load(cert, key)?),
         _ => None,
     };
+    // Bound before anything else is touched: a start on taken ports fails at once rather than
+    // after minutes of loading models, and touches nothing the server that holds them owns
+    // (its snapshot and key file above all). Connections made while the models load wait in
+    // the listen backlog and are served once they have loaded.
+    let listeners = listeners(&config);
+    let mut bound = Vec::new();
+    for (address, _) in &listeners {
+        bound.push(bind(address, identity.as_ref()).await?);
+    }
+    let mut grpc_bound = Vec::new();
+    for (host, port) in [&config.grpc_inference, &config.grpc_management] {
+        let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
+            .await
+            .map_err(|source| ServerError::Bind {
+                address: format!("{host}:{port} (gRPC)"),
+                source,
+            })?;
+        grpc_bound.push(listener);
+    }
     let store = match &config.model_store {
         Some(dir) => Some(ModelStore::open(dir).map_err(|e| ServerError::Store(e.to_string()))?),
         None => None,
@@ -316,23 +335,6 @@ pub async fn run(
         state.save_snapshot().await;
     }
 
-    // Bound only now, and before the key file is written: a start on taken ports fails here
-    // and touches nothing the server that holds them owns (its key file above all).
-    let listeners = listeners(&config);
-    let mut bound = Vec::new();
-    for (address, _) in &listeners {
-        bound.push(bind(address, identity.as_ref()).await?);
-    }
-    let mut grpc_bound = Vec::new();
-    for (host, port) in [&config.grpc_inference, &config.grpc_management] {
-        let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
-            .await
-            .map_err(|source| ServerError::Bind {
-                address: format!("{host}:{port} (gRPC)"),
-                source,
-            })?;
-        grpc_bound.push(listener);
-    }
     if config.disable_token_authorization {
         tracing::info!("token authorization is off");
     } else {
