@@ -488,23 +488,36 @@ fn report_on_quit(registry: Arc<Registry>) {
             tracing::info!(models = entries.len(), "state, as asked by SIGQUIT");
             for (name, entry) in entries {
                 for (version, m) in entry.versions {
-                    let workers: Vec<String> = m
-                        .pool
-                        .workers()
-                        .iter()
-                        .map(|w| format!("{}:{:?}", w.id, w.state))
-                        .collect();
                     tracing::info!(
                         model = %name,
                         version = %version,
                         queued = m.pool.queue_len(),
-                        workers = %workers.join(" "),
+                        workers = %describe_workers(m.pool.as_ref()),
                         "state"
                     );
                 }
             }
+            // Not listed until their workers have started: what a hung start waits on.
+            for s in registry.starting() {
+                tracing::info!(
+                    model = %s.name,
+                    version = %s.version,
+                    workers = %describe_workers(s.pool.as_ref()),
+                    "registering, waiting for its workers"
+                );
+            }
         }
     });
+}
+
+/// `9000:Ready 9001:Starting`.
+fn describe_workers(pool: &dyn tchserve_backend::Workers) -> String {
+    let workers: Vec<String> = pool
+        .workers()
+        .iter()
+        .map(|w| format!("{}:{:?}", w.id, w.state))
+        .collect();
+    workers.join(" ")
 }
 
 /// How often the workers are checked for one stuck in a batch past its response timeout: the

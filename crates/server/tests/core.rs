@@ -29,11 +29,32 @@ use tower::ServiceExt as _;
 #[derive(Debug, Default)]
 struct FakeBackend {
     loads: AtomicUsize,
+    starts: Arc<Gate>,
+}
+
+/// Holds every worker start while closed, as a model that takes long to load would.
+#[derive(Debug, Default)]
+struct Gate {
+    closed: Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn set(&self, closed: bool) {
+        *self.closed.lock().unwrap() = closed;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let closed = self.closed.lock().unwrap();
+        drop(self.changed.wait_while(closed, |c| *c).unwrap());
+    }
 }
 
 #[derive(Debug)]
 struct FakeWorkers {
     count: Mutex<usize>,
+    starts: Arc<Gate>,
 }
 
 impl Backend for FakeBackend {
@@ -48,6 +69,7 @@ impl Backend for FakeBackend {
         }
         Ok(Arc::new(FakeWorkers {
             count: Mutex::new(0),
+            starts: Arc::clone(&self.starts),
         }))
     }
 }
@@ -96,6 +118,7 @@ impl Workers for FakeWorkers {
         *self.count.lock().unwrap() = n;
     }
     fn wait_started(&self, _: Duration) -> usize {
+        self.starts.pass();
         self.worker_count()
     }
     fn worker_count(&self) -> usize {
@@ -929,4 +952,38 @@ async fn keys_guard_the_kserve_routes_in_their_own_shape() {
         let r = call(h.inference(), "GET", uri, Body::empty()).await;
         assert_eq!(r.status, 200, "{uri}");
     }
+}
+
+#[test]
+fn a_registration_waiting_for_its_workers_is_listed_as_starting() {
+    let h = harness();
+    let registry = Arc::clone(&h.state.registry);
+    h.backend.starts.set(true);
+    let registering = {
+        let registry = Arc::clone(&registry);
+        std::thread::spawn(move || {
+            registry.register(&tchserve_server::core::RegisterParams {
+                url: "mlp".into(),
+                initial_workers: Some(2),
+                synchronous: true,
+                ..Default::default()
+            })
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while registry.starting().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never listed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // What a hung start waits on is named, though it is not registered yet.
+    let starting = registry.starting();
+    assert_eq!(starting.len(), 1);
+    assert_eq!((&*starting[0].name, &*starting[0].version), ("mlp", "1.0"));
+    assert_eq!(starting[0].pool.worker_count(), 2);
+    assert!(registry.names().is_empty());
+    h.backend.starts.set(false);
+    let registered = registering.join().unwrap().unwrap();
+    assert_eq!(registered.workers, 2);
+    assert!(registry.starting().is_empty());
+    assert_eq!(registry.names(), ["mlp"]);
 }

@@ -168,6 +168,29 @@ pub struct Registry {
     config: Arc<Config>,
     /// Downloads archives registered by URL into the store; `Err` says why it cannot.
     fetcher: Result<Fetcher, String>,
+    /// Versions whose registration waits for their workers to start, not yet listed in
+    /// `models`: what a hung start is waiting on.
+    starting: Mutex<Vec<Starting>>,
+}
+
+/// A version whose registration waits for its workers, as [`Registry::starting`] lists it.
+#[derive(Debug, Clone)]
+pub struct Starting {
+    /// The model's name.
+    pub name: String,
+    /// The version.
+    pub version: String,
+    /// Its workers.
+    pub pool: Arc<dyn Workers>,
+}
+
+/// Lists a version in [`Registry::starting`] for as long as it lives.
+struct Listed<'a>(&'a Registry, Arc<dyn Workers>);
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.starting).retain(|s| !Arc::ptr_eq(&s.pool, &self.1));
+    }
 }
 
 impl Registry {
@@ -194,7 +217,13 @@ impl Registry {
             backend,
             config,
             fetcher,
+            starting: Mutex::default(),
         }
+    }
+
+    /// Versions whose registration waits for their workers to start.
+    pub fn starting(&self) -> Vec<Starting> {
+        lock(&self.starting).clone()
     }
 
     /// Downloads a remote archive into the model store (see [`super::fetch`]).
@@ -419,6 +448,12 @@ impl Registry {
         });
         pool.scale(min_workers);
         if p.synchronous && min_workers > 0 {
+            lock(&self.starting).push(Starting {
+                name: name.clone(),
+                version: version.clone(),
+                pool: Arc::clone(&pool),
+            });
+            let _listed = Listed(self, Arc::clone(&pool));
             let ready = pool.wait_started(Duration::from_secs(startup_timeout_s));
             if ready < min_workers {
                 let failure = pool_failure(pool.as_ref());
@@ -631,6 +666,11 @@ impl Registry {
             .flat_map(|e| e.versions.into_values())
             .collect()
     }
+}
+
+/// Locks `m`; a panic elsewhere while it was held leaves the list as good as it was.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn pool_failure(pool: &dyn Workers) -> Option<String> {
