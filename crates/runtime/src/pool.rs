@@ -226,6 +226,11 @@ impl Pool {
             stuck.push(old);
             replaced += 1;
         }
+        drop(stuck);
+        if replaced > 0 {
+            // A replacement whose thread could not start serves nothing: see answer_unserved.
+            answer_unserved(&self.rx, &self.shared, &self.spec);
+        }
         replaced
     }
 

@@ -2,7 +2,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -54,8 +54,35 @@ enum Ended {
     Crashed(String),
 }
 
+/// Worker threads of the process that have not returned, whichever pool they served.
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// Worker threads still running: a stopped worker still inside a forward (scaled away, or
+/// replaced when stuck) counts until it returns. Exiting the process normally under one runs
+/// libtorch's static destructors beneath its forward.
+pub fn worker_threads_running() -> usize {
+    RUNNING.load(Ordering::SeqCst)
+}
+
+/// Counts a worker thread in [`RUNNING`] for as long as it lives.
+struct Running;
+
+impl Running {
+    fn start() -> Self {
+        RUNNING.fetch_add(1, Ordering::SeqCst);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The thread's body.
 pub(crate) fn run(ctx: Context) {
+    let _running = Running::start();
     let name = format!("{}:{}", ctx.spec.name, ctx.spec.version);
     let mut failures = 0usize;
     // Whether libtorch's whole message for a failed load was logged since the last good one.

@@ -100,24 +100,24 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(crate::tls::Identity::load(cert, key)?),
         _ => None,
     };
-    // Bound before anything else is touched: a start on taken ports fails at once rather than
-    // after minutes of loading models, and touches nothing the server that holds them owns
-    // (its snapshot and key file above all). Connections made while the models load wait in
-    // the listen backlog and are served once they have loaded.
+    // Looked at before anything else is touched: a start on taken ports fails at once rather
+    // than after minutes of loading models. They are bound for good only once the models have
+    // loaded, so that until then a connection is refused, which every health check reads as
+    // not ready (one that waited in the listen backlog would pass a TCP check).
     let listeners = listeners(&config);
-    let mut bound = Vec::new();
     for (address, _) in &listeners {
-        bound.push(bind(address, identity.as_ref()).await?);
+        probe_free(address).await?;
     }
-    let mut grpc_bound = Vec::new();
     for (host, port) in [&config.grpc_inference, &config.grpc_management] {
-        let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
+        probe_free(&Address::Tcp(host.clone(), *port))
             .await
-            .map_err(|source| ServerError::Bind {
-                address: format!("{host}:{port} (gRPC)"),
-                source,
+            .map_err(|e| match e {
+                ServerError::Bind { source, .. } => ServerError::Bind {
+                    address: format!("{host}:{port} (gRPC)"),
+                    source,
+                },
+                e => e,
             })?;
-        grpc_bound.push(listener);
     }
     let store = match &config.model_store {
         Some(dir) => Some(ModelStore::open(dir).map_err(|e| ServerError::Store(e.to_string()))?),
@@ -335,6 +335,23 @@ pub async fn run(
         state.save_snapshot().await;
     }
 
+    // Bound only now, and before the key file is written: ports taken while the models loaded
+    // fail the start here and touch nothing the server that holds them owns (its key file
+    // above all).
+    let mut bound = Vec::new();
+    for (address, _) in &listeners {
+        bound.push(bind(address, identity.as_ref()).await?);
+    }
+    let mut grpc_bound = Vec::new();
+    for (host, port) in [&config.grpc_inference, &config.grpc_management] {
+        let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
+            .await
+            .map_err(|source| ServerError::Bind {
+                address: format!("{host}:{port} (gRPC)"),
+                source,
+            })?;
+        grpc_bound.push(listener);
+    }
     if config.disable_token_authorization {
         tracing::info!("token authorization is off");
     } else {
@@ -764,6 +781,30 @@ enum Bound {
     Tcp(tokio::net::TcpListener),
     Tls(tokio::net::TcpListener, tokio_rustls::TlsAcceptor),
     Unix(tokio::net::UnixListener),
+}
+
+/// Fails as [`bind`] would when `address` is taken, and holds nothing.
+async fn probe_free(address: &Address) -> Result<(), ServerError> {
+    let taken = |source| ServerError::Bind {
+        address: address.to_string(),
+        source,
+    };
+    match address {
+        Address::Tcp(host, port) | Address::Https(host, port) => {
+            tokio::net::TcpListener::bind((host.as_str(), *port))
+                .await
+                .map_err(taken)?;
+        }
+        Address::Unix(path) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(taken(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process is listening on this socket",
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn bind(

@@ -375,7 +375,14 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
         t.shutdown();
     }
     let stopped = stopped?;
-    if stopped == Stopped::GraceExpired {
+    let running = tchserve_runtime::worker_threads_running();
+    if stopped == Stopped::Drained && running > 0 {
+        tracing::warn!(
+            threads = running,
+            "a worker replaced or scaled away is still inside a forward; exiting without waiting for it"
+        );
+    }
+    if stopped == Stopped::GraceExpired || running > 0 {
         // A worker may still be inside a forward or a load: running libtorch's static
         // destructors under it could crash the exit, so leave without them.
         use std::io::Write;
