@@ -93,6 +93,15 @@ fn run_suite((s, mlp): (Server, String), suite: &str) {
             "{suite}: no REST call in the access log:\n{log}"
         );
     }
+    if suite == "torchserve-grpc" {
+        // Its calls whose deadline passed while the model ran, as CANCELLED.
+        assert!(
+            log.lines().any(|l| l.contains(
+                "method=gRPC path=/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions status=1 "
+            )),
+            "no cancelled call in the access log:\n{log}"
+        );
+    }
 }
 
 #[test]

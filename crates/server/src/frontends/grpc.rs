@@ -99,7 +99,8 @@ pub type TracedRouter = tonic::transport::server::Router<
 
 /// Writes an access line for each gRPC call, as the REST listeners write one per request:
 /// method `gRPC`, the call's path, its gRPC status code where the answer's head carries it (a
-/// failed unary call; 0 otherwise) and the client's address.
+/// failed unary call; 0 otherwise, and 1, CANCELLED, for a call that ended before its answer
+/// began) and the client's address.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AccessLayer;
 
@@ -135,33 +136,67 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_owned();
         let peer = request
             .extensions()
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(|i| i.remote_addr())
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let started = std::time::Instant::now();
+        let mut call = CallEntry {
+            path: request.uri().path().to_owned(),
+            peer,
+            started: std::time::Instant::now(),
+            logged: false,
+        };
         let answer = self.inner.call(request);
         Box::pin(async move {
             let answer = answer.await;
-            if let Ok(response) = &answer {
-                let status = response
+            let status = match &answer {
+                Ok(response) => response
                     .headers()
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok()?.parse().ok())
-                    .unwrap_or(0);
-                super::log_access(&super::AccessEntry {
-                    method: "gRPC",
-                    path: &path,
-                    status,
-                    micros: started.elapsed().as_micros() as u64,
-                    peer: &peer,
-                });
-            }
+                    .unwrap_or(0),
+                Err(_) => GRPC_UNKNOWN,
+            };
+            call.log(status);
             answer
         })
+    }
+}
+
+/// gRPC's CANCELLED: the call ended before its answer began (the client went away, or its
+/// deadline passed).
+const GRPC_CANCELLED: u16 = 1;
+/// gRPC's UNKNOWN.
+const GRPC_UNKNOWN: u16 = 2;
+
+/// A gRPC call on its way to its access line; one dropped unanswered is logged as cancelled.
+struct CallEntry {
+    path: String,
+    peer: String,
+    started: std::time::Instant,
+    logged: bool,
+}
+
+impl CallEntry {
+    fn log(&mut self, status: u16) {
+        self.logged = true;
+        super::log_access(&super::AccessEntry {
+            method: "gRPC",
+            path: &self.path,
+            status,
+            micros: self.started.elapsed().as_micros() as u64,
+            peer: &self.peer,
+        });
+    }
+}
+
+impl Drop for CallEntry {
+    fn drop(&mut self) {
+        if !self.logged {
+            self.log(GRPC_CANCELLED);
+        }
     }
 }
 
