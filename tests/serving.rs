@@ -1175,17 +1175,21 @@ fn a_model_that_hangs_again_is_given_one_stuck_thread_per_worker() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
+    let first = s.manage("GET", "/models/slow").json()[0]["workers"][0]["id"].clone();
     hang("[600000, 0]");
     wait_for("a new worker takes this one's place");
-    let replacement = s.manage("GET", "/models/slow").json()[0]["workers"].clone();
+    // Registering the version again does not start its count of stuck threads afresh.
+    let t = Instant::now();
+    let r = s.manage("DELETE", "/models/slow");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let r = register(&s, "url=slow-1.0.mar&initial_workers=1&response_timeout=1");
+    assert_eq!(r.status, 200, "{}", r.text());
     // A second request that hangs the model while the first still runs is not given a third
     // thread: one stuck thread per worker at most, said once in the log.
     hang("[600000, 1]");
     wait_for("is not replaced until one of them returns");
     std::thread::sleep(Duration::from_millis(2500));
-    let workers = s.manage("GET", "/models/slow").json()[0]["workers"].clone();
-    assert_eq!(workers[0]["id"], replacement[0]["id"]);
-    assert_eq!(workers.as_array().unwrap().len(), 1);
     let log = s.log();
     assert_eq!(
         log.matches("is not replaced until one of them returns")
@@ -1198,6 +1202,22 @@ fn a_model_that_hangs_again_is_given_one_stuck_thread_per_worker() {
         1,
         "{log}"
     );
+    // A model that serves nothing says so wherever a probe or an operator looks.
+    let described = s.manage("GET", "/models/slow").json();
+    let workers = described[0]["workers"].as_array().unwrap().clone();
+    assert_eq!(workers.len(), 1, "{described}");
+    assert_eq!(workers[0]["status"], "FAILED", "{described}");
+    let ping = s.infer("GET", "/ping", &[], b"");
+    assert_eq!(ping.status, 500, "{}", ping.text());
+    let ready = s.infer("GET", "/v2/models/slow/ready", &[], b"");
+    assert_ne!(ready.status, 200, "{}", ready.text());
+    // SIGQUIT names the thread out of its pool as well.
+    // SAFETY: kill(2) on the test's own child.
+    unsafe { libc::kill(s.pid() as i32, libc::SIGQUIT) };
+    wait_for(&format!(
+        "out of its model version, still inside a batch: slow:1.0 worker {}",
+        first.as_str().unwrap()
+    ));
 }
 
 #[test]

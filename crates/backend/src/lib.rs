@@ -68,7 +68,8 @@ pub enum WorkerState {
     Starting,
     /// Serving.
     Ready,
-    /// Loading failed, or the worker crashed and is being restarted; the text says why.
+    /// Loading failed, the worker crashed and is being restarted, or it is stuck in one batch
+    /// past the response timeout; the text says why.
     Failed(String),
     /// Stopped (scaled down or shut down).
     Stopped,
@@ -114,6 +115,12 @@ pub trait Backend: Send + Sync + Debug {
     /// Prepares `spec`'s workers, none started yet; fails at once when its handler cannot run
     /// here. Blocking: call it off the async threads.
     fn load(&self, spec: ModelSpec) -> Result<Arc<dyn Workers>, LoadError>;
+
+    /// Worker threads taken out of their model version (replaced when stuck, scaled away,
+    /// unregistered) and still inside a batch, one line each: what a thread dump would show.
+    fn lingering(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One model version's queue and workers.

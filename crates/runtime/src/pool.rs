@@ -29,6 +29,24 @@ struct Handle {
     said_stuck: bool,
 }
 
+impl Handle {
+    /// The worker's state as reported: one inside a batch for longer than the response timeout
+    /// `limit` serves nothing, whatever its thread last said, so probes and describe say so.
+    fn reported(&self, state: Option<&WorkerState>, limit: Duration) -> WorkerState {
+        let state = state.cloned().unwrap_or(WorkerState::Stopped);
+        match self.busy.running_for() {
+            Some(ran) if ran > limit && state == WorkerState::Ready => {
+                WorkerState::Failed(format!(
+                    "inside one batch for {} s, past the response timeout of {} s",
+                    ran.as_secs(),
+                    limit.as_secs()
+                ))
+            }
+            _ => state,
+        }
+    }
+}
+
 /// A model version's queue and workers.
 #[derive(Debug)]
 pub struct Pool {
@@ -37,8 +55,6 @@ pub struct Pool {
     tx: Submitter<Job>,
     rx: Taker<Job>,
     workers: Mutex<Vec<Handle>>,
-    /// Workers replaced while stuck in a batch, until their forward returns.
-    stuck: Mutex<Vec<Handle>>,
     shared: Arc<Shared>,
     budget: Arc<ThreadBudget>,
     modules: Arc<SharedModules>,
@@ -46,6 +62,51 @@ pub struct Pool {
 }
 
 static NEXT_WORKER_ID: AtomicUsize = AtomicUsize::new(9000);
+
+/// Worker threads taken out of their pool while inside a batch (replaced when stuck, scaled
+/// away, or stopped with their version), until that batch returns. Kept for the whole process,
+/// by model version, so that unregistering and registering a version again, or scaling it to
+/// none and back, does not reset its cap on stuck threads (see [`Pool::replace_stuck`]).
+static LINGERING: Mutex<Vec<Lingering>> = Mutex::new(Vec::new());
+
+/// A worker thread out of its pool and still inside a batch.
+#[derive(Debug)]
+struct Lingering {
+    /// `name:version`.
+    version: String,
+    id: usize,
+    busy: Arc<Busy>,
+    thread: JoinHandle<()>,
+}
+
+/// Keeps `h` in [`LINGERING`] when it is inside a batch; else it is on its way out.
+fn linger(version: &str, mut h: Handle) {
+    if h.busy.running_for().is_none() {
+        return;
+    }
+    if let Some(thread) = h.thread.take() {
+        lock(&LINGERING).push(Lingering {
+            version: version.to_owned(),
+            id: h.id,
+            busy: Arc::clone(&h.busy),
+            thread,
+        });
+    }
+}
+
+/// Worker threads of `version` (`name:version`; every version when `None`) out of their pool
+/// and still inside a batch: version, id and how long the batch has run.
+pub fn lingering(version: Option<&str>) -> Vec<(String, usize, Duration)> {
+    let mut all = lock(&LINGERING);
+    all.retain(|l| !l.thread.is_finished());
+    all.iter()
+        .filter(|l| version.is_none_or(|v| v == l.version))
+        .map(|l| {
+            let ran = l.busy.running_for().unwrap_or_default();
+            (l.version.clone(), l.id, ran)
+        })
+        .collect()
+}
 
 impl Pool {
     /// A pool with no workers yet, whose workers take `devices` in turn.
@@ -57,7 +118,6 @@ impl Pool {
             tx,
             rx,
             workers: Mutex::new(Vec::new()),
-            stuck: Mutex::new(Vec::new()),
             shared: Arc::default(),
             budget,
             modules: Arc::default(),
@@ -99,9 +159,10 @@ impl Pool {
         // it sets states); the opposite order deadlocks against a concurrent scale.
         let workers = lock(&self.workers);
         let states = lock(&self.shared.states);
+        let limit = self.spec.response_timeout;
         workers
             .iter()
-            .filter(|h| states.get(&h.id) == Some(&WorkerState::Ready))
+            .filter(|h| h.reported(states.get(&h.id), limit) == WorkerState::Ready)
             .count()
     }
 
@@ -117,6 +178,7 @@ impl Pool {
             if let Some(h) = workers.pop() {
                 h.stop.store(true, Ordering::Relaxed);
                 self.shared.remove(h.id);
+                linger(&self.version_name(), h);
             }
         }
         // Under the lock, so that a scale up cannot start a worker for jobs this is answering.
@@ -184,25 +246,24 @@ impl Pool {
     /// replaced.
     pub fn replace_stuck(&self) -> usize {
         let limit = self.spec.response_timeout;
+        let name = self.version_name();
         let mut workers = lock(&self.workers);
-        let mut stuck = lock(&self.stuck);
-        stuck.retain(|h| h.thread.as_ref().is_some_and(|t| !t.is_finished()));
         let mut replaced = 0;
         for i in 0..workers.len() {
             let Some(ran) = workers[i].busy.running_for().filter(|ran| *ran > limit) else {
                 continue;
             };
-            let name = format!("{}:{}", self.spec.name, self.spec.version);
-            if stuck.len() >= workers.len() {
+            let still_running = lingering(Some(&name)).len();
+            if still_running >= workers.len() {
                 if !std::mem::replace(&mut workers[i].said_stuck, true) {
                     tracing::error!(
                         worker = workers[i].id,
                         model = %name,
                         ran_s = ran.as_secs(),
-                        still_running = stuck.len(),
-                        "a batch has run past the response timeout of {} s, and as many replaced \
-                         workers are still running theirs: this one is not replaced until one \
-                         of them returns",
+                        still_running,
+                        "a batch has run past the response timeout of {} s, and as many workers \
+                         taken out of this model version are still inside theirs: this one is \
+                         not replaced until one of them returns, and counts as not ready",
                         limit.as_secs()
                     );
                 }
@@ -223,15 +284,19 @@ impl Pool {
                  one's place, and this one ends when its forward returns",
                 limit.as_secs()
             );
-            stuck.push(old);
+            linger(&name, old);
             replaced += 1;
         }
-        drop(stuck);
         if replaced > 0 {
             // A replacement whose thread could not start serves nothing: see answer_unserved.
             answer_unserved(&self.rx, &self.shared, &self.spec);
         }
         replaced
+    }
+
+    /// `name:version`.
+    fn version_name(&self) -> String {
+        format!("{}:{}", self.spec.name, self.spec.version)
     }
 
     /// Waits until no worker is starting, or `timeout` passes; returns the number ready.
@@ -263,12 +328,13 @@ impl Pool {
         let workers = lock(&self.workers);
         let states = lock(&self.shared.states);
         let load_ms = lock(&self.shared.load_ms);
+        let limit = self.spec.response_timeout;
         workers
             .iter()
             .map(|h| WorkerInfo {
                 id: h.id,
                 started: h.started,
-                state: states.get(&h.id).cloned().unwrap_or(WorkerState::Stopped),
+                state: h.reported(states.get(&h.id), limit),
                 device: device_label(h.device),
                 load_ms: load_ms.get(&h.id).copied(),
             })
@@ -293,8 +359,13 @@ impl Pool {
         for h in &handles {
             h.stop.store(true, Ordering::Relaxed);
         }
+        let name = self.version_name();
         for mut h in handles {
-            if let Some(t) = h.thread.take() {
+            // A batch still running has its clients, who get their answers when it returns; a
+            // stuck one must not hold the unregistration or the stop.
+            if h.busy.running_for().is_some() {
+                linger(&name, h);
+            } else if let Some(t) = h.thread.take() {
                 let _ = t.join();
             }
         }

@@ -49,6 +49,15 @@ impl Backend for TorchBackend {
         self.cuda.devices
     }
 
+    fn lingering(&self) -> Vec<String> {
+        crate::pool::lingering(None)
+            .into_iter()
+            .map(|(version, id, ran)| {
+                format!("{version} worker {id}, {} s into its batch", ran.as_secs())
+            })
+            .collect()
+    }
+
     fn load(&self, spec: ModelSpec) -> Result<Arc<dyn Workers>, LoadError> {
         // Fail fast on handlers this build cannot run, rather than in every worker.
         Pipeline::new(&spec.handler, &spec.model_dir).map_err(|e| LoadError(e.to_string()))?;

@@ -514,6 +514,9 @@ fn report_on_quit(registry: Arc<Registry>) {
                     );
                 }
             }
+            for thread in registry.lingering() {
+                tracing::info!("out of its model version, still inside a batch: {thread}");
+            }
             // Not listed until their workers have started: what a hung start waits on.
             for s in registry.starting() {
                 tracing::info!(

@@ -379,7 +379,7 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
     if stopped == Stopped::Drained && running > 0 {
         tracing::warn!(
             threads = running,
-            "a worker replaced or scaled away is still inside a forward; exiting without waiting for it"
+            "a worker taken out of its model version is still inside a forward; exiting without waiting for it"
         );
     }
     if stopped == Stopped::GraceExpired || running > 0 {

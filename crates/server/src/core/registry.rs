@@ -226,6 +226,12 @@ impl Registry {
         lock(&self.starting).clone()
     }
 
+    /// Worker threads out of their version and still inside a batch (see
+    /// [`tchserve_backend::Backend::lingering`]).
+    pub fn lingering(&self) -> Vec<String> {
+        self.backend.lingering()
+    }
+
     /// Downloads a remote archive into the model store (see [`super::fetch`]).
     pub async fn fetch_archive(&self, url: &str) -> Result<Fetched, ApiError> {
         match &self.fetcher {

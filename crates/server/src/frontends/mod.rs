@@ -313,9 +313,9 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
 }
 
 /// Stops the workers of unregistered versions: what is queued is answered within `drain`, and
-/// the call returns then, or a little after. A forward still running past that (a model stuck
-/// in a loop) is not waited for: its thread ends when the forward returns, and the version's
-/// files go with it.
+/// the call returns then, or a little after. A batch still running then is not waited for (a
+/// model stuck in a loop may never return): its clients get their answers when it returns, and
+/// its thread ends then.
 pub async fn stop_workers(
     removed: Vec<std::sync::Arc<crate::core::registry::ModelVersion>>,
     drain: std::time::Duration,
