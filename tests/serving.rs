@@ -1220,6 +1220,33 @@ fn a_model_that_hangs_again_is_given_one_stuck_thread_per_worker() {
     ));
 }
 
+/// A synchronous registration answers at its startup_timeout, not when a long load ends.
+#[test]
+fn a_synchronous_registration_fails_at_its_startup_timeout() {
+    let mut s = Server::new("enable_model_api=true");
+    fixture_archive(&s, "slow_start", "slow_start.pt", "vec2.json");
+    s.start(&[]);
+    let r = register(
+        &s,
+        "url=slow_start-1.0.mar&initial_workers=1&synchronous=true&startup_timeout=1",
+    );
+    assert_error(
+        &r,
+        500,
+        "InternalServerException",
+        "not ready within startup_timeout (1 s)",
+    );
+    // The load (seconds of warm-up) is still under way, and the log says what happened.
+    let log = s.log();
+    assert!(!log.contains("worker ready"), "{log}");
+    assert!(!log.contains("stopped while loading"), "{log}");
+    assert!(
+        log.contains("registration refused: not ready within startup_timeout (1 s)"),
+        "{log}"
+    );
+    assert_eq!(s.manage("GET", "/models").json(), json!({"models": []}));
+}
+
 #[test]
 fn snapshot_restores_registrations_after_restart() {
     let (mut s, v1, v2) = scale_server("enable_model_api=true");

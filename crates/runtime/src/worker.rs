@@ -90,6 +90,11 @@ pub(crate) fn run(ctx: Context) {
     while !ctx.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         let loaded = catch_unwind(AssertUnwindSafe(|| load(&ctx)));
+        if ctx.stop.load(Ordering::Relaxed) {
+            // Scaled away or refused while it loaded: whatever the load gave is moot.
+            tracing::info!(worker = ctx.id, model = %name, load_ms = started.elapsed().as_millis() as u64, "worker stopped while loading");
+            return;
+        }
         let model = match loaded {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {

@@ -467,7 +467,14 @@ impl Registry {
                     let why = failure.unwrap_or_else(|| {
                         format!(": not ready within startup_timeout ({startup_timeout_s} s)")
                     });
-                    pool.shutdown(Duration::ZERO);
+                    // Not waited for: a load may take much longer than the timeout the caller
+                    // asked for. A worker still loading stops once its load ends.
+                    pool.scale(0);
+                    tracing::warn!(
+                        model = %name,
+                        version = %version,
+                        "registration refused{why}; its workers are discarded"
+                    );
                     return Err(ApiError::internal(format!(
                         "Failed to start workers for model {name} version: {version}{why}"
                     )));
@@ -494,7 +501,7 @@ impl Registry {
         let entry = models.entry(name.clone()).or_default();
         if entry.versions.contains_key(&version) {
             drop(models);
-            pool.shutdown(Duration::ZERO);
+            pool.scale(0);
             return Err(ApiError::conflict(format!(
                 "Model version {version} is already registered for model {name}"
             )));
