@@ -1530,7 +1530,15 @@ fn a_second_stop_signal_stops_waiting_for_the_drain() {
         "exited {took:?} after the second signal"
     );
     assert!(status.success(), "{status}");
-    assert!(s.log().contains("asked again to stop"), "{}", s.log());
+    let log = s.log();
+    assert!(log.contains("asked again to stop"), "{log}");
+    // The log says what was cut: the request still queued behind the running one.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("requests cut off unanswered") && l.contains("queued=1")),
+        "{log}"
+    );
+    assert!(log.contains("stopped, with work cut off"), "{log}");
     // Their clients learn the server went away rather than waiting on.
     assert!(running.join().unwrap().is_err());
     assert!(queued.join().unwrap().is_err());

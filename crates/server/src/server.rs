@@ -218,7 +218,9 @@ pub async fn run(
                     let url = p.url.clone();
                     match load_at_start(&registry, p).await {
                         Ok(r) => {
-                            tracing::info!(model = %r.model.name, version = %r.model.version, workers = r.workers, "model loaded");
+                            // Ready may be fewer than asked for: a restored model whose workers fail stays registered.
+                            let ready = r.model.pool.ready_count();
+                            tracing::info!(model = %r.model.name, version = %r.model.version, workers = r.workers, ready, "model loaded");
                             loaded.push((i, r.model.name.clone(), r.model.version.clone()));
                         }
                         Err(e) => {
@@ -473,6 +475,20 @@ pub async fn run(
         for a in &aborts {
             a.abort();
         }
+        // What was cut: requests still queued (a cut before the workers were stopped) and
+        // batches still running.
+        for (name, entry) in registry.snapshot_entries() {
+            for (version, m) in entry.versions {
+                let queued = m.pool.queue_len();
+                if queued > 0 {
+                    tracing::warn!(model = %name, version = %version, queued, "requests cut off unanswered");
+                }
+            }
+        }
+        for thread in registry.lingering() {
+            tracing::warn!("cut off inside a batch: {thread}");
+        }
+        tracing::info!("stopped, with work cut off");
     }
     Ok(stopped)
 }
