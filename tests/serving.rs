@@ -1210,14 +1210,20 @@ fn a_model_that_hangs_again_is_given_one_stuck_thread_per_worker() {
     let ping = s.infer("GET", "/ping", &[], b"");
     assert_eq!(ping.status, 500, "{}", ping.text());
     let ready = s.infer("GET", "/v2/models/slow/ready", &[], b"");
-    assert_ne!(ready.status, 200, "{}", ready.text());
-    // SIGQUIT names the thread out of its pool as well.
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    // SIGQUIT names the thread out of its pool as well, and the one stuck in it.
     // SAFETY: kill(2) on the test's own child.
     unsafe { libc::kill(s.pid() as i32, libc::SIGQUIT) };
     wait_for(&format!(
-        "out of its model version, still inside a batch: slow:1.0 worker {}",
+        "out of its model version, not returned yet: slow:1.0 worker {}, ",
         first.as_str().unwrap()
     ));
+    wait_for("(in a batch for ");
+    // A synchronous scale starts its workers as asked, the stuck one notwithstanding.
+    let r = s.manage("PUT", "/models/slow?min_worker=2&synchronous=true");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = post_json(&s.inference, "/predictions/slow", "[1, 2]");
+    assert_eq!(floats(&r.json()), [1.0, 2.0]);
 }
 
 /// A synchronous registration answers at its startup_timeout, not when a long load ends.
@@ -1245,6 +1251,25 @@ fn a_synchronous_registration_fails_at_its_startup_timeout() {
         "{log}"
     );
     assert_eq!(s.manage("GET", "/models").json(), json!({"models": []}));
+    // While that load goes on, trying again is refused at once rather than starting another.
+    let again = register(
+        &s,
+        "url=slow_start-1.0.mar&initial_workers=1&synchronous=true&startup_timeout=1",
+    );
+    assert_error(
+        &again,
+        503,
+        "ServiceUnavailableException",
+        "still loading for a registration that was refused",
+    );
+    // SAFETY: kill(2) on the test's own child.
+    unsafe { libc::kill(s.pid() as i32, libc::SIGQUIT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.log().contains("slow_start:1.0 worker") {
+        assert!(Instant::now() < deadline, "{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.log().contains(", loading"), "{}", s.log());
 }
 
 #[test]
@@ -1487,18 +1512,20 @@ fn a_second_stop_signal_stops_waiting_for_the_drain() {
             )
         })
     };
-    // About a minute of forward, longer than the test and than the 30 s grace period; a
-    // second request waits behind it, which says the first one runs.
+    // About a minute of forward, longer than the test and than the 30 s grace period, and a
+    // second request queued behind it.
     let running = send("[600000, 0]");
-    let mut queued = send("[1, 0]");
+    // SIGQUIT says when a worker is inside a batch: then the second request queues behind it.
     let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.log().contains("(in a batch for ") {
+        assert!(Instant::now() < deadline, "the first request never ran");
+        // SAFETY: kill(2) on the test's own child.
+        unsafe { libc::kill(s.pid() as i32, libc::SIGQUIT) };
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let queued = send("[1, 0]");
     while s.manage("GET", "/models/slow").json()[0]["jobQueueStatus"]["pendingRequests"] != 1 {
         assert!(Instant::now() < deadline, "the second request never queued");
-        if queued.is_finished() {
-            // It overtook the first one: another goes behind it.
-            assert_eq!(queued.join().unwrap().unwrap().status, 200);
-            queued = send("[1, 0]");
-        }
         std::thread::sleep(Duration::from_millis(20));
     }
     // A terminal's Ctrl-C that reaches a wrapper script and the server, and the wrapper's own
@@ -1532,10 +1559,15 @@ fn a_second_stop_signal_stops_waiting_for_the_drain() {
     assert!(status.success(), "{status}");
     let log = s.log();
     assert!(log.contains("asked again to stop"), "{log}");
-    // The log says what was cut: the request still queued behind the running one.
+    // The log says what was cut: the batch running and the request queued behind it.
     assert!(
         log.lines()
             .any(|l| l.contains("requests cut off unanswered") && l.contains("queued=1")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cut off inside a batch") && l.contains("model=slow")),
         "{log}"
     );
     assert!(log.contains("stopped, with work cut off"), "{log}");

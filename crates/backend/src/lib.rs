@@ -88,6 +88,35 @@ pub struct WorkerInfo {
     pub device: String,
     /// Milliseconds its last model load took, once it has loaded.
     pub load_ms: Option<u64>,
+    /// How long the batch in hand has run; `None` between batches.
+    pub busy: Option<Duration>,
+}
+
+/// A worker thread taken out of its model version (replaced when stuck, scaled away,
+/// unregistered, or discarded by a refused registration) that has not returned yet.
+#[derive(Debug, Clone)]
+pub struct Lingering {
+    /// `name:version`.
+    pub version: String,
+    /// Worker id.
+    pub id: usize,
+    /// How long its batch has run; `None` while it is still loading its model.
+    pub busy: Option<Duration>,
+}
+
+impl std::fmt::Display for Lingering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.busy {
+            Some(ran) => write!(
+                f,
+                "{} worker {}, {} s into its batch",
+                self.version,
+                self.id,
+                ran.as_secs()
+            ),
+            None => write!(f, "{} worker {}, loading", self.version, self.id),
+        }
+    }
 }
 
 impl WorkerInfo {
@@ -116,9 +145,9 @@ pub trait Backend: Send + Sync + Debug {
     /// here. Blocking: call it off the async threads.
     fn load(&self, spec: ModelSpec) -> Result<Arc<dyn Workers>, LoadError>;
 
-    /// Worker threads taken out of their model version (replaced when stuck, scaled away,
-    /// unregistered) and still inside a batch, one line each: what a thread dump would show.
-    fn lingering(&self) -> Vec<String> {
+    /// Worker threads taken out of their model version that have not returned yet: what a
+    /// thread dump would show.
+    fn lingering(&self) -> Vec<Lingering> {
         Vec::new()
     }
 }
@@ -169,6 +198,13 @@ pub trait Workers: Send + Sync + Debug {
     /// fill, so what is in flight is answered without waiting out the batch delay.
     fn close_batches(&self) {}
 
-    /// Stops every worker once the queue is empty (or `drain` has passed) and waits for them.
+    /// Stops every worker once the queue is empty (or `drain` has passed) and waits for those
+    /// between batches; one inside a batch ends when the batch returns.
     fn shutdown(&self, drain: Duration);
+
+    /// Stops every worker at once, without waiting for any: for a version whose registration
+    /// was refused. A worker still loading ends when its load does.
+    fn discard(&self) {
+        self.scale(0);
+    }
 }

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use tchserve_backend::job::PredictError;
-use tchserve_backend::{ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers};
+use tchserve_backend::{Lingering, ModelSpec, QueueFull, WorkerInfo, WorkerState, Workers};
 
 use crate::batch::{Batcher, Submitter, Taker, queue};
 use crate::job::Job;
@@ -64,46 +64,55 @@ pub struct Pool {
 static NEXT_WORKER_ID: AtomicUsize = AtomicUsize::new(9000);
 
 /// Worker threads taken out of their pool while inside a batch (replaced when stuck, scaled
-/// away, or stopped with their version), until that batch returns. Kept for the whole process,
-/// by model version, so that unregistering and registering a version again, or scaling it to
-/// none and back, does not reset its cap on stuck threads (see [`Pool::replace_stuck`]).
-static LINGERING: Mutex<Vec<Lingering>> = Mutex::new(Vec::new());
+/// away, or stopped with their version) or while loading for a refused registration, until they
+/// return. Kept for the whole process, by model version, so that unregistering and registering a
+/// version again, or scaling it to none and back, does not reset its cap on stuck threads (see
+/// [`Pool::replace_stuck`]).
+static LINGERING: Mutex<Vec<Out>> = Mutex::new(Vec::new());
 
-/// A worker thread out of its pool and still inside a batch.
+/// A worker thread out of its pool that had not returned when it was taken out.
 #[derive(Debug)]
-struct Lingering {
+struct Out {
     /// `name:version`.
     version: String,
     id: usize,
     busy: Arc<Busy>,
+    /// Taken out while loading (a refused registration's), not inside a batch.
+    loading: bool,
     thread: JoinHandle<()>,
 }
 
-/// Keeps `h` in [`LINGERING`] when it is inside a batch; else it is on its way out.
-fn linger(version: &str, mut h: Handle) {
-    if h.busy.running_for().is_none() {
+/// Keeps `h`'s thread in [`LINGERING`] when it is inside a batch, or always with `loading`;
+/// else it is on its way out.
+fn linger(version: &str, mut h: Handle, loading: bool) {
+    if !loading && h.busy.running_for().is_none() {
         return;
     }
     if let Some(thread) = h.thread.take() {
-        lock(&LINGERING).push(Lingering {
+        let mut all = lock(&LINGERING);
+        all.retain(|o| !o.thread.is_finished());
+        all.push(Out {
             version: version.to_owned(),
             id: h.id,
             busy: Arc::clone(&h.busy),
+            loading,
             thread,
         });
     }
 }
 
 /// Worker threads of `version` (`name:version`; every version when `None`) out of their pool
-/// and still inside a batch: version, id and how long the batch has run.
-pub fn lingering(version: Option<&str>) -> Vec<(String, usize, Duration)> {
+/// that have not returned.
+pub fn lingering(version: Option<&str>) -> Vec<Lingering> {
     let mut all = lock(&LINGERING);
-    all.retain(|l| !l.thread.is_finished());
+    all.retain(|o| !o.thread.is_finished());
     all.iter()
-        .filter(|l| version.is_none_or(|v| v == l.version))
-        .map(|l| {
-            let ran = l.busy.running_for().unwrap_or_default();
-            (l.version.clone(), l.id, ran)
+        .filter(|o| version.is_none_or(|v| v == o.version))
+        .map(|o| Lingering {
+            version: o.version.clone(),
+            id: o.id,
+            // A batch that has just ended reads as 0 until its thread is gone.
+            busy: (!o.loading).then(|| o.busy.running_for().unwrap_or_default()),
         })
         .collect()
 }
@@ -178,7 +187,7 @@ impl Pool {
             if let Some(h) = workers.pop() {
                 h.stop.store(true, Ordering::Relaxed);
                 self.shared.remove(h.id);
-                linger(&self.version_name(), h);
+                linger(&self.version_name(), h, false);
             }
         }
         // Under the lock, so that a scale up cannot start a worker for jobs this is answering.
@@ -284,7 +293,7 @@ impl Pool {
                  one's place, and this one ends when its forward returns",
                 limit.as_secs()
             );
-            linger(&name, old);
+            linger(&name, old, false);
             replaced += 1;
         }
         if replaced > 0 {
@@ -319,8 +328,12 @@ impl Pool {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        drop(states);
-        self.ready_count()
+        // Counted by what each thread says: a scale that started its workers is done, even
+        // while another worker is stuck in a batch (which probes and describe report).
+        // (A worker scaled away meanwhile has no state left.)
+        ids.iter()
+            .filter(|id| states.get(id) == Some(&WorkerState::Ready))
+            .count()
     }
 
     /// Describes every worker.
@@ -337,6 +350,7 @@ impl Pool {
                 state: h.reported(states.get(&h.id), limit),
                 device: device_label(h.device),
                 load_ms: load_ms.get(&h.id).copied(),
+                busy: h.busy.running_for(),
             })
             .collect()
     }
@@ -346,7 +360,8 @@ impl Pool {
         self.tx.close_batches();
     }
 
-    /// Stops every worker once the queue is empty (or `drain` has passed) and waits for them.
+    /// Stops every worker once the queue is empty (or `drain` has passed) and waits for those
+    /// between batches; one inside a batch ends when the batch returns.
     pub fn shutdown(&self, drain: Duration) {
         // Nothing more comes: what is queued runs now, not at the end of a batch delay.
         self.close_batches();
@@ -362,11 +377,36 @@ impl Pool {
         let name = self.version_name();
         for mut h in handles {
             // A batch still running has its clients, who get their answers when it returns; a
-            // stuck one must not hold the unregistration or the stop.
+            // stuck one must not hold the unregistration or the stop. One just answered is
+            // given a moment to leave rather than counted as running on.
+            let moment = Instant::now() + Duration::from_millis(200);
+            while h.busy.running_for().is_some()
+                && h.thread.as_ref().is_some_and(|t| !t.is_finished())
+                && Instant::now() < moment
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             if h.busy.running_for().is_some() {
-                linger(&name, h);
+                linger(&name, h, false);
             } else if let Some(t) = h.thread.take() {
                 let _ = t.join();
+            }
+        }
+    }
+
+    /// Stops every worker at once and waits for none: a worker still loading goes on to the
+    /// end of its load, counted in [`lingering`] until then.
+    pub fn discard(&self) {
+        let handles: Vec<Handle> = std::mem::take(&mut *lock(&self.workers));
+        let name = self.version_name();
+        for h in handles {
+            h.stop.store(true, Ordering::Relaxed);
+            // Only a load under way takes long to end: a failed or ready worker sees its stop
+            // flag within moments.
+            let loading = lock(&self.shared.states).get(&h.id) == Some(&WorkerState::Starting);
+            self.shared.remove(h.id);
+            if loading {
+                linger(&name, h, true);
             }
         }
     }
@@ -451,6 +491,9 @@ impl Workers for Pool {
     }
     fn replace_stuck(&self) -> usize {
         Pool::replace_stuck(self)
+    }
+    fn discard(&self) {
+        Pool::discard(self)
     }
     fn close_batches(&self) {
         Pool::close_batches(self)

@@ -49,13 +49,8 @@ impl Backend for TorchBackend {
         self.cuda.devices
     }
 
-    fn lingering(&self) -> Vec<String> {
+    fn lingering(&self) -> Vec<tchserve_backend::Lingering> {
         crate::pool::lingering(None)
-            .into_iter()
-            .map(|(version, id, ran)| {
-                format!("{version} worker {id}, {} s into its batch", ran.as_secs())
-            })
-            .collect()
     }
 
     fn load(&self, spec: ModelSpec) -> Result<Arc<dyn Workers>, LoadError> {

@@ -448,6 +448,8 @@ pub async fn run(
         p.stop();
     }
     let aborts: Vec<_> = servers.iter().map(|s| s.abort_handle()).collect();
+    // Taken before the workers stop (which empties the registry), to say what a cut cuts.
+    let serving = registry.snapshot_entries();
     let draining = async {
         let listeners_done =
             tokio::time::timeout_at(deadline, futures_util::future::join_all(servers))
@@ -475,18 +477,23 @@ pub async fn run(
         for a in &aborts {
             a.abort();
         }
-        // What was cut: requests still queued (a cut before the workers were stopped) and
-        // batches still running.
-        for (name, entry) in registry.snapshot_entries() {
+        // What was cut: requests still queued and batches still running, in their model
+        // versions or, once those stopped, out of them.
+        for (name, entry) in serving {
             for (version, m) in entry.versions {
                 let queued = m.pool.queue_len();
                 if queued > 0 {
                     tracing::warn!(model = %name, version = %version, queued, "requests cut off unanswered");
                 }
+                for w in m.pool.workers() {
+                    if let Some(ran) = w.busy {
+                        tracing::warn!(model = %name, version = %version, worker = w.id, ran_ms = ran.as_millis() as u64, "cut off inside a batch");
+                    }
+                }
             }
         }
         for thread in registry.lingering() {
-            tracing::warn!("cut off inside a batch: {thread}");
+            tracing::warn!("cut off before it returned: {thread}");
         }
         tracing::info!("stopped, with work cut off");
     }
@@ -531,7 +538,7 @@ fn report_on_quit(registry: Arc<Registry>) {
                 }
             }
             for thread in registry.lingering() {
-                tracing::info!("out of its model version, still inside a batch: {thread}");
+                tracing::info!("out of its model version, not returned yet: {thread}");
             }
             // Not listed until their workers have started: what a hung start waits on.
             for s in registry.starting() {
@@ -551,7 +558,15 @@ fn describe_workers(pool: &dyn tchserve_backend::Workers) -> String {
     let workers: Vec<String> = pool
         .workers()
         .iter()
-        .map(|w| format!("{}:{:?}", w.id, w.state))
+        .map(|w| match w.busy {
+            Some(ran) => format!(
+                "{}:{:?}(in a batch for {} ms)",
+                w.id,
+                w.state,
+                ran.as_millis()
+            ),
+            None => format!("{}:{:?}", w.id, w.state),
+        })
         .collect();
     workers.join(" ")
 }

@@ -135,6 +135,7 @@ impl Workers for FakeWorkers {
                 state: WorkerState::Ready,
                 device: "cpu".into(),
                 load_ms: Some(5),
+                busy: None,
             })
             .collect()
     }

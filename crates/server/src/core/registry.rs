@@ -228,7 +228,7 @@ impl Registry {
 
     /// Worker threads out of their version and still inside a batch (see
     /// [`tchserve_backend::Backend::lingering`]).
-    pub fn lingering(&self) -> Vec<String> {
+    pub fn lingering(&self) -> Vec<tchserve_backend::Lingering> {
         self.backend.lingering()
     }
 
@@ -355,6 +355,20 @@ impl Registry {
             )));
         }
         self.check_free(&name, &version)?;
+        // One refused registration's load at a time: a client retrying with a startup_timeout
+        // shorter than the load would otherwise start a load in the background at each try.
+        let key = format!("{name}:{version}");
+        if self
+            .backend
+            .lingering()
+            .iter()
+            .any(|l| l.version == key && l.busy.is_none())
+        {
+            return Err(ApiError::unavailable(format!(
+                "Model {name} version {version} is still loading for a registration that was \
+                 refused (its startup_timeout passed); try again once that load ends"
+            )));
+        }
 
         let mut handler = serving::resolve_handler(&archive, p.handler.as_deref())
             .map_err(|e| invalid(e.to_string()))?;
@@ -469,7 +483,7 @@ impl Registry {
                     });
                     // Not waited for: a load may take much longer than the timeout the caller
                     // asked for. A worker still loading stops once its load ends.
-                    pool.scale(0);
+                    pool.discard();
                     tracing::warn!(
                         model = %name,
                         version = %version,
@@ -501,7 +515,7 @@ impl Registry {
         let entry = models.entry(name.clone()).or_default();
         if entry.versions.contains_key(&version) {
             drop(models);
-            pool.scale(0);
+            pool.discard();
             return Err(ApiError::conflict(format!(
                 "Model version {version} is already registered for model {name}"
             )));
@@ -686,9 +700,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Why a worker failed to start, if one did. A worker reported failed while inside a batch
+/// started well; it is stuck, which the scale asked for has nothing to do with.
 fn pool_failure(pool: &dyn Workers) -> Option<String> {
     pool.workers().into_iter().find_map(|w| match w.state {
-        WorkerState::Failed(why) => Some(format!(": {why}")),
+        WorkerState::Failed(why) if w.busy.is_none() => Some(format!(": {why}")),
         _ => None,
     })
 }
