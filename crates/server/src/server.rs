@@ -613,7 +613,9 @@ async fn stop_while_starting(
     }
 }
 
-/// Stops every model's workers by `deadline`; false when some did not exit in time.
+/// Stops every model's workers by `deadline`; false when the queues were not answered and the
+/// idle workers gone in time. A worker inside a batch is not waited for (see
+/// [`tchserve_backend::Workers::shutdown`]).
 async fn stop_workers(registry: &Registry, deadline: tokio::time::Instant) -> bool {
     let models = registry.drain();
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());

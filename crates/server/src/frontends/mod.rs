@@ -333,7 +333,7 @@ pub async fn stop_workers(
     if tokio::time::timeout(grace, stopping).await.is_err() {
         tracing::warn!(
             models = ?names,
-            "a forward is still running {} s after the unregistration; its worker ends when it returns",
+            "the unregistered versions still had work {} s after the unregistration; it is not waited for",
             grace.as_secs()
         );
     }
