@@ -398,13 +398,15 @@ def torchserve_grpc():
             compression=compression,
         )
         same_floats(np.array(json.loads(r.prediction)).reshape(1, 10), want1, f"torchserve grpc {compression}")
-    # A call whose deadline passes while the model runs ends as the client says; the server's
-    # access log has it as cancelled (checked by the test that runs this suite).
+    # A call whose deadline passes while the model runs ends as DEADLINE_EXCEEDED where the
+    # client's clock fires first, CANCELLED where the server's does; the server's access log has
+    # it as cancelled (checked by the test that runs this suite).
     for _ in range(3):
         try:
             stub.Predictions(inf.PredictionsRequest(model_name="cls", input={"data": jpeg}), timeout=0.005)
         except grpc.RpcError as e:
-            check(e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, f"a short deadline ({e.code()})")
+            passed = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+            check(e.code() in passed, f"a short deadline ({e.code()})")
     try:
         stub.Predictions(inf.PredictionsRequest(model_name="nope", input={"data": b"[1]"}))
         check(False, "torchserve grpc: an unknown model is refused")
