@@ -185,9 +185,7 @@ impl Pool {
         // Newest first, as TorchServe scales down.
         while workers.len() > n {
             if let Some(h) = workers.pop() {
-                h.stop.store(true, Ordering::Relaxed);
-                self.shared.remove(h.id);
-                linger(&self.version_name(), h, false);
+                self.retire(h);
             }
         }
         // Under the lock, so that a scale up cannot start a worker for jobs this is answering.
@@ -282,8 +280,6 @@ impl Pool {
             // unserved and its queue is not answered 503 in between.
             let fresh = self.spawn();
             let old = std::mem::replace(&mut workers[i], fresh);
-            old.stop.store(true, Ordering::Relaxed);
-            self.shared.remove(old.id);
             tracing::warn!(
                 worker = old.id,
                 model = %name,
@@ -293,7 +289,7 @@ impl Pool {
                  one's place, and this one ends when its forward returns",
                 limit.as_secs()
             );
-            linger(&name, old, false);
+            self.retire(old);
             replaced += 1;
         }
         if replaced > 0 {
@@ -301,6 +297,13 @@ impl Pool {
             answer_unserved(&self.rx, &self.shared, &self.spec);
         }
         replaced
+    }
+
+    /// Stops a worker taken out of `workers`; one inside a batch lingers until it returns.
+    fn retire(&self, h: Handle) {
+        h.stop.store(true, Ordering::Relaxed);
+        self.shared.remove(h.id);
+        linger(&self.version_name(), h, false);
     }
 
     /// `name:version`.

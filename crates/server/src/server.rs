@@ -106,18 +106,11 @@ pub async fn run(
     // not ready (one that waited in the listen backlog would pass a TCP check).
     let listeners = listeners(&config);
     for (address, _) in &listeners {
-        probe_free(address).await?;
+        probe_free(address, address.to_string()).await?;
     }
     for (host, port) in [&config.grpc_inference, &config.grpc_management] {
-        probe_free(&Address::Tcp(host.clone(), *port))
-            .await
-            .map_err(|e| match e {
-                ServerError::Bind { source, .. } => ServerError::Bind {
-                    address: format!("{host}:{port} (gRPC)"),
-                    source,
-                },
-                e => e,
-            })?;
+        let address = Address::Tcp(host.clone(), *port);
+        probe_free(&address, format!("{host}:{port} (gRPC)")).await?;
     }
     let store = match &config.model_store {
         Some(dir) => Some(ModelStore::open(dir).map_err(|e| ServerError::Store(e.to_string()))?),
@@ -819,28 +812,32 @@ enum Bound {
     Unix(tokio::net::UnixListener),
 }
 
-/// Fails as [`bind`] would when `address` is taken, and holds nothing.
-async fn probe_free(address: &Address) -> Result<(), ServerError> {
-    let taken = |source| ServerError::Bind {
-        address: address.to_string(),
-        source,
-    };
-    match address {
+/// Fails as [`bind`] would when `address` (named `shown` in the error) is taken, and holds
+/// nothing.
+async fn probe_free(address: &Address, shown: String) -> Result<(), ServerError> {
+    let free = match address {
         Address::Tcp(host, port) | Address::Https(host, port) => {
             tokio::net::TcpListener::bind((host.as_str(), *port))
                 .await
-                .map_err(taken)?;
+                .map(drop)
         }
-        Address::Unix(path) => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(taken(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "another process is listening on this socket",
-                )));
-            }
-        }
+        Address::Unix(path) => unanswered(path),
+    };
+    free.map_err(|source| ServerError::Bind {
+        address: shown,
+        source,
+    })
+}
+
+/// Refuses a Unix socket someone answers on: it belongs to a running server.
+fn unanswered(path: &std::path::Path) -> std::io::Result<()> {
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process is listening on this socket",
+        )),
+        Err(_) => Ok(()),
     }
-    Ok(())
 }
 
 async fn bind(
@@ -874,14 +871,8 @@ async fn bind(
                 use std::os::unix::fs::FileTypeExt;
                 m.file_type().is_socket()
             }) {
-                // A socket someone answers on belongs to a running server; one nobody answers
-                // on was left by a server that died, and goes.
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(bind_err(std::io::Error::new(
-                        std::io::ErrorKind::AddrInUse,
-                        "another process is listening on this socket",
-                    )));
-                }
+                // One nobody answers on was left by a server that died, and goes.
+                unanswered(path).map_err(bind_err)?;
                 let _ = std::fs::remove_file(path);
             }
             Bound::Unix(tokio::net::UnixListener::bind(path).map_err(bind_err)?)
