@@ -1,8 +1,8 @@
 //! Every protocol through its real clients: tritonclient (v2 REST and gRPC), the kserve
 //! package (v1 REST, v2 REST and gRPC) and stubs that grpcio-tools makes from the server's
-//! TorchServe protos. One server holds an MLP, a pretrained image classifier and a text
-//! classifier; each answer must equal the TorchServe REST route's, bitwise for tensors
-//! (tests/clients/protocols.py).
+//! TorchServe protos. One server holds an MLP, a pretrained image classifier, a text classifier
+//! and a model of two named inputs; each answer must equal the TorchServe REST route's, bitwise
+//! for tensors (tests/clients/protocols.py).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,7 +10,10 @@ mod common;
 use std::fs;
 use std::process::Command;
 
-use common::server::{Server, mlp_archive, real_archive, text_fixtures, vision_fixtures};
+use common::server::{
+    Server, archive, fixture_handler, fixtures, mlp_archive, real_archive, text_fixtures,
+    vision_fixtures,
+};
 use common::{clients_venv_bin, repo_root};
 
 fn server() -> (Server, String) {
@@ -37,11 +40,20 @@ fn server_with(config: &str) -> (Server, String) {
         "text_classifier",
         &[&tx.join("tokenizer.json"), &tx.join("index_to_name.json")],
     );
+    let two = archive(
+        &s.store,
+        "two",
+        "1.0",
+        &fixtures().join("two_inputs.pt"),
+        &fixture_handler("two_inputs.json"),
+        &[],
+    );
     s.start(&[
         "--models",
         &format!("mlp={mlp}"),
         &format!("cls={cls}"),
         &format!("txt={txt}"),
+        &format!("two={two}"),
     ]);
     (s, mlp)
 }

@@ -3056,3 +3056,183 @@ fn handlers_whose_output_stages_do_not_fit_the_model_fail_registration() {
         assert!(r.text().contains("a request of zeros"), "{}", r.text());
     }
 }
+
+/// A model of two inputs of two dtypes (`two_inputs.pt`: int64 ids, float32 dense), over every
+/// REST route and body form that names inputs, batched with requests that fail alone.
+#[test]
+fn a_model_of_two_named_inputs_over_every_route() {
+    let mut s = Server::new("enable_model_api=true");
+    let mar = fixture_archive(&s, "two", "two_inputs.pt", "two_inputs.json");
+    s.start(&["--ncs"]);
+    let r = register(
+        &s,
+        &format!(
+            "url={mar}&model_name=two&initial_workers=1&batch_size=8&max_batch_delay=300&synchronous=true"
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Nested lists of numbers, flattened, whether written as 11 or 11.0.
+    fn flat(v: &Value) -> Vec<f64> {
+        match v {
+            Value::Array(items) => items.iter().flat_map(flat).collect(),
+            other => vec![
+                other
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("not a number: {other}")),
+            ],
+        }
+    }
+    // Row i of the model's table is [i, -i]: ids 1, 2, 3 add [6, -6] to dense.
+    let one = r#"{"ids": [1, 2, 3], "dense": [0.5, 0.25]}"#;
+    let r = post_json(&s.inference, "/predictions/two", one);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(flat(&r.json()), [6.5, -5.75]);
+    let r = post_json(
+        &s.inference,
+        "/predictions/two",
+        r#"{"instances": [{"ids": [1, 2, 3], "dense": [0.5, 0.25]},
+                          {"ids": [0, 0, 10], "dense": [1, 2]}]}"#,
+    );
+    assert_eq!(flat(&r.json()["predictions"]), [6.5, -5.75, 11.0, -8.0]);
+    let r = post_json(
+        &s.inference,
+        "/v1/models/two:predict",
+        r#"{"instances": [{"dense": [1, 2], "ids": [0, 0, 10]}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["predictions"].as_array().map(Vec::len), Some(1));
+    assert_eq!(flat(&r.json()["predictions"]), [11.0, -8.0]);
+
+    // Form fields: the dense input as raw float32 with its own shape, the ids as JSON.
+    let dense: Vec<u8> = [0.5f32, 0.25, 1.0, 2.0]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let mut form = b"--B\r\nContent-Disposition: form-data; name=\"dense\"\r\n\
+        Content-Type: application/octet-stream\r\nX-Tensor-Shape: 2,2\r\n\r\n"
+        .to_vec();
+    form.extend_from_slice(&dense);
+    form.extend_from_slice(
+        b"\r\n--B\r\nContent-Disposition: form-data; name=\"ids\"\r\n\r\n[[1, 2, 3], [0, 0, 10]]\r\n--B--\r\n",
+    );
+    let ct = [("Content-Type", "multipart/form-data; boundary=B")];
+    let r = s.infer("POST", "/predictions/two", &ct, &form);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().as_array().map(Vec::len), Some(2));
+    assert_eq!(flat(&r.json()), [6.5, -5.75, 11.0, -8.0]);
+
+    // The Open Inference Protocol: the metadata names both inputs; a request gives each.
+    let meta = s.infer("GET", "/v2/models/two", &[], b"").json();
+    assert_eq!(
+        meta["inputs"],
+        json!([
+            {"name": "ids", "datatype": "INT64", "shape": [-1, 3]},
+            {"name": "dense", "datatype": "FP32", "shape": [-1, 2]}
+        ])
+    );
+    let v2 = |inputs: Value| {
+        post_json(
+            &s.inference,
+            "/v2/models/two/infer",
+            &json!({"inputs": inputs}).to_string(),
+        )
+    };
+    let dense_in = json!({"name": "dense", "datatype": "FP32", "shape": [2, 2],
+                          "data": [0.5, 0.25, 1, 2]});
+    let ids_in = json!({"name": "ids", "datatype": "INT64", "shape": [2, 3],
+                        "data": [[1, 2, 3], [0, 0, 10]]});
+    let r = v2(json!([dense_in, ids_in]));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["outputs"][0]["shape"], json!([2, 2]));
+    assert_eq!(
+        flat(&r.json()["outputs"][0]["data"]),
+        [6.5, -5.75, 11.0, -8.0]
+    );
+    assert_kserve_error(
+        &v2(json!([dense_in])),
+        400,
+        "input 'ids' is missing: model 'two' takes 'ids', 'dense'",
+    );
+    let mut wrong = ids_in.clone();
+    wrong["name"] = json!("tokens");
+    assert_kserve_error(
+        &v2(json!([dense_in, ids_in, wrong])),
+        400,
+        "unexpected inference input 'tokens' for model 'two'",
+    );
+    wrong["name"] = json!("ids");
+    wrong["datatype"] = json!("INT32");
+    assert_kserve_error(
+        &v2(json!([dense_in, wrong])),
+        400,
+        "input 'ids': datatype INT32 does not match the model's INT64",
+    );
+    let mut short = ids_in.clone();
+    short["shape"] = json!([1, 3]);
+    short["data"] = json!([1, 2, 3]);
+    assert_kserve_error(
+        &v2(json!([dense_in, short])),
+        400,
+        "input 'dense' holds 2 example(s) and input 'ids' 1",
+    );
+
+    // Bad input to the TorchServe API names the input; the server serves on.
+    let r = post_json(&s.inference, "/predictions/two", r#"{"ids": [1, 2, 3]}"#);
+    assert_error(&r, 400, "InvalidInputException", "input 'dense' is missing");
+    let r = post_json(
+        &s.inference,
+        "/predictions/two",
+        r#"{"ids": [1, 2, 300], "dense": [0.5, 0.25]}"#,
+    );
+    // An id past the model's table fails inside the model, for that request only.
+    assert_error(
+        &r,
+        500,
+        "InternalServerException",
+        "index 300 is out of bounds",
+    );
+
+    // Batched: each request gets its own rows back, and the one whose input does not fit fails
+    // alone.
+    let batches = || {
+        let text = s.metrics_text();
+        let series = |what: &str| {
+            metric(
+                &text,
+                &format!("tchserve_batch_size_{what}{{model_name=\"two\",model_version=\"1.0\"}}"),
+            )
+        };
+        (series("count"), series("sum"))
+    };
+    let (count_before, sum_before) = batches();
+    let answers: Vec<(usize, Resp)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8usize)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    let body = if i == 5 {
+                        r#"{"ids": [1, 2, 3], "dense": [[1, 2, 3]]}"#.to_string()
+                    } else {
+                        format!(r#"{{"ids": [{i}, 0, 0], "dense": [0.5, {i}]}}"#)
+                    };
+                    (i, post_json(&s.inference, "/predictions/two", &body))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, r) in answers {
+        if i == 5 {
+            assert_eq!(r.status, 400, "{}", r.text());
+        } else {
+            assert_eq!(r.status, 200, "request {i}: {}", r.text());
+            assert_eq!(flat(&r.json()), [0.5 + i as f64, 0.0], "request {i}");
+        }
+    }
+    let (count, sum) = batches();
+    let (count, sum) = (count - count_before, sum - sum_before);
+    assert!(
+        sum / count > 1.0,
+        "no batching happened: {count} batches for {sum} requests"
+    );
+}

@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
             name: "data".into(),
             content_type,
             data: bytes::Bytes::copy_from_slice(rest),
+            shape: None,
         }],
         ..Payload::default()
     };

@@ -47,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
             name: "body".into(),
             content_type: None,
             data: bytes::Bytes::copy_from_slice(body),
+            shape: None,
         }],
         dtype: dtype_header,
         shape: shape_header,

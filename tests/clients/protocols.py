@@ -8,8 +8,8 @@ register the same protobuf names).
 Suites: triton (tritonclient HTTP and gRPC), kserve (the kserve package's v1 and v2 REST and v2
 gRPC clients), torchserve-grpc (stubs made by grpcio-tools from the server's .proto files), auth
 (keys in gRPC metadata, against a server with token authorization on and --key-file).
-Models the server must hold: `mlp` (float32 [784] -> [10]), `cls` (an image classifier) and
-`txt` (a text classifier).
+Models the server must hold: `mlp` (float32 [784] -> [10]), `cls` (an image classifier), `txt`
+(a text classifier) and `two` (two named inputs, int64 `ids` [3] and float32 `dense` [2] -> [2]).
 Tensors must be bitwise equal; handler answers (labels and scores) equal to 1e-6. Exits non-zero,
 naming the check, at the first difference.
 """
@@ -85,6 +85,43 @@ def text_reference():
     status, body = rest("/predictions/txt", TEXT.encode(), {"Content-Type": "text/plain"})
     check(status == 200, f"REST txt answers ({status})")
     return json.loads(body)
+
+
+TWO_IDS = np.array([[1, 2, 3], [0, 0, 10]], dtype=np.int64)
+TWO_DENSE = np.array([[0.5, 0.25], [1.0, 2.0]], dtype=np.float32)
+
+
+def two_reference():
+    """The REST route's answer for the two-input model, inputs named in one JSON object."""
+    body = json.dumps({"ids": TWO_IDS.tolist(), "dense": TWO_DENSE.tolist()}).encode()
+    status, body = rest("/predictions/two", body, {"Content-Type": "application/json"})
+    check(status == 200, f"REST two answers ({status} {body[:200]!r})")
+    want = np.array(json.loads(body), dtype=np.float32)
+    check(want.tolist() == [[6.5, -5.75], [11.0, -8.0]], f"REST two: {want.tolist()}")
+    return want
+
+
+def triton_two_inputs(client, module, what):
+    """A model of two named inputs through a tritonclient module (HTTP or gRPC): given in either
+    order, answered as the REST route answers; one missing is the protocol's 400."""
+    from tritonclient.utils import InferenceServerException
+
+    want = two_reference()
+    md = client.get_model_metadata("two", **({"as_json": True} if "grpc" in what else {}))
+    names = [(i["name"], i["datatype"]) for i in md["inputs"]]
+    check(names == [("ids", "INT64"), ("dense", "FP32")], f"{what}: two inputs in the metadata {names}")
+    ids = module.InferInput("ids", list(TWO_IDS.shape), "INT64")
+    ids.set_data_from_numpy(TWO_IDS)
+    dense = module.InferInput("dense", list(TWO_DENSE.shape), "FP32")
+    dense.set_data_from_numpy(TWO_DENSE)
+    r = client.infer("two", [dense, ids])
+    same_floats(r.as_numpy("output0"), want, f"{what} two inputs")
+    try:
+        client.infer("two", [dense])
+        check(False, f"{what}: a missing input is refused")
+    except InferenceServerException as e:
+        check("'ids' is missing" in e.message(), f"{what}: the error names the missing input: {e.message()}")
+    still_serving(f"{what}: a missing input")
 
 
 def close(got, want):
@@ -184,6 +221,7 @@ def triton():
     check(close(got, want_txt), f"http txt BYTES [1, 1]: {got} == {want_txt}")
     index = h.get_model_repository_index()
     check({m["name"] for m in index} >= {"mlp", "cls", "txt"}, f"http: repository index {index}")
+    triton_two_inputs(h, thttp, "http")
 
     g = tgrpc.InferenceServerClient(url=ARGS.grpc)
     check(g.is_server_live(), "grpc: server live")
@@ -221,6 +259,7 @@ def triton():
     still_serving("bad gRPC requests")
     index = g.get_model_repository_index(as_json=True)
     check({m["name"] for m in index["models"]} >= {"mlp", "cls"}, "grpc: repository index")
+    triton_two_inputs(g, tgrpc, "grpc")
 
 
 def kserve_suite():
@@ -353,6 +392,11 @@ def torchserve_grpc():
     same_floats(np.array(json.loads(r.prediction)).reshape(1, 10), want1, "torchserve grpc mlp")
     r = stub.Predictions(inf.PredictionsRequest(model_name="cls", input={"data": jpeg}))
     check(close(json.loads(r.prediction), want_cls), "torchserve grpc cls")
+    # A model of two inputs takes each as an entry of the input map.
+    want_two = two_reference()
+    two_input = {"ids": json.dumps(TWO_IDS.tolist()).encode(), "dense": json.dumps(TWO_DENSE.tolist()).encode()}
+    r = stub.Predictions(inf.PredictionsRequest(model_name="two", input=two_input))
+    same_floats(np.array(json.loads(r.prediction)), want_two, "torchserve grpc two inputs")
     answers = list(stub.StreamPredictions(inf.PredictionsRequest(model_name="cls", input={"data": jpeg})))
     check(len(answers) == 1 and close(json.loads(answers[0].prediction), want_cls), "StreamPredictions")
     reqs = [

@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
             name: "body".into(),
             content_type: Some("image/jpeg".into()),
             data: std::fs::read(&args.image)?.into(),
+            shape: None,
         }],
         ..Payload::default()
     };

@@ -66,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             name: "body".into(),
             content_type: Some(args.content_type.clone()),
             data: std::fs::read(&args.body)?.into(),
+            shape: None,
         }],
         ..Payload::default()
     };

@@ -14,6 +14,10 @@ pub struct Part {
     pub content_type: Option<String>,
     /// The bytes, shared with the HTTP layer without a copy.
     pub data: bytes::Bytes,
+    /// The sizes of a raw tensor part, comma-separated as `X-Tensor-Shape` gives them, where
+    /// the part itself says (a multipart field's header, a typed protocol's input); a part
+    /// without one takes the request's header.
+    pub shape: Option<String>,
 }
 
 /// The request payload handed to a handler.

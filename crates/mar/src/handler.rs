@@ -89,6 +89,9 @@ pub enum Input {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         shape: Option<Vec<i64>>,
     },
+    /// Several named tensors, each stacked into its own batch and passed to `forward` in this
+    /// order: `forward(a, b, ...)`. A request names each one (`{"a": ..., "b": ...}`).
+    Tensors(Vec<NamedTensor>),
     /// An encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF), raw or base64, decoded to 8-bit RGB
     /// (or grey).
     Image {
@@ -107,6 +110,22 @@ pub enum Input {
         max_length: u32,
     },
 }
+
+/// One input of a model that takes several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedTensor {
+    /// The name requests give it.
+    pub name: String,
+    /// Element type the model expects.
+    pub dtype: DType,
+    /// Shape of one example; `-1` accepts any size on that axis; absent accepts any shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Vec<i64>>,
+}
+
+/// Names a `tensors` input may not take: a request's body uses them for other things.
+pub const RESERVED_INPUT_NAMES: [&str; 3] = ["data", "body", "instances"];
 
 /// PIL's default decompression-bomb threshold, which TorchServe inherits.
 fn default_max_pixels() -> u64 {
@@ -484,6 +503,45 @@ impl HandlerManifest {
                 }
             }
             Input::Tensor { .. } => {}
+            Input::Tensors(list) => {
+                if list.is_empty() {
+                    return fail("input.tensors", "must name at least one input");
+                }
+                for (i, t) in list.iter().enumerate() {
+                    let at = |field: &str| format!("input.tensors[{i}].{field}");
+                    let name_ok = !t.name.is_empty()
+                        && t.name.len() <= 64
+                        && t.name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+                    if !name_ok {
+                        return fail(
+                            &at("name"),
+                            "must be 1 to 64 letters, digits, `_`, `-` or `.`",
+                        );
+                    }
+                    if RESERVED_INPUT_NAMES.contains(&t.name.as_str()) {
+                        return fail(
+                            &at("name"),
+                            &format!(
+                                "`{}` is reserved: a request body uses it for other things",
+                                t.name
+                            ),
+                        );
+                    }
+                    if list[..i].iter().any(|o| o.name == t.name) {
+                        return fail(&at("name"), &format!("`{}` appears twice", t.name));
+                    }
+                    if let Some(shape) = &t.shape
+                        && let Some(j) = shape.iter().position(|&d| d == 0 || d < -1)
+                    {
+                        return fail(
+                            &at(&format!("shape[{j}]")),
+                            "each axis must be positive or -1 (any size)",
+                        );
+                    }
+                }
+            }
             Input::Image { max_pixels, .. } if *max_pixels == 0 => {
                 return fail("input.image.max_pixels", "must be positive");
             }
@@ -577,6 +635,12 @@ impl HandlerManifest {
                 return fail("model.feed", "`text` input is fed as `tokens`");
             }
             (_, Feed::Tokens) => return fail("model.feed", "`tokens` needs `text` input"),
+            (Input::Tensors(_), Feed::List) => {
+                return fail(
+                    "model.feed",
+                    "`tensors` input is fed `stacked`: one batch per input, `forward(a, b, ...)`",
+                );
+            }
             (Input::Image { .. }, Feed::Stacked) if !fixed_size => {
                 return fail(
                     "model.feed",
@@ -694,6 +758,80 @@ mod tests {
         }
         assert_eq!(builtin("base_handler").unwrap().name, "tensor");
         assert!(builtin("nope").is_none());
+    }
+
+    #[test]
+    fn several_named_tensor_inputs() {
+        let m = HandlerManifest::parse(
+            "h.json",
+            br#"{"schema": 1, "name": "two",
+                "input": {"tensors": [{"name": "ids", "dtype": "int64", "shape": [4]},
+                                      {"name": "dense", "dtype": "float32"}]},
+                "model": {"feed": "stacked"}, "output": {"tensor": {}}}"#,
+        )
+        .unwrap();
+        let Input::Tensors(list) = &m.input else {
+            panic!("{:?}", m.input)
+        };
+        assert_eq!(
+            (
+                list[0].name.as_str(),
+                list[0].dtype,
+                list[0].shape.as_deref()
+            ),
+            ("ids", DType::Int64, Some(&[4i64][..]))
+        );
+        assert_eq!(
+            (list[1].name.as_str(), list[1].shape.as_deref()),
+            ("dense", None)
+        );
+        let with = |inputs: &str, feed: &str| {
+            err(&format!(
+                r#"{{"schema": 1, "name": "two", "input": {{"tensors": {inputs}}},
+                    "model": {{"feed": "{feed}"}}, "output": {{"tensor": {{}}}}}}"#
+            ))
+        };
+        let a = r#"{"name": "a", "dtype": "float32"}"#;
+        for (inputs, feed, says) in [
+            (
+                "[]".to_string(),
+                "stacked",
+                "input.tensors: must name at least one input",
+            ),
+            (
+                format!("[{a}, {a}]"),
+                "stacked",
+                "input.tensors[1].name: `a` appears twice",
+            ),
+            (
+                r#"[{"name": "data", "dtype": "float32"}]"#.into(),
+                "stacked",
+                "input.tensors[0].name: `data` is reserved",
+            ),
+            (
+                r#"[{"name": "a b", "dtype": "float32"}]"#.into(),
+                "stacked",
+                "input.tensors[0].name: must be 1 to 64",
+            ),
+            (
+                r#"[{"name": "a", "dtype": "float32", "shape": [3, 0]}]"#.into(),
+                "stacked",
+                "input.tensors[0].shape[1]: each axis must be positive",
+            ),
+            (
+                format!("[{a}]"),
+                "list",
+                "model.feed: `tensors` input is fed `stacked`",
+            ),
+            (
+                format!("[{a}]"),
+                "tokens",
+                "model.feed: `tokens` needs `text` input",
+            ),
+        ] {
+            let got = with(&inputs, feed);
+            assert!(got.contains(says), "{inputs} {feed}: {got}");
+        }
     }
 
     #[test]

@@ -284,7 +284,7 @@ fn prepare(
         if let Some(input) = pipeline.warmup_input(batch, device) {
             for _ in 0..WARMUP_FORWARDS {
                 let t = Instant::now();
-                let out = match module.forward_is(std::slice::from_ref(&input)) {
+                let out = match module.forward_is(&input) {
                     Ok(out) => out,
                     Err(source) if !crate::shared::misfit(&source.to_string()) => {
                         refuses_zeros(&crate::error::concise(&source.to_string()));
@@ -829,6 +829,7 @@ mod tests {
                 name: "body".into(),
                 content_type: Some("application/json".into()),
                 data: body.as_bytes().to_vec().into(),
+                shape: None,
             }],
             ..Payload::default()
         };
@@ -957,6 +958,7 @@ mod tests {
                                 name: "body".into(),
                                 content_type: Some("application/json".into()),
                                 data: body.as_bytes().to_vec().into(),
+                                shape: None,
                             }],
                             ..Payload::default()
                         });

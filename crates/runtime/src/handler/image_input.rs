@@ -574,6 +574,7 @@ mod tests {
                 name: "body".into(),
                 content_type: None,
                 data: data.into(),
+                shape: None,
             }],
             ..Payload::default()
         }
@@ -612,6 +613,7 @@ mod tests {
                 name: "body".into(),
                 content_type: None,
                 data: bytes::Bytes::from_static(&GIF),
+                shape: None,
             }],
             ..Payload::default()
         };
@@ -675,6 +677,7 @@ mod tests {
                 name: "body".into(),
                 content_type: Some(ct.into()),
                 data: text.clone().into(),
+                shape: None,
             };
             assert_eq!(image_bytes(&part).unwrap().as_ref(), png, "{text:?}");
         }
@@ -703,6 +706,7 @@ mod tests {
                     name: "body".into(),
                     content_type: None,
                     data: png.into(),
+                    shape: None,
                 }],
                 ..Payload::default()
             };

@@ -23,11 +23,13 @@ use tch::{Device, IValue, Kind, Tensor};
 use crate::device::{cat_batch, upload};
 use crate::model::Model;
 use tchserve_mar::handler::{
-    Feed, HandlerManifest, ImageMode, Input, Output, Postprocess, Preprocess, Select,
+    DType, Feed, HandlerManifest, ImageMode, Input, Output, Postprocess, Preprocess, Select,
 };
 
 pub use image_input::{Rgb, decode as decode_image, preprocess as preprocess_image};
-pub use tensor_input::{Decoded, Wrap, check_json_reading, decode as decode_tensor};
+pub use tensor_input::{
+    Decoded, Wrap, check_json_reading, decode as decode_tensor, decode_named as decode_tensors,
+};
 
 use crate::error::RuntimeError;
 use crate::job::{Payload, PredictError, Prediction, RawTensor};
@@ -60,6 +62,25 @@ pub enum Launched {
     /// The batch's output after postprocessing, `[examples, ...]`, on the model's device and
     /// perhaps still being computed there.
     Output(Tensor),
+}
+
+/// One input of a batch's requests as one tensor on `device`: `pick` chooses the input of each.
+fn stack(
+    inputs: &[&Decoded],
+    device: Device,
+    pick: impl Fn(&Decoded) -> &Decoded,
+) -> Result<Tensor, PredictError> {
+    let batch = if inputs.len() == 1 && !device.is_cuda() {
+        pick(inputs[0])
+            .owned_tensor()
+            .map_err(|e| failed("copying the input", e))?
+    } else {
+        let parts: Vec<&Tensor> = inputs.iter().map(|d| &pick(d).tensor).collect();
+        // One copy of the requests' bytes; for a GPU, straight into memory it copies from.
+        cat_batch(&parts, device.is_cuda())
+            .map_err(|e| PredictError::BadInput(format!("cannot batch inputs: {e}")))?
+    };
+    upload(&batch, device).map_err(|e| failed("moving input to the device", e))
 }
 
 /// Which whole failure messages were logged lately.
@@ -217,6 +238,7 @@ impl Pipeline {
             Input::Tensor { dtype, shape } => {
                 tensor_input::decode(payload, *dtype, shape.as_deref())
             }
+            Input::Tensors(inputs) => tensor_input::decode_named(payload, inputs),
             Input::Image { max_pixels, mode } => {
                 let img = image_input::decode(payload, *max_pixels)?;
                 let tensor = image_input::preprocess(
@@ -237,35 +259,36 @@ impl Pipeline {
         }
     }
 
-    /// `batch` examples of zeros on `device`, where the input is a tensor of fixed shape.
-    fn zeros(&self, batch: usize, device: Device) -> Option<Tensor> {
-        let Input::Tensor {
-            dtype,
-            shape: Some(shape),
-        } = &self.input
-        else {
-            return None;
+    /// `batch` examples of zeros on `device` for each input, where the input is one tensor or
+    /// several, each of fixed shape.
+    fn zeros(&self, batch: usize, device: Device) -> Option<Vec<Tensor>> {
+        let zeros = |dtype: DType, shape: Option<&[i64]>| {
+            let shape = shape.filter(|s| s.iter().all(|d| *d > 0))?;
+            let dims: Vec<i64> = std::iter::once(batch as i64)
+                .chain(shape.iter().copied())
+                .collect();
+            Some(Tensor::zeros(&dims, (tensor_input::kind_of(dtype), device)))
         };
-        if shape.iter().any(|d| *d <= 0) {
-            return None;
+        match &self.input {
+            Input::Tensor { dtype, shape } => Some(vec![zeros(*dtype, shape.as_deref())?]),
+            Input::Tensors(inputs) => inputs
+                .iter()
+                .map(|i| zeros(i.dtype, i.shape.as_deref()))
+                .collect(),
+            Input::Image { .. } | Input::Text { .. } => None,
         }
-        let dims: Vec<i64> = std::iter::once(batch as i64)
-            .chain(shape.iter().copied())
-            .collect();
-        Some(Tensor::zeros(
-            &dims,
-            (tensor_input::kind_of(*dtype), device),
-        ))
     }
 
-    /// The model's argument for `batch` zero examples, on `device`, for warming the model up
-    /// (only when the input's shape is fixed).
-    pub fn warmup_input(&self, batch: usize, device: Device) -> Option<IValue> {
+    /// The model's arguments for `batch` zero examples, on `device`, for warming the model up
+    /// (only when every input's shape is fixed).
+    pub fn warmup_input(&self, batch: usize, device: Device) -> Option<Vec<IValue>> {
         let zeros = self.zeros(batch, device)?;
         Some(match self.feed {
             // A model fed a list takes one tensor per example.
-            Feed::List => IValue::TensorList((0..batch as i64).map(|i| zeros.get(i)).collect()),
-            Feed::Stacked | Feed::Tokens => IValue::Tensor(zeros),
+            Feed::List => vec![IValue::TensorList(
+                (0..batch as i64).map(|i| zeros[0].get(i)).collect(),
+            )],
+            Feed::Stacked | Feed::Tokens => zeros.into_iter().map(IValue::Tensor).collect(),
         })
     }
 
@@ -278,8 +301,13 @@ impl Pipeline {
         if self.feed != Feed::Stacked {
             return None;
         }
-        let zeros = self.zeros(1, Device::Cpu)?;
-        Some(Decoded::owned(zeros, 1, Wrap::Single))
+        let mut zeros = self
+            .zeros(1, Device::Cpu)?
+            .into_iter()
+            .map(|t| Decoded::owned(t, 1, Wrap::Single));
+        let mut probe = zeros.next()?;
+        probe.more = zeros.collect();
+        Some(probe)
     }
 
     /// Whether the answers are the output tensor itself, whose type the typed protocols'
@@ -353,23 +381,17 @@ impl Pipeline {
                 Some(mask),
             )
         } else {
-            let cannot_batch = |e| PredictError::BadInput(format!("cannot batch inputs: {e}"));
-            let parts: Vec<&Tensor> = inputs.iter().map(|d| &d.tensor).collect();
-            let batch = if inputs.len() == 1 && !device.is_cuda() {
-                inputs[0]
-                    .owned_tensor()
-                    .map_err(|e| failed("copying the input", e))?
-            } else {
-                // One copy of the requests' bytes; for a GPU, straight into memory it copies from.
-                cat_batch(&parts, device.is_cuda()).map_err(cannot_batch)?
-            };
-            let mut batch =
-                upload(&batch, device).map_err(|e| failed("moving input to the device", e))?;
+            let mut batch = stack(inputs, device, |d| d)?;
             if self.pixels_to_device {
                 batch = image_input::finish(&batch, &self.preprocess)
                     .map_err(|e| failed("preprocessing on the device", e))?;
             }
-            (vec![IValue::Tensor(batch)], None)
+            let mut args = vec![IValue::Tensor(batch)];
+            // A model of several inputs: each stacked on its own, in the manifest's order.
+            for k in 0..inputs.first().map_or(0, |d| d.more.len()) {
+                args.push(IValue::Tensor(stack(inputs, device, |d| &d.more[k])?));
+            }
+            (args, None)
         };
         let out = self.forward(module, args)?;
         let out = match out {

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 use tch::{Kind, Tensor};
-use tchserve_mar::handler::DType;
+use tchserve_mar::handler::{DType, NamedTensor};
 
 use super::json_numbers::{self, Numbers};
 use crate::job::{Part, Payload, PredictError};
@@ -32,6 +32,9 @@ pub struct Decoded {
     pub want_tensor: bool,
     /// The request bytes `tensor` reads from, when it borrows them instead of owning a copy.
     borrowed: Option<bytes::Bytes>,
+    /// A model that takes several inputs: the second and later, in the manifest's order, each
+    /// holding as many examples as `tensor`.
+    pub more: Vec<Decoded>,
 }
 
 impl Decoded {
@@ -43,6 +46,7 @@ impl Decoded {
             wrap,
             want_tensor: false,
             borrowed: None,
+            more: Vec::new(),
         }
     }
 
@@ -118,11 +122,41 @@ pub fn decode(
     let part = payload
         .main_part()
         .ok_or_else(|| bad("the request has no body"))?;
-    let decoded = if looks_like_json(part) {
-        decode_json(part, dtype, shape)?
-    } else {
-        decode_raw(part, payload, dtype, shape)?
+    let sent = Sent {
+        dtype: payload.dtype.as_deref(),
+        shape: part.shape.as_deref().or(payload.shape.as_deref()),
     };
+    decode_part(part, sent, dtype, shape)
+}
+
+/// What a raw tensor's sender says of it: its `X-Tensor-Dtype` and `X-Tensor-Shape`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sent<'a> {
+    dtype: Option<&'a str>,
+    shape: Option<&'a str>,
+}
+
+/// One part's tensor: JSON numbers or raw bytes.
+fn decode_part(
+    part: &Part,
+    sent: Sent<'_>,
+    dtype: DType,
+    shape: Option<&[i64]>,
+) -> Result<Decoded, PredictError> {
+    let decoded = if looks_like_json(part) {
+        let numbers = match json_numbers::read(&part.data) {
+            Some(n) => n,
+            None => numbers_of_value(&part.data)?,
+        };
+        from_numbers(numbers, dtype, shape)?
+    } else {
+        decode_raw(part, sent, dtype, shape)?
+    };
+    check_shape(&decoded, shape)?;
+    Ok(decoded)
+}
+
+fn check_shape(decoded: &Decoded, shape: Option<&[i64]>) -> Result<(), PredictError> {
     if let Some(expected) = shape {
         let got = &decoded.tensor.size()[1..];
         let fits = got.len() == expected.len()
@@ -135,7 +169,167 @@ pub fn decode(
             )));
         }
     }
-    Ok(decoded)
+    Ok(())
+}
+
+/// Decodes a request for a model that takes several named tensors. A request gives each input
+/// by its name, either as fields (multipart form fields, TorchServe gRPC's `input` map, a
+/// typed protocol's inputs), each a part as a single input takes it, or in one JSON body:
+/// `{"a": ..., "b": ...}` (one example, or a list of examples, as for a single input),
+/// `{"data": {"a": ..., "b": ...}}`, `[{"a": ..., "b": ...}, ...]` or
+/// `{"instances": [{"a": ..., "b": ...}, ...]}`. Every input must hold as many examples.
+pub fn decode_named(payload: &Payload, inputs: &[NamedTensor]) -> Result<Decoded, PredictError> {
+    let named = |e: PredictError, name: &str| match e {
+        PredictError::BadInput(m) => bad(format!("input '{name}': {m}")),
+        other => other,
+    };
+    let as_fields = payload
+        .parts
+        .iter()
+        .any(|p| inputs.iter().any(|i| i.name == p.name));
+    let mut decoded = Vec::with_capacity(inputs.len());
+    if as_fields {
+        for input in inputs {
+            // Of several fields of one name the last counts, as for a single input.
+            let part = payload
+                .parts
+                .iter()
+                .rev()
+                .find(|p| p.name == input.name)
+                .ok_or_else(|| bad(missing(&input.name, inputs)))?;
+            let sent = Sent {
+                dtype: None,
+                shape: part.shape.as_deref(),
+            };
+            let d = decode_part(part, sent, input.dtype, input.shape.as_deref())
+                .map_err(|e| named(e, &input.name))?;
+            decoded.push(d);
+        }
+    } else {
+        let part = payload
+            .main_part()
+            .ok_or_else(|| bad("the request has no body"))?;
+        let value: Value = serde_json::from_slice(&part.data).map_err(|e| {
+            bad(format!(
+                "the model takes several inputs ({}): send them as a JSON object of each                  name, or as form fields ({e})",
+                names(inputs)
+            ))
+        })?;
+        let (by_name, examples) = split_named(value, inputs)?;
+        for (input, value) in inputs.iter().zip(by_name) {
+            let mut n = Numbers {
+                instances: examples.is_some(),
+                ..Numbers::default()
+            };
+            flatten(&value, 0, &mut n.dims, &mut n.flat).map_err(|e| named(e, &input.name))?;
+            let shape = input.shape.as_deref();
+            let mut d = from_numbers(n, input.dtype, shape)
+                .and_then(|d| check_shape(&d, shape).map(|()| d))
+                .map_err(|e| named(e, &input.name))?;
+            if let Some(wrap) = examples {
+                d.wrap = wrap;
+            }
+            decoded.push(d);
+        }
+    }
+    // One example is answered bare only when every input gave it bare.
+    let wrap = decoded
+        .iter()
+        .map(|d| d.wrap)
+        .find(|w| *w != Wrap::Single)
+        .unwrap_or(Wrap::Single);
+    let mut decoded = decoded.into_iter();
+    let mut first = decoded
+        .next()
+        .ok_or_else(|| bad("the model takes no input"))?;
+    first.wrap = wrap;
+    for (d, input) in decoded.zip(&inputs[1..]) {
+        if d.examples != first.examples {
+            return Err(bad(format!(
+                "input '{}' holds {} example(s) and input '{}' {}: each input needs one row                  per example",
+                input.name, d.examples, inputs[0].name, first.examples
+            )));
+        }
+        first.more.push(d);
+    }
+    Ok(first)
+}
+
+fn names(inputs: &[NamedTensor]) -> String {
+    inputs
+        .iter()
+        .map(|i| format!("'{}'", i.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn missing(name: &str, inputs: &[NamedTensor]) -> String {
+    format!(
+        "input '{name}' is missing: the model takes {}",
+        names(inputs)
+    )
+}
+
+/// Each input's value from a JSON body, in `inputs`' order, and how the request's examples are
+/// wrapped when the body lists them one object each (`None`: each value holds one example or a
+/// list of them, as a single input's body does).
+fn split_named(
+    value: Value,
+    inputs: &[NamedTensor],
+) -> Result<(Vec<Value>, Option<Wrap>), PredictError> {
+    let expected = || {
+        bad(format!(
+            "the model takes several inputs ({}): expected {{\"{}\": ..., ...}}, a list of such              objects, or {{\"instances\": [...]}} of them",
+            names(inputs),
+            inputs[0].name
+        ))
+    };
+    let (rows, wrap) = match value {
+        Value::Object(mut o) => match (o.remove("instances"), o.remove("data")) {
+            (Some(Value::Array(rows)), _) => (rows, Wrap::Predictions),
+            (Some(_), _) => return Err(bad("\"instances\" must be a list")),
+            (None, Some(Value::Object(inner))) => return by_key(inner, inputs),
+            (None, Some(Value::Array(rows))) => (rows, Wrap::List),
+            (None, Some(_)) => return Err(expected()),
+            (None, None) => return by_key(o, inputs),
+        },
+        Value::Array(rows) => (rows, Wrap::List),
+        _ => return Err(expected()),
+    };
+    if rows.is_empty() {
+        return Err(bad("the request holds no examples"));
+    }
+    let mut columns: Vec<Vec<Value>> = vec![Vec::with_capacity(rows.len()); inputs.len()];
+    for (r, row) in rows.into_iter().enumerate() {
+        let Value::Object(mut row) = row else {
+            return Err(bad(format!(
+                "example {r} is not an object of the inputs ({})",
+                names(inputs)
+            )));
+        };
+        for (input, column) in inputs.iter().zip(&mut columns) {
+            let v = row
+                .remove(&input.name)
+                .ok_or_else(|| bad(format!("example {r}: {}", missing(&input.name, inputs))))?;
+            column.push(v);
+        }
+    }
+    Ok((columns.into_iter().map(Value::Array).collect(), Some(wrap)))
+}
+
+fn by_key(
+    mut object: serde_json::Map<String, Value>,
+    inputs: &[NamedTensor],
+) -> Result<(Vec<Value>, Option<Wrap>), PredictError> {
+    let values = inputs
+        .iter()
+        .map(|i| {
+            object
+                .remove(&i.name)
+                .ok_or_else(|| bad(missing(&i.name, inputs)))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((values, None))
 }
 
 /// The number of elements of `dims`, if it fits in an `i64`.
@@ -158,15 +352,17 @@ fn looks_like_json(part: &Part) -> bool {
     )
 }
 
-fn decode_json(part: &Part, dtype: DType, shape: Option<&[i64]>) -> Result<Decoded, PredictError> {
+/// A tensor of the numbers read from a JSON body.
+fn from_numbers(
+    numbers: Numbers,
+    dtype: DType,
+    shape: Option<&[i64]>,
+) -> Result<Decoded, PredictError> {
     let Numbers {
         dims,
         flat,
         instances,
-    } = match json_numbers::read(&part.data) {
-        Some(n) => n,
-        None => numbers_of_value(&part.data)?,
-    };
+    } = numbers;
     let per_example_rank = shape.map(<[i64]>::len);
     let (wrap, tensor_shape) = if instances {
         if dims.is_empty() {
@@ -376,13 +572,13 @@ fn short(v: &Value) -> String {
 
 fn decode_raw(
     part: &Part,
-    payload: &Payload,
+    sent: Sent<'_>,
     dtype: DType,
     shape: Option<&[i64]>,
 ) -> Result<Decoded, PredictError> {
     // The header names the bytes' type for the client's sake; the model takes one dtype, and
     // feeding it another fails inside the model, so a mismatch is the client's error.
-    if let Some(s) = payload.dtype.as_deref() {
+    if let Some(s) = sent.dtype {
         let sent =
             parse_dtype(s).ok_or_else(|| bad(format!("X-Tensor-Dtype: unknown dtype {s:?}")))?;
         if sent != dtype {
@@ -405,7 +601,7 @@ fn decode_raw(
     if n == 0 {
         return Err(bad("the request holds no values"));
     }
-    let (wrap, full): (Wrap, Vec<i64>) = match payload.shape.as_deref() {
+    let (wrap, full): (Wrap, Vec<i64>) = match sent.shape {
         Some(text) => {
             let dims: Vec<i64> = text
                 .split(',')
@@ -491,6 +687,7 @@ fn decode_raw(
         wrap,
         want_tensor: false,
         borrowed,
+        more: Vec::new(),
     })
 }
 
@@ -504,6 +701,7 @@ mod tests {
                 name: "body".into(),
                 content_type: Some("application/octet-stream".into()),
                 data,
+                shape: None,
             }],
             dtype: None,
             shape: shape.map(str::to_owned),
@@ -580,6 +778,175 @@ mod tests {
         Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap()
     }
 
+    fn two_inputs() -> Vec<NamedTensor> {
+        vec![
+            NamedTensor {
+                name: "ids".into(),
+                dtype: DType::Int64,
+                shape: Some(vec![3]),
+            },
+            NamedTensor {
+                name: "dense".into(),
+                dtype: DType::Float32,
+                shape: Some(vec![2]),
+            },
+        ]
+    }
+
+    fn body(text: &str) -> Payload {
+        Payload {
+            parts: vec![Part {
+                name: "body".into(),
+                content_type: Some("application/json".into()),
+                data: bytes::Bytes::copy_from_slice(text.as_bytes()),
+                shape: None,
+            }],
+            ..Payload::default()
+        }
+    }
+
+    fn ids(t: &Tensor) -> Vec<i64> {
+        Vec::<i64>::try_from(&t.flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn several_inputs_from_every_body_form() {
+        let inputs = two_inputs();
+        for (text, examples, wrap) in [
+            (
+                r#"{"ids": [1, 2, 3], "dense": [0.5, 0.25]}"#,
+                1,
+                Wrap::Single,
+            ),
+            (
+                r#"{"data": {"dense": [0.5, 0.25], "ids": [1, 2, 3]}}"#,
+                1,
+                Wrap::Single,
+            ),
+            (
+                r#"{"ids": [[1, 2, 3]], "dense": [[0.5, 0.25]]}"#,
+                1,
+                Wrap::List,
+            ),
+            (
+                r#"[{"ids": [1, 2, 3], "dense": [0.5, 0.25]}]"#,
+                1,
+                Wrap::List,
+            ),
+            (
+                r#"{"instances": [{"ids": [1, 2, 3], "dense": [0.5, 0.25]},
+                                  {"ids": [4, 5, 6], "dense": [1, 2], "other": 1}]}"#,
+                2,
+                Wrap::Predictions,
+            ),
+        ] {
+            let d = decode_named(&body(text), &inputs).unwrap();
+            assert_eq!((d.examples, d.wrap), (examples, wrap), "{text}");
+            assert_eq!(d.tensor.size(), [examples as i64, 3], "{text}");
+            assert_eq!(d.tensor.kind(), Kind::Int64, "{text}");
+            assert_eq!(&ids(&d.tensor)[..3], [1, 2, 3], "{text}");
+            assert_eq!(d.more.len(), 1);
+            assert_eq!(d.more[0].tensor.size(), [examples as i64, 2], "{text}");
+            assert_eq!(d.more[0].tensor.kind(), Kind::Float, "{text}");
+            assert_eq!(&values(&d.more[0].tensor)[..2], [0.5, 0.25], "{text}");
+        }
+    }
+
+    #[test]
+    fn several_inputs_as_fields_json_or_raw() {
+        let inputs = two_inputs();
+        let raw: Vec<u8> = [0.5f32, 0.25, 1.0, 2.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let payload = Payload {
+            parts: vec![
+                Part {
+                    name: "dense".into(),
+                    content_type: Some("application/octet-stream".into()),
+                    data: raw.into(),
+                    shape: Some("2,2".into()),
+                },
+                Part {
+                    name: "ids".into(),
+                    content_type: None,
+                    data: bytes::Bytes::from_static(b"[[1, 2, 3], [4, 5, 6]]"),
+                    shape: None,
+                },
+                Part {
+                    name: "unrelated_query_field".into(),
+                    content_type: None,
+                    data: bytes::Bytes::from_static(b"x"),
+                    shape: None,
+                },
+            ],
+            // The request's own header speaks of its body, not of the fields.
+            shape: Some("9".into()),
+            ..Payload::default()
+        };
+        let d = decode_named(&payload, &inputs).unwrap();
+        assert_eq!((d.examples, d.wrap), (2, Wrap::List));
+        assert_eq!(ids(&d.tensor), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(values(&d.more[0].tensor), [0.5, 0.25, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn several_inputs_refuse_what_does_not_fit_naming_the_input() {
+        let inputs = two_inputs();
+        for (text, says) in [
+            (
+                r#"{"ids": [1, 2, 3]}"#,
+                "input 'dense' is missing: the model takes 'ids', 'dense'",
+            ),
+            (
+                r#"{"ids": [1, 2, 3], "dense": [0.5, 0.25, 1]}"#,
+                "input 'dense': input shape [3] does not match the model's per-example shape [2]",
+            ),
+            (
+                r#"{"ids": [1.5, 2, 3], "dense": [0.5, 0.25]}"#,
+                "input 'ids': the model takes int64 input; 1.5 is not one",
+            ),
+            (
+                r#"{"ids": [[1, 2, 3], [4, 5, 6]], "dense": [0.5, 0.25]}"#,
+                "input 'dense' holds 1 example(s) and input 'ids' 2",
+            ),
+            (
+                r#"{"instances": [{"ids": [1, 2, 3], "dense": [0.5, 0.25]}, {"ids": [1, 2, 3]}]}"#,
+                "example 1: input 'dense' is missing",
+            ),
+            (
+                r#"{"instances": [[1, 2, 3]]}"#,
+                "example 0 is not an object of the inputs",
+            ),
+            (r#"{"instances": []}"#, "holds no examples"),
+            ("[1, 2, 3]", "example 0 is not an object"),
+            ("7", "expected {\"ids\": ..., ...}"),
+            (
+                "not json",
+                "the model takes several inputs ('ids', 'dense'): send them",
+            ),
+            (
+                r#"{"ids": "abc", "dense": [0.5, 0.25]}"#,
+                "input 'ids': expected numbers",
+            ),
+        ] {
+            let e = decode_named(&body(text), &inputs).expect_err(text);
+            assert!(matches!(e, PredictError::BadInput(_)), "{text}: {e:?}");
+            assert!(e.to_string().contains(says), "{text}: {e}");
+        }
+        let fields = Payload {
+            parts: vec![Part {
+                name: "ids".into(),
+                content_type: None,
+                data: bytes::Bytes::from_static(b"[1, 2, 3]"),
+                shape: None,
+            }],
+            ..Payload::default()
+        };
+        let e = decode_named(&fields, &inputs).expect_err("a field missing");
+        assert!(e.to_string().contains("input 'dense' is missing"), "{e}");
+    }
+
     /// Found by the tensor_input fuzz target: an X-Tensor-Shape whose product overflows.
     /// 7 x 7905747460161236407 wraps around to 1, which once matched a one-value body and
     /// described a tensor of 5.5e19 elements over 4 bytes.
@@ -639,6 +1006,7 @@ mod tests {
                 name: "body".into(),
                 content_type: Some("application/json".into()),
                 data: body.to_owned().into(),
+                shape: None,
             }],
             ..Payload::default()
         };
@@ -718,6 +1086,7 @@ mod tests {
                     name: "body".into(),
                     content_type: Some("application/json".into()),
                     data: body.as_bytes().to_vec().into(),
+                    shape: None,
                 }],
                 ..Payload::default()
             };

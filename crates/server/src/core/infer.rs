@@ -41,8 +41,8 @@ pub struct ModelMetadata {
     pub versions: Vec<String>,
     /// The version described.
     pub version: String,
-    /// Its single input.
-    pub input: TensorMeta,
+    /// Its inputs: one, or the named tensors of a model that takes several.
+    pub inputs: Vec<TensorMeta>,
     /// Its single output.
     pub output: TensorMeta,
 }
@@ -109,12 +109,12 @@ impl Infer {
             .iter()
             .map(|v| v.version.clone())
             .collect();
-        let (input, output) = signature(&m);
+        let (inputs, output) = signature(&m);
         Ok(ModelMetadata {
             name: m.name.clone(),
             versions,
             version: m.version.clone(),
-            input,
+            inputs,
             output,
         })
     }
@@ -299,21 +299,26 @@ impl Infer {
 }
 
 /// A version's input and output as the typed protocols describe them.
-pub fn signature(m: &ModelVersion) -> (TensorMeta, TensorMeta) {
-    let input = match &m.manifest.input {
-        Input::Tensor { dtype, shape } => TensorMeta {
-            name: INPUT_NAME.into(),
-            datatype: DataType::Tensor(*dtype),
-            shape: match shape {
-                Some(s) => std::iter::once(-1).chain(s.iter().copied()).collect(),
-                None => vec![-1],
-            },
+pub fn signature(m: &ModelVersion) -> (Vec<TensorMeta>, TensorMeta) {
+    let tensor = |name: &str, dtype: DType, shape: &Option<Vec<i64>>| TensorMeta {
+        name: name.into(),
+        datatype: DataType::Tensor(dtype),
+        shape: match shape {
+            Some(s) => std::iter::once(-1).chain(s.iter().copied()).collect(),
+            None => vec![-1],
         },
-        Input::Image { .. } | Input::Text { .. } => TensorMeta {
+    };
+    let inputs = match &m.manifest.input {
+        Input::Tensor { dtype, shape } => vec![tensor(INPUT_NAME, *dtype, shape)],
+        Input::Tensors(list) => list
+            .iter()
+            .map(|i| tensor(&i.name, i.dtype, &i.shape))
+            .collect(),
+        Input::Image { .. } | Input::Text { .. } => vec![TensorMeta {
             name: INPUT_NAME.into(),
             datatype: DataType::Bytes,
             shape: vec![-1],
-        },
+        }],
     };
     let output = match &m.manifest.output {
         // The model decides its output's type: as its workers have seen it, else float, what
@@ -335,5 +340,5 @@ pub fn signature(m: &ModelVersion) -> (TensorMeta, TensorMeta) {
             shape: vec![-1],
         },
     };
-    (input, output)
+    (inputs, output)
 }

@@ -198,6 +198,7 @@ fn instance_payload(body: &Bytes, inst: &RawValue) -> Result<Payload, String> {
             name: "body".into(),
             content_type: Some(content_type.into()),
             data,
+            shape: None,
         }],
         ..Payload::default()
     })

@@ -67,6 +67,7 @@ impl Inference {
                 name,
                 content_type: None,
                 data,
+                shape: None,
             })
             .collect();
         parts.sort_by(|a, b| a.name.cmp(&b.name));

@@ -215,6 +215,7 @@ fn field_parts(fields: Vec<(String, String)>) -> Vec<Part> {
             name,
             content_type: None,
             data: value.into_bytes().into(),
+            shape: None,
         })
         .collect()
 }
@@ -331,11 +332,24 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
         {
             let name = field.name().unwrap_or("body").to_string();
             let content_type = field.content_type().map(str::to_owned);
+            let shape = match field.headers().get("x-tensor-shape") {
+                Some(v) => Some(
+                    v.to_str()
+                        .map_err(|_| {
+                            ApiError::bad_request(format!(
+                                "the X-Tensor-Shape header of field '{name}' is not text"
+                            ))
+                        })?
+                        .to_owned(),
+                ),
+                None => None,
+            };
             let data = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
             payload.parts.push(Part {
                 name,
                 content_type,
                 data,
+                shape,
             });
         }
         return Ok(payload);
@@ -364,6 +378,7 @@ async fn read_payload(req: Request, limit: usize) -> Result<Payload, ApiError> {
             name: "body".into(),
             content_type,
             data: body,
+            shape: None,
         });
     }
     Ok(payload)

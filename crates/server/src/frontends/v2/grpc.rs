@@ -301,7 +301,7 @@ impl GrpcInferenceService for V2 {
             name: m.name.clone(),
             versions: m.versions.clone(),
             platform: "pytorch_torchscript".into(),
-            inputs: vec![tensor_md(&m.input)],
+            inputs: m.inputs.iter().map(tensor_md).collect(),
             outputs: vec![tensor_md(&m.output)],
         }))
     }

@@ -13,8 +13,9 @@ use serde_json::Value;
 use tchserve_backend::job::{Part, Payload, Prediction};
 
 use crate::core::registry::RegisterParams;
-use crate::core::{ApiError, DataType, Infer, ModelMetadata};
+use crate::core::{ApiError, DataType, Infer, ModelMetadata, TensorMeta};
 use crate::frontends::AppState;
+use tchserve_mar::handler::DType;
 use tensor::Datatype;
 
 /// An input's elements as they arrived.
@@ -118,17 +119,6 @@ pub async fn run_infer(
     let model = &meta.name;
     // The version the metadata describes, even if the default changes meanwhile.
     let version = Some(meta.version.as_str());
-    let want_name = &meta.input.name;
-    if inputs.len() != 1 {
-        return Err(bad(format!(
-            "model '{model}' takes one input ('{want_name}'); the request has {}",
-            inputs.len()
-        )));
-    }
-    let input = inputs.pop().expect("one input");
-    // The one input may go by any name, as TorchServe takes it (KServe's samples send
-    // `input-0`); errors name it as the client did.
-    let name = &input.name;
     let requested = match outputs {
         Some(mut list) if !list.is_empty() => {
             if let Some(o) = list.iter().find(|o| o.name != meta.output.name) {
@@ -152,102 +142,60 @@ pub async fn run_infer(
             binary: binary_default,
         },
     };
-    if input.shape.iter().any(|d| *d < 0) {
-        return Err(bad(format!(
-            "input '{name}': shape {} has a negative size",
-            shape_text(&input.shape)
-        )));
-    }
-    let count = input
-        .shape
-        .iter()
-        .try_fold(1u64, |n, d| n.checked_mul(*d as u64))
-        .filter(|n| *n <= u32::MAX as u64)
-        .ok_or_else(|| {
-            bad(format!(
-                "input '{name}': shape {} is too large",
-                shape_text(&input.shape)
-            ))
-        })? as usize;
-    let output = match meta.input.datatype {
+    let output = match meta.inputs.as_slice() {
+        [want] => {
+            if inputs.len() != 1 {
+                return Err(bad(format!(
+                    "model '{model}' takes one input ('{}'); the request has {}",
+                    want.name,
+                    inputs.len()
+                )));
+            }
+            let input = inputs.pop().expect("one input");
+            run_one(infer, model, version, named, want, input).await?
+        }
+        wants => run_several(infer, model, version, named, wants, inputs).await?,
+    };
+    let (datatype, shape, data) = output;
+    Ok(Inferred {
+        outputs: vec![InferOutput {
+            name: requested.name,
+            datatype,
+            shape,
+            data,
+            binary: requested.binary,
+        }],
+    })
+}
+
+/// Runs a model of one input. The input may go by any name, as TorchServe takes it (KServe's
+/// samples send `input-0`); errors name it as the client did.
+async fn run_one(
+    infer: &Infer,
+    model: &str,
+    version: Option<&str>,
+    named: bool,
+    want: &TensorMeta,
+    input: InferInput,
+) -> Result<(Datatype, Vec<i64>, OutputData), ApiError> {
+    let name = &input.name;
+    let count = element_count(&input)?;
+    Ok(match want.datatype {
         DataType::Tensor(dtype) => {
-            let expected = Datatype::of(dtype);
-            if input.datatype != expected {
-                return Err(bad(format!(
-                    "input '{name}': datatype {} does not match the model's {}",
-                    input.datatype.name(),
-                    expected.name()
-                )));
-            }
-            let model_shape = &meta.input.shape;
-            let fits = model_shape == &[-1]
-                || (model_shape.len() == input.shape.len()
-                    && model_shape
-                        .iter()
-                        .zip(&input.shape)
-                        .all(|(m, g)| *m == -1 || m == g));
-            if !fits || input.shape.is_empty() {
-                return Err(bad(format!(
-                    "input '{name}': shape {} does not match the model's {}",
-                    shape_text(&input.shape),
-                    shape_text(model_shape)
-                )));
-            }
-            let size = expected.size().unwrap_or(1);
-            let bytes: Bytes = match input.data {
-                InputData::Json(data) => {
-                    // Sized by what arrived, never by the shape a client claims.
-                    let mut flat = Vec::new();
-                    tensor::flatten(&data, &mut flat);
-                    if flat.len() != count {
-                        return Err(bad(format!(
-                            "input '{name}': shape {} holds {count} elements but data has {}",
-                            shape_text(&input.shape),
-                            flat.len()
-                        )));
-                    }
-                    tensor::encode_json(expected, &flat)
-                        .map_err(|why| bad(format!("input '{name}': {why}")))?
-                        .into()
-                }
-                InputData::Binary(b) => {
-                    if b.len() != count * size {
-                        return Err(bad(format!(
-                            "input '{name}': shape {} needs {} bytes of {} but {} arrived",
-                            shape_text(&input.shape),
-                            count * size,
-                            expected.name(),
-                            b.len()
-                        )));
-                    }
-                    if expected == Datatype::Bool && b.iter().any(|v| *v > 1) {
-                        return Err(bad(format!(
-                            "input '{name}': a BOOL element is a byte of 0 or 1"
-                        )));
-                    }
-                    b
-                }
-            };
-            let shape_header = input
-                .shape
-                .iter()
-                .map(i64::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
+            let shape = shape_header(&input.shape);
+            let bytes = tensor_bytes(input, want, dtype)?;
             let payload = Payload {
                 parts: vec![Part {
                     name: "body".into(),
                     content_type: Some("application/octet-stream".into()),
                     data: bytes,
+                    shape: None,
                 }],
                 dtype: Some(manifest_dtype(dtype)),
-                shape: Some(shape_header),
+                shape: Some(shape),
                 want_tensor: true,
             };
-            match infer.infer_counted(model, version, named, payload).await? {
-                Prediction::Tensor(t) => (Datatype::of(t.dtype), t.shape, OutputData::Raw(t.data)),
-                Prediction::Json(body) => (Datatype::Bytes, vec![1], OutputData::Items(vec![body])),
-            }
+            output_of(infer.infer_counted(model, version, named, payload).await?)
         }
         DataType::Bytes => {
             if input.datatype != Datatype::Bytes {
@@ -293,6 +241,7 @@ pub async fn run_infer(
                         name: "body".into(),
                         content_type: None,
                         data,
+                        shape: None,
                     }],
                     ..Payload::default()
                 })
@@ -311,16 +260,178 @@ pub async fn run_infer(
             // One answer per element, laid out as the elements came: `[1, 1]` in, `[1, 1]` out.
             (Datatype::Bytes, input.shape, OutputData::Items(items))
         }
+    })
+}
+
+/// Runs a model of several named inputs: the request gives each once, by its name.
+async fn run_several(
+    infer: &Infer,
+    model: &str,
+    version: Option<&str>,
+    named: bool,
+    wants: &[TensorMeta],
+    inputs: Vec<InferInput>,
+) -> Result<(Datatype, Vec<i64>, OutputData), ApiError> {
+    let names = || {
+        wants
+            .iter()
+            .map(|w| format!("'{}'", w.name))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
-    let (datatype, shape, data) = output;
-    Ok(Inferred {
-        outputs: vec![InferOutput {
-            name: requested.name,
-            datatype,
-            shape,
-            data,
-            binary: requested.binary,
-        }],
+    for (i, input) in inputs.iter().enumerate() {
+        if !wants.iter().any(|w| w.name == input.name) {
+            return Err(bad(format!(
+                "unexpected inference input '{}' for model '{model}': it takes {}",
+                input.name,
+                names()
+            )));
+        }
+        if inputs[..i].iter().any(|o| o.name == input.name) {
+            return Err(bad(format!("input '{}' is given twice", input.name)));
+        }
+    }
+    let mut inputs = inputs;
+    let mut parts = Vec::with_capacity(wants.len());
+    for want in wants {
+        let at = inputs
+            .iter()
+            .position(|i| i.name == want.name)
+            .ok_or_else(|| {
+                bad(format!(
+                    "input '{}' is missing: model '{model}' takes {}",
+                    want.name,
+                    names()
+                ))
+            })?;
+        let input = inputs.swap_remove(at);
+        let DataType::Tensor(dtype) = want.datatype else {
+            return Err(ApiError::internal(format!(
+                "input '{}' of model '{model}' is not a tensor",
+                want.name
+            )));
+        };
+        let shape = shape_header(&input.shape);
+        element_count(&input)?;
+        parts.push(Part {
+            name: want.name.clone(),
+            content_type: Some("application/octet-stream".into()),
+            data: tensor_bytes(input, want, dtype)?,
+            shape: Some(shape),
+        });
+    }
+    let payload = Payload {
+        parts,
+        want_tensor: true,
+        ..Payload::default()
+    };
+    Ok(output_of(
+        infer.infer_counted(model, version, named, payload).await?,
+    ))
+}
+
+/// A tensor answer as the protocol's output; any other answer as one BYTES element.
+fn output_of(prediction: Prediction) -> (Datatype, Vec<i64>, OutputData) {
+    match prediction {
+        Prediction::Tensor(t) => (Datatype::of(t.dtype), t.shape, OutputData::Raw(t.data)),
+        Prediction::Json(body) => (Datatype::Bytes, vec![1], OutputData::Items(vec![body])),
+    }
+}
+
+/// `X-Tensor-Shape`'s spelling of a shape.
+fn shape_header(shape: &[i64]) -> String {
+    shape
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The number of elements an input's shape holds, refused when a size is negative or the
+/// product is too large.
+fn element_count(input: &InferInput) -> Result<usize, ApiError> {
+    let name = &input.name;
+    if input.shape.iter().any(|d| *d < 0) {
+        return Err(bad(format!(
+            "input '{name}': shape {} has a negative size",
+            shape_text(&input.shape)
+        )));
+    }
+    input
+        .shape
+        .iter()
+        .try_fold(1u64, |n, d| n.checked_mul(*d as u64))
+        .filter(|n| *n <= u32::MAX as u64)
+        .ok_or_else(|| {
+            bad(format!(
+                "input '{name}': shape {} is too large",
+                shape_text(&input.shape)
+            ))
+        })
+        .map(|n| n as usize)
+}
+
+/// A tensor input's elements as the little-endian bytes the model takes, checked against the
+/// model's datatype and shape.
+fn tensor_bytes(input: InferInput, want: &TensorMeta, dtype: DType) -> Result<Bytes, ApiError> {
+    let name = &input.name;
+    let count = element_count(&input)?;
+    let expected = Datatype::of(dtype);
+    if input.datatype != expected {
+        return Err(bad(format!(
+            "input '{name}': datatype {} does not match the model's {}",
+            input.datatype.name(),
+            expected.name()
+        )));
+    }
+    let model_shape = &want.shape;
+    let fits = model_shape == &[-1]
+        || (model_shape.len() == input.shape.len()
+            && model_shape
+                .iter()
+                .zip(&input.shape)
+                .all(|(m, g)| *m == -1 || m == g));
+    if !fits || input.shape.is_empty() {
+        return Err(bad(format!(
+            "input '{name}': shape {} does not match the model's {}",
+            shape_text(&input.shape),
+            shape_text(model_shape)
+        )));
+    }
+    let size = expected.size().unwrap_or(1);
+    Ok(match input.data {
+        InputData::Json(data) => {
+            // Sized by what arrived, never by the shape a client claims.
+            let mut flat = Vec::new();
+            tensor::flatten(&data, &mut flat);
+            if flat.len() != count {
+                return Err(bad(format!(
+                    "input '{name}': shape {} holds {count} elements but data has {}",
+                    shape_text(&input.shape),
+                    flat.len()
+                )));
+            }
+            tensor::encode_json(expected, &flat)
+                .map_err(|why| bad(format!("input '{name}': {why}")))?
+                .into()
+        }
+        InputData::Binary(b) => {
+            if b.len() != count * size {
+                return Err(bad(format!(
+                    "input '{name}': shape {} needs {} bytes of {} but {} arrived",
+                    shape_text(&input.shape),
+                    count * size,
+                    expected.name(),
+                    b.len()
+                )));
+            }
+            if expected == Datatype::Bool && b.iter().any(|v| *v > 1) {
+                return Err(bad(format!(
+                    "input '{name}': a BOOL element is a byte of 0 or 1"
+                )));
+            }
+            b
+        }
     })
 }
 

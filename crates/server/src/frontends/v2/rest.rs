@@ -147,7 +147,7 @@ fn metadata_json(m: &ModelMetadata) -> Value {
         "name": m.name,
         "versions": m.versions,
         "platform": "pytorch_torchscript",
-        "inputs": [tensor_md(&m.input)],
+        "inputs": m.inputs.iter().map(tensor_md).collect::<Vec<_>>(),
         "outputs": [tensor_md(&m.output)],
     })
 }
