@@ -1,8 +1,8 @@
 //! Every protocol through its real clients: tritonclient (v2 REST and gRPC), the kserve
 //! package (v1 REST, v2 REST and gRPC) and stubs that grpcio-tools makes from the server's
-//! TorchServe protos. One server holds an MLP, a pretrained image classifier, a text classifier
-//! and a model of two named inputs; each answer must equal the TorchServe REST route's, bitwise
-//! for tensors (tests/clients/protocols.py).
+//! TorchServe protos. One server holds an MLP, a pretrained image classifier, a text
+//! classifier, a model of two named inputs and one of two named outputs; each answer must equal
+//! the TorchServe REST route's, bitwise for tensors (tests/clients/protocols.py).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -48,12 +48,21 @@ fn server_with(config: &str) -> (Server, String) {
         &fixture_handler("two_inputs.json"),
         &[],
     );
+    let pair = archive(
+        &s.store,
+        "pair",
+        "1.0",
+        &fixtures().join("pair.pt"),
+        &fixture_handler("pair.json"),
+        &[],
+    );
     s.start(&[
         "--models",
         &format!("mlp={mlp}"),
         &format!("cls={cls}"),
         &format!("txt={txt}"),
         &format!("two={two}"),
+        &format!("pair={pair}"),
     ]);
     (s, mlp)
 }

@@ -3236,3 +3236,125 @@ fn a_model_of_two_named_inputs_over_every_route() {
         "no batching happened: {count} batches for {sum} requests"
     );
 }
+
+/// A handler that answers several named outputs, from a model returning a tuple and one
+/// returning a dict: each example's answer names them over the TorchServe API, and the Open
+/// Inference Protocol answers one typed output per name.
+#[test]
+fn a_model_of_two_named_outputs_over_every_route() {
+    let mut s = Server::new("enable_model_api=true");
+    let tuple = fixture_archive(&s, "pair", "pair.pt", "pair.json");
+    let dict = fixture_archive(&s, "pair_dict", "pair_dict.pt", "pair.json");
+    s.start(&[
+        "--ncs",
+        "--models",
+        &format!("pair={tuple}"),
+        &format!("pair_dict={dict}"),
+    ]);
+    for model in ["pair", "pair_dict"] {
+        let path = format!("/predictions/{model}");
+        let r = post_json(&s.inference, &path, "[1.5, 2]");
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        assert_eq!(r.text(), r#"{"double":[3.0,4.0],"total":4}"#, "{model}");
+        let r = post_json(&s.inference, &path, r#"{"instances": [[1, 2], [3, 4]]}"#);
+        assert_eq!(
+            r.json(),
+            json!({"predictions": [{"double": [2.0, 4.0], "total": 3},
+                                   {"double": [6.0, 8.0], "total": 7}]}),
+            "{model}"
+        );
+        let r = post_json(
+            &s.inference,
+            &format!("/v1/models/{model}:predict"),
+            r#"{"instances": [[1, 2]]}"#,
+        );
+        assert_eq!(
+            r.json(),
+            json!({"predictions": [{"double": [2.0, 4.0], "total": 3}]}),
+            "{model}"
+        );
+
+        // The metadata types each output from the warm-up's forward.
+        let meta = s
+            .infer("GET", &format!("/v2/models/{model}"), &[], b"")
+            .json();
+        assert_eq!(
+            meta["outputs"],
+            json!([
+                {"name": "double", "datatype": "FP32", "shape": [-1, 2]},
+                {"name": "total", "datatype": "INT64", "shape": [-1]}
+            ]),
+            "{model}"
+        );
+        let v2 = |outputs: Value| {
+            let mut body = json!({"inputs": [{"name": "input0", "datatype": "FP32",
+                                              "shape": [2, 2], "data": [1, 2, 3, 4]}]});
+            if !outputs.is_null() {
+                body["outputs"] = outputs;
+            }
+            post_json(
+                &s.inference,
+                &format!("/v2/models/{model}/infer"),
+                &body.to_string(),
+            )
+        };
+        let r = v2(Value::Null);
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        assert_eq!(
+            r.json()["outputs"],
+            json!([
+                {"name": "double", "datatype": "FP32", "shape": [2, 2], "data": [2.0, 4.0, 6.0, 8.0]},
+                {"name": "total", "datatype": "INT64", "shape": [2], "data": [3, 7]}
+            ]),
+            "{model}"
+        );
+        // Outputs asked for come in the order asked.
+        let r = v2(json!([{"name": "total"}]));
+        assert_eq!(
+            r.json()["outputs"],
+            json!([{"name": "total", "datatype": "INT64", "shape": [2], "data": [3, 7]}]),
+            "{model}"
+        );
+        assert_kserve_error(
+            &v2(json!([{"name": "output0"}])),
+            400,
+            "unexpected inference output 'output0' for model",
+        );
+        assert_kserve_error(
+            &v2(json!([{"name": "total"}, {"name": "total"}])),
+            400,
+            "output 'total' is requested 2 times",
+        );
+    }
+    // A handler naming an output the model does not give fails its registration, saying what
+    // the model gives.
+    let handler = s.dir.path().join("wrong.json");
+    std::fs::write(
+        &handler,
+        std::fs::read_to_string(fixture_handler("pair.json"))
+            .unwrap()
+            .replace("\"total\"", "\"count\""),
+    )
+    .unwrap();
+    let wrong = archive(
+        &s.store,
+        "wrong",
+        "1.0",
+        &fixtures().join("pair_dict.pt"),
+        &handler,
+        &[],
+    );
+    let r = register(
+        &s,
+        &format!("url={wrong}&initial_workers=1&synchronous=true"),
+    );
+    assert_ne!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("the model's output has no entry 'count'; its entries are 'total', 'double'"),
+        "{}",
+        r.text()
+    );
+    let r = post_json(&s.inference, "/predictions/pair", "[1.5, 2]");
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -9,7 +9,8 @@ Suites: triton (tritonclient HTTP and gRPC), kserve (the kserve package's v1 and
 gRPC clients), torchserve-grpc (stubs made by grpcio-tools from the server's .proto files), auth
 (keys in gRPC metadata, against a server with token authorization on and --key-file).
 Models the server must hold: `mlp` (float32 [784] -> [10]), `cls` (an image classifier), `txt`
-(a text classifier) and `two` (two named inputs, int64 `ids` [3] and float32 `dense` [2] -> [2]).
+(a text classifier), `two` (two named inputs, int64 `ids` [3] and float32 `dense` [2] -> [2]) and
+`pair` (float32 [2] -> two named outputs, `double` float32 [2] and `total` int64).
 Tensors must be bitwise equal; handler answers (labels and scores) equal to 1e-6. Exits non-zero,
 naming the check, at the first difference.
 """
@@ -124,6 +125,29 @@ def triton_two_inputs(client, module, what):
     still_serving(f"{what}: a missing input")
 
 
+def triton_two_outputs(client, module, what):
+    """A handler of two named outputs through a tritonclient module: both, or the one asked
+    for, each typed as the model gives it and equal to the REST route's answer."""
+    x = np.array([[1.0, 2.0], [3.5, 4.0]], dtype=np.float32)
+    status, body = rest("/predictions/pair", json.dumps(x.tolist()).encode(), {"Content-Type": "application/json"})
+    check(status == 200, f"REST pair answers ({status} {body[:200]!r})")
+    rows = json.loads(body)
+    want_double = np.array([r["double"] for r in rows], dtype=np.float32)
+    want_total = np.array([r["total"] for r in rows], dtype=np.int64)
+    check(want_total.tolist() == [3, 8], f"REST pair totals {want_total.tolist()}")
+    i = module.InferInput("input0", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    for names in (["double", "total"], ["total"]):
+        outs = [module.InferRequestedOutput(n) for n in names]
+        r = client.infer("pair", [i], outputs=outs)
+        if "double" in names:
+            same_floats(r.as_numpy("double"), want_double, f"{what} pair double")
+        total = r.as_numpy("total")
+        check(total.dtype == np.int64 and total.tolist() == want_total.tolist(), f"{what} pair total {total}")
+        if names == ["total"]:
+            check(r.as_numpy("double") is None, f"{what}: only the output asked for")
+
+
 def close(got, want):
     """Handler answers (labels with scores) equal but for the last bits of each score: a model
     large enough to use both cores rounds differently when another model's batch holds one of
@@ -222,6 +246,7 @@ def triton():
     index = h.get_model_repository_index()
     check({m["name"] for m in index} >= {"mlp", "cls", "txt"}, f"http: repository index {index}")
     triton_two_inputs(h, thttp, "http")
+    triton_two_outputs(h, thttp, "http")
 
     g = tgrpc.InferenceServerClient(url=ARGS.grpc)
     check(g.is_server_live(), "grpc: server live")
@@ -260,6 +285,7 @@ def triton():
     index = g.get_model_repository_index(as_json=True)
     check({m["name"] for m in index["models"]} >= {"mlp", "cls"}, "grpc: repository index")
     triton_two_inputs(g, tgrpc, "grpc")
+    triton_two_outputs(g, tgrpc, "grpc")
 
 
 def kserve_suite():

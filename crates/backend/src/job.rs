@@ -53,6 +53,9 @@ pub enum Prediction {
     Json(Vec<u8>),
     /// The request's rows of the output tensor, for protocols that carry typed tensors.
     Tensor(RawTensor),
+    /// The request's rows of each of a model's named output tensors, in the handler's order,
+    /// for protocols that carry typed tensors.
+    Tensors(Vec<(String, RawTensor)>),
 }
 
 /// A tensor as bytes: little-endian, row-major, no padding (BOOL one byte each).

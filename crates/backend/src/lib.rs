@@ -126,6 +126,9 @@ impl WorkerInfo {
     }
 }
 
+/// An output tensor's element type and per-example shape, -1 where the size varied.
+pub type OutputSignature = (tchserve_mar::handler::DType, Vec<i64>);
+
 /// Why a backend cannot serve a model version.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -182,9 +185,11 @@ pub trait Workers: Send + Sync + Debug {
     /// Whether the workers run on GPUs.
     fn on_gpu(&self) -> bool;
 
-    /// The element type and per-example shape of the model's output tensor, as its workers
-    /// have seen it (a dimension that varied is -1); `None` until one ran the model.
-    fn output_signature(&self) -> Option<(tchserve_mar::handler::DType, Vec<i64>)> {
+    /// The element type and per-example shape of the model's output tensor (`index` of a
+    /// handler's several), as its workers have seen it (a dimension that varied is -1); `None`
+    /// until one ran the model.
+    fn output_signature(&self, index: usize) -> Option<OutputSignature> {
+        let _ = index;
         None
     }
 

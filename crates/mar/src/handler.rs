@@ -297,6 +297,10 @@ pub enum Output {
     },
     /// `{"embedding": [...]}`.
     Embedding {},
+    /// Several tensors the model returns, each named: a tuple's or list's elements in order,
+    /// or a dict's entries by these keys. Each example is answered `{"<name>": [...], ...}`,
+    /// and the typed protocols answer one output per name.
+    Tensors(Vec<String>),
 }
 
 /// The channels of an image handler's tensor, named as PIL names image modes.
@@ -509,16 +513,8 @@ impl HandlerManifest {
                 }
                 for (i, t) in list.iter().enumerate() {
                     let at = |field: &str| format!("input.tensors[{i}].{field}");
-                    let name_ok = !t.name.is_empty()
-                        && t.name.len() <= 64
-                        && t.name
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
-                    if !name_ok {
-                        return fail(
-                            &at("name"),
-                            "must be 1 to 64 letters, digits, `_`, `-` or `.`",
-                        );
+                    if !tensor_name_ok(&t.name) {
+                        return fail(&at("name"), TENSOR_NAME_RULE);
                     }
                     if RESERVED_INPUT_NAMES.contains(&t.name.as_str()) {
                         return fail(
@@ -693,6 +689,35 @@ impl HandlerManifest {
             }
         }
         match &self.output {
+            Output::Tensors(names) => {
+                if names.is_empty() {
+                    return fail("output.tensors", "must name at least one output");
+                }
+                for (i, name) in names.iter().enumerate() {
+                    if !tensor_name_ok(name) {
+                        return fail(&format!("output.tensors[{i}]"), TENSOR_NAME_RULE);
+                    }
+                    if names[..i].contains(name) {
+                        return fail(
+                            &format!("output.tensors[{i}]"),
+                            &format!("`{name}` appears twice"),
+                        );
+                    }
+                }
+                if self.model.output.is_some() {
+                    return fail(
+                        "model.output",
+                        "an output of several tensors takes them all: remove model.output",
+                    );
+                }
+                if !self.postprocess.is_empty() {
+                    return fail(
+                        "postprocess",
+                        "postprocess stages work on one tensor; an output of several tensors \
+                         answers them as the model gives them",
+                    );
+                }
+            }
             Output::Classes { top_k, labels } => {
                 if *top_k == Some(0) {
                     return fail("output.classes.top_k", "must be positive");
@@ -722,6 +747,18 @@ impl HandlerManifest {
 }
 
 /// A file named by a manifest must be a plain relative path inside the archive.
+/// What [`tensor_name_ok`] asks of a name.
+const TENSOR_NAME_RULE: &str = "must be 1 to 64 letters, digits, `_`, `-` or `.`";
+
+/// Whether `name` may name an input or output tensor: short, and safe in any protocol's field.
+fn tensor_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
 fn check_file_name(at: &str, name: &str) -> Result<(), (String, String)> {
     match crate::archive::entry_name::normalize(name.as_bytes()) {
         Ok(_) => Ok(()),
@@ -831,6 +868,67 @@ mod tests {
         ] {
             let got = with(&inputs, feed);
             assert!(got.contains(says), "{inputs} {feed}: {got}");
+        }
+    }
+
+    #[test]
+    fn several_named_tensor_outputs() {
+        let with = |model: &str, post: &str, output: &str| {
+            HandlerManifest::parse(
+                "h.json",
+                format!(
+                    r#"{{"schema": 1, "name": "two", "input": {{"tensor": {{"dtype": "float32"}}}},
+                        "model": {model}, "postprocess": [{post}], "output": {{"tensors": {output}}}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        let stacked = r#"{"feed": "stacked"}"#;
+        let m = with(stacked, "", r#"["logits", "embedding"]"#).unwrap();
+        assert_eq!(
+            m.output,
+            Output::Tensors(vec!["logits".into(), "embedding".into()])
+        );
+        for (model, post, output, says) in [
+            (
+                stacked,
+                "",
+                "[]",
+                "output.tensors: must name at least one output",
+            ),
+            (
+                stacked,
+                "",
+                r#"["a", "a"]"#,
+                "output.tensors[1]: `a` appears twice",
+            ),
+            (
+                stacked,
+                "",
+                r#"["a/b"]"#,
+                "output.tensors[0]: must be 1 to 64",
+            ),
+            (
+                r#"{"feed": "stacked", "output": {"index": 0}}"#,
+                "",
+                r#"["a"]"#,
+                "model.output: an output of several tensors takes them all",
+            ),
+            (
+                stacked,
+                r#"{"sigmoid": {}}"#,
+                r#"["a"]"#,
+                "postprocess: postprocess stages work on one tensor",
+            ),
+            (
+                r#"{"feed": "list"}"#,
+                "",
+                r#"["a"]"#,
+                "a model fed a list answers `tensor`",
+            ),
+        ] {
+            let e = with(model, post, output).unwrap_err().to_string();
+            assert!(e.contains(says), "{model} {post} {output}: {e}");
         }
     }
 

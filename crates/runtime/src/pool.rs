@@ -489,8 +489,8 @@ impl Workers for Pool {
     fn on_gpu(&self) -> bool {
         self.devices.iter().any(|d| *d != tch::Device::Cpu)
     }
-    fn output_signature(&self) -> Option<(tchserve_mar::handler::DType, Vec<i64>)> {
-        lock(&self.shared.output).clone()
+    fn output_signature(&self, index: usize) -> Option<tchserve_backend::OutputSignature> {
+        lock(&self.shared.output).get(index).cloned().flatten()
     }
     fn replace_stuck(&self) -> usize {
         Pool::replace_stuck(self)

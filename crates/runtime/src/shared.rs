@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use tchserve_backend::WorkerState;
 use tchserve_backend::job::PredictError;
-use tchserve_mar::handler::DType;
 
 /// The intra-op thread budget shared by every worker of the process.
 ///
@@ -93,7 +92,8 @@ pub(crate) struct Shared {
     pub(crate) changed: Condvar,
     /// The output tensors' element type and per-example shape, as the workers saw them: what
     /// the typed protocols' metadata reports, since the model alone knows its output type.
-    pub(crate) output: Mutex<Option<(DType, Vec<i64>)>>,
+    /// One entry per output, for a handler that answers several.
+    pub(crate) output: Mutex<Vec<Option<tchserve_backend::OutputSignature>>>,
     /// Workers that can take jobs (starting or ready, not failed), kept with `states` so that
     /// a submit reads it without the lock.
     pub(crate) serving: AtomicUsize,
@@ -119,13 +119,16 @@ impl Shared {
 
     /// Records an output of `[examples, ...]`; a dimension that differs from earlier outputs
     /// becomes -1. Outputs of a type the protocols have no name for are not recorded.
-    pub(crate) fn saw_output(&self, t: &tch::Tensor) {
+    pub(crate) fn saw_output(&self, index: usize, t: &tch::Tensor) {
         let Some(dtype) = crate::handler::tensor_input::dtype_of(t.kind()) else {
             return;
         };
         let dims = t.size().split_off(1.min(t.dim()));
-        let mut seen = lock(&self.output);
-        match &mut *seen {
+        let mut outputs = lock(&self.output);
+        if outputs.len() <= index {
+            outputs.resize(index + 1, None);
+        }
+        match &mut outputs[index] {
             Some((d, known)) if *d == dtype && known.len() == dims.len() => {
                 for (k, n) in known.iter_mut().zip(dims) {
                     if *k != n {
@@ -263,6 +266,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tchserve_mar::handler::DType;
 
     #[test]
     fn busy_says_how_long_the_batch_in_hand_has_run() {
@@ -304,30 +308,43 @@ mod tests {
     #[test]
     fn outputs_seen_keep_their_type_and_the_dimensions_that_never_varied() {
         let shared = Shared::default();
-        let seen = || lock(&shared.output).clone();
+        let seen = || lock(&shared.output).first().cloned().flatten();
         assert_eq!(seen(), None);
-        shared.saw_output(&tch::Tensor::zeros(
-            [2, 3, 7],
-            (tch::Kind::Float, tch::Device::Cpu),
-        ));
+        shared.saw_output(
+            0,
+            &tch::Tensor::zeros([2, 3, 7], (tch::Kind::Float, tch::Device::Cpu)),
+        );
         assert_eq!(seen(), Some((DType::Float32, vec![3, 7])));
-        shared.saw_output(&tch::Tensor::zeros(
-            [5, 4, 7],
-            (tch::Kind::Float, tch::Device::Cpu),
-        ));
+        shared.saw_output(
+            0,
+            &tch::Tensor::zeros([5, 4, 7], (tch::Kind::Float, tch::Device::Cpu)),
+        );
         assert_eq!(seen(), Some((DType::Float32, vec![-1, 7])));
         // Another type or rank starts afresh.
-        shared.saw_output(&tch::Tensor::zeros(
-            [5],
-            (tch::Kind::Int64, tch::Device::Cpu),
-        ));
+        shared.saw_output(
+            0,
+            &tch::Tensor::zeros([5], (tch::Kind::Int64, tch::Device::Cpu)),
+        );
         assert_eq!(seen(), Some((DType::Int64, vec![])));
         // A type the protocols cannot name leaves what was seen.
-        shared.saw_output(&tch::Tensor::zeros(
-            [5],
-            (tch::Kind::ComplexFloat, tch::Device::Cpu),
-        ));
+        shared.saw_output(
+            0,
+            &tch::Tensor::zeros([5], (tch::Kind::ComplexFloat, tch::Device::Cpu)),
+        );
         assert_eq!(seen(), Some((DType::Int64, vec![])));
+        // Each output of several is its own.
+        shared.saw_output(
+            2,
+            &tch::Tensor::zeros([5, 2], (tch::Kind::Int, tch::Device::Cpu)),
+        );
+        assert_eq!(
+            lock(&shared.output).clone(),
+            [
+                Some((DType::Int64, vec![])),
+                None,
+                Some((DType::Int32, vec![2]))
+            ]
+        );
     }
 
     #[test]

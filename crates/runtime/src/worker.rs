@@ -192,9 +192,9 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
         load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)
     })?;
     let (loaded, output) = prepare(ctx.id, &ctx.spec, ctx.device, ctx.batcher, module)?;
-    // The typed protocols' metadata can name the output's type before the first request.
-    if let Some(t) = output {
-        ctx.shared.saw_output(&t);
+    // The typed protocols' metadata can name the outputs' types before the first request.
+    for (i, t) in output.iter().enumerate() {
+        ctx.shared.saw_output(i, t);
     }
     Ok(loaded)
 }
@@ -212,14 +212,14 @@ pub fn check(spec: &ModelSpec, device: tch::Device) -> Result<(), crate::Runtime
 }
 
 /// Fits the handler and batching to a loaded model, warms it up and answers one request; also
-/// gives the warm-up's output, when it names the type of the model's answers.
+/// gives the warm-up's outputs, when they name the types of the model's answers.
 fn prepare(
     id: usize,
     spec: &ModelSpec,
     device: tch::Device,
     batcher: Batcher,
     module: Arc<Model>,
-) -> Result<(Loaded, Option<tch::Tensor>), crate::RuntimeError> {
+) -> Result<(Loaded, Vec<tch::Tensor>), crate::RuntimeError> {
     let batcher = fit_batcher(id, spec, batcher, &module)?;
     let mut pipeline = Pipeline::new(&spec.handler, &spec.model_dir)?;
     pipeline.finish_images_on(device);
@@ -321,7 +321,7 @@ fn prepare(
             }
         }
     }
-    let output = last_output.and_then(|o| pipeline.warmup_output(o));
+    let output = last_output.map_or_else(Vec::new, |o| pipeline.warmup_output(o));
     let small = device == tch::Device::Cpu && last_forward.is_some_and(|t| t < SMALL_FORWARD);
     let loaded = Loaded {
         module,
@@ -698,10 +698,14 @@ fn process(
     drop(inputs);
     match launched {
         Ok(launched) => {
-            if let Launched::Output(t) = &launched
-                && pipeline.answers_tensor()
-            {
-                ctx.shared.saw_output(t);
+            match &launched {
+                Launched::Output(t) if pipeline.answers_tensor() => ctx.shared.saw_output(0, t),
+                Launched::Outputs(ts) => {
+                    for (i, t) in ts.iter().enumerate() {
+                        ctx.shared.saw_output(i, t);
+                    }
+                }
+                _ => {}
             }
             ctx.shared.ran_on(&live[0].1.tensor);
             let batch = Finishing {

@@ -62,6 +62,9 @@ pub enum Launched {
     /// The batch's output after postprocessing, `[examples, ...]`, on the model's device and
     /// perhaps still being computed there.
     Output(Tensor),
+    /// The batch's named outputs (an `output` of several tensors), in the handler's order,
+    /// `[examples, ...]` each, as [`Launched::Output`].
+    Outputs(Vec<Tensor>),
 }
 
 /// One input of a batch's requests as one tensor on `device`: `pick` chooses the input of each.
@@ -316,16 +319,19 @@ impl Pipeline {
         matches!(self.output, Output::Tensor {})
     }
 
-    /// A warm-up forward's output as a batch's output is answered, after the postprocessing
-    /// steps; `None` where the handler answers with something else than the tensor, or needs a
-    /// request to postprocess (a text handler's attention mask).
-    pub fn warmup_output(&self, out: IValue) -> Option<Tensor> {
-        if self.feed == Feed::Tokens || !self.answers_tensor() {
-            return None;
+    /// A warm-up forward's outputs as a batch's outputs are answered, after the postprocessing
+    /// steps: the one tensor, or a handler's several named ones; none where the handler answers
+    /// with something else, or needs a request to postprocess (a text handler's attention mask).
+    pub fn warmup_output(&self, out: IValue) -> Vec<Tensor> {
+        if self.feed == Feed::Tokens {
+            return Vec::new();
         }
-        match out {
-            IValue::Tensor(t) => self.postprocess(t, None).ok(),
-            _ => None,
+        match (&self.output, out) {
+            (Output::Tensors(names), out) => named_outputs(out, names).unwrap_or_default(),
+            (Output::Tensor {}, IValue::Tensor(t)) => {
+                self.postprocess(t, None).into_iter().collect()
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -394,6 +400,20 @@ impl Pipeline {
             (args, None)
         };
         let out = self.forward(module, args)?;
+        let total: usize = inputs.iter().map(|d| d.examples).sum();
+        if let Output::Tensors(names) = &self.output {
+            let outs = named_outputs(out, names)?;
+            for (name, t) in names.iter().zip(&outs) {
+                let dims = t.size();
+                if dims.first().copied() != Some(total as i64) {
+                    return Err(PredictError::ModelFailed(format!(
+                        "the model's output '{name}' has shape {dims:?} for a batch of {total}: \
+                         its first axis must be the batch"
+                    )));
+                }
+            }
+            return Ok(Launched::Outputs(outs));
+        }
         let out = match out {
             IValue::Tensor(t) => t,
             other => {
@@ -408,7 +428,6 @@ impl Pipeline {
             Output::Segmentation {} => best_class_map(&out)?,
             _ => out,
         };
-        let total: usize = inputs.iter().map(|d| d.examples).sum();
         let dims = out.size();
         if dims.first().copied() != Some(total as i64) {
             return Err(PredictError::ModelFailed(format!(
@@ -427,6 +446,7 @@ impl Pipeline {
     ) -> Result<Vec<Prediction>, PredictError> {
         let out = match launched {
             Launched::Answered(answers) => return Ok(answers),
+            Launched::Outputs(outs) => return self.answer_named(&outs, inputs),
             Launched::Output(out) => out,
         };
         let _guard = tch::no_grad_guard();
@@ -465,6 +485,86 @@ impl Pipeline {
                         d.wrap,
                         rows,
                         |body, r| self.write_row(body, values, row_dims, r * row_len),
+                    )));
+                }
+                _ => unreachable!("values are read whenever a request takes JSON"),
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Writes one answer per request of `inputs` from a batch's named outputs: for a typed
+    /// protocol each output's rows, else `{"<name>": <row>, ...}` per example.
+    fn answer_named(
+        &self,
+        outs: &[Tensor],
+        inputs: &[&Decoded],
+    ) -> Result<Vec<Prediction>, PredictError> {
+        let Output::Tensors(names) = &self.output else {
+            return Err(PredictError::ModelFailed(
+                "named outputs from a handler that names none".into(),
+            ));
+        };
+        let _guard = tch::no_grad_guard();
+        // Typed protocols take the tensors as they are, where every one has a protocol type.
+        let raws = if inputs.iter().any(|d| d.want_tensor) {
+            outs.iter()
+                .map(raw_output)
+                .collect::<Result<Option<Vec<_>>, _>>()?
+        } else {
+            None
+        };
+        let values = if inputs.iter().any(|d| !d.want_tensor || raws.is_none()) {
+            Some(outs.iter().map(Values::of).collect::<Result<Vec<_>, _>>()?)
+        } else {
+            None
+        };
+        let dims: Vec<Vec<i64>> = outs.iter().map(|t| t.size()[1..].to_vec()).collect();
+        let row_lens: Vec<usize> = dims
+            .iter()
+            .map(|d| d.iter().map(|&n| n as usize).product())
+            .collect();
+        let mut answers = Vec::with_capacity(inputs.len());
+        let mut row = 0;
+        for d in inputs {
+            let rows = row..row + d.examples;
+            row += d.examples;
+            match (&raws, &values) {
+                (Some(raws), _) if d.want_tensor => {
+                    let tensors = names
+                        .iter()
+                        .zip(raws)
+                        .zip(dims.iter().zip(&row_lens))
+                        .map(|((name, (dtype, bytes)), (row_dims, row_len))| {
+                            let size = dtype.size() * row_len;
+                            let raw = RawTensor {
+                                dtype: *dtype,
+                                shape: std::iter::once(d.examples as i64)
+                                    .chain(row_dims.iter().copied())
+                                    .collect(),
+                                data: bytes[rows.start * size..rows.end * size].to_vec(),
+                            };
+                            (name.clone(), raw)
+                        })
+                        .collect();
+                    answers.push(Prediction::Tensors(tensors));
+                }
+                (_, Some(values)) => {
+                    answers.push(Prediction::Json(self.write_rows(
+                        d.wrap,
+                        rows,
+                        |body, r| {
+                            body.push('{');
+                            for (k, name) in names.iter().enumerate() {
+                                if k > 0 {
+                                    body.push(',');
+                                }
+                                write_str(body, name);
+                                body.push(':');
+                                write_nested(body, &values[k], &dims[k], r * row_lens[k]);
+                            }
+                            body.push('}');
+                        },
                     )));
                 }
                 _ => unreachable!("values are read whenever a request takes JSON"),
@@ -850,6 +950,75 @@ fn select(out: IValue, sel: &Select) -> Result<IValue, PredictError> {
             ivalue_kind(&other)
         ))),
     }
+}
+
+/// The tensors `names` name in a model's output: a tuple's or list's elements in order, a
+/// dict's entries by key, or the output itself when it is one tensor and one is named.
+fn named_outputs(out: IValue, names: &[String]) -> Result<Vec<Tensor>, PredictError> {
+    let tensor = |name: &String, v: IValue| match v {
+        IValue::Tensor(t) => Ok(t),
+        other => Err(PredictError::ModelFailed(format!(
+            "the model's output '{name}' is {}, not a tensor",
+            ivalue_kind(&other)
+        ))),
+    };
+    let items: Vec<IValue> = match out {
+        IValue::Tuple(items) | IValue::GenericList(items) => items,
+        IValue::TensorList(items) => items.into_iter().map(IValue::Tensor).collect(),
+        IValue::GenericDict(entries) => {
+            let keys = || {
+                let keys: Vec<String> = entries
+                    .iter()
+                    .map(|(k, _)| match k {
+                        IValue::String(s) => format!("'{s}'"),
+                        other => ivalue_kind(other).to_string(),
+                    })
+                    .collect();
+                keys.join(", ")
+            };
+            if let Some(name) = names.iter().find(|name| {
+                !entries
+                    .iter()
+                    .any(|(k, _)| matches!(k, IValue::String(s) if s == *name))
+            }) {
+                return Err(PredictError::ModelFailed(format!(
+                    "the model's output has no entry '{name}'; its entries are {}",
+                    keys()
+                )));
+            }
+            let mut entries = entries;
+            return names
+                .iter()
+                .map(|name| {
+                    let at = entries
+                        .iter()
+                        .position(|(k, _)| matches!(k, IValue::String(s) if s == name))
+                        .expect("every name was found above");
+                    tensor(name, entries.swap_remove(at).1)
+                })
+                .collect();
+        }
+        IValue::Tensor(t) if names.len() == 1 => vec![IValue::Tensor(t)],
+        other => {
+            return Err(PredictError::ModelFailed(format!(
+                "the handler names {} outputs and the model returned {}",
+                names.len(),
+                ivalue_kind(&other)
+            )));
+        }
+    };
+    if items.len() != names.len() {
+        return Err(PredictError::ModelFailed(format!(
+            "the handler names {} outputs and the model returned {}",
+            names.len(),
+            items.len()
+        )));
+    }
+    names
+        .iter()
+        .zip(items)
+        .map(|(name, v)| tensor(name, v))
+        .collect()
 }
 
 fn ivalue_kind(v: &IValue) -> &'static str {

@@ -43,8 +43,8 @@ pub struct ModelMetadata {
     pub version: String,
     /// Its inputs: one, or the named tensors of a model that takes several.
     pub inputs: Vec<TensorMeta>,
-    /// Its single output.
-    pub output: TensorMeta,
+    /// Its outputs: one, or the named tensors of a handler that answers several.
+    pub outputs: Vec<TensorMeta>,
 }
 
 /// Name of every model's input in the typed protocols.
@@ -109,13 +109,13 @@ impl Infer {
             .iter()
             .map(|v| v.version.clone())
             .collect();
-        let (inputs, output) = signature(&m);
+        let (inputs, outputs) = signature(&m);
         Ok(ModelMetadata {
             name: m.name.clone(),
             versions,
             version: m.version.clone(),
             inputs,
-            output,
+            outputs,
         })
     }
 
@@ -279,6 +279,7 @@ impl Infer {
         let size = match &prediction {
             Prediction::Json(body) => body.len(),
             Prediction::Tensor(t) => t.data.len(),
+            Prediction::Tensors(ts) => ts.iter().map(|(_, t)| t.data.len()).sum(),
         };
         self.check_response_size(size)?;
         Ok((prediction, timings.queue_us))
@@ -299,7 +300,7 @@ impl Infer {
 }
 
 /// A version's input and output as the typed protocols describe them.
-pub fn signature(m: &ModelVersion) -> (Vec<TensorMeta>, TensorMeta) {
+pub fn signature(m: &ModelVersion) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
     let tensor = |name: &str, dtype: DType, shape: &Option<Vec<i64>>| TensorMeta {
         name: name.into(),
         datatype: DataType::Tensor(dtype),
@@ -320,25 +321,31 @@ pub fn signature(m: &ModelVersion) -> (Vec<TensorMeta>, TensorMeta) {
             shape: vec![-1],
         }],
     };
-    let output = match &m.manifest.output {
-        // The model decides its output's type: as its workers have seen it, else float, what
-        // regressors and classifiers give, until a worker has run it.
-        Output::Tensor {} => {
-            let (dtype, dims) = m
-                .pool
-                .output_signature()
-                .unwrap_or((DType::Float32, vec![-1]));
-            TensorMeta {
-                name: OUTPUT_NAME.into(),
-                datatype: DataType::Tensor(dtype),
-                shape: std::iter::once(-1).chain(dims).collect(),
-            }
+    // The model decides its outputs' types: as its workers have seen them, else float, what
+    // regressors and classifiers give, until a worker has run it.
+    let seen = |name: &str, index: usize| {
+        let (dtype, dims) = m
+            .pool
+            .output_signature(index)
+            .unwrap_or((DType::Float32, vec![-1]));
+        TensorMeta {
+            name: name.into(),
+            datatype: DataType::Tensor(dtype),
+            shape: std::iter::once(-1).chain(dims).collect(),
         }
-        _ => TensorMeta {
+    };
+    let outputs = match &m.manifest.output {
+        Output::Tensor {} => vec![seen(OUTPUT_NAME, 0)],
+        Output::Tensors(names) => names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| seen(name, i))
+            .collect(),
+        _ => vec![TensorMeta {
             name: OUTPUT_NAME.into(),
             datatype: DataType::Bytes,
             shape: vec![-1],
-        },
+        }],
     };
-    (inputs, output)
+    (inputs, outputs)
 }

@@ -210,7 +210,9 @@ pub fn json_bodies(answers: Vec<Prediction>) -> Result<Vec<Vec<u8>>, ApiError> {
         .into_iter()
         .map(|p| match p {
             Prediction::Json(b) => Ok(b),
-            Prediction::Tensor(_) => Err(ApiError::internal("unexpected tensor answer")),
+            Prediction::Tensor(_) | Prediction::Tensors(_) => {
+                Err(ApiError::internal("unexpected tensor answer"))
+            }
         })
         .collect()
 }

@@ -83,7 +83,9 @@ impl Inference {
             .await?
         {
             Prediction::Json(body) => Ok(body),
-            Prediction::Tensor(_) => Err(ApiError::internal("unexpected tensor answer")),
+            Prediction::Tensor(_) | Prediction::Tensors(_) => {
+                Err(ApiError::internal("unexpected tensor answer"))
+            }
         }
     }
 }

@@ -288,7 +288,9 @@ async fn predict(
     let body = match st.infer.infer(&name, version.as_deref(), payload).await? {
         Prediction::Json(body) => body,
         // Only requests that ask for tensors get them.
-        Prediction::Tensor(_) => return Err(ApiError::internal("unexpected tensor answer")),
+        Prediction::Tensor(_) | Prediction::Tensors(_) => {
+            return Err(ApiError::internal("unexpected tensor answer"));
+        }
     };
     Ok((
         StatusCode::OK,

@@ -302,7 +302,7 @@ impl GrpcInferenceService for V2 {
             versions: m.versions.clone(),
             platform: "pytorch_torchscript".into(),
             inputs: m.inputs.iter().map(tensor_md).collect(),
-            outputs: vec![tensor_md(&m.output)],
+            outputs: m.outputs.iter().map(tensor_md).collect(),
         }))
     }
 

@@ -119,29 +119,7 @@ pub async fn run_infer(
     let model = &meta.name;
     // The version the metadata describes, even if the default changes meanwhile.
     let version = Some(meta.version.as_str());
-    let requested = match outputs {
-        Some(mut list) if !list.is_empty() => {
-            if let Some(o) = list.iter().find(|o| o.name != meta.output.name) {
-                return Err(bad(format!(
-                    "unexpected inference output '{}' for model '{model}': its output is '{}'",
-                    o.name, meta.output.name
-                )));
-            }
-            // The model has one output: naming it twice would only multiply the answer.
-            if list.len() > 1 {
-                return Err(bad(format!(
-                    "output '{}' is requested {} times",
-                    meta.output.name,
-                    list.len()
-                )));
-            }
-            list.remove(0)
-        }
-        _ => RequestedOutput {
-            name: meta.output.name.clone(),
-            binary: binary_default,
-        },
-    };
+    let requested = requested_outputs(meta, outputs, binary_default)?;
     let output = match meta.inputs.as_slice() {
         [want] => {
             if inputs.len() != 1 {
@@ -156,16 +134,102 @@ pub async fn run_infer(
         }
         wants => run_several(infer, model, version, named, wants, inputs).await?,
     };
-    let (datatype, shape, data) = output;
-    Ok(Inferred {
-        outputs: vec![InferOutput {
-            name: requested.name,
+    let mut answered = match output {
+        Answer::One(datatype, shape, data) => {
+            let name = meta.outputs.first().map(|o| o.name.clone());
+            vec![(name.unwrap_or_default(), datatype, shape, data)]
+        }
+        Answer::Named(tensors) => tensors
+            .into_iter()
+            .map(|(name, t)| {
+                (
+                    name,
+                    Datatype::of(t.dtype),
+                    t.shape,
+                    OutputData::Raw(t.data),
+                )
+            })
+            .collect(),
+    };
+    let mut outputs = Vec::with_capacity(requested.len());
+    for r in requested {
+        let at = answered
+            .iter()
+            .position(|(name, ..)| *name == r.name)
+            .ok_or_else(|| {
+                ApiError::internal(format!(
+                    "model '{model}' did not answer output '{}'",
+                    r.name
+                ))
+            })?;
+        let (name, datatype, shape, data) = answered.swap_remove(at);
+        outputs.push(InferOutput {
+            name,
             datatype,
             shape,
             data,
-            binary: requested.binary,
-        }],
-    })
+            binary: r.binary,
+        });
+    }
+    Ok(Inferred { outputs })
+}
+
+/// What a model answered: one output, or a handler's several named tensors.
+enum Answer {
+    /// The one output's datatype, shape and elements.
+    One(Datatype, Vec<i64>, OutputData),
+    /// Each named output's tensor.
+    Named(Vec<(String, tchserve_backend::job::RawTensor)>),
+}
+
+/// The outputs a request asks for, each once and known to the model; every output when it
+/// names none.
+fn requested_outputs(
+    meta: &ModelMetadata,
+    outputs: Option<Vec<RequestedOutput>>,
+    binary_default: bool,
+) -> Result<Vec<RequestedOutput>, ApiError> {
+    let model = &meta.name;
+    let list = match outputs {
+        Some(list) if !list.is_empty() => list,
+        _ => {
+            return Ok(meta
+                .outputs
+                .iter()
+                .map(|o| RequestedOutput {
+                    name: o.name.clone(),
+                    binary: binary_default,
+                })
+                .collect());
+        }
+    };
+    for o in &list {
+        if !meta.outputs.iter().any(|m| m.name == o.name) {
+            let names: Vec<String> = meta
+                .outputs
+                .iter()
+                .map(|m| format!("'{}'", m.name))
+                .collect();
+            let its = if names.len() == 1 {
+                format!("its output is {}", names[0])
+            } else {
+                format!("its outputs are {}", names.join(", "))
+            };
+            return Err(bad(format!(
+                "unexpected inference output '{}' for model '{model}': {its}",
+                o.name
+            )));
+        }
+        // Naming an output twice would only multiply the answer.
+        let times = list.iter().filter(|other| other.name == o.name).count();
+        if times > 1 {
+            return Err(bad(format!(
+                "output '{}' is requested {times} times",
+                o.name
+            )));
+        }
+    }
+    Ok(list)
 }
 
 /// Runs a model of one input. The input may go by any name, as TorchServe takes it (KServe's
@@ -177,7 +241,7 @@ async fn run_one(
     named: bool,
     want: &TensorMeta,
     input: InferInput,
-) -> Result<(Datatype, Vec<i64>, OutputData), ApiError> {
+) -> Result<Answer, ApiError> {
     let name = &input.name;
     let count = element_count(&input)?;
     Ok(match want.datatype {
@@ -253,12 +317,15 @@ async fn run_one(
             let items = answers
                 .into_iter()
                 .map(|p| match p {
-                    Prediction::Json(b) => b,
-                    Prediction::Tensor(t) => t.data,
+                    Prediction::Json(b) => Ok(b),
+                    // Elements are asked for in JSON, the TorchServe route's answer.
+                    Prediction::Tensor(_) | Prediction::Tensors(_) => {
+                        Err(ApiError::internal("unexpected tensor answer"))
+                    }
                 })
-                .collect();
+                .collect::<Result<_, _>>()?;
             // One answer per element, laid out as the elements came: `[1, 1]` in, `[1, 1]` out.
-            (Datatype::Bytes, input.shape, OutputData::Items(items))
+            Answer::One(Datatype::Bytes, input.shape, OutputData::Items(items))
         }
     })
 }
@@ -271,7 +338,7 @@ async fn run_several(
     named: bool,
     wants: &[TensorMeta],
     inputs: Vec<InferInput>,
-) -> Result<(Datatype, Vec<i64>, OutputData), ApiError> {
+) -> Result<Answer, ApiError> {
     let names = || {
         wants
             .iter()
@@ -330,11 +397,16 @@ async fn run_several(
     ))
 }
 
-/// A tensor answer as the protocol's output; any other answer as one BYTES element.
-fn output_of(prediction: Prediction) -> (Datatype, Vec<i64>, OutputData) {
+/// A tensor answer as the protocol's outputs; any other answer as one BYTES element.
+fn output_of(prediction: Prediction) -> Answer {
     match prediction {
-        Prediction::Tensor(t) => (Datatype::of(t.dtype), t.shape, OutputData::Raw(t.data)),
-        Prediction::Json(body) => (Datatype::Bytes, vec![1], OutputData::Items(vec![body])),
+        Prediction::Tensor(t) => {
+            Answer::One(Datatype::of(t.dtype), t.shape, OutputData::Raw(t.data))
+        }
+        Prediction::Tensors(tensors) => Answer::Named(tensors),
+        Prediction::Json(body) => {
+            Answer::One(Datatype::Bytes, vec![1], OutputData::Items(vec![body]))
+        }
     }
 }
 

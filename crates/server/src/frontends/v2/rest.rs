@@ -148,7 +148,7 @@ fn metadata_json(m: &ModelMetadata) -> Value {
         "versions": m.versions,
         "platform": "pytorch_torchscript",
         "inputs": m.inputs.iter().map(tensor_md).collect::<Vec<_>>(),
-        "outputs": [tensor_md(&m.output)],
+        "outputs": m.outputs.iter().map(tensor_md).collect::<Vec<_>>(),
     })
 }
 
