@@ -2,7 +2,8 @@
 //! handler manifest, PyTorch's eager answers through the server, batches equal to singles, the
 //! package's batch range held to, inputs checked, and packages that cannot run refused at
 //! registration with a message. The examples' pretrained classifier and trained digits model
-//! answer as PyTorch does and as their TorchScript twins in the same server.
+//! answer as PyTorch does and as their TorchScript twins in the same server, as does a package
+//! of two inputs and two outputs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -1031,4 +1032,96 @@ fn text_packages_of_a_fixed_or_bounded_length_are_fitted_or_refused() {
         .map(|e| e.file_name())
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A package of two inputs and two outputs answers as its TorchScript twin: one example
+/// (padded up to the two the package takes), several, requests batched together, and the
+/// Open Inference Protocol's typed outputs.
+#[test]
+fn a_pt2_package_of_two_inputs_and_two_outputs_answers_as_its_torchscript_twin() {
+    let pt2 = pt2_fixtures();
+    let mut s = Server::new("enable_model_api=true");
+    s.start(&[]);
+    for ext in ["pt2", "pt"] {
+        let name = format!("two_way_{ext}");
+        let mar = archive(
+            &s.store,
+            &name,
+            "1.0",
+            &pt2.join(format!("two_way.{ext}")),
+            &fixture_handler("two_way.json"),
+            &[],
+        );
+        let r = register(
+            &s,
+            &format!("url={mar}&initial_workers=1&batch_size=4&max_batch_delay=200"),
+        );
+        assert_eq!(r.status, 200, "{ext}: {}", r.text());
+    }
+    let ask = |model: &str, body: &str| {
+        let r = s.infer(
+            "POST",
+            &format!("/predictions/{model}"),
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{model} {body}: {}", r.text());
+        r.json()
+    };
+    let one = r#"{"ids": [1, 2, 3], "dense": [0.5, 0.25]}"#;
+    let want = serde_json::json!({"scaled": [3.0, 1.5], "positive": 3});
+    let several = r#"{"instances": [{"ids": [0, 0, 0], "dense": [1, 1]},
+                                    {"ids": [1, 0, 4], "dense": [2, -1]},
+                                    {"ids": [2, 2, 2], "dense": [0.5, 0.5]}]}"#;
+    let want_several = serde_json::json!({"predictions": [
+        {"scaled": [0.0, 0.0], "positive": 0},
+        {"scaled": [10.0, -5.0], "positive": 2},
+        {"scaled": [3.0, 3.0], "positive": 3}
+    ]});
+    for model in ["two_way_pt2", "two_way_pt"] {
+        same_answer(&ask(model, one), &want, model);
+        same_answer(&ask(model, several), &want_several, model);
+    }
+    // Requests batched together get their own rows, as each alone.
+    let answers: Vec<serde_json::Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                let ask = &ask;
+                scope.spawn(move || {
+                    ask(
+                        "two_way_pt2",
+                        &format!(r#"{{"ids": [{i}, 1, 0], "dense": [1, {i}]}}"#),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, got) in answers.iter().enumerate() {
+        let (n, p) = (i as f64 + 1.0, if i > 0 { 2 } else { 1 });
+        same_answer(
+            got,
+            &serde_json::json!({"scaled": [n, n * i as f64], "positive": p}),
+            &format!("batched request {i}"),
+        );
+    }
+    let r = s.infer(
+        "POST",
+        "/v2/models/two_way_pt2/infer",
+        &[("Content-Type", "application/json")],
+        serde_json::json!({"inputs": [
+            {"name": "dense", "datatype": "FP32", "shape": [1, 2], "data": [0.5, 0.25]},
+            {"name": "ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]}
+        ]})
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["outputs"],
+        serde_json::json!([
+            {"name": "scaled", "datatype": "FP32", "shape": [1, 2], "data": [3.0, 1.5]},
+            {"name": "positive", "datatype": "INT64", "shape": [1], "data": [3]}
+        ])
+    );
 }
