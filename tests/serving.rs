@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::http::{Resp, assert_error, assert_kserve_error, post_json, request};
 use common::server::{Server, archive, digits_build, fixture_handler, fixtures, mlp_archive};
 use common::{run, worker_threads};
+use image::ImageEncoder as _;
 use serde_json::{Value, json};
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -3176,6 +3177,53 @@ fn a_model_of_two_named_inputs_over_every_route() {
         "input 'dense' holds 2 example(s) and input 'ids' 1",
     );
 
+    // A `tensors` input of one name goes by that name, where a model of one `tensor` input
+    // takes any.
+    let handler = s.dir.path().join("one_named.json");
+    std::fs::write(
+        &handler,
+        r#"{"schema": 1, "name": "one_named",
+            "input": {"tensors": [{"name": "x", "dtype": "float32", "shape": [4]}]},
+            "model": {"feed": "stacked"}, "output": {"tensor": {}}}"#,
+    )
+    .unwrap();
+    let one_named = archive(
+        &s.store,
+        "one_named",
+        "1.0",
+        &fixtures().join("scale2.pt"),
+        &handler,
+        &[],
+    );
+    let r = register(
+        &s,
+        &format!("url={one_named}&initial_workers=1&synchronous=true"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let one_input = |name: &str| {
+        post_json(
+            &s.inference,
+            "/v2/models/one_named/infer",
+            &json!({"inputs": [{"name": name, "datatype": "FP32", "shape": [1, 4],
+                                "data": [1, 2, 3, 4]}]})
+            .to_string(),
+        )
+    };
+    let r = one_input("x");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(flat(&r.json()["outputs"][0]["data"]), [2.0, 4.0, 6.0, 8.0]);
+    assert_kserve_error(
+        &one_input("input0"),
+        400,
+        "unexpected inference input 'input0' for model 'one_named': it takes 'x'",
+    );
+    let r = post_json(
+        &s.inference,
+        "/predictions/one_named",
+        r#"{"x": [1, 2, 3, 4]}"#,
+    );
+    assert_eq!(flat(&r.json()), [2.0, 4.0, 6.0, 8.0]);
+
     // Bad input to the TorchServe API names the input; the server serves on.
     let r = post_json(&s.inference, "/predictions/two", r#"{"ids": [1, 2, 3]}"#);
     assert_error(&r, 400, "InvalidInputException", "input 'dense' is missing");
@@ -3192,8 +3240,8 @@ fn a_model_of_two_named_inputs_over_every_route() {
         "index 300 is out of bounds",
     );
 
-    // Batched: each request gets its own rows back, and the one whose input does not fit fails
-    // alone.
+    // Batched: each request gets its own rows back, and one whose ids run past the model's table
+    // fails in the batch's forward, and alone when its batch-mates are run again one by one.
     let batches = || {
         let text = s.metrics_text();
         let series = |what: &str| {
@@ -3211,7 +3259,7 @@ fn a_model_of_two_named_inputs_over_every_route() {
                 let s = &s;
                 scope.spawn(move || {
                     let body = if i == 5 {
-                        r#"{"ids": [1, 2, 3], "dense": [[1, 2, 3]]}"#.to_string()
+                        r#"{"ids": [300, 0, 0], "dense": [0.5, 5]}"#.to_string()
                     } else {
                         format!(r#"{{"ids": [{i}, 0, 0], "dense": [0.5, {i}]}}"#)
                     };
@@ -3223,7 +3271,12 @@ fn a_model_of_two_named_inputs_over_every_route() {
     });
     for (i, r) in answers {
         if i == 5 {
-            assert_eq!(r.status, 400, "{}", r.text());
+            assert_error(
+                &r,
+                500,
+                "InternalServerException",
+                "index 300 is out of bounds",
+            );
         } else {
             assert_eq!(r.status, 200, "request {i}: {}", r.text());
             assert_eq!(flat(&r.json()), [0.5 + i as f64, 0.0], "request {i}");
@@ -3308,7 +3361,15 @@ fn a_model_of_two_named_outputs_over_every_route() {
             ]),
             "{model}"
         );
-        // Outputs asked for come in the order asked.
+        // Outputs asked for come in the order asked, and only those.
+        let got = v2(json!([{"name": "total"}, {"name": "double"}])).json();
+        let names: Vec<&str> = got["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["total", "double"], "{model}");
         let r = v2(json!([{"name": "total"}]));
         assert_eq!(
             r.json()["outputs"],
@@ -3326,6 +3387,65 @@ fn a_model_of_two_named_outputs_over_every_route() {
             "output 'total' is requested 2 times",
         );
     }
+    // An image model's answers are JSON per image, whatever its output: the typed protocols
+    // describe and answer them as BYTES.
+    let handler = s.dir.path().join("image_outputs.json");
+    std::fs::write(
+        &handler,
+        r#"{"schema": 1, "name": "image_outputs", "input": {"image": {}},
+            "preprocess": [{"resize": {"size": [8, 8]}}, {"to_tensor": {}}],
+            "model": {"feed": "stacked"}, "output": {"tensors": ["logits"]}}"#,
+    )
+    .unwrap();
+    let pictures = archive(
+        &s.store,
+        "pictures",
+        "1.0",
+        &fixtures().join("tiny_vision.pt"),
+        &handler,
+        &[],
+    );
+    let r = register(
+        &s,
+        &format!("url={pictures}&initial_workers=1&synchronous=true"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(&[200u8; 4 * 4 * 3], 4, 4, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let r = s.infer(
+        "POST",
+        "/predictions/pictures",
+        &[("Content-Type", "image/png")],
+        &png,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rest_answer = r.json();
+    assert_eq!(
+        rest_answer["logits"].as_array().map(Vec::len),
+        Some(10),
+        "{rest_answer}"
+    );
+    let meta = s.infer("GET", "/v2/models/pictures", &[], b"").json();
+    assert_eq!(
+        meta["outputs"],
+        json!([{"name": "output0", "datatype": "BYTES", "shape": [-1]}])
+    );
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&png);
+    let r = post_json(
+        &s.inference,
+        "/v2/models/pictures/infer",
+        &json!({"inputs": [{"name": "input0", "datatype": "BYTES", "shape": [1],
+                            "data": [encoded]}]})
+        .to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer: Value =
+        serde_json::from_str(r.json()["outputs"][0]["data"][0].as_str().unwrap()).unwrap();
+    assert_eq!(answer, rest_answer);
+
     // A handler naming an output the model does not give fails its registration, saying what
     // the model gives.
     let handler = s.dir.path().join("wrong.json");

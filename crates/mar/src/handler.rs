@@ -124,8 +124,9 @@ pub struct NamedTensor {
     pub shape: Option<Vec<i64>>,
 }
 
-/// Names a `tensors` input may not take: a request's body uses them for other things.
-pub const RESERVED_INPUT_NAMES: [&str; 3] = ["data", "body", "instances"];
+/// Names a `tensors` input may not take: requests use them for other things (a body's forms,
+/// the model `/invocations` names).
+pub const RESERVED_INPUT_NAMES: [&str; 4] = ["data", "body", "instances", "model_name"];
 
 /// PIL's default decompression-bomb threshold, which TorchServe inherits.
 fn default_max_pixels() -> u64 {
@@ -746,7 +747,6 @@ impl HandlerManifest {
     }
 }
 
-/// A file named by a manifest must be a plain relative path inside the archive.
 /// What [`tensor_name_ok`] asks of a name.
 const TENSOR_NAME_RULE: &str = "must be 1 to 64 letters, digits, `_`, `-` or `.`";
 
@@ -759,6 +759,7 @@ fn tensor_name_ok(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
 }
 
+/// A file named by a manifest must be a plain relative path inside the archive.
 fn check_file_name(at: &str, name: &str) -> Result<(), (String, String)> {
     match crate::archive::entry_name::normalize(name.as_bytes()) {
         Ok(_) => Ok(()),

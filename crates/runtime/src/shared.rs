@@ -99,9 +99,9 @@ pub(crate) struct Shared {
     pub(crate) serving: AtomicUsize,
     /// Milliseconds each worker's last model load took.
     pub(crate) load_ms: Mutex<BTreeMap<usize, u64>>,
-    /// The element type and per-example shape of the last input the model ran on: a request
-    /// of another shape that fails inside the model failed for its shape.
-    pub(crate) ran_on: Mutex<Option<(tch::Kind, Vec<i64>)>>,
+    /// The element type and per-example shape of each input of the last request the model ran
+    /// on: a request of another shape that fails inside the model failed for its shape.
+    pub(crate) ran_on: Mutex<Vec<Seen>>,
 }
 
 impl Shared {
@@ -140,12 +140,12 @@ impl Shared {
         }
     }
 
-    /// Records that the model ran on `input` (`[examples, ...]`).
-    pub(crate) fn ran_on(&self, input: &tch::Tensor) {
-        let seen = (input.kind(), input.size().split_off(1.min(input.dim())));
+    /// Records that the model ran on `inputs` (`[examples, ...]` each, in the handler's order).
+    pub(crate) fn ran_on(&self, inputs: &[&tch::Tensor]) {
+        let seen: Vec<Seen> = inputs.iter().map(|t| seen(t)).collect();
         let mut known = lock(&self.ran_on);
-        if known.as_ref() != Some(&seen) {
-            *known = Some(seen);
+        if *known != seen {
+            *known = seen;
         }
     }
 
@@ -154,21 +154,36 @@ impl Shared {
     /// to a model of 784 fails inside libtorch, and is the request's mistake), else the
     /// model's. A failure of the model's own (an assertion on the values, say) stays the
     /// model's whatever ran before, so one request gets one answer.
-    pub(crate) fn blame(&self, e: PredictError, input: &tch::Tensor) -> PredictError {
+    /// For a model of several inputs, the first input that differs from what the model ran
+    /// on is named.
+    pub(crate) fn blame(&self, e: PredictError, inputs: &[&tch::Tensor]) -> PredictError {
         let PredictError::ModelFailed(why) = e else {
             return e;
         };
         if !misfit(&why) {
             return PredictError::ModelFailed(why);
         }
-        let mine = (input.kind(), input.size().split_off(1.min(input.dim())));
-        match &*lock(&self.ran_on) {
-            Some(good) if *good != mine => PredictError::BadInput(format!(
-                "the model cannot take this input, {}; it runs on {} ({why})",
-                describe(&mine),
-                describe(good)
-            )),
-            _ => PredictError::ModelFailed(why),
+        let known = lock(&self.ran_on);
+        let differs = inputs
+            .iter()
+            .map(|t| seen(t))
+            .zip(known.iter())
+            .enumerate()
+            .find(|(_, (mine, good))| mine != *good);
+        match differs {
+            Some((i, (mine, good))) => {
+                let which = if inputs.len() > 1 {
+                    format!(" (input {i})")
+                } else {
+                    String::new()
+                };
+                PredictError::BadInput(format!(
+                    "the model cannot take this input{which}, {}; it runs on {} ({why})",
+                    describe(&mine),
+                    describe(good)
+                ))
+            }
+            None => PredictError::ModelFailed(why),
         }
     }
 
@@ -238,7 +253,14 @@ pub(crate) fn misfit(message: &str) -> bool {
     SAYINGS.iter().any(|s| message.contains(s))
 }
 
-fn describe((kind, dims): &(tch::Kind, Vec<i64>)) -> String {
+/// An input's element type and per-example shape.
+type Seen = (tch::Kind, Vec<i64>);
+
+fn seen(input: &tch::Tensor) -> Seen {
+    (input.kind(), input.size().split_off(1.min(input.dim())))
+}
+
+fn describe((kind, dims): &Seen) -> String {
     let dtype = crate::handler::tensor_input::dtype_of(*kind)
         .and_then(|d| serde_json::to_value(d).ok())
         .and_then(|v| v.as_str().map(str::to_owned))
@@ -285,22 +307,46 @@ mod tests {
     fn only_a_misfit_on_another_shape_is_the_clients() {
         let shared = Shared::default();
         let floats = |n: i64| tch::Tensor::zeros([1, n], (tch::Kind::Float, tch::Device::Cpu));
-        shared.ran_on(&floats(784));
+        shared.ran_on(&[&floats(784)]);
         let failed = |why: &str| PredictError::ModelFailed(why.into());
         let misfit = "mat1 and mat2 shapes cannot be multiplied (1x5 and 784x128)";
         assert!(matches!(
-            shared.blame(failed(misfit), &floats(5)),
+            shared.blame(failed(misfit), &[&floats(5)]),
             PredictError::BadInput(m) if m.contains("shape [784]")
         ));
         // On the shape it runs on, the model's failure.
         assert!(matches!(
-            shared.blame(failed(misfit), &floats(784)),
+            shared.blame(failed(misfit), &[&floats(784)]),
             PredictError::ModelFailed(_)
         ));
         // The model's own refusal (an assertion on the values) is the model's whatever shape
         // ran before: the same request always gets the same answer.
         assert!(matches!(
-            shared.blame(failed("Exception: values must not be negative"), &floats(5)),
+            shared.blame(
+                failed("Exception: values must not be negative"),
+                &[&floats(5)]
+            ),
+            PredictError::ModelFailed(_)
+        ));
+    }
+
+    #[test]
+    fn a_misfit_names_which_of_several_inputs_differs() {
+        let shared = Shared::default();
+        let ids = tch::Tensor::zeros([1, 3], (tch::Kind::Int64, tch::Device::Cpu));
+        let dense = |n: i64| tch::Tensor::zeros([1, n], (tch::Kind::Float, tch::Device::Cpu));
+        shared.ran_on(&[&ids, &dense(2)]);
+        let misfit =
+            || PredictError::ModelFailed("mat1 and mat2 shapes cannot be multiplied".into());
+        match shared.blame(misfit(), &[&ids, &dense(5)]) {
+            PredictError::BadInput(m) => {
+                assert!(m.contains("(input 1), examples of shape [5]"), "{m}");
+                assert!(m.contains("runs on examples of shape [2]"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            shared.blame(misfit(), &[&ids, &dense(2)]),
             PredictError::ModelFailed(_)
         ));
     }

@@ -707,7 +707,7 @@ fn process(
                 }
                 _ => {}
             }
-            ctx.shared.ran_on(&live[0].1.tensor);
+            ctx.shared.ran_on(&live[0].1.tensors());
             let batch = Finishing {
                 live,
                 launched,
@@ -730,7 +730,7 @@ fn process(
                     pipeline.run_batch(module, ctx.device, &[&d])
                 }) {
                     Ok(mut b) => {
-                        ctx.shared.ran_on(&d.tensor);
+                        ctx.shared.ran_on(&d.tensors());
                         Ok(b.remove(0))
                     }
                     Err(e) => Err(blame(ctx, e, &d)),
@@ -751,7 +751,7 @@ fn process(
 fn blame(ctx: &Context, e: PredictError, d: &Decoded) -> PredictError {
     match &e {
         PredictError::ModelFailed(m) if m == CRASHED_RUNNING => e,
-        _ => ctx.shared.blame(e, &d.tensor),
+        _ => ctx.shared.blame(e, &d.tensors()),
     }
 }
 

@@ -506,11 +506,20 @@ impl Pipeline {
             ));
         };
         let _guard = tch::no_grad_guard();
-        // Typed protocols take the tensors as they are, where every one has a protocol type.
+        // Typed protocols take the tensors as they are: each must have a protocol type, since
+        // their metadata names every output.
         let raws = if inputs.iter().any(|d| d.want_tensor) {
-            outs.iter()
-                .map(raw_output)
-                .collect::<Result<Option<Vec<_>>, _>>()?
+            let mut raws = Vec::with_capacity(outs.len());
+            for (name, t) in names.iter().zip(outs) {
+                raws.push(raw_output(t)?.ok_or_else(|| {
+                    PredictError::ModelFailed(format!(
+                        "the model's output '{name}' holds {:?} elements, which the typed \
+                         protocols cannot carry",
+                        t.kind()
+                    ))
+                })?);
+            }
+            Some(raws)
         } else {
             None
         };

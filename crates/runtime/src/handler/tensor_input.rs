@@ -50,6 +50,13 @@ impl Decoded {
         }
     }
 
+    /// Every input's tensor, in the handler's order.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        std::iter::once(&self.tensor)
+            .chain(self.more.iter().map(|d| &d.tensor))
+            .collect()
+    }
+
     /// The tensor as an owned value the model may keep or modify.
     pub fn owned_tensor(&self) -> Result<Tensor, tch::TchError> {
         if self.borrowed.is_some() {
@@ -126,7 +133,7 @@ pub fn decode(
         dtype: payload.dtype.as_deref(),
         shape: part.shape.as_deref().or(payload.shape.as_deref()),
     };
-    decode_part(part, sent, dtype, shape)
+    decode_part(part, sent, dtype, shape, looks_like_json(part))
 }
 
 /// What a raw tensor's sender says of it: its `X-Tensor-Dtype` and `X-Tensor-Shape`.
@@ -136,14 +143,15 @@ struct Sent<'a> {
     shape: Option<&'a str>,
 }
 
-/// One part's tensor: JSON numbers or raw bytes.
+/// One part's tensor: JSON numbers, or raw bytes.
 fn decode_part(
     part: &Part,
     sent: Sent<'_>,
     dtype: DType,
     shape: Option<&[i64]>,
+    json: bool,
 ) -> Result<Decoded, PredictError> {
-    let decoded = if looks_like_json(part) {
+    let decoded = if json {
         let numbers = match json_numbers::read(&part.data) {
             Some(n) => n,
             None => numbers_of_value(&part.data)?,
@@ -201,7 +209,14 @@ pub fn decode_named(payload: &Payload, inputs: &[NamedTensor]) -> Result<Decoded
                 dtype: None,
                 shape: part.shape.as_deref(),
             };
-            let d = decode_part(part, sent, input.dtype, input.shape.as_deref())
+            // A field is text (`-F dense=0.25`, a query's `?dense=0.25`) unless it says it is
+            // raw bytes: read as bytes, that text would be numbers nobody sent.
+            let raw = part.shape.is_some()
+                || part
+                    .content_type
+                    .as_deref()
+                    .is_some_and(|c| c.contains("octet-stream"));
+            let d = decode_part(part, sent, input.dtype, input.shape.as_deref(), !raw)
                 .map_err(|e| named(e, &input.name))?;
             decoded.push(d);
         }
@@ -211,7 +226,8 @@ pub fn decode_named(payload: &Payload, inputs: &[NamedTensor]) -> Result<Decoded
             .ok_or_else(|| bad("the request has no body"))?;
         let value: Value = serde_json::from_slice(&part.data).map_err(|e| {
             bad(format!(
-                "the model takes several inputs ({}): send them as a JSON object of each                  name, or as form fields ({e})",
+                "the model takes named inputs ({}): send them as a JSON object of the names, or \
+                 as form fields ({e})",
                 names(inputs)
             ))
         })?;
@@ -246,7 +262,8 @@ pub fn decode_named(payload: &Payload, inputs: &[NamedTensor]) -> Result<Decoded
     for (d, input) in decoded.zip(&inputs[1..]) {
         if d.examples != first.examples {
             return Err(bad(format!(
-                "input '{}' holds {} example(s) and input '{}' {}: each input needs one row                  per example",
+                "input '{}' holds {} example(s) and input '{}' {}: each input needs one row \
+                 per example",
                 input.name, d.examples, inputs[0].name, first.examples
             )));
         }
@@ -279,7 +296,8 @@ fn split_named(
 ) -> Result<(Vec<Value>, Option<Wrap>), PredictError> {
     let expected = || {
         bad(format!(
-            "the model takes several inputs ({}): expected {{\"{}\": ..., ...}}, a list of such              objects, or {{\"instances\": [...]}} of them",
+            "the model takes named inputs ({}): expected {{\"{}\": ..., ...}}, a list of such \
+             objects, or {{\"instances\": [...]}} of them",
             names(inputs),
             inputs[0].name
         ))
@@ -888,6 +906,33 @@ mod tests {
         assert_eq!((d.examples, d.wrap), (2, Wrap::List));
         assert_eq!(ids(&d.tensor), [1, 2, 3, 4, 5, 6]);
         assert_eq!(values(&d.more[0].tensor), [0.5, 0.25, 1.0, 2.0]);
+        // A text field is numbers written out, even a bare one, as `curl -F scale=0.25` sends.
+        let scaled = [
+            NamedTensor {
+                name: "scale".into(),
+                dtype: DType::Float32,
+                shape: Some(vec![]),
+            },
+            NamedTensor {
+                name: "flag".into(),
+                dtype: DType::Uint8,
+                shape: Some(vec![]),
+            },
+        ];
+        let field = |name: &str, text: &'static str| Part {
+            name: name.into(),
+            content_type: None,
+            data: bytes::Bytes::from_static(text.as_bytes()),
+            shape: None,
+        };
+        let payload = Payload {
+            parts: vec![field("scale", "0.25"), field("flag", "1")],
+            ..Payload::default()
+        };
+        let d = decode_named(&payload, &scaled).unwrap();
+        assert_eq!((d.examples, d.wrap), (1, Wrap::Single));
+        assert_eq!(values(&d.tensor), [0.25]);
+        assert_eq!(Vec::<u8>::try_from(&d.more[0].tensor).unwrap(), [1]);
     }
 
     #[test]
@@ -923,7 +968,7 @@ mod tests {
             ("7", "expected {\"ids\": ..., ...}"),
             (
                 "not json",
-                "the model takes several inputs ('ids', 'dense'): send them",
+                "the model takes named inputs ('ids', 'dense'): send them",
             ),
             (
                 r#"{"ids": "abc", "dense": [0.5, 0.25]}"#,

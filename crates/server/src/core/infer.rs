@@ -41,8 +41,11 @@ pub struct ModelMetadata {
     pub versions: Vec<String>,
     /// The version described.
     pub version: String,
-    /// Its inputs: one, or the named tensors of a model that takes several.
+    /// Its inputs: one, or the named tensors of a `tensors` input.
     pub inputs: Vec<TensorMeta>,
+    /// Whether the inputs go by their names (a `tensors` input), rather than one input that
+    /// takes any name.
+    pub named_inputs: bool,
     /// Its outputs: one, or the named tensors of a handler that answers several.
     pub outputs: Vec<TensorMeta>,
 }
@@ -114,6 +117,7 @@ impl Infer {
             name: m.name.clone(),
             versions,
             version: m.version.clone(),
+            named_inputs: matches!(m.manifest.input, Input::Tensors(_)),
             inputs,
             outputs,
         })
@@ -334,7 +338,14 @@ pub fn signature(m: &ModelVersion) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
             shape: std::iter::once(-1).chain(dims).collect(),
         }
     };
+    // Images and texts are answered per element, as the TorchServe route answers them: JSON.
+    let bytes_in = matches!(m.manifest.input, Input::Image { .. } | Input::Text { .. });
     let outputs = match &m.manifest.output {
+        _ if bytes_in => vec![TensorMeta {
+            name: OUTPUT_NAME.into(),
+            datatype: DataType::Bytes,
+            shape: vec![-1],
+        }],
         Output::Tensor {} => vec![seen(OUTPUT_NAME, 0)],
         Output::Tensors(names) => names
             .iter()

@@ -121,7 +121,7 @@ pub async fn run_infer(
     let version = Some(meta.version.as_str());
     let requested = requested_outputs(meta, outputs, binary_default)?;
     let output = match meta.inputs.as_slice() {
-        [want] => {
+        [want] if !meta.named_inputs => {
             if inputs.len() != 1 {
                 return Err(bad(format!(
                     "model '{model}' takes one input ('{}'); the request has {}",
