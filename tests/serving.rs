@@ -1150,6 +1150,21 @@ fn a_worker_stuck_past_the_response_timeout_is_replaced() {
     assert!(common::worker_threads(s.pid(), &now[0].to_string()) >= 1);
     let log = s.log();
     assert!(log.contains("a new worker takes this one's place"), "{log}");
+    // An operator sees both in the metrics, per model.
+    let metrics = s.metrics_text();
+    let labels = "{model_name=\"slow\",model_version=\"1.0\"}";
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("tchserve_workers_replaced_total{labels}")
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, &format!("tchserve_timeouts_total{labels}")) >= 1.0,
+        "{metrics}"
+    );
 
     // A stop does not wait for the thread that was replaced, nor run libtorch's destructors
     // beneath it.

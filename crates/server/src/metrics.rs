@@ -42,6 +42,10 @@ pub struct MetricSet {
     pub queue_depth: IntGaugeVec,
     /// Workers, per model and state.
     pub workers: IntGaugeVec,
+    /// Requests answered 504 at the model's response timeout, per model.
+    pub timeouts: IntCounterVec,
+    /// Workers replaced because a batch kept them past the response timeout, per model.
+    pub workers_replaced: IntCounterVec,
     /// `QueueTime`: milliseconds the last request waited for a worker.
     pub queue_time_ms: Gauge,
     /// `WorkerThreadTime`: milliseconds the last batch spent in its worker outside the handler.
@@ -178,6 +182,16 @@ impl Metrics {
                 "tchserve_workers",
                 "Workers by state.",
                 &["model_name", "model_version", "state"],
+            ),
+            timeouts: counter(
+                "tchserve_timeouts_total",
+                "Requests answered 504 when the model's response timeout passed.",
+                &["model_name", "model_version"],
+            ),
+            workers_replaced: counter(
+                "tchserve_workers_replaced_total",
+                "Workers replaced because one batch kept them past the response timeout.",
+                &["model_name", "model_version"],
             ),
             queue_time_ms,
             worker_thread_time_ms,
@@ -394,6 +408,8 @@ pub struct ModelSeries {
     pub handler_seconds: Histogram,
     /// `tchserve_batch_size`.
     pub batch_size: Histogram,
+    /// `tchserve_timeouts_total`.
+    pub timeouts: IntCounter,
     /// `HandlerTime`, labelled by model name only, as TorchServe labels it.
     pub handler_time_ms: Gauge,
     /// `PredictionTime`, likewise.
@@ -426,6 +442,7 @@ impl SeriesCache {
                 queue_seconds: metrics.queue_seconds.with_label_values(&histograms),
                 handler_seconds: metrics.handler_seconds.with_label_values(&histograms),
                 batch_size: metrics.batch_size.with_label_values(&histograms),
+                timeouts: metrics.timeouts.with_label_values(&histograms),
                 handler_time_ms: metrics.handler_time_ms.with_label_values(&[
                     name,
                     "Model",

@@ -128,8 +128,8 @@ pub async fn run(
     // From here on, before the start-up models load: a start that hangs is what an operator
     // most wants to look into.
     report_on_quit(Arc::clone(&registry));
-    replace_stuck_workers(Arc::clone(&registry));
     let metrics = Metrics::new();
+    replace_stuck_workers(Arc::clone(&registry), metrics.clone());
     let mut state = AppContext {
         registry: Arc::clone(&registry),
         infer: Infer::new(
@@ -570,13 +570,18 @@ const STUCK_CHECK: Duration = Duration::from_secs(1);
 
 /// Replaces, for as long as the server runs, every worker stuck in one batch past its
 /// response timeout (see [`tchserve_backend::Workers::replace_stuck`]).
-fn replace_stuck_workers(registry: Arc<Registry>) {
+fn replace_stuck_workers(registry: Arc<Registry>, metrics: Metrics) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(STUCK_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            registry.replace_stuck_workers();
+            for (name, version, n) in registry.replace_stuck_workers() {
+                metrics
+                    .workers_replaced
+                    .with_label_values(&[&name, &version])
+                    .inc_by(n as u64);
+            }
         }
     });
 }

@@ -251,6 +251,7 @@ impl Infer {
         let timeout = Duration::from_secs(mv.response_timeout_s);
         let (result, timings) = match tokio::time::timeout(timeout, rx).await {
             Err(_) => {
+                series.timeouts.inc();
                 return Err(ApiError::timeout(format!(
                     "Prediction timed out after {} s",
                     mv.response_timeout_s

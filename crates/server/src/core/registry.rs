@@ -678,12 +678,18 @@ impl Registry {
 
     /// Replaces every worker stuck in one batch past its response timeout (see
     /// [`tchserve_backend::Workers::replace_stuck`]).
-    pub fn replace_stuck_workers(&self) {
+    /// Gives the model versions where any were replaced, and how many.
+    pub fn replace_stuck_workers(&self) -> Vec<(String, String, usize)> {
+        let mut replaced = Vec::new();
         for entry in self.read().values() {
             for m in entry.versions.values() {
-                m.pool.replace_stuck();
+                let n = m.pool.replace_stuck();
+                if n > 0 {
+                    replaced.push((m.name.clone(), m.version.clone(), n));
+                }
             }
         }
+        replaced
     }
 
     /// Removes every model, for shutdown.
