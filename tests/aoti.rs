@@ -1058,6 +1058,23 @@ fn a_pt2_package_of_two_inputs_and_two_outputs_answers_as_its_torchscript_twin()
         );
         assert_eq!(r.status, 200, "{ext}: {}", r.text());
     }
+    // A handler of one input for it is refused at registration, saying why.
+    let one = archive(
+        &s.store,
+        "two_way_one",
+        "1.0",
+        &pt2.join("two_way.pt2"),
+        &repo_root().join("handlers/tensor.json"),
+        &[],
+    );
+    let r = register(&s, &format!("url={one}&initial_workers=1"));
+    assert_ne!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("the package's forward takes 2 tensors and the handler gives it 1"),
+        "{}",
+        r.text()
+    );
     let ask = |model: &str, body: &str| {
         let r = s.infer(
             "POST",

@@ -3255,8 +3255,9 @@ fn a_model_of_two_named_inputs_over_every_route() {
         "index 300 is out of bounds",
     );
 
-    // Batched: each request gets its own rows back, and one whose ids run past the model's table
-    // fails in the batch's forward, and alone when its batch-mates are run again one by one.
+    // Batched: each request gets its own rows back; one whose ids run past the model's table
+    // fails in the batch's forward, and alone when its batch-mates are run again one by one; one
+    // whose input does not fit fails at decoding, alone.
     let batches = || {
         let text = s.metrics_text();
         let series = |what: &str| {
@@ -3275,6 +3276,8 @@ fn a_model_of_two_named_inputs_over_every_route() {
                 scope.spawn(move || {
                     let body = if i == 5 {
                         r#"{"ids": [300, 0, 0], "dense": [0.5, 5]}"#.to_string()
+                    } else if i == 6 {
+                        r#"{"ids": [1, 2, 3], "dense": [[1, 2, 3]]}"#.to_string()
                     } else {
                         format!(r#"{{"ids": [{i}, 0, 0], "dense": [0.5, {i}]}}"#)
                     };
@@ -3292,6 +3295,8 @@ fn a_model_of_two_named_inputs_over_every_route() {
                 "InternalServerException",
                 "index 300 is out of bounds",
             );
+        } else if i == 6 {
+            assert_error(&r, 400, "InvalidInputException", "input 'dense'");
         } else {
             assert_eq!(r.status, 200, "request {i}: {}", r.text());
             assert_eq!(flat(&r.json()), [0.5 + i as f64, 0.0], "request {i}");

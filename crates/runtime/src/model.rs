@@ -88,6 +88,14 @@ impl Model {
         }
     }
 
+    /// How many tensors a package's `forward` takes, where it says; `None` for TorchScript.
+    pub fn input_count(&self) -> Option<usize> {
+        match &*self.format {
+            Format::Script(_) => None,
+            Format::Package(p) => p.input_count(),
+        }
+    }
+
     /// `forward(args)`, on the model's forward thread where it has one. A package takes
     /// tensors, or one list of them, and answers what its `forward` returned.
     pub fn forward_is(&self, args: &[IValue]) -> Result<IValue, tch::TchError> {

@@ -155,8 +155,13 @@ impl Shared {
     /// model's. A failure of the model's own (an assertion on the values, say) stays the
     /// model's whatever ran before, so one request gets one answer.
     /// For a model of several inputs, the first input that differs from what the model ran
-    /// on is named.
-    pub(crate) fn blame(&self, e: PredictError, inputs: &[&tch::Tensor]) -> PredictError {
+    /// on is named, by its name in `names` where given.
+    pub(crate) fn blame(
+        &self,
+        e: PredictError,
+        inputs: &[&tch::Tensor],
+        names: &[&str],
+    ) -> PredictError {
         let PredictError::ModelFailed(why) = e else {
             return e;
         };
@@ -172,10 +177,10 @@ impl Shared {
             .find(|(_, (mine, good))| mine != *good);
         match differs {
             Some((i, (mine, good))) => {
-                let which = if inputs.len() > 1 {
-                    format!(" (input {i})")
-                } else {
-                    String::new()
+                let which = match names.get(i) {
+                    Some(name) => format!(" (input '{name}')"),
+                    None if inputs.len() > 1 => format!(" (input {i})"),
+                    None => String::new(),
                 };
                 PredictError::BadInput(format!(
                     "the model cannot take this input{which}, {}; it runs on {} ({why})",
@@ -311,12 +316,12 @@ mod tests {
         let failed = |why: &str| PredictError::ModelFailed(why.into());
         let misfit = "mat1 and mat2 shapes cannot be multiplied (1x5 and 784x128)";
         assert!(matches!(
-            shared.blame(failed(misfit), &[&floats(5)]),
+            shared.blame(failed(misfit), &[&floats(5)], &[]),
             PredictError::BadInput(m) if m.contains("shape [784]")
         ));
         // On the shape it runs on, the model's failure.
         assert!(matches!(
-            shared.blame(failed(misfit), &[&floats(784)]),
+            shared.blame(failed(misfit), &[&floats(784)], &[]),
             PredictError::ModelFailed(_)
         ));
         // The model's own refusal (an assertion on the values) is the model's whatever shape
@@ -324,7 +329,8 @@ mod tests {
         assert!(matches!(
             shared.blame(
                 failed("Exception: values must not be negative"),
-                &[&floats(5)]
+                &[&floats(5)],
+                &[]
             ),
             PredictError::ModelFailed(_)
         ));
@@ -338,15 +344,15 @@ mod tests {
         shared.ran_on(&[&ids, &dense(2)]);
         let misfit =
             || PredictError::ModelFailed("mat1 and mat2 shapes cannot be multiplied".into());
-        match shared.blame(misfit(), &[&ids, &dense(5)]) {
+        match shared.blame(misfit(), &[&ids, &dense(5)], &["ids", "dense"]) {
             PredictError::BadInput(m) => {
-                assert!(m.contains("(input 1), examples of shape [5]"), "{m}");
+                assert!(m.contains("(input 'dense'), examples of shape [5]"), "{m}");
                 assert!(m.contains("runs on examples of shape [2]"), "{m}");
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            shared.blame(misfit(), &[&ids, &dense(2)]),
+            shared.blame(misfit(), &[&ids, &dense(2)], &["ids", "dense"]),
             PredictError::ModelFailed(_)
         ));
     }

@@ -236,6 +236,23 @@ fn prepare(
             message: message.into(),
         });
     }
+    // Each request would otherwise fail inside the package, where the inputs' shapes vary.
+    if let (Some(takes), Some(given)) = (module.input_count(), pipeline.argument_tensors())
+        && takes != given
+    {
+        let advice = if pipeline.feeds_tokens() {
+            "a text handler gives token ids and an attention mask"
+        } else {
+            "name one input per tensor in a `tensors` input, in forward's order"
+        };
+        return Err(crate::RuntimeError::Package {
+            file: spec.serialized_file.clone(),
+            message: format!(
+                "the package's forward takes {takes} tensors and the handler gives it {given}: \
+                 {advice}"
+            ),
+        });
+    }
     if let Some(length) = module.length() {
         pipeline
             .fit_token_length(length)
@@ -733,7 +750,7 @@ fn process(
                         ctx.shared.ran_on(&d.tensors());
                         Ok(b.remove(0))
                     }
-                    Err(e) => Err(blame(ctx, e, &d)),
+                    Err(e) => Err(blame(ctx, pipeline, e, &d)),
                 };
                 clock.answer(job, result, Some(Instant::now()));
             }
@@ -741,17 +758,17 @@ fn process(
         Err(e) => {
             let ran = Some(Instant::now());
             for (job, d) in live {
-                clock.answer(job, Err(blame(ctx, e.clone(), &d)), ran);
+                clock.answer(job, Err(blame(ctx, pipeline, e.clone(), &d)), ran);
             }
         }
     }
 }
 
 /// A failed request's error, as [`Shared::blame`] judges it; a crash stays the handler's.
-fn blame(ctx: &Context, e: PredictError, d: &Decoded) -> PredictError {
+fn blame(ctx: &Context, pipeline: &Pipeline, e: PredictError, d: &Decoded) -> PredictError {
     match &e {
         PredictError::ModelFailed(m) if m == CRASHED_RUNNING => e,
-        _ => ctx.shared.blame(e, &d.tensors()),
+        _ => ctx.shared.blame(e, &d.tensors(), &pipeline.input_names()),
     }
 }
 

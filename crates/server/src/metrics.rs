@@ -259,6 +259,9 @@ impl MetricSet {
             let _ = h.remove_label_values(&[name, version]);
         }
         let _ = self.queue_depth.remove_label_values(&[name, version]);
+        for c in [&self.timeouts, &self.workers_replaced] {
+            let _ = c.remove_label_values(&[name, version]);
+        }
         for state in ["ready", "not_ready"] {
             let _ = self.workers.remove_label_values(&[name, version, state]);
         }

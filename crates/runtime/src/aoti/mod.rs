@@ -130,6 +130,8 @@ pub struct Package {
     /// How many tensors `forward` takes as its one list argument, for a model exported as
     /// `forward(images: list[Tensor])`; `None` for one that takes tensors.
     list_len: Option<usize>,
+    /// How many tensors `forward` takes in all, where the input spec says.
+    input_count: Option<usize>,
 }
 
 // SAFETY: the loader's runners are taken from a pool under its own lock, so `run` may be called
@@ -182,7 +184,9 @@ impl Package {
                 Tree::parse(&take_message(spec))
             }
         };
-        let list_len = spec(0).and_then(|t| t.first_argument_list());
+        let inputs = spec(0);
+        let list_len = inputs.as_ref().and_then(Tree::first_argument_list);
+        let input_count = inputs.as_ref().map(Tree::leaves);
         let outputs = spec(1);
         Ok(Package {
             handle,
@@ -194,8 +198,14 @@ impl Package {
             }),
             outputs,
             list_len,
+            input_count,
             length,
         })
+    }
+
+    /// How many tensors `forward` takes, where the package's input spec says.
+    pub fn input_count(&self) -> Option<usize> {
+        self.input_count
     }
 
     /// How long the first input's second dimension may be (a text model's token count).

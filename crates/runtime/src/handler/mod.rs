@@ -224,6 +224,29 @@ impl Pipeline {
         Ok(())
     }
 
+    /// How many tensors `forward` is given: one per input (two for `tokens`), or one list.
+    pub fn argument_tensors(&self) -> Option<usize> {
+        match (&self.input, self.feed) {
+            (_, Feed::List) => None,
+            (_, Feed::Tokens) => Some(2),
+            (Input::Tensors(inputs), _) => Some(inputs.len()),
+            _ => Some(1),
+        }
+    }
+
+    /// The names of a `tensors` input's inputs, in order; none for other inputs.
+    pub fn input_names(&self) -> Vec<&str> {
+        match &self.input {
+            Input::Tensors(inputs) => inputs.iter().map(|i| i.name.as_str()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the model is fed token ids and an attention mask.
+    pub fn feeds_tokens(&self) -> bool {
+        self.feed == Feed::Tokens
+    }
+
     /// Whether the model is fed a list of examples rather than one batched tensor.
     pub fn feeds_list(&self) -> bool {
         self.feed == Feed::List

@@ -209,13 +209,16 @@ pub fn decode_named(payload: &Payload, inputs: &[NamedTensor]) -> Result<Decoded
                 dtype: None,
                 shape: part.shape.as_deref(),
             };
-            // A field is text (`-F dense=0.25`, a query's `?dense=0.25`) unless it says it is
-            // raw bytes: read as bytes, that text would be numbers nobody sent.
-            let raw = part.shape.is_some()
-                || part
-                    .content_type
-                    .as_deref()
-                    .is_some_and(|c| c.contains("octet-stream"));
+            // A field is JSON numbers (`-F dense=0.25`, a query's `?dense=0.25`) unless it
+            // says it is raw bytes, or says nothing and is not JSON (a file field sent without
+            // a type): read as bytes, a number written out would be numbers nobody sent.
+            let raw = match part.content_type.as_deref() {
+                Some(c) if c.contains("json") => false,
+                Some(c) if c.contains("octet-stream") => true,
+                _ if part.shape.is_some() => true,
+                Some(_) => false,
+                None => serde_json::from_slice::<serde::de::IgnoredAny>(&part.data).is_err(),
+            };
             let d = decode_part(part, sent, input.dtype, input.shape.as_deref(), !raw)
                 .map_err(|e| named(e, &input.name))?;
             decoded.push(d);
@@ -905,6 +908,13 @@ mod tests {
         let d = decode_named(&payload, &inputs).unwrap();
         assert_eq!((d.examples, d.wrap), (2, Wrap::List));
         assert_eq!(ids(&d.tensor), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(values(&d.more[0].tensor), [0.5, 0.25, 1.0, 2.0]);
+        // A file field sent without a type (as Python's requests sends `files=`) is raw bytes
+        // when it is not JSON.
+        let mut untyped = payload.clone();
+        untyped.parts[0].content_type = None;
+        untyped.parts[0].shape = None;
+        let d = decode_named(&untyped, &inputs).unwrap();
         assert_eq!(values(&d.more[0].tensor), [0.5, 0.25, 1.0, 2.0]);
         // A text field is numbers written out, even a bare one, as `curl -F scale=0.25` sends.
         let scaled = [

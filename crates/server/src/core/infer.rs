@@ -148,7 +148,10 @@ impl Infer {
         let mv = self.registry.get(name, version)?;
         let series = mv.series.get(&self.metrics, name, &mv.version, named);
         series.requests_total.inc();
-        let (prediction, queue_us) = self.run(&mv, name, version, named, payload).await?;
+        let (prediction, queue_us) = self
+            .run(&mv, name, version, named, payload)
+            .await
+            .inspect_err(|e| count_timeout(series, e))?;
         // Both only for an answered request, from one clock, as TorchServe counts them: the
         // time queued is then never more than the latency.
         series.queue_latency_us.inc_by(queue_us);
@@ -203,7 +206,9 @@ impl Infer {
         let mut queue_us = 0;
         while let Some(joined) = set.join_next().await {
             let (i, answer) = joined.map_err(|e| ApiError::internal(e.to_string()))?;
-            let (prediction, queued) = answer.map_err(|e| e.prefixed(&format!("item {i}: ")))?;
+            let (prediction, queued) = answer
+                .inspect_err(|e| count_timeout(series, e))
+                .map_err(|e| e.prefixed(&format!("item {i}: ")))?;
             queue_us = queue_us.max(queued);
             out[i] = Some(prediction);
         }
@@ -251,7 +256,6 @@ impl Infer {
         let timeout = Duration::from_secs(mv.response_timeout_s);
         let (result, timings) = match tokio::time::timeout(timeout, rx).await {
             Err(_) => {
-                series.timeouts.inc();
                 return Err(ApiError::timeout(format!(
                     "Prediction timed out after {} s",
                     mv.response_timeout_s
@@ -301,6 +305,13 @@ impl Infer {
             )));
         }
         Ok(())
+    }
+}
+
+/// Counts a request answered 504, once however many of its items timed out.
+fn count_timeout(series: &crate::metrics::ModelSeries, e: &ApiError) {
+    if matches!(e, ApiError::Timeout(_)) {
+        series.timeouts.inc();
     }
 }
 

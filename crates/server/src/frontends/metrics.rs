@@ -50,6 +50,9 @@ async fn metrics(State(st): State<AppState>, RawQuery(q): RawQuery) -> Response 
                 .queue_depth
                 .with_label_values(&l)
                 .set(m.pool.queue_len() as i64);
+            // Shown from 0, so that rate() sees a version's first timeout and replacement.
+            st.metrics.timeouts.with_label_values(&l);
+            st.metrics.workers_replaced.with_label_values(&l);
             let ready = m.pool.ready_count() as i64;
             st.metrics
                 .workers
