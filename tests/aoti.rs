@@ -1142,3 +1142,44 @@ fn a_pt2_package_of_two_inputs_and_two_outputs_answers_as_its_torchscript_twin()
         ])
     );
 }
+
+/// Packages registered at once all load: libtorch reads every package's JSON files into one
+/// shared object, which two loads at once corrupted (`basic_string::_M_create`, seen when a
+/// restart restored several packages together).
+#[test]
+fn packages_registered_at_once_all_load() {
+    let pt2 = pt2_fixtures();
+    let mut s = Server::new("enable_model_api=true");
+    s.start(&[]);
+    let names: Vec<String> = (0..8).map(|i| format!("at_once_{i}")).collect();
+    let mars: Vec<String> = names
+        .iter()
+        .map(|name| {
+            archive(
+                &s.store,
+                name,
+                "1.0",
+                &pt2.join(if name.ends_with(['0', '2', '4', '6']) {
+                    "mlp.pt2"
+                } else {
+                    "segmenter.pt2"
+                }),
+                &repo_root().join("handlers/tensor.json"),
+                &[],
+            )
+        })
+        .collect();
+    let answers: Vec<common::http::Resp> = std::thread::scope(|scope| {
+        let handles: Vec<_> = mars
+            .iter()
+            .map(|mar| {
+                let s = &s;
+                scope.spawn(move || register(s, &format!("url={mar}&initial_workers=2")))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (name, r) in names.iter().zip(answers) {
+        assert_eq!(r.status, 200, "{name}: {}\n{}", r.text(), s.log());
+    }
+}

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -34,6 +35,15 @@ void set_error(char** err, const char* what) {
 // checks on. Set while the process starts, before any thread could read the environment.
 [[maybe_unused]] const int checks_on = setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", 1);
 
+// libtorch reads a package's JSON files (its metadata, compile flags) into one static object
+// shared by every caller, so two packages read at once corrupt each other's: a server
+// registering two .pt2 models together (a restart restoring its snapshot) saw
+// `basic_string::_M_create` from one load. Reading and loading take turns.
+std::mutex& package_reading() {
+  static std::mutex m;
+  return m;
+}
+
 // Runs `body`, turning any exception into a message in *err and `failed` as the result: no
 // exception may cross the C interface.
 template <typename T, typename F>
@@ -56,6 +66,7 @@ extern "C" {
 // package cannot be read. Reads the metadata file only: no model code is loaded.
 char* tchserve_aoti_metadata(const char* path, char** err) {
   return guarded<char*>(err, nullptr, [&] {
+    std::lock_guard<std::mutex> one_at_a_time(package_reading());
     std::string lines;
     for (const auto& [key, value] :
          torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model")) {
@@ -69,6 +80,7 @@ char* tchserve_aoti_metadata(const char* path, char** err) {
 // model instances, so that many threads can run it at once; null on failure.
 void* tchserve_aoti_load(const char* path, int device_index, int num_runners, char** err) {
   return guarded<void*>(err, nullptr, [&] {
+    std::lock_guard<std::mutex> one_at_a_time(package_reading());
     return new torch::inductor::AOTIModelPackageLoader(
         path, "model", false, static_cast<size_t>(num_runners),
         static_cast<c10::DeviceIndex>(device_index));
