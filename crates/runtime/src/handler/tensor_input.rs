@@ -228,6 +228,14 @@ pub fn decode_named(payload: &Payload, inputs: &[NamedTensor]) -> Result<Decoded
             .main_part()
             .ok_or_else(|| bad("the request has no body"))?;
         let value: Value = serde_json::from_slice(&part.data).map_err(|e| {
+            // A body that starts as JSON but is broken is told so; any other, what to send.
+            let starts_as_json = matches!(
+                part.data.iter().find(|b| !b.is_ascii_whitespace()),
+                Some(b'[' | b'{')
+            );
+            if starts_as_json {
+                return bad(format!("the body is not valid JSON: {e}"));
+            }
             bad(format!(
                 "the model takes named inputs ({}): send them as a JSON object of the names, or \
                  as form fields ({e})",
@@ -979,6 +987,10 @@ mod tests {
             (
                 "not json",
                 "the model takes named inputs ('ids', 'dense'): send them",
+            ),
+            (
+                r#"{"ids": [1, 2, 3], "dense": [0.5,"#,
+                "the body is not valid JSON: EOF",
             ),
             (
                 r#"{"ids": "abc", "dense": [0.5, 0.25]}"#,
