@@ -32,6 +32,21 @@ fn fixture_archive(s: &Server, name: &str, model: &str, handler: &str) -> String
     )
 }
 
+/// Archives a model from tests/fixtures as `<name>` 1.0 into the server's store, with a handler
+/// manifest the test writes.
+fn archive_with_manifest(s: &Server, name: &str, model: &str, manifest: &str) -> String {
+    let handler = s.dir.path().join(format!("{name}.json"));
+    std::fs::write(&handler, manifest).unwrap();
+    archive(
+        &s.store,
+        name,
+        "1.0",
+        &fixtures().join(model),
+        &handler,
+        &[],
+    )
+}
+
 fn register(s: &Server, query: &str) -> Resp {
     s.manage("POST", &format!("/models?{query}"))
 }
@@ -3194,21 +3209,13 @@ fn a_model_of_two_named_inputs_over_every_route() {
 
     // A `tensors` input of one name goes by that name, where a model of one `tensor` input
     // takes any.
-    let handler = s.dir.path().join("one_named.json");
-    std::fs::write(
-        &handler,
+    let one_named = archive_with_manifest(
+        &s,
+        "one_named",
+        "scale2.pt",
         r#"{"schema": 1, "name": "one_named",
             "input": {"tensors": [{"name": "x", "dtype": "float32", "shape": [4]}]},
             "model": {"feed": "stacked"}, "output": {"tensor": {}}}"#,
-    )
-    .unwrap();
-    let one_named = archive(
-        &s.store,
-        "one_named",
-        "1.0",
-        &fixtures().join("scale2.pt"),
-        &handler,
-        &[],
     );
     let r = register(
         &s,
@@ -3409,21 +3416,13 @@ fn a_model_of_two_named_outputs_over_every_route() {
     }
     // An image model's answers are JSON per image, whatever its output: the typed protocols
     // describe and answer them as BYTES.
-    let handler = s.dir.path().join("image_outputs.json");
-    std::fs::write(
-        &handler,
+    let pictures = archive_with_manifest(
+        &s,
+        "pictures",
+        "tiny_vision.pt",
         r#"{"schema": 1, "name": "image_outputs", "input": {"image": {}},
             "preprocess": [{"resize": {"size": [8, 8]}}, {"to_tensor": {}}],
             "model": {"feed": "stacked"}, "output": {"tensors": ["logits"]}}"#,
-    )
-    .unwrap();
-    let pictures = archive(
-        &s.store,
-        "pictures",
-        "1.0",
-        &fixtures().join("tiny_vision.pt"),
-        &handler,
-        &[],
     );
     let r = register(
         &s,
@@ -3468,21 +3467,13 @@ fn a_model_of_two_named_outputs_over_every_route() {
 
     // A handler naming an output the model does not give fails its registration, saying what
     // the model gives.
-    let handler = s.dir.path().join("wrong.json");
-    std::fs::write(
-        &handler,
-        std::fs::read_to_string(fixture_handler("pair.json"))
+    let wrong = archive_with_manifest(
+        &s,
+        "wrong",
+        "pair_dict.pt",
+        &std::fs::read_to_string(fixture_handler("pair.json"))
             .unwrap()
             .replace("\"total\"", "\"count\""),
-    )
-    .unwrap();
-    let wrong = archive(
-        &s.store,
-        "wrong",
-        "1.0",
-        &fixtures().join("pair_dict.pt"),
-        &handler,
-        &[],
     );
     let r = register(
         &s,

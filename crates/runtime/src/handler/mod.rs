@@ -494,14 +494,9 @@ impl Pipeline {
             row += d.examples;
             match (&raw, &values) {
                 (Some((dtype, bytes)), _) if d.want_tensor => {
-                    let size = dtype.size() * row_len;
-                    answers.push(Prediction::Tensor(RawTensor {
-                        dtype: *dtype,
-                        shape: std::iter::once(d.examples as i64)
-                            .chain(row_dims.iter().copied())
-                            .collect(),
-                        data: bytes[rows.start * size..rows.end * size].to_vec(),
-                    }));
+                    answers.push(Prediction::Tensor(rows_of(
+                        *dtype, bytes, row_dims, row_len, rows,
+                    )));
                 }
                 (_, Some(values)) => {
                     answers.push(Prediction::Json(self.write_rows(
@@ -568,14 +563,7 @@ impl Pipeline {
                         .zip(raws)
                         .zip(dims.iter().zip(&row_lens))
                         .map(|((name, (dtype, bytes)), (row_dims, row_len))| {
-                            let size = dtype.size() * row_len;
-                            let raw = RawTensor {
-                                dtype: *dtype,
-                                shape: std::iter::once(d.examples as i64)
-                                    .chain(row_dims.iter().copied())
-                                    .collect(),
-                                data: bytes[rows.start * size..rows.end * size].to_vec(),
-                            };
+                            let raw = rows_of(*dtype, bytes, row_dims, *row_len, rows.clone());
                             (name.clone(), raw)
                         })
                         .collect();
@@ -873,6 +861,25 @@ impl Pipeline {
 
 /// A tensor's elements as little-endian bytes with their dtype, or `None` for element types
 /// the typed protocols have no name for.
+/// One request's `rows` of a batch's output, read back as `bytes` of `dtype`, each row of
+/// shape `row_dims` (`row_len` elements).
+fn rows_of(
+    dtype: DType,
+    bytes: &[u8],
+    row_dims: &[i64],
+    row_len: usize,
+    rows: std::ops::Range<usize>,
+) -> RawTensor {
+    let size = dtype.size() * row_len;
+    RawTensor {
+        dtype,
+        shape: std::iter::once(rows.len() as i64)
+            .chain(row_dims.iter().copied())
+            .collect(),
+        data: bytes[rows.start * size..rows.end * size].to_vec(),
+    }
+}
+
 fn raw_output(t: &Tensor) -> Result<Option<(tchserve_mar::handler::DType, Vec<u8>)>, PredictError> {
     let Some(dtype) = tensor_input::dtype_of(t.kind()) else {
         return Ok(None);

@@ -243,25 +243,20 @@ async fn run_one(
     input: InferInput,
 ) -> Result<Answer, ApiError> {
     let name = &input.name;
-    let count = element_count(&input)?;
     Ok(match want.datatype {
         DataType::Tensor(dtype) => {
-            let shape = shape_header(&input.shape);
-            let bytes = tensor_bytes(input, want, dtype)?;
+            let part = tensor_part("body", input, want, dtype)?;
+            // The request's headers, as a raw body over REST carries them.
             let payload = Payload {
-                parts: vec![Part {
-                    name: "body".into(),
-                    content_type: Some("application/octet-stream".into()),
-                    data: bytes,
-                    shape: None,
-                }],
                 dtype: Some(manifest_dtype(dtype)),
-                shape: Some(shape),
+                shape: part.shape.clone(),
+                parts: vec![part],
                 want_tensor: true,
             };
             output_of(infer.infer_counted(model, version, named, payload).await?)
         }
         DataType::Bytes => {
+            let count = element_count(&input)?;
             if input.datatype != Datatype::Bytes {
                 return Err(bad(format!(
                     "input '{name}': datatype {} does not match the model's BYTES",
@@ -378,14 +373,7 @@ async fn run_several(
                 want.name
             )));
         };
-        let shape = shape_header(&input.shape);
-        element_count(&input)?;
-        parts.push(Part {
-            name: want.name.clone(),
-            content_type: Some("application/octet-stream".into()),
-            data: tensor_bytes(input, want, dtype)?,
-            shape: Some(shape),
-        });
+        parts.push(tensor_part(&want.name, input, want, dtype)?);
     }
     let payload = Payload {
         parts,
@@ -410,13 +398,26 @@ fn output_of(prediction: Prediction) -> Answer {
     }
 }
 
-/// `X-Tensor-Shape`'s spelling of a shape.
-fn shape_header(shape: &[i64]) -> String {
-    shape
+/// A tensor input as the raw part `name` of a handler payload, carrying its own shape.
+fn tensor_part(
+    name: &str,
+    input: InferInput,
+    want: &TensorMeta,
+    dtype: DType,
+) -> Result<Part, ApiError> {
+    // `X-Tensor-Shape`'s spelling.
+    let shape = input
+        .shape
         .iter()
         .map(i64::to_string)
         .collect::<Vec<_>>()
-        .join(",")
+        .join(",");
+    Ok(Part {
+        name: name.into(),
+        content_type: Some("application/octet-stream".into()),
+        data: tensor_bytes(input, want, dtype)?,
+        shape: Some(shape),
+    })
 }
 
 /// The number of elements an input's shape holds, refused when a size is negative or the
