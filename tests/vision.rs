@@ -494,9 +494,14 @@ fn object_detector_and_image_segmenter_match_pytorch() {
     pytorch.sort_by(order);
     for (i, (g, w)) in served.iter().zip(&pytorch).enumerate() {
         assert_eq!(g.0, w.0, "detection {i}: label");
+        // Pixels, in float32 through a deep network: the server's forward runs on as many
+        // intra-op threads as its budget gives at that moment (one while the segmenter beside
+        // it is busy, both cores alone), and each count rounds its sums in its own order, which
+        // moved a box of 56 px by 0.0011 px once. A preprocessing or operator drift moves boxes
+        // by whole pixels.
         for k in 0..4 {
             assert!(
-                (g.1[k] - w.1[k]).abs() <= 1e-3,
+                (g.1[k] - w.1[k]).abs() <= 1e-3 + 1e-4 * w.1[k].abs(),
                 "detection {i} box {k}: {} vs {}",
                 g.1[k],
                 w.1[k]
