@@ -13,7 +13,8 @@
 # - cargo build --release of every binary, and of the test binaries (cargo test --no-run), into
 #   build/target-torch-VERSION, linked against the CUDA libraries of .venv;
 # - stripped copies of the binaries, packed as build/torch-VERSION-bin.tar.xz (tens of MB where
-#   the binaries are hundreds) with a list of which test binary is which.
+#   the binaries are hundreds) with a list of which test binary is which, and the TurboJPEG
+#   library they link.
 # Usage: bench/build-against-torch.sh VERSION   (e.g. 2.11.0)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -83,7 +84,11 @@ sed -n 's/^ *Executable \([^ ]*\.rs\) (.*\/deps\/\([^)]*\))$/\1 \2/p' "$target/t
     while read -r source file; do
         strip -o "$stage/tests/$(basename "$source" .rs)" "$target/release/deps/$file"
     done
+# TurboJPEG is not on every GPU machine (the H200 image lacks it): this machine's copy goes
+# along, and bench/gpu-check.sh uses it where the machine has none of its own.
+mkdir -p "$stage/lib"
+ldd "$target/release/tchserve" | awk '/libturbojpeg/ {print $3}' | xargs -r cp -L -t "$stage/lib"
 # Where the test binaries expect the checkout and the binaries (bench/gpu-check.sh links it).
 echo "$root" > "$stage/root"
 tar -C "$stage" -cJf "$pack" .
-echo "$pack: $(du -h "$pack" | cut -f1) ($(ls "$stage" "$stage/tests" | grep -vc ':$') files)"
+echo "$pack: $(du -h "$pack" | cut -f1) ($(find "$stage" -type f | wc -l) files)"

@@ -35,6 +35,8 @@ find "$stage" -maxdepth 1 -type f -exec cp -t "$bin" {} +
 py=$(command -v python3)
 torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# The TurboJPEG library packed with the binaries, where the machine has none.
+ldconfig -p 2>/dev/null | grep -q 'libturbojpeg\.so\.0 ' || LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$stage/lib
 # The tests make their models with .venv's Python: here, the machine's. A script, not a link:
 # a link would make Python look for its environment beside the link.
 if [ ! -e .venv/bin/python ] && [ ! -L .venv/bin/python ]; then

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # ResNet-18 on one GPU, everything over loopback on the GPU machine:
+# - the server's RSS and the GPU's memory in use with 1 and 4 workers of the model, first;
 # - a batch sweep 1..64: the served model (one GPU worker, raw float32 tensors per request, the
-#   tensor handler) against the in-process ceiling on the same GPU (upload, forward, answer back),
-#   and from batch 8 up with two workers on the GPU, at batches 8 and 32 with four;
+#   tensor handler) against the in-process ceiling on the same GPU (upload, forward, answer back
+#   in one loop), from batch 8 up also against 2 and 4 such loops at once over the one model and
+#   against the forward alone with its input on the GPU, and served with two and four workers;
 # - the ceiling at batch 64 with pageable uploads, against the pinned uploads the server uses;
 # - the built-in image_classifier at batch 32 (a 640x480 JPEG per request), 1 and 2 workers;
-# - the server's RSS and the GPU's memory in use with 1 and 4 workers of the model;
 # - the server again with one intra-op thread in all (cpu_threads=1), batch 32: whether the
 #   workers' host work gains or loses by spreading over the cores.
+# - the server again with four threads launching the model's forwards (gpu_forward_threads=4):
+#   its memory, and four workers at batch 8, 16 and 32.
 # Prints JSON lines, then a table of the sweep.
 # Usage: bench/gpu.sh [seconds per measurement, default 5]
 #   BIN: folder of the tchserve, tch-model-archiver, ceiling and loadgen binaries
 #   (default target/release); PY: a Python with torch and torchvision (default .venv/bin/python).
 #   BATCHES, BATCHES2, BATCHES4: the batch sizes run with one, two and four workers (default
-#   "1 2 4 8 16 32 64", "8 16 32 64", "8 32"); CLIENT_THREADS: loadgen's threads (default 6).
+#   "1 2 4 8 16 32 64", "8 16 32 64", "8 16 32 64"); CLIENT_THREADS: loadgen's threads (default 6).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -37,7 +40,8 @@ rm -rf "$store" "$home"; mkdir -p "$store" "$home"
 gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -n 1)
 echo "{\"machine\": \"$(lscpu | sed -n 's/^Model name: *//p')\", \"cores\": $(nproc), \"gpu\": \"$gpu\", \"seconds_per_run\": $secs}"
 
-# write_config [cpu_threads]: intra-op threads shared by the workers, by default one per core.
+# write_config [cpu_threads [gpu_forward_threads]]: intra-op threads shared by the workers, by
+# default one per core, and the threads that launch a model's forwards on the GPU (default 1).
 write_config() {
     cat > "$root/$home/config.properties" <<CFG
 model_store=$root/$store
@@ -47,10 +51,12 @@ disable_token_authorization=true
 # Room for every client's request: TorchServe's default of 100 answers 503 beyond it.
 job_queue_size=1000
 ${1:+cpu_threads=$1}
+${2:+gpu_forward_threads=$2}
 CFG
 }
 write_config
 threads=all
+forward_threads=1
 log=$root/$out/results.jsonl
 : > "$log"
 emit() { echo "$1" | tee -a "$log"; }
@@ -111,18 +117,43 @@ served() {
     local name=${mar}_b${b}_w$n
     [ "$(manage POST "/models?url=$mar.mar&model_name=$name&initial_workers=$n&batch_size=$b&max_batch_delay=20")" = 200 ]
     result=$(load --path "/predictions/$name" --body "$root/$out/resnet18.bin" --content-type application/octet-stream -c "$c")
-    emit "{\"bench\": \"served\", \"model\": \"$mar\", \"batch\": $b, \"workers\": $n, \"cpu_threads\": \"$threads\", \"result\": $result, \"worker\": $(workers_json "$name")}"
+    emit "{\"bench\": \"served\", \"model\": \"$mar\", \"batch\": $b, \"workers\": $n, \"cpu_threads\": \"$threads\", \"forward_threads\": $forward_threads, \"result\": $result, \"worker\": $(workers_json "$name")}"
     manage DELETE "/models/$name" >/dev/null
 }
+# memory: the server's RSS and the GPU's memory in use, with no model, then one and four GPU
+# workers of ResNet-18 after load. Taken first in a fresh server: a later reading would show
+# what libtorch's caches kept from earlier runs, not what the workers need.
+memory() {
+    sleep 1
+    emit "{\"bench\": \"memory\", \"forward_threads\": $forward_threads, \"workers\": 0, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
+    [ "$(manage POST "/models?url=resnet18.mar&model_name=mem&initial_workers=1&batch_size=8&max_batch_delay=20")" = 200 ]
+    for n in 1 4; do
+        [ "$(manage PUT "/models/mem?min_worker=$n&max_worker=$n&synchronous=true")" = 200 ]
+        load --path /predictions/mem --body "$root/$out/resnet18.bin" --content-type application/octet-stream -c 32 >/dev/null
+        sleep 2
+        emit "{\"bench\": \"memory\", \"forward_threads\": $forward_threads, \"workers\": $n, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
+    done
+    manage DELETE /models/mem >/dev/null
+}
+memory
+
 for b in ${BATCHES:-1 2 4 8 16 32 64}; do
     emit "{\"bench\": \"ceiling\", \"batch\": $b, \"result\": $(ceiling --batch "$b")}"
+    # From batch 8 up, the ceiling of loops overlapping each other as workers do, and the
+    # forward alone on an input already on the GPU.
+    if [ "$b" -ge 8 ]; then
+        for n in 2 4; do
+            emit "{\"bench\": \"ceiling\", \"batch\": $b, \"loops\": $n, \"result\": $(ceiling --batch "$b" --loops "$n")}"
+        done
+        emit "{\"bench\": \"ceiling_resident\", \"batch\": $b, \"result\": $(ceiling --batch "$b" --resident)}"
+    fi
     served "$b" 1
 done
 # A worker gathers, decodes and copies in its next batch while its answer thread waits for the
 # GPU and writes the answers of the one before; more workers on the same GPU (sharing the loaded
 # model and its forward thread) overlap their host work with each other's too.
 for b in ${BATCHES2:-8 16 32 64}; do served "$b" 2; done
-for b in ${BATCHES4:-8 32}; do served "$b" 4; done
+for b in ${BATCHES4:-8 16 32 64}; do served "$b" 4; done
 # The same requests to a model that only averages each channel: the serving path alone.
 served 32 1 pool
 emit "{\"bench\": \"ceiling_pageable\", \"batch\": 64, \"result\": $(ceiling --batch 64 --pageable)}"
@@ -139,17 +170,6 @@ for n in 1 2; do
     manage DELETE "/models/img_w$n" >/dev/null
 done
 
-# Memory: the idle server, then one and four GPU workers of ResNet-18 after load.
-sleep 2
-emit "{\"bench\": \"memory\", \"workers\": 0, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
-[ "$(manage POST "/models?url=resnet18.mar&model_name=mem&initial_workers=1&batch_size=8&max_batch_delay=20")" = 200 ]
-for n in 1 4; do
-    [ "$(manage PUT "/models/mem?min_worker=$n&max_worker=$n&synchronous=true")" = 200 ]
-    load --path /predictions/mem --body "$root/$out/resnet18.bin" --content-type application/octet-stream -c 32 >/dev/null
-    sleep 2
-    emit "{\"bench\": \"memory\", \"workers\": $n, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
-done
-
 # A worker's parallel regions wait for their slowest thread, which the HTTP threads and the
 # clients keep off the cores under load (the batch copy is a plain one for that reason; see
 # bench/src/bin/batch_copy.rs). Whether any that remain cost a GPU worker: one thread in all.
@@ -161,16 +181,41 @@ served 32 1
 served 32 1 pool
 served 32 4
 
+# Small batches take ResNet-18 as long to launch as to run, and one thread launches a model's
+# forwards on a GPU: four threads launching them, with four workers, and what they hold.
+"$bin/tchserve" --stop >/dev/null
+write_config "" 4
+threads=all
+forward_threads=4
+start
+memory
+for b in 8 16 32; do served "$b" 4; done
+
 "$py" - "$log" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-ceil = {r["batch"]: r["result"]["examples_per_s"] for r in rows if r["bench"] == "ceiling"}
-print("| model | batch | workers | cpu_threads | ceiling img/s | served img/s | served/ceiling | p50 ms | errors | mean batch | worker ms/batch | workers busy |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+# The ceiling of N loops at once, keyed by (batch, N); one loop is the plain ceiling.
+ceil = {(r["batch"], r.get("loops", 1)): r["result"]["examples_per_s"] for r in rows if r["bench"] == "ceiling"}
+best = {}
+for (b, _), v in ceil.items():
+    best[b] = max(best.get(b, 0), v)
+print("| model | batch | workers | cpu_threads | forward threads | served img/s | / 1 loop | / as many loops | / best ceiling | p50 ms | errors | mean batch | worker ms/batch | workers busy |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if r["bench"] == "served":
         b, n, s, w = r["batch"], r["workers"], r["result"], r["worker"]
-        c = ceil.get(b) if r["model"] == "resnet18" else None
-        ceiling, ratio = (f"{c:.0f}", f"{s['rps'] / c:.0%}") if c else ("", "")
-        print(f"| {r['model']} | {b} | {n} | {r.get('cpu_threads', 'all')} | {ceiling} | {s['rps']:.0f} | {ratio} | {s['p50_ms']} | {s['errors']} | {w['mean_batch']} | {w['worker_ms_per_batch']} | {w['worker_busy']} |")
+        ratio = lambda c: f"{s['rps'] / c:.0%}" if c and r["model"] == "resnet18" else ""
+        print(f"| {r['model']} | {b} | {n} | {r.get('cpu_threads', 'all')} | {r.get('forward_threads', 1)} | {s['rps']:.0f} | {ratio(ceil.get((b, 1)))} | {ratio(ceil.get((b, n)))} | {ratio(best.get(b))} | {s['p50_ms']} | {s['errors']} | {w['mean_batch']} | {w['worker_ms_per_batch']} | {w['worker_busy']} |")
+print()
+print("| batch | ceiling, 1 loop | 2 loops | 4 loops | forward alone (input on the GPU) |")
+print("|---|---|---|---|---|")
+resident = {r["batch"]: r["result"]["examples_per_s"] for r in rows if r["bench"] == "ceiling_resident"}
+for b in sorted({b for b, _ in ceil}):
+    print(f"| {b} | {ceil.get((b, 1), '')} | {ceil.get((b, 2), '')} | {ceil.get((b, 4), '')} | {resident.get(b, '')} |")
+print()
+print("| forward threads | workers | RSS MB | GPU MB |")
+print("|---|---|---|---|")
+for r in rows:
+    if r["bench"] == "memory":
+        print(f"| {r.get('forward_threads', 1)} | {r['workers']} | {r['rss_mb']} | {r['gpu_mb']} |")
 PY

@@ -10,12 +10,25 @@ use common::{nvidia_gpu, threads_named};
 
 #[test]
 fn a_torchscript_model_on_gpu_workers_answers_as_pytorch_on_the_gpu() {
+    serve_on_the_gpu(1);
+}
+
+#[test]
+fn forwards_launched_from_several_threads_answer_the_same() {
+    serve_on_the_gpu(2);
+}
+
+/// Two GPU workers of one model, whose forwards run on `forward_threads` threads
+/// (`gpu_forward_threads`), answer a batch of requests as PyTorch does on the GPU.
+fn serve_on_the_gpu(forward_threads: usize) {
     if !nvidia_gpu() {
         eprintln!("skipped: no NVIDIA GPU on this machine");
         return;
     }
     let dir = gpu_fixtures();
-    let mut s = Server::new("enable_model_api=true");
+    let mut s = Server::new(&format!(
+        "enable_model_api=true\ngpu_forward_threads={forward_threads}"
+    ));
     let mar = archive(
         &s.store,
         "cnn",
@@ -40,8 +53,8 @@ fn a_torchscript_model_on_gpu_workers_answers_as_pytorch_on_the_gpu() {
         workers.iter().all(|w| w["gpu"] == serde_json::json!(true)),
         "not on a GPU: {described}"
     );
-    // Both workers hand their forwards to the model's one forward thread on the GPU.
-    assert_eq!(threads_named(s.pid(), "forward-cuda0"), 1);
+    // Both workers hand their forwards to the model's forward threads on the GPU.
+    assert_eq!(threads_named(s.pid(), "forward-cuda0"), forward_threads);
     // Each GPU worker answers its batches on a thread of its own while it starts the next.
     assert_eq!(threads_named(s.pid(), "A-"), 2);
 

@@ -12,7 +12,7 @@ pub fn load_model_file(
         .file_name()
         .and_then(|f| f.to_str())
         .ok_or_else(|| anyhow::anyhow!("--model names no file"))?;
-    Ok(tchserve_runtime::model::load_module(dir, file, device)?)
+    Ok(tchserve_runtime::model::load_module(dir, file, device, 1)?)
 }
 
 /// The device a `--device` flag names (`cpu`, `cuda` or `cuda:N`), refused when this machine

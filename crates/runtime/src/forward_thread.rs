@@ -1,24 +1,27 @@
-//! The thread that runs a GPU model's forwards for all the workers that share it.
+//! The threads that run a GPU model's forwards for all the workers that share it.
 //!
 //! cuBLAS and cuDNN give every thread that calls them a handle of its own, and libtorch a
 //! workspace per handle (cuBLAS alone takes 32 MiB on Hopper GPUs). When each worker ran its own
 //! forwards, every extra worker of a GPU model paid that, and several forwards in flight each
 //! held their activations at once. Queued to one thread per model and GPU, the handles exist
-//! once. The cost is small: a forward on a GPU mostly queues kernels and returns, so one thread
-//! keeps up with several workers, each of which then copies its batch in and its answers out
-//! on its own thread.
+//! once. A forward on a GPU mostly queues kernels and returns, so one thread keeps up with
+//! several workers, each of which then copies its batch in and its answers out on its own
+//! thread, until the launching itself is the limit: a small batch of a model of many small
+//! kernels (ResNet-18 at batch 8 or 16 on an H200) takes as long to launch as to run. More
+//! threads per model and GPU (`gpu_forward_threads`) then launch several forwards at once, each
+//! thread paying its own handles.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
 use tch::{IValue, TchError};
 
-/// A thread that runs forwards, one at a time, for any thread that asks.
+/// Threads that run forwards, each one at a time, for any thread that asks.
 #[derive(Debug)]
 pub(crate) struct ForwardThread {
     calls: Option<mpsc::Sender<Call>>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// A forward asked of the thread: arguments borrowed from the asking thread, which waits for
@@ -41,35 +44,35 @@ struct Answer(Result<IValue, TchError>);
 unsafe impl Send for Answer {}
 
 impl ForwardThread {
-    /// Starts a thread named `name` that answers each call with `forward(args)`, with autograd
-    /// off, as the workers run it.
-    pub(crate) fn spawn<F>(name: String, forward: F) -> std::io::Result<Self>
+    /// Starts `threads` threads (at least one) named after `name` that answer each call with
+    /// `forward(args)`, with autograd off, as the workers run it. A call goes to whichever
+    /// thread is free first.
+    pub(crate) fn spawn<F>(name: String, threads: usize, forward: F) -> std::io::Result<Self>
     where
-        F: Fn(&[IValue]) -> Result<IValue, TchError> + Send + 'static,
+        F: Fn(&[IValue]) -> Result<IValue, TchError> + Send + Sync + 'static,
     {
         let (calls, queue) = mpsc::channel::<Call>();
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
-            // Grad mode is per thread: the workers' guards do not reach this one.
-            let _no_grad = tch::no_grad_guard();
-            // A forward on a GPU has no host work worth a team of threads, and a team here,
-            // which no worker counts, could crowd the CPU models' teams (see crate::openmp).
-            crate::openmp::run_alone_here();
-            for call in queue {
-                let result = {
-                    // SAFETY: see `Call`: the asking thread waits while this borrow lives, and
-                    // it ends here, before the answer lets that thread go on.
-                    let args = unsafe { &*call.args };
-                    catch_unwind(AssertUnwindSafe(|| forward(args))).unwrap_or_else(|_| {
-                        Err(TchError::Torch("the model's forward panicked".into()))
-                    })
-                };
-                let _ = call.reply.send(Answer(result));
-            }
-        })?;
-        Ok(ForwardThread {
+        let queue = Arc::new(Mutex::new(queue));
+        let forward = Arc::new(forward);
+        let count = threads.max(1);
+        let mut started = ForwardThread {
             calls: Some(calls),
-            thread: Some(thread),
-        })
+            threads: Vec::with_capacity(count),
+        };
+        for k in 0..count {
+            let name = if count == 1 {
+                name.clone()
+            } else {
+                format!("{name}-{k}")
+            };
+            let (queue, forward) = (Arc::clone(&queue), Arc::clone(&forward));
+            // On an error the threads started so far end with `started`, dropped here.
+            let thread = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || serve(&queue, &*forward))?;
+            started.threads.push(thread);
+        }
+        Ok(started)
     }
 
     /// Runs `forward(args)` on the thread and waits for its result.
@@ -90,12 +93,40 @@ impl ForwardThread {
     }
 }
 
+/// One forward thread's loop: takes the next call, runs it, answers, until the queue closes.
+fn serve<F>(queue: &Mutex<mpsc::Receiver<Call>>, forward: &F)
+where
+    F: Fn(&[IValue]) -> Result<IValue, TchError>,
+{
+    // Grad mode is per thread: the workers' guards do not reach this one.
+    let _no_grad = tch::no_grad_guard();
+    // A forward on a GPU has no host work worth a team of threads, and a team here, which no
+    // worker counts, could crowd the CPU models' teams (see crate::openmp).
+    crate::openmp::run_alone_here();
+    loop {
+        // The lock is held only while waiting for a call, never during a forward.
+        let next = match queue.lock() {
+            Ok(queue) => queue.recv(),
+            Err(_) => return,
+        };
+        let Ok(call) = next else { return };
+        let result = {
+            // SAFETY: see `Call`: the asking thread waits while this borrow lives, and it ends
+            // here, before the answer lets that thread go on.
+            let args = unsafe { &*call.args };
+            catch_unwind(AssertUnwindSafe(|| forward(args)))
+                .unwrap_or_else(|_| Err(TchError::Torch("the model's forward panicked".into())))
+        };
+        let _ = call.reply.send(Answer(result));
+    }
+}
+
 impl Drop for ForwardThread {
     fn drop(&mut self) {
         // Closing the queue ends the thread; waiting for it frees the model's memory on the
         // device before whoever dropped the last reference goes on (perhaps to load it again).
         drop(self.calls.take());
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -108,7 +139,7 @@ mod tests {
     use super::*;
 
     fn echo_thread(seen: Arc<Mutex<Vec<std::thread::ThreadId>>>) -> ForwardThread {
-        ForwardThread::spawn("forward-test".into(), move |args| {
+        ForwardThread::spawn("forward-test".into(), 1, move |args| {
             seen.lock().unwrap().push(std::thread::current().id());
             match args {
                 [IValue::Int(n)] if *n < 0 => Err(TchError::Shape(format!("bad input {n}"))),
@@ -180,10 +211,46 @@ mod tests {
     }
 
     #[test]
+    fn several_threads_run_forwards_at_once() {
+        use std::sync::Condvar;
+        use std::time::Duration;
+        // Each forward waits (up to a while) until another one is running beside it, and
+        // answers how many it saw at once: one thread alone would answer 1 after the wait.
+        let running = Arc::new((Mutex::new(0i64), Condvar::new()));
+        let inside = Arc::clone(&running);
+        let thread = ForwardThread::spawn("forward-test".into(), 2, move |_| {
+            let (count, changed) = &*inside;
+            let mut n = count.lock().unwrap();
+            *n += 1;
+            changed.notify_all();
+            let (n, _) = changed
+                .wait_timeout_while(n, Duration::from_secs(10), |n| *n < 2)
+                .unwrap();
+            Ok(IValue::Int(*n))
+        })
+        .unwrap();
+        let seen: Vec<i64> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| match thread.forward(&[]) {
+                        Ok(IValue::Int(n)) => n,
+                        other => panic!("{other:?}"),
+                    })
+                })
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        assert_eq!(seen, [2, 2], "each forward saw the other running beside it");
+        assert_eq!(thread.threads.len(), 2);
+        drop(thread);
+        assert_eq!(Arc::strong_count(&running), 1, "both threads ended");
+    }
+
+    #[test]
     fn dropping_it_ends_the_thread_and_what_it_held() {
         let held = Arc::new(());
         let inside = Arc::clone(&held);
-        let thread = ForwardThread::spawn("forward-test".into(), move |_| {
+        let thread = ForwardThread::spawn("forward-test".into(), 1, move |_| {
             let _ = &inside;
             Ok(IValue::None)
         })

@@ -46,11 +46,11 @@ impl Model {
         }
     }
 
-    /// A model whose forwards run on a thread of its own, named `name`.
-    fn on_own_thread(format: Format, name: String) -> std::io::Result<Self> {
+    /// A model whose forwards run on `threads` threads of its own, named after `name`.
+    fn on_own_thread(format: Format, name: String, threads: usize) -> std::io::Result<Self> {
         let format = Arc::new(format);
         let there = Arc::clone(&format);
-        let thread = ForwardThread::spawn(name, move |args| there.forward(args))?;
+        let thread = ForwardThread::spawn(name, threads, move |args| there.forward(args))?;
         Ok(Model {
             format,
             thread: Some(thread),
@@ -136,11 +136,13 @@ impl Format {
 }
 
 /// Loads the model in `file` of an unpacked archive onto `device`, in inference mode: a `.pt2`
-/// package by its extension, anything else as TorchScript.
+/// package by its extension, anything else as TorchScript. On a GPU its forwards run on
+/// `forward_threads` threads of its own (see [`crate::forward_thread`]).
 pub fn load_module(
     model_dir: &Path,
     file: &str,
     device: tch::Device,
+    forward_threads: usize,
 ) -> Result<Model, RuntimeError> {
     let path: PathBuf = model_dir.join(file);
     let is_package = Path::new(file)
@@ -148,10 +150,10 @@ pub fn load_module(
         .is_some_and(|e| e.eq_ignore_ascii_case(crate::aoti::EXTENSION));
     let format = if is_package {
         // On the CPU a runner per core, so that the workers sharing the package can all run it
-        // at once; on a GPU its forward thread is the only caller.
+        // at once; on a GPU one per forward thread, its only callers.
         let runners = match device {
             tch::Device::Cpu => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
-            _ => 1,
+            _ => forward_threads.max(1),
         };
         crate::aoti::Package::load(&path, device, runners)
             .map(Format::Package)
@@ -164,12 +166,12 @@ pub fn load_module(
     };
     match device {
         tch::Device::Cuda(i) => {
-            Model::on_own_thread(format, format!("forward-cuda{i}")).map_err(|source| {
-                RuntimeError::Thread {
+            Model::on_own_thread(format, format!("forward-cuda{i}"), forward_threads).map_err(
+                |source| RuntimeError::Thread {
                     file: file.to_string(),
                     source,
-                }
-            })
+                },
+            )
         }
         _ => Ok(Model::here(format)),
     }
@@ -207,7 +209,8 @@ mod tests {
     #[test]
     fn a_model_on_its_own_thread_answers_as_one_run_here() {
         let here = Model::here(Format::Script(traced()));
-        let there = Model::on_own_thread(Format::Script(traced()), "forward-test".into()).unwrap();
+        let there =
+            Model::on_own_thread(Format::Script(traced()), "forward-test".into(), 1).unwrap();
         let x = tch::Tensor::from_slice(&[0.5f32, 1.0, -1.5, 2.0, 0.0, 1.0]).view([2, 3]);
         let out = |m: &Model| match m.forward_is(&[IValue::Tensor(x.shallow_clone())]) {
             Ok(IValue::Tensor(t)) => Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(),

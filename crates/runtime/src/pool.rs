@@ -58,6 +58,8 @@ pub struct Pool {
     shared: Arc<Shared>,
     budget: Arc<ThreadBudget>,
     modules: Arc<SharedModules>,
+    /// Threads that run the forwards of the model on each GPU (see `crate::forward_thread`).
+    forward_threads: usize,
     spawned: AtomicUsize,
 }
 
@@ -118,8 +120,14 @@ pub fn lingering(version: Option<&str>) -> Vec<Lingering> {
 }
 
 impl Pool {
-    /// A pool with no workers yet, whose workers take `devices` in turn.
-    pub fn new(spec: ModelSpec, devices: Vec<tch::Device>, budget: Arc<ThreadBudget>) -> Arc<Self> {
+    /// A pool with no workers yet, whose workers take `devices` in turn; on a GPU the model's
+    /// forwards run on `forward_threads` threads.
+    pub fn new(
+        spec: ModelSpec,
+        devices: Vec<tch::Device>,
+        budget: Arc<ThreadBudget>,
+        forward_threads: usize,
+    ) -> Arc<Self> {
         let (tx, rx) = queue(spec.job_queue_size.max(1));
         Arc::new(Pool {
             spec: Arc::new(spec),
@@ -130,6 +138,7 @@ impl Pool {
             shared: Arc::default(),
             budget,
             modules: Arc::default(),
+            forward_threads: forward_threads.max(1),
             spawned: AtomicUsize::new(0),
         })
     }
@@ -219,6 +228,7 @@ impl Pool {
             shared: Arc::clone(&self.shared),
             budget: Arc::clone(&self.budget),
             modules: Arc::clone(&self.modules),
+            forward_threads: self.forward_threads,
             answers_apart: device.is_cuda(),
             busy: Arc::clone(&busy),
         };
@@ -537,6 +547,7 @@ mod tests {
             },
             vec![tch::Device::Cpu],
             ThreadBudget::new(1),
+            1,
         )
     }
 

@@ -42,6 +42,8 @@ pub(crate) struct Context {
     pub shared: Arc<Shared>,
     pub budget: Arc<ThreadBudget>,
     pub modules: Arc<SharedModules>,
+    /// Threads that run the model's forwards on a GPU (see `crate::forward_thread`).
+    pub forward_threads: usize,
     /// Whether the batches' answers are read and written on a thread of their own (see
     /// [`Finisher`]): for GPU workers.
     pub answers_apart: bool,
@@ -189,7 +191,12 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
     // crate::openmp).
     tch::set_num_threads(1);
     let module = ctx.modules.get_or_load(ctx.device, || {
-        load_module(&ctx.spec.model_dir, &ctx.spec.serialized_file, ctx.device)
+        load_module(
+            &ctx.spec.model_dir,
+            &ctx.spec.serialized_file,
+            ctx.device,
+            ctx.forward_threads,
+        )
     })?;
     let (loaded, output) = prepare(ctx.id, &ctx.spec, ctx.device, ctx.batcher, module)?;
     // The typed protocols' metadata can name the outputs' types before the first request.
@@ -203,7 +210,12 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
 /// fitted to the model, the model warmed up and one request answered. What `tchserve --check`
 /// runs, so that an archive it passes registers.
 pub fn check(spec: &ModelSpec, device: tch::Device) -> Result<(), crate::RuntimeError> {
-    let module = Arc::new(load_module(&spec.model_dir, &spec.serialized_file, device)?);
+    let module = Arc::new(load_module(
+        &spec.model_dir,
+        &spec.serialized_file,
+        device,
+        1,
+    )?);
     let batcher = Batcher {
         batch_size: spec.batch_size.max(1),
         max_delay: spec.max_batch_delay,
@@ -931,6 +943,7 @@ mod tests {
             shared,
             budget: ThreadBudget::new(1),
             modules: Arc::default(),
+            forward_threads: 1,
             answers_apart,
             busy: Arc::new(Busy::new()),
         };

@@ -203,6 +203,9 @@ pub struct Config {
     pub metrics_mode: String,
     /// `cpu_threads`: intra-op threads shared by all workers (tchserve's own key).
     pub cpu_threads: usize,
+    /// `gpu_forward_threads`: threads that launch each model's forwards on each GPU (tchserve's
+    /// own key, 1 to 16).
+    pub gpu_forward_threads: usize,
     /// `disable_token_authorization`.
     pub disable_token_authorization: bool,
     /// `token_expiration_min`: how long inference and management keys live.
@@ -300,7 +303,7 @@ fn env_var(key: &str) -> String {
 }
 
 /// Keys that may be overridden by `TS_<KEY>` when `enable_envvars_config=true`.
-const ENV_KEYS: [&str; 42] = [
+const ENV_KEYS: [&str; 43] = [
     "number_of_gpu",
     "enable_metrics_api",
     "disable_system_metrics",
@@ -326,6 +329,7 @@ const ENV_KEYS: [&str; 42] = [
     "enable_model_api",
     "metrics_mode",
     "cpu_threads",
+    "gpu_forward_threads",
     "disable_token_authorization",
     "token_expiration_min",
     "max_workers_per_model",
@@ -432,6 +436,7 @@ impl Default for Config {
             enable_model_api: false,
             metrics_mode: "prometheus".into(),
             cpu_threads: std::thread::available_parallelism().map_or(1, usize::from),
+            gpu_forward_threads: 1,
             disable_token_authorization: false,
             token_expiration: Duration::from_secs(60 * 60),
             max_workers_per_model: bounds::DEFAULT_MAX_WORKERS,
@@ -831,6 +836,10 @@ impl Config {
                     }
                 },
                 "cpu_threads" => cfg.cpu_threads = (int()? as usize).max(1),
+                "gpu_forward_threads" => match int()? {
+                    n @ 1..=16 => cfg.gpu_forward_threads = n as usize,
+                    _ => return Err(bad("must be from 1 to 16")),
+                },
                 "certificate_file" => cfg.certificate_file = Some(PathBuf::from(value)),
                 "private_key_file" => cfg.private_key_file = Some(PathBuf::from(value)),
                 "enable_grpc_ssl" => cfg.enable_grpc_ssl = boolean()?,
@@ -1226,6 +1235,23 @@ mod tests {
         let e = Config::from_properties(&parse_properties("model_store=$$NOPE$$\n"), &no_env)
             .unwrap_err();
         assert!(e.to_string().contains("NOPE is not set"), "{e}");
+    }
+
+    #[test]
+    fn gpu_forward_threads_is_one_unless_set_within_its_bounds() {
+        let cfg = Config::from_properties(&parse_properties(""), &no_env).unwrap();
+        assert_eq!(cfg.gpu_forward_threads, 1);
+        let cfg =
+            Config::from_properties(&parse_properties("gpu_forward_threads=4\n"), &no_env).unwrap();
+        assert_eq!(cfg.gpu_forward_threads, 4);
+        for bad in ["0", "17", "-1", "two"] {
+            let e = Config::from_properties(
+                &parse_properties(&format!("gpu_forward_threads={bad}\n")),
+                &no_env,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("gpu_forward_threads"), "{e}");
+        }
     }
 
     #[test]

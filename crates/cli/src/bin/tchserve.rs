@@ -352,7 +352,8 @@ fn foreground(args: &Args) -> anyhow::Result<()> {
     let backend = TorchBackend::new(
         DevicePolicy::from_number_of_gpu(config.number_of_gpu),
         config.cpu_threads,
-    );
+    )
+    .with_gpu_forward_threads(config.gpu_forward_threads);
     match &backend.cuda().reason {
         None => tracing::info!(gpus = backend.cuda().devices, "CUDA available"),
         Some(why) => tracing::info!("serving on CPU: {why}"),
