@@ -54,7 +54,6 @@ fn main() -> anyhow::Result<()> {
     }
     let dev = parse_device(&args.device)?;
     let module = load_model_file(&args.model, dev)?;
-    let _guard = tch::no_grad_guard();
     let dims: Vec<i64> = std::iter::once(args.batch)
         .chain(args.shape.iter().copied())
         .collect();
@@ -80,6 +79,8 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     };
     let run = || -> anyhow::Result<(u64, f64)> {
+        // Grad mode is per thread: each loop turns autograd off for itself, as a worker does.
+        let _guard = tch::no_grad_guard();
         let host = Tensor::rand(&dims, (Kind::Float, Device::Cpu));
         let resident = (args.resident && dev != Device::Cpu)
             .then(|| host.f_to_device(dev))
