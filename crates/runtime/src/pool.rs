@@ -138,7 +138,7 @@ impl Pool {
             shared: Arc::default(),
             budget,
             modules: Arc::default(),
-            forward_threads: forward_threads.max(1),
+            forward_threads,
             spawned: AtomicUsize::new(0),
         })
     }

@@ -32,7 +32,7 @@ impl TorchBackend {
     /// launched at once, for models whose small batches take as long to launch as to run, at
     /// the cost of each thread's own cuBLAS and cuDNN handles and workspaces.
     pub fn with_gpu_forward_threads(mut self, threads: usize) -> Self {
-        self.gpu_forward_threads = threads.max(1);
+        self.gpu_forward_threads = threads;
         self
     }
 

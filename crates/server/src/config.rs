@@ -836,10 +836,14 @@ impl Config {
                     }
                 },
                 "cpu_threads" => cfg.cpu_threads = (int()? as usize).max(1),
-                "gpu_forward_threads" => match int()? {
-                    n @ 1..=16 => cfg.gpu_forward_threads = n as usize,
-                    _ => return Err(bad("must be from 1 to 16")),
-                },
+                "gpu_forward_threads" => {
+                    let b = bounds::Bound {
+                        name: "gpu_forward_threads",
+                        range: 1..=16,
+                        unit: "",
+                    };
+                    cfg.gpu_forward_threads = bounded(&b)? as usize;
+                }
                 "certificate_file" => cfg.certificate_file = Some(PathBuf::from(value)),
                 "private_key_file" => cfg.private_key_file = Some(PathBuf::from(value)),
                 "enable_grpc_ssl" => cfg.enable_grpc_ssl = boolean()?,
