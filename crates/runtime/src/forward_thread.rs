@@ -24,19 +24,28 @@ pub(crate) struct ForwardThread {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// A forward asked of the thread: arguments borrowed from the asking thread, which waits for
-/// the answer.
+/// A forward asked of the thread.
 struct Call {
-    args: *const [IValue],
+    args: Args,
     reply: mpsc::SyncSender<Answer>,
 }
 
-// SAFETY: `args` points into the asking thread's arguments, which that thread neither touches
-// nor drops until it has the answer, or knows the call was dropped unanswered (see `forward`).
-// The values are libtorch's, reference-counted atomically, as tch assumes for `Tensor`.
+/// A call's arguments.
+enum Args {
+    /// Borrowed from the asking thread, which waits for the answer.
+    Borrowed(*const [IValue]),
+    /// Handed over by a thread that goes on meanwhile (see [`ForwardThread::submit`]).
+    Owned(Vec<IValue>),
+}
+
+// SAFETY: borrowed `args` point into the asking thread's arguments, which that thread neither
+// touches nor drops until it has the answer, or knows the call was dropped unanswered (see
+// `forward`); owned ones are used by the forward thread alone. The values are libtorch's,
+// reference-counted atomically, as tch assumes for `Tensor`.
 unsafe impl Send for Call {}
 
 /// A forward's result, made on the forward thread and handed to the thread that asked.
+#[derive(Debug)]
 struct Answer(Result<IValue, TchError>);
 
 // SAFETY: the result is used by one thread at a time: made here, then moved to the asking
@@ -77,19 +86,60 @@ impl ForwardThread {
 
     /// Runs `forward(args)` on the thread and waits for its result.
     pub(crate) fn forward(&self, args: &[IValue]) -> Result<IValue, TchError> {
-        let gone = || TchError::Torch("the model's forward thread has stopped".into());
         let (reply, answer) = mpsc::sync_channel(1);
-        let call = Call {
-            args: std::ptr::from_ref(args),
-            reply,
-        };
+        self.call(Args::Borrowed(std::ptr::from_ref(args)), reply)?;
+        // Returns only once the call has been answered or dropped, so `args` outlives its use.
+        answer.recv().map(|a| a.0).map_err(|_| gone())?
+    }
+
+    /// Queues `forward(args)` and returns at once: the caller goes on (a worker prepares its
+    /// next batch) while the forward waits for a thread and runs, and reads the result from
+    /// the [`Pending`] when it needs it.
+    pub(crate) fn submit(&self, args: Vec<IValue>) -> Pending {
+        let (reply, answer) = mpsc::sync_channel(1);
+        match self.call(Args::Owned(args), reply) {
+            Ok(()) => Pending(Waiting::Queued(answer)),
+            Err(e) => Pending::ready(Err(e)),
+        }
+    }
+
+    fn call(&self, args: Args, reply: mpsc::SyncSender<Answer>) -> Result<(), TchError> {
+        let call = Call { args, reply };
         self.calls
             .as_ref()
             .ok_or_else(gone)?
             .send(call)
-            .map_err(|_| gone())?;
-        // Returns only once the call has been answered or dropped, so `args` outlives its use.
-        answer.recv().map(|a| a.0).map_err(|_| gone())?
+            .map_err(|_| gone())
+    }
+}
+
+fn gone() -> TchError {
+    TchError::Torch("the model's forward thread has stopped".into())
+}
+
+/// The result of a forward that may still be queued or running (see [`ForwardThread::submit`]).
+#[derive(Debug)]
+pub(crate) struct Pending(Waiting);
+
+#[derive(Debug)]
+enum Waiting {
+    /// Known already: run in place, or failed before it was queued.
+    Ready(Answer),
+    Queued(mpsc::Receiver<Answer>),
+}
+
+impl Pending {
+    /// A forward that has already run.
+    pub(crate) fn ready(result: Result<IValue, TchError>) -> Self {
+        Pending(Waiting::Ready(Answer(result)))
+    }
+
+    /// Waits for the forward's result.
+    pub(crate) fn wait(self) -> Result<IValue, TchError> {
+        match self.0 {
+            Waiting::Ready(answer) => answer.0,
+            Waiting::Queued(answer) => answer.recv().map(|a| a.0).map_err(|_| gone())?,
+        }
     }
 }
 
@@ -109,15 +159,22 @@ where
             Ok(queue) => queue.recv(),
             Err(_) => return,
         };
-        let Ok(call) = next else { return };
+        let Ok(Call { args, reply }) = next else {
+            return;
+        };
         let result = {
-            // SAFETY: see `Call`: the asking thread waits while this borrow lives, and it ends
-            // here, before the answer lets that thread go on.
-            let args = unsafe { &*call.args };
+            let args = match &args {
+                // SAFETY: see `Call`: the asking thread waits while this borrow lives, and it
+                // ends here, before the answer lets that thread go on.
+                Args::Borrowed(args) => unsafe { &**args },
+                Args::Owned(args) => args.as_slice(),
+            };
             catch_unwind(AssertUnwindSafe(|| forward(args)))
                 .unwrap_or_else(|_| Err(TchError::Torch("the model's forward panicked".into())))
         };
-        let _ = call.reply.send(Answer(result));
+        // Owned inputs (a batch on the device) are freed before the answer goes back.
+        drop(args);
+        let _ = reply.send(Answer(result));
     }
 }
 
@@ -208,6 +265,33 @@ mod tests {
             thread.forward(&[IValue::Int(3)]),
             Ok(IValue::Int(30))
         ));
+    }
+
+    #[test]
+    fn a_submitted_forward_runs_while_the_caller_goes_on() {
+        // Each forward waits for a release that the caller sends only after submitting both:
+        // had `submit` waited for its forward, the test would hang there.
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let thread = ForwardThread::spawn("forward-test".into(), 1, move |args| {
+            gate.lock().unwrap().recv().unwrap();
+            match args {
+                [IValue::Int(n)] if *n < 0 => Err(TchError::Shape(format!("bad input {n}"))),
+                [IValue::Int(n)] => Ok(IValue::Int(n + 1)),
+                _ => Err(TchError::Kind("unexpected arguments".into())),
+            }
+        })
+        .unwrap();
+        let first = thread.submit(vec![IValue::Int(1)]);
+        let bad = thread.submit(vec![IValue::Int(-1)]);
+        let third = thread.submit(vec![IValue::Int(3)]);
+        for _ in 0..3 {
+            release.send(()).unwrap();
+        }
+        // Read in any order; each has its own result.
+        assert!(matches!(third.wait(), Ok(IValue::Int(4))));
+        assert!(matches!(bad.wait(), Err(TchError::Shape(m)) if m == "bad input -1"));
+        assert!(matches!(first.wait(), Ok(IValue::Int(2))));
     }
 
     #[test]

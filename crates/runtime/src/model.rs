@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tch::IValue;
 
 use crate::error::RuntimeError;
-use crate::forward_thread::ForwardThread;
+use crate::forward_thread::{ForwardThread, Pending};
 
 unsafe extern "C" {
     /// Defined next to the torchvision operators in `csrc/vision_ops.cpp`.
@@ -105,6 +105,15 @@ impl Model {
         }
     }
 
+    /// Starts `forward(args)` on the model's forward thread and returns without waiting for it;
+    /// a model without one runs it here first.
+    pub(crate) fn submit(&self, args: Vec<IValue>) -> Pending {
+        match &self.thread {
+            Some(thread) => thread.submit(args),
+            None => Pending::ready(self.format.forward(&args)),
+        }
+    }
+
     /// `forward(args)` on the calling thread, whatever the model's device: the in-process
     /// ceiling measures the device without the hop to the forward thread.
     pub fn forward_on_this_thread(&self, args: &[IValue]) -> Result<IValue, tch::TchError> {
@@ -193,8 +202,15 @@ fn load_script(path: &Path, file: &str, device: tch::Device) -> Result<tch::CMod
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The TorchScript module in `path`, on the CPU, with its forwards on a thread of their
+    /// own named "forward-test", as a GPU model's are.
+    pub(crate) fn on_own_thread(path: &Path) -> Result<Model, RuntimeError> {
+        let format = Format::Script(load_script(path, "model.pt", tch::Device::Cpu)?);
+        Ok(Model::on_own_thread(format, "forward-test".into(), 1).expect("a thread"))
+    }
 
     /// A TorchScript module made here by tracing `x @ w + 1`, with `w` a constant.
     fn traced() -> tch::CModule {

@@ -11,7 +11,7 @@ use crate::model::Model;
 use tchserve_backend::{ModelSpec, WorkerState};
 
 use crate::batch::{Batcher, Next, Taker};
-use crate::handler::{Decoded, Launched, Pipeline};
+use crate::handler::{Decoded, InFlight, Launched, Pipeline};
 use crate::job::{Job, Payload, PredictError, Prediction, Timings};
 use crate::model::load_module;
 use crate::openmp::Team;
@@ -441,10 +441,10 @@ fn serve_apart(ctx: &Context, model: &Loaded) -> Ended {
         let (finisher, batches) = mpsc::sync_channel(FINISHING_AHEAD);
         // Named as the worker's thread is, A for answers: "W-9000-resnet_1.0", "A-9000-resnet_1.0".
         let name = format!("A-{}-{}_{}", ctx.id, ctx.spec.name, ctx.spec.version);
-        let pipeline = &model.pipeline;
+        let stage = Lander::of(ctx, model);
         let spawned = std::thread::Builder::new()
             .name(name)
-            .spawn_scoped(s, move || finish_batches(pipeline, batches));
+            .spawn_scoped(s, move || finish_batches(&stage, batches));
         // Without that thread the worker answers its batches itself, as a CPU worker does.
         let finisher = spawned.is_ok().then(|| Finisher(finisher));
         // Returning drops the sender, which ends the thread once it has answered what it holds;
@@ -461,41 +461,107 @@ const FINISHING_AHEAD: usize = 0;
 
 /// The sending end of a worker's answer thread.
 ///
-/// On a GPU, a batch's forward returns once its kernels are queued; the wait for the device,
-/// the copy of the output back and the writing of the answers follow. Done on the worker's
-/// thread, they stall its next batch, and the GPU idles while the next batch is gathered,
-/// decoded and copied. Handed to a thread of their own, they overlap with that, so one worker
-/// keeps a GPU busy. A CPU worker has no device to wait for: the answer thread would only take
-/// cores from its forward.
+/// On a GPU, the launching of a batch's forward (which takes as long as the GPU's work at small
+/// batches), the wait for the device, the copy of the output back and the writing of the answers
+/// follow the batch's upload. Done on the worker's thread, they stall its next batch, and the
+/// GPU idles while the next batch is gathered, decoded and copied. Handed to a thread of their
+/// own, they overlap with that, so one worker keeps a GPU busy. A CPU worker has no device to
+/// wait for: the answer thread would only take cores from its forward.
 struct Finisher(mpsc::SyncSender<Finishing>);
 
-/// A launched batch on its way to its answers.
+/// A submitted batch on its way to its answers.
 struct Finishing {
     live: Vec<(Job, Decoded)>,
-    launched: Launched,
+    flight: InFlight,
     clock: BatchClock,
+}
+
+/// What landing and answering a batch needs, borrowed from the worker by its answer thread.
+#[derive(Clone, Copy)]
+struct Lander<'a> {
+    pipeline: &'a Pipeline,
+    module: &'a Model,
+    device: tch::Device,
+    shared: &'a Shared,
+}
+
+impl<'a> Lander<'a> {
+    fn of(ctx: &'a Context, model: &'a Loaded) -> Self {
+        Lander {
+            pipeline: &model.pipeline,
+            module: &model.module,
+            device: ctx.device,
+            shared: &ctx.shared,
+        }
+    }
 }
 
 /// The answer thread's body: answers each batch handed to it, until the worker closes the
 /// channel.
-fn finish_batches(pipeline: &Pipeline, batches: mpsc::Receiver<Finishing>) {
+fn finish_batches(stage: &Lander, batches: mpsc::Receiver<Finishing>) {
+    // Grad mode is per thread, and the postprocessing runs here.
+    let _no_grad = tch::no_grad_guard();
     // Reading an output may run host operations (a dtype conversion): one thread, not a team
     // of its own that no worker counts (see crate::openmp).
     crate::openmp::run_alone_here();
     for batch in batches {
         #[cfg(test)]
         tests::ANSWERED_APART.fetch_add(batch.live.len(), Ordering::Relaxed);
-        finish(pipeline, batch);
+        finish(stage, batch);
     }
 }
 
-/// Reads a launched batch's output and answers each of its requests.
-fn finish(pipeline: &Pipeline, batch: Finishing) {
+/// Waits for a submitted batch's forward, reads its output and answers each of its requests.
+/// A batch the model fails is retried one request at a time, so that one request the model
+/// cannot take does not fail the others.
+fn finish(stage: &Lander, batch: Finishing) {
     let Finishing {
         live,
-        launched,
+        flight,
         clock,
     } = batch;
+    let Lander {
+        pipeline,
+        module,
+        device,
+        shared,
+    } = *stage;
+    let launched = guarded(CRASHED_RUNNING, || pipeline.land(flight));
+    let launched = match launched {
+        Ok(launched) => launched,
+        Err(_) if live.len() > 1 => {
+            for (job, d) in live {
+                let result = match guarded(CRASHED_RUNNING, || {
+                    pipeline.run_batch(module, device, &[&d])
+                }) {
+                    Ok(mut b) => {
+                        shared.ran_on(&d.tensors());
+                        Ok(b.remove(0))
+                    }
+                    Err(e) => Err(blame(shared, pipeline, e, &d)),
+                };
+                clock.answer(job, result, Some(Instant::now()));
+            }
+            return;
+        }
+        Err(e) => {
+            let ran = Some(Instant::now());
+            for (job, d) in live {
+                clock.answer(job, Err(blame(shared, pipeline, e.clone(), &d)), ran);
+            }
+            return;
+        }
+    };
+    match &launched {
+        Launched::Output(t) if pipeline.answers_tensor() => shared.saw_output(0, t),
+        Launched::Outputs(ts) => {
+            for (i, t) in ts.iter().enumerate() {
+                shared.saw_output(i, t);
+            }
+        }
+        _ => {}
+    }
+    shared.ran_on(&live[0].1.tensors());
     let inputs: Vec<&Decoded> = live.iter().map(|(_, d)| d).collect();
     let result = guarded(CRASHED_ANSWERING, || pipeline.answer(launched, &inputs));
     drop(inputs);
@@ -721,66 +787,45 @@ fn process(
         return;
     }
     let inputs: Vec<&Decoded> = live.iter().map(|(_, d)| d).collect();
-    let launched = guarded(CRASHED_RUNNING, || {
-        pipeline.launch(module, ctx.device, &inputs)
+    let submitted = guarded(CRASHED_RUNNING, || {
+        pipeline.submit(module, ctx.device, &inputs)
     });
     drop(inputs);
-    match launched {
-        Ok(launched) => {
-            match &launched {
-                Launched::Output(t) if pipeline.answers_tensor() => ctx.shared.saw_output(0, t),
-                Launched::Outputs(ts) => {
-                    for (i, t) in ts.iter().enumerate() {
-                        ctx.shared.saw_output(i, t);
-                    }
-                }
-                _ => {}
-            }
-            ctx.shared.ran_on(&live[0].1.tensors());
-            let batch = Finishing {
+    let flight = match submitted {
+        Ok(flight) => flight,
+        Err(e) => {
+            // Nothing was queued for the device: land the failure here, where a batch of
+            // several is retried one request at a time.
+            let failed = Finishing {
                 live,
-                launched,
+                flight: InFlight::failed(e),
                 clock,
             };
-            match finisher {
-                // The thread is gone only if it panicked outside `finish`: answer here then.
-                Some(f) => {
-                    if let Err(mpsc::SendError(batch)) = f.0.send(batch) {
-                        finish(pipeline, batch);
-                    }
-                }
-                None => finish(pipeline, batch),
+            finish(&Lander::of(ctx, model), failed);
+            return;
+        }
+    };
+    let batch = Finishing {
+        live,
+        flight,
+        clock,
+    };
+    match finisher {
+        // The thread is gone only if it panicked outside `finish`: answer here then.
+        Some(f) => {
+            if let Err(mpsc::SendError(batch)) = f.0.send(batch) {
+                finish(&Lander::of(ctx, model), batch);
             }
         }
-        // One request the model cannot take must not fail the others: retry each alone.
-        Err(_) if live.len() > 1 => {
-            for (job, d) in live {
-                let result = match guarded(CRASHED_RUNNING, || {
-                    pipeline.run_batch(module, ctx.device, &[&d])
-                }) {
-                    Ok(mut b) => {
-                        ctx.shared.ran_on(&d.tensors());
-                        Ok(b.remove(0))
-                    }
-                    Err(e) => Err(blame(ctx, pipeline, e, &d)),
-                };
-                clock.answer(job, result, Some(Instant::now()));
-            }
-        }
-        Err(e) => {
-            let ran = Some(Instant::now());
-            for (job, d) in live {
-                clock.answer(job, Err(blame(ctx, pipeline, e.clone(), &d)), ran);
-            }
-        }
+        None => finish(&Lander::of(ctx, model), batch),
     }
 }
 
 /// A failed request's error, as [`Shared::blame`] judges it; a crash stays the handler's.
-fn blame(ctx: &Context, pipeline: &Pipeline, e: PredictError, d: &Decoded) -> PredictError {
+fn blame(shared: &Shared, pipeline: &Pipeline, e: PredictError, d: &Decoded) -> PredictError {
     match &e {
         PredictError::ModelFailed(m) if m == CRASHED_RUNNING => e,
-        _ => ctx.shared.blame(e, &d.tensors(), &pipeline.input_names()),
+        _ => shared.blame(e, &d.tensors(), &pipeline.input_names()),
     }
 }
 
@@ -887,24 +932,52 @@ mod tests {
         }
     }
 
-    /// Serves `x @ w + 1` (w 3x2) from a traced TorchScript file with the tensor handler, on a
-    /// worker thread whose answers are written apart from it or not.
-    fn affine_worker(
-        dir: &std::path::Path,
+    /// How a test worker runs its batches.
+    #[derive(Debug, Clone, Copy)]
+    struct Mode {
+        /// Answers written on an answer thread, as a GPU worker's are.
         answers_apart: bool,
-    ) -> (
-        crate::batch::Submitter<Job>,
-        Arc<AtomicBool>,
-        std::thread::JoinHandle<()>,
-    ) {
-        let w = tch::Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0, 4.0, -1.0]).view([3, 2]);
-        let x = tch::Tensor::ones([1, 3], (tch::Kind::Float, tch::Device::Cpu));
-        tch::CModule::create_by_tracing("Affine", "forward", &[x], &mut |xs| {
-            vec![xs[0].matmul(&w) + 1.0]
-        })
-        .unwrap()
-        .save(dir.join("affine.pt"))
-        .unwrap();
+        /// The model's forwards on a thread of their own, as a GPU model's are: the worker
+        /// submits a batch and goes on, and its answer thread waits for the forward.
+        forward_thread: bool,
+    }
+
+    const MODES: [Mode; 3] = [
+        Mode {
+            answers_apart: false,
+            forward_thread: false,
+        },
+        Mode {
+            answers_apart: true,
+            forward_thread: false,
+        },
+        Mode {
+            answers_apart: true,
+            forward_thread: true,
+        },
+    ];
+
+    /// A running test worker.
+    struct TestWorker {
+        submit: crate::batch::Submitter<Job>,
+        stop: Arc<AtomicBool>,
+        thread: std::thread::JoinHandle<()>,
+        /// The model placed where the worker finds it, when it runs on a forward thread.
+        _model: Option<Arc<Model>>,
+    }
+
+    impl TestWorker {
+        fn end(self) {
+            self.stop.store(true, Ordering::Relaxed);
+            drop(self.submit);
+            self.thread.join().unwrap();
+        }
+    }
+
+    /// Serves `module`, saved into `dir`, with the tensor handler (three float32 numbers per
+    /// example, so that a request may hold several) on a worker thread run as `mode` says.
+    fn test_worker(dir: &std::path::Path, module: tch::CModule, mode: Mode) -> TestWorker {
+        module.save(dir.join("model.pt")).unwrap();
         let batcher = Batcher {
             batch_size: 8,
             max_delay: Duration::from_millis(300),
@@ -913,6 +986,15 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());
         shared.insert(1, WorkerState::Starting);
+        let modules: Arc<SharedModules> = Arc::default();
+        // Loaded before the worker starts, which then shares it rather than loading its own.
+        let model = mode.forward_thread.then(|| {
+            modules
+                .get_or_load(tch::Device::Cpu, || {
+                    crate::model::tests::on_own_thread(&dir.join("model.pt"))
+                })
+                .unwrap()
+        });
         let ctx = Context {
             id: 1,
             device: tch::Device::Cpu,
@@ -920,8 +1002,7 @@ mod tests {
                 name: "affine".into(),
                 version: "1.0".into(),
                 model_dir: dir.to_path_buf(),
-                serialized_file: "affine.pt".into(),
-                // Three numbers per example, so that a request may hold several.
+                serialized_file: "model.pt".into(),
                 handler: tchserve_mar::HandlerManifest::parse(
                     "affine.json",
                     br#"{"schema": 1, "name": "affine",
@@ -942,22 +1023,78 @@ mod tests {
             stop: Arc::clone(&stop),
             shared,
             budget: ThreadBudget::new(1),
-            modules: Arc::default(),
+            modules,
             forward_threads: 1,
-            answers_apart,
+            answers_apart: mode.answers_apart,
             busy: Arc::new(Busy::new()),
         };
-        let worker = std::thread::spawn(move || run(ctx));
-        (submit, stop, worker)
+        let thread = std::thread::spawn(move || run(ctx));
+        TestWorker {
+            submit,
+            stop,
+            thread,
+            _model: model,
+        }
     }
 
-    /// Requests answered on a worker's answer thread, over the whole test binary (only the test
-    /// below starts workers with one).
+    /// `x @ w + 1` with w 3x2, traced.
+    fn affine() -> tch::CModule {
+        let w = tch::Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0, 4.0, -1.0]).view([3, 2]);
+        let x = tch::Tensor::ones([1, 3], (tch::Kind::Float, tch::Device::Cpu));
+        tch::CModule::create_by_tracing("Affine", "forward", &[x], &mut |xs| {
+            vec![xs[0].matmul(&w) + 1.0]
+        })
+        .unwrap()
+    }
+
+    /// Sends each body as a request, all queued at once so that they are served as one batch,
+    /// and returns each answer (None for an error) and the largest batch they were served in.
+    fn round(
+        submit: &crate::batch::Submitter<Job>,
+        rows: &[&str],
+    ) -> (Vec<Option<serde_json::Value>>, usize) {
+        let replies: Vec<_> = rows
+            .iter()
+            .map(|body| {
+                let (job, reply) = Job::new(Payload {
+                    parts: vec![crate::job::Part {
+                        name: "body".into(),
+                        content_type: Some("application/json".into()),
+                        data: body.as_bytes().to_vec().into(),
+                        shape: None,
+                    }],
+                    ..Payload::default()
+                });
+                submit.try_send(job).unwrap();
+                reply
+            })
+            .collect();
+        let mut largest_batch = 0;
+        let answers = replies
+            .into_iter()
+            .map(|r| {
+                let (result, timings) = r.blocking_recv().expect("an answer");
+                largest_batch = largest_batch.max(timings.batch_size);
+                match result {
+                    Ok(Prediction::Json(body)) => Some(serde_json::from_slice(&body).unwrap()),
+                    Ok(other) => panic!("{other:?}"),
+                    Err(_) => None,
+                }
+            })
+            .collect();
+        (answers, largest_batch)
+    }
+
+    /// Requests answered on a worker's answer thread, over the whole test binary (only the tests
+    /// below start workers with one, one at a time: see ANSWERING_APART).
     pub(super) static ANSWERED_APART: std::sync::atomic::AtomicUsize =
         std::sync::atomic::AtomicUsize::new(0);
+    /// Held by each test that starts workers, so that their counts and threads do not mix.
+    static ANSWERING_APART: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[test]
     fn answers_written_apart_are_the_answers_written_by_the_worker() {
+        let _alone = ANSWERING_APART.lock().unwrap_or_else(|e| e.into_inner());
         let good: [&str; 4] = [
             "[0.5, 1.0, -1.5]",
             "[2.0, 0.0, 1.0]",
@@ -977,61 +1114,64 @@ mod tests {
         let mut want_mixed = want.to_vec();
         want_mixed.insert(2, None);
         want_mixed.push(None);
-        for apart in [false, true] {
+        for mode in MODES {
             let before = ANSWERED_APART.load(Ordering::Relaxed);
             let dir = tempfile::tempdir().unwrap();
-            let (submit, stop, worker) = affine_worker(dir.path(), apart);
+            let worker = test_worker(dir.path(), affine(), mode);
             let mut largest_batch = 0;
-            // Each round is queued at once, so that it is served as one batch.
-            let mut round = |rows: &[&str]| -> Vec<Option<serde_json::Value>> {
-                let replies: Vec<_> = rows
-                    .iter()
-                    .map(|body| {
-                        let (job, reply) = Job::new(Payload {
-                            parts: vec![crate::job::Part {
-                                name: "body".into(),
-                                content_type: Some("application/json".into()),
-                                data: body.as_bytes().to_vec().into(),
-                                shape: None,
-                            }],
-                            ..Payload::default()
-                        });
-                        submit.try_send(job).unwrap();
-                        reply
-                    })
-                    .collect();
-                replies
-                    .into_iter()
-                    .map(|r| {
-                        let (result, timings) = r.blocking_recv().expect("an answer");
-                        largest_batch = largest_batch.max(timings.batch_size);
-                        match result {
-                            Ok(Prediction::Json(body)) => {
-                                Some(serde_json::from_slice(&body).unwrap())
-                            }
-                            Ok(other) => panic!("{other:?}"),
-                            Err(_) => None,
-                        }
-                    })
-                    .collect()
-            };
             for _ in 0..2 {
-                assert_eq!(round(&good), want, "answers apart: {apart}");
+                let (answers, largest) = round(&worker.submit, &good);
+                assert_eq!(answers, want, "{mode:?}");
+                largest_batch = largest_batch.max(largest);
             }
-            assert_eq!(round(&mixed), want_mixed, "answers apart: {apart}");
+            let (answers, _) = round(&worker.submit, &mixed);
+            assert_eq!(answers, want_mixed, "{mode:?}");
             assert!(largest_batch > 1, "no batch was gathered");
             let answering = crate::openmp::tests::threads_named("A-1-affine_1.0");
-            assert_eq!(answering, usize::from(apart));
-            stop.store(true, Ordering::Relaxed);
-            drop(submit);
-            worker.join().unwrap();
+            assert_eq!(answering, usize::from(mode.answers_apart));
+            let forwarding = crate::openmp::tests::threads_named("forward-test");
+            assert_eq!(forwarding, usize::from(mode.forward_thread), "{mode:?}");
+            worker.end();
             // The two rounds of good requests at least were answered there.
             let there = ANSWERED_APART.load(Ordering::Relaxed) - before;
-            if apart {
+            if mode.answers_apart {
                 assert!(there >= 2 * good.len(), "{there} answered apart");
             } else {
                 assert_eq!(there, 0);
             }
+        }
+    }
+
+    #[test]
+    fn a_forward_that_fails_for_one_request_fails_that_request_alone() {
+        let _alone = ANSWERING_APART.lock().unwrap_or_else(|e| e.into_inner());
+        // Each example's three numbers pick rows of a 3x2 table: a number past 2 makes the
+        // forward fail, for the whole batch it is in. The batch then runs again one request at
+        // a time (where the forward thread's answers are read: on the answer thread).
+        let lookup = || {
+            let table = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([3, 2]);
+            let x = tch::Tensor::zeros([1, 3], (tch::Kind::Float, tch::Device::Cpu));
+            tch::CModule::create_by_tracing("Lookup", "forward", &[x], &mut |xs| {
+                let picks = xs[0].to_kind(tch::Kind::Int64).flatten(0, -1);
+                vec![table.index_select(0, &picks).view([-1, 6])]
+            })
+            .unwrap()
+        };
+        let rows = ["[0, 1, 2]", "[2, 2, 9]", "[1, 0, 0]"];
+        let want = [
+            Some(serde_json::json!([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])),
+            None,
+            Some(serde_json::json!([3.0, 4.0, 1.0, 2.0, 1.0, 2.0])),
+        ];
+        for mode in MODES {
+            let dir = tempfile::tempdir().unwrap();
+            let worker = test_worker(dir.path(), lookup(), mode);
+            let (answers, largest) = round(&worker.submit, &rows);
+            assert_eq!(answers, want, "{mode:?}");
+            assert!(largest > 1, "{mode:?}: no batch was gathered");
+            // And the worker serves on.
+            assert_eq!(round(&worker.submit, &rows[..1]).0, want[..1], "{mode:?}");
+            worker.end();
         }
     }
 

@@ -4,8 +4,9 @@
 //! decodes the payload and runs the preprocess stages ([`Pipeline::decode`]); per batch it runs
 //! the model and the postprocess operations on all requests at once ([`Pipeline::launch`]) and
 //! writes each request's answer ([`Pipeline::answer`]); [`Pipeline::run_batch`] does both. The
-//! two halves may run on different threads: on a GPU the second waits for the device while the
-//! first already takes the next batch.
+//! launch itself splits in two ([`Pipeline::submit`], [`Pipeline::land`]). On a GPU a worker
+//! submits a batch and takes its next one, while a thread of its own lands the batch, waits for
+//! the device and answers.
 
 mod image_input;
 mod jpeg;
@@ -21,6 +22,7 @@ use std::path::Path;
 use tch::{Device, IValue, Kind, Tensor};
 
 use crate::device::{cat_batch, upload};
+use crate::forward_thread::Pending;
 use crate::model::Model;
 use tchserve_mar::handler::{
     DType, Feed, HandlerManifest, ImageMode, Input, Output, Postprocess, Preprocess, Select,
@@ -51,6 +53,32 @@ pub struct Pipeline {
     pixels_to_device: bool,
     /// The length token batches are padded to at least: a package's static token count.
     pad_tokens_to: i64,
+}
+
+/// A batch handed to the model, between [`Pipeline::submit`] and [`Pipeline::land`].
+#[derive(Debug)]
+pub struct InFlight(Flight);
+
+impl InFlight {
+    /// A batch that failed before it reached the model: it lands as that error.
+    pub fn failed(e: PredictError) -> Self {
+        InFlight(Flight::Failed(e))
+    }
+}
+
+#[derive(Debug)]
+enum Flight {
+    Failed(PredictError),
+    /// Already run to its answers (a model fed a list).
+    Done(Launched),
+    /// Its forward queued, or run where the model has no forward thread.
+    Forward {
+        pending: Pending,
+        /// A text batch's attention mask, which the postprocessing may need.
+        mask: Option<Tensor>,
+        /// Examples in the batch: the first axis of every output.
+        total: usize,
+    },
 }
 
 /// A batch whose model run has been started, between [`Pipeline::launch`] and
@@ -394,11 +422,24 @@ impl Pipeline {
         device: Device,
         inputs: &[&Decoded],
     ) -> Result<Launched, PredictError> {
+        let flight = self.submit(module, device, inputs)?;
+        self.land(flight)
+    }
+
+    /// The first half of [`Pipeline::launch`]: puts the batch on `device` and hands it to the
+    /// model's forward thread, without waiting for the forward where the model has one (a GPU
+    /// model), so that the caller can prepare its next batch while this one is launched.
+    pub fn submit(
+        &self,
+        module: &Model,
+        device: Device,
+        inputs: &[&Decoded],
+    ) -> Result<InFlight, PredictError> {
         let _guard = tch::no_grad_guard();
         if self.feed == Feed::List {
             return self
                 .run_list(module, device, inputs)
-                .map(Launched::Answered);
+                .map(|answers| InFlight(Flight::Done(Launched::Answered(answers))));
         }
         let (args, mask) = if self.feed == Feed::Tokens {
             let pad_id = self.text.as_ref().map_or(0, |t| t.pad_id);
@@ -422,8 +463,27 @@ impl Pipeline {
             }
             (args, None)
         };
-        let out = self.forward(module, args)?;
-        let total: usize = inputs.iter().map(|d| d.examples).sum();
+        Ok(InFlight(Flight::Forward {
+            pending: module.submit(args),
+            mask,
+            total: inputs.iter().map(|d| d.examples).sum(),
+        }))
+    }
+
+    /// The second half of [`Pipeline::launch`]: waits for the forward to return (on a GPU, for
+    /// its kernels to be queued) and queues the postprocessing after it.
+    pub fn land(&self, flight: InFlight) -> Result<Launched, PredictError> {
+        let (pending, mask, total) = match flight.0 {
+            Flight::Failed(e) => return Err(e),
+            Flight::Done(launched) => return Ok(launched),
+            Flight::Forward {
+                pending,
+                mask,
+                total,
+            } => (pending, mask, total),
+        };
+        let _guard = tch::no_grad_guard();
+        let out = self.selected(pending.wait().map_err(forward_failed)?)?;
         if let Output::Tensors(names) = &self.output {
             let outs = named_outputs(out, names)?;
             for (name, t) in names.iter().zip(&outs) {
@@ -709,7 +769,11 @@ impl Pipeline {
     }
 
     fn forward(&self, module: &Model, args: Vec<IValue>) -> Result<IValue, PredictError> {
-        let out = module.forward_is(&args).map_err(forward_failed)?;
+        self.selected(module.forward_is(&args).map_err(forward_failed)?)
+    }
+
+    /// The part of the model's output the manifest's `select` names, or all of it.
+    fn selected(&self, out: IValue) -> Result<IValue, PredictError> {
         match &self.select {
             None => Ok(out),
             Some(sel) => select(out, sel),
