@@ -11,12 +11,15 @@
 # - bench/gpu.sh: the batch sweep against the in-process ceiling, memory per worker.
 # Uses the machine's own python3 (with torch and torchvision) for the models and its libtorch.
 # Writes its logs under OUT (default build/gpu-check).
-# Usage: bench/gpu-check.sh VERSION [seconds per measurement, default 3]
+# Usage: bench/gpu-check.sh VERSION [seconds per measurement, default 3] [sweep | small]
+#   sweep: the CUDA tests and bench/gpu.sh only, without worker_cost and batch_copy;
+#   small: `bench/gpu.sh SECONDS small` alone (see there).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 version=${1:?usage: bench/gpu-check.sh VERSION [seconds]}
 secs=${2:-3}
+only=${3:-}
 out=${OUT:-$root/build/gpu-check}
 mkdir -p "$out"
 stage=$root/build/torch-$version-bin
@@ -48,39 +51,45 @@ fi
   "$py" -c 'import torch; print("torch", torch.__version__)'; } | tee "$out/machine.txt"
 
 # Of tests/aoti.rs, the CUDA test: the others need the text models .venv brings.
-for t in "gpu" "aoti cuda"; do
+[ "$only" = small ] || for t in "gpu" "aoti cuda"; do
     echo "== tests/$t"
     # shellcheck disable=SC2086
     timeout 300 "$stage"/tests/$t 2>&1 | tee "$out/test-${t%% *}.log" | grep -E "^test |test result|panicked"
 done
 
-echo "== worker_cost on the GPU"
-"$py" bench/make_models.py build/bench-gpu >/dev/null
-# One intra-op thread, then one per core as a lone worker in the server has.
-# wide.pt: what writing ResNet-18's 1,000 floats per answer adds to pool.pt, at batch 32.
-for model in resnet18 pool wide; do
-    for b in 8 32; do
-        [ "$model.$b" = wide.8 ] && continue
-        for threads in 1 "$(nproc)"; do
-            printf '%s batch %s, %s threads: ' "$model" "$b" "$threads"
-            "$bin/worker_cost" --model "build/bench-gpu/$model.pt" --handler bench/resnet18_handler.json \
-                --body build/bench-gpu/resnet18.bin --content-type application/octet-stream \
-                --batch "$b" --device cuda --duration "$secs" --threads "$threads"
+if [ -z "$only" ]; then
+    echo "== worker_cost on the GPU"
+    "$py" bench/make_models.py build/bench-gpu >/dev/null
+    # One intra-op thread, then one per core as a lone worker in the server has.
+    # wide.pt: what writing ResNet-18's 1,000 floats per answer adds to pool.pt, at batch 32.
+    for model in resnet18 pool wide; do
+        for b in 8 32; do
+            [ "$model.$b" = wide.8 ] && continue
+            for threads in 1 "$(nproc)"; do
+                printf '%s batch %s, %s threads: ' "$model" "$b" "$threads"
+                "$bin/worker_cost" --model "build/bench-gpu/$model.pt" --handler bench/resnet18_handler.json \
+                    --body build/bench-gpu/resnet18.bin --content-type application/octet-stream \
+                    --batch "$b" --device cuda --duration "$secs" --threads "$threads"
+            done
         done
-    done
-done 2>&1 | tee "$out/worker_cost.txt"
-# A 640x480 JPEG per request: decode_us is one core's decoding and resizing of one image (the
-# server spreads a batch's images over the worker's cores).
-printf 'image_classifier batch 32: '
-"$bin/worker_cost" --model build/bench-gpu/resnet18.pt --handler handlers/image_classifier.json \
-    --body build/bench-gpu/cat640.jpg --content-type image/jpeg \
-    --batch 32 --device cuda --duration "$secs" --threads "$(nproc)" 2>&1 | tee -a "$out/worker_cost.txt"
+    done 2>&1 | tee "$out/worker_cost.txt"
+    # A 640x480 JPEG per request: decode_us is one core's decoding and resizing of one image (the
+    # server spreads a batch's images over the worker's cores).
+    printf 'image_classifier batch 32: '
+    "$bin/worker_cost" --model build/bench-gpu/resnet18.pt --handler handlers/image_classifier.json \
+        --body build/bench-gpu/cat640.jpg --content-type image/jpeg \
+        --batch 32 --device cuda --duration "$secs" --threads "$(nproc)" 2>&1 | tee -a "$out/worker_cost.txt"
 
-echo "== batch_copy: libtorch's cat against the workers' plain copy, 32 ResNet-18 inputs"
-for busy in 0 "$(nproc)"; do
-    timeout 120 "$bin/batch_copy" --threads "$(nproc)" --busy "$busy" --batches 20 --rounds 2
-done 2>&1 | tee "$out/batch_copy.txt"
+    echo "== batch_copy: libtorch's cat against the workers' plain copy, 32 ResNet-18 inputs"
+    for busy in 0 "$(nproc)"; do
+        timeout 120 "$bin/batch_copy" --threads "$(nproc)" --busy "$busy" --batches 20 --rounds 2
+    done 2>&1 | tee "$out/batch_copy.txt"
+fi
 
 echo "== bench/gpu.sh"
-BIN=$bin PY=$py timeout 400 bench/gpu.sh "$secs" 2>&1 | tee "$out/gpu.log" | grep -v '^{'
+part=all
+[ "$only" = small ] && part=small
+BIN=$bin PY=$py timeout 470 bench/gpu.sh "$secs" "$part" 2>&1 | tee "$out/gpu.log" | grep -v '^{'
 cp build/bench-gpu/results.jsonl "$out/gpu.jsonl" 2>/dev/null
+# The server's own log, for what went wrong if anything did.
+tail -c 300000 build/bench-gpu/home/logs/tchserve.log > "$out/server-log-tail.txt" 2>/dev/null

@@ -10,9 +10,13 @@
 # - the server again with one intra-op thread in all (cpu_threads=1), batch 32: whether the
 #   workers' host work gains or loses by spreading over the cores.
 # - the server again with four threads launching the model's forwards (gpu_forward_threads=4):
-#   its memory, and four workers at batch 8, 16 and 32.
+#   its memory, two workers at batch 8 and 16, and four workers at batch 8 to 64.
 # Prints JSON lines, then a table of the sweep.
-# Usage: bench/gpu.sh [seconds per measurement, default 5]
+# With `small`, only the small batches, where launching the forward is the limit: the ceilings
+# at batch 8 and 16, the serving path alone at batch 8 (a model that only averages each channel)
+# with 1, 2 and 4 workers, two forward threads with their memory, and four forward threads with
+# one intra-op thread in all and up to eight workers.
+# Usage: bench/gpu.sh [seconds per measurement, default 5] [small]
 #   BIN: folder of the tchserve, tch-model-archiver, ceiling and loadgen binaries
 #   (default target/release); PY: a Python with torch and torchvision (default .venv/bin/python).
 #   BATCHES, BATCHES2, BATCHES4: the batch sizes run with one, two and four workers (default
@@ -21,6 +25,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 secs=${1:-5}
+part=${2:-all}
 bin=${BIN:-$root/target/release}
 py=${PY:-$root/.venv/bin/python}
 out=build/bench-gpu
@@ -137,59 +142,79 @@ memory() {
 }
 memory
 
-for b in ${BATCHES:-1 2 4 8 16 32 64}; do
-    emit "{\"bench\": \"ceiling\", \"batch\": $b, \"result\": $(ceiling --batch "$b")}"
-    # From batch 8 up, the ceiling of loops overlapping each other as workers do, and the
-    # forward alone on an input already on the GPU.
-    if [ "$b" -ge 8 ]; then
+# ceilings BATCH: the in-process ceiling at that batch; from batch 8 up also that of loops
+# overlapping each other as workers do, and the forward alone on an input already on the GPU.
+ceilings() {
+    emit "{\"bench\": \"ceiling\", \"batch\": $1, \"result\": $(ceiling --batch "$1")}"
+    if [ "$1" -ge 8 ]; then
         for n in 2 4; do
-            emit "{\"bench\": \"ceiling\", \"batch\": $b, \"loops\": $n, \"result\": $(ceiling --batch "$b" --loops "$n")}"
+            emit "{\"bench\": \"ceiling\", \"batch\": $1, \"loops\": $n, \"result\": $(ceiling --batch "$1" --loops "$n")}"
         done
-        emit "{\"bench\": \"ceiling_resident\", \"batch\": $b, \"result\": $(ceiling --batch "$b" --resident)}"
+        emit "{\"bench\": \"ceiling_resident\", \"batch\": $1, \"result\": $(ceiling --batch "$1" --resident)}"
     fi
-    served "$b" 1
-done
-# A worker gathers, decodes and copies in its next batch while its answer thread waits for the
-# GPU and writes the answers of the one before; more workers on the same GPU (sharing the loaded
-# model and its forward thread) overlap their host work with each other's too.
-for b in ${BATCHES2:-8 16 32 64}; do served "$b" 2; done
-for b in ${BATCHES4:-8 16 32 64}; do served "$b" 4; done
-# The same requests to a model that only averages each channel: the serving path alone.
-served 32 1 pool
-emit "{\"bench\": \"ceiling_pageable\", \"batch\": 64, \"result\": $(ceiling --batch 64 --pageable)}"
-emit "{\"bench\": \"ceiling_pinned\", \"batch\": 64, \"result\": $(ceiling --batch 64)}"
+}
+# restart [cpu_threads [gpu_forward_threads]]: the server again with that configuration.
+restart() {
+    "$bin/tchserve" --stop >/dev/null
+    write_config "${1:-}" "${2:-}"
+    threads=${1:-all}
+    forward_threads=${2:-1}
+    start
+}
 
-# A worker decodes its batch's JPEGs on the host, then runs the forward: a second worker on the
-# same GPU decodes while the first one's forward runs.
-# The worker's time per batch against worker_cost's decode_us (one core's work per image) tells
-# whether the batch's images were decoded on all the worker's cores.
-for n in 1 2; do
-    [ "$(manage POST "/models?url=resnet18_img.mar&model_name=img_w$n&initial_workers=$n&batch_size=32&max_batch_delay=20")" = 200 ]
-    result=$(load --path "/predictions/img_w$n" --body "$root/$out/cat640.jpg" --content-type image/jpeg -c 64)
-    emit "{\"bench\": \"image_classifier_served\", \"batch\": 32, \"workers\": $n, \"result\": $result, \"worker\": $(workers_json "img_w$n")}"
-    manage DELETE "/models/img_w$n" >/dev/null
-done
+if [ "$part" = small ]; then
+    for b in 8 16; do ceilings "$b"; done
+    for n in 1 2 4; do served 8 "$n" pool; done
+    restart "" 2
+    memory
+    for b in 8 16; do served "$b" 2; done
+    restart 1 4
+    served 8 2
+    for n in 4 8; do served 8 "$n"; done
+    served 16 4
+fi
 
-# A worker's parallel regions wait for their slowest thread, which the HTTP threads and the
-# clients keep off the cores under load (the batch copy is a plain one for that reason; see
-# bench/src/bin/batch_copy.rs). Whether any that remain cost a GPU worker: one thread in all.
-"$bin/tchserve" --stop >/dev/null
-write_config 1
-threads=1
-start
-served 32 1
-served 32 1 pool
-served 32 4
+if [ "$part" = all ]; then
+    for b in ${BATCHES:-1 2 4 8 16 32 64}; do
+        ceilings "$b"
+        served "$b" 1
+    done
+    # A worker gathers, decodes and copies in its next batch while its answer thread waits for the
+    # GPU and writes the answers of the one before; more workers on the same GPU (sharing the loaded
+    # model and its forward thread) overlap their host work with each other's too.
+    for b in ${BATCHES2:-8 16 32 64}; do served "$b" 2; done
+    for b in ${BATCHES4:-8 16 32 64}; do served "$b" 4; done
+    # The same requests to a model that only averages each channel: the serving path alone.
+    served 32 1 pool
+    emit "{\"bench\": \"ceiling_pageable\", \"batch\": 64, \"result\": $(ceiling --batch 64 --pageable)}"
+    emit "{\"bench\": \"ceiling_pinned\", \"batch\": 64, \"result\": $(ceiling --batch 64)}"
 
-# Small batches take ResNet-18 as long to launch as to run, and one thread launches a model's
-# forwards on a GPU: four threads launching them, with four workers, and what they hold.
-"$bin/tchserve" --stop >/dev/null
-write_config "" 4
-threads=all
-forward_threads=4
-start
-memory
-for b in 8 16 32; do served "$b" 4; done
+    # A worker decodes its batch's JPEGs on the host, then runs the forward: a second worker on the
+    # same GPU decodes while the first one's forward runs.
+    # The worker's time per batch against worker_cost's decode_us (one core's work per image) tells
+    # whether the batch's images were decoded on all the worker's cores.
+    for n in 1 2; do
+        [ "$(manage POST "/models?url=resnet18_img.mar&model_name=img_w$n&initial_workers=$n&batch_size=32&max_batch_delay=20")" = 200 ]
+        result=$(load --path "/predictions/img_w$n" --body "$root/$out/cat640.jpg" --content-type image/jpeg -c 64)
+        emit "{\"bench\": \"image_classifier_served\", \"batch\": 32, \"workers\": $n, \"result\": $result, \"worker\": $(workers_json "img_w$n")}"
+        manage DELETE "/models/img_w$n" >/dev/null
+    done
+
+    # A worker's parallel regions wait for their slowest thread, which the HTTP threads and the
+    # clients keep off the cores under load (the batch copy is a plain one for that reason; see
+    # bench/src/bin/batch_copy.rs). Whether any that remain cost a GPU worker: one thread in all.
+    restart 1
+    served 32 1
+    served 32 1 pool
+    served 32 4
+
+    # Small batches take ResNet-18 as long to launch as to run, and one thread launches a model's
+    # forwards on a GPU: four threads launching them, with two and four workers, and what they hold.
+    restart "" 4
+    memory
+    for b in 8 16; do served "$b" 2; done
+    for b in 8 16 32 64; do served "$b" 4; done
+fi
 
 "$py" - "$log" <<'PY'
 import json, sys
