@@ -453,10 +453,10 @@ fn serve_apart(ctx: &Context, model: &Loaded) -> Ended {
     })
 }
 
-/// Batches handed to a worker's answer thread and not yet taken by it: none. The worker starts
+/// Batches handed to a worker's answer thread and not yet taken by it: none. The worker submits
 /// a batch while the thread answers the one before, then waits to hand it over, so a worker has
-/// two batches in flight at most: on a slow device, queued clients do not wait an extra batch
-/// and the device holds one batch's output less.
+/// two batches on the device at most: on a slow device, queued clients do not wait an extra
+/// batch and the device holds one batch's output less.
 const FINISHING_AHEAD: usize = 0;
 
 /// The sending end of a worker's answer thread.
