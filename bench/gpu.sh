@@ -9,8 +9,9 @@
 # - the built-in image_classifier at batch 32 (a 640x480 JPEG per request), 1 and 2 workers;
 # - the server again with one intra-op thread in all (cpu_threads=1), batch 32: whether the
 #   workers' host work gains or loses by spreading over the cores.
-# - the server again with four threads launching the model's forwards (gpu_forward_threads=4):
-#   its memory, two workers at batch 8 and 16, and four workers at batch 8 to 64.
+# - the server again with two threads launching the model's forwards (gpu_forward_threads=2):
+#   its memory and two workers at batch 8 to 64; then with four: its memory and four workers at
+#   batch 8 and 16.
 # Prints JSON lines, then a table of the sweep.
 # With `small`, only the small batches, where launching the forward is the limit: the ceilings
 # at batch 8 and 16, the serving path alone at batch 8 (a model that only averages each channel)
@@ -209,11 +210,14 @@ if [ "$part" = all ]; then
     served 32 4
 
     # Small batches take ResNet-18 as long to launch as to run, and one thread launches a model's
-    # forwards on a GPU: four threads launching them, with two and four workers, and what they hold.
+    # forwards on a GPU: two threads launching them, with two workers, then four with four, and
+    # what they hold.
+    restart "" 2
+    memory
+    for b in 8 16 32 64; do served "$b" 2; done
     restart "" 4
     memory
-    for b in 8 16; do served "$b" 2; done
-    for b in 8 16 32 64; do served "$b" 4; done
+    for b in 8 16; do served "$b" 4; done
 fi
 
 "$py" - "$log" <<'PY'
