@@ -16,7 +16,7 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export LD_LIBRARY_PATH="$root/.libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 seeds=$root/fuzz/seeds
-mkdir -p "$seeds"/{archive,manifest,handler_manifest,model_config,config_properties,v2_tensor,image,tensor_input,http_request}
+mkdir -p "$seeds"/{archive,manifest,handler_manifest,model_config,config_properties,v2_tensor,image,tensor_input,tensor_inputs,http_request}
 if [ ! -e "$seeds/.made" ]; then
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
@@ -111,6 +111,17 @@ form = (b"--XyZ\r\nContent-Disposition: form-data; name=\"data\"; filename=\"a.b
 (h / "index").write_bytes(bytes([5, 0]) + none + b'{"ready": true}')
 PY
     touch "$seeds/.made-requests"
+fi
+
+# Named inputs (tensor_inputs): a JSON object of the names, instances of such objects, and one
+# field per input, JSON and raw (see the target's comment for the selector bytes).
+if [ ! -e "$seeds/tensor_inputs/object" ]; then
+    t=$seeds/tensor_inputs
+    printf '\x05\x00\x00\x00\x00{"ids": [1, 2, 3], "dense": [0.5, 0.25]}' > "$t/object"
+    printf '\x05\x00\x00\x00\x00{"instances": [{"ids": [1, 2, 3], "dense": [0.5, 0.25]}]}' > "$t/instances"
+    printf '\x05\x01\x00\x09\x00[1, 2, 3][0.5, 0.25]' > "$t/fields_json"
+    # ids as JSON, dense as raw float32 bytes of shape 1,2.
+    { printf '\x05\x01\x03\x09\x03'; printf '1,2[1, 2, 3]'; printf '\x00\x00\x00\x3f\x00\x00\x80\x3e'; } > "$t/fields_raw"
 fi
 
 targets=("$@")
