@@ -206,10 +206,10 @@ pub(crate) mod tests {
     use super::*;
 
     /// The TorchScript module in `path`, on the CPU, with its forwards on a thread of their
-    /// own named "forward-test", as a GPU model's are.
+    /// own named "forward-worker" (the worker tests count them), as a GPU model's are.
     pub(crate) fn on_own_thread(path: &Path) -> Result<Model, RuntimeError> {
         let format = Format::Script(load_script(path, "model.pt", tch::Device::Cpu)?);
-        Ok(Model::on_own_thread(format, "forward-test".into(), 1).expect("a thread"))
+        Ok(Model::on_own_thread(format, "forward-worker".into(), 1).expect("a thread"))
     }
 
     /// A TorchScript module made here by tracing `x @ w + 1`, with `w` a constant.

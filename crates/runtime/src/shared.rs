@@ -45,12 +45,20 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-/// When a worker's current batch began: how its pool finds a worker stuck in one batch.
+/// When a worker's unfinished batches began: how its pool finds a worker stuck in one batch.
+///
+/// A GPU worker hands each batch, its forward perhaps still queued or running, to its answer
+/// thread and takes the next one, so it may have two: the one in its hands and the one its
+/// answer thread lands and answers. The worker is busy while either is unfinished, for as long
+/// as the older one has run.
 #[derive(Debug)]
 pub(crate) struct Busy {
     epoch: Instant,
-    /// Milliseconds from `epoch` to the batch's start, plus one; 0 while the worker waits.
+    /// Milliseconds from `epoch` to the start of the batch in the worker's hands, plus one; 0
+    /// while the worker waits.
     since_ms: AtomicU64,
+    /// The same for the batch handed to the worker's answer thread; 0 while it has none.
+    landing_ms: AtomicU64,
 }
 
 impl Busy {
@@ -58,6 +66,7 @@ impl Busy {
         Busy {
             epoch: Instant::now(),
             since_ms: AtomicU64::new(0),
+            landing_ms: AtomicU64::new(0),
         }
     }
 
@@ -67,21 +76,38 @@ impl Busy {
         self.since_ms.store(now + 1, Ordering::Relaxed);
     }
 
-    /// The worker is done with its batch.
+    /// The worker is done with its batch, or has handed it over (see [`Busy::hand_over`]).
     pub(crate) fn end(&self) {
         self.since_ms.store(0, Ordering::Relaxed);
     }
 
-    /// How long the current batch has run; `None` between batches.
+    /// The worker's batch has been taken by its answer thread, which finishes it: it stays
+    /// counted, from when it began, until [`Busy::landed`]. The answer thread takes a batch
+    /// only once it has finished the one before, so the slot is free.
+    pub(crate) fn hand_over(&self) {
+        // Set before the worker's slot is cleared: the batch is never uncounted in between.
+        let since = self.since_ms.load(Ordering::Relaxed);
+        self.landing_ms.store(since, Ordering::Relaxed);
+        self.since_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// The answer thread has answered the batch handed to it.
+    pub(crate) fn landed(&self) {
+        self.landing_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the older of the worker's unfinished batches has run; `None` when it has none.
     pub(crate) fn running_for(&self) -> Option<Duration> {
-        match self.since_ms.load(Ordering::Relaxed) {
-            0 => None,
-            s => Some(
-                self.epoch
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(s - 1)),
-            ),
-        }
+        let started = [&self.since_ms, &self.landing_ms]
+            .into_iter()
+            .map(|slot| slot.load(Ordering::Relaxed))
+            .filter(|&s| s != 0)
+            .min()?;
+        Some(
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(started - 1)),
+        )
     }
 }
 
@@ -306,6 +332,29 @@ mod tests {
         assert!(ran >= Duration::from_millis(29), "{ran:?}");
         busy.end();
         assert_eq!(busy.running_for(), None);
+    }
+
+    #[test]
+    fn a_batch_handed_to_the_answer_thread_keeps_the_worker_busy_until_it_lands() {
+        let busy = Busy::new();
+        busy.begin();
+        std::thread::sleep(Duration::from_millis(30));
+        // The answer thread takes the batch, its forward perhaps still running.
+        busy.hand_over();
+        busy.end();
+        let ran = busy.running_for().expect("the handed batch still counts");
+        assert!(ran >= Duration::from_millis(29), "{ran:?}");
+        // The worker's next batch, begun later, does not hide how long the older one has run.
+        busy.begin();
+        assert!(busy.running_for().unwrap() >= ran);
+        busy.end();
+        assert!(busy.running_for().is_some());
+        busy.landed();
+        assert_eq!(busy.running_for(), None);
+        // The next batch in the worker's hands alone.
+        busy.begin();
+        busy.landed();
+        assert!(busy.running_for().unwrap() < ran);
     }
 
     #[test]

@@ -442,9 +442,10 @@ fn serve_apart(ctx: &Context, model: &Loaded) -> Ended {
         // Named as the worker's thread is, A for answers: "W-9000-resnet_1.0", "A-9000-resnet_1.0".
         let name = format!("A-{}-{}_{}", ctx.id, ctx.spec.name, ctx.spec.version);
         let stage = Lander::of(ctx, model);
+        let busy = &*ctx.busy;
         let spawned = std::thread::Builder::new()
             .name(name)
-            .spawn_scoped(s, move || finish_batches(&stage, batches));
+            .spawn_scoped(s, move || finish_batches(&stage, busy, batches));
         // Without that thread the worker answers its batches itself, as a CPU worker does.
         let finisher = spawned.is_ok().then(|| Finisher(finisher));
         // Returning drops the sender, which ends the thread once it has answered what it holds;
@@ -497,8 +498,9 @@ impl<'a> Lander<'a> {
 }
 
 /// The answer thread's body: answers each batch handed to it, until the worker closes the
-/// channel.
-fn finish_batches(stage: &Lander, batches: mpsc::Receiver<Finishing>) {
+/// channel. Each batch counts the worker busy until it is answered (see [`Busy::hand_over`]):
+/// a forward that never returns leaves the worker stuck, and its pool replaces it.
+fn finish_batches(stage: &Lander, busy: &Busy, batches: mpsc::Receiver<Finishing>) {
     // Grad mode is per thread, and the postprocessing runs here.
     let _no_grad = tch::no_grad_guard();
     // Reading an output may run host operations (a dtype conversion): one thread, not a team
@@ -507,7 +509,18 @@ fn finish_batches(stage: &Lander, batches: mpsc::Receiver<Finishing>) {
     for batch in batches {
         #[cfg(test)]
         tests::ANSWERED_APART.fetch_add(batch.live.len(), Ordering::Relaxed);
+        // Dropped even if answering panics: the worker, restarted, must not look stuck.
+        let _landed = Landed(busy);
         finish(stage, batch);
+    }
+}
+
+/// Tells the worker's [`Busy`] that the batch its answer thread held is done, when dropped.
+struct Landed<'a>(&'a Busy);
+
+impl Drop for Landed<'_> {
+    fn drop(&mut self) {
+        self.0.landed();
     }
 }
 
@@ -812,11 +825,10 @@ fn process(
     };
     match finisher {
         // The thread is gone only if it panicked outside `finish`: answer here then.
-        Some(f) => {
-            if let Err(mpsc::SendError(batch)) = f.0.send(batch) {
-                finish(&Lander::of(ctx, model), batch);
-            }
-        }
+        Some(f) => match f.0.send(batch) {
+            Ok(()) => ctx.busy.hand_over(),
+            Err(mpsc::SendError(batch)) => finish(&Lander::of(ctx, model), batch),
+        },
         None => finish(&Lander::of(ctx, model), batch),
     }
 }
@@ -1129,7 +1141,7 @@ mod tests {
             assert!(largest_batch > 1, "no batch was gathered");
             let answering = crate::openmp::tests::threads_named("A-1-affine_1.0");
             assert_eq!(answering, usize::from(mode.answers_apart));
-            let forwarding = crate::openmp::tests::threads_named("forward-test");
+            let forwarding = crate::openmp::tests::threads_named("forward-worker");
             assert_eq!(forwarding, usize::from(mode.forward_thread), "{mode:?}");
             worker.end();
             // The two rounds of good requests at least were answered there.
