@@ -212,8 +212,8 @@ pub(crate) mod tests {
         Ok(Model::on_own_thread(format, "forward-worker".into(), 1).expect("a thread"))
     }
 
-    /// A TorchScript module made here by tracing `x @ w + 1`, with `w` a constant.
-    fn traced() -> tch::CModule {
+    /// A TorchScript module made here by tracing `x @ w + 1`, with `w` a constant (3x2).
+    pub(crate) fn traced() -> tch::CModule {
         let w = tch::Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0, 4.0, -1.0]).view([3, 2]);
         let x = tch::Tensor::ones([1, 3], (tch::Kind::Float, tch::Device::Cpu));
         tch::CModule::create_by_tracing("Affine", "forward", &[x], &mut |xs| {

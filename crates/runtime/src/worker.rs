@@ -909,12 +909,9 @@ mod tests {
         assert_eq!(c.width(8, 0), 1);
     }
 
-    #[test]
-    fn decode_all_keeps_order_and_copes_with_empty_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let manifest = tchserve_mar::handler::builtin("tensor").unwrap();
-        let pipeline = Pipeline::new(&manifest, dir.path()).unwrap();
-        let payload = |body: &str| Payload {
+    /// A request whose body is `body`, sent as JSON.
+    fn json_payload(body: &str) -> Payload {
+        Payload {
             parts: vec![crate::job::Part {
                 name: "body".into(),
                 content_type: Some("application/json".into()),
@@ -922,12 +919,19 @@ mod tests {
                 shape: None,
             }],
             ..Payload::default()
-        };
+        }
+    }
+
+    #[test]
+    fn decode_all_keeps_order_and_copes_with_empty_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = tchserve_mar::handler::builtin("tensor").unwrap();
+        let pipeline = Pipeline::new(&manifest, dir.path()).unwrap();
         let mut cost = DecodeCost::default();
         assert!(decode_all(&pipeline, &[], 2, &mut cost).is_empty());
         let bodies: Vec<Payload> = ["[1]", "not json", "[3]", "[4]", "[5]"]
             .iter()
-            .map(|b| payload(b))
+            .map(|b| json_payload(b))
             .collect();
         let refs: Vec<&Payload> = bodies.iter().collect();
         for width in [1, 2, 3, 8] {
@@ -1049,16 +1053,6 @@ mod tests {
         }
     }
 
-    /// `x @ w + 1` with w 3x2, traced.
-    fn affine() -> tch::CModule {
-        let w = tch::Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0, 4.0, -1.0]).view([3, 2]);
-        let x = tch::Tensor::ones([1, 3], (tch::Kind::Float, tch::Device::Cpu));
-        tch::CModule::create_by_tracing("Affine", "forward", &[x], &mut |xs| {
-            vec![xs[0].matmul(&w) + 1.0]
-        })
-        .unwrap()
-    }
-
     /// Sends each body as a request, all queued at once so that they are served as one batch,
     /// and returns each answer (None for an error) and the largest batch they were served in.
     fn round(
@@ -1068,15 +1062,7 @@ mod tests {
         let replies: Vec<_> = rows
             .iter()
             .map(|body| {
-                let (job, reply) = Job::new(Payload {
-                    parts: vec![crate::job::Part {
-                        name: "body".into(),
-                        content_type: Some("application/json".into()),
-                        data: body.as_bytes().to_vec().into(),
-                        shape: None,
-                    }],
-                    ..Payload::default()
-                });
+                let (job, reply) = Job::new(json_payload(body));
                 submit.try_send(job).unwrap();
                 reply
             })
@@ -1129,7 +1115,7 @@ mod tests {
         for mode in MODES {
             let before = ANSWERED_APART.load(Ordering::Relaxed);
             let dir = tempfile::tempdir().unwrap();
-            let worker = test_worker(dir.path(), affine(), mode);
+            let worker = test_worker(dir.path(), crate::model::tests::traced(), mode);
             let mut largest_batch = 0;
             for _ in 0..2 {
                 let (answers, largest) = round(&worker.submit, &good);
