@@ -1,12 +1,13 @@
 //! TorchScript on a GPU worker: PyTorch's answers from the same GPU through the server, batched
-//! across concurrent requests, with a bad request failing alone. Skipped where no NVIDIA GPU is
-//! present (the CPU paths are covered by every other test).
+//! across concurrent requests, with a bad request failing alone; images preprocessed on the GPU
+//! as torchvision does on the host. Skipped where no NVIDIA GPU is present (the CPU paths are
+//! covered by every other test), but for the images, which then go through CPU workers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use common::server::{Server, archive, fixture_handler, gpu_fixtures};
-use common::{nvidia_gpu, threads_named};
+use common::{max_abs_diff, nvidia_gpu, repo_root, threads_named};
 
 #[test]
 fn a_torchscript_model_on_gpu_workers_answers_as_pytorch_on_the_gpu() {
@@ -98,13 +99,95 @@ fn serve_on_the_gpu(forward_threads: usize) {
             );
         }
     }
+    assert_batched(&s, "cnn");
+}
+
+/// image_classifier's preprocessing in front of a model that returns its input: on a GPU worker
+/// the batch goes up as bytes and `ToTensor` and `Normalize` run there, and each request of a
+/// batch still gets torchvision's tensor for its image. Where there is no GPU the same requests
+/// go through CPU workers, which finish the images on the host.
+#[test]
+fn images_finished_on_the_gpu_are_torchvisions_tensors() {
+    let dir = gpu_fixtures();
+    let gpu = nvidia_gpu();
+    if !gpu {
+        eprintln!("no NVIDIA GPU on this machine: the images go through CPU workers");
+    }
+    let mut s = Server::new("enable_model_api=true");
+    let text = std::fs::read_to_string(repo_root().join("handlers/image_classifier.json")).unwrap();
+    let mut handler: serde_json::Value = serde_json::from_str(&text).unwrap();
+    handler["postprocess"] = serde_json::json!([]);
+    handler["output"] = serde_json::json!({"tensor": {}});
+    let handler_file = s.dir.path().join("pixels.json");
+    std::fs::write(&handler_file, handler.to_string()).unwrap();
+    let mar = archive(
+        &s.store,
+        "pixels",
+        "1.0",
+        &dir.join("identity.pt"),
+        &handler_file,
+        &[],
+    );
+    s.start(&[]);
+    let r = s.manage(
+        "POST",
+        &format!(
+            "/models?url={mar}&initial_workers=2&batch_size=4&max_batch_delay=200&synchronous=true"
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let described: serde_json::Value =
+        serde_json::from_slice(&s.manage("GET", "/models/pixels").body).unwrap();
+    let workers = described[0]["workers"].as_array().expect("workers");
+    assert!(
+        workers.iter().all(|w| w["gpu"] == serde_json::json!(gpu)),
+        "{described}"
+    );
+
+    // Each photo twice, all at once, so that batches mix photos of different sizes.
+    let photos: Vec<usize> = (0..4).chain(0..4).collect();
+    let answers: Vec<(usize, u16, Vec<u8>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = photos
+            .iter()
+            .map(|&k| {
+                let (s, dir) = (&s, &dir);
+                scope.spawn(move || {
+                    let png = std::fs::read(dir.join(format!("photo{k}.png"))).unwrap();
+                    let r = s.infer("POST", "/predictions/pixels", &[], &png);
+                    (k, r.status, r.body)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (k, status, body) in answers {
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, 200, "photo{k}: {text}");
+        let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let mut flat = Vec::new();
+        flatten(&got, &mut flat);
+        let want: Vec<f64> = std::fs::read(dir.join(format!("photo{k}.tensor")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+            .collect();
+        assert_eq!(flat.len(), want.len(), "photo{k}");
+        let worst = max_abs_diff(&flat, &want);
+        assert!(worst <= 1e-6, "photo{k}: a value differs by {worst}");
+    }
+    assert_batched(&s, "pixels");
+}
+
+/// Asserts that `model`'s requests were answered in batches of more than one.
+fn assert_batched(s: &Server, model: &str) {
+    let metrics = s.metrics_text();
     let metric = |name: &str| -> f64 {
-        s.metrics_text()
+        metrics
             .lines()
-            .find(|l| l.starts_with(&format!("{name}{{model_name=\"cnn\"")))
+            .find(|l| l.starts_with(&format!("{name}{{model_name=\"{model}\"")))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} for cnn"))
+            .unwrap_or_else(|| panic!("{name} for {model}"))
     };
     let (examples, batches) = (
         metric("tchserve_batch_size_sum"),
@@ -114,4 +197,12 @@ fn serve_on_the_gpu(forward_threads: usize) {
         examples > batches,
         "{examples} examples in {batches} batches: none was batched"
     );
+}
+
+fn flatten(v: &serde_json::Value, out: &mut Vec<f64>) {
+    match v {
+        serde_json::Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+        serde_json::Value::Number(n) => out.push(n.as_f64().unwrap()),
+        other => panic!("not a number: {other}"),
+    }
 }

@@ -528,40 +528,69 @@ pub fn preprocess(
     }
 }
 
-/// The stages from `ToTensor` on, for a batch of `[N, H, W, 3]` bytes that [`preprocess`] left
-/// as pixels, on the device the bytes are on. Each step is the host path's own arithmetic in
-/// float32 (a division by 255, then `(x - mean) / std`), so the answers are the same. The
-/// constants are tensors on that device: a CUDA kernel would multiply by the reciprocal of a
-/// host scalar, which rounds differently.
-pub fn finish(pixels: &Tensor, stages: &[Preprocess]) -> Result<Tensor, tch::TchError> {
-    let device = pixels.device();
-    let constant = |values: &[f32]| {
-        Tensor::from_slice(values)
-            .f_reshape([1, values.len() as i64, 1, 1])?
-            .f_to_device(device)
-    };
-    let start = stages
-        .iter()
-        .position(|s| matches!(s, Preprocess::ToTensor {}))
-        .unwrap_or(stages.len());
-    let mut x = pixels.f_permute([0, 3, 1, 2])?.f_to_kind(Kind::Float)?;
-    for op in &stages[start..] {
-        x = match op {
-            Preprocess::ToTensor {} => x.f_div(&constant(&[255.0])?)?,
-            Preprocess::Normalize { mean, std } => {
-                let per_channel =
-                    |v: &[f64]| -> Vec<f32> { (0..3).map(|c| v[c % v.len()] as f32).collect() };
-                x.f_sub(&constant(&per_channel(mean))?)?
-                    .f_div(&constant(&per_channel(std))?)?
-            }
-            other => {
-                return Err(tch::TchError::Convert(format!(
-                    "{other:?} cannot follow ToTensor"
-                )));
-            }
+/// The stages from `ToTensor` on, for batches of `[N, H, W, 3]` bytes that [`preprocess`] left
+/// as pixels, with their constants already on the batches' device.
+///
+/// Each step is the host path's own arithmetic in float32 (a division by 255, then
+/// `(x - mean) / std`), so the answers are the same. The constants are tensors on the device: a
+/// CUDA kernel would multiply by the reciprocal of a host scalar, which rounds differently. They
+/// are copied there once, when a worker starts: a copy from pageable host memory to a GPU waits
+/// for everything queued on the device before it, so copying them for every batch held the
+/// worker until the forwards before its batch had run, and nothing overlapped them.
+#[derive(Debug)]
+pub struct Finishing {
+    steps: Vec<Step>,
+}
+
+#[derive(Debug)]
+enum Step {
+    /// `ToTensor`: `x / 255`.
+    Div(Tensor),
+    /// `Normalize`: `(x - mean) / std`, per channel.
+    Normalize { mean: Tensor, std: Tensor },
+}
+
+impl Finishing {
+    /// The stages of `stages` from `ToTensor` on, their constants on `device`.
+    pub fn on(stages: &[Preprocess], device: tch::Device) -> Result<Self, tch::TchError> {
+        let constant = |values: &[f32]| {
+            Tensor::from_slice(values)
+                .f_reshape([1, values.len() as i64, 1, 1])?
+                .f_to_device(device)
         };
+        let per_channel =
+            |v: &[f64]| -> Vec<f32> { (0..3).map(|c| v[c % v.len()] as f32).collect() };
+        let start = stages
+            .iter()
+            .position(|s| matches!(s, Preprocess::ToTensor {}))
+            .unwrap_or(stages.len());
+        let steps = stages[start..]
+            .iter()
+            .map(|op| match op {
+                Preprocess::ToTensor {} => Ok(Step::Div(constant(&[255.0])?)),
+                Preprocess::Normalize { mean, std } => Ok(Step::Normalize {
+                    mean: constant(&per_channel(mean))?,
+                    std: constant(&per_channel(std))?,
+                }),
+                other => Err(tch::TchError::Convert(format!(
+                    "{other:?} cannot follow ToTensor"
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Finishing { steps })
     }
-    x.f_contiguous()
+
+    /// Runs the stages on `pixels`, a batch on the constants' device.
+    pub fn apply(&self, pixels: &Tensor) -> Result<Tensor, tch::TchError> {
+        let mut x = pixels.f_permute([0, 3, 1, 2])?.f_to_kind(Kind::Float)?;
+        for step in &self.steps {
+            x = match step {
+                Step::Div(by) => x.f_div(by)?,
+                Step::Normalize { mean, std } => x.f_sub(mean)?.f_div(std)?,
+            };
+        }
+        x.f_contiguous()
+    }
 }
 
 #[cfg(test)]
@@ -727,7 +756,7 @@ mod tests {
         );
     }
 
-    /// The device path (bytes batched, then `finish`) gives the host path's floats exactly, on
+    /// The device path (bytes batched, then [`Finishing`]) gives the host path's floats exactly, on
     /// the CPU and, where there is one, on a GPU.
     #[test]
     fn finishing_on_the_device_matches_the_host() {
@@ -758,7 +787,11 @@ mod tests {
         for device in devices {
             let pinned = crate::device::pinned_cat(&[&bytes]).unwrap();
             let there = crate::device::upload(&pinned, device).unwrap();
-            let done = finish(&there, stages).unwrap().to_device(tch::Device::Cpu);
+            let done = Finishing::on(stages, device)
+                .unwrap()
+                .apply(&there)
+                .unwrap()
+                .to_device(tch::Device::Cpu);
             assert_eq!(done.size(), host.size());
             let differ = done.ne_tensor(&host).sum(Kind::Int64).int64_value(&[]);
             assert_eq!(differ, 0, "{differ} floats differ on {device:?}");

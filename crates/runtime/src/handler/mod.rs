@@ -48,9 +48,10 @@ pub struct Pipeline {
     output: Output,
     labels: Option<Vec<String>>,
     text: Option<text_input::TextInput>,
-    /// Images stop at their bytes when decoded; `ToTensor` and `Normalize` run on the batch
-    /// once it is on the device (see [`Pipeline::finish_images_on`]).
-    pixels_to_device: bool,
+    /// Where images stop at their bytes when decoded, `ToTensor` and `Normalize`, run on the
+    /// batch once it is on the device (see [`Pipeline::finish_images_on`]). Only the worker's
+    /// thread uses it; the lock makes the pipeline shareable with its answer thread.
+    finishing: Option<std::sync::Mutex<image_input::Finishing>>,
     /// The length token batches are padded to at least: a package's static token count.
     pad_tokens_to: i64,
 }
@@ -197,7 +198,7 @@ impl Pipeline {
             output: manifest.output.clone(),
             labels,
             text,
-            pixels_to_device: false,
+            finishing: None,
             pad_tokens_to: 0,
         })
     }
@@ -207,7 +208,7 @@ impl Pipeline {
     /// the arithmetic. Resizing and cropping stay on the host, where they match PIL exactly.
     pub fn finish_images_on(&mut self, device: Device) {
         // Grey images are made on the host, where the luma matches PIL's.
-        self.pixels_to_device = device.is_cuda()
+        let on_device = device.is_cuda()
             && matches!(
                 self.input,
                 Input::Image {
@@ -220,6 +221,16 @@ impl Pipeline {
                 .preprocess
                 .iter()
                 .any(|s| matches!(s, Preprocess::ToTensor {}));
+        self.finishing = None;
+        if on_device {
+            match image_input::Finishing::on(&self.preprocess, device) {
+                Ok(f) => self.finishing = Some(std::sync::Mutex::new(f)),
+                Err(e) => tracing::warn!(
+                    "images are finished on the host: their constants could not be put on \
+                     {device:?}: {e}"
+                ),
+            }
+        }
     }
 
     /// Fits a text handler to a package's token dimension (see [`crate::aoti::Length`]): a
@@ -299,7 +310,7 @@ impl Pipeline {
                     img,
                     &self.preprocess,
                     *max_pixels,
-                    self.pixels_to_device,
+                    self.finishing.is_some(),
                     *mode,
                 )?;
                 Ok(Decoded::owned(tensor, 1, Wrap::Single))
@@ -452,8 +463,10 @@ impl Pipeline {
             )
         } else {
             let mut batch = stack(inputs, device, |d| d)?;
-            if self.pixels_to_device {
-                batch = image_input::finish(&batch, &self.preprocess)
+            if let Some(finishing) = &self.finishing {
+                let finishing = finishing.lock().unwrap_or_else(|p| p.into_inner());
+                batch = finishing
+                    .apply(&batch)
                     .map_err(|e| failed("preprocessing on the device", e))?;
             }
             let mut args = vec![IValue::Tensor(batch)];
