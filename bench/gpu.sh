@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ResNet-18 on one GPU, everything over loopback on the GPU machine:
-# - the server's RSS and the GPU's memory in use with 1 and 4 workers of the model, first;
+# - the server's RSS and the GPU's memory in use with 1 and 4 workers of the model at batch 1 and
+#   8, first;
 # - a batch sweep 1..64: the served model (one GPU worker, raw float32 tensors per request, the
 #   tensor handler) against the in-process ceiling on the same GPU (upload, forward, answer back
 #   in one loop), from batch 8 up also against 2 and 4 such loops at once over the one model and
@@ -127,19 +128,23 @@ served() {
     manage DELETE "/models/$name" >/dev/null
 }
 # memory: the server's RSS and the GPU's memory in use, with no model, then one and four GPU
-# workers of ResNet-18 after load. Taken first in a fresh server: a later reading would show
-# what libtorch's caches kept from earlier runs, not what the workers need.
+# workers of ResNet-18 after load, at batch 1 (what a worker costs beside the batches it holds)
+# and then at batch 8 (with a batch of 4.8 MB of input in flight or two per worker). Taken first
+# in a fresh server: a later reading would show what libtorch's caches kept from earlier runs,
+# not what the workers need.
 memory() {
     sleep 1
-    emit "{\"bench\": \"memory\", \"forward_threads\": $forward_threads, \"workers\": 0, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
-    [ "$(manage POST "/models?url=resnet18.mar&model_name=mem&initial_workers=1&batch_size=8&max_batch_delay=20")" = 200 ]
-    for n in 1 4; do
-        [ "$(manage PUT "/models/mem?min_worker=$n&max_worker=$n&synchronous=true")" = 200 ]
-        load --path /predictions/mem --body "$root/$out/resnet18.bin" --content-type application/octet-stream -c 32 >/dev/null
-        sleep 2
-        emit "{\"bench\": \"memory\", \"forward_threads\": $forward_threads, \"workers\": $n, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
+    emit "{\"bench\": \"memory\", \"forward_threads\": $forward_threads, \"batch\": 0, \"workers\": 0, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
+    for b in 1 8; do
+        [ "$(manage POST "/models?url=resnet18.mar&model_name=mem$b&initial_workers=1&batch_size=$b&max_batch_delay=20")" = 200 ]
+        for n in 1 4; do
+            [ "$(manage PUT "/models/mem$b?min_worker=$n&max_worker=$n&synchronous=true")" = 200 ]
+            load --path "/predictions/mem$b" --body "$root/$out/resnet18.bin" --content-type application/octet-stream -c $((4 * b)) >/dev/null
+            sleep 2
+            emit "{\"bench\": \"memory\", \"forward_threads\": $forward_threads, \"batch\": $b, \"workers\": $n, \"rss_mb\": $(($(awk '/VmRSS/{print $2}' "/proc/$pid/status") / 1024)), \"gpu_mb\": $(gpu_mb)}"
+        done
+        manage DELETE "/models/mem$b" >/dev/null
     done
-    manage DELETE /models/mem >/dev/null
 }
 memory
 
@@ -242,9 +247,9 @@ resident = {r["batch"]: r["result"]["examples_per_s"] for r in rows if r["bench"
 for b in sorted({b for b, _ in ceil}):
     print(f"| {b} | {ceil.get((b, 1), '')} | {ceil.get((b, 2), '')} | {ceil.get((b, 4), '')} | {resident.get(b, '')} |")
 print()
-print("| forward threads | workers | RSS MB | GPU MB |")
-print("|---|---|---|---|")
+print("| forward threads | batch | workers | RSS MB | GPU MB |")
+print("|---|---|---|---|---|")
 for r in rows:
     if r["bench"] == "memory":
-        print(f"| {r.get('forward_threads', 1)} | {r['workers']} | {r['rss_mb']} | {r['gpu_mb']} |")
+        print(f"| {r.get('forward_threads', 1)} | {r.get('batch', 8)} | {r['workers']} | {r['rss_mb']} | {r['gpu_mb']} |")
 PY
