@@ -5,11 +5,13 @@
 //! forwards, every extra worker of a GPU model paid that, and several forwards in flight each
 //! held their activations at once. Queued to one thread per model and GPU, the handles exist
 //! once. A forward on a GPU mostly queues kernels and returns, so one thread keeps up with
-//! several workers, each of which then copies its batch in and its answers out on its own
-//! thread, until the launching itself is the limit: a small batch of a model of many small
+//! several workers, each of which gathers its batch into pinned host memory and copies its
+//! answers out on its own thread, until the launching itself is the limit: a small batch of a model of many small
 //! kernels (ResNet-18 at batch 8 or 16 on an H200) takes as long to launch as to run. More
 //! threads per model and GPU (`gpu_forward_threads`) then launch several forwards at once, each
-//! thread paying its own handles.
+//! thread paying its own handles. The thread also queues the copy of each batch to the device,
+//! just before its forward: the batches waiting for a thread wait in host memory, so the device
+//! holds the inputs of the forwards running and no more, whatever the number of workers.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, mpsc};
@@ -34,8 +36,9 @@ struct Call {
 enum Args {
     /// Borrowed from the asking thread, which waits for the answer.
     Borrowed(*const [IValue]),
-    /// Handed over by a thread that goes on meanwhile (see [`ForwardThread::submit`]).
-    Owned(Vec<IValue>),
+    /// Handed over by a thread that goes on meanwhile (see [`ForwardThread::submit`]), with the
+    /// device its tensors are moved to first.
+    Owned(Vec<IValue>, tch::Device),
 }
 
 // SAFETY: borrowed `args` point into the asking thread's arguments, which that thread neither
@@ -95,9 +98,13 @@ impl ForwardThread {
     /// Queues `forward(args)` and returns at once: the caller goes on (a worker prepares its
     /// next batch) while the forward waits for a thread and runs, and reads the result from
     /// the [`Pending`] when it needs it.
-    pub(crate) fn submit(&self, args: Vec<IValue>) -> Pending {
+    ///
+    /// The thread first moves to `device` each tensor of `args` that is elsewhere (a batch in
+    /// pinned host memory). A batch waiting for its forward then waits on the host: the device
+    /// holds only the inputs of the forwards running, however many workers queue theirs.
+    pub(crate) fn submit(&self, args: Vec<IValue>, device: tch::Device) -> Pending {
         let (reply, answer) = mpsc::sync_channel(1);
-        match self.call(Args::Owned(args), reply) {
+        match self.call(Args::Owned(args, device), reply) {
             Ok(()) => Pending(Waiting::Queued(answer)),
             Err(e) => Pending::ready(Err(e)),
         }
@@ -159,23 +166,41 @@ where
             Ok(queue) => queue.recv(),
             Err(_) => return,
         };
-        let Ok(Call { args, reply }) = next else {
+        let Ok(Call { mut args, reply }) = next else {
             return;
         };
         let result = {
-            let args = match &args {
+            let args = match &mut args {
                 // SAFETY: see `Call`: the asking thread waits while this borrow lives, and it
                 // ends here, before the answer lets that thread go on.
-                Args::Borrowed(args) => unsafe { &**args },
-                Args::Owned(args) => args.as_slice(),
+                Args::Borrowed(args) => Ok(unsafe { &**args }),
+                Args::Owned(args, device) => move_to(args, *device).map(|()| args.as_slice()),
             };
-            catch_unwind(AssertUnwindSafe(|| forward(args)))
-                .unwrap_or_else(|_| Err(TchError::Torch("the model's forward panicked".into())))
+            match args {
+                Ok(args) => catch_unwind(AssertUnwindSafe(|| forward(args))).unwrap_or_else(|_| {
+                    Err(TchError::Torch("the model's forward panicked".into()))
+                }),
+                Err(e) => Err(e),
+            }
         };
         // Owned inputs (a batch on the device) are freed before the answer goes back.
         drop(args);
         let _ = reply.send(Answer(result));
     }
+}
+
+/// Moves each tensor of `args` that is not on `device` there, without waiting for the copy: it
+/// is queued on the device's stream before the forward that reads it.
+fn move_to(args: &mut [IValue], device: tch::Device) -> Result<(), TchError> {
+    for arg in args {
+        if let IValue::Tensor(t) = arg
+            && t.device() != device
+        {
+            *t = crate::device::upload(t, device)
+                .map_err(|e| TchError::Torch(format!("moving input to the device: {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for ForwardThread {
@@ -282,9 +307,9 @@ mod tests {
             }
         })
         .unwrap();
-        let first = thread.submit(vec![IValue::Int(1)]);
-        let bad = thread.submit(vec![IValue::Int(-1)]);
-        let third = thread.submit(vec![IValue::Int(3)]);
+        let first = thread.submit(vec![IValue::Int(1)], tch::Device::Cpu);
+        let bad = thread.submit(vec![IValue::Int(-1)], tch::Device::Cpu);
+        let third = thread.submit(vec![IValue::Int(3)], tch::Device::Cpu);
         for _ in 0..3 {
             release.send(()).unwrap();
         }

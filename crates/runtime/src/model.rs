@@ -106,12 +106,19 @@ impl Model {
     }
 
     /// Starts `forward(args)` on the model's forward thread and returns without waiting for it;
-    /// a model without one runs it here first.
-    pub(crate) fn submit(&self, args: Vec<IValue>) -> Pending {
+    /// a model without one runs it here first. The forward thread moves the tensors of `args`
+    /// that are not on `device` there first; a model without one takes them where they are.
+    pub(crate) fn submit(&self, args: Vec<IValue>, device: tch::Device) -> Pending {
         match &self.thread {
-            Some(thread) => thread.submit(args),
+            Some(thread) => thread.submit(args, device),
             None => Pending::ready(self.format.forward(&args)),
         }
+    }
+
+    /// Whether a batch handed to [`Model::submit`] may stay on the host: the model's forward
+    /// thread moves it to the device.
+    pub(crate) fn uploads_its_inputs(&self) -> bool {
+        self.thread.is_some()
     }
 
     /// `forward(args)` on the calling thread, whatever the model's device: the in-process

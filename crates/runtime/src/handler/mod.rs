@@ -96,10 +96,12 @@ pub enum Launched {
     Outputs(Vec<Tensor>),
 }
 
-/// One input of a batch's requests as one tensor on `device`: `pick` chooses the input of each.
+/// One input of a batch's requests as one tensor for `device`: `pick` chooses the input of each.
+/// For a GPU it is in pinned host memory, and put on the device only if `upload`.
 fn stack(
     inputs: &[&Decoded],
     device: Device,
+    upload_it: bool,
     pick: impl Fn(&Decoded) -> &Decoded,
 ) -> Result<Tensor, PredictError> {
     let batch = if inputs.len() == 1 && !device.is_cuda() {
@@ -112,6 +114,9 @@ fn stack(
         cat_batch(&parts, device.is_cuda())
             .map_err(|e| PredictError::BadInput(format!("cannot batch inputs: {e}")))?
     };
+    if !upload_it {
+        return Ok(batch);
+    }
     upload(&batch, device).map_err(|e| failed("moving input to the device", e))
 }
 
@@ -462,7 +467,16 @@ impl Pipeline {
                 Some(mask),
             )
         } else {
-            let mut batch = stack(inputs, device, |d| d)?;
+            // A GPU model's forward thread puts the batch on the device just before its forward
+            // (see `Model::submit`), so that batches queued for it wait in host memory; images
+            // finished on the device go there first.
+            let upload_here = !module.uploads_its_inputs();
+            let mut batch = stack(
+                inputs,
+                device,
+                upload_here || self.finishing.is_some(),
+                |d| d,
+            )?;
             if let Some(finishing) = &self.finishing {
                 let finishing = finishing.lock().unwrap_or_else(|p| p.into_inner());
                 batch = finishing
@@ -472,12 +486,13 @@ impl Pipeline {
             let mut args = vec![IValue::Tensor(batch)];
             // A model of several inputs: each stacked on its own, in the manifest's order.
             for k in 0..inputs.first().map_or(0, |d| d.more.len()) {
-                args.push(IValue::Tensor(stack(inputs, device, |d| &d.more[k])?));
+                let more = stack(inputs, device, upload_here, |d| &d.more[k])?;
+                args.push(IValue::Tensor(more));
             }
             (args, None)
         };
         Ok(InFlight(Flight::Forward {
-            pending: module.submit(args),
+            pending: module.submit(args, device),
             mask,
             total: inputs.iter().map(|d| d.examples).sum(),
         }))
