@@ -342,3 +342,125 @@ fn token_renewal_names_a_bad_type() {
         );
     }
 }
+
+/// What a TorchServe user with an eager-mode model has, archived by the real archiver: weights
+/// saved by torch.save with the Python model file beside them (named `.pt`, as TorchServe's
+/// examples name them), the same weights alone, a whole pickled module, and weights in
+/// torch.save's older pickle format. Each is refused at registration, with or without workers,
+/// as a 400 that says how to export TorchScript, and `--check` says the same; the server keeps
+/// serving.
+#[test]
+fn files_of_torch_save_are_refused_with_how_to_export_them() {
+    let mut s = Server::new("enable_model_api=true");
+    let tiny = tiny_image_archive(&s, &[]);
+    let dir = s.dir.path().join("eager");
+    fs::create_dir_all(&dir).unwrap();
+    let model_py = "import torch\n\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n        \
+                    super().__init__()\n        self.fc = torch.nn.Linear(4, 3)\n\n    \
+                    def forward(self, x):\n        return self.fc(x)\n";
+    fs::write(dir.join("model.py"), model_py).unwrap();
+    common::run_ok(
+        Command::new(common::venv_bin("python"))
+            .current_dir(&dir)
+            .args([
+                "-c",
+                "import torch, model\n\
+                 net = model.Net().eval()\n\
+                 torch.save(net.state_dict(), 'weights.pt')\n\
+                 torch.save(net, 'whole.pt')\n\
+                 torch.save(net.state_dict(), 'legacy.pt', _use_new_zipfile_serialization=False)\n",
+            ]),
+    );
+    let archived = |name: &str, file: &str, model_file: bool| {
+        let mut cmd = Command::new(common::venv_bin("torch-model-archiver"));
+        cmd.args(["--model-name", name, "--version", "1.0", "--handler"])
+            .arg("base_handler")
+            .arg("--serialized-file")
+            .arg(dir.join(file))
+            .arg("--export-path")
+            .arg(&s.store)
+            .arg("--force");
+        if model_file {
+            cmd.arg("--model-file").arg(dir.join("model.py"));
+        }
+        common::run_ok(&mut cmd);
+        format!("{name}.mar")
+    };
+    let cases = [
+        (
+            archived("eager", "weights.pt", true),
+            "weights.pt was written by torch.save (the weights of an eager-mode archive",
+        ),
+        (
+            archived("weights", "weights.pt", false),
+            "weights.pt was written by torch.save (a state_dict or a pickled module)",
+        ),
+        (
+            archived("whole", "whole.pt", false),
+            "whole.pt was written by torch.save",
+        ),
+        (
+            archived("legacy", "legacy.pt", false),
+            "legacy.pt is a pickle written by torch.save",
+        ),
+    ];
+    // A file libtorch itself refuses: its message, once, without its C++ stack frames.
+    fs::write(
+        dir.join("junk.pt"),
+        b"neither TorchScript nor a pickle\n".repeat(64),
+    )
+    .unwrap();
+    let junk = archived("junk", "junk.pt", false);
+    s.start(&["--models", &format!("tiny={tiny}")]);
+    for (mar, says) in &cases {
+        for workers in [1, 0] {
+            let r = request(
+                &s.management,
+                "POST",
+                &format!("/models?url={mar}&initial_workers={workers}&synchronous=true"),
+                &[],
+                b"",
+            );
+            assert_error(&r, 400, "InvalidModelException", says);
+            assert_error(&r, 400, "InvalidModelException", "torch.jit.script(model)");
+        }
+    }
+    assert_eq!(model_names(&s), ["tiny"]);
+    assert_eq!(
+        s.infer("POST", "/predictions/tiny", &[], &png()).status,
+        200
+    );
+
+    let check_temp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tchserve"))
+        .arg("--check")
+        .arg("--model-store")
+        .arg(&s.store)
+        .arg("--models")
+        .args(cases.iter().map(|(mar, _)| mar))
+        .arg(&junk)
+        .env("TMPDIR", check_temp.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{report}");
+    for (mar, says) in &cases {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with("FAIL") && l.contains(mar.as_str()) && l.contains(says)),
+            "{mar}: {report}"
+        );
+    }
+    let refused = report
+        .lines()
+        .find(|l| l.starts_with("FAIL") && l.contains(&junk))
+        .unwrap_or_else(|| panic!("{junk}: {report}"));
+    assert!(refused.contains("loading junk.pt: "), "{report}");
+    assert_eq!(
+        refused.matches("PytorchStreamReader").count(),
+        1,
+        "{report}"
+    );
+    assert!(!report.contains("frame #"), "{report}");
+}

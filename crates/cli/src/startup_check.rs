@@ -116,6 +116,8 @@ fn check_one(
     })
     .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     let model_dir = archive.unpack(dest)?;
+    let eager = archive.manifest().model.model_file.is_some();
+    serving::check_torchscript(&model_dir.join(&file), eager)?;
     let spec = ModelSpec {
         name,
         version,

@@ -13,12 +13,13 @@ pub enum RuntimeError {
     #[error("{0}")]
     NoModel(String),
     /// libtorch refused the model.
-    #[error("loading {file}: {}", concise(&source.to_string()))]
+    #[error("loading {file}: {}", concise(&error.to_string()))]
     Torch {
         /// The serialized file.
         file: String,
-        /// libtorch's error.
-        source: tch::TchError,
+        /// libtorch's error, whole. Not the error's `source`: a report of the chain would repeat
+        /// it after the concise message, C++ stack frames and all.
+        error: tch::TchError,
     },
     /// A `.pt2` package could not be loaded.
     #[error("loading {file}: {message}")]

@@ -197,13 +197,13 @@ fn load_script(path: &Path, file: &str, device: tch::Device) -> Result<tch::CMod
     // Scripted torchvision detectors call torchvision's operators, registered by this object.
     std::hint::black_box(vision_ops_version());
     let mut module =
-        tch::CModule::load_on_device(path, device).map_err(|source| RuntimeError::Torch {
+        tch::CModule::load_on_device(path, device).map_err(|error| RuntimeError::Torch {
             file: file.to_string(),
-            source,
+            error,
         })?;
-    module.f_set_eval().map_err(|source| RuntimeError::Torch {
+    module.f_set_eval().map_err(|error| RuntimeError::Torch {
         file: file.to_string(),
-        source,
+        error,
     })?;
     Ok(module)
 }

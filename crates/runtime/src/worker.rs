@@ -102,11 +102,11 @@ pub(crate) fn run(ctx: Context) {
             Ok(Err(e)) => {
                 // Said once until a load succeeds: a worker retrying for hours would otherwise
                 // write the same C++ backtrace at every retry.
-                if let crate::RuntimeError::Torch { source, .. } = &e
+                if let crate::RuntimeError::Torch { error, .. } = &e
                     && !said_whole
                 {
                     said_whole = true;
-                    tracing::error!(worker = ctx.id, model = %name, "libtorch's whole message: {source}");
+                    tracing::error!(worker = ctx.id, model = %name, "libtorch's whole message: {error}");
                 }
                 fail(
                     &ctx,
@@ -319,10 +319,10 @@ fn prepare(
                         refuses_zeros(&crate::error::concise(&source.to_string()));
                         break 'warm;
                     }
-                    Err(source) => {
+                    Err(error) => {
                         return Err(crate::RuntimeError::Torch {
                             file: format!("{} (warm-up forward)", spec.serialized_file),
-                            source,
+                            error,
                         });
                     }
                 };

@@ -406,6 +406,13 @@ impl Registry {
             .unpack(&scratch)
             .map_err(|e| invalid(e.to_string()))?;
         let owned_scratch = (model_dir == scratch).then_some(scratch);
+        let eager = archive.manifest().model.model_file.is_some();
+        if let Err(e) = serving::check_torchscript(&model_dir.join(&serialized), eager) {
+            if let Some(dir) = &owned_scratch {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(invalid(e.to_string()));
+        }
         let loaded = self.backend.load(ModelSpec {
             name: name.clone(),
             version: version.clone(),
