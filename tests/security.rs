@@ -527,11 +527,11 @@ fn archives_by_url_come_only_from_where_allowed_urls_says() {
     // Redirects are checked again: to a server no pattern allows, to the metadata address,
     // and round in circles.
     let r = register(&s, &allowed.url("/models/away.mar"));
-    assert_error(&r, 400, "BadRequestException", "redirected to");
+    assert_error(&r, 400, "DownloadArchiveException", "redirected to");
     let r = register(&s, &allowed.url("/models/metadata.mar"));
-    assert_error(&r, 400, "BadRequestException", "169.254.169.254");
+    assert_error(&r, 400, "DownloadArchiveException", "169.254.169.254");
     let r = register(&s, &allowed.url("/models/loop.mar"));
-    assert_error(&r, 400, "BadRequestException", "redirects");
+    assert_error(&r, 400, "DownloadArchiveException", "redirects");
     assert_eq!(
         allowed.hits_of("/models/loop.mar"),
         6,
@@ -543,17 +543,17 @@ fn archives_by_url_come_only_from_where_allowed_urls_says() {
     let before = store_files(&s);
     let started = Instant::now();
     let r = register(&s, &allowed.url("/models/stall.mar"));
-    assert_error(&r, 400, "BadRequestException", "Failed to download archive");
+    assert_error(&r, 400, "DownloadArchiveException", "Failed to download archive");
     assert!(started.elapsed() < Duration::from_secs(20));
     let r = register(&s, &allowed.url("/models/short.mar"));
-    assert_error(&r, 400, "BadRequestException", "Failed to download archive");
+    assert_error(&r, 400, "DownloadArchiveException", "Failed to download archive");
     // hyper reads what was announced and no more: the archive is not one, and goes.
     let r = register(&s, &allowed.url("/models/long.mar"));
     assert!(r.status == 400 || r.status == 500, "{}", r.text());
     let r = register(&s, &allowed.url("/models/huge.mar"));
-    assert_error(&r, 400, "BadRequestException", "max_archive_size");
+    assert_error(&r, 400, "DownloadArchiveException", "max_archive_size");
     let r = register(&s, &allowed.url("/models/announced.mar"));
-    assert_error(&r, 400, "BadRequestException", "max_archive_size");
+    assert_error(&r, 400, "DownloadArchiveException", "max_archive_size");
     let r = register(&s, &allowed.url("/models/broken.mar"));
     assert!(r.status == 400 || r.status == 500, "{}", r.text());
     assert_eq!(store_files(&s), before);

@@ -14,6 +14,9 @@ pub enum ApiError {
     /// The archive cannot be served.
     #[error("{0}")]
     InvalidModel(String),
+    /// A remote archive could not be downloaded.
+    #[error("{0}")]
+    DownloadFailed(String),
     /// The model's handler cannot turn this input into model input.
     #[error("{0}")]
     InvalidInput(String),
@@ -97,6 +100,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_)
             | ApiError::InvalidModel(_)
+            | ApiError::DownloadFailed(_)
             | ApiError::InvalidInput(_)
             | ApiError::InvalidKey => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_)
@@ -120,6 +124,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "BadRequestException",
             ApiError::InvalidModel(_) => "InvalidModelException",
+            ApiError::DownloadFailed(_) => "DownloadArchiveException",
             ApiError::InvalidInput(_) => "InvalidInputException",
             ApiError::InvalidKey => "InvalidKeyException",
             ApiError::ModelNotFound(_) => "ModelNotFoundException",
@@ -140,9 +145,10 @@ impl ApiError {
     /// The gRPC status a gRPC frontend answers with.
     pub fn grpc_code(&self) -> GrpcCode {
         match self {
-            ApiError::BadRequest(_) | ApiError::InvalidModel(_) | ApiError::InvalidInput(_) => {
-                GrpcCode::InvalidArgument
-            }
+            ApiError::BadRequest(_)
+            | ApiError::InvalidModel(_)
+            | ApiError::DownloadFailed(_)
+            | ApiError::InvalidInput(_) => GrpcCode::InvalidArgument,
             ApiError::InvalidKey => GrpcCode::Unauthenticated,
             ApiError::ModelNotFound(_)
             | ApiError::VersionNotFound(_)
@@ -170,6 +176,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(m) => ApiError::BadRequest(lead(m)),
             ApiError::InvalidModel(m) => ApiError::InvalidModel(lead(m)),
+            ApiError::DownloadFailed(m) => ApiError::DownloadFailed(lead(m)),
             ApiError::InvalidInput(m) => ApiError::InvalidInput(lead(m)),
             ApiError::Unavailable(m) => ApiError::Unavailable(lead(m)),
             ApiError::Timeout(m) => ApiError::Timeout(lead(m)),

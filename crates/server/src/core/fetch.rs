@@ -96,10 +96,13 @@ impl From<FetchError> for ApiError {
                 ApiError::model_not_found(e.to_string())
             }
             FetchError::Exists(_) => ApiError::conflict(e.to_string()),
-            FetchError::Invalid { .. }
-            | FetchError::Forbidden { .. }
-            | FetchError::TooLarge { .. }
-            | FetchError::Download { .. } => ApiError::bad_request(e.to_string()),
+            FetchError::Invalid { .. } | FetchError::Forbidden { .. } => {
+                ApiError::bad_request(e.to_string())
+            }
+            // TorchServe's name for an archive that could not be fetched.
+            FetchError::TooLarge { .. } | FetchError::Download { .. } => {
+                ApiError::DownloadFailed(e.to_string())
+            }
         }
     }
 }
