@@ -543,10 +543,20 @@ fn archives_by_url_come_only_from_where_allowed_urls_says() {
     let before = store_files(&s);
     let started = Instant::now();
     let r = register(&s, &allowed.url("/models/stall.mar"));
-    assert_error(&r, 400, "DownloadArchiveException", "Failed to download archive");
+    assert_error(
+        &r,
+        400,
+        "DownloadArchiveException",
+        "Failed to download archive",
+    );
     assert!(started.elapsed() < Duration::from_secs(20));
     let r = register(&s, &allowed.url("/models/short.mar"));
-    assert_error(&r, 400, "DownloadArchiveException", "Failed to download archive");
+    assert_error(
+        &r,
+        400,
+        "DownloadArchiveException",
+        "Failed to download archive",
+    );
     // hyper reads what was announced and no more: the archive is not one, and goes.
     let r = register(&s, &allowed.url("/models/long.mar"));
     assert!(r.status == 400 || r.status == 500, "{}", r.text());

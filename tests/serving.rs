@@ -110,11 +110,18 @@ fn start_status_stop_through_the_cli() {
     let r = post_json(&s.inference, "/predictions/scale", "[1, 2, 3, 4]");
     assert_eq!(floats(&r.json()), [2.0, 4.0, 6.0, 8.0]);
 
+    // Refused before anything else is said: not that a snapshot will be restored.
     let again = run(s
         .command()
-        .args(["--start", "--ts-config", "config.properties"]));
+        .args(["--start", "--ts-config", "config.properties", "--models"])
+        .arg(format!("scale={mar}")));
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        said.starts_with("tchserve: tchserve is already running"),
+        "{said}"
+    );
+    assert_eq!(said.lines().count(), 1, "{said}");
     let status = run(s.command().arg("--status"));
     assert!(
         status.status.success() && String::from_utf8_lossy(&status.stdout).contains("is running")

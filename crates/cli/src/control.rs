@@ -339,16 +339,22 @@ fn stop_hint(dir: &Path) -> String {
     }
 }
 
-/// Starts `tchserve --foreground` with the same arguments in the background and waits until
-/// that very process says it answers (its listeners bound, its models loaded). A server that
-/// exits instead, because its ports are taken or a model cannot load, is reported with its log.
-pub fn start(dir: &Path) -> anyhow::Result<()> {
+/// Refuses, saying how to stop it, when a server whose pid file is in `dir` is running.
+pub fn refuse_if_running(dir: &Path) -> anyhow::Result<()> {
     if let Some(pid) = running_pid(dir) {
         bail!(
             "tchserve is already running (pid {pid}); {}",
             stop_hint(dir)
         );
     }
+    Ok(())
+}
+
+/// Starts `tchserve --foreground` with the same arguments in the background and waits until
+/// that very process says it answers (its listeners bound, its models loaded). A server that
+/// exits instead, because its ports are taken or a model cannot load, is reported with its log.
+pub fn start(dir: &Path) -> anyhow::Result<()> {
+    refuse_if_running(dir)?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join(LOG_FILE);
     let log = fs::OpenOptions::new()

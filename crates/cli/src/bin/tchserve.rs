@@ -117,7 +117,10 @@ fn main() -> ExitCode {
     } else if args.start && !args.foreground {
         // The configuration is checked here, so a bad key fails before anything starts, and
         // what the server will only log is said where the user is looking.
-        load_config(&args)
+        // A second --start is refused before the configuration's notes, which would read as
+        // if this one were starting.
+        control::refuse_if_running(&log_dir(&args))
+            .and_then(|()| load_config(&args))
             .and_then(|config| {
                 note_ignored_models(&args, &config);
                 for note in &config.warnings {
