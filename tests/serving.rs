@@ -2062,6 +2062,20 @@ fn torchserve_route_aliases_predict_and_explanations_say_why_not() {
         r#"{"instances": [[1, 1, 1, 1]]}"#,
     );
     assert_kserve_error(&r, 501, "explanations are not supported");
+    // Bodies that are not v1 requests are told so in the protocol's terms.
+    for (body, says) in [
+        ("[1, 1, 1, 1]", "the body is JSON, but not an object"),
+        ("[[1, 1, 1, 1]]", "the body is JSON, but not an object"),
+        (r#"{"instances": [[1, 1"#, "the body is not JSON"),
+        (
+            r#"{"instances": [[1, 1, 1, 1]], "inputs": [[1, 1, 1, 1]]}"#,
+            "both \"instances\" and \"inputs\"",
+        ),
+    ] {
+        let r = post_json(&s.inference, "/v1/models/scale:predict", body);
+        assert_kserve_error(&r, 400, says);
+        assert!(!r.text().contains("V1Request"), "{}", r.text());
+    }
     for path in [
         "/v2/models/scale/explain",
         "/v2/models/scale/versions/1.0/explain",

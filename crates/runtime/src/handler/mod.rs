@@ -120,6 +120,9 @@ fn stack(
     upload(&batch, device).map_err(|e| failed("moving input to the device", e))
 }
 
+/// Which archives' missing label files were logged lately.
+static MISSING_LABELS: crate::error::Recently = crate::error::Recently::new();
+
 /// Which whole failure messages were logged lately.
 static WHOLE_MESSAGES: crate::error::Recently = crate::error::Recently::new();
 
@@ -1166,7 +1169,15 @@ fn ivalue_kind(v: &IValue) -> &'static str {
 /// class indices are used as labels, as in TorchServe.
 fn load_labels(path: &Path) -> Result<Option<Vec<String>>, RuntimeError> {
     let Ok(text) = std::fs::read_to_string(path) else {
-        tracing::warn!(file = %path.display(), "label file not found; classes are reported by index");
+        // Said once for all the workers of a version, which each build their pipeline; the
+        // path is the unpacked archive's, a folder the user never made.
+        if MISSING_LABELS.first_in_a_while(&path.to_string_lossy()) {
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            tracing::warn!(
+                "the archive has no {file}, so classes are answered by their index; to answer \
+                 them by name, archive the labels with --extra-files {file}"
+            );
+        }
         return Ok(None);
     };
     let bad = |why: &str| RuntimeError::NoModel(format!("{}: {why}", path.display()));

@@ -109,12 +109,15 @@ async fn predict(
         .map_err(|_| ApiError::too_large(st.config.max_request_size))?;
     // Instances are kept as the request's own text, not parsed into values and written again:
     // the handler parses each once, as it parses a TorchServe request.
-    let parsed: V1Request<'_> = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "expected {{\"instances\": [...]}} or {{\"inputs\": ...}}: {e}"
-        ))
-    })?;
+    let parsed: V1Request<'_> =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(not_v1(&body, &e)))?;
     let instances: Vec<&RawValue> = match (parsed.instances, parsed.inputs) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "the request has both \"instances\" and \"inputs\": send one of them",
+            )
+            .into());
+        }
         (Some(i), _) => i,
         (None, Some(inputs)) if inputs.get().trim_start().starts_with('[') => {
             serde_json::from_str(inputs.get())
@@ -155,6 +158,19 @@ async fn predict(
     out.extend_from_slice(b"]}");
     st.infer.check_response_size(out.len())?;
     Ok((StatusCode::OK, [("content-type", "application/json")], out).into_response())
+}
+
+/// Why a body is not a v1 request, in the protocol's terms rather than the parser's.
+fn not_v1(body: &[u8], e: &serde_json::Error) -> String {
+    const SHAPE: &str = "expected {\"instances\": [...]} or {\"inputs\": ...}";
+    if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+        return format!("the body is not JSON: {e}");
+    }
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        // serde would read a JSON array as the request's fields in order, and say so.
+        return format!("{SHAPE}: the body is JSON, but not an object");
+    }
+    format!("{SHAPE}: {e}")
 }
 
 /// A v1 request, its instances left as text.
