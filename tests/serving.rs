@@ -489,7 +489,16 @@ fn register_version_rollback_scale_unregister() {
     let r = s.manage("OPTIONS", "/models/scale");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["openapi"], "3.0.1");
-    assert_eq!(s.manage("OPTIONS", "/models/scale/2.0").status, 200);
+    for route in ["/models/scale", "/models/scale/{model_version}"] {
+        assert!(r.json()["paths"][route]["put"].is_object(), "{}", r.text());
+    }
+    let r = s.manage("OPTIONS", "/models/scale/2.0");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.json()["paths"]["/models/scale/2.0/set-default"]["put"].is_object(),
+        "{}",
+        r.text()
+    );
     assert_error(
         &s.manage("OPTIONS", "/models/nope"),
         404,
@@ -790,12 +799,27 @@ fn bad_inputs_and_model_failures_keep_the_server_serving() {
         "{doc}"
     );
     assert_eq!(s.infer("GET", "/api-description", &[], b"").json(), doc);
-    // A model's own route describes the API for a model that is there, and is 404 for one
-    // that is not, as TorchServe looks the model up first.
-    assert_eq!(
-        s.infer("OPTIONS", "/predictions/picky", &[], b"").json(),
-        doc
+    // A model's own route describes that model's prediction routes when the model is there,
+    // and is 404 for one that is not, as TorchServe looks the model up first.
+    let picky = s.infer("OPTIONS", "/predictions/picky", &[], b"").json();
+    assert_eq!(picky["openapi"], "3.0.1");
+    assert!(
+        picky["info"]["title"].as_str().unwrap().contains("picky"),
+        "{picky}"
     );
+    let routes: Vec<&String> = picky["paths"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        routes,
+        [
+            "/predictions/picky",
+            "/v1/models/picky:predict",
+            "/v2/models/picky/infer"
+        ],
+        "{picky}"
+    );
+    for route in routes {
+        assert!(picky["paths"][route]["post"].is_object(), "{picky}");
+    }
     assert_error(
         &s.infer("OPTIONS", "/predictions/nope", &[], b""),
         404,

@@ -57,6 +57,30 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) ->
     }
 }
 
+/// One model's prediction routes, which `OPTIONS` on any of them describes, as TorchServe's
+/// description of a model does.
+pub(crate) fn model_doc(name: &str, version: Option<&str>) -> serde_json::Value {
+    let default = format!("/predictions/{name}");
+    let one = version.map(|v| format!("/predictions/{name}/{v}"));
+    let (v1, v2) = (
+        format!("/v1/models/{name}:predict"),
+        format!("/v2/models/{name}/infer"),
+    );
+    let mut paths: Vec<(&str, &[&str], &str)> = vec![(
+        &default,
+        &["POST"],
+        "Prediction from the model's default version.",
+    )];
+    if let Some(one) = &one {
+        paths.push((one, &["POST"], "Prediction from this version."));
+    }
+    paths.push((&v1, &["POST"], "KServe v1 prediction."));
+    paths.push((&v2, &["POST"], "Open Inference Protocol v2 inference."));
+    let mut described = openapi("inference", &paths);
+    described["info"]["title"] = format!("tchserve inference API for model {name}").into();
+    described
+}
+
 /// This API's OpenAPI description.
 pub(crate) fn doc() -> serde_json::Value {
     openapi(
@@ -274,7 +298,11 @@ async fn predict(
         st.registry.get(name, version.as_deref())?;
     }
     if req.method() == Method::OPTIONS {
-        return Ok(json_response(StatusCode::OK, &doc()));
+        let described = match &name {
+            Some(name) => model_doc(name, version.as_deref()),
+            None => doc(),
+        };
+        return Ok(json_response(StatusCode::OK, &described));
     }
     let mut payload = read_payload(req, st.config.max_request_size).await?;
     if !fields.is_empty() {

@@ -82,7 +82,7 @@ async fn describe_api(State(st): State<AppState>, Path(model): Path<String>) -> 
     respond(
         st.registry
             .get(&model, None)
-            .map(|_| (StatusCode::OK, doc())),
+            .map(|_| (StatusCode::OK, model_doc(&model, None))),
     )
 }
 
@@ -95,8 +95,44 @@ async fn describe_version_api(
     respond(
         st.registry
             .get(&model, version)
-            .map(|_| (StatusCode::OK, doc())),
+            .map(|_| (StatusCode::OK, model_doc(&model, version))),
     )
+}
+
+/// One model's management routes, which `OPTIONS` on it describes, as TorchServe's management
+/// description of a model does; with `version`, that version's too.
+fn model_doc(name: &str, version: Option<&str>) -> Value {
+    let default = format!("/models/{name}");
+    let any = format!("/models/{name}/{{model_version}}");
+    let one = version.map(|v| {
+        (
+            format!("/models/{name}/{v}"),
+            format!("/models/{name}/{v}/set-default"),
+        )
+    });
+    let mut paths: Vec<(&str, &[&str], &str)> = vec![
+        (
+            &default,
+            &["GET", "PUT", "DELETE"],
+            "Describe, scale (min_worker, max_worker, synchronous) or unregister the default version.",
+        ),
+        (
+            &any,
+            &["GET", "PUT", "DELETE"],
+            "Describe, scale or unregister one version; GET .../all describes every version.",
+        ),
+    ];
+    if let Some((this, set_default)) = &one {
+        paths.push((
+            this,
+            &["GET", "PUT", "DELETE"],
+            "Describe, scale or unregister this version.",
+        ));
+        paths.push((set_default, &["PUT"], "Make this version the default."));
+    }
+    let mut described = openapi("management", &paths);
+    described["info"]["title"] = format!("tchserve management API for model {name}").into();
+    described
 }
 
 /// This API's OpenAPI description.
