@@ -615,20 +615,12 @@ impl Pipeline {
             ));
         };
         let _guard = tch::no_grad_guard();
-        // Typed protocols take the tensors as they are: each must have a protocol type, since
-        // their metadata names every output.
+        // Typed protocols take the tensors as they are when each has a protocol type; when one
+        // has none (float8, complex), they get the JSON answer as one BYTES output, as for a
+        // single output, rather than fail the batch's other requests.
         let raws = if inputs.iter().any(|d| d.want_tensor) {
-            let mut raws = Vec::with_capacity(outs.len());
-            for (name, t) in names.iter().zip(outs) {
-                raws.push(raw_output(t)?.ok_or_else(|| {
-                    PredictError::ModelFailed(format!(
-                        "the model's output '{name}' holds {:?} elements, which the typed \
-                         protocols cannot carry",
-                        t.kind()
-                    ))
-                })?);
-            }
-            Some(raws)
+            let raws = outs.iter().map(raw_output).collect::<Result<Vec<_>, _>>()?;
+            raws.into_iter().collect::<Option<Vec<_>>>()
         } else {
             None
         };
@@ -1219,7 +1211,64 @@ fn load_labels(path: &Path) -> Result<Option<Vec<String>>, RuntimeError> {
 
 #[cfg(test)]
 mod tests {
-    use super::load_labels;
+    use super::*;
+
+    /// A pipeline of two named outputs, and one request of one example wanting tensors and one
+    /// wanting JSON, as a v2 and a TorchServe request batched together.
+    fn two_outputs() -> (Pipeline, Decoded, Decoded) {
+        let manifest = HandlerManifest::parse(
+            "two.json",
+            br#"{"schema": 1, "name": "two",
+                "input": {"tensors": [{"name": "x", "dtype": "float32", "shape": [2]}]},
+                "model": {"feed": "stacked"}, "output": {"tensors": ["a", "b"]}}"#,
+        )
+        .unwrap();
+        let pipeline = Pipeline::new(&manifest, Path::new(".")).unwrap();
+        let mut typed = Decoded::owned(
+            Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
+            1,
+            Wrap::Single,
+        );
+        typed.want_tensor = true;
+        let json = Decoded::owned(
+            Tensor::zeros([1, 2], (Kind::Float, Device::Cpu)),
+            1,
+            Wrap::Single,
+        );
+        (pipeline, typed, json)
+    }
+
+    #[test]
+    fn an_output_the_typed_protocols_cannot_carry_is_answered_as_json() {
+        let (pipeline, typed, json) = two_outputs();
+        let a = Tensor::from_slice(&[1.5f32, -2.0]).view([2, 1]);
+        let answer = |b: &Tensor| {
+            let outs = vec![a.shallow_clone(), b.shallow_clone()];
+            pipeline
+                .answer(Launched::Outputs(outs), &[&typed, &json])
+                .unwrap()
+        };
+        // Both carried: the typed request gets tensors, the other JSON.
+        let answers = answer(&Tensor::from_slice(&[3i64, 4]).view([2, 1]));
+        assert!(matches!(&answers[0], Prediction::Tensors(t) if t.len() == 2));
+        assert!(
+            matches!(&answers[1], Prediction::Json(b) if b.as_slice() == br#"{"a":[-2.0],"b":[4]}"#.as_slice()),
+            "{answers:?}"
+        );
+        // float8 has no protocol type: both get JSON, with the values as floats.
+        let b = Tensor::from_slice(&[0.5f32, 2.0])
+            .view([2, 1])
+            .to_kind(Kind::Float8e4m3fn);
+        let answers = answer(&b);
+        assert!(
+            matches!(&answers[0], Prediction::Json(body) if body.as_slice() == br#"{"a":[1.5],"b":[0.5]}"#.as_slice()),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(&answers[1], Prediction::Json(body) if body.as_slice() == br#"{"a":[-2.0],"b":[2.0]}"#.as_slice()),
+            "{answers:?}"
+        );
+    }
 
     #[test]
     fn labels_in_every_torchserve_form() {

@@ -32,9 +32,13 @@ impl Values {
         // tch converts to the element type while copying the flat tensor out.
         Ok(match t.kind() {
             Kind::Double => Values::F64(Vec::try_from(&flat).map_err(failed)?),
-            Kind::Float | Kind::Half | Kind::BFloat16 => {
-                Values::F32(Vec::try_from(&flat).map_err(failed)?)
-            }
+            Kind::Float
+            | Kind::Half
+            | Kind::BFloat16
+            | Kind::Float8e5m2
+            | Kind::Float8e4m3fn
+            | Kind::Float8e5m2fnuz
+            | Kind::Float8e4m3fnuz => Values::F32(Vec::try_from(&flat).map_err(failed)?),
             Kind::Bool => {
                 let bytes: Vec<u8> = Vec::try_from(&flat).map_err(failed)?;
                 Values::Bool(bytes.into_iter().map(|b| b != 0).collect())
