@@ -101,6 +101,10 @@ pub type TracedRouter = tonic::transport::server::Router<
 /// method `gRPC`, the call's path, its gRPC status code where the answer's head carries it (a
 /// failed unary call; 0 otherwise, and 1, CANCELLED, for a call that ended before its answer
 /// began) and the client's address.
+///
+/// It also answers a message over the size limit with `RESOURCE_EXHAUSTED`, the status gRPC's
+/// own implementations (grpc-java under TorchServe, grpc-go, gRPC core) give it, where tonic
+/// says `OUT_OF_RANGE`: clients retry and alert on the former.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AccessLayer;
 
@@ -122,7 +126,7 @@ where
     S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<RB>> + Send,
     S::Future: Send + 'static,
 {
-    type Response = axum::http::Response<RB>;
+    type Response = axum::http::Response<TooLargeExhausts<RB>>;
     type Error = S::Error;
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>,
@@ -150,18 +154,80 @@ where
         };
         let answer = self.inner.call(request);
         Box::pin(async move {
-            let answer = answer.await;
-            let status = match &answer {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok()?.parse().ok())
-                    .unwrap_or(0),
+            let mut answer = answer.await;
+            let status = match &mut answer {
+                Ok(response) => {
+                    // A unary call's error comes in the answer's head.
+                    too_large_exhausts(response.headers_mut());
+                    response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .unwrap_or(0)
+                }
                 Err(_) => GRPC_UNKNOWN,
             };
             call.log(status);
-            answer
+            // A stream's comes in its trailers.
+            answer.map(|r| r.map(TooLargeExhausts))
         })
+    }
+}
+
+/// gRPC's OUT_OF_RANGE, as tonic refuses a message over its size limit.
+const GRPC_OUT_OF_RANGE: &str = "11";
+/// gRPC's RESOURCE_EXHAUSTED, as gRPC's other implementations refuse one.
+const GRPC_RESOURCE_EXHAUSTED: &str = "8";
+
+/// Turns tonic's `OUT_OF_RANGE` for a message over the size limit into `RESOURCE_EXHAUSTED`.
+fn too_large_exhausts(fields: &mut axum::http::HeaderMap) {
+    let over_limit = fields
+        .get("grpc-status")
+        .is_some_and(|v| v == GRPC_OUT_OF_RANGE)
+        && fields.get("grpc-message").is_some_and(|m| {
+            percent_encoding::percent_decode(m.as_bytes())
+                .decode_utf8_lossy()
+                .contains("message length too large")
+        });
+    if over_limit {
+        fields.insert(
+            "grpc-status",
+            axum::http::HeaderValue::from_static(GRPC_RESOURCE_EXHAUSTED),
+        );
+    }
+}
+
+/// An answer's body whose trailers get [`too_large_exhausts`].
+#[derive(Debug)]
+pub struct TooLargeExhausts<B>(B);
+
+impl<B: http_body::Body + Unpin> http_body::Body for TooLargeExhausts<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.0).poll_frame(cx).map(|frame| {
+            frame.map(|f| {
+                f.map(|f| match f.into_trailers() {
+                    Ok(mut trailers) => {
+                        too_large_exhausts(&mut trailers);
+                        http_body::Frame::trailers(trailers)
+                    }
+                    Err(other) => other,
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
     }
 }
 
