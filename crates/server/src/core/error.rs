@@ -170,7 +170,9 @@ impl ApiError {
         self.to_string()
     }
 
-    /// The same error, its message led by `prefix` (which part of a request it concerns).
+    /// The same error, its message led by `prefix` (which part of a request it concerns). A
+    /// state of the server or the model (no worker, a full queue, a timeout) concerns no one
+    /// part, and keeps its message as it is.
     pub fn prefixed(self, prefix: &str) -> Self {
         let lead = |m: String| format!("{prefix}{m}");
         match self {
@@ -178,8 +180,6 @@ impl ApiError {
             ApiError::InvalidModel(m) => ApiError::InvalidModel(lead(m)),
             ApiError::DownloadFailed(m) => ApiError::DownloadFailed(lead(m)),
             ApiError::InvalidInput(m) => ApiError::InvalidInput(lead(m)),
-            ApiError::Unavailable(m) => ApiError::Unavailable(lead(m)),
-            ApiError::Timeout(m) => ApiError::Timeout(lead(m)),
             ApiError::Internal(m) => ApiError::Internal(lead(m)),
             ApiError::OutOfResources(m) => ApiError::OutOfResources(lead(m)),
             other => other,
@@ -283,6 +283,25 @@ impl From<PredictError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_what_concerns_one_part_of_a_request_names_it() {
+        let part = "input 'input0': ";
+        assert_eq!(
+            ApiError::bad_request("3 values for 4").prefixed(part),
+            ApiError::bad_request("input 'input0': 3 values for 4")
+        );
+        assert_eq!(
+            ApiError::internal("the model failed").prefixed(part),
+            ApiError::internal("input 'input0': the model failed")
+        );
+        for state in [
+            ApiError::unavailable("Model \"m\" has no worker"),
+            ApiError::Timeout("timed out".into()),
+        ] {
+            assert_eq!(state.clone().prefixed(part), state);
+        }
+    }
 
     #[test]
     fn each_kind_has_one_status_everywhere() {

@@ -490,8 +490,15 @@ fn tensor_bytes(input: InferInput, want: &TensorMeta, dtype: DType) -> Result<By
         }
         InputData::Binary(b) => {
             if b.len() != count * size {
+                // gRPC's typed contents arrive as elements, the binary forms as bytes: both.
+                let whole = if b.len() % size == 0 {
+                    format!(" ({} elements)", b.len() / size)
+                } else {
+                    String::new()
+                };
                 return Err(bad(format!(
-                    "input '{name}': shape {} needs {} bytes of {} but {} arrived",
+                    "input '{name}': shape {} holds {count} elements, {} bytes of {}, but {} \
+                     bytes arrived{whole}",
                     shape_text(&input.shape),
                     count * size,
                     expected.name(),
