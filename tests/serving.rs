@@ -3534,3 +3534,36 @@ fn a_model_of_two_named_outputs_over_every_route() {
     let r = post_json(&s.inference, "/predictions/pair", "[1.5, 2]");
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// `--check` answers one request where the handler's input has a fixed shape, and says it tried
+/// none where it has not (the built-in `tensor` handler), rather than an `ok` that reads as if it
+/// had.
+#[test]
+fn check_says_whether_it_answered_a_request() {
+    let (s, fixed, _) = scale_server("");
+    let any = archive(
+        &s.store,
+        "any",
+        "1.0",
+        &fixtures().join("scale2.pt"),
+        std::path::Path::new("tensor"),
+        &[],
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let out = run(std::process::Command::new(env!("CARGO_BIN_EXE_tchserve"))
+        .arg("--check")
+        .arg("--model-store")
+        .arg(&s.store)
+        .args(["--models", &fixed, &any])
+        .env("TMPDIR", scratch.path()));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    let line = |mar: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with("ok ") && l.contains(mar))
+            .unwrap_or_else(|| panic!("{mar}: {report}"))
+    };
+    assert!(!line(&fixed).contains("no request tried"), "{report}");
+    assert!(line(&any).contains("no request tried"), "{report}");
+}

@@ -39,11 +39,17 @@ pub fn run(
             &scratch.path().join(i.to_string()),
             dev,
         ) {
-            Ok((model_name, version, handler)) => println!(
-                "ok    {} {version}  handler={handler}  {}  {} ms",
+            Ok((model_name, version, handler, answered)) => println!(
+                "ok    {} {version}  handler={handler}  {}  {} ms{}",
                 name.unwrap_or(model_name),
                 path.display(),
-                started.elapsed().as_millis()
+                started.elapsed().as_millis(),
+                if answered {
+                    ""
+                } else {
+                    "  (loaded; no request tried: the handler's input has no fixed shape to make \
+                     one of, so send one yourself)"
+                }
             ),
             Err(e) => {
                 all_ok = false;
@@ -86,7 +92,7 @@ fn check_one(
     config: &Config,
     dest: &Path,
     dev: tch::Device,
-) -> anyhow::Result<(String, String, String)> {
+) -> anyhow::Result<(String, String, String, bool)> {
     let archive = Archive::open(path)?;
     let name = named.map_or_else(|| archive.model_name(), str::to_owned);
     let version = archive.manifest().model.version().to_string();
@@ -132,6 +138,6 @@ fn check_one(
         use_job_ticket: false,
         placement: Placement::Cpu,
     };
-    tchserve_runtime::check_model(&spec, dev)?;
-    Ok((spec.name, spec.version, handler.name))
+    let answered = tchserve_runtime::check_model(&spec, dev)?;
+    Ok((spec.name, spec.version, handler.name, answered))
 }

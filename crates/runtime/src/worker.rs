@@ -208,8 +208,9 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
 
 /// Loads the model of `spec` and runs on it what a worker runs before serving: the handler is
 /// fitted to the model, the model warmed up and one request answered. What `tchserve --check`
-/// runs, so that an archive it passes registers.
-pub fn check(spec: &ModelSpec, device: tch::Device) -> Result<(), crate::RuntimeError> {
+/// runs, so that an archive it passes registers. True when a request was answered: one can be
+/// made up only for an input of fixed shape, and otherwise the model is loaded and no more.
+pub fn check(spec: &ModelSpec, device: tch::Device) -> Result<bool, crate::RuntimeError> {
     let module = Arc::new(load_module(
         &spec.model_dir,
         &spec.serialized_file,
@@ -220,7 +221,8 @@ pub fn check(spec: &ModelSpec, device: tch::Device) -> Result<(), crate::Runtime
         batch_size: spec.batch_size.max(1),
         max_delay: spec.max_batch_delay,
     };
-    prepare(0, spec, device, batcher, module).map(|_| ())
+    let (loaded, _) = prepare(0, spec, device, batcher, module)?;
+    Ok(loaded.pipeline.probe_request().is_some())
 }
 
 /// Fits the handler and batching to a loaded model, warms it up and answers one request; also
