@@ -522,9 +522,13 @@ fn object_detector_and_image_segmenter_match_pytorch() {
     flat(&want["seg256.png"]["segmentation"], &mut exp);
     assert_eq!(got.len(), 224 * 224 * 2);
     assert_eq!(got.len(), exp.len());
-    // Each pixel is [class, score] with the class an integer, as TorchServe writes it.
+    // Each pixel is [class, score], the class a float of an integral value (`10.0`), as
+    // TorchServe's handler writes the map it casts to the scores' dtype.
     let pixel = &r.json()[0][0];
-    assert!(pixel[0].is_u64() && pixel[1].is_f64(), "{pixel}");
+    assert!(pixel[0].is_f64() && pixel[1].is_f64(), "{pixel}");
+    assert!(r.text().starts_with("[[["), "{}", &r.text()[..40]);
+    let class = r.text()[3..].split(',').next().unwrap().to_string();
+    assert!(class.ends_with(".0"), "{class}");
     for (i, (a, b)) in got.iter().zip(&exp).enumerate() {
         assert!(
             (a - b).abs() <= 1e-4,

@@ -9,7 +9,7 @@ curl -sf -X POST "${TCHSERVE_URL:-http://127.0.0.1:8080}/predictions/segmenter" 
 import collections, json, sys
 names = json.load(open(sys.argv[1]))
 rows = json.load(sys.stdin)
-counts = collections.Counter(px[0] for row in rows for px in row)
+counts = collections.Counter(int(px[0]) for row in rows for px in row)
 total = sum(counts.values())
 print(f"{len(rows)} x {len(rows[0])} pixels")
 for c, n in counts.most_common():

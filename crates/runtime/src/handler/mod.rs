@@ -16,7 +16,6 @@ mod resample;
 pub(crate) mod tensor_input;
 mod text_input;
 
-use std::fmt::Write as _;
 use std::path::Path;
 
 use tch::{Device, IValue, Kind, Tensor};
@@ -872,7 +871,6 @@ impl Pipeline {
                 write_nested(out, values, dims, offset);
                 out.push('}');
             }
-            Output::Segmentation {} => write_class_map(out, values, dims, offset),
             _ => write_nested(out, values, dims, offset),
         }
     }
@@ -985,33 +983,6 @@ fn raw_output(t: &Tensor) -> Result<Option<(tchserve_mar::handler::DType, Vec<u8
         }
     }
     Ok(Some((dtype, bytes)))
-}
-
-/// Writes a `[H, W, 2]` map of `[class, score]` pairs with each class as an integer, as
-/// TorchServe's segmenter answers (the map holds both in one float tensor).
-fn write_class_map(out: &mut String, values: &Values, dims: &[i64], offset: usize) {
-    let [h, w, 2] = dims else {
-        return write_nested(out, values, dims, offset);
-    };
-    let (h, w) = (*h as usize, *w as usize);
-    out.push('[');
-    for y in 0..h {
-        if y > 0 {
-            out.push(',');
-        }
-        out.push('[');
-        for x in 0..w {
-            if x > 0 {
-                out.push(',');
-            }
-            let at = offset + (y * w + x) * 2;
-            let _ = write!(out, "[{},", values.get_f64(at) as i64);
-            values.write(out, at + 1);
-            out.push(']');
-        }
-        out.push(']');
-    }
-    out.push(']');
 }
 
 /// Mean of `[N, L, H]` token embeddings over the tokens the mask marks, as sentence-transformers
