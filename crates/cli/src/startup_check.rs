@@ -103,9 +103,12 @@ fn check_one(
         println!("warn  {}: {w}", path.display());
     }
     if let Some(settings) = &yaml.handler {
-        handler
+        let ignored = handler
             .apply_settings(settings)
             .map_err(|e| anyhow::anyhow!("model-config.yaml: {e}"))?;
+        for note in ignored {
+            println!("warn  {}: model-config.yaml: {note}", path.display());
+        }
     }
     // The settings the server would resolve for this archive at start-up, bounds and all: a
     // package's batch range is held to them, and the warm-up runs at them.

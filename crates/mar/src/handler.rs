@@ -432,16 +432,18 @@ impl HandlerManifest {
     }
 
     /// Applies the `handler:` section of a model's `model-config.yaml`: `top_k` (or TorchServe's
-    /// `topk`) for a `classes` output, `threshold` for `detections`. Other keys belong to
-    /// handlers tchserve does not run and are left alone; a known key with a bad value is an
-    /// error naming it.
+    /// `topk`) for a `classes` output, `threshold` for `detections`. A known key with a bad
+    /// value is an error naming it. Any other key, and a known one this handler's output has no
+    /// use for, changes nothing and comes back as a note to warn of: the section may hold
+    /// settings for the Python handler an archive was first made for.
     pub fn apply_settings(
         &mut self,
         settings: &serde_json::Value,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<Vec<String>, String> {
         let Some(map) = settings.as_object() else {
             return Err("the handler section must be a mapping".into());
         };
+        let mut ignored = Vec::new();
         for (key, value) in map {
             match (key.as_str(), &mut self.output) {
                 ("top_k" | "topk", Output::Classes { top_k, .. }) => {
@@ -457,10 +459,24 @@ impl HandlerManifest {
                         .filter(|t| t.is_finite())
                         .ok_or_else(|| format!("handler.{key} must be a number"))?;
                 }
-                _ => {}
+                ("top_k" | "topk", _) => ignored.push(format!(
+                    "handler.{key} is ignored: it sets how many classes a classes output answers, \
+                     and handler {} has none",
+                    self.name
+                )),
+                ("threshold", _) => ignored.push(format!(
+                    "handler.{key} is ignored: it sets the score a detections output keeps, and \
+                     handler {} has none",
+                    self.name
+                )),
+                _ => ignored.push(format!(
+                    "handler.{key} is ignored: handler {} takes top_k (or topk) for a classes \
+                     output and threshold for detections",
+                    self.name
+                )),
             }
         }
-        Ok(())
+        Ok(ignored)
     }
 
     /// Files inside the archive that this manifest refers to.
@@ -936,10 +952,20 @@ mod tests {
     #[test]
     fn model_config_handler_settings() {
         let mut m = builtin("image_classifier").unwrap();
-        m.apply_settings(&serde_json::json!({"top_k": 3, "something_else": "kept for Python"}))
+        let ignored = m
+            .apply_settings(&serde_json::json!({"top_k": 3, "something_else": "kept for Python"}))
             .unwrap();
         assert!(matches!(m.output, Output::Classes { top_k: Some(3), .. }));
-        m.apply_settings(&serde_json::json!({"topk": 2})).unwrap();
+        assert_eq!(ignored.len(), 1, "{ignored:?}");
+        assert!(
+            ignored[0].starts_with("handler.something_else is ignored"),
+            "{ignored:?}"
+        );
+        assert!(
+            m.apply_settings(&serde_json::json!({"topk": 2}))
+                .unwrap()
+                .is_empty()
+        );
         assert!(matches!(m.output, Output::Classes { top_k: Some(2), .. }));
         assert!(m.apply_settings(&serde_json::json!({"top_k": 0})).is_err());
         assert!(m.apply_settings(&serde_json::json!([1])).is_err());
@@ -947,6 +973,12 @@ mod tests {
         d.apply_settings(&serde_json::json!({"threshold": 0.8}))
             .unwrap();
         assert!(matches!(d.output, Output::Detections { threshold, .. } if threshold == 0.8));
+        let mut t = builtin("tensor").unwrap();
+        let ignored = t.apply_settings(&serde_json::json!({"topk": 0})).unwrap();
+        assert!(
+            ignored[0].contains("handler tensor has none"),
+            "{ignored:?}"
+        );
     }
 
     #[test]

@@ -381,9 +381,12 @@ impl Registry {
             tracing::warn!(model = %name, "model-config.yaml: {w}");
         }
         if let Some(settings) = &yaml.handler {
-            handler
+            let ignored = handler
                 .apply_settings(settings)
                 .map_err(|e| invalid(format!("model-config.yaml: {e}")))?;
+            for note in ignored {
+                tracing::warn!(model = %name, "model-config.yaml: {note}");
+            }
         }
         let models = self.config.model_defaults(&name, &version);
         let settings = ServingSettings::resolve(Sources {
