@@ -773,9 +773,16 @@ fn a_stale_pid_file_never_signals_another_process() {
     std::fs::write(logs.join("tchserve.pid"), format!("{}\n", other.id())).unwrap();
     let status = common::run(s.command().arg("--status"));
     assert!(!status.status.success());
-    assert!(String::from_utf8_lossy(&status.stdout).contains("not running"));
+    // The pid file's server went without stopping, and is said to have.
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(said.contains("not running"), "{said}");
+    assert!(said.contains("ended without being stopped"), "{said}");
     let stop = common::run(s.command().arg("--stop"));
     assert!(String::from_utf8_lossy(&stop.stdout).contains("not running"));
+    // --stop took the stale file away: it is not said again.
+    let status = common::run(s.command().arg("--status"));
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(!said.contains("ended without being stopped"), "{said}");
     std::thread::sleep(Duration::from_millis(200));
     assert!(
         other.try_wait().unwrap().is_none(),

@@ -485,7 +485,16 @@ fn log_tail(path: &Path, from: u64) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-fn not_running(dir: &Path, dir_given: bool) -> String {
+fn not_running(dir: &Path, dir_given: bool, died: Option<u32>) -> String {
+    if let Some(pid) = died {
+        // The folder is the right one: its server went without stopping.
+        return format!(
+            "tchserve is not running: the server that wrote {} (pid {pid}) ended without being \
+             stopped (killed, or it crashed); its log is {}",
+            dir.join(PID_FILE).display(),
+            dir.join(LOG_FILE).display()
+        );
+    }
     if !dir_given && had_a_server(dir) {
         format!(
             "tchserve is not running (no live server in {}); servers started from other \
@@ -514,11 +523,12 @@ fn not_running(dir: &Path, dir_given: bool) -> String {
 /// found too when it is the only one this user runs.
 pub fn stop(dir: &Path, grace: Option<Duration>, dir_given: bool) -> anyhow::Result<bool> {
     let Some((pid, found_in)) = find_server(dir, dir_given)? else {
-        if read_pid(&dir.join(PID_FILE)).is_some() {
+        let died = read_pid(&dir.join(PID_FILE)).map(|(pid, _)| pid);
+        if died.is_some() {
             // Left by a server that died: it names no live server.
             let _ = fs::remove_file(dir.join(PID_FILE));
         }
-        println!("{}", not_running(dir, dir_given));
+        println!("{}", not_running(dir, dir_given, died));
         return Ok(false);
     };
     if found_in != dir {
@@ -572,7 +582,8 @@ pub fn status(dir: &Path, dir_given: bool) -> anyhow::Result<bool> {
             elsewhere.len()
         );
     } else if !stands_in {
-        println!("{}", not_running(dir, dir_given));
+        let died = read_pid(&dir.join(PID_FILE)).map(|(pid, _)| pid);
+        println!("{}", not_running(dir, dir_given, died));
     }
     for (pid, d) in &elsewhere {
         println!(

@@ -170,7 +170,7 @@ impl Metrics {
             ),
             batch_size: histogram(
                 "tchserve_batch_size",
-                "Requests per batch gathered by a worker.",
+                "Size of the batch each request ran in (as gathered by its worker), observed once per request: _count counts requests, not batches.",
                 vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0],
             ),
             queue_depth: gauge(
