@@ -6,12 +6,13 @@
 //! held their activations at once. Queued to one thread per model and GPU, the handles exist
 //! once. A forward on a GPU mostly queues kernels and returns, so one thread keeps up with
 //! several workers, each of which gathers its batch into pinned host memory and copies its
-//! answers out on its own thread, until the launching itself is the limit: a small batch of a model of many small
-//! kernels (ResNet-18 at batch 8 or 16 on an H200) takes as long to launch as to run. More
-//! threads per model and GPU (`gpu_forward_threads`) then launch several forwards at once, each
-//! thread paying its own handles. The thread also queues the copy of each batch to the device,
-//! just before its forward: the batches waiting for a thread wait in host memory, so the device
-//! holds the inputs of the forwards running and no more, whatever the number of workers.
+//! answers out on its own thread, until the launching itself is the limit: a small batch of a
+//! model of many small kernels (ResNet-18 at batch 8 or 16 on an H200) takes as long to launch
+//! as to run. More threads per model and GPU (`gpu_forward_threads`) then launch several
+//! forwards at once, each thread paying its own handles. The thread also queues the copy of
+//! each batch to the device, just before its forward: the batches waiting for a thread wait in
+//! host memory, so the device holds the inputs of the forwards running and no more, whatever
+//! the number of workers.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, mpsc};

@@ -96,7 +96,7 @@ pub enum Launched {
 }
 
 /// One input of a batch's requests as one tensor for `device`: `pick` chooses the input of each.
-/// For a GPU it is in pinned host memory, and put on the device only if `upload`.
+/// For a GPU it is in pinned host memory, and put on the device only if `upload_it`.
 fn stack(
     inputs: &[&Decoded],
     device: Device,
