@@ -151,13 +151,21 @@ fn a_pt2_package_answers_as_pytorch_and_bad_ones_are_refused() {
     }
 
     // The package was exported for batches of at most 64: a registration that would gather more
-    // is refused, and so is one request holding more.
-    let r = register(
-        &s,
-        &format!("url={mar}&model_name=wide&initial_workers=1&batch_size=100"),
-    );
-    assert_ne!(r.status, 200);
-    assert!(r.text().contains("at most 64 examples"), "{}", r.text());
+    // is refused as the client's error, whether it waits for its workers or not, and leaves
+    // nothing registered; so is one request holding more.
+    for sync in ["true", "false"] {
+        let r = s.manage(
+            "POST",
+            &format!(
+                "/models?url={mar}&model_name=wide&initial_workers=1&batch_size=100&synchronous={sync}"
+            ),
+        );
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains("InvalidModelException"), "{}", r.text());
+        assert!(r.text().contains("at most 64 examples"), "{}", r.text());
+        assert_eq!(s.manage("GET", "/models/wide").status, 404);
+    }
+    assert_eq!(s.infer("GET", "/ping", &[], b"").status, 200);
     let many: Vec<&serde_json::Value> = inputs.iter().cycle().take(65).collect();
     let r = s.infer(
         "POST",

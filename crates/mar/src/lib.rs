@@ -8,6 +8,7 @@
 //! - [`PackRequest`] and [`Plan`]: writing archives, for `tch-model-archiver`.
 //! - [`ModelStore`]: looking archives up in a model store.
 //! - [`serving`]: what an archive asks a server to run: its handler and its model file.
+//! - [`package`]: the batch sizes and token lengths a `.pt2` package takes, read from it.
 //!
 //! Nothing here links libtorch, so this crate builds and tests in seconds.
 
@@ -17,6 +18,7 @@ pub mod handler;
 pub mod manifest;
 pub mod model_config;
 pub mod pack;
+pub mod package;
 pub mod serving;
 pub mod store;
 

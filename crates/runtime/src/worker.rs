@@ -408,11 +408,7 @@ fn fit_batcher(
     if let Some(max) = upper.filter(|&max| (batcher.batch_size as i64) > max) {
         return Err(crate::RuntimeError::Package {
             file: spec.serialized_file.clone(),
-            message: format!(
-                "batch_size {} is too large: the model takes at most {max} examples per forward \
-                 (its package was exported so)",
-                batcher.batch_size
-            ),
+            message: tchserve_mar::package::batch_size_too_large(batcher.batch_size, max),
         });
     }
     Ok(batcher)

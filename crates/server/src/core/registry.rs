@@ -409,12 +409,21 @@ impl Registry {
             .unpack(&scratch)
             .map_err(|e| invalid(e.to_string()))?;
         let owned_scratch = (model_dir == scratch).then_some(scratch);
+        // What can be told from the files alone is refused before any worker loads them, so
+        // that an asynchronous registration is refused too rather than left failing.
         let eager = archive.manifest().model.model_file.is_some();
-        if let Err(e) = serving::check_torchscript(&model_dir.join(&serialized), eager) {
+        let model_file = model_dir.join(&serialized);
+        let refused = serving::check_torchscript(&model_file, eager)
+            .map_err(|e| e.to_string())
+            .err()
+            .or_else(|| {
+                tchserve_mar::package::refuses_batch_size(&model_file, settings.batch_size)
+            });
+        if let Some(why) = refused {
             if let Some(dir) = &owned_scratch {
                 let _ = std::fs::remove_dir_all(dir);
             }
-            return Err(invalid(e.to_string()));
+            return Err(invalid(why));
         }
         let loaded = self.backend.load(ModelSpec {
             name: name.clone(),
