@@ -410,15 +410,20 @@ impl Registry {
             .map_err(|e| invalid(e.to_string()))?;
         let owned_scratch = (model_dir == scratch).then_some(scratch);
         // What can be told from the files alone is refused before any worker loads them, so
-        // that an asynchronous registration is refused too rather than left failing.
+        // that an asynchronous registration is refused too rather than left failing. What a
+        // snapshot restores stays registered instead, its workers retrying (see `Origin`).
         let eager = archive.manifest().model.model_file.is_some();
         let model_file = model_dir.join(&serialized);
-        let refused = serving::check_torchscript(&model_file, eager)
-            .map_err(|e| e.to_string())
-            .err()
-            .or_else(|| {
-                tchserve_mar::package::refuses_batch_size(&model_file, settings.batch_size)
-            });
+        let refused = (p.origin != Origin::Snapshot)
+            .then(|| {
+                serving::check_torchscript(&model_file, eager)
+                    .map_err(|e| e.to_string())
+                    .err()
+                    .or_else(|| {
+                        tchserve_mar::package::refuses_batch_size(&model_file, settings.batch_size)
+                    })
+            })
+            .flatten();
         if let Some(why) = refused {
             if let Some(dir) = &owned_scratch {
                 let _ = std::fs::remove_dir_all(dir);
