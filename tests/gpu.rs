@@ -39,21 +39,7 @@ fn serve_on_the_gpu(forward_threads: usize) {
         &[],
     );
     s.start(&[]);
-    let r = s.manage(
-        "POST",
-        &format!(
-            "/models?url={mar}&initial_workers=2&batch_size=8&max_batch_delay=200&synchronous=true"
-        ),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let described: serde_json::Value =
-        serde_json::from_slice(&s.manage("GET", "/models/cnn").body).unwrap();
-    let workers = described[0]["workers"].as_array().expect("workers");
-    assert_eq!(workers.len(), 2, "{described}");
-    assert!(
-        workers.iter().all(|w| w["gpu"] == serde_json::json!(true)),
-        "not on a GPU: {described}"
-    );
+    register_two_workers(&s, &mar, "cnn", 8, true);
     // Both workers hand their forwards to the model's forward threads on the GPU.
     assert_eq!(threads_named(s.pid(), "forward-cuda0"), forward_threads);
     // Each GPU worker answers its batches on a thread of its own while it starts the next.
@@ -129,20 +115,7 @@ fn images_finished_on_the_gpu_are_torchvisions_tensors() {
         &[],
     );
     s.start(&[]);
-    let r = s.manage(
-        "POST",
-        &format!(
-            "/models?url={mar}&initial_workers=2&batch_size=4&max_batch_delay=200&synchronous=true"
-        ),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let described: serde_json::Value =
-        serde_json::from_slice(&s.manage("GET", "/models/pixels").body).unwrap();
-    let workers = described[0]["workers"].as_array().expect("workers");
-    assert!(
-        workers.iter().all(|w| w["gpu"] == serde_json::json!(gpu)),
-        "{described}"
-    );
+    register_two_workers(&s, &mar, "pixels", 4, gpu);
 
     // Each photo twice, all at once, so that batches mix photos of different sizes.
     let photos: Vec<usize> = (0..4).chain(0..4).collect();
@@ -176,6 +149,29 @@ fn images_finished_on_the_gpu_are_torchvisions_tensors() {
         assert!(worst <= 1e-6, "photo{k}: a value differs by {worst}");
     }
     assert_batched(&s, "pixels");
+}
+
+/// Registers `mar` as `name` with two workers gathering batches of up to `batch`, and checks
+/// that they run on GPUs when `on_gpu`, else on the CPU.
+fn register_two_workers(s: &Server, mar: &str, name: &str, batch: usize, on_gpu: bool) {
+    let r = s.manage(
+        "POST",
+        &format!(
+            "/models?url={mar}&model_name={name}&initial_workers=2&batch_size={batch}\
+             &max_batch_delay=200&synchronous=true"
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let described: serde_json::Value =
+        serde_json::from_slice(&s.manage("GET", &format!("/models/{name}")).body).unwrap();
+    let workers = described[0]["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 2, "{described}");
+    assert!(
+        workers
+            .iter()
+            .all(|w| w["gpu"] == serde_json::json!(on_gpu)),
+        "gpu should be {on_gpu}: {described}"
+    );
 }
 
 /// Asserts that `model`'s requests were answered in batches of more than one.
