@@ -7,7 +7,7 @@
 mod common;
 
 use common::server::{Server, archive, fixture_handler, gpu_fixtures};
-use common::{max_abs_diff, nvidia_gpu, repo_root, threads_named};
+use common::{nvidia_gpu, repo_root, threads_named};
 
 #[test]
 fn a_torchscript_model_on_gpu_workers_answers_as_pytorch_on_the_gpu() {
@@ -137,16 +137,11 @@ fn images_finished_on_the_gpu_are_torchvisions_tensors() {
         let text = String::from_utf8_lossy(&body);
         assert_eq!(status, 200, "photo{k}: {text}");
         let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        let mut flat = Vec::new();
-        flatten(&got, &mut flat);
-        let want: Vec<f64> = std::fs::read(dir.join(format!("photo{k}.tensor")))
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
-            .collect();
-        assert_eq!(flat.len(), want.len(), "photo{k}");
-        let worst = max_abs_diff(&flat, &want);
-        assert!(worst <= 1e-6, "photo{k}: a value differs by {worst}");
+        common::assert_tensor_is(
+            &got,
+            &dir.join(format!("photo{k}.tensor")),
+            &format!("photo{k}"),
+        );
     }
     assert_batched(&s, "pixels");
 }
@@ -193,12 +188,4 @@ fn assert_batched(s: &Server, model: &str) {
         examples > batches,
         "{examples} examples in {batches} batches: none was batched"
     );
-}
-
-fn flatten(v: &serde_json::Value, out: &mut Vec<f64>) {
-    match v {
-        serde_json::Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        serde_json::Value::Number(n) => out.push(n.as_f64().unwrap()),
-        other => panic!("not a number: {other}"),
-    }
 }

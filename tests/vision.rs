@@ -55,29 +55,6 @@ fn post_image(s: &Server, model: &str, file: &str) -> Resp {
     s.infer("POST", &format!("/predictions/{model}"), &[], &bytes)
 }
 
-fn flat(v: &Value, out: &mut Vec<f64>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flat(i, out)),
-        Value::Number(n) => out.push(n.as_f64().unwrap()),
-        other => panic!("not a number: {other}"),
-    }
-}
-
-/// Asserts that a JSON answer holds the float32 values of `reference` (raw little-endian, as
-/// make_vision.py writes torchvision's tensors), each within 1e-6.
-fn assert_tensor_is(answer: &Value, reference: &Path, ctx: &str) {
-    let mut got = Vec::new();
-    flat(answer, &mut got);
-    let want: Vec<f64> = fs::read(reference)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
-        .collect();
-    assert_eq!(got.len(), want.len(), "{ctx}");
-    let worst = common::max_abs_diff(&got, &want);
-    assert!(worst <= 1e-6, "{ctx}: a value differs by {worst}");
-}
-
 /// A copy of a built-in handler with its fields changed, written to `dir/<file>`.
 fn changed_handler(
     dir: &Path,
@@ -157,7 +134,7 @@ fn image_classifier_matches_torchvision() {
         let r = post_image(&s, "identity", file);
         assert_eq!(r.status, 200, "{file}: {}", r.text());
         // Pixel for pixel: PIL's JPEG decoder and resampling, reproduced.
-        assert_tensor_is(
+        common::assert_tensor_is(
             &r.json(),
             &fx.join("images").join(format!("{file}.tensor")),
             file,
@@ -518,8 +495,8 @@ fn object_detector_and_image_segmenter_match_pytorch() {
     let r = post_image(&s, "segmenter", "seg256.png");
     assert_eq!(r.status, 200, "{}", r.text());
     let (mut got, mut exp) = (Vec::new(), Vec::new());
-    flat(&r.json(), &mut got);
-    flat(&want["seg256.png"]["segmentation"], &mut exp);
+    common::flat(&r.json(), &mut got);
+    common::flat(&want["seg256.png"]["segmentation"], &mut exp);
     assert_eq!(got.len(), 224 * 224 * 2);
     assert_eq!(got.len(), exp.len());
     // Each pixel is [class, score], the class a float of an integral value (`10.0`), as
@@ -608,7 +585,7 @@ fn grey_images_match_pil_in_mode_l() {
         assert_eq!(rows.len(), 1, "{file}: channels");
         assert_eq!(rows[0].as_array().unwrap().len(), side, "{file}: height");
         assert_eq!(rows[0][0].as_array().unwrap().len(), side, "{file}: width");
-        assert_tensor_is(
+        common::assert_tensor_is(
             &v,
             &fx.join("images").join(format!("grey_{file}.tensor")),
             file,

@@ -130,3 +130,27 @@ pub fn threads_named(pid: u32, prefix: &str) -> usize {
 pub fn worker_threads(pid: u32, id: &str) -> usize {
     threads_named(pid, &format!("W-{id}-"))
 }
+
+/// The numbers of a JSON answer's nested lists, in order.
+pub fn flat(v: &serde_json::Value, out: &mut Vec<f64>) {
+    match v {
+        serde_json::Value::Array(items) => items.iter().for_each(|i| flat(i, out)),
+        serde_json::Value::Number(n) => out.push(n.as_f64().unwrap()),
+        other => panic!("not a number: {other}"),
+    }
+}
+
+/// Asserts that a JSON answer holds the float32 values of `reference` (raw little-endian, as
+/// the fixture scripts write torchvision's tensors), each within 1e-6.
+pub fn assert_tensor_is(answer: &serde_json::Value, reference: &Path, ctx: &str) {
+    let mut got = Vec::new();
+    flat(answer, &mut got);
+    let want: Vec<f64> = std::fs::read(reference)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+        .collect();
+    assert_eq!(got.len(), want.len(), "{ctx}");
+    let worst = max_abs_diff(&got, &want);
+    assert!(worst <= 1e-6, "{ctx}: a value differs by {worst}");
+}
