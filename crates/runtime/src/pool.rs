@@ -61,6 +61,9 @@ pub struct Pool {
     /// Threads that run the forwards of the model on each GPU (see `crate::forward_thread`).
     forward_threads: usize,
     spawned: AtomicUsize,
+    /// Set when the pool is shut down or discarded: it starts no worker after that, and a
+    /// synchronous scale waiting on it waits no more.
+    closed: AtomicBool,
 }
 
 static NEXT_WORKER_ID: AtomicUsize = AtomicUsize::new(9000);
@@ -140,6 +143,7 @@ impl Pool {
             modules: Arc::default(),
             forward_threads,
             spawned: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -187,6 +191,10 @@ impl Pool {
     /// Starts or stops workers until there are `n`. Stopped workers finish their current batch.
     pub fn scale(&self, n: usize) {
         let mut workers = lock(&self.workers);
+        // A scale that lost the race with an unregistration starts nothing in the pool it left.
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
         while workers.len() < n {
             let h = self.spawn();
             workers.push(h);
@@ -331,7 +339,7 @@ impl Pool {
                 .iter()
                 .any(|id| states.get(id) == Some(&WorkerState::Starting));
             let now = Instant::now();
-            if !starting || now >= deadline {
+            if !starting || now >= deadline || self.closed.load(Ordering::SeqCst) {
                 break;
             }
             states = self
@@ -373,12 +381,25 @@ impl Pool {
         self.tx.close_batches();
     }
 
+    /// Marks the pool closed and takes its workers out of it, so that no scale starts one
+    /// after; a synchronous scale waiting for workers to start is woken to see it.
+    fn close(&self) -> Vec<Handle> {
+        let mut workers = lock(&self.workers);
+        self.closed.store(true, Ordering::SeqCst);
+        let handles = std::mem::take(&mut *workers);
+        drop(workers);
+        // Under the states' lock, so that a waiter between its check and its wait hears it.
+        drop(lock(&self.shared.states));
+        self.shared.changed.notify_all();
+        handles
+    }
+
     /// Stops every worker once the queue is empty (or `drain` has passed) and waits for those
     /// between batches; one inside a batch ends when the batch returns.
     pub fn shutdown(&self, drain: Duration) {
         // Nothing more comes: what is queued runs now, not at the end of a batch delay.
         self.close_batches();
-        let handles: Vec<Handle> = std::mem::take(&mut *lock(&self.workers));
+        let handles: Vec<Handle> = self.close();
         // Let the workers drain what is queued before they see the stop flag.
         let deadline = Instant::now() + drain;
         while !self.rx.is_empty() && !handles.is_empty() && Instant::now() < deadline {
@@ -410,7 +431,7 @@ impl Pool {
     /// Stops every worker at once and waits for none: a worker still loading goes on to the
     /// end of its load, counted in [`lingering`] until then.
     pub fn discard(&self) {
-        let handles: Vec<Handle> = std::mem::take(&mut *lock(&self.workers));
+        let handles: Vec<Handle> = self.close();
         let name = self.version_name();
         for h in handles {
             h.stop.store(true, Ordering::Relaxed);
@@ -443,9 +464,11 @@ pub(crate) fn answer_unserved(queue: &Taker<Job>, shared: &Shared, spec: &ModelS
     let message = match Shared::serving_of(&states) {
         Serving::Yes => return,
         Serving::AllFailed(why) => format!(
-            "Model \"{}\" version {} has no worker that can serve it: {why}. Its workers \
+            "Model \"{}\" version {} has no worker that can serve it: {}. Its workers \
              retry; fix the model or unregister it.",
-            spec.name, spec.version
+            spec.name,
+            spec.version,
+            why.trim_end_matches('.')
         ),
         Serving::NoWorker => format!(
             "Model \"{}\" was scaled to no worker while this request waited. \
@@ -627,6 +650,40 @@ mod tests {
         let (ready, waited) = waiter.join().unwrap();
         assert_eq!(ready, 0);
         assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+    }
+
+    #[test]
+    fn a_wait_for_workers_of_a_pool_shut_down_meanwhile_ends_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = missing_model(dir.path());
+        // A worker still loading, whose thread (stood in for by its state) ends without a word
+        // when it sees its stop flag after the load, as a worker stopped while loading does.
+        pool.shared.insert(7, WorkerState::Starting);
+        lock(&pool.workers).push(Handle {
+            id: 7,
+            started: SystemTime::now(),
+            device: tch::Device::Cpu,
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+            busy: Arc::new(Busy::new()),
+            said_stuck: false,
+        });
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                (pool.wait_started(Duration::from_secs(30)), t.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        // The version is unregistered: its pool shuts down while the scale waits.
+        pool.shutdown(Duration::ZERO);
+        let (ready, waited) = waiter.join().unwrap();
+        assert_eq!(ready, 0);
+        assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+        // A scale that comes after starts nothing in the pool it lost.
+        pool.scale(3);
+        assert_eq!(pool.worker_count(), 0);
     }
 
     #[test]

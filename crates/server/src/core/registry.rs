@@ -623,6 +623,16 @@ impl Registry {
         let ready = mv
             .pool
             .wait_started(Duration::from_secs(mv.startup_timeout_s));
+        // Unregistered meanwhile, the version has no workers to wait for, nor to report.
+        let still_registered = self
+            .get(name, Some(&mv.version))
+            .is_ok_and(|now| Arc::ptr_eq(&now, &mv));
+        if !still_registered {
+            return Err(ApiError::version_not_found(format!(
+                "Model version {} of model {name} was unregistered while its workers were scaled",
+                mv.version
+            )));
+        }
         let outcome = if ready >= min {
             ScaleOutcome::Done
         } else if let Some(why) = pool_failure(mv.pool.as_ref()) {
