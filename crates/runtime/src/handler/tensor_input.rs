@@ -133,7 +133,133 @@ pub fn decode(
         dtype: payload.dtype.as_deref(),
         shape: part.shape.as_deref().or(payload.shape.as_deref()),
     };
-    decode_part(part, sent, dtype, shape, looks_like_json(part))
+    decode_part(part, sent, dtype, shape, reading_of(part, sent))
+}
+
+/// How a part's bytes are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// JSON numbers.
+    Json,
+    /// Numbers written out as text: comma-, semicolon- or space-separated, a row per line (CSV).
+    Delimited,
+    /// Little-endian values of the model's dtype.
+    Raw,
+}
+
+/// How to read `part`: what its content type says, else what its bytes look like.
+///
+/// Text is never taken for raw bytes: `6.1,2.8,4.7,1.2\n` is 16 bytes, four float32 values
+/// of about 1e-12 that would be answered without complaint.
+fn reading_of(part: &Part, sent: Sent<'_>) -> Reading {
+    let ct = part.content_type.as_deref().unwrap_or("");
+    if ct.contains("json") {
+        return Reading::Json;
+    }
+    if ct.contains("octet-stream") {
+        return Reading::Raw;
+    }
+    if matches!(
+        part.data.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'[' | b'{')
+    ) {
+        return Reading::Json;
+    }
+    // A sender that gives the bytes' shape or dtype is sending raw bytes, whatever they hold.
+    if sent.shape.is_some() || sent.dtype.is_some() {
+        return Reading::Raw;
+    }
+    if ct.starts_with("text/") || looks_delimited(&part.data) {
+        return Reading::Delimited;
+    }
+    Reading::Raw
+}
+
+/// Whether `body` is only numbers and separators: digits, signs, points, exponents, commas,
+/// semicolons and white space, with at least one digit.
+fn looks_delimited(body: &[u8]) -> bool {
+    body.iter().any(u8::is_ascii_digit)
+        && body
+            .iter()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_whitespace() || b"+-.eE,;".contains(b))
+}
+
+/// The numbers of a delimited text body, nested as the same rows in a JSON list would be: one
+/// line is a list of values, several lines a list of rows.
+fn delimited_numbers(body: &[u8]) -> Result<Numbers, PredictError> {
+    let text = std::str::from_utf8(body).map_err(|_| {
+        bad(
+            "the body is neither JSON, nor numbers written as text (it is not UTF-8), nor raw \
+             bytes (Content-Type application/octet-stream)",
+        )
+    })?;
+    let mut flat = Vec::new();
+    let mut rows = 0i64;
+    let mut width = None;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let before = flat.len();
+        let fields: Vec<&str> = if line.contains([',', ';']) {
+            let line = line.strip_suffix([',', ';']).unwrap_or(line);
+            line.split([',', ';']).map(str::trim).collect()
+        } else {
+            line.split_ascii_whitespace().collect()
+        };
+        for field in fields {
+            let value = field.parse::<f64>().map_err(|_| {
+                if field.is_empty() {
+                    bad(format!(
+                        "line {}: a value is missing between separators",
+                        i + 1
+                    ))
+                } else {
+                    bad(format!(
+                        "line {}: {:?} is not a number (a text body is read as numbers \
+                         separated by commas, semicolons or spaces, a row per line)",
+                        i + 1,
+                        short_text(field)
+                    ))
+                }
+            })?;
+            flat.push(value);
+        }
+        let n = (flat.len() - before) as i64;
+        match width {
+            None => width = Some(n),
+            Some(w) if w != n => {
+                return Err(bad(format!(
+                    "line {} holds {n} values and the first row {w}: every row must hold as many",
+                    i + 1
+                )));
+            }
+            Some(_) => {}
+        }
+        rows += 1;
+    }
+    let Some(width) = width else {
+        return Err(bad("the request holds no values"));
+    };
+    let dims = if rows == 1 {
+        vec![width]
+    } else {
+        vec![rows, width]
+    };
+    Ok(Numbers {
+        dims,
+        flat,
+        instances: false,
+    })
+}
+
+/// At most 40 characters of `s`, for error messages.
+fn short_text(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s.to_string(),
+    }
 }
 
 /// What a raw tensor's sender says of it: its `X-Tensor-Dtype` and `X-Tensor-Shape`.
@@ -149,16 +275,18 @@ fn decode_part(
     sent: Sent<'_>,
     dtype: DType,
     shape: Option<&[i64]>,
-    json: bool,
+    reading: Reading,
 ) -> Result<Decoded, PredictError> {
-    let decoded = if json {
-        let numbers = match json_numbers::read(&part.data) {
-            Some(n) => n,
-            None => numbers_of_value(&part.data)?,
-        };
-        from_numbers(numbers, dtype, shape)?
-    } else {
-        decode_raw(part, sent, dtype, shape)?
+    let decoded = match reading {
+        Reading::Json => {
+            let numbers = match json_numbers::read(&part.data) {
+                Some(n) => n,
+                None => numbers_of_value(&part.data)?,
+            };
+            from_numbers(numbers, dtype, shape)?
+        }
+        Reading::Delimited => from_numbers(delimited_numbers(&part.data)?, dtype, shape)?,
+        Reading::Raw => decode_raw(part, sent, dtype, shape)?,
     };
     check_shape(&decoded, shape)?;
     Ok(decoded)
@@ -209,17 +337,23 @@ pub fn decode_named(payload: &Payload, inputs: &[NamedTensor]) -> Result<Decoded
                 dtype: None,
                 shape: part.shape.as_deref(),
             };
-            // A field is JSON numbers (`-F dense=0.25`, a query's `?dense=0.25`) unless it
-            // says it is raw bytes, or says nothing and is not JSON (a file field sent without
-            // a type): read as bytes, a number written out would be numbers nobody sent.
-            let raw = match part.content_type.as_deref() {
-                Some(c) if c.contains("json") => false,
-                Some(c) if c.contains("octet-stream") => true,
-                _ if part.shape.is_some() => true,
-                Some(_) => false,
-                None => serde_json::from_slice::<serde::de::IgnoredAny>(&part.data).is_err(),
+            // A field is numbers (`-F dense=0.25`, a query's `?dense=0.25`, `-F 'ids=1,2,3'`)
+            // unless it says it is raw bytes or carries its shape, or looks like neither JSON
+            // nor numbers written out (a file field sent without a type).
+            let reading = match reading_of(part, sent) {
+                Reading::Raw | Reading::Delimited
+                    if part.shape.is_none()
+                        && !part
+                            .content_type
+                            .as_deref()
+                            .is_some_and(|c| c.contains("octet-stream"))
+                        && serde_json::from_slice::<serde::de::IgnoredAny>(&part.data).is_ok() =>
+                {
+                    Reading::Json
+                }
+                r => r,
             };
-            let d = decode_part(part, sent, input.dtype, input.shape.as_deref(), !raw)
+            let d = decode_part(part, sent, input.dtype, input.shape.as_deref(), reading)
                 .map_err(|e| named(e, &input.name))?;
             decoded.push(d);
         }
@@ -364,21 +498,6 @@ fn by_key(
 /// The number of elements of `dims`, if it fits in an `i64`.
 fn checked_product(dims: &[i64]) -> Option<i64> {
     dims.iter().try_fold(1i64, |acc, d| acc.checked_mul(*d))
-}
-
-fn looks_like_json(part: &Part) -> bool {
-    if let Some(ct) = &part.content_type {
-        if ct.contains("json") {
-            return true;
-        }
-        if ct.contains("octet-stream") {
-            return false;
-        }
-    }
-    matches!(
-        part.data.iter().find(|b| !b.is_ascii_whitespace()),
-        Some(b'[' | b'{')
-    )
 }
 
 /// A tensor of the numbers read from a JSON body.
@@ -1137,6 +1256,94 @@ mod tests {
             e.to_string().contains("input shape [3] does not match"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn text_bodies_are_numbers_not_raw_bytes() {
+        let p = |body: &'static str, ct: Option<&str>| Payload {
+            parts: vec![Part {
+                name: "body".into(),
+                content_type: ct.map(str::to_owned),
+                data: bytes::Bytes::from_static(body.as_bytes()),
+                shape: None,
+            }],
+            ..Payload::default()
+        };
+        // 16 bytes, as many as four float32 values: read as the numbers they spell.
+        for ct in [
+            None,
+            Some("text/plain"),
+            Some("text/csv"),
+            Some("application/x-www-form-urlencoded"),
+        ] {
+            let d = decode(&p("6.1,2.8,4.7,1.2\n", ct), DType::Float32, Some(&[4])).unwrap();
+            assert_eq!((d.examples, d.wrap), (1, Wrap::Single), "{ct:?}");
+            assert_eq!(values(&d.tensor), [6.1, 2.8, 4.7, 1.2], "{ct:?}");
+        }
+        let d = decode(
+            &p("1 2 3 4\r\n5 6 7 8\r\n\r\n", None),
+            DType::Float32,
+            Some(&[4]),
+        )
+        .unwrap();
+        assert_eq!((d.examples, d.wrap), (2, Wrap::List));
+        assert_eq!(values(&d.tensor), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+        let d = decode(&p("1;2;3;\n", None), DType::Int64, None).unwrap();
+        assert_eq!(d.tensor.size(), [1, 3]);
+        assert_eq!(ids(&d.tensor), [1, 2, 3]);
+        for (body, ct, says) in [
+            (
+                "1,2\n3,4,5\n",
+                None,
+                "line 2 holds 3 values and the first row 2",
+            ),
+            ("1,,2,3", None, "line 1: a value is missing"),
+            (
+                "sepal,2,3,4",
+                Some("text/csv"),
+                "line 1: \"sepal\" is not a number",
+            ),
+            (" \n", Some("text/plain"), "the request holds no values"),
+            ("1.5,2,3,4", None, "1.5 is not one"),
+        ] {
+            let dtype = if body.starts_with("1.5") {
+                DType::Int64
+            } else {
+                DType::Float32
+            };
+            let e = decode(&p(body, ct), dtype, Some(&[-1]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{body:?}: {e}");
+        }
+        // Said to be raw, by its type or by a shape header, the same bytes are raw.
+        let d = decode(
+            &p("6.1,2.8,4.7,1.2\n", Some("application/octet-stream")),
+            DType::Float32,
+            Some(&[4]),
+        )
+        .unwrap();
+        assert!(values(&d.tensor).iter().all(|v| v.abs() < 1e-6));
+        let mut shaped = p("6.1,2.8,4.7,1.2\n", None);
+        shaped.shape = Some("4".into());
+        let d = decode(&shaped, DType::Float32, None).unwrap();
+        assert!(values(&d.tensor).iter().all(|v| v.abs() < 1e-6));
+        // Bytes that are not text stay raw without a type, as `curl -T x.bin` sends them.
+        let raw: Vec<u8> = [0.5f32, 0.25, 1.0, 2.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let untyped = Payload {
+            parts: vec![Part {
+                name: "body".into(),
+                content_type: None,
+                data: raw.into(),
+                shape: None,
+            }],
+            ..Payload::default()
+        };
+        let d = decode(&untyped, DType::Float32, Some(&[4])).unwrap();
+        assert_eq!(values(&d.tensor), [0.5, 0.25, 1.0, 2.0]);
     }
 
     #[test]
