@@ -47,8 +47,8 @@ pub fn run(
                 if answered {
                     ""
                 } else {
-                    "  (loaded; no request tried: the handler's input has no fixed shape to make \
-                     one of, so send one yourself)"
+                    "  (loaded; no request tried: the handler's input is a tensor of free shape, \
+                     or images fed as a list, so send one yourself)"
                 }
             ),
             Err(e) => {

@@ -286,6 +286,13 @@ pub enum Output {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         labels: Option<String>,
     },
+    /// The best class alone: its label, or its index (a JSON number) where there is no label
+    /// for it, as the classic TorchServe examples answer (`argmax(1).tolist()`).
+    Argmax {
+        /// Label file, as for `classes`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        labels: Option<String>,
+    },
     /// Per pixel `[class, score]` from a `[N, C, H, W]` score map.
     Segmentation {},
     /// `[{"<label>": [x1, y1, x2, y2], "score": s}, ...]` from a detector's boxes, labels, scores.
@@ -389,6 +396,17 @@ pub fn torchserve_module(handler: &str) -> Option<&str> {
     }
 }
 
+/// The manifest that stands in for a Python handler in tchserve: `my_handler.py` (or
+/// `my_handler.py:handle`, `my_handler`) is served by `my_handler.json` packed beside it, so that
+/// one archive serves in TorchServe, which runs the Python, and in tchserve. `None` for a name
+/// that is a manifest already.
+pub fn twin_manifest_name(handler: &str) -> Option<String> {
+    let file = handler.split(':').next()?;
+    let file = file.rsplit('/').next()?;
+    let stem = file.strip_suffix(".py").unwrap_or(file);
+    (!stem.is_empty() && !stem.ends_with(".json")).then(|| format!("{stem}.json"))
+}
+
 /// The built-in manifest called `name` (or TorchServe's alias for one), parsed.
 pub fn builtin(name: &str) -> Option<HandlerManifest> {
     let name = if name == BASE_HANDLER_ALIAS {
@@ -489,6 +507,7 @@ impl HandlerManifest {
             Output::Classes {
                 labels: Some(l), ..
             }
+            | Output::Argmax { labels: Some(l) }
             | Output::Detections {
                 labels: Some(l), ..
             } => files.push(l.as_str()),
@@ -743,6 +762,9 @@ impl HandlerManifest {
                     check_file_name("output.classes.labels", l)?;
                 }
             }
+            Output::Argmax { labels: Some(l) } => {
+                check_file_name("output.argmax.labels", l)?;
+            }
             Output::Detections { threshold, labels } => {
                 if !threshold.is_finite() {
                     return fail("output.detections.threshold", "must be a number");
@@ -979,6 +1001,24 @@ mod tests {
             ignored[0].contains("handler tensor has none"),
             "{ignored:?}"
         );
+    }
+
+    #[test]
+    fn a_python_handler_is_twinned_by_the_manifest_of_its_name() {
+        for h in [
+            "my_handler.py",
+            "my_handler.py:handle",
+            "my_handler",
+            "src/my_handler.py",
+        ] {
+            assert_eq!(
+                twin_manifest_name(h).as_deref(),
+                Some("my_handler.json"),
+                "{h}"
+            );
+        }
+        assert_eq!(twin_manifest_name("my.json"), None);
+        assert_eq!(twin_manifest_name(":handle"), None);
     }
 
     #[test]

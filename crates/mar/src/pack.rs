@@ -110,6 +110,9 @@ pub struct Plan {
     pub format: ArchiveFormat,
     /// Whether an existing output may be replaced.
     pub force: bool,
+    /// The manifest packed beside a Python handler, which tchserve serves the archive with
+    /// (see [`crate::handler::twin_manifest_name`]).
+    pub twin_manifest: Option<String>,
     /// What the handler flag named.
     pub handler_kind: HandlerKind,
     /// Non-fatal notes for the user (unmatched wildcards and the like).
@@ -242,6 +245,24 @@ impl PackRequest {
                 add_extra(item, &mut files, &mut warnings)?;
             }
         }
+        // A Python handler's twin manifest, packed among the extra files, is what tchserve
+        // serves the archive with: it is checked as a `--handler` manifest would be.
+        let twin_manifest = match handler_kind {
+            HandlerKind::Code => crate::handler::twin_manifest_name(base_name(&self.handler))
+                .filter(|twin| files.contains_key(twin)),
+            _ => None,
+        };
+        if let Some(twin) = &twin_manifest {
+            let path = &files[twin];
+            let bytes = fs::read(path)
+                .map_err(|e| input_error("--extra-files", format!("{}: {e}", path.display())))?;
+            let manifest = HandlerManifest::parse(twin, &bytes)?;
+            manifest_files = manifest
+                .referenced_files()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+        }
         if let Some(p) = &self.requirements_file {
             add_flat(&mut files, "--requirements-file", p)?;
         }
@@ -293,6 +314,7 @@ impl PackRequest {
             format: self.format,
             force: self.force,
             handler_kind,
+            twin_manifest,
             warnings,
         })
     }

@@ -32,6 +32,12 @@ pub fn resolve_handler(archive: &Archive, override_name: Option<&str>) -> Result
         let bytes = archive.read_file(name)?;
         return HandlerManifest::parse(name, &bytes);
     }
+    if let Some(twin) = handler::twin_manifest_name(name)
+        && archive.contains(&twin)
+    {
+        let bytes = archive.read_file(&twin)?;
+        return HandlerManifest::parse(&twin, &bytes);
+    }
     // A name with no file behind it is a misspelt built-in more often than Python code.
     let what = if name.ends_with(".py") || name.contains(':') || archive.read_file(name).is_ok() {
         format!("handler {name} is Python code, which tchserve cannot run.")

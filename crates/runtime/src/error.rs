@@ -30,8 +30,8 @@ pub enum RuntimeError {
         message: String,
     },
     /// The handler cannot answer a request with what the model gives: found at load by
-    /// answering a request of zeros.
-    #[error("{file}: a request of zeros, answered at load, failed: {message}")]
+    /// answering a made-up request (zeros, a grey photo, a short sentence).
+    #[error("{file}: a made-up request, answered at load, failed: {message}")]
     Handler {
         /// The serialized file.
         file: String,
@@ -105,7 +105,8 @@ mod tests {
 /// logged in full once in a while rather than every time.
 #[derive(Debug)]
 pub struct Recently {
-    said: std::sync::Mutex<Option<std::collections::HashMap<String, std::time::Instant>>>,
+    /// Each message's last saying, and how many times it was held back since.
+    said: std::sync::Mutex<Option<std::collections::HashMap<String, (std::time::Instant, u64)>>>,
 }
 
 impl Recently {
@@ -123,20 +124,28 @@ impl Recently {
 
     /// True when `key` was not said in the last minute, and notes it as said now.
     pub fn first_in_a_while(&self, key: &str) -> bool {
+        self.say(key).is_some()
+    }
+
+    /// When `key` was not said in the last minute: how many times it was held back since it was
+    /// last said (0 the first time), noting it as said now. `None` while it is held back.
+    pub fn say(&self, key: &str) -> Option<u64> {
         let now = std::time::Instant::now();
         let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
         let said = said.get_or_insert_with(Default::default);
-        if said
-            .get(key)
-            .is_some_and(|at| now.duration_since(*at) < Self::QUIET)
-        {
-            return false;
-        }
+        let held = match said.get_mut(key) {
+            Some((at, held)) if now.duration_since(*at) < Self::QUIET => {
+                *held += 1;
+                return None;
+            }
+            Some((_, held)) => *held,
+            None => 0,
+        };
         if said.len() >= Self::MOST {
             said.clear();
         }
-        said.insert(key.to_string(), now);
-        true
+        said.insert(key.to_string(), (now, 0));
+        Some(held)
     }
 }
 
@@ -155,5 +164,19 @@ mod recently_tests {
         }
         // Memory full: it starts afresh rather than growing.
         assert!(r.first_in_a_while("shape"));
+        // What was held back is counted, and told with the next saying.
+        let r = Recently::new();
+        assert_eq!(r.say("shape"), Some(0));
+        assert_eq!((r.say("shape"), r.say("shape")), (None, None));
+        r.said
+            .lock()
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .get_mut("shape")
+            .unwrap()
+            .0 -= Recently::QUIET;
+        assert_eq!(r.say("shape"), Some(2));
+        assert_eq!(r.say("shape"), None);
     }
 }

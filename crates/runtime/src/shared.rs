@@ -209,7 +209,7 @@ impl Shared {
                     None => String::new(),
                 };
                 PredictError::BadInput(format!(
-                    "the model cannot take this input{which}, {}; it runs on {} ({why})",
+                    "the model cannot take this input{which}, {}; it last ran on {} ({why})",
                     describe(&mine),
                     describe(good)
                 ))
@@ -396,7 +396,7 @@ mod tests {
         match shared.blame(misfit(), &[&ids, &dense(5)], &["ids", "dense"]) {
             PredictError::BadInput(m) => {
                 assert!(m.contains("(input 'dense'), examples of shape [5]"), "{m}");
-                assert!(m.contains("runs on examples of shape [2]"), "{m}");
+                assert!(m.contains("last ran on examples of shape [2]"), "{m}");
             }
             other => panic!("{other:?}"),
         }

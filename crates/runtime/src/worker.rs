@@ -208,8 +208,9 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
 
 /// Loads the model of `spec` and runs on it what a worker runs before serving: the handler is
 /// fitted to the model, the model warmed up and one request answered. What `tchserve --check`
-/// runs, so that an archive it passes registers. True when a request was answered: one can be
-/// made up only for an input of fixed shape, and otherwise the model is loaded and no more.
+/// runs, so that an archive it passes registers. True when a request was answered: one is made
+/// up for every handler but those of tensors of free shape and of images fed as a list (see
+/// [`Pipeline::probe_request`]); for those the model is loaded and no more.
 pub fn check(spec: &ModelSpec, device: tch::Device) -> Result<bool, crate::RuntimeError> {
     let module = Arc::new(load_module(
         &spec.model_dir,
@@ -299,14 +300,14 @@ fn prepare(
     // TorchScript specialises its graph over the first calls; pay that before serving.
     let mut last_forward = None;
     let mut last_output = None;
-    // The warm-up and the probe feed the model zeros. A model that refuses zeros of its own
-    // accord (an assertion on the values) serves real input still, as TorchServe, which warms
-    // nothing up, serves it: only input that does not fit the model (shapes, element types)
-    // fails the load.
+    // The warm-up and the probe feed the model made-up input: zeros, a grey photo, a short
+    // sentence. A model that refuses it of its own accord (an assertion on the values) serves
+    // real input still, as TorchServe, which warms nothing up, serves it: only input that does
+    // not fit the model (shapes, element types, channels) fails the load.
     let refuses_zeros = |why: &str| {
         tracing::warn!(
             model = %spec.serialized_file,
-            "the model fails on an input of zeros ({why}); serving it without a warm-up"
+            "the model fails on a made-up input ({why}); serving it without a warm-up"
         );
     };
     'warm: for batch in [1, batcher.batch_size] {

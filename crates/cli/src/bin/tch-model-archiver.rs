@@ -126,7 +126,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     for w in &plan.warnings {
         eprintln!("warning: {w}");
     }
-    if plan.handler_kind == HandlerKind::Code {
+    if let Some(twin) = &plan.twin_manifest {
+        eprintln!(
+            "note: handler {} is code, which TorchServe runs; tchserve serves the archive with \
+             the manifest beside it, {twin}",
+            request.handler
+        );
+    } else if plan.handler_kind == HandlerKind::Code {
         eprintln!(
             "warning: handler {} is code; the archive works in TorchServe, but tchserve cannot run \
              Python or C++ handlers. Use a built-in handler or a handler manifest (.json) to serve it \

@@ -33,7 +33,7 @@ pub use tensor_input::{
 };
 
 use crate::error::RuntimeError;
-use crate::job::{Payload, PredictError, Prediction, RawTensor};
+use crate::job::{Part, Payload, PredictError, Prediction, RawTensor};
 use output::{Values, write_nested, write_str};
 
 /// A handler ready to run.
@@ -133,12 +133,18 @@ fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
     let brief = crate::error::concise(&whole);
     if brief.len() < whole.len() {
         // The answer carries the brief message; the whole one (a TorchScript traceback, a
-        // kilobyte and more) goes to the log once a minute for each brief one, so that a client
-        // sending bad input all day does not fill the disk with copies of it.
-        if WHOLE_MESSAGES.first_in_a_while(&brief) {
-            tracing::warn!("{what}: {whole}");
-        } else {
-            tracing::debug!("{what}: {whole}");
+        // kilobyte and more) goes to the log once a minute for each brief one and worker, so
+        // that a client sending bad input all day does not fill the disk with copies of it. The
+        // worker's thread is named after its model and version, as TorchServe names them.
+        let thread = std::thread::current();
+        let worker = thread.name().unwrap_or("");
+        match WHOLE_MESSAGES.say(&format!("{worker} {brief}")) {
+            Some(0) => tracing::warn!(worker, "{what}: {whole}"),
+            Some(held) => tracing::warn!(
+                worker,
+                "{what} ({held} more times since this was last logged): {whole}"
+            ),
+            None => tracing::debug!(worker, "{what}: {whole}"),
         }
     }
     if out_of_memory(&whole) {
@@ -191,6 +197,7 @@ impl Pipeline {
             Output::Classes {
                 labels: Some(file), ..
             }
+            | Output::Argmax { labels: Some(file) }
             | Output::Detections {
                 labels: Some(file), ..
             } => load_labels(&model_dir.join(file))?,
@@ -364,14 +371,46 @@ impl Pipeline {
         })
     }
 
-    /// A request of one example of zeros, for a handler whose input has a fixed shape and whose
-    /// model takes a stacked batch. Answering it at load runs the output's selection, the
-    /// postprocess stages and the answer's writing, whose mistakes (an index past a tuple, a
-    /// softmax axis the output lacks) would otherwise fail every request. `None` for other
-    /// handlers.
+    /// A made-up request of one example: zeros for a tensor input of fixed shape, a grey photo
+    /// for images fed stacked (which a manifest brings to a fixed size), a short sentence for
+    /// text. Answering it at load runs the output's selection, the postprocess stages and the
+    /// answer's writing, whose mistakes (an index past a tuple, a softmax axis the output lacks,
+    /// a colour pipeline before a grey model) would otherwise fail every request. `None` for
+    /// other handlers: tensors of free shape, and images fed as a list, whose detectors are
+    /// too slow to run for nothing.
     pub fn probe_request(&self) -> Option<Decoded> {
-        if self.feed != Feed::Stacked {
-            return None;
+        match (&self.input, self.feed) {
+            (Input::Image { max_pixels, mode }, Feed::Stacked) => {
+                let (width, height) = (64, 48);
+                let grey = image_input::Rgb {
+                    width,
+                    height,
+                    data: vec![128; (width * height * 3) as usize],
+                };
+                let tensor = image_input::preprocess(
+                    grey,
+                    &self.preprocess,
+                    *max_pixels,
+                    self.finishing.is_some(),
+                    *mode,
+                )
+                .ok()?;
+                return Some(Decoded::owned(tensor, 1, Wrap::Single));
+            }
+            (Input::Text { .. }, Feed::Tokens) => {
+                let sentence = Payload {
+                    parts: vec![Part {
+                        name: "body".into(),
+                        content_type: Some("text/plain".into()),
+                        data: bytes::Bytes::from_static(b"A short sentence to try the model."),
+                        shape: None,
+                    }],
+                    ..Payload::default()
+                };
+                return self.decode(&sentence).ok();
+            }
+            (_, Feed::Stacked) => {}
+            _ => return None,
         }
         let mut zeros = self
             .zeros(1, Device::Cpu)?
@@ -866,6 +905,21 @@ impl Pipeline {
                 }
                 out.push('}');
             }
+            Output::Argmax { .. } => {
+                let n: usize = dims.iter().map(|&d| d as usize).product();
+                // The first of equal scores, as torch.argmax picks it.
+                let best = (0..n).fold(0, |best, class| {
+                    if values.get_f64(offset + class) > values.get_f64(offset + best) {
+                        class
+                    } else {
+                        best
+                    }
+                });
+                match self.labels.as_ref().and_then(|l| l.get(best)) {
+                    Some(label) => write_str(out, label),
+                    None => out.push_str(&best.to_string()),
+                }
+            }
             Output::Embedding {} => {
                 out.push_str("{\"embedding\":");
                 write_nested(out, values, dims, offset);
@@ -1207,6 +1261,56 @@ mod tests {
             Wrap::Single,
         );
         (pipeline, typed, json)
+    }
+
+    #[test]
+    fn argmax_answers_the_best_label_or_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("labels.json"),
+            r#"{"0": "cat", "1": "dog"}"#,
+        )
+        .unwrap();
+        let manifest = |labels: &str| {
+            HandlerManifest::parse(
+                "best.json",
+                format!(
+                    r#"{{"schema": 1, "name": "best",
+                        "input": {{"tensor": {{"dtype": "float32", "shape": [3]}}}},
+                        "model": {{"feed": "stacked"}}, "output": {{"argmax": {{{labels}}}}}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        let one = |_| {
+            Decoded::owned(
+                Tensor::zeros([1, 3], (Kind::Float, Device::Cpu)),
+                1,
+                Wrap::Single,
+            )
+        };
+        let requests: Vec<Decoded> = (0..3).map(one).collect();
+        let batch: Vec<&Decoded> = requests.iter().collect();
+        // Ties go to the first, as torch.argmax breaks them.
+        let scores =
+            Tensor::from_slice(&[0.1f32, 0.7, 0.2, 0.9, 0.0, 0.1, 0.3, 0.3, 0.5]).view([3, 3]);
+        let bodies = |pipeline: &Pipeline| -> Vec<String> {
+            pipeline
+                .answer(Launched::Output(scores.shallow_clone()), &batch)
+                .unwrap()
+                .into_iter()
+                .map(|p| match p {
+                    Prediction::Json(b) => String::from_utf8(b.to_vec()).unwrap(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let plain = Pipeline::new(&manifest(""), dir.path()).unwrap();
+        assert_eq!(bodies(&plain), ["1", "0", "2"]);
+        let labelled = Pipeline::new(&manifest(r#""labels": "labels.json""#), dir.path()).unwrap();
+        // A class the label file does not name is answered by its index.
+        assert_eq!(bodies(&labelled), ["\"dog\"", "\"cat\"", "2"]);
     }
 
     #[test]
