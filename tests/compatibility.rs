@@ -116,6 +116,178 @@ fn management_cases_of_torchserve_own_test_collection() {
 }
 
 #[test]
+fn a_python_handler_with_its_manifest_beside_it_serves_in_tchserve() {
+    // One archive for both servers: TorchServe runs doubler.py, tchserve the doubler.json packed
+    // beside it, whichever archiver packed it.
+    let mut s = Server::new("");
+    let dir = s.dir.path().join("twin");
+    fs::create_dir_all(&dir).unwrap();
+    let code = dir.join("doubler.py");
+    fs::write(&code, "def handle(data, context):\n    return data\n").unwrap();
+    let twin = dir.join("doubler.json");
+    fs::copy(fixture_handler("vec4.json"), &twin).unwrap();
+    let scale2 = fixtures().join("scale2.pt");
+    let real =
+        common::server::real_archive(&s.store, "real", &scale2, code.to_str().unwrap(), &[&twin]);
+    let ours = archive(
+        &s.store,
+        "ours",
+        "1.0",
+        &scale2,
+        &code,
+        &["--extra-files", twin.to_str().unwrap()],
+    );
+    // The archiver checks the twin as a manifest, and says what each server runs.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_tch-model-archiver"))
+        .args(["--model-name", "said", "--version", "1.0", "--handler"])
+        .arg(&code)
+        .arg("--serialized-file")
+        .arg(&scale2)
+        .arg("--extra-files")
+        .arg(&twin)
+        .arg("--export-path")
+        .arg(&dir));
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success()
+            && said.contains("serves the archive with the manifest beside it, doubler.json"),
+        "{said}"
+    );
+    fs::write(&twin, "{\"schema\": 1, \"input\": {}}").unwrap();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_tch-model-archiver"))
+        .args(["--model-name", "bad", "--version", "1.0", "--handler"])
+        .arg(&code)
+        .arg("--serialized-file")
+        .arg(&scale2)
+        .arg("--extra-files")
+        .arg(&twin)
+        .arg("--export-path")
+        .arg(&dir));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("doubler.json"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.start(&["--models", &format!("real={real}"), &format!("ours={ours}")]);
+    for name in ["real", "ours"] {
+        let r = post_json(
+            &s.inference,
+            &format!("/predictions/{name}"),
+            "[1, 2, 3, 4]",
+        );
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        assert_eq!(r.json(), serde_json::json!([2.0, 4.0, 6.0, 8.0]), "{name}");
+        // Numbers written as text (a CSV row, sent by `curl -T row.csv`) are read as numbers,
+        // not as the raw bytes of four floats.
+        let r = s.infer("POST", &format!("/predictions/{name}"), &[], b"1,2,3,4\n");
+        assert_eq!(
+            r.json(),
+            serde_json::json!([2.0, 4.0, 6.0, 8.0]),
+            "{name}: {}",
+            r.text()
+        );
+        let r = s.infer(
+            "POST",
+            &format!("/predictions/{name}"),
+            &[("Content-Type", "text/csv")],
+            b"1,2,3,4\n5,6,7,8\n",
+        );
+        assert_eq!(
+            r.json(),
+            serde_json::json!([[2.0, 4.0, 6.0, 8.0], [10.0, 12.0, 14.0, 16.0]]),
+            "{name}: {}",
+            r.text()
+        );
+        let described = s.manage("GET", &format!("/models/{name}")).json();
+        assert_eq!(described[0]["handler"], "doubler.py", "{described}");
+    }
+    // `--check` serves it the same way.
+    let out = run(s
+        .command()
+        .args(["--check", "--models", &format!("real={real}")]));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && report.lines().any(|l| l.starts_with("ok ")),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn what_a_restart_does_not_take_from_the_configuration_is_said() {
+    // The models key's settings apply where a model is first loaded; once a snapshot restores
+    // the model as it was registered, an edit of them is named with what was restored.
+    let mut s = Server::new("");
+    let scale = scale_archive(&s, "scale");
+    let config = |batch: u32, workers: u32| {
+        format!(
+            "load_models=scale={scale}\nmodels={{\"scale\": {{\"1.0\": {{\"batchSize\": {batch}, \
+             \"maxBatchDelay\": 5, \"minWorkers\": {workers}, \"minWorker\": 3}}}}}}"
+        )
+    };
+    s.set_config(&config(2, 1));
+    s.start(&[]);
+    let described = |s: &Server| s.manage("GET", "/models/scale").json()[0].clone();
+    assert_eq!(described(&s)["batchSize"], 2);
+    // A mistyped setting is warned about.
+    assert!(
+        s.log()
+            .contains("models: scale 1.0: unknown setting \"minWorker\", ignored"),
+        "{}",
+        s.log()
+    );
+    assert!(!s.log().contains("restores these models"), "{}", s.log());
+    s.stop_ok();
+    s.set_config(&config(4, 1));
+    s.start(&[]);
+    assert_eq!(described(&s)["batchSize"], 2);
+    let log = s.log();
+    assert!(
+        log.contains("restores these models as they were registered")
+            && log.contains("scale 1.0: batchSize 4 (restored: 2)")
+            && !log.contains("minWorkers 1"),
+        "{log}"
+    );
+    s.stop_ok();
+
+    // TorchServe's own snapshots in the log folder are named, with how to take them over.
+    let mut t = Server::new("");
+    let scale = scale_archive(&t, "scale");
+    let config_dir = t.dir.path().join("logs/config");
+    fs::create_dir_all(&config_dir).unwrap();
+    let cfg = "20241001130000000-shutdown.cfg";
+    fs::write(
+        config_dir.join(cfg),
+        // A TorchServe snapshot holds the whole configuration: here the test's addresses.
+        format!(
+            "{}model_snapshot={{\"name\":\"{cfg}\",\"modelCount\":1,\"models\":{{\"scale\":{{\"1.0\":\
+             {{\"defaultVersion\":true,\"marName\":\"{scale}\",\"minWorkers\":1,\"maxWorkers\":1,\
+             \"batchSize\":1,\"maxBatchDelay\":100,\"responseTimeout\":120}}}}}}}}\n",
+            t.config_text()
+        ),
+    )
+    .unwrap();
+    t.start(&[]);
+    let log = t.log();
+    assert!(
+        log.contains("holds TorchServe's snapshots")
+            && log.contains(&format!("--ts-config logs/config/{cfg}")),
+        "{log}"
+    );
+    assert!(model_names(&t).is_empty());
+    t.stop_ok();
+    // Named, it is the configuration, and its models are served.
+    let named = config_dir.join(cfg);
+    t.start(&["--ts-config", named.to_str().unwrap()]);
+    assert_eq!(model_names(&t), ["scale"]);
+    assert!(
+        !t.log().contains("holds TorchServe's snapshots"),
+        "{}",
+        t.log()
+    );
+}
+
+#[test]
 fn model_snapshot_in_config_properties_defines_the_models() {
     // A model_snapshot line as TorchServe writes it in logs/config/*-snapshot.cfg (Java
     // properties escaping included), and as KServe's model layout defines models. load_models
@@ -327,7 +499,7 @@ fn token_renewal_names_a_bad_type() {
             b"",
         ),
         400,
-        "BadRequestException",
+        "InvalidKeyException",
         "unknown key type \"foo\"",
     );
     // Without the API key the answer says nothing about the type, as TorchServe checks the

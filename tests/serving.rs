@@ -970,7 +970,7 @@ fn a_shape_the_model_cannot_take_is_the_clients_mistake() {
         &r,
         400,
         "InvalidInputException",
-        "the model cannot take this input, examples of shape [5] (float32); it runs on \
+        "the model cannot take this input, examples of shape [5] (float32); it last ran on \
          examples of shape [784] (float32)",
     );
     // libtorch's own words follow, for the client to see what did not fit.
@@ -1896,7 +1896,7 @@ fn token_authorization_guards_inference_and_management() {
     assert_error(
         &manage("/token?type=everything", Some(&api)),
         400,
-        "BadRequestException",
+        "InvalidKeyException",
         "unknown key type \"everything\"",
     );
     let r = manage("/token?type=inference", Some(&api));
@@ -2885,6 +2885,21 @@ fn request_size_limit_covers_raw_and_multipart_bodies() {
         "RequestTooLargeException",
         "max_request_size (1000 bytes)",
     );
+    // Announced too large, a body is refused before it is asked for: a client that waits for
+    // `100 Continue` gets the 413 instead, and never uploads it.
+    {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect(&s.inference).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(
+            b"POST /predictions/picky HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+              Content-Length: 7000000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&head));
+    }
     let r = s.infer("POST", "/predictions/picky", &ct, &form(&[b'1'; 2000]));
     assert_error(
         &r,
@@ -3129,7 +3144,7 @@ fn handlers_whose_output_stages_do_not_fit_the_model_fail_registration() {
         );
         let r = register(&s, &format!("url={mar}&initial_workers=1"));
         assert_error(&r, 500, "InternalServerException", why);
-        assert!(r.text().contains("a request of zeros"), "{}", r.text());
+        assert!(r.text().contains("a made-up request, answered at load"), "{}", r.text());
     }
 }
 
@@ -3533,6 +3548,62 @@ fn a_model_of_two_named_outputs_over_every_route() {
     );
     let r = post_json(&s.inference, "/predictions/pair", "[1.5, 2]");
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// An image handler fed stacked is tried at load on a made-up photo: stages that do not fit the
+/// model fail the registration with the reason, not every request after it.
+#[test]
+fn image_handlers_that_do_not_fit_the_model_fail_their_registration() {
+    let mut s = Server::new("enable_model_api=true");
+    let dir = s.dir.path().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = |name: &str, mode: &str, dim: i64| {
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(
+            &path,
+            json!({
+                "schema": 1,
+                "name": name,
+                "input": {"image": {"mode": mode}},
+                "preprocess": [{"resize": {"size": [40, 40]}}, {"to_tensor": {}}],
+                "model": {"feed": "stacked"},
+                "postprocess": [{"softmax": {"dim": dim}}],
+                "output": {"classes": {"top_k": 3}}
+            })
+            .to_string(),
+        )
+        .unwrap();
+        archive(
+            &s.store,
+            name,
+            "1.0",
+            &fixtures().join("tiny_vision.pt"),
+            &path,
+            &[],
+        )
+    };
+    let good = manifest("good", "RGB", 1);
+    let no_axis = manifest("no_axis", "RGB", 5);
+    let grey = manifest("grey", "L", 1);
+    s.start(&[]);
+    let register = |mar: &str| {
+        request(
+            &s.management,
+            "POST",
+            &format!("/models?url={mar}&initial_workers=1&synchronous=true"),
+            &[],
+            b"",
+        )
+    };
+    let r = register(&good);
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (mar, says) in [(&no_axis, "Dimension out of range"), (&grey, "shapes cannot be multiplied")] {
+        let r = register(mar);
+        assert_ne!(r.status, 200, "{mar}: {}", r.text());
+        assert!(r.text().contains(says), "{mar}: {}", r.text());
+    }
+    let names = request(&s.management, "GET", "/models", &[], b"").json();
+    assert_eq!(names["models"].as_array().unwrap().len(), 1, "{names}");
 }
 
 /// `--check` answers one request where the handler's input has a fixed shape, and says it tried

@@ -142,6 +142,55 @@ pub struct ModelDefaults {
     pub mar_name: Option<String>,
 }
 
+/// The settings a version takes in the `models` key, as TorchServe names them.
+const MODEL_SETTINGS: [&str; 8] = [
+    "minWorkers",
+    "maxWorkers",
+    "batchSize",
+    "maxBatchDelay",
+    "responseTimeout",
+    "startupTimeout",
+    "defaultVersion",
+    "marName",
+];
+
+/// A warning for each setting of the `models` key that nothing reads: a typo (`minWorker`) would
+/// otherwise leave the default in place without a word. TorchServe's `parallelLevel` and
+/// `runtimeType` are said to be ignored rather than unknown.
+fn unknown_model_settings(models: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(models) = models.as_object() else {
+        return out;
+    };
+    for (name, versions) in models {
+        let Some(versions) = versions.as_object() else {
+            continue;
+        };
+        for (version, settings) in versions {
+            let Some(settings) = settings.as_object() else {
+                continue;
+            };
+            for key in settings.keys() {
+                if MODEL_SETTINGS.contains(&key.as_str()) {
+                    continue;
+                }
+                out.push(
+                    if ["parallelLevel", "runtimeType"].contains(&key.as_str()) {
+                        format!("models: {name} {version}: {key} is TorchServe's and is ignored")
+                    } else {
+                        format!(
+                            "models: {name} {version}: unknown setting {key:?}, ignored (the \
+                         settings are {})",
+                            MODEL_SETTINGS.join(", ")
+                        )
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
 /// An integer written as a number or as text (`"4"`), as TorchServe's JSON reader takes both.
 fn number_or_numeric_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     #[derive(serde::Deserialize)]
@@ -734,14 +783,16 @@ impl Config {
                     cfg.model_snapshot = Some(v);
                 }
                 "models" => {
-                    cfg.models = serde_json::from_str(value)
-                        .or_else(|e| {
-                            // TorchServe's Gson reads single-quoted JSON too.
-                            if value.contains('"') {
-                                return Err(e);
-                            }
-                            serde_json::from_str(&value.replace('\'', "\""))
-                        })
+                    // TorchServe's Gson reads single-quoted JSON too.
+                    let json = if value.contains('"') {
+                        value.to_string()
+                    } else {
+                        value.replace('\'', "\"")
+                    };
+                    let parsed: serde_json::Value = serde_json::from_str(&json)
+                        .map_err(|e| bad(&format!("not valid models JSON: {e}")))?;
+                    cfg.warnings.extend(unknown_model_settings(&parsed));
+                    cfg.models = serde_json::from_value(parsed)
                         .map_err(|e| bad(&format!("not valid models JSON: {e}")))?;
                 }
                 "default_workers_per_model" => {
@@ -1197,6 +1248,26 @@ mod tests {
             "{e}"
         );
         assert_eq!(cfg.ignored_keys, ["something_new"]);
+        assert!(lenient.warnings.is_empty(), "{:?}", lenient.warnings);
+        // A mistyped setting is warned about, naming the model, the version and the key.
+        let typo = Config::from_properties(
+            &parse_properties(
+                "models={\"a\": {\"1.0\": {\"minWorker\": 2, \"batchSize\": 4, \"parallelLevel\": 2}}}\n",
+            ),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(typo.models["a"]["1.0"].batch_size, Some(4));
+        assert_eq!(typo.warnings.len(), 2, "{:?}", typo.warnings);
+        assert!(
+            typo.warnings[0].starts_with("models: a 1.0: unknown setting \"minWorker\", ignored"),
+            "{:?}",
+            typo.warnings
+        );
+        assert_eq!(
+            typo.warnings[1],
+            "models: a 1.0: parallelLevel is TorchServe's and is ignored"
+        );
     }
 
     #[test]

@@ -326,7 +326,11 @@ pub async fn run(
         }
         _ => None,
     };
-    if !from_snapshot || poller.is_some() {
+    // A start that registered nothing writes no snapshot: one holding no models would be
+    // restored at the next start in place of the models configured for it then (TorchServe's
+    // own snapshot named with --ts-config, say).
+    let registered = !state.registry.names().is_empty();
+    if (!from_snapshot && registered) || poller.is_some() {
         state.save_snapshot().await;
     }
 
@@ -789,7 +793,9 @@ fn startup(model_name: Option<String>, url: String) -> RegisterParams {
 /// The REST listeners to bind, each with the APIs it serves. APIs given the same address share
 /// one listener, as TorchServe serves inference and management (and metrics) together when
 /// their addresses are equal; a port of 0 asks the system for a fresh port each time, so such
-/// addresses are never merged.
+/// addresses are never merged. As in TorchServe, a listener shared by inference and management
+/// serves the metrics too (where the metrics API is on), besides the metrics' own address:
+/// KServe's TorchServe configuration scrapes them there.
 fn listeners(config: &Config) -> Vec<(Address, Vec<frontends::Api>)> {
     use frontends::Api;
     let mut apis = vec![
@@ -805,6 +811,16 @@ fn listeners(config: &Config) -> Vec<(Address, Vec<frontends::Api>)> {
         match out.iter_mut().find(|(a, _)| a == address && !fresh_port) {
             Some((_, served)) => served.push(api),
             None => out.push((address.clone(), vec![api])),
+        }
+    }
+    if config.enable_metrics_api {
+        for (_, served) in &mut out {
+            if served.contains(&Api::Inference)
+                && served.contains(&Api::Management)
+                && !served.contains(&Api::Metrics)
+            {
+                served.push(Api::Metrics);
+            }
         }
     }
     out
@@ -940,7 +956,7 @@ mod tests {
         assert_eq!(
             listeners(&config(1, 1, 3, true)),
             vec![
-                (at(1), vec![Api::Inference, Api::Management]),
+                (at(1), vec![Api::Inference, Api::Management, Api::Metrics]),
                 (at(3), vec![Api::Metrics])
             ]
         );

@@ -201,6 +201,69 @@ pub fn registrations(snapshot: &Value) -> Vec<RegisterParams> {
     out
 }
 
+/// The settings of the configuration's `models` key that a restored snapshot does not apply: one
+/// `name version: key value (restored: value)` per difference, for the versions the snapshot
+/// holds. The snapshot keeps each model as it was registered and scaled, so an edit of the key
+/// after the first start changes nothing, and should be said.
+pub fn settings_not_applied(
+    snapshot: &Value,
+    models: &std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, crate::config::ModelDefaults>,
+    >,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, versions) in models {
+        for (version, set) in versions {
+            let Some(restored) = snapshot
+                .get("models")
+                .and_then(|m| m.get(name))
+                .and_then(|v| v.get(version))
+            else {
+                continue;
+            };
+            for (key, wanted) in [
+                ("minWorkers", set.min_workers),
+                ("maxWorkers", set.max_workers),
+                ("batchSize", set.batch_size),
+                ("maxBatchDelay", set.max_batch_delay),
+                ("responseTimeout", set.response_timeout),
+                ("startupTimeout", set.startup_timeout),
+            ] {
+                // A value that is not positive leaves the setting unset, as at registration.
+                let Some(wanted) = wanted.filter(|v| *v > 0) else {
+                    continue;
+                };
+                let kept = restored.get(key).and_then(Value::as_i64);
+                if kept != Some(wanted) {
+                    let kept = kept.map_or_else(|| "unset".to_string(), |k| k.to_string());
+                    out.push(format!(
+                        "{name} {version}: {key} {wanted} (restored: {kept})"
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The newest of TorchServe's own snapshots in `dir` (`<timestamp>-startup.cfg`,
+/// `-snapshot.cfg` or `-shutdown.cfg`, whose names sort by time), which a server upgraded in
+/// place finds in its log folder.
+pub fn newest_torchserve_snapshot(dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "cfg")
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .max()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +282,51 @@ mod tests {
         assert_eq!(regs[1].initial_workers, Some(2));
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn settings_the_snapshot_keeps_are_named() {
+        let snap = json!({"models": {"a": {"1.0": {"marName": "a.mar", "minWorkers": 1, "batchSize": 8}}}});
+        let set = |min, batch| crate::config::ModelDefaults {
+            min_workers: min,
+            batch_size: batch,
+            ..Default::default()
+        };
+        let models = |d| [("a".to_string(), [("1.0".to_string(), d)].into())].into();
+        assert!(settings_not_applied(&snap, &models(set(Some(1), Some(8)))).is_empty());
+        assert!(settings_not_applied(&snap, &models(set(None, Some(-1)))).is_empty());
+        assert_eq!(
+            settings_not_applied(&snap, &models(set(Some(2), Some(16)))),
+            [
+                "a 1.0: minWorkers 2 (restored: 1)",
+                "a 1.0: batchSize 16 (restored: 8)"
+            ]
+        );
+        // A version the snapshot does not hold is not restored, so nothing overrides it.
+        let other = [(
+            "a".to_string(),
+            [("2.0".to_string(), set(Some(2), None))].into(),
+        )]
+        .into();
+        assert!(settings_not_applied(&snap, &other).is_empty());
+    }
+
+    #[test]
+    fn the_newest_torchserve_snapshot_is_found_by_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(newest_torchserve_snapshot(dir.path()), None);
+        for name in [
+            "20241001120000000-startup.cfg",
+            "20241001130000000-shutdown.cfg",
+            "20240901120000000-snapshot.cfg",
+            "snapshot.json",
+            "notes.cfg",
+        ] {
+            fs::write(dir.path().join(name), "").unwrap();
+        }
+        assert_eq!(
+            newest_torchserve_snapshot(dir.path()),
+            Some(dir.path().join("20241001130000000-shutdown.cfg"))
+        );
     }
 }

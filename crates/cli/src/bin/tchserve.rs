@@ -105,8 +105,15 @@ fn main() -> ExitCode {
         unsafe { scratch.hold_libtorch_temp() };
         // The server's own configuration decides the settings, as at a start; one that cannot
         // be read fails the check, as it would fail the start.
+        // The configuration's model store and start-up models are checked where no flag names
+        // others (the flags have replaced the file's keys already), as --start would load them.
         load_config(&args).and_then(|config| {
-            startup_check::run(&scratch, &config, args.model_store.as_deref(), &args.models)
+            startup_check::run(
+                &scratch,
+                &config,
+                config.model_store.as_deref(),
+                &config.load_models,
+            )
         })
     } else if args.stop {
         // The configuration's grace period, when it can be read, bounds the wait.
@@ -181,26 +188,64 @@ fn main() -> ExitCode {
 /// Says so when the models the user listed (`--models`, or `load_models` or `model_snapshot` in
 /// the configuration) will not be loaded because the last snapshot is restored instead: the
 /// server logs it, but someone adding a model to their list reads the terminal.
+///
+/// Also says which settings of the `models` key the snapshot overrides, and when the log folder
+/// holds TorchServe's own snapshots, which are not restored by themselves.
 fn note_ignored_models(args: &Args, config: &Config) {
     if args.no_config_snapshots {
         return;
     }
-    let listed = if !args.models.is_empty() {
-        "--models"
-    } else if config.model_snapshot.is_some() {
-        "model_snapshot"
-    } else if !config.load_models.is_empty() {
-        "load_models"
-    } else {
+    let dir = log_dir(args).join("config");
+    let Ok(Some(snapshot)) = tchserve_server::snapshot::read(&dir) else {
+        note_torchserve_snapshots(args, &dir);
         return;
     };
-    let dir = log_dir(args).join("config");
-    if let Ok(Some(_)) = tchserve_server::snapshot::read(&dir) {
+    let listed = if !args.models.is_empty() {
+        Some("--models")
+    } else if config.model_snapshot.is_some() {
+        Some("model_snapshot")
+    } else if !config.load_models.is_empty() {
+        Some("load_models")
+    } else {
+        None
+    };
+    if let Some(listed) = listed {
         eprintln!(
             "tchserve: note: restoring the models registered before, from the snapshot in {}; \
              {listed} is not loaded (--ncs loads {listed} alone, and register a model with the \
              management API to add it to the snapshot)",
             dir.display()
+        );
+    }
+    let kept = tchserve_server::snapshot::settings_not_applied(&snapshot, &config.models);
+    if !kept.is_empty() {
+        eprintln!(
+            "tchserve: note: the snapshot in {} restores these models as they were registered \
+             and scaled, not as the models key now sets them: {}. Scale workers with PUT \
+             /models/NAME?min_worker=N, register the version again for its batch and timeout \
+             settings, or start with --ncs to take the configuration alone",
+            dir.display(),
+            kept.join("; ")
+        );
+    }
+}
+
+/// Says so when the log folder holds TorchServe's snapshots and no snapshot of tchserve's: a
+/// TorchServe started there would restore the newest, and tchserve takes it only when named.
+fn note_torchserve_snapshots(args: &Args, dir: &Path) {
+    let named = args.ts_config.is_some()
+        || std::env::var_os("TS_CONFIG_FILE").is_some_and(|f| !f.is_empty());
+    if named {
+        return;
+    }
+    if let Some(cfg) = tchserve_server::snapshot::newest_torchserve_snapshot(dir) {
+        eprintln!(
+            "tchserve: note: {} holds TorchServe's snapshots, which tchserve does not restore by \
+             itself; to serve the models TorchServe had registered, start once with --ts-config \
+             {} (its settings and model_snapshot are then the configuration), after which \
+             tchserve keeps them in its own snapshot",
+            dir.display(),
+            cfg.display()
         );
     }
 }

@@ -25,6 +25,9 @@ pub enum ApiError {
         "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
     )]
     InvalidKey,
+    /// `/token` was asked for a key type other than inference or management.
+    #[error("{0}")]
+    UnknownKeyType(String),
     /// No model of that name.
     #[error("{0}")]
     ModelNotFound(String),
@@ -102,7 +105,8 @@ impl ApiError {
             | ApiError::InvalidModel(_)
             | ApiError::DownloadFailed(_)
             | ApiError::InvalidInput(_)
-            | ApiError::InvalidKey => StatusCode::BAD_REQUEST,
+            | ApiError::InvalidKey
+            | ApiError::UnknownKeyType(_) => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_)
             | ApiError::VersionNotFound(_)
             | ApiError::ResourceNotFound => StatusCode::NOT_FOUND,
@@ -126,7 +130,8 @@ impl ApiError {
             ApiError::InvalidModel(_) => "InvalidModelException",
             ApiError::DownloadFailed(_) => "DownloadArchiveException",
             ApiError::InvalidInput(_) => "InvalidInputException",
-            ApiError::InvalidKey => "InvalidKeyException",
+            // TorchServe answers every refusal of its token route so.
+            ApiError::InvalidKey | ApiError::UnknownKeyType(_) => "InvalidKeyException",
             ApiError::ModelNotFound(_) => "ModelNotFoundException",
             ApiError::VersionNotFound(_) => "ModelVersionNotFoundException",
             ApiError::ResourceNotFound => "ResourceNotFoundException",
@@ -148,7 +153,8 @@ impl ApiError {
             ApiError::BadRequest(_)
             | ApiError::InvalidModel(_)
             | ApiError::DownloadFailed(_)
-            | ApiError::InvalidInput(_) => GrpcCode::InvalidArgument,
+            | ApiError::InvalidInput(_)
+            | ApiError::UnknownKeyType(_) => GrpcCode::InvalidArgument,
             ApiError::InvalidKey => GrpcCode::Unauthenticated,
             ApiError::ModelNotFound(_)
             | ApiError::VersionNotFound(_)

@@ -434,6 +434,16 @@ pub async fn buffer_body(State(st): State<AppState>, req: Request, next: Next) -
 async fn buffered(st: &AppContext, req: Request) -> Result<Request, ApiError> {
     let (mut parts, body) = req.into_parts();
     let limit = st.config.max_request_size;
+    // A body announced as too large is refused before a byte of it is read, and before a
+    // client that sent `Expect: 100-continue` is asked to send it.
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
     let timeout = st.config.body_read_timeout;
     let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
         Ok(Ok(bytes)) => bytes,

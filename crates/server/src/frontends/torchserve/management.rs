@@ -186,7 +186,7 @@ async fn renew_token(
     }
     let asked = q.get("type").map(String::as_str).unwrap_or("");
     let scope = Scope::parse(asked).ok_or_else(|| {
-        ApiError::bad_request(format!(
+        ApiError::UnknownKeyType(format!(
             "unknown key type {asked:?}: use type=inference or type=management"
         ))
     })?;
@@ -542,6 +542,7 @@ pub async fn scale_workers(
             .await;
     let (mv, outcome) =
         result.map_err(|e| ApiError::internal(format!("scaling failed: {e}")))??;
+    tracing::info!(model = %mv.name, version = %mv.version, min_worker = min, max_worker = max, synchronous = sync, "workers scaled");
     st.save_snapshot().await;
     if !sync {
         return status_body(StatusCode::ACCEPTED, "Processing worker updates...");
@@ -575,6 +576,7 @@ async fn set_default(
 /// Makes `version` the default of `model`.
 pub async fn set_default_version(st: &AppState, model: &str, version: &str) -> Outcome {
     st.registry.set_default(model, version)?;
+    tracing::info!(model = %model, version = %version, "default version set");
     st.save_snapshot().await;
     status_body(
         StatusCode::OK,
@@ -605,7 +607,8 @@ pub async fn unregister_model(st: &AppState, model: &str, version: Option<&str>)
     st.registry.forget_download(&removed);
     // Queued requests are still answered; the workers then stop and the scratch files go.
     let drain = std::time::Duration::from_secs(removed.response_timeout_s);
+    let removed_version = removed.version.clone();
     crate::frontends::stop_workers(vec![removed], drain).await;
-    tracing::info!(model = %model, "model unregistered");
+    tracing::info!(model = %model, version = %removed_version, "model version unregistered");
     status_body(StatusCode::OK, format!("Model \"{model}\" unregistered"))
 }
