@@ -385,6 +385,10 @@ fn validation_messages_are_the_ones_the_docs_quote() {
             "stacked",
         ),
         image(r#"{"resize": {"size": 256}}, {"to_tensor": {}}"#, "stacked"),
+        image(
+            r#"{"resize": {"size": 256}}, {"to_tensor": {}, "center_crop": {"size": 224}}"#,
+            "stacked",
+        ),
     ];
     assert_eq!(quoted.len(), manifests.len(), "{quoted:?}");
     let dir = setup();
@@ -526,6 +530,19 @@ fn files_a_handler_manifest_names_are_expected_in_the_archive() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         !stderr(&out).contains("not in the archive"),
+        "{}",
+        stderr(&out)
+    );
+    // A label file in none of TorchServe's forms would fail every registration: refused here.
+    fs::write(dir.path().join("index_to_name.json"), r#"["a", "b"]"#).unwrap();
+    let out = archiver(
+        dir.path(),
+        &args("cls.json", &["-f", "--extra-files", "index_to_name.json"]),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("(the handler's label file index_to_name.json): expected TorchServe's index_to_name.json")
+            && stderr(&out).contains("found an array"),
         "{}",
         stderr(&out)
     );

@@ -3144,7 +3144,11 @@ fn handlers_whose_output_stages_do_not_fit_the_model_fail_registration() {
         );
         let r = register(&s, &format!("url={mar}&initial_workers=1"));
         assert_error(&r, 500, "InternalServerException", why);
-        assert!(r.text().contains("a made-up request, answered at load"), "{}", r.text());
+        assert!(
+            r.text().contains("a made-up request, answered at load"),
+            "{}",
+            r.text()
+        );
     }
 }
 
@@ -3597,7 +3601,10 @@ fn image_handlers_that_do_not_fit_the_model_fail_their_registration() {
     };
     let r = register(&good);
     assert_eq!(r.status, 200, "{}", r.text());
-    for (mar, says) in [(&no_axis, "Dimension out of range"), (&grey, "shapes cannot be multiplied")] {
+    for (mar, says) in [
+        (&no_axis, "Dimension out of range"),
+        (&grey, "shapes cannot be multiplied"),
+    ] {
         let r = register(mar);
         assert_ne!(r.status, 200, "{mar}: {}", r.text());
         assert!(r.text().contains(says), "{mar}: {}", r.text());

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use tchserve_mar::{Archive, ModelStore, serving};
-use tchserve_runtime::{DevicePolicy, ModelSpec, Placement, device};
+use tchserve_runtime::{DevicePolicy, ModelSpec, Placement, Tried, device};
 use tchserve_server::Config;
 use tchserve_server::core::RegisterParams;
 use tchserve_server::core::registry::Origin;
@@ -39,16 +39,22 @@ pub fn run(
             &scratch.path().join(i.to_string()),
             dev,
         ) {
-            Ok((model_name, version, handler, answered)) => println!(
+            Ok((model_name, version, handler, tried)) => println!(
                 "ok    {} {version}  handler={handler}  {}  {} ms{}",
                 name.unwrap_or(model_name),
                 path.display(),
                 started.elapsed().as_millis(),
-                if answered {
-                    ""
-                } else {
-                    "  (loaded; no request tried: the handler's input is a tensor of free shape, \
-                     or images fed as a list, so send one yourself)"
+                match tried {
+                    Tried::Answered => String::new(),
+                    Tried::Refused(why) => format!(
+                        "  (loaded; the model failed on a made-up request ({why}), as a model \
+                         that checks its input's values may: it is served without a warm-up, so \
+                         send it a real request)"
+                    ),
+                    Tried::Nothing => "  (loaded; no request tried: the handler's input is a \
+                                       tensor of free shape, or images fed as a list, so send \
+                                       one yourself)"
+                        .to_string(),
                 }
             ),
             Err(e) => {
@@ -92,7 +98,7 @@ fn check_one(
     config: &Config,
     dest: &Path,
     dev: tch::Device,
-) -> anyhow::Result<(String, String, String, bool)> {
+) -> anyhow::Result<(String, String, String, Tried)> {
     let archive = Archive::open(path)?;
     let name = named.map_or_else(|| archive.model_name(), str::to_owned);
     let version = archive.manifest().model.version().to_string();

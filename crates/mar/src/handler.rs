@@ -156,9 +156,12 @@ impl<'de> Deserialize<'de> for Size {
             _ => None,
         }
         .ok_or_else(|| {
+            // Arrays are shown as they are short; a size of -1 (torchvision's "keep") or 0.5
+            // reads better than "an array".
             let found = match &v {
-                serde_json::Value::Array(_) | serde_json::Value::Object(_) => String::new(),
-                scalar => format!(" {scalar}"),
+                serde_json::Value::Object(_) => String::new(),
+                serde_json::Value::Array(a) if a.len() > 4 => String::new(),
+                shown => format!(" {shown}"),
             };
             serde::de::Error::custom(format!(
                 "expected a size, a whole number or [height, width], found {}{found}",
@@ -396,6 +399,68 @@ pub fn torchserve_module(handler: &str) -> Option<&str> {
     }
 }
 
+/// The labels of a label file in any form TorchServe's `index_to_name.json` takes: `{"0": "cat"}`,
+/// `{"0": ["n02123045", "tabby"]}` (the last element is the label) or `{"object_type_names":
+/// [...]}`. A class the file skips is labelled by its index. The error says what is wrong.
+pub fn parse_labels(text: &str) -> std::result::Result<Vec<String>, String> {
+    const FORMS: &str = "expected TorchServe's index_to_name.json: a JSON object of class \
+        index to label ({\"0\": \"cat\"} or {\"0\": [\"n02123045\", \"tabby\"]}), or \
+        {\"object_type_names\": [...]}";
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("{FORMS}; it is not JSON ({e})"))?;
+    let label_of = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(a) => a.last().and_then(|l| l.as_str()).map(str::to_owned),
+        _ => None,
+    };
+    let obj = value
+        .as_object()
+        .ok_or_else(|| format!("{FORMS}; found {}", crate::manifest::json_type(&value)))?;
+    if let Some(names) = obj.get("object_type_names").and_then(|v| v.as_array()) {
+        return Ok(names
+            .iter()
+            .map(|n| label_of(n).unwrap_or_default())
+            .collect());
+    }
+    let mut labels = Vec::new();
+    for (k, v) in obj {
+        let i: usize = k
+            .parse()
+            .map_err(|_| format!("{FORMS}; key {k:?} is not a class index"))?;
+        // A class index is a row of the model's output: one past any output's size is a typo.
+        if i > 10_000_000 {
+            return Err(format!(
+                "class index {i} is larger than any model's classes"
+            ));
+        }
+        if labels.len() <= i {
+            labels.resize(i + 1, String::new());
+        }
+        labels[i] = label_of(v).ok_or_else(|| format!("the label of class {k} is not a string"))?;
+    }
+    for (i, l) in labels.iter_mut().enumerate() {
+        if l.is_empty() {
+            *l = i.to_string();
+        }
+    }
+    Ok(labels)
+}
+
+/// The keys of the stage object at `at` (`input`, `output`, `preprocess[1]`, `postprocess[0]`),
+/// where the manifest is JSON and holds an object there.
+fn stage_keys(bytes: &[u8], at: &str) -> Option<Vec<String>> {
+    let root: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let value = match at.split_once('[') {
+        Some((list @ ("preprocess" | "postprocess"), index)) => {
+            let i: usize = index.strip_suffix(']')?.parse().ok()?;
+            root.get(list)?.get(i)?
+        }
+        None if at == "input" || at == "output" => root.get(at)?,
+        _ => return None,
+    };
+    Some(value.as_object()?.keys().cloned().collect())
+}
+
 /// The manifest that stands in for a Python handler in tchserve: `my_handler.py` (or
 /// `my_handler.py:handle`, `my_handler`) is served by `my_handler.json` packed beside it, so that
 /// one archive serves in TorchServe, which runs the Python, and in tchserve. `None` for a name
@@ -432,10 +497,23 @@ impl HandlerManifest {
             if reason.contains("unit variant, expected struct variant") {
                 let stage = at.rsplit('.').next().unwrap_or("stage");
                 reason = format!("write it as an object: {{\"{stage}\": {{}}}}");
+            } else if let Some(keys) = stage_keys(bytes, &at).filter(|k| k.len() != 1) {
+                // serde reads an enum of two keys as a broken value, and says only where.
+                reason = format!(
+                    "a stage is an object of one key, its name, holding its parameters; this one \
+                     has {}: {}",
+                    keys.len(),
+                    keys.join(", ")
+                );
             }
             MarError::Handler {
                 file: file.into(),
-                at: if at == "." { "(top level)".into() } else { at },
+                at: match at.as_str() {
+                    "." => "(top level)".into(),
+                    // Where the text itself is broken (cut short, not JSON), serde knows no path.
+                    "?" => "(the file)".into(),
+                    _ => at,
+                },
                 reason,
             }
         })?;
@@ -495,6 +573,16 @@ impl HandlerManifest {
             }
         }
         Ok(ignored)
+    }
+
+    /// The label file the output names, if any.
+    pub fn label_file(&self) -> Option<&str> {
+        match &self.output {
+            Output::Classes { labels, .. }
+            | Output::Argmax { labels }
+            | Output::Detections { labels, .. } => labels.as_deref(),
+            _ => None,
+        }
     }
 
     /// Files inside the archive that this manifest refers to.

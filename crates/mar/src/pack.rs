@@ -186,6 +186,7 @@ impl PackRequest {
         }
         let handler_kind = self.handler_kind();
         let mut manifest_files = Vec::new();
+        let mut label_file = None;
         match handler_kind {
             HandlerKind::Builtin if !self.served_builtin() => warnings.push(format!(
                 "handler {} is built into TorchServe, and tchserve has no handler of that name: \
@@ -201,6 +202,7 @@ impl PackRequest {
                 let bytes = fs::read(path)
                     .map_err(|e| input_error("--handler", format!("{}: {e}", path.display())))?;
                 let manifest = HandlerManifest::parse(base_name(&self.handler), &bytes)?;
+                label_file = manifest.label_file().map(str::to_owned);
                 manifest_files = manifest
                     .referenced_files()
                     .into_iter()
@@ -257,6 +259,7 @@ impl PackRequest {
             let bytes = fs::read(path)
                 .map_err(|e| input_error("--extra-files", format!("{}: {e}", path.display())))?;
             let manifest = HandlerManifest::parse(twin, &bytes)?;
+            label_file = manifest.label_file().map(str::to_owned);
             manifest_files = manifest
                 .referenced_files()
                 .into_iter()
@@ -278,6 +281,23 @@ impl PackRequest {
                     .into_iter()
                     .map(|w| format!("{}: {w}", p.display())),
             );
+        }
+        // A label file that cannot be read would fail every registration of the archive.
+        if let Some((name, path)) = label_file
+            .as_deref()
+            .and_then(|l| files.get(l).map(|p| (l, p)))
+        {
+            let text = fs::read_to_string(path)
+                .map_err(|e| input_error("--extra-files", format!("{}: {e}", path.display())))?;
+            crate::handler::parse_labels(&text).map_err(|why| {
+                input_error(
+                    "--extra-files",
+                    format!(
+                        "{} (the handler's label file {name}): {why}",
+                        path.display()
+                    ),
+                )
+            })?;
         }
         // A manifest under MAR-INF would be shadowed by the one written last.
         files.remove(MANIFEST_PATH);

@@ -39,13 +39,19 @@ pub fn resolve_handler(archive: &Archive, override_name: Option<&str>) -> Result
         return HandlerManifest::parse(&twin, &bytes);
     }
     // A name with no file behind it is a misspelt built-in more often than Python code.
-    let what = if name.ends_with(".py") || name.contains(':') || archive.read_file(name).is_ok() {
+    let code = name.ends_with(".py") || name.contains(':') || archive.read_file(name).is_ok();
+    let what = if code {
         format!("handler {name} is Python code, which tchserve cannot run.")
     } else {
         format!("handler {name} is neither a built-in handler nor a file in the archive.")
     };
+    let twin = handler::twin_manifest_name(name)
+        .filter(|_| code)
+        .map(|t| format!(", or pack a handler manifest {t} beside it (--extra-files {t})"))
+        .unwrap_or_default();
     Err(MarError::Unservable(format!(
-        "{what} Use a built-in handler ({}) or a handler manifest (.json); see docs/handlers.md",
+        "{what} Use a built-in handler ({}) or a handler manifest (.json){twin}; see \
+         docs/handlers.md",
         handler::BUILTIN_HANDLERS.map(|(n, _)| n).join(", ")
     )))
 }

@@ -21,4 +21,4 @@ pub use error::RuntimeError;
 pub use shared::{BusyGuard, ThreadBudget};
 pub use tchserve_backend::{ModelSpec, Placement, job};
 pub use torch_backend::TorchBackend;
-pub use worker::{check as check_model, worker_threads_running};
+pub use worker::{Tried, check as check_model, worker_threads_running};

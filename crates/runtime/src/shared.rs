@@ -267,7 +267,12 @@ impl Shared {
 /// Whether libtorch's message says an input does not fit an operation: shapes that do not
 /// match, or an element type it does not take.
 pub(crate) fn misfit(message: &str) -> bool {
-    const SAYINGS: [&str; 12] = [
+    const SAYINGS: [&str; 15] = [
+        // An element type the model cannot take: a float to an embedding, int64 to a linear
+        // layer.
+        "must have the same dtype",
+        "to have one of the following scalar types",
+        "should be the same",
         "is invalid for input of size",
         "shapes cannot be multiplied",
         "size mismatch",
@@ -383,6 +388,15 @@ mod tests {
             ),
             PredictError::ModelFailed(_)
         ));
+        // Element types the model cannot take misfit as shapes do.
+        for said in [
+            "mat1 and mat2 must have the same dtype, but got Long and Float",
+            "Expected tensor for argument #1 'indices' to have one of the following scalar \
+             types: Long, Int; but got torch.FloatTensor instead",
+            "Input type (double) and bias type (float) should be the same",
+        ] {
+            assert!(super::misfit(said), "{said}");
+        }
     }
 
     #[test]

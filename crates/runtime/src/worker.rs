@@ -198,7 +198,7 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
             ctx.forward_threads,
         )
     })?;
-    let (loaded, output) = prepare(ctx.id, &ctx.spec, ctx.device, ctx.batcher, module)?;
+    let (loaded, output, _) = prepare(ctx.id, &ctx.spec, ctx.device, ctx.batcher, module)?;
     // The typed protocols' metadata can name the outputs' types before the first request.
     for (i, t) in output.iter().enumerate() {
         ctx.shared.saw_output(i, t);
@@ -211,7 +211,7 @@ fn load(ctx: &Context) -> Result<Loaded, crate::RuntimeError> {
 /// runs, so that an archive it passes registers. True when a request was answered: one is made
 /// up for every handler but those of tensors of free shape and of images fed as a list (see
 /// [`Pipeline::probe_request`]); for those the model is loaded and no more.
-pub fn check(spec: &ModelSpec, device: tch::Device) -> Result<bool, crate::RuntimeError> {
+pub fn check(spec: &ModelSpec, device: tch::Device) -> Result<Tried, crate::RuntimeError> {
     let module = Arc::new(load_module(
         &spec.model_dir,
         &spec.serialized_file,
@@ -222,8 +222,24 @@ pub fn check(spec: &ModelSpec, device: tch::Device) -> Result<bool, crate::Runti
         batch_size: spec.batch_size.max(1),
         max_delay: spec.max_batch_delay,
     };
-    let (loaded, _) = prepare(0, spec, device, batcher, module)?;
-    Ok(loaded.pipeline.probe_request().is_some())
+    let (loaded, _, refused) = prepare(0, spec, device, batcher, module)?;
+    Ok(match refused {
+        Some(why) => Tried::Refused(why),
+        None if loaded.pipeline.probe_request().is_some() => Tried::Answered,
+        None => Tried::Nothing,
+    })
+}
+
+/// What [`check`] could try of a model besides loading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tried {
+    /// A made-up request was answered.
+    Answered,
+    /// The model failed on made-up input of its own accord (a check on the values): it serves
+    /// real requests still, without a warm-up; why.
+    Refused(String),
+    /// No request could be made up for the handler's input.
+    Nothing,
 }
 
 /// Fits the handler and batching to a loaded model, warms it up and answers one request; also
@@ -234,7 +250,7 @@ fn prepare(
     device: tch::Device,
     batcher: Batcher,
     module: Arc<Model>,
-) -> Result<(Loaded, Vec<tch::Tensor>), crate::RuntimeError> {
+) -> Result<(Loaded, Vec<tch::Tensor>, Option<String>), crate::RuntimeError> {
     let batcher = fit_batcher(id, spec, batcher, &module)?;
     let mut pipeline = Pipeline::new(&spec.handler, &spec.model_dir)?;
     pipeline.finish_images_on(device);
@@ -304,11 +320,15 @@ fn prepare(
     // sentence. A model that refuses it of its own accord (an assertion on the values) serves
     // real input still, as TorchServe, which warms nothing up, serves it: only input that does
     // not fit the model (shapes, element types, channels) fails the load.
+    let refused = std::cell::RefCell::new(None);
     let refuses_zeros = |why: &str| {
-        tracing::warn!(
-            model = %spec.serialized_file,
-            "the model fails on a made-up input ({why}); serving it without a warm-up"
-        );
+        if refused.borrow().is_none() {
+            tracing::warn!(
+                model = %spec.serialized_file,
+                "the model fails on a made-up input ({why}); serving it without a warm-up"
+            );
+            *refused.borrow_mut() = Some(why.to_string());
+        }
     };
     'warm: for batch in [1, batcher.batch_size] {
         // A package that takes a list takes at most its length per forward.
@@ -361,7 +381,7 @@ fn prepare(
         batcher,
         max_threads: if small { 1 } else { usize::MAX },
     };
-    Ok((loaded, output))
+    Ok((loaded, output, refused.into_inner()))
 }
 
 /// The registration's batching, held to what a `.pt2` package was exported for: a package with

@@ -136,8 +136,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         eprintln!(
             "warning: handler {} is code; the archive works in TorchServe, but tchserve cannot run \
              Python or C++ handlers. Use a built-in handler or a handler manifest (.json) to serve it \
-             with tchserve; see docs/handlers.md.",
-            request.handler
+             with tchserve, or pack a manifest of the handler's name beside it ({}); see \
+             docs/handlers.md.",
+            request.handler,
+            tchserve_mar::handler::twin_manifest_name(&request.handler)
+                .map_or_else(String::new, |t| format!("--extra-files {t}"))
         );
     }
     if plan.output.exists() {

@@ -200,7 +200,7 @@ impl Pipeline {
             | Output::Argmax { labels: Some(file) }
             | Output::Detections {
                 labels: Some(file), ..
-            } => load_labels(&model_dir.join(file))?,
+            } => load_labels(model_dir, file)?,
             _ => None,
         };
         Ok(Pipeline {
@@ -603,6 +603,13 @@ impl Pipeline {
         };
         let _guard = tch::no_grad_guard();
         let dims = out.size();
+        // argmax(1) of TorchServe's handlers needs an axis of classes after the batch's.
+        if matches!(self.output, Output::Argmax { .. }) && dims.len() < 2 {
+            return Err(PredictError::ModelFailed(format!(
+                "an argmax output needs the model's output to be [batch, classes, ...], and it \
+                 is {dims:?}"
+            )));
+        }
         // Typed protocols take a tensor output as it is; everything else is written as JSON.
         let raw = if self.answers_tensor() && inputs.iter().any(|d| d.want_tensor) {
             raw_output(&out)?
@@ -905,21 +912,7 @@ impl Pipeline {
                 }
                 out.push('}');
             }
-            Output::Argmax { .. } => {
-                let n: usize = dims.iter().map(|&d| d as usize).product();
-                // The first of equal scores, as torch.argmax picks it.
-                let best = (0..n).fold(0, |best, class| {
-                    if values.get_f64(offset + class) > values.get_f64(offset + best) {
-                        class
-                    } else {
-                        best
-                    }
-                });
-                match self.labels.as_ref().and_then(|l| l.get(best)) {
-                    Some(label) => write_str(out, label),
-                    None => out.push_str(&best.to_string()),
-                }
-            }
+            Output::Argmax { .. } => self.write_argmax(out, values, dims, offset),
             Output::Embedding {} => {
                 out.push_str("{\"embedding\":");
                 write_nested(out, values, dims, offset);
@@ -927,6 +920,59 @@ impl Pipeline {
             }
             _ => write_nested(out, values, dims, offset),
         }
+    }
+
+    /// The best class of one example, `argmax` over its first axis as TorchServe's
+    /// `argmax(1)` takes it over the batch's second: a label or index for `[classes]`, nested
+    /// lists of them for `[classes, ...]` (a class per pixel, say). Of equal scores the first
+    /// wins, and NaN beats any number, as in torch.argmax.
+    fn write_argmax(&self, out: &mut String, values: &Values, dims: &[i64], offset: usize) {
+        let Some((&classes, rest)) = dims.split_first() else {
+            // Refused before any row is written: the output has a class axis.
+            return;
+        };
+        let inner: usize = rest.iter().map(|&d| d as usize).product();
+        let better = |a: f64, b: f64| (a.is_nan() && !b.is_nan()) || a > b;
+        let best = |j: usize| {
+            (1..classes as usize).fold(0, |best, c| {
+                let (v, b) = (
+                    values.get_f64(offset + c * inner + j),
+                    values.get_f64(offset + best * inner + j),
+                );
+                if better(v, b) { c } else { best }
+            })
+        };
+        let write_one = |out: &mut String, class: usize| match self
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(class))
+        {
+            Some(label) => write_str(out, label),
+            None => out.push_str(&class.to_string()),
+        };
+        // Position j of the remaining axes, written as nested lists of their sizes.
+        fn nest(
+            out: &mut String,
+            rest: &[i64],
+            start: usize,
+            write: &mut dyn FnMut(&mut String, usize),
+        ) {
+            match rest.split_first() {
+                None => write(out, start),
+                Some((&n, tail)) => {
+                    let step: usize = tail.iter().map(|&d| d as usize).product();
+                    out.push('[');
+                    for k in 0..n as usize {
+                        if k > 0 {
+                            out.push(',');
+                        }
+                        nest(out, tail, start + k * step, write);
+                    }
+                    out.push(']');
+                }
+            }
+        }
+        nest(out, rest, 0, &mut |out, j| write_one(out, best(j)));
     }
 
     /// `[{"<label>": [x1, y1, x2, y2], "score": s}, ...]` from one detector result dict.
@@ -1182,9 +1228,10 @@ fn ivalue_kind(v: &IValue) -> &'static str {
     }
 }
 
-/// Reads labels in any form TorchServe's `index_to_name.json` takes; a missing file means
-/// class indices are used as labels, as in TorchServe.
-fn load_labels(path: &Path) -> Result<Option<Vec<String>>, RuntimeError> {
+/// Reads the archive's label file `file` (see [`tchserve_mar::handler::parse_labels`]); a
+/// missing file means class indices are used as labels, as in TorchServe.
+fn load_labels(model_dir: &Path, file: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+    let path = &model_dir.join(file);
     let Ok(text) = std::fs::read_to_string(path) else {
         // Said once for all the workers of a version, which each build their pipeline; the
         // path is the unpacked archive's, a folder the user never made.
@@ -1197,41 +1244,10 @@ fn load_labels(path: &Path) -> Result<Option<Vec<String>>, RuntimeError> {
         }
         return Ok(None);
     };
-    let bad = |why: &str| RuntimeError::NoModel(format!("{}: {why}", path.display()));
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
-    let label_of = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(a) => a.last().and_then(|l| l.as_str()).map(str::to_owned),
-        _ => None,
-    };
-    let obj = value
-        .as_object()
-        .ok_or_else(|| bad("expected a JSON object"))?;
-    if let Some(names) = obj.get("object_type_names").and_then(|v| v.as_array()) {
-        return Ok(Some(
-            names
-                .iter()
-                .map(|n| label_of(n).unwrap_or_default())
-                .collect(),
-        ));
-    }
-    let mut labels = Vec::new();
-    for (k, v) in obj {
-        let i: usize = k
-            .parse()
-            .map_err(|_| bad(&format!("key {k:?} is not a class index")))?;
-        if labels.len() <= i {
-            labels.resize(i + 1, String::new());
-        }
-        labels[i] =
-            label_of(v).ok_or_else(|| bad(&format!("label of class {k} is not a string")))?;
-    }
-    for (i, l) in labels.iter_mut().enumerate() {
-        if l.is_empty() {
-            *l = i.to_string();
-        }
-    }
-    Ok(Some(labels))
+    // Named as the archive names it: the unpacked folder is one the user never made.
+    tchserve_mar::handler::parse_labels(&text)
+        .map(Some)
+        .map_err(|why| RuntimeError::NoModel(format!("the archive's label file {file}: {why}")))
 }
 
 #[cfg(test)]
@@ -1311,6 +1327,23 @@ mod tests {
         let labelled = Pipeline::new(&manifest(r#""labels": "labels.json""#), dir.path()).unwrap();
         // A class the label file does not name is answered by its index.
         assert_eq!(bodies(&labelled), ["\"dog\"", "\"cat\"", "2"]);
+        let single = |out: Tensor| {
+            plain
+                .answer(Launched::Output(out), &batch[..1])
+                .map(|answers| match &answers[0] {
+                    Prediction::Json(b) => String::from_utf8(b.to_vec()).unwrap(),
+                    other => panic!("{other:?}"),
+                })
+        };
+        // Over the classes axis of a [batch, classes, ...] output, one answer per position,
+        // as argmax(1) gives them; NaN wins, as in torch.argmax.
+        let map = Tensor::from_slice(&[1.0f32, 9.0, 3.0, 4.0, 5.0, 6.0]).view([1, 2, 3]);
+        assert_eq!(single(map).unwrap(), "[1,0,1]");
+        let nan = Tensor::from_slice(&[1.0f32, f32::NAN, 0.0]).view([1, 3]);
+        assert_eq!(single(nan).unwrap(), "1");
+        // An output without a class axis has no argmax to answer.
+        let e = single(Tensor::from_slice(&[0.5f32])).unwrap_err();
+        assert!(e.to_string().contains("[batch, classes, ...]"), "{e}");
     }
 
     #[test]
@@ -1353,28 +1386,33 @@ mod tests {
             std::fs::write(&p, text).unwrap();
             p
         };
+        let load = |p: std::path::PathBuf| {
+            load_labels(dir.path(), p.file_name().unwrap().to_str().unwrap())
+        };
         let plain = write("a.json", r#"{"0": "cat", "2": "dog"}"#);
-        assert_eq!(load_labels(&plain).unwrap().unwrap(), ["cat", "1", "dog"]);
+        assert_eq!(load(plain).unwrap().unwrap(), ["cat", "1", "dog"]);
         let pairs = write(
             "b.json",
             r#"{"1": ["n02", "tabby"], "0": ["n01", "tench"]}"#,
         );
-        assert_eq!(load_labels(&pairs).unwrap().unwrap(), ["tench", "tabby"]);
+        assert_eq!(load(pairs).unwrap().unwrap(), ["tench", "tabby"]);
         let names = write(
             "c.json",
             r#"{"object_type_names": ["__background__", "person"]}"#,
         );
-        assert_eq!(
-            load_labels(&names).unwrap().unwrap(),
-            ["__background__", "person"]
-        );
-        assert_eq!(load_labels(&dir.path().join("missing.json")).unwrap(), None);
-        let bad = write("d.json", r#"{"zero": "cat"}"#);
-        assert!(
-            load_labels(&bad)
-                .unwrap_err()
-                .to_string()
-                .contains("not a class index")
-        );
+        assert_eq!(load(names).unwrap().unwrap(), ["__background__", "person"]);
+        assert_eq!(load(dir.path().join("missing.json")).unwrap(), None);
+        for (text, says) in [
+            (r#"{"zero": "cat"}"#, "key \"zero\" is not a class index"),
+            (r#"["cat", "dog"]"#, "found an array"),
+            ("cat\ndog\n", "it is not JSON"),
+            (r#"{"0": 7}"#, "the label of class 0 is not a string"),
+        ] {
+            let e = load(write("d.json", text)).unwrap_err().to_string();
+            assert!(
+                e.contains("the archive's label file d.json: ") && e.contains(says),
+                "{text}: {e}"
+            );
+        }
     }
 }

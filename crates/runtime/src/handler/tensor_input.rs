@@ -169,19 +169,23 @@ fn reading_of(part: &Part, sent: Sent<'_>) -> Reading {
     if sent.shape.is_some() || sent.dtype.is_some() {
         return Reading::Raw;
     }
-    if ct.starts_with("text/") || looks_delimited(&part.data) {
+    let untyped = ct.is_empty() || ct.starts_with("application/x-www-form-urlencoded");
+    if ct.starts_with("text/") || ct.contains("csv") || (untyped && looks_like_text(&part.data)) {
         return Reading::Delimited;
     }
     Reading::Raw
 }
 
-/// Whether `body` is only numbers and separators: digits, signs, points, exponents, commas,
-/// semicolons and white space, with at least one digit.
-fn looks_delimited(body: &[u8]) -> bool {
-    body.iter().any(u8::is_ascii_digit)
+/// Whether `body` reads as text: printable ASCII, tabs and line breaks (after a UTF-8 byte-order
+/// mark, as spreadsheets write one). Raw values of more than one byte are almost never all
+/// printable; a CSV file, with its header row, `nan` or a typo, always is, and is better told
+/// what is wrong with it, by line, than read as bytes.
+fn looks_like_text(body: &[u8]) -> bool {
+    let body = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
+    !body.is_empty()
         && body
             .iter()
-            .all(|b| b.is_ascii_digit() || b.is_ascii_whitespace() || b"+-.eE,;".contains(b))
+            .all(|b| (0x20..0x7f).contains(b) || matches!(b, b'\t' | b'\r' | b'\n'))
 }
 
 /// The numbers of a delimited text body, nested as the same rows in a JSON list would be: one
@@ -193,21 +197,38 @@ fn delimited_numbers(body: &[u8]) -> Result<Numbers, PredictError> {
              bytes (Content-Type application/octet-stream)",
         )
     })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut flat = Vec::new();
     let mut rows = 0i64;
     let mut width = None;
+    let mut header_seen = false;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
+        // Fields are separated by commas or semicolons, and within them by spaces: `1, 2`,
+        // `1;2`, `1 2` and `1,2 3` are all numbers in a row; `1,,2` misses one.
+        let line = line.strip_suffix([',', ';']).unwrap_or(line);
+        let fields: Vec<&str> = line
+            .split([',', ';'])
+            .flat_map(|f| {
+                let words: Vec<&str> = f.split_ascii_whitespace().collect();
+                if words.is_empty() { vec![""] } else { words }
+            })
+            .collect();
+        // A first row of names (`sepal_length,sepal_width,...`), as pandas and spreadsheets
+        // write one, is a header, not a row of values.
+        if width.is_none()
+            && !header_seen
+            && fields
+                .iter()
+                .all(|f| !f.is_empty() && f.parse::<f64>().is_err())
+        {
+            header_seen = true;
+            continue;
+        }
         let before = flat.len();
-        let fields: Vec<&str> = if line.contains([',', ';']) {
-            let line = line.strip_suffix([',', ';']).unwrap_or(line);
-            line.split([',', ';']).map(str::trim).collect()
-        } else {
-            line.split_ascii_whitespace().collect()
-        };
         for field in fields {
             let value = field.parse::<f64>().map_err(|_| {
                 if field.is_empty() {
@@ -285,7 +306,18 @@ fn decode_part(
             };
             from_numbers(numbers, dtype, shape)?
         }
-        Reading::Delimited => from_numbers(delimited_numbers(&part.data)?, dtype, shape)?,
+        Reading::Delimited => {
+            let mut numbers = delimited_numbers(&part.data)?;
+            // A row that holds one whole example of a fixed shape of several axes is that
+            // example, as a row of a `[4]` input is: `1,2,3,4,5,6` for `[2, 3]`.
+            if let Some(per) = shape.filter(|s| s.len() > 1 && s.iter().all(|d| *d > 0))
+                && numbers.dims.last().copied() == checked_product(per)
+            {
+                let rows = &numbers.dims[..numbers.dims.len() - 1];
+                numbers.dims = rows.iter().chain(per).copied().collect();
+            }
+            from_numbers(numbers, dtype, shape)?
+        }
         Reading::Raw => decode_raw(part, sent, dtype, shape)?,
     };
     check_shape(&decoded, shape)?;
@@ -1316,6 +1348,35 @@ mod tests {
                 .to_string();
             assert!(e.contains(says), "{body:?}: {e}");
         }
+        // As spreadsheets and pandas write CSV: a byte-order mark, a header row, NaN, and
+        // separators mixed; sent without a type, it is text all the same.
+        let d = decode(
+            &p(
+                "\u{feff}sepal_length,sepal_width; petal length\r\n1,2 nan;4\r\n",
+                None,
+            ),
+            DType::Float32,
+            Some(&[4]),
+        )
+        .unwrap();
+        assert_eq!(d.tensor.size(), [1, 4]);
+        assert!(values(&d.tensor)[2].is_nan());
+        // Only a first row is a header: a row of words after values is an error, by line.
+        let e = decode(&p("1,2,3,4\na,b,c,d\n", None), DType::Float32, Some(&[4]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2: \"a\" is not a number"), "{e}");
+        // A row holding a whole example of several axes is that example.
+        let d = decode(
+            &p("1,2,3,4,5,6\n7,8,9,10,11,12", None),
+            DType::Float32,
+            Some(&[2, 3]),
+        )
+        .unwrap();
+        assert_eq!((d.examples, d.wrap), (2, Wrap::List));
+        assert_eq!(d.tensor.size(), [2, 2, 3]);
+        let d = decode(&p("1,2,3\n4,5,6", None), DType::Float32, Some(&[2, 3])).unwrap();
+        assert_eq!((d.examples, d.wrap), (1, Wrap::Single));
         // Said to be raw, by its type or by a shape header, the same bytes are raw.
         let d = decode(
             &p("6.1,2.8,4.7,1.2\n", Some("application/octet-stream")),
