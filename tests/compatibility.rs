@@ -138,15 +138,18 @@ fn a_python_handler_with_its_manifest_beside_it_serves_in_tchserve() {
         &["--extra-files", twin.to_str().unwrap()],
     );
     // The archiver checks the twin as a manifest, and says what each server runs.
-    let out = run(Command::new(env!("CARGO_BIN_EXE_tch-model-archiver"))
-        .args(["--model-name", "said", "--version", "1.0", "--handler"])
-        .arg(&code)
-        .arg("--serialized-file")
-        .arg(&scale2)
-        .arg("--extra-files")
-        .arg(&twin)
-        .arg("--export-path")
-        .arg(&dir));
+    let pack = |name: &str| {
+        run(Command::new(env!("CARGO_BIN_EXE_tch-model-archiver"))
+            .args(["--model-name", name, "--version", "1.0", "--handler"])
+            .arg(&code)
+            .arg("--serialized-file")
+            .arg(&scale2)
+            .arg("--extra-files")
+            .arg(&twin)
+            .arg("--export-path")
+            .arg(&dir))
+    };
+    let out = pack("said");
     let said = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
         out.status.success()
@@ -154,15 +157,7 @@ fn a_python_handler_with_its_manifest_beside_it_serves_in_tchserve() {
         "{said}"
     );
     fs::write(&twin, "{\"schema\": 1, \"input\": {}}").unwrap();
-    let out = run(Command::new(env!("CARGO_BIN_EXE_tch-model-archiver"))
-        .args(["--model-name", "bad", "--version", "1.0", "--handler"])
-        .arg(&code)
-        .arg("--serialized-file")
-        .arg(&scale2)
-        .arg("--extra-files")
-        .arg(&twin)
-        .arg("--export-path")
-        .arg(&dir));
+    let out = pack("bad");
     assert!(
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("doubler.json"),
         "{}",

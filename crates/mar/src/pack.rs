@@ -55,6 +55,24 @@ impl ArchiveFormat {
     }
 }
 
+/// Reads and checks the handler manifest at `path` (packed as `name`, given by `flag`): its
+/// label file, and every file it names, which the archive should hold.
+fn manifest_needs(
+    flag: &'static str,
+    path: &Path,
+    name: &str,
+) -> Result<(Option<String>, Vec<String>)> {
+    let bytes =
+        fs::read(path).map_err(|e| input_error(flag, format!("{}: {e}", path.display())))?;
+    let manifest = HandlerManifest::parse(name, &bytes)?;
+    let files = manifest
+        .referenced_files()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    Ok((manifest.label_file().map(str::to_owned), files))
+}
+
 /// What kind of handler the `--handler` value names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HandlerKind {
@@ -199,15 +217,8 @@ impl PackRequest {
             HandlerKind::Builtin => {}
             HandlerKind::Manifest => {
                 let path = Path::new(&self.handler);
-                let bytes = fs::read(path)
-                    .map_err(|e| input_error("--handler", format!("{}: {e}", path.display())))?;
-                let manifest = HandlerManifest::parse(base_name(&self.handler), &bytes)?;
-                label_file = manifest.label_file().map(str::to_owned);
-                manifest_files = manifest
-                    .referenced_files()
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect();
+                (label_file, manifest_files) =
+                    manifest_needs("--handler", path, base_name(&self.handler))?;
                 add_flat(&mut files, "--handler", path)?;
             }
             HandlerKind::Code => {
@@ -255,16 +266,7 @@ impl PackRequest {
             _ => None,
         };
         if let Some(twin) = &twin_manifest {
-            let path = &files[twin];
-            let bytes = fs::read(path)
-                .map_err(|e| input_error("--extra-files", format!("{}: {e}", path.display())))?;
-            let manifest = HandlerManifest::parse(twin, &bytes)?;
-            label_file = manifest.label_file().map(str::to_owned);
-            manifest_files = manifest
-                .referenced_files()
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
+            (label_file, manifest_files) = manifest_needs("--extra-files", &files[twin], twin)?;
         }
         if let Some(p) = &self.requirements_file {
             add_flat(&mut files, "--requirements-file", p)?;
