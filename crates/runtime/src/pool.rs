@@ -621,12 +621,13 @@ mod tests {
         assert!(unavailable(waiting).contains("scaled to no worker"));
     }
 
-    #[test]
-    fn a_wait_for_workers_scaled_away_meanwhile_ends_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = missing_model(dir.path());
-        // A worker still loading, as a synchronous scale-up leaves it; a state stands in for
-        // its thread.
+    /// A pool with a worker still loading, as a synchronous scale-up leaves it (a state stands
+    /// in for its thread, which ends without a word when it sees its stop flag after the load),
+    /// and a thread inside `wait_started` for it, giving what it counted and how long it waited.
+    fn waiting_for_a_worker_loading(
+        dir: &std::path::Path,
+    ) -> (Arc<Pool>, std::thread::JoinHandle<(usize, Duration)>) {
+        let pool = missing_model(dir);
         pool.shared.insert(7, WorkerState::Starting);
         lock(&pool.workers).push(Handle {
             id: 7,
@@ -645,6 +646,13 @@ mod tests {
             })
         };
         std::thread::sleep(Duration::from_millis(100));
+        (pool, waiter)
+    }
+
+    #[test]
+    fn a_wait_for_workers_scaled_away_meanwhile_ends_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, waiter) = waiting_for_a_worker_loading(dir.path());
         // A scale-down overtakes it: nothing is left to wait for.
         pool.scale(0);
         let (ready, waited) = waiter.join().unwrap();
@@ -655,27 +663,7 @@ mod tests {
     #[test]
     fn a_wait_for_workers_of_a_pool_shut_down_meanwhile_ends_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = missing_model(dir.path());
-        // A worker still loading, whose thread (stood in for by its state) ends without a word
-        // when it sees its stop flag after the load, as a worker stopped while loading does.
-        pool.shared.insert(7, WorkerState::Starting);
-        lock(&pool.workers).push(Handle {
-            id: 7,
-            started: SystemTime::now(),
-            device: tch::Device::Cpu,
-            stop: Arc::new(AtomicBool::new(false)),
-            thread: None,
-            busy: Arc::new(Busy::new()),
-            said_stuck: false,
-        });
-        let waiter = {
-            let pool = Arc::clone(&pool);
-            std::thread::spawn(move || {
-                let t = Instant::now();
-                (pool.wait_started(Duration::from_secs(30)), t.elapsed())
-            })
-        };
-        std::thread::sleep(Duration::from_millis(100));
+        let (pool, waiter) = waiting_for_a_worker_loading(dir.path());
         // The version is unregistered: its pool shuts down while the scale waits.
         pool.shutdown(Duration::ZERO);
         let (ready, waited) = waiter.join().unwrap();

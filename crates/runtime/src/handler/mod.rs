@@ -951,28 +951,7 @@ impl Pipeline {
             None => out.push_str(&class.to_string()),
         };
         // Position j of the remaining axes, written as nested lists of their sizes.
-        fn nest(
-            out: &mut String,
-            rest: &[i64],
-            start: usize,
-            write: &mut dyn FnMut(&mut String, usize),
-        ) {
-            match rest.split_first() {
-                None => write(out, start),
-                Some((&n, tail)) => {
-                    let step: usize = tail.iter().map(|&d| d as usize).product();
-                    out.push('[');
-                    for k in 0..n as usize {
-                        if k > 0 {
-                            out.push(',');
-                        }
-                        nest(out, tail, start + k * step, write);
-                    }
-                    out.push(']');
-                }
-            }
-        }
-        nest(out, rest, 0, &mut |out, j| write_one(out, best(j)));
+        output::write_nested_with(out, rest, 0, &mut |out, j| write_one(out, best(j)));
     }
 
     /// `[{"<label>": [x1, y1, x2, y2], "score": s}, ...]` from one detector result dict.

@@ -80,8 +80,19 @@ impl Values {
 
 /// Writes `values[offset..]` shaped as `dims` as nested JSON lists.
 pub fn write_nested(out: &mut String, values: &Values, dims: &[i64], offset: usize) {
+    write_nested_with(out, dims, offset, &mut |out, i| values.write(out, i));
+}
+
+/// Writes nested JSON lists shaped as `dims`, each element by `leaf` from its flat index (from
+/// `offset`, in row-major order).
+pub fn write_nested_with<F: FnMut(&mut String, usize)>(
+    out: &mut String,
+    dims: &[i64],
+    offset: usize,
+    leaf: &mut F,
+) {
     match dims.split_first() {
-        None => values.write(out, offset),
+        None => leaf(out, offset),
         Some((&n, rest)) => {
             let stride: usize = rest.iter().map(|&d| d as usize).product();
             out.push('[');
@@ -89,7 +100,7 @@ pub fn write_nested(out: &mut String, values: &Values, dims: &[i64], offset: usi
                 if i > 0 {
                     out.push(',');
                 }
-                write_nested(out, values, rest, offset + i * stride);
+                write_nested_with(out, rest, offset + i * stride, leaf);
             }
             out.push(']');
         }
