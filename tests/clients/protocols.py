@@ -79,6 +79,46 @@ def image_reference():
     return jpeg, json.loads(body)
 
 
+def preprocessed(jpeg):
+    """The picture as the image classifier's preprocessing leaves it, computed as torchvision
+    does on a PIL image: the shorter side resized to 256 (PIL's bilinear, antialiased), the
+    centre 224x224, scaled to [0, 1] and normalised, in float32. TorchServe's vision handlers
+    take these numbers in place of the picture."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    w, h = img.size
+    if w <= h:
+        size = (256, int(256 * h / w))
+    else:
+        size = (int(256 * w / h), 256)
+    img = img.resize(size, Image.BILINEAR)
+    w, h = img.size
+    top, left = int(round((h - 224) / 2.0)), int(round((w - 224) / 2.0))
+    img = img.crop((left, top, left + 224, top + 224))
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def image_as_numbers(jpeg, want_cls):
+    """The REST route answers the preprocessed picture as it answers the picture."""
+    pre = preprocessed(jpeg)
+    for body in (pre.tolist(), {"data": pre.tolist()}):
+        status, got = rest("/predictions/cls", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        check(status == 200, f"REST cls numbers answer ({status} {got[:300]!r})")
+        check(close(json.loads(got), want_cls), f"REST cls numbers: {got[:300]!r} == {want_cls}")
+    status, got = rest("/predictions/cls", json.dumps([pre.tolist()] * 2).encode(), {"Content-Type": "application/json"})
+    check(status == 200 and close(json.loads(got), [want_cls] * 2), f"REST cls two pictures as numbers ({status})")
+    status, got = rest("/predictions/cls", json.dumps(pre[:, :100, :100].tolist()).encode())
+    check(status == 400 and b"[3, 224, 224]" in got, f"REST cls numbers of the wrong size: 400 naming the shape ({status} {got!r})")
+    return pre
+
+
+TEXT = "I love this movie, it is wonderful"
 TEXT = "I love this movie, it is wonderful"
 
 
@@ -211,6 +251,21 @@ def triton():
     r = h.infer("cls", [i])
     got = json.loads(r.as_numpy("output0")[0])
     check(close(got, want_cls), f"http cls BYTES: {got} == {want_cls}")
+    # The picture preprocessed, as FP32 numbers (TorchServe's KServe v2 MNIST sample sends a
+    # digit so): one answer for [3, 224, 224], a list of them for a batch.
+    pre = image_as_numbers(jpeg, want_cls)
+    for x, want in ((pre, want_cls), (np.stack([pre, pre]), [want_cls, want_cls])):
+        i = thttp.InferInput("input0", list(x.shape), "FP32")
+        i.set_data_from_numpy(x, binary_data=True)
+        got = json.loads(h.infer("cls", [i]).as_numpy("output0")[0])
+        check(close(got, want), f"http cls FP32 {list(x.shape)}: {got} == {want}")
+    i = thttp.InferInput("input0", [2], "FP32")
+    i.set_data_from_numpy(np.zeros(2, dtype=np.float32))
+    try:
+        h.infer("txt", [i])
+        check(False, "http: FP32 into a text model is refused")
+    except InferenceServerException as e:
+        check(e.status() == "400" and "takes text" in e.message(), f"http: FP32 into a text model ({e})")
     # Bad input: the protocol's error, naming the input, and the server goes on.
     i = thttp.InferInput("input0", [1, 784], "FP64")
     i.set_data_from_numpy(x1.astype(np.float64))
@@ -268,6 +323,10 @@ def triton():
     r = g.infer("cls", [i])
     got = json.loads(r.as_numpy("output0")[0])
     check(close(got, want_cls), "grpc cls BYTES")
+    i = tgrpc.InferInput("input0", list(pre.shape), "FP32")
+    i.set_data_from_numpy(pre)
+    got = json.loads(g.infer("cls", [i]).as_numpy("output0")[0])
+    check(close(got, want_cls), f"grpc cls FP32: {got} == {want_cls}")
     i = tgrpc.InferInput("input0", [1, 784], "INT64")
     i.set_data_from_numpy(np.zeros((1, 784), dtype=np.int64))
     try:
@@ -314,6 +373,9 @@ def kserve_suite():
             model_name="cls",
         )
         check(close(r["predictions"], [want_cls]), "kserve v1 cls b64 instance")
+        # TorchServe's vision handlers take an instance's `data` as the picture's numbers.
+        r = await v1.infer(base, {"instances": [{"data": preprocessed(jpeg).tolist()}]}, model_name="cls")
+        check(close(r["predictions"], [want_cls]), "kserve v1 cls instance of numbers")
         r = await v1.infer(base, {"instances": [TEXT, TEXT]}, model_name="txt")
         check(close(r["predictions"], [want_txt, want_txt]), "kserve v1 txt instances")
         try:

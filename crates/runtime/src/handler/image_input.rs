@@ -87,6 +87,53 @@ fn image_bytes(part: &Part) -> Result<std::borrow::Cow<'_, [u8]>, PredictError> 
     Ok(std::borrow::Cow::Borrowed(data))
 }
 
+/// Whether a request to an image model sends the model's input itself rather than a picture:
+/// numbers as JSON (a nested list, alone or under `data` or `instances`), or raw values with
+/// their shape (`X-Tensor-Shape`, a typed protocol's tensor). TorchServe's vision handlers take
+/// such a list as the preprocessed image, and its KServe samples send an MNIST digit that way.
+pub fn sends_numbers(payload: &Payload) -> bool {
+    let Some(part) = payload.main_part() else {
+        return false;
+    };
+    if part.shape.is_some() || payload.shape.is_some() {
+        return true;
+    }
+    let text = part.data.as_ref();
+    let rest = skip_ws(text);
+    match rest.first() {
+        Some(b'[') => starts_numbers(rest),
+        // Only the first key is looked at: reading the whole object would parse a base64
+        // photo twice.
+        Some(b'{') => {
+            let rest = skip_ws(&rest[1..]);
+            ["\"data\"", "\"instances\""].iter().any(|key| {
+                rest.strip_prefix(key.as_bytes())
+                    .map(skip_ws)
+                    .and_then(|r| r.strip_prefix(b":"))
+                    .map(skip_ws)
+                    .is_some_and(|r| r.first() == Some(&b'[') && starts_numbers(r))
+            })
+        }
+        _ => false,
+    }
+}
+
+fn skip_ws(s: &[u8]) -> &[u8] {
+    let start = s
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(s.len());
+    &s[start..]
+}
+
+/// Whether a JSON list's first element, past any nested opening brackets, is a number: a list
+/// of base64 strings or of `{"data": ...}` objects is not the model's input.
+fn starts_numbers(list: &[u8]) -> bool {
+    list.iter()
+        .find(|b| !(b.is_ascii_whitespace() || **b == b'['))
+        .is_some_and(|b| b.is_ascii_digit() || *b == b'-')
+}
+
 /// Decodes the request's image to RGB, refusing images over `max_pixels` before decoding.
 pub fn decode(payload: &Payload, max_pixels: u64) -> Result<Rgb, PredictError> {
     let part = payload

@@ -53,6 +53,9 @@ pub struct Pipeline {
     finishing: Option<std::sync::Mutex<image_input::Finishing>>,
     /// The length token batches are padded to at least: a package's static token count.
     pad_tokens_to: i64,
+    /// What an image handler's preprocessing makes of one picture, `[C, H, W]` with -1 for a
+    /// size that follows the picture's: the shape of the numbers a request may send instead.
+    image_example: Vec<i64>,
 }
 
 /// A batch handed to the model, between [`Pipeline::submit`] and [`Pipeline::land`].
@@ -119,6 +122,35 @@ fn stack(
     upload(&batch, device).map_err(|e| failed("moving input to the device", e))
 }
 
+/// A batch of images finished on `device` (see [`Pipeline::finish_images_on`]). Pictures come
+/// as bytes and are finished together; a request that sent numbers sent the model's input
+/// itself, already finished, so a batch holding one is finished picture by picture.
+fn finish_on_device(
+    finishing: &image_input::Finishing,
+    inputs: &[&Decoded],
+    device: Device,
+) -> Result<Tensor, PredictError> {
+    let on_device = |e| failed("preprocessing on the device", e);
+    if inputs.iter().all(|d| d.tensor.kind() == Kind::Uint8) {
+        let pixels = stack(inputs, device, true, |d| d)?;
+        return finishing.apply(&pixels).map_err(on_device);
+    }
+    let parts = inputs
+        .iter()
+        .map(|d| {
+            let t = upload(&d.tensor, device)?;
+            if t.kind() == Kind::Uint8 {
+                finishing.apply(&t)
+            } else {
+                Ok(t)
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(on_device)?;
+    Tensor::f_cat(&parts, 0)
+        .map_err(|e| PredictError::BadInput(format!("cannot batch inputs: {e}")))
+}
+
 /// Which archives' missing label files were logged lately.
 static MISSING_LABELS: crate::error::Recently = crate::error::Recently::new();
 
@@ -179,6 +211,37 @@ fn forward_failed(e: tch::TchError) -> PredictError {
     }
 }
 
+/// The shape of one picture after `manifest`'s preprocessing (see `Pipeline::image_example`):
+/// found by preprocessing two small grey pictures, one wide and one tall, whose sizes agree
+/// where the stages fix them. Empty for other inputs.
+fn image_example(manifest: &HandlerManifest) -> Vec<i64> {
+    let Input::Image { max_pixels, mode } = manifest.input else {
+        return Vec::new();
+    };
+    let free = vec![mode.channels() as i64, -1, -1];
+    if manifest.model.feed != Feed::Stacked {
+        return free;
+    }
+    let shape = |width: u32, height: u32| {
+        let grey = image_input::Rgb {
+            width,
+            height,
+            data: vec![128; (width * height * 3) as usize],
+        };
+        image_input::preprocess(grey, &manifest.preprocess, max_pixels, false, mode)
+            .ok()
+            .map(|t| t.size()[1..].to_vec())
+    };
+    match (shape(64, 48), shape(48, 64)) {
+        (Some(wide), Some(tall)) if wide.len() == 3 => wide
+            .iter()
+            .zip(&tall)
+            .map(|(w, t)| if w == t { *w } else { -1 })
+            .collect(),
+        _ => free,
+    }
+}
+
 impl Pipeline {
     /// Builds the stages of `manifest` for a model unpacked in `model_dir`.
     pub fn new(manifest: &HandlerManifest, model_dir: &Path) -> Result<Self, RuntimeError> {
@@ -214,6 +277,7 @@ impl Pipeline {
             text,
             finishing: None,
             pad_tokens_to: 0,
+            image_example: image_example(manifest),
         })
     }
 
@@ -318,6 +382,20 @@ impl Pipeline {
                 tensor_input::decode(payload, *dtype, shape.as_deref())
             }
             Input::Tensors(inputs) => tensor_input::decode_named(payload, inputs),
+            Input::Image { .. } if image_input::sends_numbers(payload) => {
+                tensor_input::decode(payload, DType::Float32, Some(&self.image_example)).map_err(
+                    |e| match e {
+                        PredictError::BadInput(why) if !why.contains("per-example shape") => {
+                            PredictError::BadInput(format!(
+                                "{why} (numbers sent to an image model are its input after \
+                                 preprocessing, {} per picture)",
+                                tensor_input::shape_text(&self.image_example)
+                            ))
+                        }
+                        other => other,
+                    },
+                )
+            }
             Input::Image { max_pixels, mode } => {
                 let img = image_input::decode(payload, *max_pixels)?;
                 let tensor = image_input::preprocess(
@@ -512,18 +590,13 @@ impl Pipeline {
             // (see `Model::submit`), so that batches queued for it wait in host memory; images
             // finished on the device go there first.
             let upload_here = !module.uploads_its_inputs();
-            let mut batch = stack(
-                inputs,
-                device,
-                upload_here || self.finishing.is_some(),
-                |d| d,
-            )?;
-            if let Some(finishing) = &self.finishing {
-                let finishing = finishing.lock().unwrap_or_else(|p| p.into_inner());
-                batch = finishing
-                    .apply(&batch)
-                    .map_err(|e| failed("preprocessing on the device", e))?;
-            }
+            let batch = match &self.finishing {
+                None => stack(inputs, device, upload_here, |d| d)?,
+                Some(finishing) => {
+                    let finishing = finishing.lock().unwrap_or_else(|p| p.into_inner());
+                    finish_on_device(&finishing, inputs, device)?
+                }
+            };
             let mut args = vec![IValue::Tensor(batch)];
             // A model of several inputs: each stacked on its own, in the manifest's order.
             for k in 0..inputs.first().map_or(0, |d| d.more.len()) {
@@ -1393,5 +1466,149 @@ mod tests {
                 "{text}: {e}"
             );
         }
+    }
+
+    fn image_pipeline(stages: &str) -> Pipeline {
+        image_pipeline_fed(stages, "stacked")
+    }
+
+    fn image_pipeline_fed(stages: &str, feed: &str) -> Pipeline {
+        let manifest = HandlerManifest::parse(
+            "img.json",
+            format!(
+                r#"{{"schema": 1, "name": "img", "input": {{"image": {{}}}},
+                    "preprocess": [{stages}], "model": {{"feed": "{feed}"}},
+                    "output": {{"tensor": {{}}}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        Pipeline::new(&manifest, Path::new(".")).unwrap()
+    }
+
+    fn json_body(body: &str) -> Payload {
+        Payload {
+            parts: vec![Part {
+                name: "body".into(),
+                content_type: Some("application/json".into()),
+                data: bytes::Bytes::from(body.to_owned()),
+                shape: None,
+            }],
+            ..Payload::default()
+        }
+    }
+
+    const CROPPED: &str = r#"{"resize": {"size": 6}}, {"center_crop": {"size": 4}},
+        {"to_tensor": {}}, {"normalize": {"mean": [0.5], "std": [0.25]}}"#;
+
+    #[test]
+    fn an_image_model_takes_numbers_of_the_preprocessed_shape() {
+        let p = image_pipeline(CROPPED);
+        assert_eq!(p.image_example, [3, 4, 4]);
+        // Fed as a list, the sizes follow the picture's.
+        let free = image_pipeline_fed(r#"{"resize": {"size": 6}}, {"to_tensor": {}}"#, "list");
+        assert_eq!(free.image_example, [3, -1, -1]);
+        let fixed = image_pipeline(r#"{"resize": {"size": [5, 7]}}, {"to_tensor": {}}"#);
+        assert_eq!(fixed.image_example, [3, 5, 7]);
+
+        let one: Vec<f32> = (0..48).map(|i| i as f32 / 8.0).collect();
+        let nested = Tensor::from_slice(&one).view([3, 4, 4]);
+        let text = |t: &Tensor| {
+            let v: Vec<f32> = Vec::try_from(t.flatten(0, -1)).unwrap();
+            let rows: Vec<String> = v
+                .chunks(4)
+                .map(|r| format!("{r:?}"))
+                .collect::<Vec<_>>()
+                .chunks(4)
+                .map(|plane| format!("[{}]", plane.join(",")))
+                .collect();
+            rows.chunks(3)
+                .map(|pic| format!("[{}]", pic.join(",")))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let picture = text(&nested);
+        for (body, examples, wrap) in [
+            (picture.clone(), 1, Wrap::Single),
+            (format!("{{\"data\": {picture}}}"), 1, Wrap::Single),
+            (format!("[{picture}, {picture}]"), 2, Wrap::List),
+            (
+                format!("{{\"instances\": [{picture}]}}"),
+                1,
+                Wrap::Predictions,
+            ),
+        ] {
+            let d = p.decode(&json_body(&body)).unwrap();
+            assert_eq!((d.examples, d.wrap), (examples, wrap), "{body}");
+            assert_eq!(d.tensor.size(), [examples as i64, 3, 4, 4]);
+            assert!(d.tensor.get(0).equal(&nested), "{body}");
+        }
+        let e = p
+            .decode(&json_body("[[1.0, 2.0], [3.0, 4.0]]"))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("its input after preprocessing, [3, 4, 4] per picture"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn numbers_are_told_from_pictures_by_their_first_bytes() {
+        let says = |body: &str| image_input::sends_numbers(&json_body(body));
+        for numbers in [
+            "[[[0.5]]]",
+            " [ [-1e3",
+            r#"{"data": [[[1]]]}"#,
+            r#"{ "instances" : [[[0.1]]]}"#,
+        ] {
+            assert!(says(numbers), "{numbers}");
+        }
+        for picture in [
+            r#""iVBORw0KGgo=""#,
+            r#"{"data": "iVBORw0KGgo="}"#,
+            r#"{"data": {"b64": "iVBORw0KGgo="}}"#,
+            r#"["iVBORw0KGgo="]"#,
+            r#"{"instances": [{"data": "iVBORw0KGgo="}]}"#,
+            r#"{"name": "x", "data": [1]}"#,
+            "\u{ff}\u{d8}\u{ff}",
+        ] {
+            assert!(!says(picture), "{picture}");
+        }
+        let mut raw = json_body("\0\0\0\0");
+        raw.parts[0].content_type = Some("application/octet-stream".into());
+        assert!(!says_payload(&raw));
+        raw.parts[0].shape = Some("1,1,1".into());
+        assert!(says_payload(&raw));
+    }
+
+    fn says_payload(p: &Payload) -> bool {
+        image_input::sends_numbers(p)
+    }
+
+    #[test]
+    fn numbers_and_pictures_finished_on_the_device_share_a_batch() {
+        let mut p = image_pipeline(CROPPED);
+        let finishing = image_input::Finishing::on(&p.preprocess, Device::Cpu).unwrap();
+        p.finishing = Some(std::sync::Mutex::new(finishing));
+        let grey = || image_input::Rgb {
+            width: 8,
+            height: 6,
+            data: (0..8 * 6 * 3).map(|i| (i * 5 % 256) as u8).collect(),
+        };
+        let on_host =
+            image_input::preprocess(grey(), &p.preprocess, 1 << 20, false, ImageMode::Rgb).unwrap();
+        let pixels =
+            image_input::preprocess(grey(), &p.preprocess, 1 << 20, true, ImageMode::Rgb).unwrap();
+        assert_eq!(pixels.kind(), Kind::Uint8);
+        let picture = Decoded::owned(pixels, 1, Wrap::Single);
+        let numbers = Decoded::owned(on_host.shallow_clone() * 2.0, 1, Wrap::Single);
+        let finishing = p.finishing.as_ref().unwrap().lock().unwrap();
+        let both = finish_on_device(&finishing, &[&picture, &numbers], Device::Cpu).unwrap();
+        assert_eq!(both.size(), [2, 3, 4, 4]);
+        assert!(both.get(0).allclose(&on_host.get(0), 1e-6, 1e-6, false));
+        assert!(both.get(1).equal(&(on_host.get(0) * 2.0)));
+        let alone = finish_on_device(&finishing, &[&picture, &picture], Device::Cpu).unwrap();
+        assert!(alone.get(1).allclose(&on_host.get(0), 1e-6, 1e-6, false));
     }
 }

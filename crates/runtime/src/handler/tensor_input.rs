@@ -116,7 +116,8 @@ pub fn dtype_name(d: DType) -> String {
         .unwrap_or_default()
 }
 
-fn shape_text(shape: &[i64]) -> String {
+/// A shape as error messages write it: `[3, 224, 224]`.
+pub(crate) fn shape_text(shape: &[i64]) -> String {
     format!("{shape:?}")
 }
 

@@ -69,6 +69,12 @@ impl TextInput {
         let part = payload
             .main_part()
             .ok_or_else(|| bad("the request has no body"))?;
+        if part.shape.is_some() || payload.dtype.is_some() {
+            return Err(bad(
+                "the model takes text, and a tensor of numbers was sent (send the text as a \
+                 string: a BYTES element in KServe v2)",
+            ));
+        }
         let text =
             std::str::from_utf8(&part.data).map_err(|_| bad("the text is not valid UTF-8"))?;
         // JSON when the client says so; text when it says `text/...` (a review may well start

@@ -255,6 +255,30 @@ async fn run_one(
             };
             output_of(infer.infer_counted(model, version, named, payload).await?)
         }
+        // An image model takes the picture's input after preprocessing as numbers too, as
+        // TorchServe's vision handlers do (its KServe v2 MNIST sample sends the digit as a
+        // [1, 28, 28] FP32 tensor): the handler checks their shape; a text model refuses them.
+        DataType::Bytes if input.datatype == Datatype::Fp32 => {
+            let name = name.clone();
+            let numbers = TensorMeta {
+                name: name.clone(),
+                datatype: DataType::Tensor(DType::Float32),
+                shape: vec![-1; input.shape.len().max(1)],
+            };
+            let part = tensor_part("body", input, &numbers, DType::Float32)?;
+            let payload = Payload {
+                dtype: Some(manifest_dtype(DType::Float32)),
+                shape: part.shape.clone(),
+                parts: vec![part],
+                want_tensor: false,
+            };
+            output_of(
+                infer
+                    .infer_counted(model, version, named, payload)
+                    .await
+                    .map_err(|e| e.prefixed(&format!("input '{name}': ")))?,
+            )
+        }
         DataType::Bytes => {
             let count = element_count(&input)?;
             if input.datatype != Datatype::Bytes {
