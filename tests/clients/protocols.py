@@ -251,6 +251,16 @@ def triton():
     r = h.infer("cls", [i])
     got = json.loads(r.as_numpy("output0")[0])
     check(close(got, want_cls), f"http cls BYTES: {got} == {want_cls}")
+    # TorchServe's own sample (kf_request_json/v2/mnist/mnist_v2_bytes.json): base64 in JSON,
+    # shape [-1], an input named by a uuid.
+    import base64
+
+    sample = {"inputs": [{"name": "312a4eb0-0ca7-4803-a101-a6d2c18486fe", "shape": [-1], "datatype": "BYTES",
+                          "data": [base64.b64encode(jpeg).decode()]}]}
+    status, body = rest("/v2/models/cls/infer", json.dumps(sample).encode(), {"Content-Type": "application/json"})
+    check(status == 200, f"http cls TorchServe's BYTES sample ({status} {body[:300]!r})")
+    out = json.loads(body)["outputs"][0]
+    check(out["shape"] == [1] and close(json.loads(out["data"][0]), want_cls), f"http cls BYTES [-1]: {out}")
     # The picture preprocessed, as FP32 numbers (TorchServe's KServe v2 MNIST sample sends a
     # digit so): one answer for [3, 224, 224], a list of them for a batch.
     pre = image_as_numbers(jpeg, want_cls)
@@ -300,6 +310,12 @@ def triton():
     check(close(got, want_txt), f"http txt BYTES [1, 1]: {got} == {want_txt}")
     index = h.get_model_repository_index()
     check({m["name"] for m in index} >= {"mlp", "cls", "txt"}, f"http: repository index {index}")
+    # Triton's settings override is refused rather than left out.
+    try:
+        h.load_model("mlp", config='{"max_batch_size": 4}')
+        check(False, "http: a load with a config override is refused")
+    except InferenceServerException as e:
+        check(e.status() == "400" and "config" in e.message(), f"http: load with config: 400 ({e})")
     triton_two_inputs(h, thttp, "http")
     triton_two_outputs(h, thttp, "http")
 
@@ -341,6 +357,11 @@ def triton():
     except InferenceServerException as e:
         check(e.status() == "StatusCode.NOT_FOUND", f"grpc: NOT_FOUND ({e.status()})")
     still_serving("bad gRPC requests")
+    try:
+        g.load_model("mlp", config='{"max_batch_size": 4}')
+        check(False, "grpc: a load with a config override is refused")
+    except InferenceServerException as e:
+        check(e.status() == "StatusCode.INVALID_ARGUMENT" and "config" in e.message(), f"grpc: load with config ({e})")
     index = g.get_model_repository_index(as_json=True)
     check({m["name"] for m in index["models"]} >= {"mlp", "cls"}, "grpc: repository index")
     triton_two_inputs(g, tgrpc, "grpc")
@@ -455,7 +476,46 @@ def torchserve_stubs():
             ["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", f]
         )
         check(rc == 0, f"grpcio-tools compiles {f}")
+    # TorchServe's `open_inference_grpc.proto` is the v2 protocol's under another package; its
+    # stubs call the same methods by that package's name.
+    with open(os.path.join(proto_dir, "inference_v2.proto")) as f:
+        v2 = f.read()
+    check("package inference;" in v2, "the v2 proto names its package")
+    with open(os.path.join(out, "open_inference_grpc.proto"), "w") as f:
+        f.write(v2.replace("package inference;", "package org.pytorch.serve.grpc.openinference;"))
+    rc = protoc.main(["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}", "open_inference_grpc.proto"])
+    check(rc == 0, "grpcio-tools compiles open_inference_grpc.proto")
     sys.path.insert(0, out)
+
+
+def torchserve_open_inference(x1, want1, jpeg, want_cls):
+    """The v2 service under TorchServe's name, as its KServe tests call it."""
+    import grpc
+    import open_inference_grpc_pb2 as oip
+    import open_inference_grpc_pb2_grpc as oip_grpc
+
+    stub = oip_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(ARGS.grpc))
+    check(stub.ServerLive(oip.ServerLiveRequest()).live, "open inference: ServerLive")
+    check(stub.ServerReady(oip.ServerReadyRequest()).ready, "open inference: ServerReady")
+    check(stub.ModelReady(oip.ModelReadyRequest(name="mlp")).ready, "open inference: ModelReady")
+    md = stub.ModelMetadata(oip.ModelMetadataRequest(name="mlp"))
+    check(md.inputs[0].datatype == "FP32", f"open inference: ModelMetadata {md}")
+    request = oip.ModelInferRequest(model_name="mlp", id="oip")
+    request.inputs.add(name="input0", datatype="FP32", shape=[1, 784])
+    request.raw_input_contents.append(x1.tobytes())
+    r = stub.ModelInfer(request)
+    check(r.id == "oip", "open inference: the id is echoed")
+    same_floats(np.frombuffer(r.raw_output_contents[0], dtype=np.float32).reshape(1, 10), want1, "open inference mlp")
+    request = oip.ModelInferRequest(model_name="cls")
+    request.inputs.add(name="input0", datatype="BYTES", shape=[-1]).contents.bytes_contents.append(jpeg)
+    r = stub.ModelInfer(request)
+    got = json.loads(r.raw_output_contents[0][4:])
+    check(close(got, want_cls), f"open inference cls BYTES [-1]: {got}")
+    try:
+        stub.RepositoryIndex(oip.RepositoryIndexRequest())
+        check(False, "open inference: TorchServe's service has no repository methods")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.UNIMPLEMENTED, f"open inference: RepositoryIndex is UNIMPLEMENTED ({e.code()})")
 
 
 def torchserve_grpc():
@@ -474,6 +534,7 @@ def torchserve_grpc():
     stub = inf_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(ARGS.grpc))
     health = json.loads(stub.Ping(empty_pb2.Empty()).health)
     check(health == {"status": "Healthy"}, f"torchserve grpc: ping {health}")
+    torchserve_open_inference(x1, want1, jpeg, want_cls)
     r = stub.Predictions(
         inf.PredictionsRequest(model_name="mlp", input={"data": json.dumps(x1.tolist()).encode()})
     )
@@ -612,10 +673,19 @@ def model_api_off():
     import torchserve_management_pb2 as mgmt
     import torchserve_management_pb2_grpc as mgmt_grpc
 
+    import tritonclient.grpc as tgrpc
+
     m = mgmt_grpc.ManagementAPIsServiceStub(grpc.insecure_channel(ARGS.grpc_management))
+    # The v2 service's repository calls are refused in the same words.
+    triton = tgrpc.InferenceServerClient(url=ARGS.grpc)
+    v2 = triton._client_stub
+    from tritonclient.grpc import service_pb2
+
     for what, call in (
         ("RegisterModel", lambda: m.RegisterModel(mgmt.RegisterModelRequest(url=ARGS.mlp_archive))),
         ("UnregisterModel", lambda: m.UnregisterModel(mgmt.UnregisterModelRequest(model_name="mlp"))),
+        ("RepositoryModelLoad", lambda: v2.RepositoryModelLoad(service_pb2.RepositoryModelLoadRequest(model_name="mlp"))),
+        ("RepositoryModelUnload", lambda: v2.RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name="mlp"))),
     ):
         try:
             call()

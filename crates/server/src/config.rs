@@ -425,8 +425,9 @@ pub fn ignored_key_note(key: &str) -> String {
         "ts_header_key_sequence_id"
         | "ts_header_key_sequence_start"
         | "ts_header_key_sequence_end" => "stateful (sequence) models are not served",
-        "debug" | "model_server_home" | "prefer_direct_buffer" | "ts_open_inference_protocol" => {
-            "it has no counterpart here"
+        "debug" | "model_server_home" | "prefer_direct_buffer" => "it has no counterpart here",
+        "ts_open_inference_protocol" => {
+            "the v2 protocol is always served, its gRPC service under TorchServe's name too"
         }
         "use_native_io" | "io_ratio" => "it tunes the Java frontend's Netty",
         "plugins_path" => "Java plugins are not loaded",

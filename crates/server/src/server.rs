@@ -721,7 +721,8 @@ fn grpc_routers(
         ))
         // Health is open, as /ping is; the v2 service checks keys per call, since its
         // repository calls take the management key.
-        .add_service(frontends::v2::grpc::service(state.clone()));
+        .add_service(frontends::v2::grpc::service(state.clone()))
+        .add_service(frontends::v2::grpc::torchserve_named_service(state.clone()));
     let management = builder()?
         .layer(traced())
         .layer(frontends::grpc::AccessLayer)

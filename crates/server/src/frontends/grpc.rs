@@ -371,6 +371,16 @@ impl tokio::io::AsyncWrite for Counted {
     }
 }
 
+/// Refuses a call that registers or unregisters when `enable_model_api` is off, as TorchServe's gRPC
+/// API refuses it (the REST API answers 405 instead), so clients that match its words work.
+pub fn model_api_enabled(st: &crate::frontends::AppState) -> Result<(), Status> {
+    if st.config.enable_model_api {
+        Ok(())
+    } else {
+        Err(Status::permission_denied("Model API disabled"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

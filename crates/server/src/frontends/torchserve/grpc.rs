@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::management as ops;
 use crate::core::ApiError;
-use crate::frontends::grpc::{message_limit, non_empty, rpc_status, status_of};
+use crate::frontends::grpc::{message_limit, model_api_enabled, non_empty, rpc_status, status_of};
 use crate::frontends::proto::org::pytorch::serve::grpc as proto;
 use crate::frontends::{AppState, pretty_json};
 
@@ -352,15 +352,5 @@ impl ManagementApIsService for Management {
         model_api_enabled(&self.0)?;
         let r = req.into_inner();
         msg(ops::unregister_model(&self.0, &r.model_name, non_empty(&r.model_version)).await)
-    }
-}
-
-/// Refuses a register or unregister call when `enable_model_api` is off, as TorchServe's gRPC
-/// API refuses it (the REST API answers 405 instead), so clients that match its words work.
-fn model_api_enabled(st: &AppState) -> Result<(), Status> {
-    if st.config.enable_model_api {
-        Ok(())
-    } else {
-        Err(Status::permission_denied("Model API disabled"))
     }
 }

@@ -2,6 +2,7 @@
 //! repository RPCs. Outputs always travel as `raw_output_contents`, as Triton answers.
 
 use bytes::Bytes;
+use tonic::server::NamedService as _;
 use tonic::{Request, Response, Status};
 
 use super::tensor::{self, Datatype};
@@ -9,7 +10,7 @@ use super::{InferInput, InputData, OutputData, RequestedOutput, load, run_infer,
 use crate::auth::Scope;
 use crate::core::{ApiError, ModelMetadata, TensorMeta};
 use crate::frontends::AppState;
-use crate::frontends::grpc::{check_key, non_empty, status_of};
+use crate::frontends::grpc::{check_key, model_api_enabled, non_empty, status_of};
 use crate::frontends::proto::inference as pb;
 use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
 
@@ -28,6 +29,69 @@ pub fn service(st: AppState) -> GrpcInferenceServiceServer<V2> {
         // applies to the decompressed message.
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .accept_compressed(tonic::codec::CompressionEncoding::Deflate)
+}
+
+/// TorchServe's name for the v2 service, `org.pytorch.serve.grpc.openinference`'s, as its
+/// `ts_open_inference_protocol` serves it: clients made from its `open_inference_grpc.proto`
+/// (TorchServe's KServe tests among them) call the same six methods.
+pub const TORCHSERVE_NAME: &str = "org.pytorch.serve.grpc.openinference.GRPCInferenceService";
+
+/// The v2 service under TorchServe's name (see [`TORCHSERVE_NAME`]). Its messages are the v2
+/// protocol's, field for field, so a call is the v2 service's once its path names that service;
+/// the repository methods, which TorchServe's service lacks, stay unimplemented there.
+#[derive(Debug, Clone)]
+pub struct TorchServeNamed(GrpcInferenceServiceServer<V2>);
+
+/// The v2 service under TorchServe's name, ready to serve.
+pub fn torchserve_named_service(st: AppState) -> TorchServeNamed {
+    TorchServeNamed(service(st))
+}
+
+impl tonic::server::NamedService for TorchServeNamed {
+    const NAME: &'static str = TORCHSERVE_NAME;
+}
+
+impl<B> tower::Service<axum::http::Request<B>> for TorchServeNamed
+where
+    GrpcInferenceServiceServer<V2>: tower::Service<axum::http::Request<B>>,
+{
+    type Response =
+        <GrpcInferenceServiceServer<V2> as tower::Service<axum::http::Request<B>>>::Response;
+    type Error = <GrpcInferenceServiceServer<V2> as tower::Service<axum::http::Request<B>>>::Error;
+    type Future =
+        <GrpcInferenceServiceServer<V2> as tower::Service<axum::http::Request<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: axum::http::Request<B>) -> Self::Future {
+        const METHODS: [&str; 6] = [
+            "ServerLive",
+            "ServerReady",
+            "ModelReady",
+            "ServerMetadata",
+            "ModelMetadata",
+            "ModelInfer",
+        ];
+        let method = request
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|rest| rest.strip_prefix(TORCHSERVE_NAME))
+            .and_then(|rest| rest.strip_prefix('/'))
+            .filter(|m| METHODS.contains(m));
+        if let Some(method) = method {
+            let path = format!("/{}/{method}", GrpcInferenceServiceServer::<V2>::NAME);
+            if let Ok(uri) = axum::http::Uri::builder().path_and_query(path).build() {
+                *request.uri_mut() = uri;
+            }
+        }
+        self.0.call(request)
+    }
 }
 
 fn err(e: ApiError) -> Status {
@@ -340,7 +404,11 @@ impl GrpcInferenceService for V2 {
         req: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
         check_key(self.0.tokens.as_deref(), Scope::Management, req.metadata())?;
-        let model = repository_model(req.into_inner().into());
+        model_api_enabled(&self.0)?;
+        let req = req.into_inner();
+        let named: Vec<&str> = req.parameters.keys().map(String::as_str).collect();
+        super::no_load_parameters(&named).map_err(err)?;
+        let model = repository_model(req.into());
         load(&self.0, &model).await.map_err(err)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {
             model_name: model,
@@ -353,6 +421,7 @@ impl GrpcInferenceService for V2 {
         req: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
         check_key(self.0.tokens.as_deref(), Scope::Management, req.metadata())?;
+        model_api_enabled(&self.0)?;
         let model = repository_model(req.into_inner().into());
         unload(&self.0, &model).await.map_err(err)?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {

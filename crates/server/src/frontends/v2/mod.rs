@@ -280,7 +280,6 @@ async fn run_one(
             )
         }
         DataType::Bytes => {
-            let count = element_count(&input)?;
             if input.datatype != Datatype::Bytes {
                 return Err(bad(format!(
                     "input '{name}': datatype {} does not match the model's BYTES",
@@ -307,16 +306,16 @@ async fn run_one(
                     .map(|s| b.slice_ref(s))
                     .collect(),
             };
-            if items.len() != count {
-                return Err(bad(format!(
-                    "input '{name}': shape {} holds {count} elements but data has {}",
-                    shape_text(&input.shape),
-                    items.len()
-                )));
-            }
             if items.is_empty() {
                 return Err(bad(format!("input '{name}' has no elements")));
             }
+            let shape = bytes_shape(&input.shape, items.len()).ok_or_else(|| {
+                bad(format!(
+                    "input '{name}': shape {} does not hold the {} elements sent",
+                    shape_text(&input.shape),
+                    items.len()
+                ))
+            })?;
             let payloads = items
                 .into_iter()
                 .map(|data| Payload {
@@ -344,9 +343,28 @@ async fn run_one(
                 })
                 .collect::<Result<_, _>>()?;
             // One answer per element, laid out as the elements came: `[1, 1]` in, `[1, 1]` out.
-            Answer::One(Datatype::Bytes, input.shape, OutputData::Items(items))
+            Answer::One(Datatype::Bytes, shape, OutputData::Items(items))
         }
     })
+}
+
+/// The shape of `count` BYTES elements sent as `shape`: the shape itself when it holds them, or
+/// with its one `-1` worked out, as TorchServe's own KServe v2 samples (`mnist_v2_bytes.json`)
+/// send `[-1]`, a shape TorchServe never reads. `None` when it cannot hold them.
+fn bytes_shape(shape: &[i64], count: usize) -> Option<Vec<i64>> {
+    let count = count as i64;
+    let unknown = shape.iter().filter(|d| **d < 0).count();
+    let known: i64 = shape.iter().filter(|d| **d >= 0).product();
+    match unknown {
+        0 if known == count => Some(shape.to_vec()),
+        1 if shape.iter().all(|d| *d >= -1) && known > 0 && count % known == 0 => Some(
+            shape
+                .iter()
+                .map(|d| if *d == -1 { count / known } else { *d })
+                .collect(),
+        ),
+        _ => None,
+    }
 }
 
 /// Runs a model of several named inputs: the request gives each once, by its name.
@@ -593,6 +611,21 @@ pub async fn load(st: &AppState, model: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Refuses a load that names parameters (Triton's `config` override, `file:` contents): a
+/// model's settings come from its archive, and a load that quietly left them out would serve
+/// the model otherwise than asked.
+pub fn no_load_parameters(named: &[&str]) -> Result<(), ApiError> {
+    if named.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::BadRequest(format!(
+        "load parameters are not taken (given: {}): a model's settings come from its archive's \
+         model-config.yaml; to set batch size or workers, register it through the management \
+         API (POST /models?url=...&batch_size=...)",
+        named.join(", ")
+    )))
+}
+
 /// Unregisters every version of `model`, answering what is queued first.
 pub async fn unload(st: &AppState, model: &str) -> Result<(), ApiError> {
     if !st.config.enable_model_api {
@@ -679,4 +712,21 @@ pub fn repository_index(st: &AppState, ready_only: bool) -> Vec<IndexEntry> {
         reason: "unloaded",
     }));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bytes_shape_may_leave_one_size_to_its_elements() {
+        assert_eq!(bytes_shape(&[1], 1), Some(vec![1]));
+        assert_eq!(bytes_shape(&[-1], 3), Some(vec![3]));
+        assert_eq!(bytes_shape(&[2, -1], 6), Some(vec![2, 3]));
+        assert_eq!(bytes_shape(&[2], 3), None);
+        assert_eq!(bytes_shape(&[2, -1], 5), None);
+        assert_eq!(bytes_shape(&[-1, -1], 4), None);
+        assert_eq!(bytes_shape(&[-2], 2), None);
+        assert_eq!(bytes_shape(&[0, -1], 2), None);
+    }
 }

@@ -475,7 +475,21 @@ async fn repository_index(State(st): State<AppState>, body: Bytes) -> V2Result {
     Ok(json_ok(&Value::Array(out)))
 }
 
-async fn load_route(State(st): State<AppState>, Path(model): Path<String>) -> V2Result {
+async fn load_route(
+    State(st): State<AppState>,
+    Path(model): Path<String>,
+    body: Bytes,
+) -> V2Result {
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let asked: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
+        let named: Vec<&str> = asked
+            .get("parameters")
+            .and_then(Value::as_object)
+            .map(|p| p.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        super::no_load_parameters(&named)?;
+    }
     super::load(&st, &model).await?;
     Ok(json_ok(&json!({})))
 }
