@@ -723,6 +723,16 @@ fn slow_idle_and_excess_connections_are_closed_or_refused() {
     std::thread::sleep(Duration::from_millis(300));
     let mut c = open(&s.grpc_inference, PREFACE);
     assert!(served(&mut c), "a gRPC connection under the cap is served");
+    // A connection that stays silent, or stops inside the preface, is closed after
+    // header_read_timeout rather than holding its place under the cap for good.
+    for sent in [&b""[..], &PREFACE[..16]] {
+        let c = open(&s.grpc_management, sent);
+        let (took, _) = closed_after(c, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("a gRPC connection that sent {sent:?} stayed"));
+        assert!(took < Duration::from_secs(30), "{sent:?}: {took:?}");
+    }
+    let mut c = open(&s.grpc_management, PREFACE);
+    assert!(served(&mut c), "a whole preface is served");
 }
 
 #[test]

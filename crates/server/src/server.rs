@@ -399,6 +399,7 @@ pub async fn run(
             listener,
             router,
             limits.max_connections,
+            limits.header_read_timeout,
             stop_rx.clone(),
         )));
     }

@@ -269,11 +269,15 @@ impl Drop for CallEntry {
 /// Serves `router` on `listener` until `stop` turns true; calls in flight finish first. At most
 /// `max_connections` connections are open at once: one past the cap is closed as soon as it is
 /// accepted, so idle clients cannot take every file descriptor of the process (as the REST
-/// listeners answer 503 past theirs).
+/// listeners answer 503 past theirs). A connection that has not sent its first bytes (HTTP/2's
+/// preface, or a TLS hello) within `preface_timeout` is closed: HTTP/2's pings, which end idle
+/// connections later, only start after the preface, so silent sockets would hold their places
+/// under the cap for good.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: TracedRouter,
     max_connections: usize,
+    preface_timeout: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     use tokio_stream::StreamExt as _;
@@ -297,6 +301,10 @@ pub async fn serve(
             Some(Ok(Counted {
                 tcp,
                 _permit: permit,
+                preface: Some(Preface {
+                    awaited: PREFACE_LEN,
+                    deadline: Box::pin(tokio::time::sleep(preface_timeout)),
+                }),
             }))
         });
     let stopped = async move {
@@ -315,6 +323,17 @@ pub async fn serve(
 struct Counted {
     tcp: tokio::net::TcpStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Until the client's first bytes have arrived: how many, and by when.
+    preface: Option<Preface>,
+}
+
+/// The length of HTTP/2's client preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_LEN: usize = 24;
+
+/// The bytes a new connection must send before its deadline (see [`serve`]).
+struct Preface {
+    awaited: usize,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl tonic::transport::server::Connected for Counted {
@@ -331,7 +350,29 @@ impl tokio::io::AsyncRead for Counted {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let Some(preface) = &mut self.preface else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) => {
+                let got = buf.filled().len() - before;
+                preface.awaited = preface.awaited.saturating_sub(got);
+                if preface.awaited == 0 || got == 0 {
+                    self.preface = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if preface.deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client sent no HTTP/2 preface in time",
+                )))
+            }
+            other => other,
+        }
     }
 }
 
