@@ -1884,6 +1884,14 @@ fn token_authorization_guards_inference_and_management() {
     assert_eq!(s.infer("GET", "/ping", &[], b"").status, 200);
     assert_eq!(s.infer("GET", "/api-description", &[], b"").status, 200);
     assert_eq!(manage("/api-description", None).status, 200);
+    // Even when a probe sends a body, which they do not read.
+    for path in ["/ping", "/v2/health/ready", "/v2/health/live/"] {
+        let r = s.infer("POST", path, &[], b"{}");
+        assert_ne!(r.status, 400, "{path}: {}", r.text());
+        assert!(!r.text().contains(refused), "{path}: {}", r.text());
+    }
+    let r = s.infer("GET", "/v2/health/ready", &[], b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
     assert!(s.metrics_text().contains("ts_inference_requests_total"));
 
     // The API key issues a new inference key; the old one stops working.

@@ -275,10 +275,18 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
         && has_body(&req)
         && !tokens.holds_any_key(authorization(req.headers()))
     {
-        // Refused before the body is read: a client without a key costs neither the memory
-        // nor the wait of a body. (Which key the route needs is checked once it is routed; the
-        // routes that need none take no body.)
-        error_by_protocol(&path, ApiError::invalid_key())
+        if needs_no_key(&path) {
+            // These routes read no body: a probe that sends one anyway is answered, and the
+            // body is left unread.
+            let (parts, _) = req.into_parts();
+            next.run(Request::from_parts(parts, axum::body::Body::empty()))
+                .await
+        } else {
+            // Refused before the body is read: a client without a key costs neither the
+            // memory nor the wait of a body. (Which key the route needs is checked once it is
+            // routed.)
+            error_by_protocol(&path, ApiError::invalid_key())
+        }
     } else {
         match buffered(&st, req).await {
             Ok(req) => next.run(req).await,
@@ -337,6 +345,19 @@ pub async fn stop_workers(
             grace.as_secs()
         );
     }
+}
+
+/// Whether `path` is one of the routes that need no key and read no body: the health routes
+/// and the API's description.
+fn needs_no_key(path: &str) -> bool {
+    let path = match path.trim_end_matches('/') {
+        "" => "/",
+        trimmed => trimmed,
+    };
+    matches!(
+        path,
+        "/" | "/ping" | "/v2" | "/v2/health/live" | "/v2/health/ready" | "/api-description"
+    )
 }
 
 /// Whether `req` announces a body: a `Content-Length` other than 0, or chunks.
