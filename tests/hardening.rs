@@ -966,6 +966,29 @@ fn model_names_are_plain_and_duplicate_entries_are_refused() {
             "Invalid model name",
         );
     }
+    // A name every route can still name: the longest is taken, one more is refused.
+    let long = "n".repeat(256);
+    assert_error(
+        &register(&format!("url={scale}&model_name={long}")),
+        400,
+        "BadRequestException",
+        "at most 255 characters (256 here)",
+    );
+    assert_eq!(
+        register(&format!("url={scale}&model_name={}", &long[1..])).status,
+        200
+    );
+    assert_eq!(
+        request(
+            &s.management,
+            "DELETE",
+            &format!("/models/{}", &long[1..]),
+            &[],
+            b""
+        )
+        .status,
+        200
+    );
     assert_eq!(
         register(&format!("url={scale}&model_name=ok-name.v1_2")).status,
         200

@@ -158,6 +158,18 @@ pub enum ScaleOutcome {
     Failed(String),
 }
 
+/// The longest model name or version taken: a file name's limit, and far under the 64 KiB a
+/// request's head may take, so that every route can name the model.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// At most 64 characters of `s`, for messages about names too long to repeat whole.
+fn short(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s.to_string(),
+    }
+}
+
 /// The registry.
 #[derive(Debug)]
 pub struct Registry {
@@ -340,18 +352,32 @@ impl Registry {
             .clone()
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| archive.model_name());
-        // Names and versions reach URLs, file names and log lines: keep them to plain characters.
+        // Names and versions reach URLs, file names and log lines: keep them to plain characters,
+        // and short enough for a request line to name them.
         if !tchserve_mar::manifest::is_valid_model_name(&name) {
             return Err(ApiError::bad_request(format!(
-                "Invalid model name {name:?}: a model name has letters, digits, '_', '-' and '.' \
-                 only, and starts with a letter or digit"
+                "Invalid model name {:?}: a model name has letters, digits, '_', '-' and '.' \
+                 only, and starts with a letter or digit",
+                short(&name)
+            )));
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(ApiError::bad_request(format!(
+                "Invalid model name {:?}: a model name has at most {MAX_NAME_LEN} characters \
+                 ({} here)",
+                short(&name),
+                name.len()
             )));
         }
         let version = archive.manifest().model.version().to_string();
-        if version.is_empty() || version.chars().any(|c| c.is_control() || c == '/') {
+        if version.is_empty()
+            || version.len() > MAX_NAME_LEN
+            || version.chars().any(|c| c.is_control() || c == '/')
+        {
             return Err(invalid(format!(
-                "Invalid model version {version:?}: a version must not be empty or hold '/' or \
-                 control characters"
+                "Invalid model version {:?}: a version must not be empty, longer than \
+                 {MAX_NAME_LEN} bytes, or hold '/' or control characters",
+                short(&version)
             )));
         }
         self.check_free(&name, &version)?;

@@ -542,7 +542,17 @@ pub async fn scale_workers(
             .await;
     let (mv, outcome) =
         result.map_err(|e| ApiError::internal(format!("scaling failed: {e}")))??;
-    tracing::info!(model = %mv.name, version = %mv.version, min_worker = min, max_worker = max, synchronous = sync, "workers scaled");
+    match &outcome {
+        ScaleOutcome::Done if sync => {
+            tracing::info!(model = %mv.name, version = %mv.version, min_worker = min, max_worker = max, "workers scaled")
+        }
+        ScaleOutcome::Failed(why) => {
+            tracing::warn!(model = %mv.name, version = %mv.version, min_worker = min, max_worker = max, "workers asked for, some failed to start{why}")
+        }
+        _ => {
+            tracing::info!(model = %mv.name, version = %mv.version, min_worker = min, max_worker = max, synchronous = sync, "workers scaling")
+        }
+    }
     st.save_snapshot().await;
     if !sync {
         return status_body(StatusCode::ACCEPTED, "Processing worker updates...");
