@@ -66,11 +66,6 @@ def mlp_reference(x):
     return np.array(json.loads(body), dtype=np.float32).reshape(x.shape[0], 10)
 
 
-def mlp_reference_by_row(x):
-    """The REST route's answers for each row alone, as a server answers separate requests."""
-    return np.concatenate([mlp_reference(x[i : i + 1]) for i in range(len(x))])
-
-
 def image_reference():
     with open(ARGS.image, "rb") as f:
         jpeg = f.read()
@@ -374,7 +369,6 @@ def kserve_suite():
 
     x4 = mlp_input(4)
     want4 = mlp_reference(x4)
-    want_rows = mlp_reference_by_row(x4)
     jpeg, want_cls = image_reference()
     want_txt = text_reference()
     base = f"http://{ARGS.http}"
@@ -383,9 +377,21 @@ def kserve_suite():
         v1 = InferenceRESTClient(RESTConfig(protocol="v1"))
         check(await v1.is_server_live(base), "kserve v1: live (GET /)")
         check(await v1.is_model_ready(base, "mlp"), "kserve v1: model ready")
-        r = await v1.infer(base, {"instances": x4.tolist()}, model_name="mlp")
-        # Each instance is a request of its own (this model's batch size is 1).
-        same_floats(r["predictions"], want_rows, "kserve v1 mlp instances")
+        # A model of one tensor takes the instances in one request, as the REST route takes
+        # the rows: in any of the forms TorchServe's envelope and TensorFlow Serving write.
+        for body in (
+            {"instances": x4.tolist()},
+            {"instances": [{"data": row} for row in x4.tolist()]},
+            {"instances": [{"input0": row} for row in x4.tolist()]},
+            {"inputs": x4.tolist()},
+            {"inputs": {"input0": x4.tolist()}},
+        ):
+            r = await v1.infer(base, body, model_name="mlp")
+            same_floats(r["predictions"], want4, f"kserve v1 mlp {json.dumps(body)[:30]}...")
+        # More instances than the model's job queue holds: still one request.
+        x150 = mlp_input(150)
+        r = await v1.infer(base, {"instances": x150.tolist()}, model_name="mlp")
+        same_floats(r["predictions"], mlp_reference(x150), "kserve v1 mlp, 150 instances")
         import base64
 
         r = await v1.infer(
@@ -394,6 +400,13 @@ def kserve_suite():
             model_name="cls",
         )
         check(close(r["predictions"], [want_cls]), "kserve v1 cls b64 instance")
+        # TensorFlow Serving names the input.
+        r = await v1.infer(
+            base,
+            {"instances": [{"image": {"b64": base64.b64encode(jpeg).decode()}}]},
+            model_name="cls",
+        )
+        check(close(r["predictions"], [want_cls]), "kserve v1 cls named b64 instance")
         # TorchServe's vision handlers take an instance's `data` as the picture's numbers.
         r = await v1.infer(base, {"instances": [{"data": preprocessed(jpeg).tolist()}]}, model_name="cls")
         check(close(r["predictions"], [want_cls]), "kserve v1 cls instance of numbers")

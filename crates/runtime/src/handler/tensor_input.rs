@@ -202,7 +202,7 @@ fn delimited_numbers(body: &[u8]) -> Result<Numbers, PredictError> {
     let mut flat = Vec::new();
     let mut rows = 0i64;
     let mut width = None;
-    let mut header_seen = false;
+    let mut header: Option<&str> = None;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
@@ -221,12 +221,12 @@ fn delimited_numbers(body: &[u8]) -> Result<Numbers, PredictError> {
         // A first row of names (`sepal_length,sepal_width,...`), as pandas and spreadsheets
         // write one, is a header, not a row of values.
         if width.is_none()
-            && !header_seen
+            && header.is_none()
             && fields
                 .iter()
                 .all(|f| !f.is_empty() && f.parse::<f64>().is_err())
         {
-            header_seen = true;
+            header = Some(line);
             continue;
         }
         let before = flat.len();
@@ -262,6 +262,14 @@ fn delimited_numbers(body: &[u8]) -> Result<Numbers, PredictError> {
         rows += 1;
     }
     let Some(width) = width else {
+        // A lone row of words is no header: it is input that holds no number.
+        if let Some(line) = header {
+            return Err(bad(format!(
+                "the body holds no numbers: {:?} is not a row of numbers (a text body is read \
+                 as numbers separated by commas, semicolons or spaces, a row per line)",
+                short_text(line)
+            )));
+        }
         return Err(bad("the request holds no values"));
     };
     let dims = if rows == 1 {
@@ -1337,6 +1345,7 @@ mod tests {
                 "line 1: \"sepal\" is not a number",
             ),
             (" \n", Some("text/plain"), "the request holds no values"),
+            ("garbage", None, "\"garbage\" is not a row of numbers"),
             ("1.5,2,3,4", None, "1.5 is not one"),
         ] {
             let dtype = if body.starts_with("1.5") {

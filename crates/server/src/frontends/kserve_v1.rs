@@ -1,8 +1,9 @@
 //! KServe v1 (TensorFlow Serving's REST predict): `GET /v1/models/{m}` and
 //! `POST /v1/models/{m}[/versions/{v}]:predict` with `{"instances": [...]}` or `{"inputs": [...]}`.
 //!
-//! Each instance is one request to the model, so instances are batched by the model's batcher
-//! like any other requests. Images travel as `{"b64": "..."}` (TF Serving) or `{"data": "..."}`
+//! The instances of a model of one tensor are one request of that many examples, as
+//! TorchServe's kserve envelope hands them to its handler. For other models each instance is
+//! one request, so instances are batched by the model's batcher like any other requests. Images travel as `{"b64": "..."}` (TF Serving) or `{"data": "..."}`
 //! (TorchServe's kserve envelope, whose `data` may be text too), text as a string, tensors as
 //! numbers or nested lists.
 
@@ -19,6 +20,7 @@ use tchserve_backend::job::{Part, Payload, Prediction};
 
 use super::{AppState, KServeError};
 use crate::core::ApiError;
+use tchserve_mar::handler::Input;
 
 /// KServe v1's routes (behind the inference key).
 pub fn routes() -> Router<AppState> {
@@ -103,7 +105,7 @@ async fn predict(
     version: Option<&str>,
     req: Request,
 ) -> Result<Response, KServeError> {
-    st.registry.get(name, version)?;
+    let input = st.registry.get(name, version)?.manifest.input.clone();
     let body = axum::body::to_bytes(req.into_body(), st.config.max_request_size)
         .await
         .map_err(|_| ApiError::too_large(st.config.max_request_size))?;
@@ -119,11 +121,19 @@ async fn predict(
             .into());
         }
         (Some(i), _) => i,
-        (None, Some(inputs)) if inputs.get().trim_start().starts_with('[') => {
-            serde_json::from_str(inputs.get())
-                .map_err(|e| ApiError::bad_request(format!("\"inputs\": {e}")))?
+        (None, Some(inputs)) => {
+            // TensorFlow Serving's columnar form may name the one input: `{"inputs":
+            // {"input0": [...]}}` is `{"inputs": [...]}`.
+            let inputs = one_value(inputs)
+                .filter(|v| !matches!(input, Input::Tensors(_)) && v.get().starts_with('['))
+                .unwrap_or(inputs);
+            if inputs.get().trim_start().starts_with('[') {
+                serde_json::from_str(inputs.get())
+                    .map_err(|e| ApiError::bad_request(format!("\"inputs\": {e}")))?
+            } else {
+                vec![inputs]
+            }
         }
-        (None, Some(single)) => vec![single],
         (None, None) => {
             return Err(ApiError::bad_request(
                 "expected {\"instances\": [...]} or {\"inputs\": ...}",
@@ -134,11 +144,48 @@ async fn predict(
     if instances.is_empty() {
         return Err(ApiError::bad_request("\"instances\" is empty").into());
     }
+    // A model of one tensor takes every instance in one request, as TorchServe's kserve
+    // envelope hands them to its handler: one forward, one place in the queue, and no limit
+    // from the queue's length on how many a request holds.
+    if matches!(input, Input::Tensor { .. })
+        && let Some(rows) = instances
+            .iter()
+            .map(|inst| instance_numbers(inst))
+            .collect::<Option<Vec<&str>>>()
+    {
+        let mut one = Vec::with_capacity(body.len() + 20);
+        one.extend_from_slice(b"{\"instances\":[");
+        for (i, row) in rows.iter().enumerate() {
+            if i > 0 {
+                one.push(b',');
+            }
+            one.extend_from_slice(row.as_bytes());
+        }
+        one.extend_from_slice(b"]}");
+        let payload = Payload {
+            parts: vec![Part {
+                name: "body".into(),
+                content_type: Some("application/json".into()),
+                data: one.into(),
+                shape: None,
+            }],
+            ..Payload::default()
+        };
+        let answer = json_bodies(vec![st.infer.infer(name, version, payload).await?])?;
+        let answer = answer.into_iter().next().unwrap_or_default();
+        return Ok((
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            answer,
+        )
+            .into_response());
+    }
+    let unwrap_one_key = !matches!(input, Input::Tensors(_));
     let payloads = instances
         .iter()
         .enumerate()
         .map(|(i, inst)| {
-            instance_payload(&body, inst)
+            instance_payload(&body, inst, unwrap_one_key)
                 .map_err(|why| ApiError::bad_request(format!("instance {i}: {why}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -182,16 +229,68 @@ struct V1Request<'a> {
     inputs: Option<&'a RawValue>,
 }
 
-/// One instance as handler input; `body` is the request the instance's text lies in.
-fn instance_payload(body: &Bytes, inst: &RawValue) -> Result<Payload, String> {
+/// The numbers an instance of a one-tensor model holds: the instance itself when it is a number
+/// or a list, or the one value of an object of one key, as TorchServe's kserve envelope writes
+/// `{"data": [...]}` and TensorFlow Serving names an input (`{"input0": [...]}`). `None` for
+/// anything else.
+fn instance_numbers(inst: &RawValue) -> Option<&str> {
+    let numbers = |text: &str| {
+        matches!(text.as_bytes().first(), Some(b'[' | b'-' | b'0'..=b'9')).then_some(())
+    };
+    let text = inst.get();
+    if text.starts_with('{') {
+        let inner = one_value(inst)?.get();
+        return numbers(inner).map(|()| inner);
+    }
+    numbers(text).map(|()| text)
+}
+
+/// The value of a JSON object of one key; `None` for anything else.
+fn one_value(raw: &RawValue) -> Option<&RawValue> {
+    if !raw.get().starts_with('{') {
+        return None;
+    }
+    let fields: std::collections::BTreeMap<&str, &RawValue> =
+        serde_json::from_str(raw.get()).ok()?;
+    let mut values = fields.into_values();
+    match (values.next(), values.next()) {
+        (Some(only), None) => Some(only),
+        _ => None,
+    }
+}
+
+/// One instance as handler input; `body` is the request the instance's text lies in. With
+/// `unwrap_one_key`, for a model of one input, an object of one key other than `b64` and `data`
+/// is its value, as TensorFlow Serving names an input (`{"image": {"b64": ...}}`).
+fn instance_payload(
+    body: &Bytes,
+    inst: &RawValue,
+    unwrap_one_key: bool,
+) -> Result<Payload, String> {
     let b64 = |s: &str| {
         tchserve_backend::base64::decode_lenient(s).map_err(|e| format!("not valid base64: {e}"))
     };
     let text = inst.get();
     let (data, content_type): (Bytes, &str) = match text.as_bytes().first() {
         Some(b'{') => {
-            let o: serde_json::Map<String, Value> =
+            let mut o: serde_json::Map<String, Value> =
                 serde_json::from_str(text).map_err(|e| e.to_string())?;
+            if unwrap_one_key
+                && o.len() == 1
+                && !o.contains_key("b64")
+                && !o.contains_key("data")
+                && let Some((_, value)) = std::mem::take(&mut o).into_iter().next()
+            {
+                o = match value {
+                    Value::Object(inner) => inner,
+                    Value::String(s) => [("data".to_string(), Value::String(s))]
+                        .into_iter()
+                        .collect(),
+                    other => {
+                        return Ok(json_payload(other.to_string().into()));
+                    }
+                };
+            }
             match (o.get("b64"), o.get("data")) {
                 (Some(Value::String(s)), _) if o.len() == 1 => {
                     (b64(s)?.into(), "application/octet-stream")
@@ -218,6 +317,19 @@ fn instance_payload(body: &Bytes, inst: &RawValue) -> Result<Payload, String> {
         }],
         ..Payload::default()
     })
+}
+
+/// A payload of one JSON part.
+fn json_payload(data: Bytes) -> Payload {
+    Payload {
+        parts: vec![Part {
+            name: "body".into(),
+            content_type: Some("application/json".into()),
+            data,
+            shape: None,
+        }],
+        ..Payload::default()
+    }
 }
 
 /// The JSON bodies of predictions that should all be JSON.
