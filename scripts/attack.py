@@ -288,6 +288,11 @@ def write_config(root, inference, management, metrics):
         f"inference_address=http://{HOST}:{inference}",
         f"management_address=http://{HOST}:{management}",
         f"metrics_address=http://{HOST}:{metrics}",
+        # The gRPC listeners too: their defaults, 7070 and 7071, may be another server's.
+        f"grpc_inference_address={HOST}",
+        f"grpc_inference_port={free_port()}",
+        f"grpc_management_address={HOST}",
+        f"grpc_management_port={free_port()}",
         "model_store=store",
         "enable_model_api=true",
         "disable_token_authorization=true",

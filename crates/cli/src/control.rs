@@ -566,6 +566,16 @@ pub fn stop(dir: &Path, grace: Option<Duration>, dir_given: bool) -> anyhow::Res
 pub fn status(dir: &Path, dir_given: bool) -> anyhow::Result<bool> {
     if let Some(pid) = running_pid(dir) {
         println!("tchserve is running (pid {pid})");
+        if !dir_given {
+            for (other, d) in noted_servers().iter().filter(|(p, _)| *p != pid) {
+                println!(
+                    "another tchserve is running (pid {other}); logs in {}, so --log-dir {} \
+                     names it",
+                    d.display(),
+                    d.display()
+                );
+            }
+        }
         return Ok(true);
     }
     let elsewhere = if dir_given {

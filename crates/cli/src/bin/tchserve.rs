@@ -23,7 +23,7 @@ use tchserve_server::{Config, Options, Stopped};
     after_help = "Examples:\n  tchserve --start --model-store model-store --models all\n  tchserve --foreground --model-store model-store --models digits=digits.mar\n  tchserve --stop"
 )]
 pub struct Args {
-    /// Start the server in the background; returns once it answers /ping.
+    /// Start the server in the background; returns once it serves (listeners bound, models loaded).
     #[arg(long, conflicts_with_all = ["stop", "status", "check"])]
     start: bool,
     /// Stop the running server gracefully and wait for it to exit.
