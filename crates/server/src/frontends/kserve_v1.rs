@@ -354,7 +354,7 @@ mod tests {
         let body = |v: Value| {
             let text = Bytes::from(v.to_string());
             let raw: &RawValue = serde_json::from_slice(&text).unwrap();
-            let p = instance_payload(&text, raw).unwrap();
+            let p = instance_payload(&text, raw, true).unwrap();
             let part = &p.parts[0];
             (part.data.to_vec(), part.content_type.clone().unwrap())
         };
@@ -380,7 +380,37 @@ mod tests {
         assert_eq!(body(json!("I love it")).0, b"I love it");
         let bad = Bytes::from(json!({"b64": "!!"}).to_string());
         let raw: &RawValue = serde_json::from_slice(&bad).unwrap();
-        assert!(instance_payload(&bad, raw).is_err());
+        assert!(instance_payload(&bad, raw, true).is_err());
+        // TensorFlow Serving names a model's one input.
+        assert_eq!(
+            body(json!({"image": {"b64": "aGk="}})),
+            (b"hi".to_vec(), "application/octet-stream".into())
+        );
+        assert_eq!(
+            body(json!({"text": "I love it"})),
+            (b"I love it".to_vec(), "text/plain".into())
+        );
+        assert_eq!(body(json!({"input0": [1, 2]})).0, b"[1,2]");
+        // A model of several named inputs takes the object whole.
+        let named = Bytes::from(json!({"ids": [1, 2]}).to_string());
+        let raw: &RawValue = serde_json::from_slice(&named).unwrap();
+        let p = instance_payload(&named, raw, false).unwrap();
+        assert_eq!(&p.parts[0].data[..], &named[..]);
+    }
+
+    #[test]
+    fn the_numbers_of_an_instance() {
+        let numbers = |text: &str| {
+            let raw: &RawValue = serde_json::from_str(text).unwrap();
+            instance_numbers(raw).map(str::to_owned)
+        };
+        assert_eq!(numbers("[1, 2]").as_deref(), Some("[1, 2]"));
+        assert_eq!(numbers("-3").as_deref(), Some("-3"));
+        assert_eq!(numbers(r#"{"data": [1]}"#).as_deref(), Some("[1]"));
+        assert_eq!(numbers(r#"{"input0": [[1]]}"#).as_deref(), Some("[[1]]"));
+        assert_eq!(numbers(r#"{"a": [1], "b": [2]}"#), None);
+        assert_eq!(numbers(r#"{"b64": "aGk="}"#), None);
+        assert_eq!(numbers(r#""text""#), None);
     }
 
     #[test]
