@@ -3652,4 +3652,16 @@ fn check_says_whether_it_answered_a_request() {
     };
     assert!(!line(&fixed).contains("no request tried"), "{report}");
     assert!(line(&any).contains("no request tried"), "{report}");
+    // A name registration refuses fails the check too.
+    for name in ["_bad".to_string(), "n".repeat(256)] {
+        let out = run(std::process::Command::new(env!("CARGO_BIN_EXE_tchserve"))
+            .arg("--check")
+            .arg("--model-store")
+            .arg(&s.store)
+            .args(["--models", &format!("{name}={fixed}")])
+            .env("TMPDIR", scratch.path()));
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{report}");
+        assert!(report.contains("Invalid model name"), "{report}");
+    }
 }

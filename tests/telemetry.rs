@@ -163,7 +163,8 @@ fn requests_are_traced_over_otlp_and_continue_the_callers_trace() {
     );
     assert_eq!(r.status, 200);
 
-    // A KServe v1 request of two instances: two jobs, each with its stages, one reply.
+    // A KServe v1 request of two instances to a model of one tensor: one job of two examples,
+    // with its stages, and one reply.
     let v1_trace = "6bf92f3577b34da6a3ce929d0e0e4738";
     let instances = serde_json::json!({"instances": [vec![0.5f32; 784], vec![0.75f32; 784]]});
     let r = request(
@@ -260,7 +261,7 @@ fn requests_are_traced_over_otlp_and_continue_the_callers_trace() {
             count("forward"),
             count("reply")
         ),
-        (2, 2, 2, 1),
+        (1, 1, 1, 1),
         "{v1:?}"
     );
     let grpc: Vec<&Value> = spans

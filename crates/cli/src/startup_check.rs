@@ -102,6 +102,8 @@ fn check_one(
     let archive = Archive::open(path)?;
     let name = named.map_or_else(|| archive.model_name(), str::to_owned);
     let version = archive.manifest().model.version().to_string();
+    tchserve_server::core::registry::check_name_and_version(&name, &version)
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     let mut handler = serving::resolve_handler(&archive, None)?;
     let file = serving::serialized_file(&archive)?;
     let yaml = archive.model_config()?.unwrap_or_default();

@@ -48,6 +48,17 @@ pub enum RuntimeError {
     },
 }
 
+/// A message of several lines (libtorch's, with its C++ frames and TorchScript traceback) as
+/// one log line, its lines joined by ` | `: a log shipper that reads a record per line would
+/// otherwise take each frame for a record of its own, without time or level.
+pub fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 /// libtorch's message as a client should read it: without the C++ stack frames that follow
 /// "Exception raised from" (kilobytes of symbols and the server's library paths), and of a
 /// TorchScript interpreter's failure only the error it ends with, not the traceback through
@@ -73,7 +84,16 @@ pub fn concise(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::concise;
+    use super::{concise, one_line};
+
+    #[test]
+    fn a_message_of_several_lines_is_logged_as_one() {
+        assert_eq!(
+            one_line("failed\nException raised from x\n\nframe #0: y  \n"),
+            "failed | Exception raised from x | frame #0: y"
+        );
+        assert_eq!(one_line("one"), "one");
+    }
 
     #[test]
     fn libtorch_messages_lose_their_stack_frames_and_tracebacks() {

@@ -106,6 +106,7 @@ pub(crate) fn run(ctx: Context) {
                     && !said_whole
                 {
                     said_whole = true;
+                    let error = crate::error::one_line(&error.to_string());
                     tracing::error!(worker = ctx.id, model = %name, "libtorch's whole message: {error}");
                 }
                 fail(

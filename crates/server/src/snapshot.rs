@@ -142,16 +142,40 @@ pub fn write(dir: &Path, value: &Value) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads the snapshot in `dir`, if there is one.
+/// Reads the snapshot in `dir`, if there is one. JSON that is not a snapshot's shape (`null`,
+/// `{}`, a model that is not an object of versions, a version without its archive) cannot be
+/// read either: restoring from it would quietly serve nothing.
 pub fn read(dir: &Path) -> Result<Option<Value>, String> {
     let path: PathBuf = dir.join(FILE_NAME);
     match fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
+            .map_err(|e| e.to_string())
+            .and_then(|v: Value| check_shape(&v).map(|()| Some(v)))
             .map_err(|e| format!("{}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
+}
+
+/// Whether `v` has a snapshot's shape: `{"models": {name: {version: {"marName": ..., ...}}}}`.
+fn check_shape(v: &Value) -> Result<(), String> {
+    let models = v
+        .get("models")
+        .and_then(Value::as_object)
+        .ok_or("not a snapshot: it holds no \"models\" object")?;
+    for (name, versions) in models {
+        let versions = versions
+            .as_object()
+            .ok_or_else(|| format!("model {name:?} is not an object of versions"))?;
+        for (version, entry) in versions {
+            if entry.get("marName").and_then(Value::as_str).is_none() {
+                return Err(format!(
+                    "model {name:?} version {version:?} names no archive (\"marName\")"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The registrations a snapshot asks for; default versions come last so they win.
@@ -164,8 +188,19 @@ pub fn registrations(snapshot: &Value) -> Vec<RegisterParams> {
         let Some(versions) = versions.as_object() else {
             continue;
         };
-        for v in versions.values() {
-            let int = |k: &str| v.get(k).and_then(Value::as_i64);
+        for (version, v) in versions {
+            // A setting of the wrong type is left to its default, and said.
+            let int = |k: &str| match v.get(k) {
+                None | Some(Value::Null) => None,
+                Some(n) if n.is_i64() => n.as_i64(),
+                Some(other) => {
+                    tracing::warn!(
+                        "the snapshot's {k} of {name} {version} is {other}, not an integer; \
+                         using the default"
+                    );
+                    None
+                }
+            };
             out.push(RegisterParams {
                 url: v
                     .get("marName")
@@ -267,6 +302,27 @@ pub fn newest_torchserve_snapshot(dir: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_of_another_shape_is_no_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, says) in [
+            ("null", "holds no \"models\" object"),
+            ("{}", "holds no \"models\" object"),
+            (r#"{"models": []}"#, "holds no \"models\" object"),
+            (
+                r#"{"models": {"m": "x"}}"#,
+                "model \"m\" is not an object of versions",
+            ),
+            (r#"{"models": {"m": {"1.0": {}}}}"#, "names no archive"),
+        ] {
+            fs::write(dir.path().join(FILE_NAME), text).unwrap();
+            let e = read(dir.path()).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        fs::write(dir.path().join(FILE_NAME), r#"{"models": {}}"#).unwrap();
+        assert!(read(dir.path()).unwrap().is_some());
+    }
 
     #[test]
     fn atomic_write_and_read_back() {

@@ -439,7 +439,8 @@ async fn kserve_v1_ready_and_predict() {
         json!({"inputs": [[3]]}).to_string(),
     )
     .await;
-    assert_eq!(r.json(), json!({"predictions": [{"echo": "[3]"}]}));
+    // A model of one tensor takes every instance in one request.
+    assert_eq!(r.json(), json!({"echo": "{\"instances\":[[3]]}"}));
     for (uri, body, status) in [
         ("/v1/models/nope:predict", json!({"instances": [1]}), 404),
         ("/v1/models/mlp:predict", json!({"instances": 1}), 400),
@@ -454,10 +455,11 @@ async fn kserve_v1_ready_and_predict() {
             json!({"instances": [1]}),
             404,
         ),
-        // More instances than the model's queue (100) holds.
+        // More instances than the model's queue (100) holds, each a request of its own (they
+        // are not numbers, which a model of one tensor takes in one request).
         (
             "/v1/models/mlp:predict",
-            json!({"instances": vec![1; 101]}),
+            json!({"instances": vec!["text"; 101]}),
             400,
         ),
     ] {
@@ -465,6 +467,15 @@ async fn kserve_v1_ready_and_predict() {
         assert_eq!(r.status, status, "{uri} {body}");
         assert!(r.json()["error"].is_string(), "{uri}: {}", r.json());
     }
+    // Numbers are one request, however many.
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v1/models/mlp:predict",
+        json!({"instances": vec![1; 101]}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
     let r = call(h.inference(), "GET", "/v1/models/nope", Body::empty()).await;
     assert_eq!(r.status, 404);
 }
@@ -757,6 +768,8 @@ async fn v2_bytes_inputs_reach_the_image_handler_one_by_one() {
         r.json()["outputs"][0]["data"][1],
         json!({"echo": "three"}).to_string()
     );
+    // FP32 numbers reach the handler as one raw tensor with its shape (an image handler
+    // takes them as the picture preprocessed); other datatypes are refused here.
     let r = call(
         h.inference(),
         "POST",
@@ -764,8 +777,21 @@ async fn v2_bytes_inputs_reach_the_image_handler_one_by_one() {
         v2_input("FP32", json!([1]), json!([1])),
     )
     .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["outputs"][0]["data"][0],
+        json!({"echo": String::from_utf8_lossy(&1f32.to_le_bytes())}).to_string()
+    );
+    let r = call(
+        h.inference(),
+        "POST",
+        "/v2/models/cls/infer",
+        v2_input("INT64", json!([1]), json!([1])),
+    )
+    .await;
     assert_eq!(r.status, 400);
-    assert!(r.json()["error"].as_str().unwrap().contains("BYTES"));
+    let says = r.json()["error"].as_str().unwrap().to_string();
+    assert!(says.contains("BYTES") && says.contains("FP32"), "{says}");
 }
 
 #[tokio::test]

@@ -99,6 +99,13 @@ static JSON_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.check || args.status || args.stop {
+        // These print and exit: piped into `head`, they end quietly when the reader does, as
+        // command-line tools do, rather than panic on a closed pipe. The server keeps Rust's
+        // default, under which a client gone away is an error on its socket.
+        // SAFETY: no thread has started yet; restoring a signal's default action is sound.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = if args.check {
         let scratch = Scratch::create(scratch::CHECK);
         // SAFETY: nothing has started a thread yet (the CUDA probe may, later).
@@ -196,9 +203,24 @@ fn note_ignored_models(args: &Args, config: &Config) {
         return;
     }
     let dir = log_dir(args).join("config");
-    let Ok(Some(snapshot)) = tchserve_server::snapshot::read(&dir) else {
-        note_torchserve_snapshots(args, &dir);
-        return;
+    let snapshot = match tchserve_server::snapshot::read(&dir) {
+        Ok(Some(snapshot)) => snapshot,
+        Ok(None) => {
+            note_torchserve_snapshots(args, &dir);
+            return;
+        }
+        // The registry it held is not restored: said here, where a restart script's operator
+        // looks, as well as in the log.
+        Err(e) => {
+            eprintln!(
+                "tchserve: note: the snapshot cannot be read ({e}); the models registered \
+                 before are not restored: the file is kept aside as \
+                 snapshot.json.unreadable-<time> in {}, and the server starts from the \
+                 configured models",
+                dir.display()
+            );
+            return;
+        }
     };
     let listed = if !args.models.is_empty() {
         Some("--models")

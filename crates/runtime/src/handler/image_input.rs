@@ -100,8 +100,14 @@ pub fn sends_numbers(payload: &Payload) -> bool {
     }
     let text = part.data.as_ref();
     let rest = skip_ws(text);
+    let json = part
+        .content_type
+        .as_deref()
+        .is_some_and(|ct| ct.contains("json"));
     match rest.first() {
         Some(b'[') => starts_numbers(rest),
+        // A lone number, said to be JSON: the wrong shape, told so.
+        Some(b'0'..=b'9' | b'-') => json,
         // Only the first key is looked at: reading the whole object would parse a base64
         // photo twice.
         Some(b'{') => {
@@ -126,12 +132,13 @@ fn skip_ws(s: &[u8]) -> &[u8] {
     &s[start..]
 }
 
-/// Whether a JSON list's first element, past any nested opening brackets, is a number: a list
-/// of base64 strings or of `{"data": ...}` objects is not the model's input.
+/// Whether a JSON list's first element, past any nested opening brackets, is a number (or the
+/// list is empty): a list of base64 strings or of `{"data": ...}` objects is not the model's
+/// input.
 fn starts_numbers(list: &[u8]) -> bool {
     list.iter()
         .find(|b| !(b.is_ascii_whitespace() || **b == b'['))
-        .is_some_and(|b| b.is_ascii_digit() || *b == b'-')
+        .is_some_and(|b| b.is_ascii_digit() || matches!(b, b'-' | b']'))
 }
 
 /// Decodes the request's image to RGB, refusing images over `max_pixels` before decoding.

@@ -164,6 +164,7 @@ fn failed(what: &str, e: impl std::fmt::Display) -> PredictError {
     let whole = e.to_string();
     let brief = crate::error::concise(&whole);
     if brief.len() < whole.len() {
+        let whole = crate::error::one_line(&whole);
         // The answer carries the brief message; the whole one (a TorchScript traceback, a
         // kilobyte and more) goes to the log once a minute for each brief one and worker, so
         // that a client sending bad input all day does not fill the disk with copies of it. The
@@ -1561,6 +1562,9 @@ mod tests {
             " [ [-1e3",
             r#"{"data": [[[1]]]}"#,
             r#"{ "instances" : [[[0.1]]]}"#,
+            "[]",
+            "[[], [], []]",
+            "1.0",
         ] {
             assert!(says(numbers), "{numbers}");
         }

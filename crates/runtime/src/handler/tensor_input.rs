@@ -811,6 +811,15 @@ fn decode_raw(
             }
             match shape.map(<[i64]>::len) {
                 Some(r) if dims.len() == r => (Wrap::Single, [vec![1], dims].concat()),
+                Some(r) if dims.len() != r + 1 => {
+                    return Err(bad(format!(
+                        "expected {r} dimensions per example (or {} for a list of examples), \
+                         got {} ({})",
+                        r + 1,
+                        dims.len(),
+                        shape_text(&dims)
+                    )));
+                }
                 _ => (Wrap::List, dims),
             }
         }

@@ -162,6 +162,38 @@ pub enum ScaleOutcome {
 /// request's head may take, so that every route can name the model.
 pub const MAX_NAME_LEN: usize = 255;
 
+/// Refuses a model name or version that registration does not take. Names and versions reach
+/// URLs, file names and log lines: they are kept to plain characters, and short enough for a
+/// request line to name them.
+pub fn check_name_and_version(name: &str, version: &str) -> Result<(), ApiError> {
+    if !tchserve_mar::manifest::is_valid_model_name(name) {
+        return Err(ApiError::bad_request(format!(
+            "Invalid model name {:?}: a model name has letters, digits, '_', '-' and '.' only, \
+             and starts with a letter or digit",
+            short(name)
+        )));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(ApiError::bad_request(format!(
+            "Invalid model name {:?}: a model name has at most {MAX_NAME_LEN} characters ({} \
+             here)",
+            short(name),
+            name.len()
+        )));
+    }
+    if version.is_empty()
+        || version.len() > MAX_NAME_LEN
+        || version.chars().any(|c| c.is_control() || c == '/')
+    {
+        return Err(ApiError::invalid_model(format!(
+            "Invalid model version {:?}: a version must not be empty, longer than \
+             {MAX_NAME_LEN} bytes, or hold '/' or control characters",
+            short(version)
+        )));
+    }
+    Ok(())
+}
+
 /// At most 64 characters of `s`, for messages about names too long to repeat whole.
 fn short(s: &str) -> String {
     match s.char_indices().nth(64) {
@@ -352,34 +384,8 @@ impl Registry {
             .clone()
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| archive.model_name());
-        // Names and versions reach URLs, file names and log lines: keep them to plain characters,
-        // and short enough for a request line to name them.
-        if !tchserve_mar::manifest::is_valid_model_name(&name) {
-            return Err(ApiError::bad_request(format!(
-                "Invalid model name {:?}: a model name has letters, digits, '_', '-' and '.' \
-                 only, and starts with a letter or digit",
-                short(&name)
-            )));
-        }
-        if name.len() > MAX_NAME_LEN {
-            return Err(ApiError::bad_request(format!(
-                "Invalid model name {:?}: a model name has at most {MAX_NAME_LEN} characters \
-                 ({} here)",
-                short(&name),
-                name.len()
-            )));
-        }
         let version = archive.manifest().model.version().to_string();
-        if version.is_empty()
-            || version.len() > MAX_NAME_LEN
-            || version.chars().any(|c| c.is_control() || c == '/')
-        {
-            return Err(invalid(format!(
-                "Invalid model version {:?}: a version must not be empty, longer than \
-                 {MAX_NAME_LEN} bytes, or hold '/' or control characters",
-                short(&version)
-            )));
-        }
+        check_name_and_version(&name, &version)?;
         self.check_free(&name, &version)?;
         // One refused registration's load at a time: a client retrying with a startup_timeout
         // shorter than the load would otherwise start a load in the background at each try.

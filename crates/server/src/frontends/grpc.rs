@@ -327,8 +327,9 @@ struct Counted {
     preface: Option<Preface>,
 }
 
-/// The length of HTTP/2's client preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
-const PREFACE_LEN: usize = 24;
+/// The length of HTTP/2's client preface (RFC 9113, 3.4): the 24 bytes of
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, then at least the 9-byte header of a SETTINGS frame.
+const PREFACE_LEN: usize = 24 + 9;
 
 /// The bytes a new connection must send before its deadline (see [`serve`]).
 struct Preface {

@@ -282,7 +282,8 @@ async fn run_one(
         DataType::Bytes => {
             if input.datatype != Datatype::Bytes {
                 return Err(bad(format!(
-                    "input '{name}': datatype {} does not match the model's BYTES",
+                    "input '{name}': datatype {} does not match the model's BYTES (an image \
+                     model also takes FP32: the picture preprocessed)",
                     input.datatype.name()
                 )));
             }

@@ -5,7 +5,7 @@ use axum::Router;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -31,8 +31,9 @@ fn json_ok(v: &Value) -> Response {
 pub fn open_routes() -> Router<AppState> {
     Router::new()
         .route("/v2", get(server_metadata).fallback(not_allowed))
-        .route("/v2/health/live", get(live).fallback(not_allowed))
-        .route("/v2/health/ready", get(ready).fallback(not_allowed))
+        // Any method, as TorchServe answers them: some probes POST.
+        .route("/v2/health/live", any(live))
+        .route("/v2/health/ready", any(ready))
 }
 
 /// Model metadata, readiness and inference (the inference key), and the repository extension
@@ -480,14 +481,29 @@ async fn load_route(
     Path(model): Path<String>,
     body: Bytes,
 ) -> V2Result {
+    // Refused for the model API first, as the gRPC call is, whatever the body says.
+    if !st.config.enable_model_api {
+        return Err(ApiError::method_not_allowed().into());
+    }
     if !body.iter().all(u8::is_ascii_whitespace) {
         let asked: Value = serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
-        let named: Vec<&str> = asked
-            .get("parameters")
-            .and_then(Value::as_object)
-            .map(|p| p.keys().map(String::as_str).collect())
-            .unwrap_or_default();
+        let named: Vec<&str> = match (asked.as_object(), asked.get("parameters")) {
+            (None, _) => {
+                return Err(ApiError::BadRequest(
+                    "the body is not a JSON object: a load takes {} or {\"parameters\": {...}}"
+                        .into(),
+                )
+                .into());
+            }
+            (Some(_), None | Some(Value::Null)) => Vec::new(),
+            (Some(_), Some(Value::Object(p))) => p.keys().map(String::as_str).collect(),
+            (Some(_), Some(_)) => {
+                return Err(
+                    ApiError::BadRequest("\"parameters\" is not a JSON object".into()).into(),
+                );
+            }
+        };
         super::no_load_parameters(&named)?;
     }
     super::load(&st, &model).await?;
