@@ -303,10 +303,12 @@ fn a_json_log_stays_json_when_the_start_fails() {
 fn the_log_rolls_over() {
     let (s, mar, _) = scale_server("log_max_bytes=20000\nlog_max_files=2\n");
     assert_started(&start_in_background(s.command(), &format!("scale={mar}")));
-    // About 90 bytes of access log each: several times the limit.
+    // About 130 bytes of access log each: several times the limit.
+    let mut last_id = String::new();
     for _ in 0..800 {
         let r = post_json(&s.inference, "/predictions/scale", "[1, 2, 3, 4]");
         assert_eq!(r.status, 200, "{}", r.text());
+        last_id = r.header("x-request-id").unwrap().to_string();
     }
     assert!(run(s.command().arg("--stop")).status.success());
     let logs = s.dir.path().join("logs");
@@ -322,6 +324,17 @@ fn the_log_rolls_over() {
     );
     let newest = std::fs::read_to_string(logs.join("tchserve.log")).unwrap();
     assert!(newest.contains("stopped"), "{newest}");
+    // A request is found in the log by the id its answer carried.
+    let all: String = ["tchserve.log.1", "tchserve.log"]
+        .iter()
+        .map(|n| std::fs::read_to_string(logs.join(n)).unwrap())
+        .collect();
+    assert!(
+        all.lines().any(
+            |l| l.contains("path=/predictions/scale") && l.ends_with(&format!("id={last_id}"))
+        ),
+        "{all}"
+    );
 }
 
 /// With `enable_envvars_config=true`, TS_ variables beat the command-line flags, in

@@ -158,7 +158,7 @@ impl BatchedStderr {
 /// Appends `entry`'s line at `now` as `tracing-subscriber`'s plain formatter writes the access
 /// log's event (a test holds the two to the same text):
 /// `2026-11-27T02:08:11.772751Z  INFO access: request method=GET path=/ping status=200 us=28
-/// peer=127.0.0.1:50412`.
+/// peer=127.0.0.1:50412 id=6f1c2b3a-...`.
 pub fn access_line(out: &mut Vec<u8>, now: SystemTime, entry: &AccessEntry<'_>) {
     let since = now
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -191,6 +191,8 @@ pub fn access_line(out: &mut Vec<u8>, now: SystemTime, entry: &AccessEntry<'_>) 
     push_padded(out, entry.micros, 1);
     out.extend_from_slice(b" peer=");
     out.extend_from_slice(entry.peer.as_bytes());
+    out.extend_from_slice(b" id=");
+    out.extend_from_slice(entry.id.as_bytes());
     out.push(b'\n');
 }
 
@@ -354,6 +356,7 @@ mod tests {
             status: 503,
             micros: 1_234_567,
             peer: "127.0.0.1:50412",
+            id: "6f1c2b3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c",
         };
         let before = SystemTime::now();
         tracing::subscriber::with_default(subscriber, || {
@@ -376,6 +379,7 @@ mod tests {
             status: 200,
             micros: 0,
             peer: "[::1]:8",
+            id: "",
         };
         let at = |secs: u64, micros: u64| {
             let now = SystemTime::UNIX_EPOCH + Duration::from_micros(secs * 1_000_000 + micros);
@@ -389,7 +393,7 @@ mod tests {
         assert_eq!(
             line_at(SystemTime::UNIX_EPOCH, &entry),
             "1970-01-01T00:00:00.000000Z  INFO access: request method=GET path=/ping status=200 us=0 \
-             peer=[::1]:8\n"
+             peer=[::1]:8 id=\n"
         );
     }
 }

@@ -254,6 +254,7 @@ impl CallEntry {
             status,
             micros: self.started.elapsed().as_micros() as u64,
             peer: &self.peer,
+            id: "",
         });
     }
 }

@@ -42,6 +42,9 @@ pub struct AccessEntry<'a> {
     /// Who sent it: the client's address (`127.0.0.1:50412`), as TorchServe's access log names
     /// it; empty where unknown.
     pub peer: &'a str,
+    /// The `x-request-id` the answer carried, by which a client's report of a failure is found
+    /// in the log; empty for gRPC calls, whose answers carry none.
+    pub id: &'a str,
 }
 
 /// The address of the client a request came from, set by the listener on each request.
@@ -81,6 +84,7 @@ pub fn access_event(entry: &AccessEntry<'_>) {
         status = entry.status,
         us = entry.micros,
         peer = %entry.peer,
+        id = %entry.id,
         "request"
     );
 }
@@ -316,6 +320,7 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
         status,
         micros: started.elapsed().as_micros() as u64,
         peer: peer.as_deref().unwrap_or_default(),
+        id: &id,
     });
     resp
 }
