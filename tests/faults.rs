@@ -297,6 +297,13 @@ fn a_full_disk_fails_the_snapshot_write_and_keeps_the_last_one() {
         "{}",
         s.log()
     );
+    // And an alert can say so.
+    assert!(
+        s.metrics_text()
+            .contains("tchserve_snapshot_write_failures_total 1"),
+        "{}",
+        s.metrics_text()
+    );
     for name in ["before", "during"] {
         let r = post_json(
             &s.inference,

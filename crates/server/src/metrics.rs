@@ -46,6 +46,8 @@ pub struct MetricSet {
     pub timeouts: IntCounterVec,
     /// Workers replaced because a batch kept them past the response timeout, per model.
     pub workers_replaced: IntCounterVec,
+    /// Snapshots that could not be written: registry changes not kept across a restart.
+    pub snapshot_write_failures: prometheus::IntCounter,
     /// `QueueTime`: milliseconds the last request waited for a worker.
     pub queue_time_ms: Gauge,
     /// `WorkerThreadTime`: milliseconds the last batch spent in its worker outside the handler.
@@ -193,6 +195,17 @@ impl Metrics {
                 "Workers replaced because one batch kept them past the response timeout.",
                 &["model_name", "model_version"],
             ),
+            snapshot_write_failures: {
+                let c = prometheus::IntCounter::new(
+                    "tchserve_snapshot_write_failures_total",
+                    "Registry changes whose snapshot could not be written: they are not kept across a restart until a later write succeeds.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
             queue_time_ms,
             worker_thread_time_ms,
             worker_load_time_ms: float_gauge(

@@ -40,26 +40,35 @@ impl Snapshots {
     }
 
     /// Records the registry after a change to it; returns once a snapshot that includes the
-    /// change is on disk (or writing it failed, which is logged).
-    pub async fn save(&self) {
+    /// change is on disk (true), or writing it failed, which is logged (false).
+    pub async fn save(&self) -> bool {
         // The change happened before this count, so any snapshot taken after reading a count
         // at least as large includes it.
         let mine = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
         let mut written = self.written.lock().await;
         if *written >= mine {
             // A writer that started after this change has already written it.
-            return;
+            return true;
         }
         let upto = self.requested.load(Ordering::SeqCst);
         let value = to_json(&self.registry.snapshot_entries());
         let dir = self.dir.clone();
         match tokio::task::spawn_blocking(move || write(&dir, &value)).await {
-            Ok(Ok(())) => *written = upto,
-            Ok(Err(e)) => tracing::error!(
-                "writing the snapshot to {}: {e}; the previous snapshot is kept",
-                self.dir.display()
-            ),
-            Err(e) => tracing::error!("writing the snapshot: {e}"),
+            Ok(Ok(())) => {
+                *written = upto;
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::error!(
+                    "writing the snapshot to {}: {e}; the previous snapshot is kept",
+                    self.dir.display()
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!("writing the snapshot: {e}");
+                false
+            }
         }
     }
 

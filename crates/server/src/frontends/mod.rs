@@ -136,8 +136,10 @@ impl AppContext {
 
     /// Records the registry after a management change; returns once it is on disk.
     pub async fn save_snapshot(&self) {
-        if let Some(s) = &self.snapshots {
-            s.save().await;
+        if let Some(s) = &self.snapshots
+            && !s.save().await
+        {
+            self.metrics.snapshot_write_failures.inc();
         }
     }
 }
