@@ -960,6 +960,29 @@ fn a_full_queue_answers_503_at_once() {
     assert_eq!(floats(&r.json()), [1.0, 5.0]);
 }
 
+/// A request whose client goes away before its answer still gets its access line, with 499,
+/// so that the log holds every request accepted.
+#[test]
+fn a_request_whose_client_went_away_is_logged_499() {
+    let s = slow_server("enable_model_api=true", "");
+    let head = "POST /predictions/slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 8\r\n\r\n[3000,0]";
+    let mut c = std::net::TcpStream::connect(&s.inference).unwrap();
+    std::io::Write::write_all(&mut c, head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let logged = || {
+        s.log()
+            .lines()
+            .any(|l| l.contains("path=/predictions/slow status=499"))
+    };
+    while !logged() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(logged(), "{}", s.log());
+}
+
 #[test]
 fn a_shape_the_model_cannot_take_is_the_clients_mistake() {
     // The built-in `tensor` handler declares no shape: only the model knows it takes 784.

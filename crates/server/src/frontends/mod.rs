@@ -267,6 +267,13 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     let path = req.uri().path().to_owned();
     let peer = req.extensions().get::<Peer>().map(|p| Arc::clone(&p.0));
     let started = std::time::Instant::now();
+    let mut unanswered = Unanswered {
+        method: method.as_str(),
+        path: &path,
+        peer: peer.as_deref().unwrap_or_default(),
+        started,
+        armed: true,
+    };
     let cors = &st.config.cors;
     let mut resp = if is_preflight(&req, cors) {
         StatusCode::OK.into_response()
@@ -316,6 +323,7 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
     add_cors(h, cors);
     let status = resp.status().as_u16();
     st.metrics.count_status(status);
+    unanswered.armed = false;
     log_access(&AccessEntry {
         method: method.as_str(),
         path: &path,
@@ -325,6 +333,35 @@ pub async fn common_headers(State(st): State<AppState>, req: Request, next: Next
         id: &id,
     });
     resp
+}
+
+/// The status an access line gives a request whose connection closed before its answer was
+/// written (the client went away, or a stop cut it off), as nginx logs one.
+pub const CLOSED_UNANSWERED: u16 = 499;
+
+/// A request not yet answered: dropped so (its connection closed under it), it still gets its
+/// access line, with [`CLOSED_UNANSWERED`], so that the log holds every request accepted.
+struct Unanswered<'a> {
+    method: &'a str,
+    path: &'a str,
+    peer: &'a str,
+    started: std::time::Instant,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            log_access(&AccessEntry {
+                method: self.method,
+                path: self.path,
+                status: CLOSED_UNANSWERED,
+                micros: self.started.elapsed().as_micros() as u64,
+                peer: self.peer,
+                id: "",
+            });
+        }
+    }
 }
 
 /// Stops the workers of unregistered versions: what is queued is answered within `drain`, and
