@@ -1191,3 +1191,43 @@ fn packages_registered_at_once_all_load() {
         assert_eq!(r.status, 200, "{name}: {}\n{}", r.text(), s.log());
     }
 }
+
+/// A package's compiled model is a shared library unpacked under TMPDIR, which cannot load from
+/// a folder mounted `noexec` (Docker's `--tmpfs` by default): the registration's error says so.
+#[test]
+fn a_package_unpacked_where_code_may_not_run_says_why() {
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let mut s = Server::new("enable_model_api=true");
+    let tmp = s.temp_dir();
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1048576k,noexec", "tmpfs"])
+        .arg(&tmp)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: mounting a tmpfs needs root here");
+        return;
+    }
+    let _unmount = Unmount(tmp);
+    let mar = archive(
+        &s.store,
+        "mlp",
+        "1.0",
+        &pt2_fixtures().join("mlp.pt2"),
+        &fixture_handler("vec784.json"),
+        &[],
+    );
+    s.start(&[]);
+    let r = register(&s, &format!("url={mar}&initial_workers=1"));
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("noexec"), "{}", r.text());
+}

@@ -137,6 +137,14 @@ fn main() -> ExitCode {
             .and_then(|()| load_config(&args))
             .and_then(|config| {
                 note_ignored_models(&args, &config);
+                if std::process::id() == 1 {
+                    // A container's main process: the server started in the background ends
+                    // when this process returns, and the container with it.
+                    eprintln!(
+                        "tchserve: warning: --start runs as process 1 (a container's main \
+                         process): the container ends when it returns; use --foreground"
+                    );
+                }
                 for note in &config.warnings {
                     eprintln!("tchserve: warning: {note}");
                 }

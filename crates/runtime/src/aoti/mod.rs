@@ -140,6 +140,21 @@ unsafe impl Send for Package {}
 // SAFETY: as above.
 unsafe impl Sync for Package {}
 
+/// A package's compiled model is a shared library unpacked under the temporary folder, which
+/// the loader cannot map from a folder mounted `noexec` (Docker's `--tmpfs` by default): said
+/// where the loader's words alone do not.
+fn with_noexec_hint(message: String) -> String {
+    if message.contains("failed to map segment from shared object") {
+        format!(
+            "{message} (the temporary folder the package is unpacked into, TMPDIR or /tmp, is \
+             probably mounted noexec: give it one that allows running code, such as Docker's \
+             --tmpfs /tmp:exec)"
+        )
+    } else {
+        message
+    }
+}
+
 impl Package {
     /// Loads the package at `path` for `device`. A package is compiled for one kind of device,
     /// written in its metadata: one for the other kind is refused before any of its code loads.
@@ -168,7 +183,7 @@ impl Package {
         // SAFETY: the path outlives the call; err receives a message or stays null.
         let handle =
             unsafe { tchserve_aoti_load(path.as_ptr(), index, runners.max(1) as c_int, &mut err) };
-        let handle = NonNull::new(handle).ok_or_else(|| take_message(err))?;
+        let handle = NonNull::new(handle).ok_or_else(|| with_noexec_hint(take_message(err)))?;
         let spec = |which: c_int| {
             let mut err = std::ptr::null_mut();
             // SAFETY: the handle is live; the spec is a new string this side frees.
