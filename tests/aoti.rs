@@ -1196,28 +1196,11 @@ fn packages_registered_at_once_all_load() {
 /// a folder mounted `noexec` (Docker's `--tmpfs` by default): the registration's error says so.
 #[test]
 fn a_package_unpacked_where_code_may_not_run_says_why() {
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
     let mut s = Server::new("enable_model_api=true");
-    let tmp = s.temp_dir();
-    std::fs::create_dir_all(&tmp).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1048576k,noexec", "tmpfs"])
-        .arg(&tmp)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
+    let Some(_noexec) = common::Tmpfs::mount(&s.temp_dir(), 1 << 20, &["noexec"]) else {
         eprintln!("skipped: mounting a tmpfs needs root here");
         return;
-    }
-    let _unmount = Unmount(tmp);
+    };
     let mar = archive(
         &s.store,
         "mlp",

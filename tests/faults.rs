@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::Tmpfs;
 use common::http::{post_json, request, try_request};
 use common::server::{Server, scale_archive};
 use serde_json::{Value, json};
@@ -215,28 +216,6 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     s.stop_ok();
 }
 
-/// A tmpfs of `kib` KiB mounted on `dir`, unmounted when dropped; `None` where this process may
-/// not mount (not root).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, kib: u64) -> Option<Self> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        ok.then(|| Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// Fills the file system holding `dir` to the last byte.
 fn fill(dir: &Path) -> PathBuf {
     use std::io::Write;
@@ -257,7 +236,7 @@ fn fill(dir: &Path) -> PathBuf {
 fn a_full_disk_fails_the_snapshot_write_and_keeps_the_last_one() {
     let mut s = Server::new("enable_model_api=true");
     let config = s.home().join("logs/config");
-    let Some(_tmpfs) = Tmpfs::mount(&config, 256) else {
+    let Some(_tmpfs) = Tmpfs::mount(&config, 256, &[]) else {
         eprintln!("skipped: mounting a tmpfs needs root here");
         return;
     };

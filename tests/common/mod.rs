@@ -154,3 +154,29 @@ pub fn assert_tensor_is(answer: &serde_json::Value, reference: &Path, ctx: &str)
     let worst = max_abs_diff(&got, &want);
     assert!(worst <= 1e-6, "{ctx}: a value differs by {worst}");
 }
+
+/// A tmpfs of `kib` KiB mounted on `dir` with the mount `options` (`noexec`, ...), unmounted
+/// when dropped; `None` where this process may not mount (not root).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, kib: u64, options: &[&str]) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        let options = std::iter::once(format!("size={kib}k"))
+            .chain(options.iter().map(|o| o.to_string()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &options, "tmpfs"])
+            .arg(dir)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

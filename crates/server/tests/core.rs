@@ -582,6 +582,33 @@ async fn v2_health_metadata_and_repository() {
     )
     .await;
     assert_eq!(r.status, 404);
+    // A body: parameters are refused rather than left out, and a body that is not an object
+    // of them is the client's mistake; an empty object loads.
+    for (body, status, says) in [
+        (
+            json!({"parameters": {"config": "{}"}}),
+            400,
+            "load parameters are not taken",
+        ),
+        (json!({"parameters": "x"}), 400, "is not a JSON object"),
+        (json!([]), 400, "is not a JSON object"),
+        (json!({}), 200, ""),
+    ] {
+        let r = call(
+            h.inference(),
+            "POST",
+            "/v2/repository/models/mlp/load",
+            body.to_string(),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            status,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(String::from_utf8_lossy(&r.body).contains(says), "{body}");
+    }
 }
 
 fn v2_input(datatype: &str, shape: Value, data: Value) -> String {

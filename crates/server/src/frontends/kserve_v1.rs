@@ -162,15 +162,7 @@ async fn predict(
             one.extend_from_slice(row.as_bytes());
         }
         one.extend_from_slice(b"]}");
-        let payload = Payload {
-            parts: vec![Part {
-                name: "body".into(),
-                content_type: Some("application/json".into()),
-                data: one.into(),
-                shape: None,
-            }],
-            ..Payload::default()
-        };
+        let payload = json_payload(one.into());
         let answer = json_bodies(vec![st.infer.infer(name, version, payload).await?])?;
         let answer = answer.into_iter().next().unwrap_or_default();
         return Ok((

@@ -406,10 +406,10 @@ impl GrpcInferenceService for V2 {
         check_key(self.0.tokens.as_deref(), Scope::Management, req.metadata())?;
         model_api_enabled(&self.0)?;
         let req = req.into_inner();
-        let named: Vec<&str> = req.parameters.keys().map(String::as_str).collect();
-        super::no_load_parameters(&named).map_err(err)?;
+        let named: Vec<String> = req.parameters.keys().cloned().collect();
         let model = repository_model(req.into());
-        load(&self.0, &model).await.map_err(err)?;
+        let named: Vec<&str> = named.iter().map(String::as_str).collect();
+        load(&self.0, &model, &named).await.map_err(err)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {
             model_name: model,
             is_loaded: true,

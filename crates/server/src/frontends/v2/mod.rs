@@ -568,11 +568,14 @@ pub fn archive_stem(file: &str) -> &str {
     file
 }
 
-/// Registers the store's archive for `model` with one worker, unless it is registered.
-pub async fn load(st: &AppState, model: &str) -> Result<(), ApiError> {
+/// Registers the store's archive for `model` with one worker, unless it is registered. A load
+/// that names `parameters` is refused (see [`no_load_parameters`]), once the model API is known
+/// to be on.
+pub async fn load(st: &AppState, model: &str, parameters: &[&str]) -> Result<(), ApiError> {
     if !st.config.enable_model_api {
         return Err(ApiError::method_not_allowed());
     }
+    no_load_parameters(parameters)?;
     if st.registry.get(model, None).is_ok() {
         return Ok(());
     }
@@ -615,7 +618,7 @@ pub async fn load(st: &AppState, model: &str) -> Result<(), ApiError> {
 /// Refuses a load that names parameters (Triton's `config` override, `file:` contents): a
 /// model's settings come from its archive, and a load that quietly left them out would serve
 /// the model otherwise than asked.
-pub fn no_load_parameters(named: &[&str]) -> Result<(), ApiError> {
+fn no_load_parameters(named: &[&str]) -> Result<(), ApiError> {
     if named.is_empty() {
         return Ok(());
     }

@@ -481,32 +481,30 @@ async fn load_route(
     Path(model): Path<String>,
     body: Bytes,
 ) -> V2Result {
-    // Refused for the model API first, as the gRPC call is, whatever the body says.
+    // The model API is checked first, as the gRPC call checks it, whatever the body says.
     if !st.config.enable_model_api {
         return Err(ApiError::method_not_allowed().into());
     }
-    if !body.iter().all(u8::is_ascii_whitespace) {
-        let asked: Value = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
-        let named: Vec<&str> = match (asked.as_object(), asked.get("parameters")) {
-            (None, _) => {
-                return Err(ApiError::BadRequest(
-                    "the body is not a JSON object: a load takes {} or {\"parameters\": {...}}"
-                        .into(),
-                )
-                .into());
-            }
-            (Some(_), None | Some(Value::Null)) => Vec::new(),
-            (Some(_), Some(Value::Object(p))) => p.keys().map(String::as_str).collect(),
-            (Some(_), Some(_)) => {
-                return Err(
-                    ApiError::BadRequest("\"parameters\" is not a JSON object".into()).into(),
-                );
-            }
-        };
-        super::no_load_parameters(&named)?;
-    }
-    super::load(&st, &model).await?;
+    let asked: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?
+    };
+    let named: Vec<&str> = match (asked.as_object(), asked.get("parameters")) {
+        (None, _) => {
+            return Err(ApiError::BadRequest(
+                "the body is not a JSON object: a load takes {} or {\"parameters\": {...}}".into(),
+            )
+            .into());
+        }
+        (Some(_), None | Some(Value::Null)) => Vec::new(),
+        (Some(_), Some(Value::Object(p))) => p.keys().map(String::as_str).collect(),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest("\"parameters\" is not a JSON object".into()).into());
+        }
+    };
+    super::load(&st, &model, &named).await?;
     Ok(json_ok(&json!({})))
 }
 
