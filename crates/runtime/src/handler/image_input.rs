@@ -87,6 +87,17 @@ fn image_bytes(part: &Part) -> Result<std::borrow::Cow<'_, [u8]>, PredictError> 
     Ok(std::borrow::Cow::Borrowed(data))
 }
 
+impl Rgb {
+    /// A mid-grey picture, for made-up requests and for finding the shape preprocessing makes.
+    pub fn grey(width: u32, height: u32) -> Self {
+        Rgb {
+            width,
+            height,
+            data: vec![128; (width * height * 3) as usize],
+        }
+    }
+}
+
 /// Whether a request to an image model sends the model's input itself rather than a picture:
 /// numbers as JSON (a nested list, alone or under `data` or `instances`), or raw values with
 /// their shape (`X-Tensor-Shape`, a typed protocol's tensor). TorchServe's vision handlers take

@@ -224,11 +224,7 @@ fn image_example(manifest: &HandlerManifest) -> Vec<i64> {
         return free;
     }
     let shape = |width: u32, height: u32| {
-        let grey = image_input::Rgb {
-            width,
-            height,
-            data: vec![128; (width * height * 3) as usize],
-        };
+        let grey = image_input::Rgb::grey(width, height);
         image_input::preprocess(grey, &manifest.preprocess, max_pixels, false, mode)
             .ok()
             .map(|t| t.size()[1..].to_vec())
@@ -460,14 +456,8 @@ impl Pipeline {
     pub fn probe_request(&self) -> Option<Decoded> {
         match (&self.input, self.feed) {
             (Input::Image { max_pixels, mode }, Feed::Stacked) => {
-                let (width, height) = (64, 48);
-                let grey = image_input::Rgb {
-                    width,
-                    height,
-                    data: vec![128; (width * height * 3) as usize],
-                };
                 let tensor = image_input::preprocess(
-                    grey,
+                    image_input::Rgb::grey(64, 48),
                     &self.preprocess,
                     *max_pixels,
                     self.finishing.is_some(),
@@ -1305,6 +1295,7 @@ fn load_labels(model_dir: &Path, file: &str) -> Result<Option<Vec<String>>, Runt
 
 #[cfg(test)]
 mod tests {
+    use super::tensor_input::tests::body as json_body;
     use super::*;
 
     /// A pipeline of two named outputs, and one request of one example wanting tensors and one
@@ -1487,18 +1478,6 @@ mod tests {
         Pipeline::new(&manifest, Path::new(".")).unwrap()
     }
 
-    fn json_body(body: &str) -> Payload {
-        Payload {
-            parts: vec![Part {
-                name: "body".into(),
-                content_type: Some("application/json".into()),
-                data: bytes::Bytes::from(body.to_owned()),
-                shape: None,
-            }],
-            ..Payload::default()
-        }
-    }
-
     const CROPPED: &str = r#"{"resize": {"size": 6}}, {"center_crop": {"size": 4}},
         {"to_tensor": {}}, {"normalize": {"mean": [0.5], "std": [0.25]}}"#;
 
@@ -1581,13 +1560,9 @@ mod tests {
         }
         let mut raw = json_body("\0\0\0\0");
         raw.parts[0].content_type = Some("application/octet-stream".into());
-        assert!(!says_payload(&raw));
+        assert!(!image_input::sends_numbers(&raw));
         raw.parts[0].shape = Some("1,1,1".into());
-        assert!(says_payload(&raw));
-    }
-
-    fn says_payload(p: &Payload) -> bool {
-        image_input::sends_numbers(p)
+        assert!(image_input::sends_numbers(&raw));
     }
 
     #[test]

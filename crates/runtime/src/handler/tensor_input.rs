@@ -890,7 +890,7 @@ fn decode_raw(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn raw_payload(data: bytes::Bytes, shape: Option<&str>) -> Payload {
@@ -991,7 +991,8 @@ mod tests {
         ]
     }
 
-    fn body(text: &str) -> Payload {
+    /// A request of one JSON part holding `text`.
+    pub(in crate::handler) fn body(text: &str) -> Payload {
         Payload {
             parts: vec![Part {
                 name: "body".into(),

@@ -405,10 +405,10 @@ impl GrpcInferenceService for V2 {
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
         check_key(self.0.tokens.as_deref(), Scope::Management, req.metadata())?;
         model_api_enabled(&self.0)?;
-        let req = req.into_inner();
-        let named: Vec<String> = req.parameters.keys().cloned().collect();
+        let mut req = req.into_inner();
+        let parameters = std::mem::take(&mut req.parameters);
+        let named: Vec<&str> = parameters.keys().map(String::as_str).collect();
         let model = repository_model(req.into());
-        let named: Vec<&str> = named.iter().map(String::as_str).collect();
         load(&self.0, &model, &named).await.map_err(err)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {
             model_name: model,

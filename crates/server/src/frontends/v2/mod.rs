@@ -245,14 +245,7 @@ async fn run_one(
     let name = &input.name;
     Ok(match want.datatype {
         DataType::Tensor(dtype) => {
-            let part = tensor_part("body", input, want, dtype)?;
-            // The request's headers, as a raw body over REST carries them.
-            let payload = Payload {
-                dtype: Some(manifest_dtype(dtype)),
-                shape: part.shape.clone(),
-                parts: vec![part],
-                want_tensor: true,
-            };
+            let payload = raw_payload(tensor_part("body", input, want, dtype)?, dtype, true);
             output_of(infer.infer_counted(model, version, named, payload).await?)
         }
         // An image model takes the picture's input after preprocessing as numbers too, as
@@ -266,12 +259,7 @@ async fn run_one(
                 shape: vec![-1; input.shape.len().max(1)],
             };
             let part = tensor_part("body", input, &numbers, DType::Float32)?;
-            let payload = Payload {
-                dtype: Some(manifest_dtype(DType::Float32)),
-                shape: part.shape.clone(),
-                parts: vec![part],
-                want_tensor: false,
-            };
+            let payload = raw_payload(part, DType::Float32, false);
             output_of(
                 infer
                     .infer_counted(model, version, named, payload)
@@ -349,13 +337,28 @@ async fn run_one(
     })
 }
 
+/// A payload of one raw tensor part, with the headers a raw body over REST carries
+/// (`X-Tensor-Dtype`, `X-Tensor-Shape`); `want_tensor` asks for a tensor answer.
+fn raw_payload(part: Part, dtype: DType, want_tensor: bool) -> Payload {
+    Payload {
+        dtype: Some(manifest_dtype(dtype)),
+        shape: part.shape.clone(),
+        parts: vec![part],
+        want_tensor,
+    }
+}
+
 /// The shape of `count` BYTES elements sent as `shape`: the shape itself when it holds them, or
 /// with its one `-1` worked out, as TorchServe's own KServe v2 samples (`mnist_v2_bytes.json`)
 /// send `[-1]`, a shape TorchServe never reads. `None` when it cannot hold them.
 fn bytes_shape(shape: &[i64], count: usize) -> Option<Vec<i64>> {
     let count = count as i64;
     let unknown = shape.iter().filter(|d| **d < 0).count();
-    let known: i64 = shape.iter().filter(|d| **d >= 0).product();
+    // Checked: sizes whose product wraps around could claim to hold the elements sent.
+    let known = shape
+        .iter()
+        .filter(|d| **d >= 0)
+        .try_fold(1i64, |n, d| n.checked_mul(*d))?;
     match unknown {
         0 if known == count => Some(shape.to_vec()),
         1 if shape.iter().all(|d| *d >= -1) && known > 0 && count % known == 0 => Some(
@@ -732,5 +735,7 @@ mod tests {
         assert_eq!(bytes_shape(&[-1, -1], 4), None);
         assert_eq!(bytes_shape(&[-2], 2), None);
         assert_eq!(bytes_shape(&[0, -1], 2), None);
+        assert_eq!(bytes_shape(&[1 << 62, 4, -1], 4), None);
+        assert_eq!(bytes_shape(&[1 << 32, 1 << 32], 0), None);
     }
 }
